@@ -1,0 +1,174 @@
+"""Typed configuration of every emfm command.
+
+These dataclasses are the single source of truth for what a config may contain. They are
+registered in Hydra's ConfigStore (`register()`), so a YAML file or a command-line override with an
+unknown key or a value of the wrong type is rejected by Hydra before any compute, naming the key.
+`validate()` adds the checks that span several fields. Only `emfm/cli/` imports Hydra; library code
+receives these dataclasses (or plain arguments), never a DictConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MISSING_PATH = ""  # empty path = the bundled real EM sample
+
+
+class ConfigError(ValueError):
+    """A config value that is well-typed but unusable; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Vision Transformer encoder. `size` picks width/depth/heads from the ViT table
+    (emfm.models.vit.SIZES); `width`, `depth`, `heads` override it for custom small models."""
+
+    name: str = "vit"
+    size: str = "Ti"
+    patch_size: list[int] = field(default_factory=lambda: [8, 8])
+    in_channels: int = 1
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    num_registers: int = 0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """Masked autoencoder (He et al. 2022): mask ratio, light decoder, norm-pixel loss."""
+
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Unlabelled volume(s) for pretraining. `path` empty = the bundled ISBI 2012 sample."""
+
+    path: str = MISSING_PATH
+    patch_shape: list[int] = field(default_factory=lambda: [1, 128, 128])  # z, y, x
+    batch_size: int = 32
+    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    augment: bool = True
+    prefetch: int = 4
+    intensity_samples: int = 64  # patches used to estimate mean/std for normalisation
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1.5e-4  # base rate for batch 256, scaled by batch/256 (MAE's rule)
+    scale_lr_by_batch: bool = True
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    clip_norm: Optional[float] = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on frozen features for the main job (membranes of the bundled sample)."""
+
+    path: str = MISSING_PATH  # image volume; empty = bundled sample
+    labels: str = MISSING_PATH  # label volume; empty = bundled sample membranes
+    positive_label: int = 1  # label value of the foreground class (membrane)
+    train_slices: list[int] = field(default_factory=lambda: [0, 20])
+    test_slices: list[int] = field(default_factory=lambda: [20, 30])
+    steps: int = 300
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    compare_random: bool = True
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    """Dense feature export, block by block over z-slices and in-plane tiles."""
+
+    path: str = MISSING_PATH  # volume to export; empty = bundled sample
+    out: str = ""  # zarr output; empty = <run_dir>/features.zarr
+    tile: int = 256  # in-plane tile size (pixels), a multiple of the patch size
+    margin: int = 32  # context around each tile, dropped on write (pixels)
+    dtype: str = "float16"
+    batch_size: int = 8
+
+
+@dataclass
+class EmfmConfig:
+    """Top-level config shared by `emfm main|pretrain|probe|export`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run_dir: str = "runs/default"
+    checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
+
+
+def validate(cfg: EmfmConfig) -> EmfmConfig:
+    """Cross-field checks; raises ConfigError naming the offending key."""
+    m, d = cfg.model, cfg.data
+    if m.name != "vit":
+        raise ConfigError(f"model.name={m.name!r}: known encoders are 'vit'")
+    if len(m.patch_size) not in (2, 3):
+        raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
+    if any(p <= 0 for p in m.patch_size):
+        raise ConfigError(f"model.patch_size={m.patch_size}: sizes must be positive")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+    if len(d.patch_shape) != 3 or any(s <= 0 for s in d.patch_shape):
+        raise ConfigError(f"data.patch_shape={d.patch_shape}: give 3 positive sizes (z, y, x)")
+    spatial = d.patch_shape[1:] if len(m.patch_size) == 2 else d.patch_shape
+    if len(m.patch_size) == 2 and d.patch_shape[0] != 1:
+        raise ConfigError(f"data.patch_shape={d.patch_shape}: a 2D model (model.patch_size={m.patch_size}) "
+                          "needs patches of depth 1")
+    for s, p in zip(spatial, m.patch_size):
+        if s % p:
+            raise ConfigError(f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={m.patch_size}")
+    if d.batch_size <= 0:
+        raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
+    if not 0.0 < cfg.objective.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in (0, 1)")
+    if cfg.trainer.steps <= 0:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    for key in ("train_slices", "test_slices"):
+        s = getattr(cfg.probe, key)
+        if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
+            raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
+    e = cfg.export
+    p = m.patch_size[-1]
+    if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:
+        raise ConfigError(f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size {p}")
+    if e.dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"export.dtype={e.dtype!r}: use float16, bfloat16 or float32")
+    return cfg
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (called by the CLI only)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="emfm_schema", node=EmfmConfig)

@@ -1,0 +1,26 @@
+"""The real EM sample shipped inside the package, so emfm works without any download.
+
+A 30 x 384 x 384 crop of the ISBI 2012 training volume (ssTEM of Drosophila first-instar larva
+ventral nerve cord, 4 x 4 x 50 nm) with its membrane labels (1 = membrane, 0 = cell interior),
+stored as zarr v3 (zstd). Cite: Cardona et al. (2010) PLoS Biol 8(10): e1000502; Arganda-Carreras
+et al. (2015) Front. Neuroanat. 9:142. Research / non-commercial use with citation.
+Rebuilt by `scripts/make_sample.py` from ../shared/data/em/isbi2012.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "isbi2012_sample"
+
+
+def sample_raw() -> str:
+    return str(SAMPLE_DIR / "raw")
+
+
+def sample_membranes() -> str:
+    return str(SAMPLE_DIR / "membranes")
+
+
+def resolve(path: str, default: str) -> str:
+    """An empty config path means the bundled sample."""
+    return path if path else default

@@ -1,0 +1,246 @@
+"""Volumes on disk or in buckets, read and written through tensorstore.
+
+A `Volume` is an open tensorstore array plus what EM code needs to know about it: axes (always
+reported in `z, y, x` order, with an optional trailing channel axis `c`), dtype, and voxel size in
+nanometres. Nothing is loaded into memory until `read` is called on a region.
+
+Supported: zarr v3 and v2 (including OME-Zarr multiscale groups: pick a level), N5, neuroglancer
+precomputed, on local paths or tensorstore kvstore URLs (gs://, s3://, http(s)://).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "int64", "uint64",
+                    "float32", "float64")
+
+
+class VolumeError(ValueError):
+    """Bad volume input; the message names the volume (and chunk or region, where known)."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An open EM volume. `array` is the tensorstore handle; axes are `z y x` (+ optional `c`)."""
+
+    path: str
+    array: Any  # tensorstore.TensorStore
+    voxel_size: tuple[float, ...]
+    axes: tuple[str, ...]
+    attributes: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype.numpy_dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.shape[:3] if "c" in self.axes else self.shape
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.array.chunk_layout.read_chunk.shape)
+
+    def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
+        """Read a region (tuple of slices in `z y x` order) into a numpy array."""
+        sub = self.array if region is None else self.array[tuple(region)]
+        try:
+            return np.asarray(sub.read().result())
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError variants
+            raise VolumeError(f"reading {_region_str(region)} of volume {self.path} failed: {e}") from e
+
+    def read_async(self, region: Sequence[slice]):
+        """Start reading a region; returns a tensorstore future (`.result()` gives numpy)."""
+        return self.array[tuple(region)].read()
+
+    def __repr__(self) -> str:
+        return (f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, axes={''.join(self.axes)}, "
+                f"voxel_size={self.voxel_size}, chunks={self.chunks})")
+
+
+def _region_str(region) -> str:
+    if region is None:
+        return "the whole array"
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+def _kvstore(path: str) -> dict | str:
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if scheme == "file":
+            return {"driver": "file", "path": rest}
+        return path  # tensorstore parses gs://, s3://, http(s):// URLs itself
+    return {"driver": "file", "path": os.path.abspath(path)}
+
+
+def _detect_driver(path: str) -> str:
+    """Guess the tensorstore driver of a local path from its metadata files."""
+    p = Path(path)
+    if (p / "zarr.json").exists():
+        return "zarr3"
+    if (p / ".zarray").exists() or (p / ".zgroup").exists():
+        return "zarr"
+    if (p / "attributes.json").exists():
+        return "n5"
+    if (p / "info").exists():
+        return "neuroglancer_precomputed"
+    raise VolumeError(
+        f"volume {path}: no zarr.json, .zarray, attributes.json or info file there; "
+        "is it a zarr (v2/v3), N5 or neuroglancer precomputed volume?")
+
+
+def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None):
+    """If `path` is an OME-Zarr multiscale group, return (array path, scale) of the chosen level."""
+    meta_file = Path(path) / ("zarr.json" if driver == "zarr3" else ".zattrs")
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    attrs = meta.get("attributes", meta) if driver == "zarr3" else meta
+    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    if not ms or (driver == "zarr3" and meta.get("node_type") != "group"):
+        return None
+    datasets = ms[0]["datasets"]
+    scales = []
+    for d in datasets:
+        scale = [1.0] * 3
+        for t in d.get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                scale = [float(v) for v in t["scale"]][-3:]
+        scales.append(scale)
+    if voxel_size is not None:
+        want = np.asarray(voxel_size, float)
+        level = int(np.argmin([np.abs(np.log(np.asarray(s) / want)).sum() for s in scales]))
+    level = 0 if level is None else level
+    if not 0 <= level < len(datasets):
+        raise VolumeError(f"volume {path}: scale level {level} requested, the group has {len(datasets)}")
+    return str(Path(path) / datasets[level]["path"]), tuple(scales[level])
+
+
+def open_volume(path: str | os.PathLike, *, level: int | None = None,
+                voxel_size: Sequence[float] | None = None, driver: str | None = None,
+                write: bool = False) -> Volume:
+    """Open a volume by path or URL. `level`/`voxel_size` choose an OME-Zarr scale.
+
+    Raises FileNotFoundError for a missing local path and VolumeError for anything unreadable,
+    each naming the path.
+    """
+    path = str(path)
+    remote = "://" in path and not path.startswith("file://")
+    if not remote and not Path(path.removeprefix("file://")).exists():
+        raise FileNotFoundError(f"volume not found: {path}")
+    local = path.removeprefix("file://")
+    if driver is None:
+        if remote:
+            raise VolumeError(f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for remote stores")
+        driver = _detect_driver(local)
+    scale = None
+    if not remote and driver in ("zarr3", "zarr"):
+        picked = _ome_level_path(local, driver, level, voxel_size)
+        if picked is not None:
+            local, scale = picked
+            path = local
+    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path)}
+    try:
+        arr = ts.open(spec, read=True, write=write).result()
+    except Exception as e:  # noqa: BLE001
+        raise VolumeError(f"cannot open volume {path} as {driver}: {e}") from e
+    if arr.dtype.name not in SUPPORTED_DTYPES:
+        raise VolumeError(f"volume {path}: dtype {arr.dtype.name} is not supported ({', '.join(SUPPORTED_DTYPES)})")
+    if arr.rank not in (2, 3, 4):
+        raise VolumeError(f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)")
+    attrs = _read_attributes(local, driver) if not remote else {}
+    axes = ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
+    vs = scale or attrs.get("voxel_size") or attrs.get("resolution") or _units_voxel_size(arr)
+    n_sp = 2 if arr.rank == 2 else 3
+    vs = tuple(float(v) for v in (vs or [1.0] * n_sp))[-n_sp:]
+    if voxel_size is not None and scale is None:
+        vs = tuple(float(v) for v in voxel_size)  # explicit override for stores lacking metadata
+    return Volume(path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs)
+
+
+def _units_voxel_size(arr) -> list[float] | None:
+    try:
+        units = arr.dimension_units
+    except Exception:  # noqa: BLE001
+        return None
+    if not units or any(u is None for u in units):
+        return None
+    return [float(u.multiplier) for u in units]
+
+
+def _read_attributes(path: str, driver: str) -> dict:
+    p = Path(path)
+    try:
+        if driver == "zarr3":
+            return json.loads((p / "zarr.json").read_text()).get("attributes", {})
+        if driver == "zarr" and (p / ".zattrs").exists():
+            return json.loads((p / ".zattrs").read_text())
+        if driver == "n5":
+            return json.loads((p / "attributes.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VolumeError(f"volume {path}: unreadable metadata: {e}") from e
+    return {}
+
+
+def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunks: Sequence[int],
+                  voxel_size: Sequence[float] | None = None, attributes: dict | None = None,
+                  compression_level: int = 3, exist_ok: bool = False) -> Volume:
+    """Create a zarr v3 array (zstd) ready for block-wise writes.
+
+    With `exist_ok`, an existing array of the same shape and dtype is opened as it is (so an
+    interrupted writer can resume); one of another shape or dtype is an error naming it.
+    """
+    path = str(path)
+    dtype = np.dtype(dtype)
+    if exist_ok and (Path(path) / "zarr.json").exists():
+        vol = open_volume(path, write=True)
+        if vol.shape != tuple(shape) or vol.dtype != dtype:
+            raise VolumeError(f"output {path} exists with shape {vol.shape} dtype {vol.dtype}; "
+                              f"this job writes shape {tuple(shape)} dtype {dtype}. Remove it or choose another path.")
+        return vol
+    names = ["z", "y", "x", "c"][: len(shape)] if len(shape) != 2 else ["y", "x"]
+    attrs = dict(attributes or {})
+    if voxel_size is not None:
+        attrs["voxel_size"] = [float(v) for v in voxel_size]
+        attrs["unit"] = "nanometer"
+    meta = {
+        "shape": list(map(int, shape)),
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(map(int, chunks))}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": compression_level}}],
+        "dimension_names": names,
+        "attributes": attrs,
+    }
+    spec = {"driver": "zarr3", "kvstore": _kvstore(path), "metadata": meta}
+    try:
+        arr = ts.open(spec, create=True, delete_existing=not exist_ok).result()
+    except Exception as e:  # noqa: BLE001
+        raise VolumeError(f"cannot create volume {path}: {e}") from e
+    vs = tuple(attrs.get("voxel_size", [1.0] * min(3, len(shape))))
+    return Volume(path=path, array=arr, voxel_size=vs, axes=tuple(names), attributes=attrs)
+
+
+def write_array(path: str | os.PathLike, data: np.ndarray, *, chunks: Sequence[int] | None = None,
+                voxel_size: Sequence[float] | None = None, attributes: dict | None = None) -> Volume:
+    """Write an in-memory array as a new zarr v3 volume (small arrays: samples, previews, tests)."""
+    chunks = chunks or tuple(min(s, 64) for s in data.shape)
+    vol = create_volume(path, data.shape, data.dtype, chunks=chunks, voxel_size=voxel_size,
+                        attributes=attributes, compression_level=19)
+    vol.array.write(data).result()
+    return vol

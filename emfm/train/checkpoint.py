@@ -1,0 +1,61 @@
+"""The one checkpoint module: orbax CheckpointManager over `<run_dir>/checkpoints`.
+
+A checkpoint holds the training state pytree (model parameters, optimizer state, step, RNG) and a
+JSON record (model/objective config, data-iterator state), written atomically by orbax: a
+checkpoint is only listed once fully written, so a half-written one is never restored.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def manager(run_dir: str | Path, *, keep: int = 2, interval: int = 1, create: bool = True) -> ocp.CheckpointManager:
+    d = Path(run_dir).resolve() / "checkpoints"
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, interval), create=create,
+                                        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(d, options=opts, item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {mngr.directory}")
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     meta=ocp.args.JsonRestore()))
+    return out.state, dict(out.meta)
+
+
+def find_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a run dir (containing checkpoints/) or a checkpoints dir; name what is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path not found: {p}")
+    if (p / "checkpoints").is_dir():
+        return p
+    if p.name == "checkpoints":
+        return p.parent
+    raise CheckpointError(f"{p} holds no checkpoints/ folder: give the run directory of a pretraining run")
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    """The JSON record of the latest checkpoint of a run (model config etc.) without loading arrays."""
+    mngr = manager(run_dir, create=False)
+    step = mngr.latest_step()
+    if step is None:
+        raise CheckpointError(f"no finished checkpoint in {Path(run_dir) / 'checkpoints'}")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    mngr.close()
+    return json.loads(json.dumps(meta))
