@@ -116,10 +116,12 @@ def simple_points(image, connectivity=None, points=None) -> np.ndarray:
     img = np.asarray(image).astype(bool)
     conn = _check_conn(img.ndim, connectivity)
     padded = np.pad(img, 1)
-    if points is None:
+    whole = points is None
+    if whole:
         points = np.argwhere(np.ones(img.shape, bool))
     idx = np.ravel_multi_index(tuple(np.asarray(points).T + 1), padded.shape)
-    return _simple_at(padded, idx, conn)
+    out = _simple_at(padded, idx, conn)
+    return out.reshape(img.shape) if whole else out
 
 
 def _offsets(shape, ndim):
