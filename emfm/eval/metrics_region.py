@@ -63,16 +63,55 @@ def _unique_sum(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
     return uniq, np.bincount(inv.ravel(), weights=weights, minlength=uniq.size).astype(np.int64)
 
 
+def _offset(values: np.ndarray):
+    """(values - min as uint64, min, max - min) so ids of any sign pack into few bits."""
+    lo, hi = values.min(), values.max()
+    shifted = values.astype(np.uint64) - np.asarray(lo).astype(np.uint64)  # wraps exactly
+    return shifted, lo, int(hi) - int(lo)
+
+
+def _unshift(shifted: np.ndarray, lo, dtype) -> np.ndarray:
+    return (shifted + np.asarray(lo).astype(np.uint64)).astype(dtype)
+
+
 def _pair_reduce(g: np.ndarray, p: np.ndarray, w: np.ndarray):
-    """Sum weights ``w`` over equal ``(g, p)`` pairs; returns (g, p, w) sorted by (g, p)."""
+    """Sum weights ``w`` over equal ``(g, p)`` pairs; returns (g, p, w) sorted by (g, p).
+
+    Ids are shifted to start at 0; when (gt bits + pred bits + weight bits) <= 64 the three are
+    packed into one uint64 and a plain ``np.sort`` groups the pairs (no argsort, no inverse);
+    with <= 64 bits for the pair alone, one argsort; otherwise a relabel to consecutive ids.
+    """
     if g.size == 0:
-        return g, p, w
-    ug, ig = np.unique(g, return_inverse=True)
-    up, ip = np.unique(p, return_inverse=True)
-    key = ig.astype(np.int64) * up.size + ip
-    ukey, inv = np.unique(key, return_inverse=True)
-    cnt = np.bincount(inv, weights=w, minlength=ukey.size).astype(np.int64)
-    return ug[ukey // up.size], up[ukey % up.size], cnt
+        return g, p, w.astype(np.int64)
+    gs, glo, grange = _offset(g)
+    ps, plo, prange = _offset(p)
+    bg, bp, bw = grange.bit_length(), prange.bit_length(), int(w.max()).bit_length()
+    if bg + bp + bw <= 64:
+        sh_p, sh_g = np.uint64(bw), np.uint64(bw + bp)
+        key = (gs << sh_g) | (ps << sh_p) | w.astype(np.uint64)
+        key.sort()
+        pair = key >> sh_p
+        starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        cnt = np.add.reduceat(key & np.uint64((1 << bw) - 1), starts).astype(np.int64)
+        pair = pair[starts]
+        pg = pair >> np.uint64(bp)
+        pp = pair & np.uint64((1 << bp) - 1)
+    elif bg + bp <= 64:
+        key = (gs << np.uint64(bp)) | ps
+        order = np.argsort(key)
+        key = key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        cnt = np.add.reduceat(w[order].astype(np.int64), starts)
+        key = key[starts]
+        pg, pp = key >> np.uint64(bp), key & np.uint64((1 << bp) - 1)
+    else:
+        ug, ig = np.unique(gs, return_inverse=True)
+        up, ip = np.unique(ps, return_inverse=True)
+        k = ig.astype(np.int64) * up.size + ip
+        uk, inv = np.unique(k, return_inverse=True)
+        cnt = np.bincount(inv, weights=w, minlength=uk.size).astype(np.int64)
+        pg, pp = ug[uk // up.size], up[uk % up.size]
+    return _unshift(pg, glo, g.dtype), _unshift(pp, plo, p.dtype), cnt
 
 
 def _runs(g: np.ndarray, p: np.ndarray):
@@ -88,6 +127,17 @@ def _runs(g: np.ndarray, p: np.ndarray):
     starts = np.flatnonzero(change)
     lengths = np.diff(starts, append=g.size)
     return g[starts], p[starts], lengths
+
+
+def _concat_ids(parts: list, name: str) -> np.ndarray:
+    """Concatenate id arrays; int64 and uint64 blocks meet as uint64 (never float64)."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({a.dtype for a in parts}) > 1:
+        if any(a.dtype == np.int64 and a.size and a.min() < 0 for a in parts):
+            raise ValueError(f"{name} blocks mix negative int64 ids with uint64 ids")
+        parts = [a.astype(np.uint64) for a in parts]
+    return np.concatenate(parts)
 
 
 class ContingencyTable:
@@ -151,8 +201,7 @@ class ContingencyTable:
             empty = np.zeros(0, np.int64)
             self._g, self._p, self._w = [empty], [empty], [empty]
         else:
-            g = np.concatenate(self._g) if len(self._g) > 1 else self._g[0]
-            p = np.concatenate(self._p) if len(self._p) > 1 else self._p[0]
+            g, p = _concat_ids(self._g, "gt"), _concat_ids(self._p, "pred")
             w = np.concatenate(self._w) if len(self._w) > 1 else self._w[0]
             g, p, w = _pair_reduce(g, p, w)
             self._g, self._p, self._w = [g], [p], [w]

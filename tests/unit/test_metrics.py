@@ -122,6 +122,18 @@ def test_region_dtypes_and_errors():
         region_scores(np.zeros((2, 2), int), np.zeros((2, 3), int))
 
 
+@pytest.mark.parametrize("scale", [1, 2**28, 2**40, -(2**58)])
+def test_region_id_ranges(scale):
+    """Small, 32-bit, 40-bit and negative 63-bit id ranges take different packing paths."""
+    rng = np.random.default_rng(6)
+    gt = _random_labels(rng, (3, 30, 40), 25)
+    pred = _random_labels(rng, (3, 30, 40), 15)
+    ref = region_scores(pred, gt, ignore_gt=())
+    assert region_scores(pred * scale + 7, gt * scale - 3, ignore_gt=()) == pytest.approx(ref)
+    t = ContingencyTable.from_arrays(pred * scale, gt)
+    np.testing.assert_array_equal(np.unique(t.pred_ids), np.unique(pred) * scale)
+
+
 def test_blockwise_equals_whole():
     rng = np.random.default_rng(1)
     gt = _random_labels(rng, (9, 30, 40), 25)
