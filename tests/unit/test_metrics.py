@@ -131,7 +131,7 @@ def test_region_id_ranges(scale):
     ref = region_scores(pred, gt, ignore_gt=())
     assert region_scores(pred * scale + 7, gt * scale - 3, ignore_gt=()) == pytest.approx(ref)
     t = ContingencyTable.from_arrays(pred * scale, gt)
-    np.testing.assert_array_equal(np.unique(t.pred_ids), np.unique(pred) * scale)
+    np.testing.assert_array_equal(np.unique(t.pred_ids), np.unique(pred * scale))
 
 
 def test_blockwise_equals_whole():
