@@ -106,7 +106,7 @@ class ExportConfig:
 
     path: str = MISSING_PATH  # volume to export; empty = bundled sample
     out: str = ""  # zarr output; empty = <run_dir>/features.zarr
-    tile: int = 256  # in-plane tile size (pixels), a multiple of the patch size
+    tile: int = 128  # in-plane tile size (pixels), a multiple of the patch size
     margin: int = 32  # context around each tile, dropped on write (pixels)
     dtype: str = "float16"
     batch_size: int = 8

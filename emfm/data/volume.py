@@ -19,7 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "int64", "uint64",
-                    "float32", "float64")
+                    "float16", "bfloat16", "float32", "float64")
 
 
 class VolumeError(ValueError):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from emfm.models.layers import Block, layer_norm, run_blocks
+from emfm.models.layers import Block, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import PatchEmbed, grid_shape
 from emfm.models.pos_embed import sincos_embedding
 
@@ -101,7 +101,7 @@ class ViT(nnx.Module):
         grid = self.grid(x.shape[1:-1])
         t = self.embed(x)
         if ids_keep is not None:
-            t = jnp.take_along_axis(t, ids_keep[:, :, None], axis=1)
+            t = gather_tokens(t, ids_keep)
         prefix = [jnp.broadcast_to(self.cls_token[...], (b, 1, self.spec.width))]
         if self.registers is not None:
             prefix.append(jnp.broadcast_to(self.registers[...], (b, self.spec.num_registers, self.spec.width)))

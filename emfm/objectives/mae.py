@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from emfm.models.layers import Block, dense, layer_norm, run_blocks
+from emfm.models.layers import Block, dense, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import patchify, unpatchify
 from emfm.models.pos_embed import sincos_embedding
 from emfm.models.vit import DTYPES, ViT
@@ -40,7 +40,7 @@ class MAEDecoder(nnx.Module):
         b, n = ids_restore.shape
         prefix, vis = x[:, : self.num_prefix], x[:, self.num_prefix:]
         masked = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n - vis.shape[1], self.width))
-        full = jnp.take_along_axis(jnp.concatenate([vis, masked], axis=1), ids_restore[:, :, None], axis=1)
+        full = gather_tokens(jnp.concatenate([vis, masked], axis=1), ids_restore)
         full = full + jnp.asarray(sincos_embedding(self.width, grid))[None].astype(x.dtype)
         x = jnp.concatenate([prefix, full], axis=1)
         x, _ = run_blocks(self.blocks, x)

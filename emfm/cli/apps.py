@@ -1,0 +1,99 @@
+"""Hydra apps, one per command: compose, convert to typed dataclasses once, call the library."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from emfm.config import schema
+
+log = logging.getLogger("emfm")
+
+# Errors that are the user's input, reported in one line.
+USER_ERRORS = (FileNotFoundError, schema.ConfigError, ValueError)
+
+
+def to_config(cfg: DictConfig) -> schema.EmfmConfig:
+    obj = OmegaConf.to_object(cfg)
+    return schema.validate(obj)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+    for name in ("absl", "jax._src", "orbax", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
+    import jax
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[2], timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "", False
+    from importlib.metadata import PackageNotFoundError, version
+
+    pkgs = {}
+    for p in ("emfm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "numpy", "hydra-core"):
+        try:
+            pkgs[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    info = {"git_revision": rev, "git_dirty": dirty, "packages": pkgs, "python": sys.version.split()[0],
+            "devices": [str(d) for d in jax.devices()], "argv": sys.argv}
+    (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
+
+
+def _task(cmd: str):
+    def task(cfg: DictConfig) -> None:
+        _quiet_libraries()
+        try:
+            c = to_config(cfg)
+            run_dir = Path(c.run_dir)
+            _save_provenance(run_dir, cfg)
+            from emfm import pipeline
+
+            if cmd == "main":
+                pipeline.main_job(c)
+            elif cmd == "pretrain":
+                from emfm.train.pretrain import pretrain
+
+                pretrain(c)
+            elif cmd == "probe":
+                pipeline.run_probe(c, checkpoint=c.checkpoint or None)
+            elif cmd == "export":
+                pipeline.run_export(c, checkpoint=c.checkpoint or None)
+        except USER_ERRORS as e:
+            if os.environ.get("EMFM_DEBUG"):
+                raise
+            log.error("%s: %s", type(e).__name__, e)
+            print(f"emfm: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return task
+
+
+def run(cmd: str, config_dir: str) -> None:
+    schema.register()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    app = hydra.main(version_base=None, config_path=config_dir, config_name=cmd)(_task(cmd))
+    app()

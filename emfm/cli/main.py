@@ -1,0 +1,57 @@
+"""`emfm <command> [hydra overrides]`: dispatch to thin Hydra apps over library functions.
+
+Each command composes `configs/<command>.yaml` against the typed schema (emfm.config.schema), so an
+unknown key or a wrong type stops the run before any compute with Hydra's message naming the key.
+Known bad input (missing path, wrong dtype or shape, bad value) ends with one line `emfm: error: ...`
+and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "main": "the main job: pretrain + probe (pretrained vs random) + export on the bundled EM sample",
+    "pretrain": "self-supervised pretraining of an encoder",
+    "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init)",
+    "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
+}
+
+
+def config_dir() -> str:
+    env = os.environ.get("EMFM_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    repo = Path(__file__).resolve().parents[2] / "configs"
+    if repo.is_dir():
+        return str(repo)
+    raise SystemExit("emfm: error: configs/ not found next to the package; set EMFM_CONFIG_DIR")
+
+
+def _usage() -> str:
+    lines = ["usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]", "", "commands:"]
+    lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
+    lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
+              "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"emfm: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    from emfm.cli import apps
+
+    sys.argv = [f"emfm {cmd}"] + rest
+    apps.run(cmd, config_dir())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The main job and the probe / export steps as library functions (the CLI only calls these).
+
+`main_job(cfg)`: pretrain (MAE) -> linear probe of pretrained vs randomly initialised encoder ->
+dense feature export; everything lands in `cfg.run_dir`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emfm.config.schema import EmfmConfig
+from emfm.data import bundled
+from emfm.data.loader import Region, estimate_range
+from emfm.data.volume import VolumeError, open_volume
+from emfm.eval import figures, probe
+from emfm.export.features import encode_sections, export_features, pca_rgb
+from emfm.train.state import build_encoder, load_encoder
+
+log = logging.getLogger("emfm")
+
+PROBE_COLUMNS = ["encoder", "f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge",
+                 "precision", "recall", "pixel_error"]
+
+
+def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
+    """{name: (encoder, grey range)}: the checkpoint's encoder and a random one of the same
+    architecture (both normalised alike), or only a random one when no checkpoint is given."""
+    from flax import nnx
+
+    from emfm.models.vit import ViT
+
+    if not checkpoint:
+        return {"random_init": (build_encoder(cfg.model, seed=cfg.probe.seed), grey_range)}
+    enc, meta = load_encoder(checkpoint)
+    grey = tuple(meta.get("grey_range") or grey_range)
+    encs = {"pretrained": (enc, grey)}
+    if cfg.probe.compare_random:
+        encs["random_init"] = (ViT(enc.spec, rngs=nnx.Rngs(cfg.probe.seed + 1000)), grey)
+    return encs
+
+
+def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
+    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure."""
+    run_dir = Path(cfg.run_dir)
+    pc = cfg.probe
+    img_vol = open_volume(bundled.resolve(pc.path, bundled.sample_raw()))
+    lab_vol = open_volume(bundled.resolve(pc.labels, bundled.sample_membranes()))
+    if img_vol.shape != lab_vol.shape:
+        raise VolumeError(f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has {img_vol.shape}")
+    tr, te = tuple(pc.train_slices), tuple(pc.test_slices)
+    x_tr, x_te = probe.read_sections(img_vol, tr), probe.read_sections(img_vol, te)
+    y_tr = probe.read_sections(lab_vol, tr) == pc.positive_label
+    y_te = probe.read_sections(lab_vol, te) == pc.positive_label
+    if not y_tr.any() or y_tr.all():
+        raise VolumeError(f"probe labels {lab_vol.path}: sections {list(tr)} hold no pixel of both classes "
+                          f"(positive_label={pc.positive_label})")
+    grey = estimate_range(Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]]))
+    results, probs = {}, {}
+    for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
+        t0 = time.perf_counter()
+        kw = dict(tile=cfg.export.tile, margin=cfg.export.margin, batch_size=cfg.export.batch_size)
+        f_tr = encode_sections(enc, probe.normalise(x_tr, rng), **kw)
+        f_te = encode_sections(enc, probe.normalise(x_te, rng), **kw)
+        lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
+                                      weight_decay=pc.weight_decay, seed=pc.seed)
+        p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
+        scores = probe.membrane_scores(p_te, y_te)
+        scores["seconds"] = time.perf_counter() - t0
+        results[name], probs[name] = scores, p_te
+        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f", name, scores["f1"], scores["iou"],
+                 scores["adapted_rand_error"], scores["voi"])
+    _write_probe_tables(run_dir, results, tr, te)
+    k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
+    cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
+    cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in results]
+    figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
+    return results
+
+
+def _write_probe_tables(run_dir: Path, results: dict, tr, te) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"encoder": n, **{c: results[n][c] for c in PROBE_COLUMNS[1:]}} for n in results]
+    with open(run_dir / "probe.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (run_dir / "probe.json").write_text(json.dumps({"train_sections": list(tr), "test_sections": list(te),
+                                                    "results": results}, indent=1))
+    lines = [f"Linear probe, membranes, held-out sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1})", "",
+             "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {r['f1']:.4f} | {r['iou']:.4f} | {r['adapted_rand_error']:.4f} | "
+                     f"{r['voi']:.4f} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |")
+    if "pretrained" in results and "random_init" in results:
+        a, b = results["pretrained"], results["random_init"]
+        lines += ["", f"pretrained - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
+                      f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, VOI {a['voi'] - b['voi']:+.4f}"]
+    (run_dir / "probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
+    """Dense features of a whole volume to zarr, plus a PCA-RGB preview PNG of its middle section."""
+    run_dir = Path(cfg.run_dir)
+    ec = cfg.export
+    vol = open_volume(bundled.resolve(ec.path, bundled.sample_raw()))
+    if checkpoint:
+        enc, meta = load_encoder(checkpoint)
+        grey = tuple(meta.get("grey_range") or estimate_range(Region.of(vol)))
+    else:
+        enc, grey = build_encoder(cfg.model, seed=cfg.trainer.seed), estimate_range(Region.of(vol))
+    out = ec.out or str(run_dir / "features.zarr")
+    res = export_features(enc, vol, out, grey_range=grey, tile=ec.tile, margin=ec.margin, dtype=ec.dtype,
+                          batch_size=ec.batch_size, show_progress=cfg.trainer.progress)
+    feats_vol = open_volume(out)
+    z = feats_vol.shape[0] // 2
+    feats = feats_vol.read((slice(z, z + 1),))[0].astype(np.float32)
+    rgb, evr = pca_rgb(feats)
+    img = vol.read((slice(z, z + 1),))[0]
+    figures.image_grid(run_dir / "figures" / "features_pca.png",
+                       [(f"section {z}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])])
+    res["pca_explained_variance"] = [float(v) for v in evr]
+    (run_dir / "export.json").write_text(json.dumps(res, indent=1))
+    log.info("export: %s", res)
+    return res
+
+
+def main_job(cfg: EmfmConfig) -> dict:
+    """Pretrain, probe (pretrained vs random init), export: the three things emfm is for."""
+    from emfm.train.pretrain import pretrain
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    print(f"[emfm] main job -> {run_dir}")
+    print("[emfm] 1/3 pretraining (masked autoencoder) on", bundled.resolve(cfg.data.path, "the bundled ISBI 2012 sample"))
+    pre = pretrain(cfg)
+    t1 = time.perf_counter()
+    print("[emfm] 2/3 linear probe of membranes: pretrained vs random-init encoder")
+    prb = run_probe(cfg, checkpoint=str(run_dir))
+    t2 = time.perf_counter()
+    print("[emfm] 3/3 exporting dense features")
+    exp = run_export(cfg, checkpoint=str(run_dir))
+    t3 = time.perf_counter()
+    summary = {"pretrain": pre, "probe": prb, "export": exp,
+               "seconds": {"pretrain": t1 - t0, "probe": t2 - t1, "export": t3 - t2, "total": t3 - t0}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(f"[emfm] done in {t3 - t0:.0f} s; results, figures and checkpoint in {run_dir}")
+    return summary
