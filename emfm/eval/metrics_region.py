@@ -36,7 +36,7 @@ __all__ = [
 # per-chunk temporaries (a few bytes per voxel) stay in cache-sized tens of MB.
 _CHUNK = 1 << 21
 # Compact the accumulated (gt, pred, count) triples once this many are pending.
-_COMPACT_AT = 1 << 23
+_COMPACT_AT = 1 << 22
 
 
 def check_label_array(arr, name: str) -> np.ndarray:
