@@ -82,7 +82,9 @@ def open_label_volume(path, name: str = "volume"):
         raise FileNotFoundError(f"{name} path does not exist: {path}")
     if path.is_file():
         if path.suffix.lower() not in _TIFF_SUFFIXES:
-            raise ValueError(f"{name} {path}: unsupported file type {path.suffix!r} (want .tif/.tiff)")
+            raise ValueError(
+                f"{name} {path}: unsupported file type {path.suffix!r} (want .tif/.tiff)"
+            )
         return _TiffStack(path)
     import tensorstore as ts
 

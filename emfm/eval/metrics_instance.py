@@ -109,8 +109,8 @@ def _match(ov: Overlaps, threshold: float):
 def match_instances(pred, gt, threshold: float = 0.5, background: int = 0, table=None) -> dict:
     """Optimal one-to-one matching of instances with IoU >= ``threshold``.
 
-    IoU(g, p) = |g ∩ p| / |g ∪ p| over all voxels (2D or 3D). The matching maximises the number of
-    matched pairs, then their IoU sum (Hungarian algorithm, scipy.optimize.linear_sum_assignment,
+    IoU(g, p) = |g ∩ p| / |g ∪ p| over all voxels (2D or 3D). The matching maximises the number
+    of matched pairs, then their IoU sum (Hungarian algorithm, scipy.optimize.linear_sum_assignment,
     on the sparse overlap graph; cf. Schmidt et al. 2018, stardist ``matching``).
     Returns ids and IoUs of the matched pairs plus the instance counts.
     """

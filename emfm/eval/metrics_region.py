@@ -2,8 +2,8 @@
 
 Every score here (Rand index, adapted Rand error, ISBI V^Rand / V^Info, variation of information,
 CREMI score) is a function of the joint voxel counts ``n_ij`` (ground-truth id i, predicted id j).
-:class:`ContingencyTable` builds those counts once, block by block, so a volume larger than memory is
-read slab by slab; :func:`region_scores` derives everything from it.
+:class:`ContingencyTable` builds those counts once, block by block, so a volume larger than memory
+is read slab by slab; :func:`region_scores` derives everything from it.
 
 Conventions (fixed here, used by every function in the module):
 
@@ -268,7 +268,8 @@ def _scores_from_counts(g: np.ndarray, p: np.ndarray, n: np.ndarray) -> dict:
     # Pair counts without self-pairs (x2), exactly as skimage.metrics.adapted_rand_error.
     pairs_both, pairs_gt, pairs_pred = sum_n2 - N, sum_a2 - N, sum_b2 - N
     are = 1.0 - _ratio(pairs_both, 0.5 * pairs_gt + 0.5 * pairs_pred)
-    rand_index = 1.0 - (pairs_gt + pairs_pred - 2.0 * pairs_both) / (N * (N - 1.0)) if N > 1 else 1.0
+    disagree = pairs_gt + pairs_pred - 2.0 * pairs_both
+    rand_index = 1.0 - disagree / (N * (N - 1.0)) if N > 1 else 1.0
 
     # Entropies in bits from counts: H = log2 N - sum c log2 c / N.
     xl_n, xl_a, xl_b = _xlogx_sum(n), _xlogx_sum(a), _xlogx_sum(b)
@@ -326,7 +327,8 @@ def region_scores(pred, gt, ignore_gt: Iterable[int] = (0,), ignore_pred: Iterab
       ``skimage.metrics.variation_of_information(gt, pred)`` = [H(pred|gt), H(gt|pred)]; swapping
       pred and gt swaps split and merge.
     * ``vinfo`` = 2 I / (H(gt) + H(pred)), ``vinfo_split`` = I / H(pred),
-      ``vinfo_merge`` = I / H(gt), I the mutual information (Arganda-Carreras et al. 2015, eqs. 6-8).
+      ``vinfo_merge`` = I / H(gt), I the mutual information (Arganda-Carreras et al. 2015,
+      eqs. 6-8).
     * ``cremi_score`` = sqrt(voi * adapted_rand_error) (CREMI challenge, cremi.org), both terms on
       the same ignored-voxel convention.
 
@@ -362,7 +364,7 @@ def rand_index(pred, gt, ignore_gt: Iterable[int] = ()) -> float:
 
 
 def thin_boundaries(pred, mask=None) -> np.ndarray:
-    """Grow non-zero segments of ``pred`` into its 0 (boundary) voxels until none is left in ``mask``.
+    """Grow non-zero segments of ``pred`` into its 0 (boundary) voxels until none is in ``mask``.
 
     The ISBI 2012 protocol (Arganda-Carreras et al. 2015, "after border thinning") dilates the
     predicted segments over the boundary before scoring on the gt foreground; each pass gives a

@@ -157,7 +157,8 @@ def test_blockwise_equals_whole():
         blocks.add(pred[zs], gt[zs])
     for name in ("gt_ids", "pred_ids", "counts"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
-    halves = ContingencyTable().add(pred[:5], gt[:5]).merge(ContingencyTable().add(pred[5:], gt[5:]))
+    halves = ContingencyTable().add(pred[:5], gt[:5])
+    halves.merge(ContingencyTable().add(pred[5:], gt[5:]))
     assert halves.scores() == pytest.approx(whole.scores())
     # Non-contiguous views count the same.
     t = ContingencyTable.from_arrays(pred[:, :, ::-1], gt[:, :, ::-1])
