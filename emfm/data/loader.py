@@ -50,11 +50,12 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
     """Robust grey-value range (0.5 and 99.5 percentiles) from a few random crops."""
     rng = np.random.default_rng(seed)
     crop = [min(s, c) for s, c in zip(region.shape, (1, 128, 128))]
-    futures = []
+    boxes = []
     for _ in range(samples):
         o = [a + int(rng.integers(0, s - c + 1)) for (a, _), s, c in zip(region.box, region.shape, crop)]
-        futures.append(region.volume.read_async(tuple(slice(x, x + c) for x, c in zip(o, crop))))
-    vals = np.concatenate([np.asarray(f.result()).ravel() for f in futures]).astype(np.float32)
+        boxes.append(tuple(slice(x, x + c) for x, c in zip(o, crop)))
+    futures = [region.volume.read_async(b) for b in boxes]
+    vals = np.concatenate([region.volume.result(f, b).ravel() for f, b in zip(futures, boxes)]).astype(np.float32)
     lo, hi = np.percentile(vals, [0.5, 99.5])
     if hi <= lo:
         raise VolumeError(f"volume {region.volume.path}: constant grey values ({lo}) in the sampled region")
@@ -81,8 +82,15 @@ class PatchSampler:
                                   f"(region shape {r.shape})")
 
     def origins(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
-        rng = np.random.default_rng([self.seed, int(step), self.process_index])
-        which = rng.choice(len(self.regions), size=self.batch_size, p=self.p)
+        return self._draw(np.random.default_rng([self.seed, int(step), self.process_index]), self.batch_size)
+
+    def redraw(self, step: int, attempt: int, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        """`n` replacement origins for patches of batch `step` that were rejected (attempt 1, 2, ...);
+        a pure function of `(seed, step, process_index, attempt)` like `origins`."""
+        return self._draw(np.random.default_rng([self.seed, int(step), self.process_index, 2, int(attempt)]), n)
+
+    def _draw(self, rng: np.random.Generator, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        which = rng.choice(len(self.regions), size=n, p=self.p)
         out = []
         for v in which:
             r = self.regions[v]
@@ -92,16 +100,37 @@ class PatchSampler:
 
 
 class PatchLoader:
-    """Iterator of `{"image": float32 [b, z, y, x]}` batches, prefetched in a background thread.
+    """Iterator of `{"image": float32 [b, z, y, x]}` batches (plus `"label"` when label volumes are
+    given), prefetched in a background thread.
 
     `state()` / `start_step` make it resumable: the batch after a restore is the one that would
-    have come next.
+    have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
+    (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
+    whose labels are less than this fraction non-zero. Rejected patches are redrawn from
+    `sampler.redraw(step, attempt)`, so the batch stays a pure function of the step; after
+    `max_redraws` attempts the last draw is kept rather than stalling training.
     """
 
     def __init__(self, sampler: PatchSampler, ranges: Sequence[tuple[float, float]], *, augment_batches: bool = True,
-                 prefetch: int = 4, start_step: int = 0):
+                 prefetch: int = 4, start_step: int = 0, labels: Sequence[Volume | None] | None = None,
+                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8):
         self.sampler = sampler
         self.ranges = list(ranges)
+        if len(self.ranges) != len(sampler.regions):
+            raise VolumeError(f"{len(self.ranges)} grey ranges for {len(sampler.regions)} regions")
+        self.labels = None if labels is None else list(labels)
+        if self.labels is not None:
+            if len(self.labels) != len(sampler.regions):
+                raise VolumeError(f"{len(self.labels)} label volumes for {len(sampler.regions)} regions")
+            for r, lab in zip(sampler.regions, self.labels):
+                if lab is not None and lab.spatial_shape != r.volume.spatial_shape:
+                    raise VolumeError(f"labels {lab.path} of shape {lab.spatial_shape} do not match volume "
+                                      f"{r.volume.path} of shape {r.volume.spatial_shape}")
+        if min_foreground > 0 and self.labels is None:
+            raise VolumeError("min_foreground needs label volumes (labels=...)")
+        self.min_std = float(min_std)
+        self.min_foreground = float(min_foreground)
+        self.max_redraws = int(max_redraws)
         self.augment = augment_batches
         self.step = int(start_step)
         self.wait_s = 0.0  # time the consumer spent blocked on data
@@ -113,26 +142,62 @@ class PatchLoader:
     def state(self) -> dict:
         return {"step": self.step, "seed": self.sampler.seed}
 
+    def _read(self, picks) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read (all reads issued before any is awaited) and normalise the patches at `picks`."""
+        patch = self.sampler.patch
+        boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in picks]
+        vols = [self.sampler.regions[v].volume for v, _ in picks]
+        futures = [vol.read_async(b) for vol, b in zip(vols, boxes)]
+        lab_vols = [None] * len(picks) if self.labels is None else [self.labels[v] for v, _ in picks]
+        lab_futures = [None if lv is None else lv.read_async(b) for lv, b in zip(lab_vols, boxes)]
+        out = np.empty((len(picks),) + patch, np.float32)
+        for i, ((v, _), f) in enumerate(zip(picks, futures)):
+            arr = vols[i].result(f, boxes[i]).astype(np.float32)
+            lo, hi = self.ranges[v]
+            out[i] = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+        if self.labels is None:
+            return out, None
+        dt = np.result_type(*[lv.dtype for lv in self.labels if lv is not None])
+        lab = np.zeros((len(picks),) + patch, dt)
+        for i, (lv, f) in enumerate(zip(lab_vols, lab_futures)):
+            if lv is not None:
+                lab[i] = lv.result(f, boxes[i])
+        return out, lab
+
+    def _keep(self, picks, image: np.ndarray, label: np.ndarray | None) -> np.ndarray:
+        ok = np.ones(len(image), bool)
+        if self.min_std > 0:
+            ok &= image.reshape(len(image), -1).std(axis=1) >= self.min_std
+        if self.min_foreground > 0 and label is not None:
+            has = np.array([self.labels[v] is not None for v, _ in picks])
+            frac = (label.reshape(len(label), -1) != 0).mean(axis=1)
+            ok &= ~has | (frac >= self.min_foreground)
+        return ok
+
     def load(self, step: int) -> dict:
         """The batch of a given step (deterministic; used by the thread and by tests)."""
         picks = self.sampler.origins(step)
-        patch = self.sampler.patch
-        futures = [self.sampler.regions[v].volume.read_async(tuple(slice(a, a + p) for a, p in zip(o, patch)))
-                   for v, o in picks]
-        out = np.empty((len(picks),) + patch, np.float32)
-        for i, ((v, o), f) in enumerate(zip(picks, futures)):
-            try:
-                arr = np.asarray(f.result(), np.float32)
-            except Exception as e:  # noqa: BLE001
-                raise VolumeError(f"reading patch at {o} of volume {self.sampler.regions[v].volume.path} "
-                                  f"failed: {e}") from e
-            lo, hi = self.ranges[v]
-            out[i] = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+        out, lab = self._read(picks)
+        if self.min_std > 0 or self.min_foreground > 0:
+            for attempt in range(1, self.max_redraws + 1):
+                bad = np.flatnonzero(~self._keep(picks, out, lab))
+                if not bad.size:
+                    break
+                new = self.sampler.redraw(step, attempt, len(bad))
+                o2, l2 = self._read(new)
+                out[bad] = o2
+                if lab is not None:
+                    lab[bad] = l2
+                for k, i in enumerate(bad):
+                    picks[i] = new[k]
         if self.augment:
             rng = np.random.default_rng([self.sampler.seed, int(step), self.sampler.process_index, 1])
-            (out,) = augment.geometric(rng, out)
+            if lab is None:
+                (out,) = augment.geometric(rng, out)
+            else:
+                out, lab = augment.geometric(rng, out, lab)
             out = augment.intensity(rng, out)
-        return {"image": out}
+        return {"image": out} if lab is None else {"image": out, "label": lab}
 
     def _fill(self, step: int) -> None:
         try:

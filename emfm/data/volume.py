@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,34 @@ SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "int6
 
 class VolumeError(ValueError):
     """Bad volume input; the message names the volume (and chunk or region, where known)."""
+
+
+# Object stores and network file systems fail now and then; a read is retried a few times with
+# exponential backoff before it fails. Only errors that look transient are retried: a corrupt chunk
+# (FAILED_PRECONDITION, DATA_LOSS) or a bad request fails at once.
+READ_TRIES = 4
+BACKOFF_S = 0.05
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+
+
+def is_transient(e: BaseException) -> bool:
+    if isinstance(e, (TimeoutError, ConnectionError, InterruptedError)):
+        return True
+    return str(e).lstrip().startswith(_TRANSIENT_CODES)
+
+
+def with_retries(fn, *, tries: int = READ_TRIES, backoff_s: float = BACKOFF_S, first=None):
+    """`fn()`, retried on transient errors with delays backoff_s * 2**i; `first` is an already
+    started attempt (a callable giving its result, e.g. a tensorstore future's `.result`)."""
+    attempt = first or fn
+    for i in range(tries):
+        try:
+            return attempt()
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError variants
+            if i + 1 >= tries or not is_transient(e):
+                raise
+            time.sleep(backoff_s * 2**i)
+            attempt = fn
 
 
 @dataclass(frozen=True)
@@ -58,15 +87,21 @@ class Volume:
 
     def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
         """Read a region (tuple of slices in `z y x` order) into a numpy array."""
-        sub = self.array if region is None else self.array[tuple(region)]
-        try:
-            return np.asarray(sub.read().result())
-        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/RuntimeError variants
-            raise VolumeError(f"reading {_region_str(region)} of volume {self.path} failed: {e}") from e
+        return self.result(None, region)
 
     def read_async(self, region: Sequence[slice]):
         """Start reading a region; returns a tensorstore future (`.result()` gives numpy)."""
         return self.array[tuple(region)].read()
+
+    def result(self, future, region: Sequence[slice] | None) -> np.ndarray:
+        """Wait for a read started by `read_async` (or start one if `future` is None), re-reading
+        on transient errors; any failure is a VolumeError naming the volume and the region."""
+        sub = self.array if region is None else self.array[tuple(region)]
+        try:
+            return np.asarray(with_retries(lambda: sub.read().result(),
+                                           first=None if future is None else future.result))
+        except Exception as e:  # noqa: BLE001
+            raise VolumeError(f"reading {_region_str(region)} of volume {self.path} failed: {e}") from e
 
     def __repr__(self) -> str:
         return (f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, axes={''.join(self.axes)}, "
