@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     cmd, rest = argv[0], argv[1:]
+    if cmd == "data":  # `emfm data import|info ...`: argparse utilities, no Hydra
+        from emfm.cli import data
+
+        data.main(rest)
+        return
     if cmd not in COMMANDS:
         print(f"emfm: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
