@@ -1,0 +1,108 @@
+"""Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one run.
+
+    .venv/bin/python benchmarks/bench_loader.py --size-mb 2048            # the default: a 2 GB volume
+    .venv/bin/python benchmarks/bench_loader.py --size-mb 256 --out experiments/benchmarks/loader.json
+
+Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of the given size under /tmp (kept between runs),
+then for 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s of PatchLoader.load
+(no augmentation, so it measures reading + normalisation), of the same patch list read with raw
+tensorstore futures, and of numpy crops from an in-memory array (only when the volume fits in
+--memory-limit-mb); the ratio loader / raw; and the peak RSS of the process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emfm.data.loader import PatchLoader, PatchSampler, Region
+from emfm.data.volume import create_volume, open_volume
+
+
+def make_volume(path: Path, size_mb: int) -> tuple[int, int, int]:
+    side = int(round((size_mb * 1e6) ** (1 / 3) / 64)) * 64
+    shape = (max(64, side), max(256, side), max(256, side))
+    if (path / "zarr.json").exists() and open_volume(path).shape == shape:
+        return shape
+    vol = create_volume(path, shape, np.uint8, chunks=(64, 64, 64), voxel_size=(8, 8, 8))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(np.float32)  # EM-like texture, compressible
+    for z0 in range(0, shape[0], 64):
+        n = min(64, shape[0] - z0)
+        slab = base[None] + rng.normal(0, 20, (n,) + shape[1:]).astype(np.float32)
+        vol.array[z0:z0 + n].write(np.clip(slab, 0, 255).astype(np.uint8)).result()
+    return shape
+
+
+def rate(fn, n_batches: int, batch: int, patch_bytes: int) -> dict:
+    fn(0)  # warm-up (thread pools, caches of metadata)
+    t0 = time.perf_counter()
+    for s in range(1, n_batches + 1):
+        fn(s)
+    dt = time.perf_counter() - t0
+    n = n_batches * batch
+    return {"patches_per_s": n / dt, "mb_per_s": n * patch_bytes / dt / 1e6, "s": dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=2048)
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--path", default="/tmp/emfm_bench_loader")
+    ap.add_argument("--memory-limit-mb", type=int, default=4096, help="load into RAM for the numpy baseline up to this")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    path = Path(args.path) / f"vol_{args.size_mb}mb.zarr"
+    t0 = time.perf_counter()
+    shape = make_volume(path, args.size_mb)
+    make_s = time.perf_counter() - t0
+    vol = open_volume(path)
+    region = Region.of(vol)
+    in_memory = vol.read() if np.prod(shape) / 1e6 <= args.memory_limit_mb else None
+    results = {"volume": {"path": str(path), "shape": list(shape), "mb": float(np.prod(shape)) / 1e6,
+                          "chunks": list(vol.chunks), "codec": "zstd", "create_s": make_s},
+               "batch": args.batch, "batches": args.batches, "host": platform.node(),
+               "cpus": __import__("os").cpu_count(), "cases": {}}
+    for patch in [(1, 256, 256), (32, 128, 128)]:
+        sampler = PatchSampler([region], patch, args.batch, seed=0)
+        loader = PatchLoader(sampler, [(0.0, 255.0)], augment_batches=False, prefetch=1)
+        loader.close()  # the background thread is not measured; load(step) is the same work
+        patch_bytes = int(np.prod(patch))
+
+        def raw(step, patch=patch, sampler=sampler):
+            boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in sampler.origins(step)]
+            futures = [vol.array[b].read() for b in boxes]
+            return [f.result() for f in futures]
+
+        def crop(step, patch=patch, sampler=sampler):
+            return np.stack([in_memory[tuple(slice(a, a + p) for a, p in zip(o, patch))]
+                             for _, o in sampler.origins(step)])
+
+        case = {"loader": rate(loader.load, args.batches, args.batch, patch_bytes),
+                "tensorstore_raw": rate(raw, args.batches, args.batch, patch_bytes)}
+        if in_memory is not None:
+            case["numpy_in_memory"] = rate(crop, args.batches, args.batch, patch_bytes)
+        case["loader_over_raw"] = case["loader"]["patches_per_s"] / case["tensorstore_raw"]["patches_per_s"]
+        results["cases"]["x".join(map(str, patch))] = case
+        print("x".join(map(str, patch)), {k: (round(v["patches_per_s"], 1), round(v["mb_per_s"], 1))
+                                          if isinstance(v, dict) else round(v, 3) for k, v in case.items()})
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(results, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        prev[f"{args.size_mb}mb"] = results
+        out.write_text(json.dumps(prev, indent=1))
+
+
+if __name__ == "__main__":
+    main()
