@@ -63,10 +63,25 @@ def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
 
 
+def _evaluate(cfg: DictConfig) -> None:
+    from emfm.eval.evaluate import evaluate_paths
+
+    c = schema.validate_evaluate(OmegaConf.to_object(cfg))
+    _save_provenance(Path(c.run_dir), cfg)
+    res = evaluate_paths(c.pred, c.gt, c.run_dir, kinds=tuple(c.kinds), ignore_gt=tuple(c.ignore_gt),
+                         ignore_pred=tuple(c.ignore_pred), background=c.background, num_classes=c.num_classes,
+                         ignore_index=c.ignore_index, block_z=c.block_z)
+    md = Path(c.run_dir) / "metrics.md"
+    print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
+
+
 def _task(cmd: str):
     def task(cfg: DictConfig) -> None:
         _quiet_libraries()
         try:
+            if cmd == "evaluate":
+                _evaluate(cfg)
+                return
             c = to_config(cfg)
             run_dir = Path(c.run_dir)
             _save_provenance(run_dir, cfg)

@@ -127,6 +127,36 @@ class EmfmConfig:
     checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
 
 
+@dataclass
+class EvaluateConfig:
+    """`emfm evaluate pred=PATH gt=PATH`: segmentation metrics of a prediction (TIFF, zarr, N5)."""
+
+    pred: str = ""
+    gt: str = ""
+    kinds: list[str] = field(default_factory=lambda: ["region", "instance"])
+    ignore_gt: list[int] = field(default_factory=lambda: [0])
+    ignore_pred: list[int] = field(default_factory=list)
+    background: int = 0
+    num_classes: Optional[int] = None
+    ignore_index: Optional[int] = None
+    block_z: Optional[int] = None
+    run_dir: str = "runs/evaluate"
+
+
+EVALUATE_KINDS = ("semantic", "binary", "region", "instance", "warping")
+
+
+def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
+    if not cfg.pred or not cfg.gt:
+        raise ConfigError("evaluate needs pred=PATH and gt=PATH (TIFF stack, zarr or N5 label volumes)")
+    bad = [k for k in cfg.kinds if k not in EVALUATE_KINDS]
+    if bad:
+        raise ConfigError(f"kinds={bad}: known metric kinds are {', '.join(EVALUATE_KINDS)}")
+    if "semantic" in cfg.kinds and not cfg.num_classes:
+        raise ConfigError("kinds includes 'semantic': give num_classes=N")
+    return cfg
+
+
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
     m, d = cfg.model, cfg.data
@@ -172,3 +202,21 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="emfm_schema", node=EmfmConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def compose(config_name: str = "main", overrides: list[str] | None = None, *, run_dir: str | None = None,
+            config_dir: str | None = None) -> EmfmConfig:
+    """Compose `configs/<config_name>.yaml` with overrides, as the CLI does, for notebooks and tests."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register()
+    cdir = config_dir or str(Path(__file__).resolve().parents[2] / "configs")
+    extra = [f"run_dir={run_dir}"] if run_dir else ["run_dir=runs/notebook"]
+    with initialize_config_dir(config_dir=cdir, version_base=None, job_name="compose"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []) + extra)
+    return validate(OmegaConf.to_object(cfg))

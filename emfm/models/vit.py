@@ -85,18 +85,22 @@ class ViT(nnx.Module):
     def grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
         return grid_shape(spatial, self.spec.patch_size)
 
-    def embed(self, x: Float[Array, "b *sp c"]) -> Float[Array, "b n d"]:
-        """Patch embedding plus fixed position embedding for this input's grid."""
+    def _check(self, x) -> None:
         if x.ndim != self.spec.ndim + 2:
             raise ValueError(f"ViT with patch size {self.spec.patch_size} takes [b, {'z, ' * (self.spec.ndim == 3)}y, x, c] "
                              f"input; got shape {x.shape}")
         if x.shape[-1] != self.spec.in_channels:
             raise ValueError(f"ViT expects {self.spec.in_channels} channel(s); input has {x.shape[-1]}")
+
+    def embed(self, x: Float[Array, "b *sp c"]) -> Float[Array, "b n d"]:
+        """Patch embedding plus fixed position embedding for this input's grid."""
+        self._check(x)
         pos = jnp.asarray(sincos_embedding(self.spec.width, self.grid(x.shape[1:-1])))
         return self.patch_embed(x) + pos[None].astype(self.patch_embed.proj.dtype)
 
     def __call__(self, x: Float[Array, "b *sp c"], *, ids_keep: Int[Array, "b k"] | None = None,
                  return_blocks: Sequence[int] = ()) -> tuple[Float[Array, "b t d"], dict]:
+        self._check(x)
         b = x.shape[0]
         grid = self.grid(x.shape[1:-1])
         t = self.embed(x)

@@ -1,0 +1,77 @@
+"""Every config composes against the typed schema; bad keys and values fail before any compute."""
+import subprocess
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONFIGS, compose, run_cli
+from emfm.config.schema import ConfigError
+
+COMMANDS = ["main", "pretrain", "probe", "export"]
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_config_composes(cmd):
+    cfg = compose(cmd)
+    assert cfg.model.name == "vit"
+    tiny = compose(cmd, ["debug=tiny"])
+    assert tiny.trainer.steps < 10 and tiny.model.depth == 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_builds_abstractly(model):
+    import jax
+    from flax import nnx
+
+    from emfm.train.state import build_pretraining_model
+
+    cfg = compose("pretrain", [f"model={model}", "data.patch_shape=[1,64,64]"])
+    abstract = nnx.eval_shape(lambda: build_pretraining_model(cfg.model, cfg.objective))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 1), "float32")
+    out = jax.eval_shape(lambda m, x: m.encoder(x)[1]["patch_map"], abstract, x)
+    p = cfg.model.patch_size[-1]
+    assert out.shape[:3] == (2, 64 // p, 64 // p)
+
+
+def test_unknown_key_is_rejected_naming_it():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        compose("main", ["model.nonsense_key=3"])
+    assert "nonsense_key" in str(e.value) + str(e.value.__cause__)
+
+
+def test_wrong_type_is_rejected_naming_it():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose("main", ["trainer.steps=many"])
+    assert "steps" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("objective.mask_ratio=1.5", "objective.mask_ratio"),
+    ("data.patch_shape=[1,60,64]", "data.patch_shape"),
+    ("data.patch_shape=[4,64,64]", "data.patch_shape"),
+    ("probe.test_slices=[5,2]", "probe.test_slices"),
+    ("export.tile=100", "export.tile"),
+    ("model.dtype=int8", "model.dtype"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose("main", [override])
+
+
+def test_cli_reports_config_errors_without_compute():
+    res = run_cli("pretrain", "model.nonsense_key=3", timeout=120)
+    assert res.returncode != 0
+    assert "nonsense_key" in res.stderr + res.stdout
+    res = run_cli("pretrain", "objective.mask_ratio=0", timeout=120)
+    assert res.returncode == 2
+    assert "emfm: error: objective.mask_ratio" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_help_and_unknown_command():
+    res = run_cli("--help", timeout=60)
+    assert res.returncode == 0 and "pretrain" in res.stdout
+    res = run_cli("frobnicate", timeout=60)
+    assert res.returncode == 2 and "unknown command" in res.stderr

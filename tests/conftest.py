@@ -1,0 +1,41 @@
+"""Shared test fixtures. Everything runs on a laptop CPU; the real EM lives in ../shared/data/em
+(beside the repository, as in CI) or in $EMFM_SHARED_DATA, and the bundled sample is always there."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("EMFM_SHARED_DATA", REPO.parent / "shared" / "data" / "em"))
+
+
+def compose(config_name: str = "main", overrides: list[str] | None = None):
+    """Compose a config exactly as the CLI does and return the validated dataclass tree."""
+    from emfm.config.schema import compose as schema_compose
+
+    return schema_compose(config_name, overrides, run_dir="unused", config_dir=str(CONFIGS))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `emfm ARGS` as a user would (the console entry point of this environment)."""
+    exe = Path(sys.executable).parent / "emfm"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "emfm.cli.main"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_main_run(tmp_path_factory) -> Path:
+    """One tiny end-to-end main job on the bundled real sample, shared by the integration tests."""
+    run_dir = tmp_path_factory.mktemp("main_tiny")
+    res = run_cli("main", "debug=tiny", f"hydra.run.dir={run_dir}", "trainer.progress=false")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
