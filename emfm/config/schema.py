@@ -38,14 +38,19 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Masked autoencoder (He et al. 2022): mask ratio, light decoder, norm-pixel loss."""
+    """Self-supervised objective (emfm.objectives.OBJECTIVES). One schema for all objectives; each
+    reads the fields it needs. MAE (He et al. 2022): mask ratio, light decoder, norm-pixel loss.
+    Teacher-based objectives: `ema_momentum` is the EMA teacher's base momentum."""
 
     name: str = "mae"
     mask_ratio: float = 0.75
+    tube_masking: bool = False
     decoder_width: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = True
+    target_norm: str = ""  # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
+    ema_momentum: float = 0.996
 
 
 @dataclass
@@ -179,6 +184,14 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
             raise ConfigError(f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={m.patch_size}")
     if d.batch_size <= 0:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
+    from emfm import objectives
+
+    try:
+        objectives.get(cfg.objective.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.objective.target_norm not in ("", "patch", "image", "none"):
+        raise ConfigError(f"objective.target_norm={cfg.objective.target_norm!r}: use patch, image or none")
     if not 0.0 < cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in (0, 1)")
     if cfg.trainer.steps <= 0:

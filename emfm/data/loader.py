@@ -63,15 +63,24 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
 
 
 class PatchSampler:
-    """Random patch origins as a pure function of `(seed, step, process_index)`."""
+    """Random patch origins as a pure function of `(seed, step)`.
+
+    The global batch of a step (`batch_size * process_count` patches) is drawn identically on every
+    JAX process, and process `i` takes its own disjoint slice `[i * batch_size, (i + 1) * batch_size)`,
+    so a run on 2 processes sees exactly the global batches of a run on 1 process.
+    """
 
     def __init__(self, regions: Sequence[Region], patch_shape: Sequence[int], batch_size: int, *,
-                 weights: Sequence[float] | None = None, seed: int = 0, process_index: int = 0):
+                 weights: Sequence[float] | None = None, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1):
         self.regions = list(regions)
         self.patch = tuple(int(p) for p in patch_shape)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        if not 0 <= self.process_index < self.process_count:
+            raise VolumeError(f"process_index {process_index} outside [0, {process_count})")
         w = np.ones(len(self.regions)) if weights is None else np.asarray(weights, float)
         if len(w) != len(self.regions) or (w < 0).any() or w.sum() <= 0:
             raise VolumeError(f"mixture weights {list(w)} must be {len(self.regions)} non-negative numbers with a positive sum")
@@ -81,13 +90,20 @@ class PatchSampler:
                 raise VolumeError(f"patch shape {self.patch} is larger than volume {r.volume.path} "
                                   f"(region shape {r.shape})")
 
-    def origins(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
-        return self._draw(np.random.default_rng([self.seed, int(step), self.process_index]), self.batch_size)
+    def global_index(self, i: int) -> int:
+        """Position in the global batch of this process's `i`-th patch."""
+        return self.process_index * self.batch_size + int(i)
 
-    def redraw(self, step: int, attempt: int, n: int) -> list[tuple[int, tuple[int, ...]]]:
-        """`n` replacement origins for patches of batch `step` that were rejected (attempt 1, 2, ...);
-        a pure function of `(seed, step, process_index, attempt)` like `origins`."""
-        return self._draw(np.random.default_rng([self.seed, int(step), self.process_index, 2, int(attempt)]), n)
+    def origins(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
+        allp = self._draw(np.random.default_rng([self.seed, int(step)]), self.batch_size * self.process_count)
+        lo = self.process_index * self.batch_size
+        return allp[lo:lo + self.batch_size]
+
+    def redraw(self, step: int, attempt: int, local_indices: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+        """Replacement origins for the rejected patches `local_indices` of batch `step` (attempt 1,
+        2, ...); each a pure function of `(seed, step, attempt, its global index)`."""
+        return [self._draw(np.random.default_rng([self.seed, int(step), 2, int(attempt), self.global_index(i)]), 1)[0]
+                for i in local_indices]
 
     def _draw(self, rng: np.random.Generator, n: int) -> list[tuple[int, tuple[int, ...]]]:
         which = rng.choice(len(self.regions), size=n, p=self.p)
@@ -113,8 +129,13 @@ class PatchLoader:
 
     def __init__(self, sampler: PatchSampler, ranges: Sequence[tuple[float, float]], *, augment_batches: bool = True,
                  prefetch: int = 4, start_step: int = 0, labels: Sequence[Volume | None] | None = None,
-                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8):
+                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8, views: int = 1):
         self.sampler = sampler
+        if views not in (1, 2):
+            raise VolumeError(f"views={views}: the loader makes 1 or 2 augmented views per patch")
+        if views == 2 and labels is not None:
+            raise VolumeError("two-view batches are for self-supervised objectives; give no label volumes")
+        self.views = views
         self.ranges = list(ranges)
         if len(self.ranges) != len(sampler.regions):
             raise VolumeError(f"{len(self.ranges)} grey ranges for {len(sampler.regions)} regions")
@@ -183,21 +204,31 @@ class PatchLoader:
                 bad = np.flatnonzero(~self._keep(picks, out, lab))
                 if not bad.size:
                     break
-                new = self.sampler.redraw(step, attempt, len(bad))
+                new = self.sampler.redraw(step, attempt, bad)
                 o2, l2 = self._read(new)
                 out[bad] = o2
                 if lab is not None:
                     lab[bad] = l2
                 for k, i in enumerate(bad):
                     picks[i] = new[k]
-        if self.augment:
-            rng = np.random.default_rng([self.sampler.seed, int(step), self.sampler.process_index, 1])
-            if lab is None:
-                (out,) = augment.geometric(rng, out)
-            else:
-                out, lab = augment.geometric(rng, out, lab)
-            out = augment.intensity(rng, out)
-        return {"image": out} if lab is None else {"image": out, "label": lab}
+        batch = {"image": out} if lab is None else {"image": out, "label": lab}
+        if self.augment or self.views == 2:
+            # one generator per patch, keyed by its global index: the same patch is augmented the
+            # same way whatever the number of processes
+            per = [self._augment(np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)]),
+                                 {k: v[i:i + 1] for k, v in batch.items()}) for i in range(len(out))]
+            batch = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
+        return batch
+
+    def _augment(self, rng: np.random.Generator, one: dict) -> dict:
+        if self.views == 2:
+            v1, v2 = augment.two_views(rng, one["image"])
+            return {**one, "image": v1, "image2": v2}
+        if "label" in one:
+            img, lab = augment.geometric(rng, one["image"], one["label"])
+            return {"image": augment.intensity(rng, img), "label": lab}
+        (img,) = augment.geometric(rng, one["image"])
+        return {"image": augment.intensity(rng, img)}
 
     def _fill(self, step: int) -> None:
         try:

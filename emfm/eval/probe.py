@@ -55,7 +55,7 @@ def _upsampled_logits(p, f, out_shape):
 
 def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: int = 2, steps: int = 300,
                        lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
-                       ignore: np.ndarray | None = None) -> LinearProbe:
+                       ignore: np.ndarray | None = None, class_balance: bool = True) -> LinearProbe:
     """Fit per-pixel logits = upsample(features @ w + b) to `labels` `[n, y, x]` (ints < num_classes)."""
     if labels.size == 0 or len(np.unique(labels)) < 2:
         raise VolumeError(f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
@@ -64,7 +64,11 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
     std = feats.std(axis=(0, 1, 2)) + 1e-6
     f = jnp.asarray((feats - mean) / std)
     y = jnp.asarray(labels.astype(np.int32))
-    valid = jnp.asarray(np.ones(labels.shape, np.float32) if ignore is None else (~ignore).astype(np.float32))
+    valid = np.ones(labels.shape, np.float32) if ignore is None else (~ignore).astype(np.float32)
+    if class_balance:  # weight each class by 1 / its frequency, so thin membranes count as much as interiors
+        freq = np.bincount(labels.ravel(), weights=valid.ravel(), minlength=num_classes) / valid.sum()
+        valid = valid * (1.0 / (num_classes * np.maximum(freq, 1e-6)))[labels]
+    valid = jnp.asarray(valid)
     d = feats.shape[-1]
     p = {"w": jax.random.normal(jax.random.PRNGKey(seed), (d, num_classes)) * 0.01, "b": jnp.zeros(num_classes)}
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)

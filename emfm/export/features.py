@@ -29,21 +29,27 @@ log = logging.getLogger("emfm")
 class TileEncoder:
     """Encodes batches of `[tile + 2 margin]^2` windows and keeps the tile's own tokens."""
 
-    def __init__(self, encoder, *, tile: int, margin: int, batch_size: int = 8):
+    def __init__(self, encoder, *, tile: int, margin: int, batch_size: int = 8, blocks: tuple[int, ...] = ()):
         spec = encoder.spec
         if spec.ndim != 2:
             raise VolumeError("tiled encoding of 3D encoders is not available in this version; use a 2D encoder")
         p = spec.patch_size[-1]
         if tile % p or margin % p:
             raise VolumeError(f"tile {tile} and margin {margin} must be multiples of the patch size {p}")
-        self.tile, self.margin, self.batch_size, self.patch, self.width = tile, margin, batch_size, p, spec.width
+        self.tile, self.margin, self.batch_size, self.patch = tile, margin, batch_size, p
+        blocks = tuple(b % spec.depth for b in blocks)
+        self.width = spec.width * max(1, len(blocks))
         graphdef, self.params = nnx.split(encoder)
         lo, hi = margin // p, (margin + tile) // p
 
         @jax.jit
         def fwd(prm, x):
-            _, aux = nnx.merge(graphdef, prm)(x[..., None])
-            return aux["patch_map"][:, lo:hi, lo:hi]
+            _, aux = nnx.merge(graphdef, prm)(x[..., None], return_blocks=blocks)
+            if not blocks:
+                return aux["patch_map"][:, lo:hi, lo:hi]
+            gy, gx = aux["patch_map"].shape[1:3]
+            maps = [aux["blocks"][b].reshape(x.shape[0], gy, gx, -1) for b in blocks]
+            return jnp.concatenate(maps, axis=-1)[:, lo:hi, lo:hi]
 
         self._fwd = fwd
 
@@ -67,10 +73,11 @@ def window(read, shape_yx: tuple[int, int], y0: int, x0: int, tile: int, margin:
     return np.pad(a, pad, mode=mode)
 
 
-def encode_sections(encoder, images: np.ndarray, *, tile: int = 128, margin: int = 32, batch_size: int = 8) -> np.ndarray:
+def encode_sections(encoder, images: np.ndarray, *, tile: int = 128, margin: int = 32, batch_size: int = 8,
+                    blocks: tuple[int, ...] = ()) -> np.ndarray:
     """Features `[n, ceil(y/p), ceil(x/p), d]` of in-memory sections `[n, y, x]` (floats in [0, 1]),
     encoded tile by tile exactly as `export_features` does."""
-    enc = TileEncoder(encoder, tile=tile, margin=margin, batch_size=batch_size)
+    enc = TileEncoder(encoder, tile=tile, margin=margin, batch_size=batch_size, blocks=blocks)
     n, ny, nx = images.shape
     p = enc.patch
     out = np.zeros((n, -(-ny // p), -(-nx // p), enc.width), np.float32)

@@ -20,6 +20,7 @@ from emfm.models.layers import Block, dense, gather_tokens, layer_norm, run_bloc
 from emfm.models.patch_embed import patchify, unpatchify
 from emfm.models.pos_embed import sincos_embedding
 from emfm.models.vit import DTYPES, ViT
+from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.masking import Masking, random_masking
 
 
@@ -65,12 +66,29 @@ class MAE(nnx.Module):
         return self.decoder(tokens, masking.ids_restore, grid)
 
 
-def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pix: bool) -> Float[Array, "b n p"]:
+TARGET_NORMS = ("patch", "image", "none")
+
+
+def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pix: bool | str) -> Float[Array, "b n p"]:
+    """Reconstruction targets `[b, n, prod(patch) * c]`.
+
+    "patch" (= True, MAE's norm_pix_loss): each patch minus its mean over sqrt(var + 1e-6).
+    "image": each example's pixels standardised together (mean 0, variance 1 over the whole
+    crop): global brightness is removed but patch means stay, so the coarse layout of dark
+    membranes and organelles remains to be predicted. "none" (= False): raw input values.
+    """
+    mode = {True: "patch", False: "none"}.get(norm_pix, norm_pix)
     target = patchify(images.astype(jnp.float32), patch)
-    if norm_pix:
+    if mode == "patch":
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, keepdims=True)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
+    elif mode == "image":
+        mean = target.mean(axis=(1, 2), keepdims=True)
+        var = target.var(axis=(1, 2), keepdims=True)
+        target = (target - mean) / jnp.sqrt(var + 1e-6)
+    elif mode != "none":
+        raise ValueError(f"target normalisation {norm_pix!r}: use one of {TARGET_NORMS}")
     return target
 
 
@@ -79,7 +97,7 @@ def masked_mse(pred: Float[Array, "b n p"], target: Float[Array, "b n p"], mask:
     return (per_patch * mask).sum() / mask.sum()
 
 
-def loss(model: MAE, batch: dict, rng: jax.Array, *, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+def loss(model: MAE, batch: dict, rng: jax.Array, *, mask_ratio: float = 0.75, norm_pix_loss: bool | str = True,
          tube: bool = False) -> tuple[jax.Array, dict]:
     """`batch["image"]`: `[b, y, x, c]` or `[b, z, y, x, c]`. Returns (loss, metrics)."""
     images = batch["image"]
@@ -99,9 +117,25 @@ def reconstruct(model: MAE, images, rng, *, mask_ratio: float = 0.75, norm_pix_l
     masking = random_masking(rng, images.shape[0], grid, mask_ratio)
     pred = model(images, masking)
     raw = patchify(images.astype(jnp.float32), patch)
-    if norm_pix_loss:
+    mode = {True: "patch", False: "none"}.get(norm_pix_loss, norm_pix_loss)
+    if mode == "patch":
         pred = pred * jnp.sqrt(raw.var(-1, keepdims=True) + 1e-6) + raw.mean(-1, keepdims=True)
+    elif mode == "image":
+        pred = pred * jnp.sqrt(raw.var((1, 2), keepdims=True) + 1e-6) + raw.mean((1, 2), keepdims=True)
     m = masking.mask[:, :, None]
     masked_in = unpatchify(raw * (1 - m), patch, grid)
     recon = unpatchify(raw * (1 - m) + pred * m, patch, grid)
     return masked_in, recon
+
+
+def build(encoder: ViT, cfg, rngs: nnx.Rngs) -> MAE:
+    return MAE(encoder, decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth,
+               decoder_heads=cfg.decoder_heads, rngs=rngs)
+
+
+def objective_loss(model: MAE, batch: dict, rng: jax.Array, cfg, teacher=None):
+    norm = cfg.target_norm or ("patch" if cfg.norm_pix_loss else "none")
+    return loss(model, batch, rng, mask_ratio=cfg.mask_ratio, norm_pix_loss=norm, tube=cfg.tube_masking)
+
+
+DEFINITION = ObjectiveDef(name="mae", build=build, loss=objective_loss)

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -19,6 +18,7 @@ from emfm.data import bundled
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.models.vit import count_params
+from emfm import objectives
 from emfm.objectives import mae
 from emfm.train import checkpoint, optim
 from emfm.train.logging import MetricWriter, progress
@@ -34,6 +34,10 @@ class NonFiniteLoss(FloatingPointError):
 def _to_model_input(x: np.ndarray, ndim: int) -> np.ndarray:
     """`[b, z, y, x]` patches to channel-last model input: 2D models take `[b, y, x, 1]`."""
     return x[:, 0, ..., None] if ndim == 2 else x[..., None]
+
+
+def _model_batch(batch: dict, ndim: int) -> dict:
+    return {k: _to_model_input(v, ndim) for k, v in batch.items() if k in ("image", "image2")}
 
 
 def pretrain(cfg: EmfmConfig) -> dict:
@@ -54,11 +58,15 @@ def pretrain(cfg: EmfmConfig) -> dict:
     n_enc, n_all = count_params(model.encoder), count_params(model)
     log.info("model: encoder %s, %.2f M parameters (%.2f M with decoder)", model.encoder.spec, n_enc / 1e6, n_all / 1e6)
     tx, sched = optim.build(cfg.optim, steps=cfg.trainer.steps, batch_size=cfg.data.batch_size)
-    graphdef, state = init_state(model, tx, cfg.trainer.seed)
+    definition = objectives.get(cfg.objective.name)
+    graphdef, state = init_state(model, tx, cfg.trainer.seed, teacher=definition.teacher)
     del model
-    obj = cfg.objective
-    loss_fn = partial(mae.loss, mask_ratio=obj.mask_ratio, norm_pix_loss=obj.norm_pix_loss)
-    train_step = make_train_step(graphdef, loss_fn, tx)
+
+    def loss_fn(model, batch, rng, teacher):
+        return definition.loss(model, batch, rng, cfg.objective, teacher)
+
+    train_step = jax.jit(make_train_step(graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum,
+                                         total_steps=cfg.trainer.steps), donate_argnums=0)
 
     mngr = checkpoint.manager(run_dir, keep=cfg.trainer.keep_checkpoints,
                               interval=cfg.trainer.checkpoint_every or cfg.trainer.steps)
@@ -71,9 +79,8 @@ def pretrain(cfg: EmfmConfig) -> dict:
 
     sampler = PatchSampler([region], cfg.data.patch_shape, cfg.data.batch_size, seed=cfg.trainer.seed)
     loader = PatchLoader(sampler, [(lo, hi)], augment_batches=cfg.data.augment, prefetch=cfg.data.prefetch,
-                         start_step=start)
-    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(_to_model_input(a, ndim).shape, jnp.float32),
-                           loader.load(0))
+                         start_step=start, views=definition.views)
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), _model_batch(loader.load(0), ndim))
     t0 = time.perf_counter()
     compiled = train_step.lower(state, example).compile()
     compile_s = time.perf_counter() - t0
@@ -91,8 +98,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     step = start
     try:
         for step in range(start, cfg.trainer.steps):
-            batch = next(loader)
-            batch = {"image": _to_model_input(batch["image"], ndim)}
+            batch = _model_batch(next(loader), ndim)
             state, metrics = compiled(state, batch)
             images += cfg.data.batch_size
             if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.steps:
@@ -120,9 +126,10 @@ def pretrain(cfg: EmfmConfig) -> dict:
         writer.close()
         mngr.close()
 
-    model = nnx.merge(graphdef, state.params)
-    fig = run_dir / "figures" / "mae_reconstruction.png"
-    _reconstruction_figure(model, loader, ndim, cfg, fig)
+    fig = None
+    if cfg.objective.name == "mae":
+        fig = run_dir / "figures" / "mae_reconstruction.png"
+        _reconstruction_figure(nnx.merge(graphdef, state.params, state.rest), loader, ndim, cfg, fig)
     steps_run = cfg.trainer.steps - start
     summary = {
         "steps": cfg.trainer.steps, "resumed_from": start, "encoder_params": n_enc,
@@ -130,7 +137,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
         "images_per_s": images / loop_s if steps_run else None, "compile_s": compile_s,
         "data_wait_fraction": (loader.wait_s - wait0) / loop_s if steps_run else None,
         "train_s": loop_s, "total_s": time.perf_counter() - t_start,
-        "checkpoint": str(run_dir / "checkpoints"), "figure": str(fig),
+        "checkpoint": str(run_dir / "checkpoints"), "figure": str(fig) if fig else None,
     }
     (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("pretrain: %s", summary)
@@ -142,7 +149,8 @@ def _reconstruction_figure(model, loader: PatchLoader, ndim: int, cfg: EmfmConfi
 
     batch = loader.load(10**6)  # a batch never used in training, same distribution
     x = jnp.asarray(_to_model_input(batch["image"][:4], ndim))
+    norm = cfg.objective.target_norm or cfg.objective.norm_pix_loss
     masked, recon = mae.reconstruct(model, x, jax.random.PRNGKey(1), mask_ratio=cfg.objective.mask_ratio,
-                                    norm_pix_loss=cfg.objective.norm_pix_loss)
+                                    norm_pix_loss=norm)
     sl = (lambda a: np.asarray(a)[..., 0]) if ndim == 2 else (lambda a: np.asarray(a)[:, a.shape[1] // 2, ..., 0])
     figures.image_grid(path, [("input", sl(x)), ("masked input", sl(masked)), ("reconstruction", sl(recon))])

@@ -11,16 +11,21 @@ from flax import nnx, struct
 
 from emfm.config.schema import ModelConfig, ObjectiveConfig
 from emfm.models.vit import ViT, ViTSpec
-from emfm.objectives.mae import MAE
+from emfm import objectives
+from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
 
 
 @struct.dataclass
 class TrainState:
+    """Everything a resumed run needs, checkpointed as one pytree."""
+
     step: jax.Array
-    params: Any  # nnx.State of nnx.Param
+    params: Any  # nnx.State of the nnx.Param variables
     opt_state: Any
     rng: jax.Array  # raw uint32 key; batch randomness is fold_in(rng, step)
+    rest: Any = None  # non-parameter model state (e.g. DINO's centre); nnx.State, possibly empty
+    ema: Any = None  # EMA teacher parameters (same structure as params) for teacher objectives
 
 
 def build_encoder(model_cfg: ModelConfig, *, seed: int = 0) -> ViT:
@@ -29,37 +34,51 @@ def build_encoder(model_cfg: ModelConfig, *, seed: int = 0) -> ViT:
     return ViT(ViTSpec.from_config(model_cfg), rngs=nnx.Rngs(seed))
 
 
-def build_pretraining_model(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, *, seed: int = 0) -> MAE:
-    if obj_cfg.name != "mae":
-        raise ValueError(f"objective.name={obj_cfg.name!r}: known objectives are 'mae'")
-    enc = build_encoder(model_cfg, seed=seed)
-    return MAE(enc, decoder_width=obj_cfg.decoder_width, decoder_depth=obj_cfg.decoder_depth,
-               decoder_heads=obj_cfg.decoder_heads, rngs=nnx.Rngs(seed + 1))
+def build_pretraining_model(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, *, seed: int = 0) -> nnx.Module:
+    """The encoder wrapped by its objective (registry entry `obj_cfg.name`); `.encoder` is kept."""
+    definition = objectives.get(obj_cfg.name)
+    return definition.build(build_encoder(model_cfg, seed=seed), obj_cfg, nnx.Rngs(seed + 1))
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
-    graphdef, params = nnx.split(model, nnx.Param)
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, *,
+               teacher: bool = False) -> tuple[Any, TrainState]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ema = jax.tree.map(jnp.copy, params) if teacher else None
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed))
+                       rng=jax.random.PRNGKey(seed), rest=rest, ema=ema)
     return graphdef, state
 
 
-def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation):
-    """A pure `(state, batch) -> (state, metrics)`, jitted once with the state donated."""
+def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_base: float = 0.996,
+                    total_steps: int = 1):
+    """A pure `(state, batch) -> (state, metrics)`; the caller jits it (with shardings and donation).
+
+    `loss_fn(model, batch, rng, teacher)`; randomness is `fold_in(state.rng, state.step)`, so a
+    resumed run draws the same numbers. With an EMA teacher, the teacher is the model merged with
+    `state.ema` (no gradient flows into it) and is updated after the optimizer step.
+    """
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
+        teacher = None if state.ema is None else nnx.merge(graphdef, state.ema, state.rest)
 
         def f(params):
-            return loss_fn(nnx.merge(graphdef, params), batch, rng)
+            model = nnx.merge(graphdef, params, state.rest)
+            loss, metrics = loss_fn(model, batch, rng, teacher)
+            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        (_, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        ema = state.ema
+        if ema is not None:
+            m = ema_momentum(ema_base, state.step, total_steps)
+            ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, params)
+            metrics["ema_momentum"] = m
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rest=rest, ema=ema), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
 
 
 def model_meta(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig) -> dict:
@@ -84,5 +103,11 @@ def load_encoder(run_dir: str) -> tuple[ViT, dict]:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
     mngr.close()
-    model = nnx.merge(graphdef, restored.state["params"])
+    model = nnx.merge(graphdef, restored.state["params"], rest_state(abstract))
     return model.encoder, meta
+
+
+def rest_state(abstract_model):
+    """Concrete zeros for non-parameter state, for merging a restored parameter tree."""
+    rest = nnx.state(abstract_model, nnx.Not(nnx.Param))
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)

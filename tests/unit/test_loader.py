@@ -27,8 +27,9 @@ def labels(vol):
     return open_volume(vol.path.replace("raw", "lab"))
 
 
-def _loader(vol, seed=0, process_index=0, patch=(2, 16, 16), **kw):
-    sampler = PatchSampler([Region.of(vol)], patch, 4, seed=seed, process_index=process_index)
+def _loader(vol, seed=0, process_index=0, patch=(2, 16, 16), batch=4, process_count=1, **kw):
+    sampler = PatchSampler([Region.of(vol)], patch, batch, seed=seed, process_index=process_index,
+                           process_count=process_count)
     return PatchLoader(sampler, [(0.0, 255.0)], prefetch=1, **kw)
 
 
@@ -69,9 +70,23 @@ def test_origins_in_bounds_and_deterministic(vol):
 
 def test_processes_draw_different_streams(vol):
     r = Region.of(vol)
-    a = PatchSampler([r], (1, 8, 8), 16, process_index=0).origins(0)
-    b = PatchSampler([r], (1, 8, 8), 16, process_index=1).origins(0)
+    a = PatchSampler([r], (1, 8, 8), 16, process_index=0, process_count=2).origins(0)
+    b = PatchSampler([r], (1, 8, 8), 16, process_index=1, process_count=2).origins(0)
     assert len(set(a) & set(b)) <= 1  # 8 * 57 * 57 origins: a collision is rare, identity impossible
+    # together they are exactly the global batch a single process draws
+    assert a + b == PatchSampler([r], (1, 8, 8), 32).origins(0)
+
+
+def test_two_processes_see_the_single_process_batch(vol):
+    one = _loader(vol, seed=3, batch=8)
+    halves = [_loader(vol, seed=3, batch=4, process_index=i, process_count=2) for i in range(2)]
+    try:
+        whole = one.load(5)["image"]
+        parts = np.concatenate([h.load(5)["image"] for h in halves])
+    finally:
+        for ld in [one] + halves:
+            ld.close()
+    np.testing.assert_array_equal(whole, parts)
 
 
 def test_same_seed_and_step_same_batch_and_resume(vol):
