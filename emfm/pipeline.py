@@ -30,17 +30,15 @@ PROBE_COLUMNS = ["encoder", "f1", "iou", "adapted_rand_error", "voi", "voi_split
 def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
     """{name: (encoder, grey range)}: the checkpoint's encoder and a random one of the same
     architecture (both normalised alike), or only a random one when no checkpoint is given."""
-    from flax import nnx
-
-    from emfm.models.vit import ViT
+    from emfm.config.schema import ModelConfig
 
     if not checkpoint:
         return {"random_init": (build_encoder(cfg.model, seed=cfg.probe.seed), grey_range)}
     enc, meta = load_encoder(checkpoint)
     grey = tuple(meta.get("grey_range") or grey_range)
     encs = {"pretrained": (enc, grey)}
-    if cfg.probe.compare_random:
-        encs["random_init"] = (ViT(enc.spec, rngs=nnx.Rngs(cfg.probe.seed + 1000)), grey)
+    if cfg.probe.compare_random:  # the checkpoint's architecture, freshly initialised
+        encs["random_init"] = (build_encoder(ModelConfig(**meta["model"]), seed=cfg.probe.seed + 1000), grey)
     return encs
 
 

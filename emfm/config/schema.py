@@ -165,8 +165,10 @@ def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
     m, d = cfg.model, cfg.data
-    if m.name != "vit":
-        raise ConfigError(f"model.name={m.name!r}: known encoders are 'vit'")
+    from emfm import models
+
+    if m.name not in models.ENCODERS:
+        raise ConfigError(f"model.name={m.name!r}: known encoders are {', '.join(sorted(models.ENCODERS))}")
     if len(m.patch_size) not in (2, 3):
         raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
     if any(p <= 0 for p in m.patch_size):

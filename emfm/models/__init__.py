@@ -1,0 +1,24 @@
+"""Encoder families, one file each, registered by `model.name`."""
+from __future__ import annotations
+
+from typing import Callable
+
+from flax import nnx
+
+
+def _vit(cfg, rngs: nnx.Rngs):
+    from emfm.models.vit import ViT, ViTSpec
+
+    return ViT(ViTSpec.from_config(cfg), rngs=rngs)
+
+
+ENCODERS: dict[str, Callable] = {
+    "vit": _vit,
+}
+
+
+def build_encoder(cfg, *, seed: int = 0):
+    """The encoder named by `cfg.name` (a ModelConfig), initialised from `seed`."""
+    if cfg.name not in ENCODERS:
+        raise ValueError(f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}")
+    return ENCODERS[cfg.name](cfg, nnx.Rngs(seed))

@@ -10,7 +10,7 @@ import optax
 from flax import nnx, struct
 
 from emfm.config.schema import ModelConfig, ObjectiveConfig
-from emfm.models.vit import ViT, ViTSpec
+
 from emfm import objectives
 from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
@@ -28,10 +28,10 @@ class TrainState:
     ema: Any = None  # EMA teacher parameters (same structure as params) for teacher objectives
 
 
-def build_encoder(model_cfg: ModelConfig, *, seed: int = 0) -> ViT:
-    if model_cfg.name != "vit":
-        raise ValueError(f"model.name={model_cfg.name!r}: known encoders are 'vit'")
-    return ViT(ViTSpec.from_config(model_cfg), rngs=nnx.Rngs(seed))
+def build_encoder(model_cfg: ModelConfig, *, seed: int = 0):
+    from emfm import models
+
+    return models.build_encoder(model_cfg, seed=seed)
 
 
 def build_pretraining_model(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, *, seed: int = 0) -> nnx.Module:
@@ -85,7 +85,7 @@ def model_meta(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig) -> dict:
     return {"model": dataclasses.asdict(model_cfg), "objective": dataclasses.asdict(obj_cfg)}
 
 
-def load_encoder(run_dir: str) -> tuple[ViT, dict]:
+def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
     """The pretrained encoder of a run (latest finished checkpoint) and the checkpoint's meta record."""
     run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
     meta = checkpoint.read_meta(run_dir)
