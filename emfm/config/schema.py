@@ -34,6 +34,14 @@ class ModelConfig:
     num_registers: int = 0
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per level,
+    # else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
+    # l >= pool_z_from_level (anisotropic sections are pooled in-plane first).
+    widths: Optional[list[int]] = None
+    blocks_per_level: int = 1
+    pool_z_from_level: int = 1
+    norm: str = "group"  # group | layer
+    norm_groups: int = 8
 
 
 @dataclass
@@ -51,6 +59,28 @@ class ObjectiveConfig:
     norm_pix_loss: bool = True
     target_norm: str = ""  # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
     ema_momentum: float = 0.996
+    # Contrastive objectives (simclr, moco, dino, dense; emfm/objectives/): temperature of the
+    # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden width.
+    temperature: float = 0.2
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    pred_hidden: int = 512
+    # DINO (Caron et al. 2021): prototypes, teacher / student temperatures, centre momentum, and the
+    # local crops made on-device from the two global views (side = local_crop_size * global side,
+    # cut from a random square of side local_crop_scale * global side).
+    prototypes: int = 1024
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    local_crops: int = 2
+    local_crop_size: float = 0.5
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    # dense: locations sampled per example for pixel / patch-level InfoNCE
+    dense_samples: int = 64
+    # mim_unet: side of the square in-plane mask patches (pixels)
+    mim_patch: int = 8
+    # combinations (mae_simclr, mae_moco, mae_dino): weights of [MAE loss, contrastive loss]
+    combo_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
 
 @dataclass
@@ -77,6 +107,9 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     clip_norm: Optional[float] = 1.0
+    accumulate_steps: int = 1  # gradient accumulation: one optimizer update every N micro-batches
+    layer_decay: float = 1.0  # <1: layer-wise lr decay for fine-tuning (block i of L gets decay^(L-i))
+    freeze: list[str] = field(default_factory=list)  # regexes of parameter paths not to train
 
 
 @dataclass
@@ -86,7 +119,30 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
+    best_metric: str = ""  # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
     progress: bool = True
+    nonfinite: str = "stop"  # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip" the batch
+    tensorboard: bool = True
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh: `data` x `fsdp` devices (data=-1: all devices not used by fsdp)."""
+
+    data: int = -1
+    fsdp: int = 1
+    min_shard_size: int = 16384  # smaller parameters stay replicated
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process runs through jax.distributed (auto-detected on Slurm)."""
+
+    enabled: bool = False
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
+    cpu_devices: int = 0  # >0: simulate this many CPU devices per process (tests, benchmarks)
 
 
 @dataclass
@@ -128,6 +184,8 @@ class EmfmConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
     checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
 
@@ -192,10 +250,28 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         objectives.get(cfg.objective.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    o = cfg.objective
+    if (o.name == "mae" or o.name.startswith("mae_")) and m.name != "vit":
+        raise ConfigError(f"objective.name={o.name!r} masks ViT tokens: use a ViT model (model.name={m.name!r}); "
+                          "for the U-Net use objective=mim_unet")
+    if o.name == "mim_unet" and m.name != "unet":
+        raise ConfigError(f"objective.name=mim_unet needs model.name=unet (got {m.name!r})")
+    if m.name == "unet" and any(p != 1 for p in m.patch_size):
+        raise ConfigError(f"model.patch_size={m.patch_size}: the U-Net works per pixel, use [1, 1] or [1, 1, 1]")
+    if len(o.combo_weights) != 2:
+        raise ConfigError(f"objective.combo_weights={o.combo_weights}: give [mae_weight, contrastive_weight]")
+    if o.temperature <= 0 or o.teacher_temp <= 0 or o.student_temp <= 0:
+        raise ConfigError("objective.temperature, teacher_temp and student_temp must be positive")
     if cfg.objective.target_norm not in ("", "patch", "image", "none"):
         raise ConfigError(f"objective.target_norm={cfg.objective.target_norm!r}: use patch, image or none")
     if not 0.0 < cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in (0, 1)")
+    if cfg.trainer.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r}: use stop or skip")
+    if cfg.optim.accumulate_steps < 1:
+        raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
     for key in ("train_slices", "test_slices"):

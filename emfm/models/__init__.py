@@ -12,8 +12,15 @@ def _vit(cfg, rngs: nnx.Rngs):
     return ViT(ViTSpec.from_config(cfg), rngs=rngs)
 
 
+def _unet(cfg, rngs: nnx.Rngs):
+    from emfm.models.unet import UNet, UNetSpec
+
+    return UNet(UNetSpec.from_config(cfg), rngs=rngs)
+
+
 ENCODERS: dict[str, Callable] = {
     "vit": _vit,
+    "unet": _unet,
 }
 
 
