@@ -16,7 +16,7 @@ from emfm.config import schema
 log = logging.getLogger("emfm")
 
 # Errors that are the user's input, reported in one line.
-USER_ERRORS = (FileNotFoundError, schema.ConfigError, ValueError)
+USER_ERRORS = (FileNotFoundError, schema.ConfigError, ValueError, FloatingPointError)
 
 
 def to_config(cfg: DictConfig) -> schema.EmfmConfig:
@@ -75,6 +75,12 @@ def _evaluate(cfg: DictConfig) -> None:
     print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
 
 
+def _preempted():
+    from emfm.train.pretrain import Preempted
+
+    return Preempted
+
+
 def _task(cmd: str):
     def task(cfg: DictConfig) -> None:
         _quiet_libraries()
@@ -83,6 +89,9 @@ def _task(cmd: str):
                 _evaluate(cfg)
                 return
             c = to_config(cfg)
+            from emfm.train import distributed
+
+            distributed.initialize(c.distributed)
             run_dir = Path(c.run_dir)
             _save_provenance(run_dir, cfg)
             from emfm import pipeline
@@ -97,6 +106,10 @@ def _task(cmd: str):
                 pipeline.run_probe(c, checkpoint=c.checkpoint or None)
             elif cmd == "export":
                 pipeline.run_export(c, checkpoint=c.checkpoint or None)
+        except _preempted() as e:
+            log.warning("%s", e)
+            print(f"emfm: {e}", file=sys.stderr)
+            raise SystemExit(143) from None
         except USER_ERRORS as e:
             if os.environ.get("EMFM_DEBUG"):
                 raise

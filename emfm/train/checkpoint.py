@@ -24,9 +24,18 @@ def manager(run_dir: str | Path, *, keep: int = 2, interval: int = 1, create: bo
     return ocp.CheckpointManager(d, options=opts, item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+def best_manager(run_dir: str | Path, metric: str) -> ocp.CheckpointManager:
+    """Keeps the single checkpoint with the lowest `metric`, in `<run_dir>/checkpoints_best`."""
+    d = Path(run_dir).resolve() / "checkpoints_best"
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric], best_mode="min", create=True,
+                                        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(d, options=opts, item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False,
+         metrics: dict | None = None) -> bool:
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=force)
+                                                   meta=ocp.args.JsonSave(meta)), force=force, metrics=metrics)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -1,5 +1,8 @@
-"""Optimizers: AdamW with linear warmup and cosine decay, decay masks, gradient clipping (optax)."""
+"""Optimizers (optax): AdamW with linear warmup and cosine decay, weight-decay masks, gradient
+clipping, gradient accumulation, layer-wise learning-rate decay and frozen parameter groups."""
 from __future__ import annotations
+
+import re
 
 import jax
 import optax
@@ -9,6 +12,10 @@ NO_DECAY_NAMES = ("cls_token", "registers", "mask_token", "pos_embed", "bias", "
 
 def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def path_str(path) -> str:
+    return "/".join(n for n in _path_names(path) if n != "value")
 
 
 def decay_mask(params):
@@ -25,14 +32,71 @@ def schedule(lr: float, steps: int, warmup: int, min_ratio: float = 0.0) -> opta
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * min_ratio)
 
 
-def build(cfg, *, steps: int, batch_size: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et al.)."""
+def update_scales(params, *, layer_decay: float = 1.0, freeze: list[str] | tuple[str, ...] = ()):
+    """Per-parameter multipliers of the update: 0 for paths matching a `freeze` regex; with
+    `layer_decay` d < 1, encoder block i of L gets d^(L - i), the patch embedding and tokens
+    d^(L + 1), everything after the encoder (norm, heads, decoders) 1 (BEiT / MAE fine-tuning)."""
+    pats = [re.compile(p) for p in freeze]
+    paths = {}
+
+    def depth_of(names):
+        if "blocks" in names and "encoder" in names[: names.index("blocks") + 1]:
+            return int(names[names.index("blocks") + 1])
+        return None
+
+    def collect(path, x):
+        paths[path_str(path)] = _path_names(path)
+        return x
+
+    jax.tree_util.tree_map_with_path(collect, params)
+    n_blocks = 1 + max([d for n in paths.values() if (d := depth_of(n)) is not None], default=-1)
+
+    def scale(path, x):
+        s = path_str(path)
+        if any(p.search(s) for p in pats):
+            return 0.0
+        if layer_decay == 1.0:
+            return 1.0
+        names = _path_names(path)
+        d = depth_of(names)
+        if d is not None:
+            return layer_decay ** (n_blocks - d)
+        if "encoder" in names and any(k in names for k in ("patch_embed", "cls_token", "registers")):
+            return layer_decay ** (n_blocks + 1)
+        return 1.0
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, c: u * c, updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def build(cfg, *, steps: int, batch_size: int, params=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et al.).
+    `params` (or an abstract tree of them) is needed for layer decay and freezing."""
     if cfg.name != "adamw":
         raise ValueError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
     lr = cfg.lr * batch_size / 256.0 if cfg.scale_lr_by_batch else cfg.lr
-    sched = schedule(lr, steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    # with accumulation the schedule counts optimizer updates, not micro-batches
+    sched = schedule(lr, max(1, steps // cfg.accumulate_steps), cfg.warmup_steps, cfg.min_lr_ratio)
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), sched
+    if cfg.layer_decay != 1.0 or cfg.freeze:
+        if params is None:
+            raise ValueError("optim.layer_decay / optim.freeze need the parameter tree")
+        parts.append(scale_by_tree(update_scales(params, layer_decay=cfg.layer_decay, freeze=cfg.freeze)))
+    tx = optax.chain(*parts)
+    if cfg.accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps)
+    return tx, sched

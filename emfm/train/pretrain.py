@@ -1,10 +1,16 @@
-"""Self-supervised pretraining: the loop behind `emfm pretrain` and the main job's first step."""
+"""Self-supervised pretraining: the loop behind `emfm pretrain` and the main job's first step.
+
+One jitted, pure train step over a `TrainState` placed on a `data` x `fsdp` mesh; each JAX process
+feeds its own slice of the global batch. The run directory is the unit of work: a run restarts
+from its own latest checkpoint (model, optimizer, step, RNG, EMA teacher, data position), so
+`emfm pretrain` after a crash or preemption continues exactly where the last checkpoint left it.
+"""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -13,22 +19,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emfm import objectives
 from emfm.config.schema import EmfmConfig
 from emfm.data import bundled
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.models.vit import count_params
-from emfm import objectives
 from emfm.objectives import mae
-from emfm.train import checkpoint, optim
+from emfm.train import checkpoint, mesh as meshlib, optim
 from emfm.train.logging import MetricWriter, progress
-from emfm.train.state import TrainState, build_pretraining_model, init_state, make_train_step, model_meta
+from emfm.train.state import build_pretraining_model, init_state, make_train_step, model_meta
 
 log = logging.getLogger("emfm")
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint of the current step was written before leaving."""
 
 
 def _to_model_input(x: np.ndarray, ndim: int) -> np.ndarray:
@@ -40,6 +50,18 @@ def _model_batch(batch: dict, ndim: int) -> dict:
     return {k: _to_model_input(v, ndim) for k, v in batch.items() if k in ("image", "image2")}
 
 
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    if jax.process_index() == 0:
+        (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the restored step (written by a run that died before its next checkpoint)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
 def pretrain(cfg: EmfmConfig) -> dict:
     """Train an encoder with the configured objective; resumes from `cfg.run_dir` if it holds a checkpoint.
 
@@ -48,98 +70,162 @@ def pretrain(cfg: EmfmConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    pid, pcount = jax.process_index(), jax.process_count()
+    main_proc = pid == 0
+    gbatch = cfg.data.batch_size
+    if gbatch % pcount:
+        raise ValueError(f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes")
+    mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    if gbatch % mesh.size:
+        raise ValueError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
+
     vol = open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw()))
     region = Region.of(vol, cfg.data.roi)
     lo, hi = estimate_range(region, samples=cfg.data.intensity_samples, seed=cfg.trainer.seed)
     log.info("data: %s roi=%s grey range [%.1f, %.1f]", vol, region.box, lo, hi)
 
-    model = build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed)
-    ndim = model.encoder.spec.ndim
-    n_enc, n_all = count_params(model.encoder), count_params(model)
-    log.info("model: encoder %s, %.2f M parameters (%.2f M with decoder)", model.encoder.spec, n_enc / 1e6, n_all / 1e6)
-    tx, sched = optim.build(cfg.optim, steps=cfg.trainer.steps, batch_size=cfg.data.batch_size)
     definition = objectives.get(cfg.objective.name)
-    graphdef, state = init_state(model, tx, cfg.trainer.seed, teacher=definition.teacher)
-    del model
+    abstract_model = nnx.eval_shape(lambda: build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed))
+    ndim = abstract_model.encoder.spec.ndim
+    n_enc, n_all = count_params(abstract_model.encoder), count_params(abstract_model)
+    log.info("model: %s encoder, %.2f M parameters (%.2f M with the objective's heads)", cfg.model.name,
+             n_enc / 1e6, n_all / 1e6)
+    tx, sched = optim.build(cfg.optim, steps=cfg.trainer.steps, batch_size=gbatch,
+                            params=nnx.state(abstract_model, nnx.Param))
+
+    def create():
+        model = build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed)
+        return init_state(model, tx, cfg.trainer.seed, teacher=definition.teacher)[1]
+
+    graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    abstract_state = jax.eval_shape(create)
+    state_sh = meshlib.state_shardings(abstract_state, mesh, cfg.mesh.min_shard_size)
+    batch_sh = meshlib.batch_sharding(mesh)
 
     def loss_fn(model, batch, rng, teacher):
         return definition.loss(model, batch, rng, cfg.objective, teacher)
 
-    train_step = jax.jit(make_train_step(graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum,
-                                         total_steps=cfg.trainer.steps), donate_argnums=0)
+    step_fn = make_train_step(graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum, total_steps=cfg.trainer.steps)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
     mngr = checkpoint.manager(run_dir, keep=cfg.trainer.keep_checkpoints,
                               interval=cfg.trainer.checkpoint_every or cfg.trainer.steps)
+    best = checkpoint.best_manager(run_dir, cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     meta = {**model_meta(cfg.model, cfg.objective), "grey_range": [lo, hi], "data_path": vol.path}
     start = 0
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sh)
     if mngr.latest_step() is not None:
-        state, saved = checkpoint.restore(mngr, jax.eval_shape(lambda: state))
+        state, _ = checkpoint.restore(mngr, abstract_sharded)
         start = int(state.step)
         log.info("resumed from %s at step %d", mngr.directory, start)
+        if main_proc:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    else:
+        state = jax.jit(create, out_shardings=state_sh)()
 
-    sampler = PatchSampler([region], cfg.data.patch_shape, cfg.data.batch_size, seed=cfg.trainer.seed)
+    sampler = PatchSampler([region], cfg.data.patch_shape, gbatch // pcount, seed=cfg.trainer.seed,
+                           process_index=pid, process_count=pcount)
     loader = PatchLoader(sampler, [(lo, hi)], augment_batches=cfg.data.augment, prefetch=cfg.data.prefetch,
                          start_step=start, views=definition.views)
-    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), _model_batch(loader.load(0), ndim))
+    example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], jnp.float32, sharding=batch_sh)
+               for k, v in _model_batch(loader.load(0), ndim).items()}
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, example).compile()
+    compiled = train_step.lower(abstract_sharded, example).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     if mem is not None:
-        log.info("compiled in %.1f s; temp %.1f MB, arguments %.1f MB", compile_s,
-                 getattr(mem, "temp_size_in_bytes", 0) / 2**20, getattr(mem, "argument_size_in_bytes", 0) / 2**20)
+        log.info("compiled in %.1f s; per device: temp %.1f MB, arguments %.1f MB, outputs %.1f MB", compile_s,
+                 getattr(mem, "temp_size_in_bytes", 0) / 2**20, getattr(mem, "argument_size_in_bytes", 0) / 2**20,
+                 getattr(mem, "output_size_in_bytes", 0) / 2**20)
 
-    writer = MetricWriter(run_dir)
+    preempted = {"flag": False}
+    old_handler = signal.getsignal(signal.SIGTERM)
+    if main_proc or pcount > 1:
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+        except ValueError:  # not the main thread (e.g. inside a notebook kernel thread)
+            old_handler = None
+
+    writer = MetricWriter(run_dir, tensorboard=cfg.trainer.tensorboard) if main_proc else None
+    write_status(run_dir, "running", step=start)
     losses: list[float] = []
-    bar = progress(cfg.trainer.steps, initial=start, desc="pretrain", enabled=cfg.trainer.progress)
+    bar = progress(cfg.trainer.steps, initial=start, desc="pretrain", enabled=cfg.trainer.progress and main_proc)
     t_loop = time.perf_counter()
     wait0 = loader.wait_s
     images = 0
-    step = start
+    best_value = math.inf
+    status = "failed"
     try:
         for step in range(start, cfg.trainer.steps):
-            batch = _model_batch(next(loader), ndim)
+            if preempted["flag"]:
+                checkpoint.save(mngr, step, state, {**meta, "data": loader.state()}, force=True)
+                mngr.wait_until_finished()
+                status = "preempted"
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; "
+                                "run the same command to resume")
+            batch = meshlib.global_batch(_model_batch(next(loader), ndim), mesh)
             state, metrics = compiled(state, batch)
-            images += cfg.data.batch_size
-            if (step + 1) % cfg.trainer.log_every == 0 or step + 1 == cfg.trainer.steps:
+            images += gbatch
+            last = step + 1 == cfg.trainer.steps
+            if (step + 1) % cfg.trainer.log_every == 0 or last:
                 m = jax.device_get(metrics)
+                bad, first_bad = int(state.nonfinite), int(state.first_bad)
+                if bad and cfg.trainer.nonfinite == "stop":
+                    raise NonFiniteLoss(f"non-finite loss or gradient at step {first_bad}; its update was not "
+                                        f"applied and the last good checkpoint in {mngr.directory} is kept "
+                                        "(trainer.nonfinite=skip skips such batches instead)")
                 loss = float(m["loss"])
-                if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
-                    raise NonFiniteLoss(f"non-finite loss {loss} or gradient norm at step {step + 1}; the last "
-                                        f"good checkpoint in {mngr.directory} is kept")
                 losses.append(loss)
                 rate = images / (time.perf_counter() - t_loop)
-                m.update(lr=sched(step), images_per_s=rate)
-                writer.write(step + 1, m)
+                m.update(lr=sched(step // cfg.optim.accumulate_steps), images_per_s=rate, skipped_batches=bad)
+                if writer is not None:
+                    writer.write(step + 1, m)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                if best is not None and cfg.trainer.best_metric in m:
+                    v = float(m[cfg.trainer.best_metric])
+                    if v < best_value:
+                        best_value = v
+                        checkpoint.save(best, step + 1, state, {**meta, "data": loader.state(), "best": v},
+                                        metrics={cfg.trainer.best_metric: v}, force=True)
             bar.update(1)
-            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
+            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last:
                 checkpoint.save(mngr, step + 1, state, {**meta, "data": loader.state()})
         if start < cfg.trainer.steps:
             jax.block_until_ready(state)
         loop_s = time.perf_counter() - t_loop
         checkpoint.save(mngr, cfg.trainer.steps, state, {**meta, "data": loader.state()}, force=True)
         mngr.wait_until_finished()
+        status = "finished"
     finally:
         bar.close()
         loader.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         mngr.close()
+        if best is not None:
+            best.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        write_status(run_dir, status, step=int(jax.device_get(state.step)) if status != "failed" else None)
 
     fig = None
-    if cfg.objective.name == "mae":
+    if cfg.objective.name == "mae" and main_proc:
         fig = run_dir / "figures" / "mae_reconstruction.png"
-        _reconstruction_figure(nnx.merge(graphdef, state.params, state.rest), loader, ndim, cfg, fig)
+        host_state = jax.device_get(state)
+        _reconstruction_figure(nnx.merge(graphdef, host_state.params, host_state.rest), loader, ndim, cfg, fig)
     steps_run = cfg.trainer.steps - start
     summary = {
         "steps": cfg.trainer.steps, "resumed_from": start, "encoder_params": n_enc,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "images_per_s": images / loop_s if steps_run else None, "compile_s": compile_s,
         "data_wait_fraction": (loader.wait_s - wait0) / loop_s if steps_run else None,
+        "skipped_batches": int(state.nonfinite), "devices": mesh.size, "processes": pcount,
         "train_s": loop_s, "total_s": time.perf_counter() - t_start,
         "checkpoint": str(run_dir / "checkpoints"), "figure": str(fig) if fig else None,
     }
-    (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    if main_proc:
+        (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("pretrain: %s", summary)
     return summary
 

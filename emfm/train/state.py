@@ -26,6 +26,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; batch randomness is fold_in(rng, step)
     rest: Any = None  # non-parameter model state (e.g. DINO's centre); nnx.State, possibly empty
     ema: Any = None  # EMA teacher parameters (same structure as params) for teacher objectives
+    nonfinite: Any = None  # int32: steps whose loss or gradient was not finite (their update was skipped)
+    first_bad: Any = None  # int32: the first such step (1-based), -1 if none
 
 
 def build_encoder(model_cfg: ModelConfig, *, seed: int = 0):
@@ -45,7 +47,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, *
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ema = jax.tree.map(jnp.copy, params) if teacher else None
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed), rest=rest, ema=ema)
+                       rng=jax.random.PRNGKey(seed), rest=rest, ema=ema, nonfinite=jnp.zeros((), jnp.int32),
+                       first_bad=jnp.full((), -1, jnp.int32))
     return graphdef, state
 
 
@@ -55,7 +58,8 @@ def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_
 
     `loss_fn(model, batch, rng, teacher)`; randomness is `fold_in(state.rng, state.step)`, so a
     resumed run draws the same numbers. With an EMA teacher, the teacher is the model merged with
-    `state.ema` (no gradient flows into it) and is updated after the optimizer step.
+    `state.ema` (no gradient flows into it) and is updated after the optimizer step. A step whose
+    loss or gradient is not finite changes nothing but the counters `nonfinite` / `first_bad`.
     """
 
     def step(state: TrainState, batch: dict):
@@ -67,16 +71,24 @@ def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_
             loss, metrics = loss_fn(model, batch, rng, teacher)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (_, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        (loss, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=gnorm)
         ema = state.ema
         if ema is not None:
             m = ema_momentum(ema_base, state.step, total_steps)
             ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, params)
             metrics["ema_momentum"] = m
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rest=rest, ema=ema), metrics
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        bad = (~finite).astype(jnp.int32)
+        return state.replace(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            rest=keep(rest, state.rest), ema=None if ema is None else keep(ema, state.ema),
+            nonfinite=state.nonfinite + bad,
+            first_bad=jnp.where((state.first_bad < 0) & (bad > 0), state.step + 1, state.first_bad)), metrics
 
     return step
 

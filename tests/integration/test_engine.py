@@ -1,0 +1,123 @@
+"""Training engine: exact resume after SIGKILL, SIGTERM preemption, two processes equal one,
+non-finite handling, FSDP equals data parallel. Tiny model, real bundled EM."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+TINY = ["debug=tiny", "trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def popen(*args):
+    exe = Path(sys.executable).parent / "emfm"
+    return subprocess.Popen([str(exe), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or {0: 0}) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError("run ended early: " + proc.stderr.read()[-2000:])
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    args = TINY + ["trainer.steps=40", "trainer.checkpoint_every=10"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_cli("pretrain", *args, f"hydra.run.dir={a}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    p = popen("pretrain", *args, f"hydra.run.dir={b}")
+    wait_for_step(b, 25, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert json.loads((b / "status.json").read_text())["status"] == "running"  # died without a word
+    res = run_cli("pretrain", *args, f"hydra.run.dir={b}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stderr + res.stdout
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 41))
+    np.testing.assert_allclose([lb[s] for s in range(1, 41)], [la[s] for s in range(1, 41)], rtol=0, atol=1e-6)
+    assert json.loads((b / "status.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    run = tmp_path / "t"
+    p = popen("pretrain", *TINY, "trainer.steps=400", f"hydra.run.dir={run}")
+    wait_for_step(run, 6, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "preempted"
+    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and saved[-1] >= 6
+    res = run_cli("pretrain", *TINY, "trainer.steps=" + str(saved[-1] + 2), f"hydra.run.dir={run}")
+    assert res.returncode == 0 and f"resumed from" in res.stderr + res.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    args = TINY + ["trainer.steps=4", "data.batch_size=8"]
+    one = tmp_path / "one"
+    res = run_cli("pretrain", *args, f"hydra.run.dir={one}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    port = _free_port()
+    two = tmp_path / "two"
+    procs = [popen("pretrain", *args, f"hydra.run.dir={two}", "distributed.enabled=true",
+                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                   f"distributed.process_id={i}") for i in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    summary = json.loads((two / "pretrain_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["devices"] == 2
+    l1, l2 = losses(one), losses(two)
+    np.testing.assert_allclose([l2[s] for s in range(1, 5)], [l1[s] for s in range(1, 5)], rtol=0, atol=1e-5)
+
+
+def test_fsdp_on_8_cpu_devices_equals_data_parallel(tmp_path):
+    args = TINY + ["trainer.steps=3", "data.batch_size=8", "distributed.cpu_devices=8", "mesh.min_shard_size=64"]
+    dp, fs = tmp_path / "dp", tmp_path / "fsdp"
+    r1 = run_cli("pretrain", *args, f"hydra.run.dir={dp}")
+    r2 = run_cli("pretrain", *args, "mesh.fsdp=4", f"hydra.run.dir={fs}")
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-1500:] + r2.stderr[-1500:]
+    assert json.loads((fs / "pretrain_summary.json").read_text())["devices"] == 8
+    l1, l2 = losses(dp), losses(fs)
+    np.testing.assert_allclose([l2[s] for s in (1, 2, 3)], [l1[s] for s in (1, 2, 3)], rtol=0, atol=1e-5)
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+    # a learning rate this large overflows within a few steps
+    bad = TINY + ["trainer.steps=30", "optim.lr=1e30", "optim.clip_norm=null", "optim.warmup_steps=0"]
+    res = run_cli("pretrain", *bad, f"hydra.run.dir={tmp_path / 's'}")
+    assert res.returncode == 2 and "non-finite loss or gradient at step" in res.stderr
+    assert not (tmp_path / "s" / "checkpoints").exists() or not any((tmp_path / "s" / "checkpoints").glob("30"))
+    res = run_cli("pretrain", *bad, "trainer.nonfinite=skip", f"hydra.run.dir={tmp_path / 'k'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "k" / "pretrain_summary.json").read_text())["skipped_batches"] > 0
