@@ -15,11 +15,13 @@ alone (the per-level features a segmentation decoder reuses); `decode(feats)` th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -94,9 +96,22 @@ def _norm(spec: UNetSpec, ch: int, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.LayerNorm(ch, epsilon=1e-6, dtype=dt, rngs=rngs)  # over channels, per pixel
 
 
+def he_uniform(key, shape, dtype=jnp.float32):
+    """He (fan-in, gain 2) uniform init for GELU convs. Drawn with numpy from the key's bits when the
+    key is concrete: jax's samplers compile one XLA program per kernel shape, which made building
+    even a small U-Net take 10+ s on a 2-core CPU. Under tracing (eval_shape, jit) jax draws it
+    (same distribution, other numbers), so build eagerly where exact values must repeat."""
+    bound = math.sqrt(6.0 / math.prod(shape[:-1]))
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(bits).ravel().tolist())
+    return jnp.asarray(rng.uniform(-bound, bound, shape).astype(dtype))
+
+
 def _conv(spec: UNetSpec, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(cin, cout, (k,) * spec.ndim, padding="SAME", dtype=DTYPES[spec.dtype],
-                    param_dtype=jnp.float32, rngs=rngs)
+                    param_dtype=jnp.float32, kernel_init=he_uniform, rngs=rngs)
 
 
 class ResBlock(nnx.Module):

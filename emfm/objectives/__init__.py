@@ -1,11 +1,19 @@
 """Self-supervised objectives, one file each, registered by name (no import side effects beyond this dict)."""
 from __future__ import annotations
 
-from emfm.objectives import mae
+from emfm.objectives import combo, dense, dino, mae, mim_unet, moco, simclr
 from emfm.objectives.base import ObjectiveDef
 
 OBJECTIVES: dict[str, ObjectiveDef] = {
     "mae": mae.DEFINITION,
+    "simclr": simclr.DEFINITION,
+    "moco": moco.DEFINITION,
+    "dino": dino.DEFINITION,
+    "dense": dense.DEFINITION,
+    "mim_unet": mim_unet.DEFINITION,
+    "mae_simclr": combo.make("simclr"),
+    "mae_moco": combo.make("moco"),
+    "mae_dino": combo.make("dino"),
 }
 
 
