@@ -34,8 +34,12 @@ def config_dir() -> str:
 def _usage() -> str:
     lines = ["usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]", "", "commands:"]
     lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
+    lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
+              f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs"]
     lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
-              "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00"]
+              "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
+              "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
+              "  emfm pretrain -m hydra/launcher=slurm hydra.launcher.partition=gpu ...   (a Slurm sweep)"]
     return "\n".join(lines)
 
 
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         from emfm.cli import data
 
         data.main(rest)
+        return
+    if cmd == "runs":  # `emfm runs summarize DIR`
+        from emfm.cli import runs
+
+        runs.main(rest)
         return
     if cmd not in COMMANDS:
         print(f"emfm: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
