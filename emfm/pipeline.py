@@ -61,11 +61,13 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     results, probs = {}, {}
     for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
         t0 = time.perf_counter()
-        kw = dict(tile=cfg.export.tile, margin=cfg.export.margin, batch_size=cfg.export.batch_size)
+        kw = dict(tile=cfg.export.tile, margin=cfg.export.margin, batch_size=cfg.export.batch_size,
+                  blocks=tuple(pc.blocks))
         f_tr = encode_sections(enc, probe.normalise(x_tr, rng), **kw)
         f_te = encode_sections(enc, probe.normalise(x_te, rng), **kw)
         lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
-                                      weight_decay=pc.weight_decay, seed=pc.seed)
+                                      weight_decay=pc.weight_decay, seed=pc.seed, upsample=pc.upsample,
+                                      class_balance=pc.class_balance)
         p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
         scores = probe.membrane_scores(p_te, y_te)
         scores["seconds"] = time.perf_counter() - t0

@@ -159,6 +159,9 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     compare_random: bool = True
     seed: int = 0
+    upsample: str = "bilinear"  # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
+    blocks: list[int] = field(default_factory=list)  # encoder blocks whose features are concatenated; [] = final output
+    class_balance: bool = True
 
 
 @dataclass
@@ -274,6 +277,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    if cfg.probe.upsample not in ("bilinear", "subpixel"):
+        raise ConfigError(f"probe.upsample={cfg.probe.upsample!r}: use bilinear or subpixel")
     for key in ("train_slices", "test_slices"):
         s = getattr(cfg.probe, key)
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:

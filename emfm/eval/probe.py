@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from einops import rearrange
 from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError
@@ -32,31 +33,54 @@ def normalise(x: np.ndarray, grey_range: tuple[float, float]) -> np.ndarray:
     return np.clip((x.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
+UPSAMPLING = ("bilinear", "subpixel")
+
+
 @dataclass
 class LinearProbe:
-    w: np.ndarray  # [d, k]
-    b: np.ndarray  # [k]
+    """Per-pixel class logits, linear in the standardised token features.
+
+    "bilinear": one logit vector per token, upsampled bilinearly to pixels (equal to upsampling
+    the features, since both maps are linear). "subpixel": each token's linear map gives the logits
+    of every pixel it covers (`d -> s*s*k`, s = pixels per token), so a membrane can be placed
+    inside a patch; still one linear classifier on the frozen features.
+    """
+
+    w: np.ndarray  # [d, k] or [d, s*s*k]
+    b: np.ndarray
     mean: np.ndarray  # feature standardisation [d]
     std: np.ndarray
+    upsample: str = "bilinear"
+    num_classes: int = 2
 
     def logits(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
         f = (feats - self.mean) / self.std
-        return np.asarray(_upsampled_logits({"w": self.w, "b": self.b}, jnp.asarray(f), out_shape))
+        return np.asarray(_pixel_logits({"w": self.w, "b": self.b}, jnp.asarray(f), out_shape, self.upsample,
+                                        self.num_classes))
 
-    def predict(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+    def predict(self, feats: np.ndarray, out_shape: tuple[int, int], batch: int = 8) -> np.ndarray:
         """Per-pixel class probabilities `[n, y, x, k]`."""
-        return np.asarray(jax.nn.softmax(self.logits(feats, out_shape), axis=-1))
+        return np.concatenate([np.asarray(jax.nn.softmax(self.logits(feats[i:i + batch], out_shape), axis=-1))
+                               for i in range(0, len(feats), batch)])
 
 
-def _upsampled_logits(p, f, out_shape):
+def _pixel_logits(p, f, out_shape, upsample: str, k: int):
     g = jnp.einsum("nhwd,dk->nhwk", f, p["w"]) + p["b"]
-    return jax.image.resize(g, (g.shape[0], *out_shape, g.shape[-1]), method="bilinear")
+    if upsample == "bilinear":
+        return jax.image.resize(g, (g.shape[0], *out_shape, k), method="bilinear")
+    sy, sx = -(-out_shape[0] // f.shape[1]), -(-out_shape[1] // f.shape[2])
+    full = rearrange(g, "n gy gx (sy sx k) -> n (gy sy) (gx sx) k", sy=sy, sx=sx, k=k)
+    return full[:, : out_shape[0], : out_shape[1]]
 
 
 def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: int = 2, steps: int = 300,
                        lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
-                       ignore: np.ndarray | None = None, class_balance: bool = True) -> LinearProbe:
-    """Fit per-pixel logits = upsample(features @ w + b) to `labels` `[n, y, x]` (ints < num_classes)."""
+                       ignore: np.ndarray | None = None, class_balance: bool = True,
+                       upsample: str = "bilinear", sections_per_step: int = 4) -> LinearProbe:
+    """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
+    AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
     if labels.size == 0 or len(np.unique(labels)) < 2:
         raise VolumeError(f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
                           "a probe needs at least two")
@@ -70,25 +94,34 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
         valid = valid * (1.0 / (num_classes * np.maximum(freq, 1e-6)))[labels]
     valid = jnp.asarray(valid)
     d = feats.shape[-1]
-    p = {"w": jax.random.normal(jax.random.PRNGKey(seed), (d, num_classes)) * 0.01, "b": jnp.zeros(num_classes)}
+    out_shape = labels.shape[1:]
+    kout = num_classes
+    if upsample == "subpixel":
+        kout *= -(-out_shape[0] // feats.shape[1]) * -(-out_shape[1] // feats.shape[2])
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    p = {"w": jax.random.normal(sub, (d, kout)) * 0.01, "b": jnp.zeros(kout)}
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
     opt = tx.init(p)
+    nb = min(sections_per_step, len(feats))
 
     @jax.jit
-    def step(p, opt, f, y, valid):  # data passed as arguments: closed-over arrays become slow-to-fold constants
+    def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays become slow-to-fold constants
+        idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
+
         def loss_fn(p):
-            lg = _upsampled_logits(p, f, labels.shape[1:])
-            ce = optax.softmax_cross_entropy_with_integer_labels(lg, y)
-            return (ce * valid).sum() / valid.sum()
+            lg = _pixel_logits(p, f[idx], out_shape, upsample, num_classes)
+            ce = optax.softmax_cross_entropy_with_integer_labels(lg, y[idx])
+            return (ce * valid[idx]).sum() / valid[idx].sum()
 
         loss, g = jax.value_and_grad(loss_fn)(p)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
 
-    for _ in range(steps):
-        p, opt, loss = step(p, opt, f, y, valid)
+    for i in range(steps):
+        p, opt, loss = step(p, opt, f, y, valid, jax.random.fold_in(key, i))
     log.debug("probe final training loss %.4f", float(loss))
-    return LinearProbe(w=np.asarray(p["w"]), b=np.asarray(p["b"]), mean=mean, std=std)
+    return LinearProbe(w=np.asarray(p["w"]), b=np.asarray(p["b"]), mean=mean, std=std, upsample=upsample,
+                       num_classes=num_classes)
 
 
 def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16) -> np.ndarray:
