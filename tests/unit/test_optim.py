@@ -1,0 +1,84 @@
+"""Optimizer pieces: weight-decay mask, freezing, layer-wise lr decay, accumulation, half-written checkpoints."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from emfm.config.schema import ModelConfig, ObjectiveConfig, OptimConfig
+from emfm.train import checkpoint, optim
+from emfm.train.optim import path_str
+from emfm.train.state import build_pretraining_model
+
+
+@pytest.fixture(scope="module")
+def params():
+    m = build_pretraining_model(ModelConfig(width=32, depth=3, heads=2), ObjectiveConfig(decoder_width=16, decoder_depth=1,
+                                                                                        decoder_heads=2))
+    return nnx.state(m, nnx.Param)
+
+
+def by_path(tree):
+    out = {}
+    jax.tree_util.tree_map_with_path(lambda p, x: out.__setitem__(path_str(p), x), tree)
+    return out
+
+
+def test_decay_mask_spares_norms_biases_tokens(params):
+    m = by_path(optim.decay_mask(params))
+    assert m["encoder/blocks/0/attn/qkv/kernel"] and m["decoder/pred/kernel"]
+    for k in ["encoder/blocks/0/norm1/scale", "encoder/blocks/0/attn/qkv/bias", "encoder/cls_token",
+              "decoder/mask_token"]:
+        assert not m[k], k
+
+
+def test_layer_decay_and_freeze_scales(params):
+    s = by_path(optim.update_scales(params, layer_decay=0.5, freeze=[r"^encoder/patch_embed"]))
+    assert s["encoder/patch_embed/proj/kernel"] == 0.0
+    assert s["encoder/cls_token"] == 0.5 ** 4
+    assert s["encoder/blocks/0/attn/qkv/kernel"] == 0.5 ** 3
+    assert s["encoder/blocks/2/mlp/fc1/kernel"] == 0.5
+    assert s["decoder/pred/kernel"] == 1.0
+
+
+def test_frozen_parameters_do_not_move(params):
+    cfg = OptimConfig(lr=0.1, scale_lr_by_batch=False, warmup_steps=0, freeze=[r"^encoder/"])
+    tx, _ = optim.build(cfg, steps=10, batch_size=1, params=params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    new = by_path(optax.apply_updates(params, upd))
+    old = by_path(params)
+    assert all(np.array_equal(new[k], old[k]) for k in old if k.startswith("encoder/"))
+    assert any(not np.array_equal(new[k], old[k]) for k in old if k.startswith("decoder/"))
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    p = {"w": jnp.zeros(3)}
+    cfg = OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=None,
+                      accumulate_steps=2)
+    tx, _ = optim.build(cfg, steps=4, batch_size=1)
+    st = tx.init(p)
+    u1, st = tx.update({"w": jnp.array([1.0, 0, 0])}, st, p)
+    assert np.all(np.asarray(u1["w"]) == 0)  # no update after the first micro-batch
+    u2, st = tx.update({"w": jnp.array([3.0, 0, 0])}, st, p)
+    ref_tx, _ = optim.build(OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0,
+                                        clip_norm=None), steps=2, batch_size=1)
+    ref, _ = ref_tx.update({"w": jnp.array([2.0, 0, 0])}, ref_tx.init(p), p)
+    np.testing.assert_allclose(u2["w"], ref["w"], rtol=1e-6)
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path):
+    state = {"x": jnp.arange(3.0)}
+    m = checkpoint.manager(tmp_path, keep=3)
+    checkpoint.save(m, 10, state, {"k": 1}, force=True)
+    m.wait_until_finished()
+    m.close()
+    # what a process killed mid-save leaves: orbax's temporary directory for step 20
+    (tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
+    m = checkpoint.manager(tmp_path, keep=3)
+    assert m.latest_step() == 10
+    restored, meta = checkpoint.restore(m, jax.eval_shape(lambda: state))
+    np.testing.assert_array_equal(restored["x"], np.arange(3.0))
+    assert meta == {"k": 1}
