@@ -27,6 +27,33 @@ def geometric(rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray
     return tuple(out)
 
 
+def per_example(rngs, x: np.ndarray, *extra: np.ndarray, brightness: float = 0.1, contrast: float = 0.2,
+                gamma: float = 0.2, noise: float = 0.03) -> tuple[np.ndarray, ...]:
+    """Geometric + grey-value augmentation with one generator per example (`rngs[i]` for `x[i]`),
+    vectorised over the batch: an example is augmented the same way whatever batch it is in (so a
+    global batch split over processes equals the single-process batch). `extra` arrays (labels)
+    get the same geometry and no grey-value change."""
+    b = x.shape[0]
+    square = x.shape[-1] == x.shape[-2]
+    draws = np.array([[r.integers(0, 4), r.random(), r.uniform(-contrast, contrast), r.uniform(-brightness, brightness),
+                       r.uniform(-gamma, gamma), r.uniform(0, noise)] for r in rngs], np.float64).reshape(b, 6)
+    k = draws[:, 0].astype(int) if square else 2 * (draws[:, 0].astype(int) % 2)
+    fy = draws[:, 1] < 0.5
+    arrays = [x.copy()] + [a.copy() for a in extra]
+    for i in range(b):
+        for a in arrays:
+            v = a[i][..., ::-1, :] if fy[i] else a[i]
+            a[i] = np.rot90(v, k[i], axes=(-2, -1))
+    y = arrays[0]
+    shape = (b,) + (1,) * (y.ndim - 1)
+    c, br, g, sig = (draws[:, j].reshape(shape).astype(np.float32) for j in (2, 3, 4, 5))
+    mean = y.mean(axis=tuple(range(1, y.ndim)), keepdims=True)
+    y = np.clip((y - mean) * (1.0 + c) + mean + br, 0.0, 1.0) ** np.exp(g)
+    if noise > 0:
+        y = y + np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs]) * sig
+    return (y.astype(np.float32), *arrays[1:])
+
+
 def intensity(rng: np.random.Generator, x: np.ndarray, *, brightness: float = 0.1, contrast: float = 0.2,
               gamma: float = 0.2, noise: float = 0.03) -> np.ndarray:
     """Grey-value augmentation of float images in [0, 1]; per example."""

@@ -215,20 +215,17 @@ class PatchLoader:
         if self.augment or self.views == 2:
             # one generator per patch, keyed by its global index: the same patch is augmented the
             # same way whatever the number of processes
-            per = [self._augment(np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)]),
-                                 {k: v[i:i + 1] for k, v in batch.items()}) for i in range(len(out))]
-            batch = {k: np.concatenate([p[k] for p in per]) for k in per[0]}
+            rngs = [np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
+                    for i in range(len(out))]
+            if self.views == 2:
+                views = [augment.two_views(r, out[i:i + 1]) for i, r in enumerate(rngs)]
+                batch = {"image": np.concatenate([v[0] for v in views]), "image2": np.concatenate([v[1] for v in views])}
+            elif lab is None:
+                batch = {"image": augment.per_example(rngs, out)[0]}
+            else:
+                img, lab = augment.per_example(rngs, out, lab)
+                batch = {"image": img, "label": lab}
         return batch
-
-    def _augment(self, rng: np.random.Generator, one: dict) -> dict:
-        if self.views == 2:
-            v1, v2 = augment.two_views(rng, one["image"])
-            return {**one, "image": v1, "image2": v2}
-        if "label" in one:
-            img, lab = augment.geometric(rng, one["image"], one["label"])
-            return {"image": augment.intensity(rng, img), "label": lab}
-        (img,) = augment.geometric(rng, one["image"])
-        return {"image": augment.intensity(rng, img)}
 
     def _fill(self, step: int) -> None:
         try:

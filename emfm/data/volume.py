@@ -189,7 +189,9 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
         if picked is not None:
             local, scale = picked
             path = local
-    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path)}
+    # a small decoded-chunk cache: neighbouring patches of a batch often share chunks
+    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path),
+            "context": {"cache_pool": {"total_bytes_limit": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")) << 20}}}
     try:
         arr = ts.open(spec, read=True, write=write).result()
     except Exception as e:  # noqa: BLE001
