@@ -27,12 +27,15 @@ def test_every_model_builds_abstractly(model):
 
     from emfm.train.state import build_pretraining_model
 
-    cfg = compose("pretrain", [f"model={model}", "data.patch_shape=[1,64,64]"])
+    three_d = "3d" in model
+    shape = [16, 64, 64] if three_d else [1, 64, 64]
+    objective = "mim_unet" if model.startswith("unet") else "mae"
+    cfg = compose("pretrain", [f"model={model}", f"objective={objective}", f"data.patch_shape=[{','.join(map(str, shape))}]"])
     abstract = nnx.eval_shape(lambda: build_pretraining_model(cfg.model, cfg.objective))
-    x = jax.ShapeDtypeStruct((2, 64, 64, 1), "float32")
+    spatial = tuple(shape) if three_d else tuple(shape[1:])
+    x = jax.ShapeDtypeStruct((2, *spatial, 1), "float32")
     out = jax.eval_shape(lambda m, x: m.encoder(x)[1]["patch_map"], abstract, x)
-    p = cfg.model.patch_size[-1]
-    assert out.shape[:3] == (2, 64 // p, 64 // p)
+    assert out.shape[:-1] == (2, *(s // p for s, p in zip(spatial, cfg.model.patch_size)))
 
 
 def test_unknown_key_is_rejected_naming_it():
