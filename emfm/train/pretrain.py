@@ -210,7 +210,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
         write_status(run_dir, status, step=int(jax.device_get(state.step)) if status != "failed" else None)
 
     fig = None
-    if cfg.objective.name == "mae" and main_proc:
+    if cfg.objective.name.startswith("mae") and main_proc:  # MAE and its combinations
         fig = run_dir / "figures" / "mae_reconstruction.png"
         host_state = jax.device_get(state)
         _reconstruction_figure(nnx.merge(graphdef, host_state.params, host_state.rest), loader, ndim, cfg, fig)
