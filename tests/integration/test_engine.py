@@ -61,6 +61,21 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert json.loads((b / "status.json").read_text())["status"] == "finished"
 
 
+def test_best_checkpoint_and_logs(tmp_path):
+    run = tmp_path / "best"
+    res = run_cli("pretrain", "debug=tiny", "trainer.progress=false", "trainer.log_every=1", "trainer.steps=6",
+                  "trainer.best_metric=loss", f"hydra.run.dir={run}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    best_steps = [int(d.name) for d in (run / "checkpoints_best").iterdir() if d.name.isdigit()]
+    la = losses(run)
+    assert best_steps == [min(la, key=la.get)]  # the one kept is the lowest-loss step
+    assert list((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard events
+    log = (run / "pretrain.log").read_text()
+    assert "M parameters" in log and "compiled in" in log and "temp" in log  # size and compiled memory
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["packages"]["jax"] and "git_revision" in prov
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run = tmp_path / "t"
     p = popen("pretrain", *TINY, "trainer.steps=400", f"hydra.run.dir={run}")

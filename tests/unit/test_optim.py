@@ -82,3 +82,40 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
     restored, meta = checkpoint.restore(m, jax.eval_shape(lambda: state))
     np.testing.assert_array_equal(restored["x"], np.arange(3.0))
     assert meta == {"k": 1}
+
+
+def test_clipping_bounds_the_update_direction():
+    p = {"w": jnp.zeros(2)}
+    cfg = OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.0, b2=0.0)
+    tx, _ = optim.build(cfg, steps=2, batch_size=1)
+    clip = tx[0] if isinstance(tx, tuple) else None
+    clipped, _ = optax.clip_by_global_norm(1.0).update({"w": jnp.array([30.0, 40.0])}, optax.EmptyState())
+    np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
+    del clip
+    # the built chain clips first: a huge gradient gives the same Adam step as its clipped version
+    u_big, _ = tx.update({"w": jnp.array([3e6, 4e6])}, tx.init(p), p)
+    u_small, _ = tx.update({"w": jnp.array([0.6, 0.8])}, tx.init(p), p)
+    np.testing.assert_allclose(u_big["w"], u_small["w"], rtol=1e-5)
+
+
+def test_warmup_then_cosine_schedule():
+    _, sched = optim.build(OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=10, min_lr_ratio=0.1),
+                           steps=110, batch_size=1)
+    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
+    assert abs(float(sched(60)) - (0.1 + 0.9 * 0.5)) < 1e-3 and abs(float(sched(110)) - 0.1) < 1e-6
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    from emfm.objectives import mae
+
+    cfg = ModelConfig(width=32, depth=1, heads=2, dtype="bfloat16")
+    m = build_pretraining_model(cfg, ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype("float32")}
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 1))
+    tokens, _ = m.encoder(x)
+    assert tokens.dtype == jnp.float32  # outputs cast back; blocks compute in bf16
+    hidden = m.encoder.blocks[0].mlp.fc1(jnp.ones((1, 32)))
+    assert hidden.dtype == jnp.bfloat16
+    g, p = nnx.split(m, nnx.Param)
+    grads = jax.grad(lambda p: mae.loss(nnx.merge(g, p), {"image": x}, jax.random.PRNGKey(1))[0])(p)
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype("float32")}
