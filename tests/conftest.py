@@ -12,6 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
+# Shared compilation: every test process (this one and the CLI runs it starts) reuses XLA programs
+# compiled by earlier ones through JAX's persistent cache; the many tiny runs of the suite compile
+# the same few train steps.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "emfm-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 def shared_data() -> Path:
     return Path(os.environ.get("EMFM_SHARED_DATA", REPO.parent / "shared" / "data" / "em"))
