@@ -49,30 +49,15 @@ class _TiffStack:
         return self._tif.asarray()[sl]
 
 
-class _TensorStoreArray:
-    """Slicing returns numpy (one synchronous tensorstore read per slice)."""
+class _VolumeArray:
+    """A tensorstore-backed emfm Volume; slicing returns numpy."""
 
-    def __init__(self, store, path: Path):
-        self._store, self.path = store, path
-        self.shape = tuple(int(s) for s in store.shape)
-        self.dtype = np.dtype(store.dtype.numpy_dtype)
+    def __init__(self, vol):
+        self._vol, self.path = vol, vol.path
+        self.shape, self.dtype = vol.shape, vol.dtype
 
     def __getitem__(self, sl):
-        return np.asarray(self._store[sl].read().result())
-
-
-def _zarr_driver(path: Path) -> str:
-    if (path / "zarr.json").is_file():
-        return "zarr3"
-    if (path / ".zarray").is_file():
-        return "zarr"
-    attrs = path / "attributes.json"
-    if attrs.is_file() and "dimensions" in json.loads(attrs.read_text()):
-        return "n5"
-    raise ValueError(
-        f"{path} is a directory but not a zarr v3 / zarr v2 / N5 array (no zarr.json, .zarray, or "
-        "attributes.json with 'dimensions'); point at the array, not its group"
-    )
+        return self._vol.read(sl if isinstance(sl, tuple) else (sl,))
 
 
 def open_label_volume(path, name: str = "volume"):
@@ -86,11 +71,12 @@ def open_label_volume(path, name: str = "volume"):
                 f"{name} {path}: unsupported file type {path.suffix!r} (want .tif/.tiff)"
             )
         return _TiffStack(path)
-    import tensorstore as ts
+    from emfm.data.volume import VolumeError, open_volume
 
-    driver = _zarr_driver(path)
-    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path.resolve())}}
-    return _TensorStoreArray(ts.open(spec, read=True).result(), path)
+    try:
+        return _VolumeArray(open_volume(path))  # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
+    except VolumeError as e:
+        raise ValueError(f"{name}: {e}; point at the array, not its group") from None
 
 
 def _check_pair(pred, gt, pred_path, gt_path, kinds):
