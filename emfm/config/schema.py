@@ -94,6 +94,7 @@ class DataConfig:
     augment: bool = True
     prefetch: int = 4
     intensity_samples: int = 64  # patches used to estimate mean/std for normalisation
+    min_std: float = 0.0  # >0: redraw patches whose normalised grey-value std is below this (resin, padding)
 
 
 @dataclass

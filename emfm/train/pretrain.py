@@ -127,7 +127,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     sampler = PatchSampler([region], cfg.data.patch_shape, gbatch // pcount, seed=cfg.trainer.seed,
                            process_index=pid, process_count=pcount)
     loader = PatchLoader(sampler, [(lo, hi)], augment_batches=cfg.data.augment, prefetch=cfg.data.prefetch,
-                         start_step=start, views=definition.views)
+                         start_step=start, views=definition.views, min_std=cfg.data.min_std)
     example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], jnp.float32, sharding=batch_sh)
                for k, v in _model_batch(loader.load(0), ndim).items()}
     t0 = time.perf_counter()
