@@ -137,8 +137,6 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
 
 def _written_chunks(out: Volume) -> set[tuple[int, int, int]]:
     """Chunks present in the store (each holds one finished tile)."""
-    import tensorstore as ts
-
     kv = out.array.kvstore
     done = set()
     for key in kv.list().result():
@@ -147,7 +145,6 @@ def _written_chunks(out: Volume) -> set[tuple[int, int, int]]:
             parts = k[2:].split("/")
             if len(parts) == 4:
                 done.add(tuple(int(v) for v in parts[:3]))
-    del ts
     return done
 
 
