@@ -58,6 +58,7 @@ class ObjectiveConfig:
     decoder_heads: int = 4
     norm_pix_loss: bool = True
     target_norm: str = ""  # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
+    target_blur: float = 0.0  # MAE: Gaussian sigma (pixels) smoothing the reconstruction target in plane; 0 = raw pixels
     ema_momentum: float = 0.996
     # Contrastive objectives (simclr, moco, dino, dense; emfm/objectives/): temperature of the
     # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden width.
@@ -268,6 +269,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError("objective.temperature, teacher_temp and student_temp must be positive")
     if cfg.objective.target_norm not in ("", "patch", "image", "none"):
         raise ConfigError(f"objective.target_norm={cfg.objective.target_norm!r}: use patch, image or none")
+    if cfg.objective.target_blur < 0:
+        raise ConfigError(f"objective.target_blur={cfg.objective.target_blur}: a Gaussian sigma in pixels, >= 0")
     if not 0.0 < cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in (0, 1)")
     if cfg.trainer.nonfinite not in ("stop", "skip"):

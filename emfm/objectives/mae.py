@@ -69,8 +69,30 @@ class MAE(nnx.Module):
 TARGET_NORMS = ("patch", "image", "none")
 
 
-def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pix: bool | str) -> Float[Array, "b n p"]:
+def blur_in_plane(images: Float[Array, "b *sp c"], sigma: float) -> Float[Array, "b *sp c"]:
+    """Gaussian smoothing of each y-x plane (sigma in pixels, mirrored borders, separable)."""
+    if sigma <= 0:
+        return images
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = jnp.exp(-0.5 * (jnp.arange(-r, r + 1, dtype=jnp.float32) / sigma) ** 2)
+    k = k / k.sum()
+    x = images.astype(jnp.float32)
+    for axis in (-3, -2):  # y, x (the last axis is channels)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (r, r)
+        xp = jnp.pad(x, pad, mode="symmetric")
+        n = x.shape[axis]
+        x = sum(k[i] * jax.lax.slice_in_dim(xp, i, i + n, axis=x.ndim + axis) for i in range(2 * r + 1))
+    return x
+
+
+def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pix: bool | str,
+                  blur: float = 0.0) -> Float[Array, "b n p"]:
     """Reconstruction targets `[b, n, prod(patch) * c]`.
+
+    `blur` > 0 smooths the target in plane first (Gaussian, sigma in pixels): a denoising target,
+    so that the loss is not dominated by the shot noise of the masked pixels, which no context
+    can predict (the encoder still sees the raw visible patches).
 
     "patch" (= True, MAE's norm_pix_loss): each patch minus its mean over sqrt(var + 1e-6).
     "image": each example's pixels standardised together (mean 0, variance 1 over the whole
@@ -78,7 +100,7 @@ def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pi
     membranes and organelles remains to be predicted. "none" (= False): raw input values.
     """
     mode = {True: "patch", False: "none"}.get(norm_pix, norm_pix)
-    target = patchify(images.astype(jnp.float32), patch)
+    target = patchify(blur_in_plane(images, blur), patch)
     if mode == "patch":
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, keepdims=True)
@@ -98,13 +120,13 @@ def masked_mse(pred: Float[Array, "b n p"], target: Float[Array, "b n p"], mask:
 
 
 def loss(model: MAE, batch: dict, rng: jax.Array, *, mask_ratio: float = 0.75, norm_pix_loss: bool | str = True,
-         tube: bool = False) -> tuple[jax.Array, dict]:
+         tube: bool = False, target_blur: float = 0.0) -> tuple[jax.Array, dict]:
     """`batch["image"]`: `[b, y, x, c]` or `[b, z, y, x, c]`. Returns (loss, metrics)."""
     images = batch["image"]
     grid = model.encoder.grid(images.shape[1:-1])
     masking = random_masking(rng, images.shape[0], grid, mask_ratio, tube=tube)
     pred = model(images, masking)
-    target = patch_targets(images, model.encoder.spec.patch_size, norm_pix_loss)
+    target = patch_targets(images, model.encoder.spec.patch_size, norm_pix_loss, target_blur)
     value = masked_mse(pred, target, masking.mask)
     return value, {"loss": value, "mask_ratio": masking.mask.mean()}
 
@@ -135,7 +157,8 @@ def build(encoder: ViT, cfg, rngs: nnx.Rngs) -> MAE:
 
 def objective_loss(model: MAE, batch: dict, rng: jax.Array, cfg, teacher=None):
     norm = cfg.target_norm or ("patch" if cfg.norm_pix_loss else "none")
-    return loss(model, batch, rng, mask_ratio=cfg.mask_ratio, norm_pix_loss=norm, tube=cfg.tube_masking)
+    return loss(model, batch, rng, mask_ratio=cfg.mask_ratio, norm_pix_loss=norm, tube=cfg.tube_masking,
+                target_blur=cfg.target_blur)
 
 
 DEFINITION = ObjectiveDef(name="mae", build=build, loss=objective_loss)
