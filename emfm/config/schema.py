@@ -234,6 +234,8 @@ class InstancesConfig:
     size_weighted: bool = True
     link_threshold: float = 0.5
     link_criterion: str = "fraction"
+    link_2d: str = "watershed"  # link2d's per-section step: watershed | agglomeration
+    link_on_interior: bool = True
     repulsive_stride: int = 1
     block: list[int] = field(default_factory=lambda: [64, 256, 256])
     halo: list[int] = field(default_factory=lambda: [8, 32, 32])
@@ -271,7 +273,8 @@ def segment_params(cfg: InstancesConfig):
                          min_seed=cfg.min_seed, sigma=cfg.sigma, two_d=cfg.two_d,
                          fragment_min_size=cfg.fragment_min_size, agglomeration_threshold=cfg.agglomeration_threshold,
                          beta=cfg.beta, size_weighted=cfg.size_weighted, link_threshold=cfg.link_threshold,
-                         link_criterion=cfg.link_criterion, repulsive_stride=cfg.repulsive_stride)
+                         link_criterion=cfg.link_criterion, link_2d=cfg.link_2d,
+                         link_on_interior=cfg.link_on_interior, repulsive_stride=cfg.repulsive_stride)
 
 
 EVALUATE_KINDS = ("semantic", "binary", "region", "instance", "warping")

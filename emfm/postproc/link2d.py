@@ -94,9 +94,28 @@ def link_sections(labels2d: np.ndarray, *, threshold: float = 0.5, criterion: st
 
 
 def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
-                       link_threshold: float = 0.5, criterion: str = "fraction") -> np.ndarray:
-    """Watershed each section of a boundary map `[z, y, x]`, then link the 2D segments in 3D by
-    their overlap on confident interior (boundary < threshold): a segment that was grown over a
-    boundary region in one section does not link to the object on the far side of it."""
-    lab2d = watershed_segmentation(boundary, threshold=threshold, min_seed=min_seed, two_d=True)
-    return link_sections(lab2d, threshold=link_threshold, criterion=criterion, mask=np.asarray(boundary) < threshold)
+                       link_threshold: float = 0.5, criterion: str = "fraction", method_2d: str = "watershed",
+                       sigma: float = 2.0, agglomeration_threshold: float = 0.5, link_on_interior: bool = True) -> np.ndarray:
+    """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in 3D.
+
+    `method_2d`: "watershed" (seeds = confident interior, grown over the map) or "agglomeration"
+    (distance-transform fragments of the section merged by mean boundary probability, robust to
+    gaps in the membranes). With `link_on_interior`, overlaps count only confident interior
+    (boundary < threshold): a segment grown over a boundary region in one section does not link
+    to the object on the far side of it."""
+    boundary = np.asarray(boundary, np.float32)
+    if method_2d == "watershed":
+        lab2d = watershed_segmentation(boundary, threshold=threshold, min_seed=min_seed, two_d=True)
+    elif method_2d == "agglomeration":
+        from emfm.postproc import graph
+        from emfm.postproc.watershed import fragments
+
+        lab2d = np.zeros(boundary.shape, np.uint64)
+        for z, b in enumerate(boundary):
+            frag = fragments(b, threshold=threshold, sigma=sigma)
+            nodes = graph.agglomerate(graph.rag_from_boundaries(frag, b), agglomeration_threshold)
+            lab2d[z] = graph.apply_to_fragments(frag, nodes)  # made unique over sections by link_sections
+    else:
+        raise ValueError(f"method_2d={method_2d!r}: use watershed or agglomeration")
+    return link_sections(lab2d, threshold=link_threshold, criterion=criterion,
+                         mask=boundary < threshold if link_on_interior else None)

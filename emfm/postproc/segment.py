@@ -4,7 +4,8 @@
 `[c, z, y, x]` with their `offsets` (see affinities.py). Methods:
 
 * `watershed`: seeds = connected confident interior (boundary < threshold), grown by watershed;
-* `link2d`: the same per section, then 2D segments linked across sections by overlap;
+* `link2d`: watershed (or fragment agglomeration, `link_2d`) per section, then 2D segments linked
+  across sections by overlap;
 * `agglomeration`: distance-transform watershed fragments, region adjacency graph, merge while
   the mean boundary probability (1 - mean affinity) is below `agglomeration_threshold`;
 * `multicut`: the same fragments and graph, costs log((1-p)/p) + log((1-beta)/beta), solved by GAEC;
@@ -39,6 +40,8 @@ class SegmentParams:
     size_weighted: bool = True  # multicut costs weighted by the shared face area
     link_threshold: float = 0.5
     link_criterion: str = "fraction"
+    link_2d: str = "watershed"  # the per-section step of link2d: watershed | agglomeration
+    link_on_interior: bool = True  # link2d counts overlaps on confident interior only
     repulsive_stride: int = 1
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -52,6 +55,8 @@ class SegmentParams:
                 raise ValueError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
         if not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta={self.beta}: must lie in (0, 1)")
+        if self.link_2d not in ("watershed", "agglomeration"):
+            raise ValueError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
         if self.repulsive_stride < 1:
             raise ValueError(f"repulsive_stride={self.repulsive_stride}: must be >= 1")
         return self
@@ -82,7 +87,10 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
                                       two_d=params.two_d)
     if m == "link2d":
         return segment_2d_then_3d(boundary, threshold=params.threshold, min_seed=params.min_seed,
-                                  link_threshold=params.link_threshold, criterion=params.link_criterion)
+                                  link_threshold=params.link_threshold, criterion=params.link_criterion,
+                                  method_2d=params.link_2d, sigma=params.sigma,
+                                  agglomeration_threshold=params.agglomeration_threshold,
+                                  link_on_interior=params.link_on_interior)
     frag = fragments(boundary, threshold=params.threshold, sigma=params.sigma, two_d=params.two_d,
                      min_size=params.fragment_min_size)
     rag = (graph.rag_from_affinities(frag, data, params.offsets) if affinities

@@ -49,3 +49,22 @@ def test_instances_config_fails_fast():
                      (dict(input=""), "input=PATH")]:
         with pytest.raises(schema.ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             schema.validate_instances(schema.InstancesConfig(**{**ok, **bad}))
+
+
+def test_instances_yaml_composes_against_the_schema():
+    import pytest
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    from conftest import CONFIGS
+    from emfm.config import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None, job_name="t"):
+        cfg = compose("instances", overrides=["input=a.zarr", "out=b.zarr", "run_dir=r", "method=multicut"])
+        c = schema.validate_instances(OmegaConf.to_object(cfg))
+        assert c.method == "multicut" and c.offsets[3] == [-3, 0, 0]
+        assert schema.segment_params(c).offsets[0] == (-1, 0, 0)
+        with pytest.raises(ConfigCompositionException, match="nope"):
+            compose("instances", overrides=["nope=1"])
