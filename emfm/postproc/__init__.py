@@ -9,7 +9,14 @@ from emfm.postproc.affinities import (  # noqa: F401
     boundaries_from_labels,
 )
 from emfm.postproc.blockwise import BlockwiseJob, instances  # noqa: F401
-from emfm.postproc.graph import Rag, agglomerate, gaec, multicut_costs, rag_from_affinities, rag_from_boundaries  # noqa: F401
+from emfm.postproc.graph import (  # noqa: F401
+    Rag,
+    agglomerate,
+    gaec,
+    multicut_costs,
+    rag_from_affinities,
+    rag_from_boundaries,
+)
 from emfm.postproc.link2d import link_sections, overlap_links, segment_2d_then_3d  # noqa: F401
 from emfm.postproc.mws import mutex_watershed  # noqa: F401
 from emfm.postproc.segment import METHODS, SegmentParams, segment  # noqa: F401

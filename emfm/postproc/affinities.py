@@ -5,7 +5,8 @@ offset `o_c` (z, y, x) and holds the probability that voxel `v` and voxel `v + o
 object. Offsets are usually negative (each voxel looks back), e.g. `DEFAULT_OFFSETS`: the three
 nearest neighbours, then long-range offsets of 3 sections and 9 pixels. Where `v + o_c` falls
 outside the volume the affinity is undefined (`affinity_mask` is False there; the value is 0).
-On disk (zarr) the channel axis is last (`z y x c`, see emfm.data.volume); `channels_first` moves it.
+On disk (zarr) the channel axis is last (`z y x c`, see emfm.data.volume); the blockwise reader
+(emfm.postproc.blockwise.volume_reader) moves it first.
 """
 from __future__ import annotations
 
@@ -107,10 +108,3 @@ def boundaries_from_affinities(affs: np.ndarray, offsets, *, mask: np.ndarray | 
         np.maximum(out, cut, out=out)  # the voxel v that holds the edge
         np.maximum(out[dst], cut[src], out=out[dst])  # its partner v + o
     return out
-
-
-def channels_first(affs: np.ndarray, n_offsets: int) -> np.ndarray:
-    """`[z, y, x, c]` (the zarr layout) to `[c, z, y, x]`, checking the channel count."""
-    if affs.shape[-1] != n_offsets:
-        raise ValueError(f"affinity volume has {affs.shape[-1]} channels but {n_offsets} offsets are configured")
-    return np.moveaxis(affs, -1, 0)

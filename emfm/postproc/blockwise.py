@@ -90,7 +90,7 @@ class BlockwiseJob:
         self.voxel_size = voxel_size
         self.record = {"shape": list(self.shape), "block": list(self.block), "halo": list(self.halo),
                        "stitch_threshold": stitch_threshold,
-                       "params": {k: v for k, v in asdict(params).items() if k != "extra"}, **(job_id or {})}
+                       "params": asdict(params), **(job_id or {})}
         self.record = json.loads(json.dumps(self.record))  # tuples -> lists, as read back from disk
 
     # --------------------------------------------------------------------------------- setup
@@ -122,7 +122,8 @@ class BlockwiseJob:
             raise VolumeError(f"block {_box_key(core)} holds {n} segments; use smaller blocks")
         core_lab = lab[_rel(core, ext)].astype(np.uint32)
         prov.array[core].write(core_lab).result()
-        slabs = {f"slab_{k}": lab[_rel(box, ext)].astype(np.uint32) for k, (_, _, box) in enumerate(_halo_slabs(core, ext))}
+        slabs = {f"slab_{k}": lab[_rel(box, ext)].astype(np.uint32)
+                 for k, (_, _, box) in enumerate(_halo_slabs(core, ext))}
         tmp = self.work / f".tmp_block_{i:06d}.npz"
         with open(tmp, "wb") as f:
             np.savez_compressed(f, n=np.int64(n), core_ids=np.unique(core_lab), **slabs)

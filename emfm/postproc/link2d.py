@@ -95,7 +95,8 @@ def link_sections(labels2d: np.ndarray, *, threshold: float = 0.5, criterion: st
 
 def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
                        link_threshold: float = 0.5, criterion: str = "fraction", method_2d: str = "watershed",
-                       sigma: float = 2.0, agglomeration_threshold: float = 0.5, link_on_interior: bool = True) -> np.ndarray:
+                       sigma: float = 2.0, agglomeration_threshold: float = 0.5,
+                       link_on_interior: bool = True) -> np.ndarray:
     """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in 3D.
 
     `method_2d`: "watershed" (seeds = confident interior, grown over the map) or "agglomeration"

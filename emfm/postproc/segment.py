@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class SegmentParams:
     link_2d: str = "watershed"  # the per-section step of link2d: watershed | agglomeration
     link_on_interior: bool = True  # link2d counts overlaps on confident interior only
     repulsive_stride: int = 1
-    extra: dict = field(default_factory=dict, compare=False)
 
     def check(self) -> "SegmentParams":
         if self.method not in METHODS:

@@ -108,3 +108,26 @@ def test_blockwise_resumes_after_interruption(syn, tmp_path):
     BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "x.zarr", params, **kw)._prepare()
     with pytest.raises(ValueError, match="another job"):
         BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "x.zarr", SegmentParams(method="multicut"), **kw)._prepare()
+
+
+def test_volume_reader_kinds_and_errors(tmp_path):
+    from emfm.data.volume import VolumeError, write_array
+    from emfm.postproc.blockwise import volume_reader
+
+    probs = np.zeros((2, 4, 6, 2), np.float32)  # z y x c: [interior, boundary]
+    probs[..., 1] = 0.25
+    probs[..., 0] = 0.75
+    vol = open_volume(write_array(tmp_path / "p.zarr", probs).path)
+    read, kind = volume_reader(vol, channel=1)
+    box = (slice(0, 2), slice(1, 3), slice(0, 6))
+    assert kind == "boundary" and read(box).shape == (2, 2, 6) and np.allclose(read(box), 0.25)
+    read, _ = volume_reader(vol, channel=0, invert=True)  # an interior probability read as boundary
+    assert np.allclose(read(box), 0.25)
+    read, kind = volume_reader(vol, n_offsets=2)
+    assert kind == "affinities" and read(box).shape == (2, 2, 2, 6)
+    with pytest.raises(VolumeError, match="3 offsets"):
+        volume_reader(vol, n_offsets=3)
+    with pytest.raises(VolumeError, match="channel=K"):
+        volume_reader(vol, kind="boundary")
+    u8 = open_volume(write_array(tmp_path / "u.zarr", np.full((2, 4, 6), 255, np.uint8)).path)
+    assert np.allclose(volume_reader(u8)[0](box), 1.0)  # integer probabilities scaled to [0, 1]
