@@ -4,11 +4,15 @@ boundary-probability zarr made by tiling the boundaries of one synthetic block (
 objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
 
 Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512] [--method watershed]
+       EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py --out instances_nocache.json
+(the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by default,
+which fills up to that limit as the volume grows)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,7 @@ def main() -> None:
     ap.add_argument("--method", default="watershed")
     ap.add_argument("--block", default="32x128x128")
     ap.add_argument("--halo", default="8x16x16")
+    ap.add_argument("--out", default="instances.json", help="record name under experiments/benchmarks/")
     args = ap.parse_args()
     block = [int(v) for v in args.block.split("x")]
     halo = [int(v) for v in args.halo.split("x")]
@@ -57,10 +62,11 @@ def main() -> None:
                                cwd=REPO, check=True)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    rec = {"benchmark": "instances_blockwise", "method": args.method, "block": block, "halo": halo, "runs": rows,
+    rec = {"benchmark": "instances_blockwise", "method": args.method,
+           "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")), "block": block, "halo": halo, "runs": rows,
            "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
            "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
-    out = REPO / "experiments" / "benchmarks" / "instances.json"
+    out = REPO / "experiments" / "benchmarks" / args.out
     out.write_text(json.dumps(rec, indent=1))
     print(json.dumps({k: v for k, v in rec.items() if k != "runs"}))
 
