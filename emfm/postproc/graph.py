@@ -100,8 +100,8 @@ def agglomerate(rag: Rag, threshold: float = 0.5) -> np.ndarray:
     adj: list[dict] = [dict() for _ in range(n)]
     heap = []
     for (u, v), p, s in zip(rag.edges.tolist(), rag.prob.tolist(), rag.size.tolist()):
-        adj[u][v] = adj[v][u] = [p * s, s]
-        heap.append((p, u, v))
+        e = adj[u][v] = adj[v][u] = [p * s, s]
+        heap.append((e[0] / e[1], u, v))  # the mean exactly as recomputed when checking for staleness
     heapq.heapify(heap)
     while heap:
         p, u, v = heapq.heappop(heap)

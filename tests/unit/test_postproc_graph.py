@@ -126,3 +126,9 @@ def test_mutex_watershed_grid_by_hand():
     assert _partition(mutex_watershed(affs, offsets)) == {frozenset({0, 1, 2}), frozenset({3})}
     affs[2, 0, 1, 1] = 1.0  # no repulsion
     assert _partition(mutex_watershed(affs, offsets)) == {frozenset({0, 1, 2, 3})}
+
+
+def test_agglomeration_merges_edges_whose_mean_does_not_round_trip():
+    # 0.2 * 3 / 3 != 0.2 in floating point: the initial heap entries must still be taken as current
+    rag = graph.Rag(3, np.array([[1, 2]]), np.array([0.2]), np.array([3]))
+    assert _partition(graph.agglomerate(rag, 0.5)[1:]) == {frozenset({0, 1})}
