@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,6 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
+from emfm.postproc.affinities import DEFAULT_OFFSETS
 from emfm.postproc.link2d import overlap_links
 from emfm.postproc.segment import SegmentParams, segment
 
@@ -240,12 +241,31 @@ def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None
     return read, kind
 
 
+def _from_attributes(vol: Volume, kind: str, channel: int | None, params: SegmentParams):
+    """What `emfm predict` records in its output's attributes: the boundary channel by name
+    ("channels"), the affinity offsets ("offsets"). Recorded offsets replace the default ones; a
+    configured set that differs from the recorded one is an error naming both."""
+    names = list(vol.attributes.get("channels") or [])
+    if vol.ndim == 4 and channel is None and kind in ("auto", "boundary") and "boundary" in names:
+        channel = names.index("boundary")
+        log.info("instances: boundary probabilities from channel %d of %s", channel, vol.path)
+    recorded = [tuple(int(v) for v in o) for o in vol.attributes.get("offsets") or []]
+    if recorded and channel is None:
+        configured = [tuple(o) for o in params.offsets]
+        if configured != recorded and configured != [tuple(o) for o in DEFAULT_OFFSETS]:
+            raise VolumeError(f"instance input {vol.path} holds affinities for offsets {[list(o) for o in recorded]}, "
+                              f"but offsets={[list(o) for o in configured]} were given")
+        params = replace(params, offsets=tuple(recorded))
+    return channel, params
+
+
 def instances(input_path: str, out: str, params: SegmentParams, *, block: Sequence[int], halo: Sequence[int],
               kind: str = "auto", channel: int | None = None, invert: bool = False,
               stitch_threshold: float = 0.5, work_dir: str | None = None, keep_work: bool = False,
               progress: Callable | None = None) -> dict:
     """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr v3)."""
     vol = open_volume(input_path)
+    channel, params = _from_attributes(vol, kind, channel, params)
     read, kind = volume_reader(vol, kind=kind, channel=channel, invert=invert,
                                n_offsets=len(params.offsets))
     if params.method == "mws" and kind != "affinities":

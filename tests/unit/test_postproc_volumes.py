@@ -131,3 +131,30 @@ def test_volume_reader_kinds_and_errors(tmp_path):
         volume_reader(vol, kind="boundary")
     u8 = open_volume(write_array(tmp_path / "u.zarr", np.full((2, 4, 6), 255, np.uint8)).path)
     assert np.allclose(volume_reader(u8)[0](box), 1.0)  # integer probabilities scaled to [0, 1]
+
+
+def test_instances_reads_what_predict_records(syn, tmp_path):
+    """`emfm predict` output: z y x c with channel names / offsets in the attributes."""
+    from emfm.data.volume import VolumeError, write_array
+    from emfm.postproc import instances
+
+    cells, b, a = syn
+    two = np.stack([1 - b, b], axis=-1)
+    write_array(tmp_path / "b.zarr", two, attributes={"channels": ["interior", "boundary"], "offsets": []})
+    res = instances(str(tmp_path / "b.zarr"), str(tmp_path / "b_out.zarr"), SegmentParams(method="watershed"),
+                    block=[24, 64, 64], halo=[0, 0, 0])
+    assert res["kind"] == "boundary"
+    np.testing.assert_array_equal(open_volume(tmp_path / "b_out.zarr").read(),
+                                  segment(b, SegmentParams(method="watershed")))
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-2, 0, 0], [0, -4, 0], [0, 0, -4]]
+    affs = affinities_from_labels(cells, offsets)
+    write_array(tmp_path / "a.zarr", np.moveaxis(affs, 0, -1).copy(), attributes={"offsets": offsets})
+    res = instances(str(tmp_path / "a.zarr"), str(tmp_path / "a_out.zarr"), SegmentParams(method="mws"),
+                    block=[24, 64, 64], halo=[0, 0, 0])  # the recorded offsets replace the default ones
+    assert res["kind"] == "affinities"
+    # as in test_methods_recover_synthetic_cells: thin cell pieces at the faces may lack a mutex
+    assert region_scores(open_volume(tmp_path / "a_out.zarr").read(), cells)["adapted_rand_error"] < 0.02
+    with pytest.raises(VolumeError, match="offsets"):
+        instances(str(tmp_path / "a.zarr"), str(tmp_path / "x.zarr"),
+                  SegmentParams(method="mws", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1))), block=[24, 64, 64],
+                  halo=[0, 0, 0])
