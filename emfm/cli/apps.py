@@ -75,6 +75,28 @@ def _evaluate(cfg: DictConfig) -> None:
     print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
 
 
+def _instances(cfg: DictConfig) -> None:
+    from emfm.postproc.blockwise import instances
+    from emfm.train.logging import progress
+
+    c = schema.validate_instances(OmegaConf.to_object(cfg))
+    _save_provenance(Path(c.run_dir), cfg)
+    bars = []
+
+    def tick(i: int, n: int) -> None:  # blocks segmented in this run (a resumed run counts the rest)
+        if not bars:
+            bars.append(progress(total=n, desc="instances: blocks"))
+        bars[0].update(1)
+
+    res = instances(c.input, c.out, schema.segment_params(c), block=c.block, halo=c.halo, kind=c.kind,
+                    channel=c.channel, invert=c.invert, stitch_threshold=c.stitch_threshold,
+                    work_dir=c.work_dir or None, keep_work=c.keep_work, progress=tick)
+    for b in bars:
+        b.close()
+    (Path(c.run_dir) / "instances.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
 def _preempted():
     from emfm.train.pretrain import Preempted
 
@@ -87,6 +109,9 @@ def _task(cmd: str):
         try:
             if cmd == "evaluate":
                 _evaluate(cfg)
+                return
+            if cmd == "instances":
+                _instances(cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed

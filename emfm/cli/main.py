@@ -18,6 +18,7 @@ COMMANDS = {
     "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init)",
     "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
     "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
+    "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR method=watershed|link2d|agglomeration|multicut|mws",
 }
 
 

@@ -211,6 +211,73 @@ class EvaluateConfig:
     run_dir: str = "runs/evaluate"
 
 
+@dataclass
+class InstancesConfig:
+    """`emfm instances input=PROB_ZARR out=LABELS_ZARR method=...`: instance labels from boundary
+    probabilities (z y x, or one `channel` of z y x c) or affinities (z y x c, one channel per
+    offset), block by block with stitching (emfm.postproc)."""
+
+    input: str = ""
+    out: str = ""
+    method: str = "watershed"  # watershed | link2d | agglomeration | multicut | mws
+    kind: str = "auto"  # auto | boundary | affinities
+    channel: Optional[int] = None  # boundary class of a multi-channel probability volume
+    invert: bool = False  # the input is a foreground / same-object probability: use 1 - p
+    offsets: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0], [0, -1, 0], [0, 0, -1],
+                                                              [-3, 0, 0], [0, -9, 0], [0, 0, -9]])
+    threshold: float = 0.5  # boundary level for seeds and fragments
+    min_seed: int = 16
+    sigma: float = 2.0
+    two_d: bool = False
+    fragment_min_size: int = 0
+    agglomeration_threshold: float = 0.5
+    beta: float = 0.5
+    size_weighted: bool = True
+    link_threshold: float = 0.5
+    link_criterion: str = "fraction"
+    link_2d: str = "watershed"  # link2d's per-section step: watershed | agglomeration
+    link_on_interior: bool = True
+    repulsive_stride: int = 1
+    block: list[int] = field(default_factory=lambda: [64, 256, 256])
+    halo: list[int] = field(default_factory=lambda: [8, 32, 32])
+    stitch_threshold: float = 0.5
+    work_dir: str = ""  # scratch for resumable blocks; empty = OUT.work beside the output
+    keep_work: bool = False
+    run_dir: str = "runs/instances"
+
+
+def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
+    if not cfg.input or not cfg.out:
+        raise ConfigError("instances needs input=PATH (probability or affinity zarr) and out=PATH (label zarr)")
+    if cfg.kind not in ("auto", "boundary", "affinities"):
+        raise ConfigError(f"kind={cfg.kind!r}: use auto, boundary or affinities")
+    for key in ("block", "halo"):
+        v = getattr(cfg, key)
+        if len(v) != 3 or any(x < 0 for x in v) or (key == "block" and any(x == 0 for x in v)):
+            raise ConfigError(f"{key}={v}: give 3 sizes (z, y, x), block positive, halo >= 0")
+    if any(h > b for h, b in zip(cfg.halo, cfg.block)):
+        raise ConfigError(f"halo={cfg.halo} exceeds block={cfg.block}")
+    if not 0.0 < cfg.stitch_threshold <= 1.0:
+        raise ConfigError(f"stitch_threshold={cfg.stitch_threshold}: must be in (0, 1]")
+    try:
+        segment_params(cfg).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def segment_params(cfg: InstancesConfig):
+    """The library's SegmentParams of an InstancesConfig."""
+    from emfm.postproc.segment import SegmentParams
+
+    return SegmentParams(method=cfg.method, offsets=tuple(tuple(o) for o in cfg.offsets), threshold=cfg.threshold,
+                         min_seed=cfg.min_seed, sigma=cfg.sigma, two_d=cfg.two_d,
+                         fragment_min_size=cfg.fragment_min_size, agglomeration_threshold=cfg.agglomeration_threshold,
+                         beta=cfg.beta, size_weighted=cfg.size_weighted, link_threshold=cfg.link_threshold,
+                         link_criterion=cfg.link_criterion, link_2d=cfg.link_2d,
+                         link_on_interior=cfg.link_on_interior, repulsive_stride=cfg.repulsive_stride)
+
+
 EVALUATE_KINDS = ("semantic", "binary", "region", "instance", "warping")
 
 
@@ -303,6 +370,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="emfm_schema", node=EmfmConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="instances_schema", node=InstancesConfig)
 
 
 def compose(config_name: str = "main", overrides: list[str] | None = None, *, run_dir: str | None = None,

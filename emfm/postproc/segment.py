@@ -1,0 +1,102 @@
+"""One entry point for every instance method, on a boundary map or on affinities in memory.
+
+`data` is a boundary probability map `[z, y, x]` (1 = boundary), or channel-first affinities
+`[c, z, y, x]` with their `offsets` (see affinities.py). Methods:
+
+* `watershed`: seeds = connected confident interior (boundary < threshold), grown by watershed;
+* `link2d`: watershed (or fragment agglomeration, `link_2d`) per section, then 2D segments linked
+  across sections by overlap;
+* `agglomeration`: distance-transform watershed fragments, region adjacency graph, merge while
+  the mean boundary probability (1 - mean affinity) is below `agglomeration_threshold`;
+* `multicut`: the same fragments and graph, costs log((1-p)/p) + log((1-beta)/beta), solved by GAEC;
+* `mws`: mutex watershed on the affinities (needs affinities with long-range offsets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from emfm.postproc import graph
+from emfm.postproc.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
+from emfm.postproc.link2d import CRITERIA, segment_2d_then_3d
+from emfm.postproc.mws import mutex_watershed
+from emfm.postproc.watershed import fragments, watershed_segmentation
+
+METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    method: str = "watershed"
+    offsets: tuple = DEFAULT_OFFSETS  # of affinity inputs (unused for boundary maps)
+    threshold: float = 0.5  # boundary level separating interior (seeds, fragments) from boundary
+    min_seed: int = 16  # voxels; smaller interior regions seed nothing (watershed, link2d)
+    sigma: float = 2.0  # smoothing of the distance transform for fragment seeds
+    two_d: bool = False  # fragments per section (anisotropic data)
+    fragment_min_size: int = 0
+    agglomeration_threshold: float = 0.5
+    beta: float = 0.5
+    size_weighted: bool = True  # multicut costs weighted by the shared face area
+    link_threshold: float = 0.5
+    link_criterion: str = "fraction"
+    link_2d: str = "watershed"  # the per-section step of link2d: watershed | agglomeration
+    link_on_interior: bool = True  # link2d counts overlaps on confident interior only
+    repulsive_stride: int = 1
+
+    def check(self) -> "SegmentParams":
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.link_criterion not in CRITERIA:
+            raise ValueError(f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}")
+        for k in ("threshold", "agglomeration_threshold", "link_threshold"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ValueError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta={self.beta}: must lie in (0, 1)")
+        if self.link_2d not in ("watershed", "agglomeration"):
+            raise ValueError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
+        if self.repulsive_stride < 1:
+            raise ValueError(f"repulsive_stride={self.repulsive_stride}: must be >= 1")
+        return self
+
+
+def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Instance labels (uint64, 0 = none) of a boundary map or an affinity volume."""
+    params.check()
+    data = np.asarray(data)
+    affinities = data.ndim == 4
+    if data.ndim not in (3, 4):
+        raise ValueError(f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
+                         "or affinities (c, z, y, x)")
+    if affinities:
+        offsets = check_offsets(params.offsets, 3)
+        if len(offsets) != data.shape[0]:
+            raise ValueError(f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured")
+        boundary = boundaries_from_affinities(data, offsets)
+    else:
+        boundary = data.astype(np.float32)
+    m = params.method
+    if m == "mws":
+        if not affinities:
+            raise ValueError("method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary map")
+        return mutex_watershed(data, params.offsets, repulsive_stride=params.repulsive_stride)
+    if m == "watershed":
+        return watershed_segmentation(boundary, threshold=params.threshold, min_seed=params.min_seed,
+                                      two_d=params.two_d)
+    if m == "link2d":
+        return segment_2d_then_3d(boundary, threshold=params.threshold, min_seed=params.min_seed,
+                                  link_threshold=params.link_threshold, criterion=params.link_criterion,
+                                  method_2d=params.link_2d, sigma=params.sigma,
+                                  agglomeration_threshold=params.agglomeration_threshold,
+                                  link_on_interior=params.link_on_interior)
+    frag = fragments(boundary, threshold=params.threshold, sigma=params.sigma, two_d=params.two_d,
+                     min_size=params.fragment_min_size)
+    rag = (graph.rag_from_affinities(frag, data, params.offsets) if affinities
+           else graph.rag_from_boundaries(frag, boundary))
+    if m == "agglomeration":
+        nodes = graph.agglomerate(rag, params.agglomeration_threshold)
+    else:
+        costs = graph.multicut_costs(rag.prob, rag.size if params.size_weighted else None, beta=params.beta)
+        nodes = graph.gaec(rag.n_nodes, rag.edges, costs)
+    return graph.apply_to_fragments(frag, nodes)

@@ -1,0 +1,52 @@
+"""Boundary probabilities of the gala FIB-SEM test volume from a linear probe on frozen ViT features.
+
+The probe is trained on the gala *train* volume (boundary = label 0) and predicts the separate test
+volume; encoders: random init and the MAE checkpoint of the main job. Used by run_gala.py when no
+fine-tuned predictions exist in /work/seg_outputs.
+
+    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR [CHECKPOINT]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from emfm.config.schema import ModelConfig
+from emfm.eval import probe
+from emfm.export.features import encode_sections
+from emfm.train.state import build_encoder, load_encoder
+
+GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
+
+
+def main(out_dir: str, checkpoint: str = "/work/main/runs/main/2026-11-25_14-45-37") -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_tr = tifffile.imread(GALA / "train_image.tif")
+    y_tr = tifffile.imread(GALA / "train_labels.tif") == 0
+    x_te = tifffile.imread(GALA / "test_image.tif")
+    y_te = tifffile.imread(GALA / "test_labels.tif") == 0
+    grey = tuple(float(v) for v in np.percentile(x_tr, [0.5, 99.5]))  # gala's own range, for both encoders
+    enc_pre, meta = load_encoder(checkpoint)
+    encoders = {"pretrained": enc_pre, "random_init": build_encoder(ModelConfig(**meta["model"]), seed=1000)}
+    record = {}
+    for name, enc in encoders.items():
+        t0 = time.perf_counter()
+        f_tr = encode_sections(enc, probe.normalise(x_tr, grey), tile=128, margin=32)
+        f_te = encode_sections(enc, probe.normalise(x_te, grey), tile=128, margin=32)
+        lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=300, lr=0.05, upsample="subpixel")
+        p = lp.predict(f_te, y_te.shape[1:])[..., 1].astype(np.float32)
+        np.save(out / f"{name}.npy", p)
+        s = probe.membrane_scores(p, y_te)
+        record[name] = {"boundary_f1": s["f1"], "seconds": time.perf_counter() - t0}
+        print(name, record[name], flush=True)
+    (out / "probe.json").write_text(json.dumps({"checkpoint": checkpoint, "grey_range": grey, **record}, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
