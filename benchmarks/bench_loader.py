@@ -33,10 +33,14 @@ def make_volume(path: Path, size_mb: int) -> tuple[int, int, int]:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[: shape[1], : shape[2]]
     base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(np.float32)  # EM-like texture, compressible
+    slab = np.empty((64,) + shape[1:], np.uint8)  # one chunk-deep slab at a time: creation memory is bounded too
     for z0 in range(0, shape[0], 64):
         n = min(64, shape[0] - z0)
-        slab = base[None] + rng.normal(0, 20, (n,) + shape[1:]).astype(np.float32)
-        vol.array[z0:z0 + n].write(np.clip(slab, 0, 255).astype(np.uint8)).result()
+        for k in range(n):
+            noisy = base + rng.standard_normal(shape[1:], dtype=np.float32) * 20
+            np.clip(noisy, 0, 255, out=noisy)
+            slab[k] = noisy
+        vol.array[z0:z0 + n].write(slab[:n]).result()
     return shape
 
 
