@@ -1,14 +1,17 @@
 """Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one run.
 
-    .venv/bin/python benchmarks/bench_loader.py --size-mb 2048            # the default: a 2 GB volume
-    .venv/bin/python benchmarks/bench_loader.py --size-mb 256 --out experiments/benchmarks/loader.json
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out experiments/benchmarks/loader.json
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 8192 --out experiments/benchmarks/loader.json
+    rm -r /tmp/emfm_bench_loader                                        # the volumes are kept between runs
 
-Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of the given size under /tmp (kept between runs;
-delete it afterwards), then for 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and
-MB/s (of uint8 voxels delivered) of PatchLoader.load (no augmentation, so it measures reading +
-normalisation to float32), of the same patch list read with raw tensorstore futures, and of numpy
-crops from an in-memory array (only when the volume fits in --memory-limit-mb, measured last); the
-ratio loader / raw; and the peak RSS of the streaming part (before any in-memory copy).
+Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
+1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
+CPU seconds per batch of PatchLoader.load (no augmentation: reading + normalisation to float32) and
+of the same patch list read with raw tensorstore futures (each with its own chunk cache of the same
+size; batches alternate which goes first), the ratios loader / raw in wall and CPU time, numpy crops
+of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the streaming
+part of this process, and of a fresh process that streams augmented batches through the loader's
+prefetching iterator as training does.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,21 +59,25 @@ def main() -> None:
     ap.add_argument("--path", default="/tmp/emfm_bench_loader")
     ap.add_argument("--memory-limit-mb", type=int, default=4096, help="load into RAM for the numpy baseline up to this")
     ap.add_argument("--out")
+    ap.add_argument("--rss-only", action="store_true", help="(internal) stream through the loader, print peak RSS")
     args = ap.parse_args()
+    if args.rss_only:
+        return rss_only(Path(args.path) / f"vol_{args.size_mb}mb.zarr", args.batches, args.batch)
 
     path = Path(args.path) / f"vol_{args.size_mb}mb.zarr"
     t0 = time.perf_counter()
     shape = make_volume(path, args.size_mb)
     make_s = time.perf_counter() - t0
-    rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_open = peak_rss_mb()
     # the loader and the raw reads each get their own handle (own chunk cache of the same size), so
     # neither is served from chunks the other decoded; batches alternate which of the two goes first
-    vol_loader, vol_raw = open_volume(path), open_volume(path)
+    cache_mb = int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256"))
+    vol_loader, vol_raw = open_volume(path, cache_mb=cache_mb), open_volume(path, cache_mb=cache_mb)
     results = {"volume": {"path": str(path), "shape": list(shape), "mb": float(np.prod(shape)) / 1e6,
                           "disk_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6,
                           "chunks": list(vol_loader.chunks), "codec": "zstd", "create_s": make_s},
                "batch": args.batch, "batches": args.batches, "host": platform.node(), "cpus": os.cpu_count(),
-               "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")),
+               "chunk_cache_mb": cache_mb,
                "load_average_before": list(os.getloadavg()), "cases": {}}
     patches = [(1, 256, 256), (32, 128, 128)]
     samplers = {}
@@ -84,21 +93,31 @@ def main() -> None:
             return [f.result() for f in futures]
 
         times = {"loader": [], "tensorstore_raw": []}
+        cpu = {"loader": [], "tensorstore_raw": []}
         fns = {"loader": loader.load, "tensorstore_raw": raw}
         for f in fns.values():
             f(10**6)  # warm-up (thread pools, metadata), on a batch outside the measured ones
         for step in range(1, args.batches + 1):
             for name in (list(fns) if step % 2 else list(fns)[::-1]):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fns[name](step)
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)  # all threads: tensorstore's decoders too
         patch_bytes = int(np.prod(patch))
-        case = {k: summarise(v, args.batch, patch_bytes) for k, v in times.items()}
+        case = {k: {**summarise(v, args.batch, patch_bytes), "cpu_s_per_batch": float(np.mean(cpu[k]))}
+                for k, v in times.items()}
         case["loader_over_raw"] = case["loader"]["patches_per_s"] / case["tensorstore_raw"]["patches_per_s"]
+        # the same ratio in CPU time: what throughput on a machine busy with other work follows
+        case["loader_over_raw_cpu"] = case["tensorstore_raw"]["cpu_s_per_batch"] / case["loader"]["cpu_s_per_batch"]
         results["cases"]["x".join(map(str, patch))] = case
-    # peak RSS of streaming (loader + raw reads): must not grow with the volume's size
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # peak RSS: of this process so far (loader + raw reads, two caches), and of a fresh process that
+    # only streams through the loader as training does; neither may grow with the volume's size
+    results["peak_rss_mb_loader_and_raw"] = peak_rss_mb()
     results["peak_rss_mb_after_open"] = rss_open
+    child = subprocess.run([sys.executable, __file__, "--rss-only", "--size-mb", str(args.size_mb), "--path", args.path,
+                            "--batches", str(args.batches), "--batch", str(args.batch)],
+                           capture_output=True, text=True, check=True)
+    results["loader_only"] = json.loads(child.stdout.strip().splitlines()[-1])
     if np.prod(shape) / 1e6 <= args.memory_limit_mb:
         in_memory = vol_raw.read()
         for patch in patches:
@@ -115,7 +134,7 @@ def main() -> None:
                 crop(step)
                 times.append(time.perf_counter() - t)
             results["cases"]["x".join(map(str, patch))]["numpy_in_memory"] = summarise(times, args.batch, int(np.prod(patch)))
-        results["peak_rss_mb_with_in_memory_copy"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results["peak_rss_mb_with_in_memory_copy"] = peak_rss_mb()
     results["load_average_after"] = list(os.getloadavg())
     for name, case in results["cases"].items():
         print(name, {k: (round(v["patches_per_s"], 1), round(v["mb_per_s"], 1)) if isinstance(v, dict) else round(v, 3)
@@ -127,6 +146,30 @@ def main() -> None:
         prev = json.loads(out.read_text()) if out.exists() else {}
         prev[f"{args.size_mb}mb"] = results
         out.write_text(json.dumps(prev, indent=1))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_only(path: Path, batches: int, batch: int) -> None:
+    """Stream `batches` augmented batches of each patch shape through the PatchLoader iterator
+    (background thread, prefetch 4, the shared chunk cache) and print the peak RSS as JSON."""
+    vol = open_volume(path)
+    t0 = time.perf_counter()
+    for patch in [(1, 256, 256), (32, 128, 128)]:
+        loader = PatchLoader(PatchSampler([Region.of(vol)], patch, batch, seed=1), [(0.0, 255.0)], prefetch=4)
+        try:
+            for _ in range(batches):
+                next(loader)
+        finally:
+            loader.close()
+    print(json.dumps({"batches_per_shape": batches, "augment": True, "prefetch": 4, "s": time.perf_counter() - t0,
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 def summarise(times: list[float], batch: int, patch_bytes: int) -> dict:

@@ -34,6 +34,8 @@ class Source:
 
 
 def _open(path: str, what: str, **kw) -> Volume:
+    if what == "data.path":  # a single volume: open_volume's own "volume not found: PATH"
+        return open_volume(path, **kw)
     try:
         return open_volume(path, **kw)
     except FileNotFoundError:
