@@ -85,8 +85,51 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One volume of a pretraining mixture (`data.sources`). `path` empty = the bundled sample.
+    `level` or `voxel_size` (nm, z y x) picks an OME-Zarr scale; for a plain array `voxel_size`
+    overrides missing metadata. `mask`: a volume of the same shape (or coarser by an integer
+    factor per axis); patches are drawn only where it is > 0 (see data.min_mask). `labels`: a
+    label volume of the same shape that steers sampling (data.min_foreground, data.balance_classes)."""
+
+    path: str = MISSING_PATH
+    weight: float = 1.0
+    level: Optional[int] = None
+    voxel_size: Optional[list[float]] = None
+    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    mask: str = ""
+    labels: str = ""
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of pretraining patches (emfm.data.augment), used when data.augment is true.
+    `ops`: the single-view pipeline; `view_ops`: each view of two-view (contrastive) objectives.
+    Known ops: flip_rot, elastic, sections, blur, intensity, noise (applied in that order)."""
+
+    ops: list[str] = field(default_factory=lambda: ["flip_rot", "intensity", "noise"])
+    view_ops: list[str] = field(default_factory=lambda: ["flip_rot", "blur", "intensity", "noise"])
+    brightness: float = 0.1  # additive, U(-b, b)
+    contrast: float = 0.2  # gain 1 + U(-c, c) around the patch mean
+    gamma: float = 0.2  # exponent exp(U(-g, g))
+    noise: float = 0.03  # Gaussian noise std ~ U(0, noise)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 1.5])  # in-plane sigma range (pixels)
+    p_blur: float = 0.5
+    elastic_strength: float = 3.0  # displacement std of the coarse lattice (pixels)
+    elastic_grid: int = 4
+    p_elastic: float = 0.5
+    p_missing: float = 0.02  # per section: zeroed
+    p_duplicate: float = 0.02  # per section: a copy of the one before
+    p_shift: float = 0.05  # per section: misaligned by up to max_shift pixels
+    max_shift: int = 8
+    p_section_contrast: float = 0.05  # per section: darker / brighter by up to section_contrast
+    section_contrast: float = 0.3
+
+
+@dataclass
 class DataConfig:
-    """Unlabelled volume(s) for pretraining. `path` empty = the bundled ISBI 2012 sample."""
+    """Unlabelled volume(s) for pretraining. `path` empty = the bundled ISBI 2012 sample; or
+    `sources`, a weighted mixture of volumes (then leave `path` and `roi` unset)."""
 
     path: str = MISSING_PATH
     patch_shape: list[int] = field(default_factory=lambda: [1, 128, 128])  # z, y, x
@@ -96,6 +139,12 @@ class DataConfig:
     prefetch: int = 4
     intensity_samples: int = 64  # patches used to estimate mean/std for normalisation
     min_std: float = 0.0  # >0: redraw patches whose normalised grey-value std is below this (resin, padding)
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture instead of `path`
+    min_mask: float = 0.5  # with source masks: minimum fraction of a patch inside mask > 0
+    min_foreground: float = 0.0  # with source labels: minimum fraction of non-zero (or balanced-class) labels
+    balance_classes: list[int] = field(default_factory=list)  # label values given equal shares of each batch
+    max_redraws: int = 8  # rejected patches are redrawn up to this many times, then kept
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -292,6 +341,55 @@ def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
     return cfg
 
 
+def validate_data(d: DataConfig) -> DataConfig:
+    """Checks of the data section alone (sources, rejection, augmentation); raises ConfigError."""
+    from pathlib import Path
+
+    from emfm.data import augment
+
+    if d.sources and (d.path or d.roi is not None):
+        raise ConfigError("data.sources is set: leave data.path and data.roi unset (give each source its own path and roi)")
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if s.weight < 0 or s.weight != s.weight:
+            raise ConfigError(f"{key}.weight={s.weight}: weights must be non-negative")
+        for name in ("path", "mask", "labels"):
+            p = getattr(s, name)
+            if p and "://" not in p and not Path(p).exists():
+                raise ConfigError(f"{key}.{name}={p!r}: no such file or directory")
+        if s.level is not None and s.voxel_size is not None:
+            raise ConfigError(f"{key}: give level or voxel_size, not both")
+        if s.voxel_size is not None and (len(s.voxel_size) != 3 or min(s.voxel_size) <= 0):
+            raise ConfigError(f"{key}.voxel_size={s.voxel_size}: give 3 positive sizes (z, y, x) in nm")
+    if d.sources and sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError(f"data.sources: weights {[s.weight for s in d.sources]} have zero total weight")
+    if not 0.0 < d.min_mask <= 1.0:
+        raise ConfigError(f"data.min_mask={d.min_mask}: must be in (0, 1]")
+    if not 0.0 <= d.min_foreground <= 1.0:
+        raise ConfigError(f"data.min_foreground={d.min_foreground}: must be in [0, 1]")
+    if (d.min_foreground > 0 or d.balance_classes) and not any(s.labels for s in d.sources):
+        raise ConfigError("data.min_foreground / data.balance_classes need label volumes: set data.sources[i].labels")
+    if d.max_redraws < 0:
+        raise ConfigError(f"data.max_redraws={d.max_redraws}: must be >= 0")
+    a = d.aug
+    for key in ("ops", "view_ops"):
+        try:
+            augment.check_ops(getattr(a, key), f"data.aug.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for key in ("p_blur", "p_elastic", "p_missing", "p_duplicate", "p_shift", "p_section_contrast"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.aug.{key}={getattr(a, key)}: a probability must be in [0, 1]")
+    for key in ("brightness", "contrast", "gamma", "noise", "elastic_strength", "section_contrast", "max_shift"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"data.aug.{key}={getattr(a, key)}: must be >= 0")
+    if len(a.blur_sigma) != 2 or not 0 <= a.blur_sigma[0] <= a.blur_sigma[1]:
+        raise ConfigError(f"data.aug.blur_sigma={a.blur_sigma}: give [low, high] with 0 <= low <= high")
+    if a.elastic_grid < 2:
+        raise ConfigError(f"data.aug.elastic_grid={a.elastic_grid}: must be >= 2")
+    return d
+
+
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
     m, d = cfg.model, cfg.data
@@ -316,6 +414,7 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
             raise ConfigError(f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={m.patch_size}")
     if d.batch_size <= 0:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
+    validate_data(d)
     from emfm import objectives
 
     try:

@@ -27,12 +27,58 @@ def geometric(rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray
     return tuple(out)
 
 
-def per_example(rngs, x: np.ndarray, *extra: np.ndarray, brightness: float = 0.1, contrast: float = 0.2,
-                gamma: float = 0.2, noise: float = 0.03) -> tuple[np.ndarray, ...]:
-    """Geometric + grey-value augmentation with one generator per example (`rngs[i]` for `x[i]`),
-    vectorised over the batch: an example is augmented the same way whatever batch it is in (so a
+# Augmentations a config may name (`data.aug.ops`, `data.aug.view_ops`); they are applied in this
+# order whatever order the list gives: geometry first (labels follow), then section artefacts and
+# blur of the image, then grey values and noise.
+OPS = ("flip_rot", "elastic", "sections", "blur", "intensity", "noise")
+DEFAULT_OPS = ("flip_rot", "intensity", "noise")
+DEFAULT_VIEW_OPS = ("flip_rot", "blur", "intensity", "noise")
+# strengths and probabilities (keyword arguments of per_example / two_views), with their defaults
+STRENGTHS = {"brightness": 0.1, "contrast": 0.2, "gamma": 0.2, "noise": 0.03, "blur_sigma": (0.0, 1.5),
+             "p_blur": 0.5, "elastic_strength": 3.0, "elastic_grid": 4, "p_elastic": 0.5, "p_missing": 0.02,
+             "p_duplicate": 0.02, "p_shift": 0.05, "max_shift": 8, "p_section_contrast": 0.05,
+             "section_contrast": 0.3}
+
+
+def check_ops(ops, key: str = "ops") -> tuple[str, ...]:
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise ValueError(f"{key}: unknown augmentation(s) {bad}; known: {', '.join(OPS)}")
+    return tuple(o for o in OPS if o in ops)
+
+
+def _middle(rngs, arrays: list[np.ndarray], ops, s: dict) -> list[np.ndarray]:
+    """Elastic deformation (all arrays), section artefacts and blur (image only), one generator per example."""
+    if not {"elastic", "sections", "blur"} & set(ops):
+        return arrays
+    for i, r in enumerate(rngs):
+        one = [a[i:i + 1] for a in arrays]
+        if "elastic" in ops:
+            one = list(elastic(r, *one, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"]))
+        if "sections" in ops:
+            one[0] = sections(r, one[0], p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
+                              max_shift=s["max_shift"], p_contrast=s["p_section_contrast"],
+                              contrast=s["section_contrast"])
+        if "blur" in ops:
+            one[0] = gaussian_blur(r, one[0], sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+        for a, o in zip(arrays, one):
+            a[i] = o[0]
+    return arrays
+
+
+def per_example(rngs, x: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS, **strengths) -> tuple[np.ndarray, ...]:
+    """Augmentation with one generator per example (`rngs[i]` for `x[i]`), vectorised over the
+    batch where the op allows: an example is augmented the same way whatever batch it is in (so a
     global batch split over processes equals the single-process batch). `extra` arrays (labels)
-    get the same geometry and no grey-value change."""
+    get the same geometry (flips, rotations, elastic field) and no grey-value change. `ops` picks
+    from OPS; `strengths` override STRENGTHS."""
+    ops = check_ops(ops)
+    s = {**STRENGTHS, **strengths}
+    brightness, contrast, gamma, noise = (s[k] for k in ("brightness", "contrast", "gamma", "noise"))
+    if "intensity" not in ops:
+        brightness = contrast = gamma = 0.0
+    if "noise" not in ops:
+        noise = 0.0
     b = x.shape[0]
     square = x.shape[-1] == x.shape[-2]
     draws = np.array([[r.integers(0, 4), r.random(), r.uniform(-contrast, contrast), r.uniform(-brightness, brightness),
@@ -40,10 +86,12 @@ def per_example(rngs, x: np.ndarray, *extra: np.ndarray, brightness: float = 0.1
     k = draws[:, 0].astype(int) if square else 2 * (draws[:, 0].astype(int) % 2)
     fy = draws[:, 1] < 0.5
     arrays = [x.copy()] + [a.copy() for a in extra]
-    for i in range(b):
-        for a in arrays:
-            v = a[i][..., ::-1, :] if fy[i] else a[i]
-            a[i] = np.rot90(v, k[i], axes=(-2, -1))
+    if "flip_rot" in ops:
+        for i in range(b):
+            for a in arrays:
+                v = a[i][..., ::-1, :] if fy[i] else a[i]
+                a[i] = np.rot90(v, k[i], axes=(-2, -1))
+    arrays = _middle(rngs, arrays, ops, s)
     y = arrays[0]
     shape = (b,) + (1,) * (y.ndim - 1)
     c, br, g, sig = (draws[:, j].reshape(shape).astype(np.float32) for j in (2, 3, 4, 5))
@@ -160,15 +208,27 @@ def sections(rng: np.random.Generator, x: np.ndarray, *, p_missing: float = 0.02
     return y
 
 
-def two_views(rng: np.random.Generator, x: np.ndarray, *, blur: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def two_views(rng: np.random.Generator, x: np.ndarray, *, ops=DEFAULT_VIEW_OPS, **strengths) -> tuple[np.ndarray, np.ndarray]:
     """Two independently augmented views of the same `[b, z, y, x]` batch for contrastive learning
-    (flip / rotation, blur, grey values); the second view's generator is spawned from `rng`."""
+    (by default flip / rotation, blur, grey values, noise; `ops` picks from OPS); each view's
+    generator is spawned from `rng`."""
+    ops = check_ops(ops)
+    s = {**STRENGTHS, **strengths}
     r1, r2 = rng.spawn(2)
 
     def view(r):
-        (v,) = geometric(r, x)
-        if blur:
-            v = gaussian_blur(r, v)
-        return intensity(r, v)
+        v = geometric(r, x)[0] if "flip_rot" in ops else x.astype(np.float32, copy=True)
+        if "elastic" in ops:
+            v = elastic(r, v, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"])[0]
+        if "sections" in ops:
+            v = sections(r, v, p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
+                         max_shift=s["max_shift"], p_contrast=s["p_section_contrast"], contrast=s["section_contrast"])
+        if "blur" in ops:
+            v = gaussian_blur(r, v, sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+        if "intensity" not in ops and "noise" not in ops:
+            return v.astype(np.float32)
+        grey = ("brightness", "contrast", "gamma")
+        return intensity(r, v, **{k: (s[k] if "intensity" in ops else 0.0) for k in grey},
+                         noise=s["noise"] if "noise" in ops else 0.0)
 
     return view(r1), view(r2)

@@ -95,7 +95,7 @@ class _Hdf5(_Source):
     def slabs(self, depth: int):
         for z0 in range(0, self.shape[0], depth):
             z1 = min(z0 + depth, self.shape[0])
-            yield z0, (self.ds[z0:z1] if self.ds.ndim == 3 else self.ds[None])
+            yield z0, (self.ds[z0:z1] if self.ds.ndim == 3 else self.ds[()][None])
 
     def close(self) -> None:
         self.f.close()

@@ -62,6 +62,16 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
     return float(lo), float(hi)
 
 
+def normalise_into(arr: np.ndarray, lo: float, hi: float, out: np.ndarray) -> np.ndarray:
+    """`clip((arr - lo) / (hi - lo), 0, 1)` written into the float32 array `out` in place: one
+    cast-and-subtract pass and two in-place passes, no temporaries (about 8x faster than the
+    expression on 32x128x128 uint8 patches)."""
+    np.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+    out *= np.float32(1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
 class PatchSampler:
     """Random patch origins as a pure function of `(seed, step)`.
 
@@ -122,18 +132,27 @@ class PatchLoader:
     `state()` / `start_step` make it resumable: the batch after a restore is the one that would
     have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
     (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
-    whose labels are less than this fraction non-zero. Rejected patches are redrawn from
-    `sampler.redraw(step, attempt)`, so the batch stays a pure function of the step; after
-    `max_redraws` attempts the last draw is kept rather than stalling training.
+    whose labels are less than this fraction non-zero; with `balance_classes` (label values), patch
+    `g` of the global batch must instead hold at least that fraction (or any voxel, if
+    `min_foreground` is 0) of class `balance_classes[g % n]`, so each class fills an equal share of
+    every batch however rare it is. `masks` (per region, optional; the volume's shape or coarser by
+    an integer factor per axis) keep only patches at least `min_mask` inside `mask > 0`. Rejected
+    patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
+    the step; after `max_redraws` attempts the last draw is kept rather than stalling training.
+    Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
+    emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths).
     """
 
     def __init__(self, sampler: PatchSampler, ranges: Sequence[tuple[float, float]], *, augment_batches: bool = True,
                  prefetch: int = 4, start_step: int = 0, labels: Sequence[Volume | None] | None = None,
-                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8, views: int = 1):
+                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8, views: int = 1,
+                 masks: Sequence[Volume | None] | None = None, min_mask: float = 0.5,
+                 balance_classes: Sequence[int] = (), return_labels: bool = True, aug: dict | None = None):
         self.sampler = sampler
         if views not in (1, 2):
             raise VolumeError(f"views={views}: the loader makes 1 or 2 augmented views per patch")
-        if views == 2 and labels is not None:
+        self.return_labels = bool(return_labels) and labels is not None
+        if views == 2 and self.return_labels:
             raise VolumeError("two-view batches are for self-supervised objectives; give no label volumes")
         self.views = views
         self.ranges = list(ranges)
@@ -147,8 +166,28 @@ class PatchLoader:
                 if lab is not None and lab.spatial_shape != r.volume.spatial_shape:
                     raise VolumeError(f"labels {lab.path} of shape {lab.spatial_shape} do not match volume "
                                       f"{r.volume.path} of shape {r.volume.spatial_shape}")
-        if min_foreground > 0 and self.labels is None:
-            raise VolumeError("min_foreground needs label volumes (labels=...)")
+        if (min_foreground > 0 or balance_classes) and self.labels is None:
+            what = "balance_classes" if balance_classes else "min_foreground"
+            raise VolumeError(f"{what} needs label volumes (labels=...)")
+        self.balance = tuple(int(c) for c in balance_classes)
+        self.masks = None if masks is None or all(m is None for m in masks) else list(masks)
+        self._mask_factor: list[tuple[int, ...] | None] = []
+        if self.masks is not None:
+            if len(self.masks) != len(sampler.regions):
+                raise VolumeError(f"{len(self.masks)} mask volumes for {len(sampler.regions)} regions")
+            for r, m in zip(sampler.regions, self.masks):
+                f = None
+                if m is not None:
+                    vs, ms = r.volume.spatial_shape, m.spatial_shape
+                    if len(ms) != 3 or any(a % b or a < b for a, b in zip(vs, ms)):
+                        raise VolumeError(f"mask {m.path} of shape {ms} does not match volume {r.volume.path} of shape "
+                                          f"{vs} (it must have the volume's shape or divide it by an integer per axis)")
+                    f = tuple(a // b for a, b in zip(vs, ms))
+                self._mask_factor.append(f)
+        if not 0.0 < min_mask <= 1.0:
+            raise VolumeError(f"min_mask={min_mask}: must be in (0, 1]")
+        self.min_mask = float(min_mask)
+        self.aug = dict(aug or {})
         self.min_std = float(min_std)
         self.min_foreground = float(min_foreground)
         self.max_redraws = int(max_redraws)
@@ -163,54 +202,91 @@ class PatchLoader:
     def state(self) -> dict:
         return {"step": self.step, "seed": self.sampler.seed}
 
-    def _read(self, picks) -> tuple[np.ndarray, np.ndarray | None]:
-        """Read (all reads issued before any is awaited) and normalise the patches at `picks`."""
+    def _read(self, picks) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Read (all reads issued before any is awaited) and normalise the patches at `picks`;
+        also gives each patch's fraction inside its mask (1 without masks)."""
         patch = self.sampler.patch
         boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in picks]
         vols = [self.sampler.regions[v].volume for v, _ in picks]
         futures = [vol.read_async(b) for vol, b in zip(vols, boxes)]
         lab_vols = [None] * len(picks) if self.labels is None else [self.labels[v] for v, _ in picks]
         lab_futures = [None if lv is None else lv.read_async(b) for lv, b in zip(lab_vols, boxes)]
+        mask_futures = [None] * len(picks)
+        if self.masks is not None:
+            mask_futures = [None if self.masks[v] is None else self.masks[v].read_async(self._mask_box(v, b))
+                            for (v, _), b in zip(picks, boxes)]
         out = np.empty((len(picks),) + patch, np.float32)
         for i, ((v, _), f) in enumerate(zip(picks, futures)):
-            arr = vols[i].result(f, boxes[i]).astype(np.float32)
-            lo, hi = self.ranges[v]
-            out[i] = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+            # later reads keep decoding in tensorstore's threads while this patch is normalised
+            normalise_into(vols[i].result(f, boxes[i]), *self.ranges[v], out[i])
+        inside = np.ones(len(picks))
+        for i, ((v, _), f) in enumerate(zip(picks, mask_futures)):
+            if f is not None:
+                box = self._mask_box(v, boxes[i])
+                inside[i] = (self.masks[v].result(f, box) > 0).mean()
         if self.labels is None:
-            return out, None
+            return out, None, inside
         dt = np.result_type(*[lv.dtype for lv in self.labels if lv is not None])
         lab = np.zeros((len(picks),) + patch, dt)
         for i, (lv, f) in enumerate(zip(lab_vols, lab_futures)):
             if lv is not None:
                 lab[i] = lv.result(f, boxes[i])
-        return out, lab
+        return out, lab, inside
 
-    def _keep(self, picks, image: np.ndarray, label: np.ndarray | None) -> np.ndarray:
+    def _mask_box(self, v: int, box) -> tuple[slice, ...]:
+        """The mask voxels covering a patch box of region `v` (mask coordinates)."""
+        return tuple(slice(b.start // f, -(-b.stop // f)) for b, f in zip(box, self._mask_factor[v]))
+
+    def _keep(self, picks, image: np.ndarray, label: np.ndarray | None, inside: np.ndarray,
+              local: Sequence[int]) -> np.ndarray:
         ok = np.ones(len(image), bool)
         if self.min_std > 0:
             ok &= image.reshape(len(image), -1).std(axis=1) >= self.min_std
-        if self.min_foreground > 0 and label is not None:
+        if self.masks is not None:
+            ok &= inside >= self.min_mask
+        if (self.min_foreground > 0 or self.balance) and label is not None:
             has = np.array([self.labels[v] is not None for v, _ in picks])
-            frac = (label.reshape(len(label), -1) != 0).mean(axis=1)
-            ok &= ~has | (frac >= self.min_foreground)
+            flat = label.reshape(len(label), -1)
+            if self.balance:
+                cls = np.array([self.balance[self.sampler.global_index(i) % len(self.balance)] for i in local])
+                frac = (flat == cls[:, None].astype(flat.dtype)).mean(axis=1)
+                good = frac >= self.min_foreground if self.min_foreground > 0 else frac > 0
+            else:
+                good = (flat != 0).mean(axis=1) >= self.min_foreground
+            ok &= ~has | good
         return ok
 
-    def load(self, step: int) -> dict:
-        """The batch of a given step (deterministic; used by the thread and by tests)."""
+    @property
+    def rejecting(self) -> bool:
+        return self.min_std > 0 or self.min_foreground > 0 or bool(self.balance) or self.masks is not None
+
+    def sample(self, step: int) -> tuple[list, np.ndarray, np.ndarray | None]:
+        """The origins `(region, (z, y, x))` batch `step` keeps after rejection, with their
+        normalised patches and labels, before augmentation."""
         picks = self.sampler.origins(step)
-        out, lab = self._read(picks)
-        if self.min_std > 0 or self.min_foreground > 0:
+        out, lab, inside = self._read(picks)
+        if self.rejecting:
+            ok = self._keep(picks, out, lab, inside, range(len(picks)))
             for attempt in range(1, self.max_redraws + 1):
-                bad = np.flatnonzero(~self._keep(picks, out, lab))
+                bad = np.flatnonzero(~ok)
                 if not bad.size:
                     break
                 new = self.sampler.redraw(step, attempt, bad)
-                o2, l2 = self._read(new)
+                o2, l2, in2 = self._read(new)
+                ok[bad] = self._keep(new, o2, l2, in2, bad)
                 out[bad] = o2
+                inside[bad] = in2
                 if lab is not None:
                     lab[bad] = l2
                 for k, i in enumerate(bad):
                     picks[i] = new[k]
+        return picks, out, lab
+
+    def load(self, step: int) -> dict:
+        """The batch of a given step (deterministic; used by the thread and by tests)."""
+        picks, out, lab = self.sample(step)
+        if not self.return_labels:
+            lab = None
         batch = {"image": out} if lab is None else {"image": out, "label": lab}
         if self.augment or self.views == 2:
             # one generator per patch, keyed by its global index: the same patch is augmented the
@@ -218,14 +294,19 @@ class PatchLoader:
             rngs = [np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
                     for i in range(len(out))]
             if self.views == 2:
-                views = [augment.two_views(r, out[i:i + 1]) for i, r in enumerate(rngs)]
+                kw = {k: v for k, v in self.aug.items() if k != "ops"}
+                kw["ops"] = kw.pop("view_ops", augment.DEFAULT_VIEW_OPS)
+                views = [augment.two_views(r, out[i:i + 1], **kw) for i, r in enumerate(rngs)]
                 batch = {"image": np.concatenate([v[0] for v in views]), "image2": np.concatenate([v[1] for v in views])}
             elif lab is None:
-                batch = {"image": augment.per_example(rngs, out)[0]}
+                batch = {"image": augment.per_example(rngs, out, **self._single_aug())[0]}
             else:
-                img, lab = augment.per_example(rngs, out, lab)
+                img, lab = augment.per_example(rngs, out, lab, **self._single_aug())
                 batch = {"image": img, "label": lab}
         return batch
+
+    def _single_aug(self) -> dict:
+        return {k: v for k, v in self.aug.items() if k != "view_ops"}
 
     def _fill(self, step: int) -> None:
         try:

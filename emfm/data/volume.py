@@ -166,10 +166,28 @@ def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Seque
     return str(Path(path) / datasets[level]["path"]), tuple(scales[level])
 
 
+_SHARED_CONTEXT: list = []
+
+
+def chunk_cache(cache_mb: int | None = None):
+    """The tensorstore context volumes are opened in. By default one process-wide context whose
+    decoded-chunk cache holds EMFM_CHUNK_CACHE_MB (default 256) MB in total, shared by every volume,
+    so memory stays bounded however many volumes a mixture has and however large they are (a
+    small volume ends up cached whole; random patches of a large one re-hit it in proportion).
+    `cache_mb` gives a private context with a cache of that size instead (benchmarks)."""
+    if cache_mb is not None:
+        return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_mb) << 20}})
+    if not _SHARED_CONTEXT:
+        mb = int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256"))
+        _SHARED_CONTEXT.append(ts.Context({"cache_pool": {"total_bytes_limit": mb << 20}}))
+    return _SHARED_CONTEXT[0]
+
+
 def open_volume(path: str | os.PathLike, *, level: int | None = None,
                 voxel_size: Sequence[float] | None = None, driver: str | None = None,
-                write: bool = False) -> Volume:
-    """Open a volume by path or URL. `level`/`voxel_size` choose an OME-Zarr scale.
+                write: bool = False, cache_mb: int | None = None) -> Volume:
+    """Open a volume by path or URL. `level`/`voxel_size` choose an OME-Zarr scale; `cache_mb`
+    gives the volume a private chunk cache instead of the shared one (see `chunk_cache`).
 
     Raises FileNotFoundError for a missing local path and VolumeError for anything unreadable,
     each naming the path.
@@ -189,11 +207,9 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
         if picked is not None:
             local, scale = picked
             path = local
-    # a small decoded-chunk cache: neighbouring patches of a batch often share chunks
-    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path),
-            "context": {"cache_pool": {"total_bytes_limit": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")) << 20}}}
+    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path)}
     try:
-        arr = ts.open(spec, read=True, write=write).result()
+        arr = ts.open(spec, read=True, write=write, context=chunk_cache(cache_mb)).result()
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot open volume {path} as {driver}: {e}") from e
     if arr.dtype.name not in SUPPORTED_DTYPES:

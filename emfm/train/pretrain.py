@@ -21,9 +21,8 @@ from flax import nnx
 
 from emfm import objectives
 from emfm.config.schema import EmfmConfig
-from emfm.data import bundled
-from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
-from emfm.data.volume import open_volume
+from emfm.data.loader import PatchLoader
+from emfm.data.sources import make_loader, open_sources
 from emfm.models.vit import count_params
 from emfm.objectives import mae
 from emfm.train import checkpoint, mesh as meshlib, optim
@@ -79,10 +78,8 @@ def pretrain(cfg: EmfmConfig) -> dict:
     if gbatch % mesh.size:
         raise ValueError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
 
-    vol = open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw()))
-    region = Region.of(vol, cfg.data.roi)
-    lo, hi = estimate_range(region, samples=cfg.data.intensity_samples, seed=cfg.trainer.seed)
-    log.info("data: %s roi=%s grey range [%.1f, %.1f]", vol, region.box, lo, hi)
+    sources = open_sources(cfg.data, seed=cfg.trainer.seed)
+    vol, (lo, hi) = sources[0].region.volume, sources[0].grey_range
 
     definition = objectives.get(cfg.objective.name)
     abstract_model = nnx.eval_shape(lambda: build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed))
@@ -111,7 +108,8 @@ def pretrain(cfg: EmfmConfig) -> dict:
     mngr = checkpoint.manager(run_dir, keep=cfg.trainer.keep_checkpoints,
                               interval=cfg.trainer.checkpoint_every or cfg.trainer.steps)
     best = checkpoint.best_manager(run_dir, cfg.trainer.best_metric) if cfg.trainer.best_metric else None
-    meta = {**model_meta(cfg.model, cfg.objective), "grey_range": [lo, hi], "data_path": vol.path}
+    meta = {**model_meta(cfg.model, cfg.objective), "grey_range": [lo, hi], "data_path": vol.path,
+            "data_sources": [s.describe() for s in sources]}
     start = 0
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sh)
@@ -124,10 +122,8 @@ def pretrain(cfg: EmfmConfig) -> dict:
     else:
         state = jax.jit(create, out_shardings=state_sh)()
 
-    sampler = PatchSampler([region], cfg.data.patch_shape, gbatch // pcount, seed=cfg.trainer.seed,
-                           process_index=pid, process_count=pcount)
-    loader = PatchLoader(sampler, [(lo, hi)], augment_batches=cfg.data.augment, prefetch=cfg.data.prefetch,
-                         start_step=start, views=definition.views, min_std=cfg.data.min_std)
+    loader = make_loader(cfg.data, sources, batch_size=gbatch // pcount, seed=cfg.trainer.seed, process_index=pid,
+                         process_count=pcount, start_step=start, views=definition.views)
     example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], jnp.float32, sharding=batch_sh)
                for k, v in _model_batch(loader.load(0), ndim).items()}
     t0 = time.perf_counter()
@@ -153,6 +149,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     bar = progress(cfg.trainer.steps, initial=start, desc="pretrain", enabled=cfg.trainer.progress and main_proc)
     t_loop = time.perf_counter()
     wait0 = loader.wait_s
+    window = [t_loop, wait0]  # start of the current logging window: time, loader wait so far
     images = 0
     best_value = math.inf
     status = "failed"
@@ -177,8 +174,13 @@ def pretrain(cfg: EmfmConfig) -> dict:
                                         "(trainer.nonfinite=skip skips such batches instead)")
                 loss = float(m["loss"])
                 losses.append(loss)
-                rate = images / (time.perf_counter() - t_loop)
-                m.update(lr=sched(step // cfg.optim.accumulate_steps), images_per_s=rate, skipped_batches=bad)
+                now = time.perf_counter()
+                rate = images / (now - t_loop)
+                # share of this logging window's wall time the step loop spent blocked on the loader
+                wait_frac = (loader.wait_s - window[1]) / max(now - window[0], 1e-9)
+                window[:] = [now, loader.wait_s]
+                m.update(lr=sched(step // cfg.optim.accumulate_steps), images_per_s=rate, skipped_batches=bad,
+                         data_wait_fraction=wait_frac)
                 if writer is not None:
                     writer.write(step + 1, m)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from emfm.data import augment
 
@@ -97,3 +98,21 @@ def test_two_views():
     w1, w2 = augment.two_views(np.random.default_rng(0), x)
     np.testing.assert_array_equal(v1, w1)
     np.testing.assert_array_equal(v2, w2)
+
+
+def test_per_example_ops_move_labels_and_reject_unknown_names():
+    # a smooth ramp and its integer copy: after flips / rotations and one elastic field per example
+    # (linear for the image, nearest for the labels) they still agree to within the ramp's slope
+    ramp = (np.add.outer(np.arange(24), np.arange(24)) / 48.0).astype(np.float32)
+    x = np.broadcast_to(ramp, (6, 2, 24, 24)).copy()
+    lab = np.rint(x * 480).astype(np.int32)
+    rngs = [np.random.default_rng([0, i]) for i in range(6)]
+    img, la = augment.per_example(rngs, x, lab, ops=["elastic", "flip_rot"], p_elastic=1.0, elastic_strength=2.0)
+    assert la.dtype == np.int32 and np.abs(img * 480 - la).max() <= 20 + 1e-3
+    assert np.abs(img - x).max() > 0.05  # something moved
+    again = augment.per_example([np.random.default_rng([0, i]) for i in range(6)], x, lab, ops=["flip_rot", "elastic"],
+                                p_elastic=1.0, elastic_strength=2.0)
+    np.testing.assert_array_equal(again[0], img)  # order of the names does not matter; seeded
+    np.testing.assert_allclose(augment.per_example(rngs, x, ops=[])[0], x, atol=1e-6)
+    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['rotate'\]"):
+        augment.per_example(rngs, x, ops=["rotate"])

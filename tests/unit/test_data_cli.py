@@ -85,16 +85,30 @@ def test_import_and_info_errors(tmp_path, capsys):
     assert "nothere.zarr" in capsys.readouterr().err
 
 
-def test_hdf5_import(tmp_path):
-    h5py = pytest.importorskip("h5py")
-    x = np.arange(3 * 6 * 4, dtype=np.uint8).reshape(3, 6, 4)
+def test_hdf5_import(tmp_path, monkeypatch):
+    import h5py  # pinned in the test extra
+
+    x = np.random.default_rng(2).integers(0, 60000, (5, 12, 10)).astype(np.uint16)
     with h5py.File(tmp_path / "a.h5", "w") as f:
-        f["raw"] = x
-        f["other"] = x
+        f.create_dataset("volumes/raw", data=x, chunks=(1, 12, 10), compression="gzip")
+        f["other"] = x[0]
     with pytest.raises(VolumeError, match="--dataset"):
         import_volume(tmp_path / "a.h5", tmp_path / "a.zarr", progress=False)
-    import_volume(tmp_path / "a.h5", tmp_path / "b.zarr", dataset="raw", levels=2, progress=False)
-    np.testing.assert_array_equal(open_volume(tmp_path / "b.zarr").read(), x)
+    with pytest.raises(VolumeError, match="no dataset 'nope'"):
+        import_volume(tmp_path / "a.h5", tmp_path / "a.zarr", dataset="nope", progress=False)
+    # streamed: the source is read one slab of chunks[0] sections at a time, never whole
+    reads = []
+    getitem = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, k: reads.append(k) or getitem(self, k))
+    main(["data", "import", str(tmp_path / "a.h5"), str(tmp_path / "b.zarr"), "--dataset", "volumes/raw",
+          "--chunks", "2", "8", "8", "--levels", "2", "--voxel-size", "40", "4", "4", "--no-progress"])
+    assert reads == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    v = open_volume(tmp_path / "b.zarr")
+    assert v.dtype == np.uint16 and v.voxel_size == (40.0, 4.0, 4.0)
+    np.testing.assert_array_equal(v.read(), x)
+    np.testing.assert_array_equal(open_volume(tmp_path / "b.zarr", level=1).read(), downsample2(x))
+    import_volume(tmp_path / "a.h5", tmp_path / "c.zarr", dataset="other", levels=1, progress=False)
+    np.testing.assert_array_equal(open_volume(tmp_path / "c.zarr").read(), x[:1])  # 2D dataset: one section
 
 
 @pytest.mark.skipif(not (SHARED / "isbi2012" / "train_volume.tif").exists(), reason="needs ../shared/data/em")

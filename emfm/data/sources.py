@@ -1,0 +1,89 @@
+"""The pretraining data of a config: one volume (`data.path`) or a weighted mixture (`data.sources`),
+opened, range-estimated and wrapped in a deterministic PatchLoader.
+
+Library code: it receives a `DataConfig` (emfm.config.schema), never a Hydra object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from emfm.data import bundled
+from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.volume import Volume, VolumeError, open_volume
+
+log = logging.getLogger("emfm")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened mixture member: its region, grey range, weight, and optional mask / label volumes."""
+
+    region: Region
+    grey_range: tuple[float, float]
+    weight: float
+    mask: Volume | None = None
+    labels: Volume | None = None
+
+    def describe(self) -> dict:
+        v = self.region.volume
+        return {"path": v.path, "weight": self.weight, "shape": list(v.spatial_shape), "voxel_size": list(v.voxel_size),
+                "roi": [list(b) for b in self.region.box], "grey_range": list(self.grey_range),
+                "mask": self.mask.path if self.mask else None, "labels": self.labels.path if self.labels else None}
+
+
+def _open(path: str, what: str, **kw) -> Volume:
+    if what == "data.path":  # a single volume: open_volume's own "volume not found: PATH"
+        return open_volume(path, **kw)
+    try:
+        return open_volume(path, **kw)
+    except FileNotFoundError:
+        raise VolumeError(f"{what}: volume not found: {path}") from None
+
+
+def open_sources(data, *, seed: int = 0) -> list[Source]:
+    """Open the volumes a DataConfig names (`sources`, else `path` / `roi`), each with its grey range."""
+    specs = data.sources or [_single(data)]
+    out = []
+    for i, s in enumerate(specs):
+        what = f"data.sources[{i}]" if data.sources else "data.path"
+        path = bundled.resolve(s.path, bundled.sample_raw())
+        vol = _open(path, what, level=s.level, voxel_size=s.voxel_size)
+        region = Region.of(vol, s.roi)
+        # masks and labels that are OME-Zarr groups are opened at the image's scale
+        scale = {"level": s.level, "voxel_size": s.voxel_size}
+        mask = _open(s.mask, f"{what}.mask", **scale) if s.mask else None
+        labels = _open(s.labels, f"{what}.labels", **scale) if s.labels else None
+        grey = estimate_range(region, samples=data.intensity_samples, seed=seed)
+        out.append(Source(region, grey, float(s.weight), mask, labels))
+        log.info("data source %d: %s roi=%s weight=%g grey range [%.1f, %.1f]%s%s", i, vol, region.box, s.weight,
+                 *grey, f" mask={mask.path}" if mask else "", f" labels={labels.path}" if labels else "")
+    if sum(s.weight for s in out) <= 0:
+        raise VolumeError(f"data.sources: weights {[s.weight for s in out]} have zero total weight")
+    return out
+
+
+def _single(data):
+    from emfm.config.schema import SourceConfig
+
+    return SourceConfig(path=data.path, roi=data.roi)
+
+
+def make_loader(data, sources: list[Source], *, batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1, start_step: int = 0, views: int = 1, prefetch: int | None = None) -> PatchLoader:
+    """A PatchLoader over the mixture: `batch_size` patches per process and step; labels only steer
+    sampling (min_foreground, balance_classes), batches carry images."""
+    sampler = PatchSampler([s.region for s in sources], data.patch_shape, batch_size,
+                           weights=[s.weight for s in sources], seed=seed, process_index=process_index,
+                           process_count=process_count)
+    has_labels = any(s.labels is not None for s in sources)
+    has_masks = any(s.mask is not None for s in sources)
+    aug = dataclasses.asdict(data.aug)
+    return PatchLoader(sampler, [s.grey_range for s in sources], augment_batches=data.augment,
+                       prefetch=data.prefetch if prefetch is None else prefetch, start_step=start_step,
+                       labels=[s.labels for s in sources] if has_labels else None,
+                       masks=[s.mask for s in sources] if has_masks else None, min_mask=data.min_mask,
+                       min_std=data.min_std, min_foreground=data.min_foreground,
+                       balance_classes=data.balance_classes, max_redraws=data.max_redraws, views=views,
+                       return_labels=False, aug=aug)
