@@ -215,7 +215,7 @@ def fit_predict_knn(s: ProbeSettings, train: np.ndarray, fg: np.ndarray, mask: n
             q = interpolate((sec - mean) / std, gyy.ravel(), gxx.ravel(), cell)
             q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-6)
             p = np.asarray(_knn_vote(jnp.asarray(q, jnp.float32), ref_j, vote_j, k=k)).reshape(len(qy), len(qx))
-            maps.append(np.asarray(jax.image.resize(jnp.asarray(p), out_yx, method="bilinear")))
+            maps.append(np.clip(np.asarray(jax.image.resize(jnp.asarray(p), out_yx, method="bilinear")), 0.0, 1.0))
         res.append(np.stack(maps))
     return res
 
