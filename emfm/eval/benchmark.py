@@ -137,7 +137,8 @@ def encode_3d(encoder, images: np.ndarray, *, tile: int, margin: int, batch_size
     spec = encoder.spec
     pz, py, px = spec.patch_size
     if tile % py or margin % py or tile % px or margin % px:
-        raise ConfigError(f"benchmark.tile={tile}, margin={margin}: must be multiples of the patch size {spec.patch_size}")
+        raise ConfigError(f"benchmark.tile={tile}, margin={margin}: must be multiples of the patch size "
+                          f"{spec.patch_size}")
     core, ctx = (4 * pz, tile, tile), (pz, margin, margin)
     n, ny, nx = images.shape
     grid = [-(-s // c) * c for s, c in zip((n, ny, nx), core)]
@@ -206,7 +207,9 @@ class FeatureStore:
             rng = grey_range(task)
             splits = {"train": task.train, "test": task.test} | ({"val": task.val} if task.val else {})
             t0 = time.perf_counter()
-            feats = {k: encode(c.encoder(), normalise(s.images, rng), self.bench) for k, s in splits.items()}
+            # rounded to float16 as stored, so a result does not depend on whether features were cached
+            feats = {k: encode(c.encoder(), normalise(s.images, rng), self.bench).astype(np.float16).astype(np.float32)
+                     for k, s in splits.items()}
             log.info("features %s / %s: %s in %.1f s", c.name, task.name, feats["train"].shape[1:],
                      time.perf_counter() - t0)
             if path is not None:
@@ -358,7 +361,7 @@ def figures(run_dir: Path, rows, loaded, checkpoints, bench: BenchmarkConfig, re
         fig, axes = plt.subplots(1, len(bench.probes), figsize=(4 * len(bench.probes), 3.4), squeeze=False)
         for ax, kind in zip(axes[0], bench.probes):
             for c in checkpoints:
-                rs = sorted((r for r in rows if r["task"] == t.name and r["probe"] == kind and r["checkpoint"] == c.name),
+                rs = sorted((r for r in rows if (r["task"], r["probe"], r["checkpoint"]) == (t.name, kind, c.name)),
                             key=lambda r: r["fraction"])
                 ax.errorbar([100 * r["fraction"] for r in rs], [r[metric + "_mean"] for r in rs],
                             yerr=[r[metric + "_std"] for r in rs], marker="o", capsize=3, label=c.name)
@@ -381,8 +384,8 @@ def figures(run_dir: Path, rows, loaded, checkpoints, bench: BenchmarkConfig, re
             axes[i][0].set_title("image + label" if i == 0 else "", fontsize=9)
             axes[i][0].set_ylabel(kind)
             for j, c in enumerate(checkpoints, start=1):
-                rec = next(r for r in records if r["task"] == t.name and r["probe"] == kind and r["checkpoint"] == c.name
-                           and r["fraction"] == frac and r["seed"] == seed)
+                rec = next(r for r in records if (r["task"], r["probe"], r["checkpoint"], r["fraction"], r["seed"])
+                           == (t.name, kind, c.name, frac, seed))
                 p = cache / "results" / f"{rec['key']}.preview.npy"
                 axes[i][j].imshow(t.test.images[k], cmap="gray")
                 if p.exists():
