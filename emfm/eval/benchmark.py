@@ -376,25 +376,28 @@ def figures(run_dir: Path, rows, loaded, checkpoints, bench: BenchmarkConfig, re
         # overlays: the largest label fraction, first seed, one test section
         frac, seed = max(bench.fractions), bench.seeds[0]
         k = _preview_index(t)
+        ny, nx = t.test.images.shape[1:]
+        y0, x0 = max(0, ny // 2 - 128), max(0, nx // 2 - 128)
+        win = (slice(y0, y0 + 256), slice(x0, x0 + 256))  # the central 256 x 256 pixels
         cols = len(checkpoints) + 1
         fig, axes = plt.subplots(len(bench.probes), cols, figsize=(2.6 * cols, 2.6 * len(bench.probes)), squeeze=False)
         for i, kind in enumerate(bench.probes):
-            axes[i][0].imshow(t.test.images[k], cmap="gray")
-            axes[i][0].contour(t.test.fg[k], levels=[0.5], colors="lime", linewidths=0.5)
+            axes[i][0].imshow(t.test.images[k][win], cmap="gray")
+            axes[i][0].contour(t.test.fg[k][win], levels=[0.5], colors="lime", linewidths=0.5)
             axes[i][0].set_title("image + label" if i == 0 else "", fontsize=9)
             axes[i][0].set_ylabel(kind)
             for j, c in enumerate(checkpoints, start=1):
                 rec = next(r for r in records if (r["task"], r["probe"], r["checkpoint"], r["fraction"], r["seed"])
                            == (t.name, kind, c.name, frac, seed))
                 p = cache / "results" / f"{rec['key']}.preview.npy"
-                axes[i][j].imshow(t.test.images[k], cmap="gray")
+                axes[i][j].imshow(t.test.images[k][win], cmap="gray")
                 if p.exists():
-                    axes[i][j].imshow(np.ma.masked_less(np.load(p) / 255.0, rec["threshold"]), cmap="autumn",
+                    axes[i][j].imshow(np.ma.masked_less(np.load(p)[win] / 255.0, rec["threshold"]), cmap="autumn",
                                       alpha=0.6, vmin=0, vmax=1)
                 axes[i][j].set_title(f"{c.name}\nF1 {rec['f1']:.3f}", fontsize=8)
         for ax in axes.ravel():
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
-        fig.savefig(fig_dir / f"overlay_{t.name}.png", dpi=90)
+        fig.savefig(fig_dir / f"overlay_{t.name}.png", dpi=72)
         plt.close(fig)
