@@ -127,6 +127,11 @@ def _task(cmd: str):
                 from emfm.train.pretrain import pretrain
 
                 pretrain(c)
+            elif cmd == "probe" and c.checkpoints:  # the benchmark: tasks x probes x fractions x checkpoints
+                from emfm.cli import main as cli_main
+                from emfm.cli import probe as probe_cli
+
+                probe_cli.run_benchmark(c, cli_main.config_dir())
             elif cmd == "probe":
                 pipeline.run_probe(c, checkpoint=c.checkpoint or None)
             elif cmd == "export":

@@ -15,7 +15,7 @@ from pathlib import Path
 COMMANDS = {
     "main": "the main job: pretrain + probe (pretrained vs random) + export on the bundled EM sample",
     "pretrain": "self-supervised pretraining of an encoder",
-    "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init)",
+    "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init); benchmark: checkpoints=[...]",
     "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
     "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
     "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR method=watershed|link2d|agglomeration|multicut|mws",

@@ -228,6 +228,53 @@ class ExportConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One task of the probing benchmark (configs/task/NAME.yaml; emfm.eval.tasks): a labelled volume,
+    its split into train / validation / test sections, and the target whose metrics are reported."""
+
+    name: str = ""  # defaults to the YAML file's name
+    target: str = "membranes"  # membranes | neuron_boundaries | mitochondria (emfm.eval.tasks.TARGETS)
+    image: str = MISSING_PATH  # TIFF stack (z, y, x), zarr v2/v3 or N5; empty = bundled sample
+    labels: str = MISSING_PATH  # same shape as image; empty = bundled sample membranes
+    positive_label: int = 1  # label value of the probed class (membrane, boundary, mitochondrion)
+    train_slices: list[int] = field(default_factory=lambda: [0, 20])  # [start, stop) sections
+    val_slices: list[int] = field(default_factory=list)  # [] = none (decision threshold 0.5)
+    test_slices: list[int] = field(default_factory=lambda: [20, 30])
+    test_image: str = ""  # a separate test volume (test_slices index it); "" = the training volume
+    test_labels: str = ""
+    crop: Optional[list[list[int]]] = None  # in-plane [[y0, y1], [x0, x1]], applied before downsampling
+    downsample: int = 1  # in-plane factor (1, 2, 4, ...): image by block mean, labels by block mode
+    min_instance_size: int = 0  # predicted instances smaller than this (voxels) are dropped before matching
+
+
+@dataclass
+class BenchmarkConfig:
+    """`emfm probe checkpoints=[...]`: every task x probe x label fraction x seed x checkpoint
+    (emfm.eval.benchmark). Results are cached in `cache_dir`, keyed by checkpoint content."""
+
+    tasks: list[str] = field(default_factory=list)  # names in configs/task/ or paths of task YAML files
+    probes: list[str] = field(default_factory=lambda: ["linear", "mlp", "knn"])
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # of the training pixels
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    blocks: list[int] = field(default_factory=list)  # encoder blocks concatenated as features; [] = final output
+    steps: int = 200  # linear / MLP optimiser steps
+    batch_tokens: int = 1024  # tokens (each with its pixels' labels) per step
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    hidden: int = 256  # MLP hidden width
+    knn_k: int = 20
+    knn_references: int = 3000  # labelled pixels sampled as kNN references
+    knn_stride: int = 8  # kNN queries on a grid of this pixel stride, upsampled bilinearly
+    tile: int = 128  # encoding tiles (pixels, in-plane) and their context margin
+    margin: int = 32
+    batch_size: int = 8  # tiles per encoder call
+    random_seed: int = 1000  # initialisation seed of the random-init baseline
+    cache_dir: str = "runs/probe_cache"
+    cache_features: bool = True
+    figures: bool = True
+
+
+@dataclass
 class EmfmConfig:
     """Top-level config shared by `emfm main|pretrain|probe|export`."""
 
@@ -242,6 +289,8 @@ class EmfmConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
     checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
+    checkpoints: list[str] = field(default_factory=list)  # probe benchmark: run dirs, sweep dirs, "random"
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""`emfm probe checkpoints=[...]` through the CLI on the bundled real EM sample: one table over
+checkpoints, probes, label fractions and seeds; a re-run with an added checkpoint computes only the
+new entries; a sweep directory expands to its runs, identified by content."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def _task(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny_membranes.yaml"
+    p.write_text("target: membranes\npositive_label: 1\ncrop: [[0, 128], [0, 128]]\n"
+                 "train_slices: [0, 4]\nval_slices: [4, 5]\ntest_slices: [5, 7]\n")
+    return p
+
+
+def _probe(tmp_path: Path, name: str, checkpoints: str, *extra: str):
+    args = ["probe", "debug=tiny", f"checkpoints=[{checkpoints}]", f"benchmark.tasks=[{_task(tmp_path)}]",
+            "benchmark.fractions=[0.1,1.0]", "benchmark.seeds=[0,1]", "benchmark.steps=20", "benchmark.batch_tokens=256",
+            "benchmark.knn_references=500", f"benchmark.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / name}", "trainer.progress=false", *extra]
+    return run_cli(*args)
+
+
+def test_benchmark_table_and_cache_over_checkpoints(tiny_main_run: Path, tmp_path):
+    r = _probe(tmp_path, "a", "random")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    first = json.loads((tmp_path / "a" / "benchmark.json").read_text())
+    assert (first["computed"], first["from_cache"]) == (3 * 2 * 2, 0)  # probes x fractions x seeds
+
+    r = _probe(tmp_path, "b", f"random,{tiny_main_run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    second_ids = [(k, v["identity"]) for k, v in second["checkpoints"].items()]
+    assert (second["computed"], second["from_cache"]) == (12, 12)  # only the added checkpoint ran
+    rows = list(csv.DictReader(open(tmp_path / "b" / "benchmark.csv")))
+    assert len(rows) == 2 * 3 * 2 and {r["checkpoint"] for r in rows} == {"random", tiny_main_run.name}
+    for row in rows:
+        assert row["seeds"] == "2" and 0 <= float(row["f1_mean"]) <= 1 and float(row["f1_std"]) >= 0
+        assert float(row["adapted_rand_error_mean"]) <= 1 and float(row["voi_mean"]) >= 0
+    md = (tmp_path / "b" / "benchmark.md").read_text()
+    assert "| knn | 10 % | random |" in md and "± " in md
+    for f in ("label_efficiency_tiny_membranes.png", "overlay_tiny_membranes.png"):
+        assert (tmp_path / "b" / "figures" / f).stat().st_size > 1000
+
+    # a sweep directory expands to its runs; a copied run has the same content hash (same cache entries)
+    from emfm.config.schema import ModelConfig
+    from emfm.eval.benchmark import expand_checkpoints
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(tiny_main_run / "checkpoints", sweep / "0" / "checkpoints")
+    shutil.copytree(tiny_main_run / "checkpoints", sweep / "1" / "checkpoints")
+    cps = expand_checkpoints(["random", str(tiny_main_run), str(sweep)], ModelConfig())
+    assert [c.name for c in cps] == [tiny_main_run.name, "sweep/0", "sweep/1", "random"]
+    assert len({c.identity for c in cps[:3]}) == 1
+    assert cps[3].identity == next(c for c in second_ids if c[0] == "random")[1]
+
+
+def test_benchmark_bad_input_is_one_line(tmp_path):
+    r = _probe(tmp_path, "e", "random", "benchmark.fractions=[0.5,1.5]")
+    assert r.returncode == 2 and "emfm: error: benchmark.fractions=[0.5, 1.5]" in r.stderr
+    assert "Traceback" not in r.stderr
