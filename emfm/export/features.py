@@ -134,6 +134,8 @@ class BlockEncoder:
             return f.astype(out_dtype)
 
         self._fwd = jax.jit(fwd, static_argnums=4)
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0
 
     @staticmethod
     def _pad3(t) -> tuple[int, int, int]:
@@ -162,17 +164,24 @@ class BlockEncoder:
     def set_pca(self, mean: np.ndarray, components: np.ndarray) -> None:
         self.pca = (jnp.asarray(mean, jnp.float32), jnp.asarray(components, jnp.float32))
 
+    def compiled(self, *, raw: bool = False):
+        """The forward program for full batches, compiled ahead of time (so timing starts after it)."""
+        key = (raw or self.pca is None, np.dtype(np.float32) if raw else self.out_dtype)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            x = jax.ShapeDtypeStruct((self.batch_size,) + self.window, jnp.float32)
+            pca = (None, None) if key[0] else self.pca
+            self._compiled[key] = (self._fwd.lower(self.params, x, *pca, key[1]).compile(), pca)
+            self.compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
     def __call__(self, windows: np.ndarray, *, raw: bool = False) -> np.ndarray:
         """Features of `[n, wz, wy, wx]` windows; `raw`: float32 before PCA (for fitting it)."""
         n = len(windows)
         if n < self.batch_size:  # keep one compiled shape
             windows = np.concatenate([windows, np.zeros((self.batch_size - n,) + windows.shape[1:], windows.dtype)])
-        x = jnp.asarray(windows, jnp.float32)
-        if raw or self.pca is None:
-            f = self._fwd(self.params, x, None, None, np.dtype(np.float32) if raw else self.out_dtype)
-        else:
-            f = self._fwd(self.params, x, *self.pca, self.out_dtype)
-        return np.asarray(f)[:n]
+        fn, pca = self.compiled(raw=raw)
+        return np.asarray(fn(self.params, jnp.asarray(windows, jnp.float32), *pca))[:n]
 
 
 def window_region(origin, shape, enc: BlockEncoder) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
@@ -299,8 +308,12 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
     done = _written_chunks(out)
     todo = [origins[i] for i in mine if tuple(o // b for o, b in zip(origins[i], enc.block)) not in done]
     skipped = len(mine) - len(todo)
+    if todo:
+        enc.compiled()
+        log.info("export: forward of %d x %s voxels compiled in %.1f s", batch_size, enc.window, enc.compile_seconds)
     bar = progress(len(mine), initial=skipped, desc="export" if nproc == 1 else f"export {pid}/{nproc}",
                    enabled=show_progress)
+    bar.unit = "block"
     t0 = time.perf_counter()
     voxels = 0
     pending: deque = deque()

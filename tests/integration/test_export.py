@@ -194,3 +194,21 @@ def test_discovery_notebook_runs_tiny(tmp_path):
     assert open_volume(tmp_path / "nb" / "export" / "features.zarr").shape == (6, 48, 48, 8)
     res = json.loads((tmp_path / "nb" / "discover" / "discover.json").read_text())
     assert res["k"] == 4 and sum(res["counts"]) == 6 * 48 * 48 and len(res["galleries"]) == 4
+
+
+def test_discover_config_and_cli_errors(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import CONFIGS, run_cli
+    from emfm.config import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None, job_name="t"):
+        raw = hydra_compose(config_name="discover", overrides=["features=f.zarr", "k=1", "run_dir=x"])
+    with pytest.raises(schema.ConfigError, match=r"k=1"):
+        schema.validate_discover(OmegaConf.to_object(raw))
+    res = run_cli("discover", f"features={tmp_path / 'none.zarr'}", f"hydra.run.dir={tmp_path / 'd'}")
+    assert res.returncode == 2 and f"emfm: error: volume not found: {tmp_path / 'none.zarr'}" in res.stderr
+    assert "Traceback" not in res.stderr
