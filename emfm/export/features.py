@@ -22,12 +22,13 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
@@ -279,7 +280,8 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
     s, cells = enc.stride, enc.cells
     grid = tuple(-(-n // st) for n, st in zip(size, s))
     channels = pca_k or enc.width
-    plan = ExportPlan(source=vol.path, roi=[list(b) for b in box], encoder=asdict(encoder.spec), checkpoint=str(checkpoint),
+    plan = ExportPlan(source=vol.path, roi=[list(b) for b in box], encoder=asdict(encoder.spec),
+                      checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
                       layers=list(enc.layers), block=list(enc.block), margin=list(enc.margin), stride=list(s),
                       grey_range=[float(v) for v in grey_range], dtype=dtype, pca_k=pca_k,
                       pca_sample_blocks=pca_sample_blocks, seed=seed)
@@ -301,6 +303,9 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
                       voxel_size=tuple(v * st for v, st in zip(vol.voxel_size, s)), exist_ok=False)
     _barrier("emfm_export_created", nproc)
     out = open_volume(out_path, write=True)
+    # written blocks are never read back: no chunk cache for the output, so memory stays flat however much is written
+    out = replace(out, array=ts.open(out.array.spec(minimal_spec=True), write=True,
+                                     context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result())
     if pca_k:
         p = out.attributes["pca"]
         enc.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
