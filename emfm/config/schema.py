@@ -244,7 +244,7 @@ def validate_discover(cfg: DiscoverConfig) -> DiscoverConfig:
         raise ConfigError(f"discover: k={cfg.k} (>= 2), batch_size={cfg.batch_size} (>= k), epochs={cfg.epochs} "
                           f"(>= 1), examples={cfg.examples} (>= 1), crop={cfg.crop} (>= 4)")
     if not 0.0 < cfg.sample_fraction <= 1.0:
-        raise ConfigError(f"discover.sample_fraction={cfg.sample_fraction}: must be in (0, 1]")
+        raise ConfigError(f"sample_fraction={cfg.sample_fraction}: must be in (0, 1]")
     return cfg
 
 
