@@ -212,3 +212,18 @@ def test_discover_config_and_cli_errors(tmp_path):
     res = run_cli("discover", f"features={tmp_path / 'none.zarr'}", f"hydra.run.dir={tmp_path / 'd'}")
     assert res.returncode == 2 and f"emfm: error: volume not found: {tmp_path / 'none.zarr'}" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_3d_unet_blocks_equal_whole_volume_forward(tmp_path):
+    """A 3D encoder on 3D blocks (z margin too): the exported decoder features equal one forward pass
+    over the mirrored whole volume."""
+    enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1, 1], width=8, depth=2, norm="layer"), seed=1)
+    raw = open_volume(bundled.sample_raw()).read((slice(0, 12), slice(0, 32), slice(0, 32)))
+    vol = write_array(tmp_path / "v.zarr", raw)
+    res = F.export_features(enc, vol, tmp_path / "f.zarr", grey_range=(0.0, 255.0), tile=16, margin=12, block_z=4,
+                            margin_z=10, dtype="float32", batch_size=4, show_progress=False)
+    assert res["shape"] == [12, 32, 32, 8] and res["block"] == [4, 16, 16] and res["tiles_written"] == 12
+    m = (10, 12, 12)  # the receptive field (radius 10) fits in the margins
+    x = np.pad(raw.astype(np.float32) / 255, [(p, p) for p in m], mode="reflect")
+    whole = np.asarray(enc(jnp.asarray(x)[None, ..., None])[1]["patch_map"])[0, 10:-10, 12:-12, 12:-12]
+    np.testing.assert_allclose(open_volume(tmp_path / "f.zarr").read(), whole, rtol=0, atol=2e-5)
