@@ -105,26 +105,45 @@ def _write_probe_tables(run_dir: Path, results: dict, tr, te) -> None:
 
 
 def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Dense features of a whole volume to zarr, plus a PCA-RGB preview PNG of its middle section."""
+    """Dense features of a volume (or its ROI) to zarr, plus a PCA-RGB preview PNG of its middle section.
+    Bad input (checkpoint of another model, output of another export, wrong dimensions) stops it before
+    any compute; under several JAX processes each writes its share and process 0 the summary."""
+    import jax
+
+    from emfm.export.features import load_export_encoder
+
     run_dir = Path(cfg.run_dir)
     ec = cfg.export
     vol = open_volume(bundled.resolve(ec.path, bundled.sample_raw()))
-    if checkpoint:
-        enc, meta = load_encoder(checkpoint)
-        grey = tuple(meta.get("grey_range") or estimate_range(Region.of(vol)))
-    else:
-        enc, grey = build_encoder(cfg.model, seed=cfg.trainer.seed), estimate_range(Region.of(vol))
+    if vol.ndim != 3:
+        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
+                          "single-channel z, y, x volumes (store a 2D image as [1, y, x])")
+    region = Region.of(vol, ec.roi)
+    enc, meta = load_export_encoder(cfg.model, checkpoint or "", seed=cfg.trainer.seed)
+    grey = tuple(meta.get("grey_range") or estimate_range(region))
     out = ec.out or str(run_dir / "features.zarr")
-    res = export_features(enc, vol, out, grey_range=grey, tile=ec.tile, margin=ec.margin, dtype=ec.dtype,
-                          batch_size=ec.batch_size, show_progress=cfg.trainer.progress)
+    res = export_features(enc, vol, out, grey_range=grey, tile=ec.tile, margin=ec.margin, block_z=ec.block_z,
+                          margin_z=ec.margin_z, layers=tuple(ec.layers), dtype=ec.dtype, pca_k=ec.pca_k,
+                          pca_sample_blocks=ec.pca_sample_blocks, roi=ec.roi, batch_size=ec.batch_size,
+                          prefetch=ec.prefetch, resume=ec.resume, checkpoint=checkpoint or "",
+                          seed=cfg.trainer.seed, show_progress=cfg.trainer.progress)
+    if jax.process_index() != 0:  # its own share's record; process 0 writes the summary and preview
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"export_process{jax.process_index()}.json").write_text(json.dumps(res, indent=1))
+        return res
     feats_vol = open_volume(out)
     z = feats_vol.shape[0] // 2
-    feats = feats_vol.read((slice(z, z + 1),))[0].astype(np.float32)
+    cy, cx = (min(n, 512) for n in feats_vol.shape[1:3])  # a bounded preview of a huge section
+    feats = feats_vol.read((slice(z, z + 1), slice(0, cy), slice(0, cx)))[0].astype(np.float32)
     rgb, evr = pca_rgb(feats)
-    img = vol.read((slice(z, z + 1),))[0]
+    (z0, _), (y0, _), (x0, _) = region.box
+    st = res["stride"]
+    zi = z0 + z * st[0] + st[0] // 2
+    img = vol.read((slice(zi, zi + 1), slice(y0, y0 + cy * st[1]), slice(x0, x0 + cx * st[2])))[0]
     figures.image_grid(run_dir / "figures" / "features_pca.png",
-                       [(f"section {z}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])])
+                       [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])])
     res["pca_explained_variance"] = [float(v) for v in evr]
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "export.json").write_text(json.dumps(res, indent=1))
     log.info("export: %s", res)
     return res

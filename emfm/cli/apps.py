@@ -95,6 +95,16 @@ def _instances(cfg: DictConfig) -> None:
         b.close()
     (Path(c.run_dir) / "instances.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+def _discover(cfg: DictConfig) -> None:
+    from emfm.export.discover import discover
+
+    c = schema.validate_discover(OmegaConf.to_object(cfg))
+    _save_provenance(Path(c.run_dir), cfg)
+    res = discover(c.features, c.run_dir, image=c.image, k=c.k, batch_size=c.batch_size, epochs=c.epochs,
+                   sample_fraction=c.sample_fraction, examples=c.examples, crop=c.crop, seed=c.seed, out=c.out,
+                   show_progress=c.progress)
+    print(f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
+          f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}")
 
 
 def _preempted():
@@ -112,6 +122,9 @@ def _task(cmd: str):
                 return
             if cmd == "instances":
                 _instances(cfg)
+                return
+            if cmd == "discover":
+                _discover(cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed

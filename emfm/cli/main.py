@@ -17,6 +17,7 @@ COMMANDS = {
     "pretrain": "self-supervised pretraining of an encoder",
     "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init); benchmark: checkpoints=[...]",
     "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
+    "discover": "k-means clusters of exported features: label volume, galleries (discover features=PATH k=8)",
     "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
     "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR method=watershed|link2d|agglomeration|multicut|mws",
 }

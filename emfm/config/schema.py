@@ -225,6 +225,33 @@ class ExportConfig:
     margin: int = 32  # context around each tile, dropped on write (pixels)
     dtype: str = "float16"
     batch_size: int = 8
+    # 3D encoders: blocks of block_z sections, read with margin_z sections of context above and below
+    block_z: int = 16
+    margin_z: int = 4
+    layers: list[int] = field(default_factory=list)  # encoder blocks (ViT) / levels (U-Net), concatenated; [] = final output
+    pca_k: int = 0  # >0: reduce the features to this many principal components (fitted on a sample of blocks)
+    pca_sample_blocks: int = 16
+    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    prefetch: int = 2  # batches of blocks read ahead of the encoder
+    resume: bool = True  # skip blocks an earlier run of the same export finished; false = start over
+
+
+@dataclass
+class DiscoverConfig:
+    """`emfm discover features=PATH`: mini-batch k-means over exported features, cluster map, galleries."""
+
+    features: str = ""  # a feature array written by `emfm export`
+    image: str = ""  # the image volume for galleries and overview; empty = the export's source
+    k: int = 8
+    batch_size: int = 4096  # feature vectors per k-means update
+    epochs: int = 1  # passes over the features for fitting
+    sample_fraction: float = 1.0  # fraction of each block's vectors used for fitting
+    examples: int = 12  # gallery crops per cluster
+    crop: int = 64  # gallery crop side (image pixels)
+    seed: int = 0
+    out: str = ""  # cluster label volume; empty = <run_dir>/clusters.zarr
+    progress: bool = True
+    run_dir: str = "runs/discover"
 
 
 @dataclass
@@ -376,6 +403,17 @@ def segment_params(cfg: InstancesConfig):
                          link_on_interior=cfg.link_on_interior, repulsive_stride=cfg.repulsive_stride)
 
 
+def validate_discover(cfg: DiscoverConfig) -> DiscoverConfig:
+    if not cfg.features:
+        raise ConfigError("discover needs features=PATH (a feature array written by emfm export)")
+    if cfg.k < 2 or cfg.batch_size < cfg.k or cfg.epochs < 1 or cfg.examples < 1 or cfg.crop < 4:
+        raise ConfigError(f"discover: k={cfg.k} (>= 2), batch_size={cfg.batch_size} (>= k), epochs={cfg.epochs} "
+                          f"(>= 1), examples={cfg.examples} (>= 1), crop={cfg.crop} (>= 4)")
+    if not 0.0 < cfg.sample_fraction <= 1.0:
+        raise ConfigError(f"sample_fraction={cfg.sample_fraction}: must be in (0, 1]")
+    return cfg
+
+
 EVALUATE_KINDS = ("semantic", "binary", "region", "instance", "warping")
 
 
@@ -508,6 +546,12 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size {p}")
     if e.dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"export.dtype={e.dtype!r}: use float16, bfloat16 or float32")
+    if e.block_z <= 0 or e.margin_z < 0 or e.batch_size <= 0 or e.prefetch < 0:
+        raise ConfigError(f"export.block_z={e.block_z}, margin_z={e.margin_z}, batch_size={e.batch_size}, "
+                          f"prefetch={e.prefetch}: block_z and batch_size must be positive, the others >= 0")
+    if e.pca_k < 0 or e.pca_sample_blocks <= 0:
+        raise ConfigError(f"export.pca_k={e.pca_k}, export.pca_sample_blocks={e.pca_sample_blocks}: "
+                          "pca_k >= 0 (0 = no reduction), pca_sample_blocks > 0")
     return cfg
 
 
@@ -519,6 +563,7 @@ def register() -> None:
     cs.store(name="emfm_schema", node=EmfmConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="instances_schema", node=InstancesConfig)
+    cs.store(name="discover_schema", node=DiscoverConfig)
 
 
 def compose(config_name: str = "main", overrides: list[str] | None = None, *, run_dir: str | None = None,

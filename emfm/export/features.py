@@ -1,145 +1,464 @@
-"""Dense feature export of a whole volume, tile by tile with overlap, to zarr v3 through tensorstore.
+"""Dense feature export of a volume of any size, block by block with overlap, to zarr v3 through tensorstore.
 
-For a 2D encoder each section is cut into in-plane tiles of `tile` pixels, each read with `margin`
-pixels of context on every side (mirrored at the volume edge), encoded, and only the tile's own
-tokens (margins dropped) are written, so features show no tile seams. The output is
-`[z, ceil(y/p), ceil(x/p), d]` at token resolution (voxel size z, p*y, p*x), chunked one tile per chunk;
-tiles already written are skipped when an interrupted export is restarted (`resume=True`), which
-yields the same bytes.
+The volume (or an ROI of it) is cut into blocks; each is read with `margin` voxels of context on every
+side (real neighbouring voxels where the volume has them, mirrored at its edge), encoded, and only the
+block's own features are written, so the features show no block seams. A 2D encoder sees one section
+at a time (blocks are `1 x tile x tile`); a 3D encoder sees `block_z x tile x tile` blocks.
+
+The output `[z', y', x', c]` lies on a grid of `stride` voxels per cell: the ViT patch size, or for a
+U-Net 1 (decoder output) or the pooling of the finest chosen encoder level; features of several
+layers (`layers`, concatenated) are upsampled (nearest) to the finest of their grids. One block is one
+chunk, so a chunk present in the store is a finished block: an interrupted export restarted with the
+same arguments skips those and yields the same bytes, and several JAX processes split the blocks
+(block i goes to process i mod n). Optional PCA to `pca_k` channels is fitted on a sample of blocks
+once and stored in the array's attributes, so resumed and parallel writers project alike.
+Reading runs ahead in a thread and writes are tensorstore futures, so I/O overlaps the encoder.
 """
 from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 
-from emfm.data.volume import Volume, VolumeError, create_volume
+from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
 from emfm.eval.probe import normalise
 from emfm.train.logging import progress
 
 log = logging.getLogger("emfm")
 
+OUT_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": jnp.bfloat16}
 
-class TileEncoder:
-    """Encodes batches of `[tile + 2 margin]^2` windows and keeps the tile's own tokens."""
 
-    def __init__(self, encoder, *, tile: int, margin: int, batch_size: int = 8, blocks: tuple[int, ...] = ()):
+# ---------------------------------------------------------------- encoder from a checkpoint
+ARCH_IGNORED = ("dtype", "remat")  # compute settings; the parameters do not depend on them
+
+
+def _arch(model_cfg) -> dict:
+    from emfm.models.unet import UNetSpec
+    from emfm.models.vit import ViTSpec
+
+    spec = (UNetSpec if model_cfg.name == "unet" else ViTSpec).from_config(model_cfg)
+    return {"name": model_cfg.name, **{k: v for k, v in asdict(spec).items() if k not in ARCH_IGNORED}}
+
+
+def load_export_encoder(model_cfg, checkpoint: str = "", *, seed: int = 0):
+    """`(encoder, checkpoint meta)`: a random-init encoder of `model_cfg` without a checkpoint, else the
+    checkpoint's encoder, whose recorded architecture must be `model_cfg`'s (checked from the meta record
+    before any array is loaded; a mismatch is a CheckpointError naming the differing keys)."""
+    from emfm.config.schema import ModelConfig
+    from emfm.train import checkpoint as ckpt
+    from emfm.train.state import build_encoder, load_encoder
+
+    if not checkpoint:
+        return build_encoder(model_cfg, seed=seed), {}
+    run = ckpt.find_checkpoint_dir(checkpoint)
+    meta = ckpt.read_meta(run)
+    try:
+        have = _arch(ModelConfig(**meta["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {checkpoint} has no usable model record: {e}") from e
+    want = _arch(model_cfg)
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        raise ckpt.CheckpointError(
+            f"checkpoint {checkpoint} does not match the model config: "
+            + ", ".join(f"model.{k}={want[k]} in the config but {have.get(k)} in the checkpoint" for k in diff)
+            + " (choose the checkpoint's model, e.g. the model=/debug= overrides it was trained with)")
+    return load_encoder(str(run))
+
+
+# ---------------------------------------------------------------- encoder on blocks
+class BlockEncoder:
+    """Encodes batches of `[block + 2 margin]` windows `[b, wz, wy, wx]` (floats in [0, 1]) and returns
+    the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis is set)."""
+
+    def __init__(self, encoder, *, block: tuple[int, int, int], margin: tuple[int, int, int], batch_size: int = 8,
+                 layers: tuple[int, ...] = (), out_dtype=np.float32):
         spec = encoder.spec
-        if spec.ndim != 2:
-            raise VolumeError("tiled encoding of 3D encoders is not available in this version; use a 2D encoder")
-        p = spec.patch_size[-1]
-        if tile % p or margin % p:
-            raise VolumeError(f"tile {tile} and margin {margin} must be multiples of the patch size {p}")
-        self.tile, self.margin, self.batch_size, self.patch = tile, margin, batch_size, p
-        blocks = tuple(b % spec.depth for b in blocks)
-        self.width = spec.width * max(1, len(blocks))
+        self.ndim, self.batch_size = spec.ndim, batch_size
+        self.is_unet = hasattr(encoder, "decode")
+        layers = tuple(int(i) for i in layers)
+        for i in layers:
+            if not -spec.depth <= i < spec.depth:
+                raise ValueError(f"export.layers={list(layers)}: the encoder has {spec.depth} "
+                                 f"{'levels' if self.is_unet else 'blocks'} (indices {-spec.depth}..{spec.depth - 1})")
+        self.layers = tuple(sorted({i % spec.depth for i in layers}, key=[i % spec.depth for i in layers].index))
+        strides, widths = self._layer_grids(spec)
+        self.stride = tuple(min(s[a] for s in strides) for a in range(3))
+        align = (self._pad3(spec.total_pool()) if self.is_unet else self._pad3(spec.patch_size))
+        if self.ndim == 2:
+            block, margin = (1, block[1], block[2]), (0, margin[1], margin[2])
+        for name, v in (("block", block), ("margin", margin)):
+            if any(x % a for x, a in zip(v, align)):
+                raise ValueError(f"export {name} {tuple(v)} (z, y, x voxels) must be a multiple of {align}, "
+                                 f"the encoder's {'pooling' if self.is_unet else 'patch size'}")
+        self.block, self.margin, self.align = tuple(block), tuple(margin), align
+        self.window = tuple(b + 2 * m for b, m in zip(block, margin))
+        self.cells = tuple(b // s for b, s in zip(block, self.stride))
+        self.width = sum(widths)
+        self.out_dtype = np.dtype(out_dtype)
+        self.pca = None
         graphdef, self.params = nnx.split(encoder)
-        lo, hi = margin // p, (margin + tile) // p
+        collect = self.layers
 
-        @jax.jit
-        def fwd(prm, x):
-            _, aux = nnx.merge(graphdef, prm)(x[..., None], return_blocks=blocks)
-            if not blocks:
-                return aux["patch_map"][:, lo:hi, lo:hi]
-            gy, gx = aux["patch_map"].shape[1:3]
-            maps = [aux["blocks"][b].reshape(x.shape[0], gy, gx, -1) for b in blocks]
-            return jnp.concatenate(maps, axis=-1)[:, lo:hi, lo:hi]
+        def fwd(prm, x, mean, comp, out_dtype):
+            b = x.shape[0]
+            xin = (x[:, 0] if self.ndim == 2 else x)[..., None]
+            _, aux = nnx.merge(graphdef, prm)(xin, return_blocks=collect)
+            maps = []
+            srcs = [aux["patch_map"]] if not self.layers else [aux["blocks"][i] for i in self.layers]
+            for f, s in zip(srcs, strides):
+                if f.ndim == 3:  # ViT block tokens [b, n, d] -> grid
+                    f = f.reshape(b, *aux["patch_map"].shape[1:-1], -1)
+                if self.ndim == 2:
+                    f = f[:, None]
+                lo = [m // t for m, t in zip(self.margin, s)]
+                f = f[:, lo[0]:lo[0] + block[0] // s[0], lo[1]:lo[1] + block[1] // s[1], lo[2]:lo[2] + block[2] // s[2]]
+                for ax in range(3):  # nearest upsampling to the common (finest) grid
+                    if s[ax] > self.stride[ax]:
+                        f = jnp.repeat(f, s[ax] // self.stride[ax], axis=ax + 1)
+                maps.append(f.astype(jnp.float32))
+            f = jnp.concatenate(maps, axis=-1) if len(maps) > 1 else maps[0]
+            if mean is not None:
+                f = (f - mean) @ comp.T
+            return f.astype(out_dtype)
 
-        self._fwd = fwd
+        self._fwd = jax.jit(fwd, static_argnums=4)
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0
 
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _pad3(t) -> tuple[int, int, int]:
+        t = tuple(int(v) for v in t)
+        return (1,) + t if len(t) == 2 else t
+
+    def _layer_grids(self, spec) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Voxels per cell (z, y, x) and channels of each chosen layer (or of the final output)."""
+        if not self.is_unet:
+            p = self._pad3(spec.patch_size)
+            return [p] * max(1, len(self.layers)), [spec.width] * max(1, len(self.layers))
+        if not self.layers:
+            return [(1, 1, 1)], [spec.widths[0]]
+        grids = []
+        for lvl in self.layers:
+            tot = [1] * spec.ndim
+            for k in range(1, lvl + 1):
+                tot = [t * w for t, w in zip(tot, spec.pool_window(k))]
+            grids.append(self._pad3(tot))
+        return grids, [spec.widths[lvl] for lvl in self.layers]
+
+    @property
+    def channels(self) -> int:
+        return self.width if self.pca is None else len(self.pca[1])
+
+    def set_pca(self, mean: np.ndarray, components: np.ndarray) -> None:
+        self.pca = (jnp.asarray(mean, jnp.float32), jnp.asarray(components, jnp.float32))
+
+    def compiled(self, *, raw: bool = False):
+        """The forward program for full batches, compiled ahead of time (so timing starts after it)."""
+        key = (raw or self.pca is None, np.dtype(np.float32) if raw else self.out_dtype)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            x = jax.ShapeDtypeStruct((self.batch_size,) + self.window, jnp.float32)
+            pca = (None, None) if key[0] else self.pca
+            self._compiled[key] = (self._fwd.lower(self.params, x, *pca, key[1]).compile(), pca)
+            self.compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
+    def __call__(self, windows: np.ndarray, *, raw: bool = False) -> np.ndarray:
+        """Features of `[n, wz, wy, wx]` windows; `raw`: float32 before PCA (for fitting it)."""
         n = len(windows)
         if n < self.batch_size:  # keep one compiled shape
             windows = np.concatenate([windows, np.zeros((self.batch_size - n,) + windows.shape[1:], windows.dtype)])
-        return np.asarray(self._fwd(self.params, jnp.asarray(windows)))[:n]
+        fn, pca = self.compiled(raw=raw)
+        return np.asarray(fn(self.params, jnp.asarray(windows, jnp.float32), *pca))[:n]
 
 
-def window(read, shape_yx: tuple[int, int], y0: int, x0: int, tile: int, margin: int) -> np.ndarray:
-    """The tile at (y0, x0) with `margin` context, mirrored where it runs past the section edge.
-    `read(ys, xs)` returns the pixels of a 2D region."""
-    ny, nx = shape_yx
-    full = tile + 2 * margin
-    ya, yb = max(0, y0 - margin), min(ny, y0 - margin + full)
-    xa, xb = max(0, x0 - margin), min(nx, x0 - margin + full)
-    a = read(slice(ya, yb), slice(xa, xb))
-    pad = ((ya - (y0 - margin), (y0 - margin + full) - yb), (xa - (x0 - margin), (x0 - margin + full) - xb))
-    mode = "reflect" if all(s > max(pw) for s, pw in zip(a.shape, pad)) else "symmetric"
+def window_region(origin, shape, enc: BlockEncoder) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
+    """The region of the volume (clipped to `shape`) that the window of the block at `origin` (z, y, x
+    voxels, volume coordinates) covers, and the mirror padding that completes it."""
+    lo = [o - m for o, m in zip(origin, enc.margin)]
+    hi = [a + w for a, w in zip(lo, enc.window)]
+    region = tuple(slice(max(0, l_), min(s, h)) for l_, h, s in zip(lo, hi, shape))
+    return region, [(max(0, -l_), max(0, h - s)) for l_, h, s in zip(lo, hi, shape)]
+
+
+def pad_window(a: np.ndarray, pad) -> np.ndarray:
+    if not any(p0 or p1 for p0, p1 in pad):
+        return a
+    mode = "reflect" if all(n > max(p) for n, p in zip(a.shape, pad)) else "symmetric"
     return np.pad(a, pad, mode=mode)
+
+
+def read_window(read, shape, origin, enc: BlockEncoder) -> np.ndarray:
+    """The block at `origin` with its margin, mirrored where it runs past the volume; `read(region)`
+    returns the voxels of a region (tuple of slices)."""
+    region, pad = window_region(origin, shape, enc)
+    return pad_window(read(region), pad)
+
+
+def block_origins(shape: tuple[int, int, int], block: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    return [(z, y, x) for z in range(0, shape[0], block[0]) for y in range(0, shape[1], block[1])
+            for x in range(0, shape[2], block[2])]
 
 
 def encode_sections(encoder, images: np.ndarray, *, tile: int = 128, margin: int = 32, batch_size: int = 8,
                     blocks: tuple[int, ...] = ()) -> np.ndarray:
-    """Features `[n, ceil(y/p), ceil(x/p), d]` of in-memory sections `[n, y, x]` (floats in [0, 1]),
-    encoded tile by tile exactly as `export_features` does."""
-    enc = TileEncoder(encoder, tile=tile, margin=margin, batch_size=batch_size, blocks=blocks)
+    """Features `[n, ceil(y/s), ceil(x/s), d]` of in-memory sections `[n, y, x]` (floats in [0, 1]) from a
+    2D encoder, encoded tile by tile exactly as `export_features` does (s = the feature stride: the
+    patch size, or 1 / the finest chosen level's pooling for a U-Net; `blocks`: encoder blocks or U-Net
+    levels whose features are concatenated, () = the final output)."""
+    enc = BlockEncoder(encoder, block=(1, tile, tile), margin=(0, margin, margin), batch_size=batch_size, layers=blocks)
+    if enc.ndim != 2:
+        raise ValueError("encode_sections takes a 2D encoder; export 3D encoders with export_features")
     n, ny, nx = images.shape
-    p = enc.patch
-    out = np.zeros((n, -(-ny // p), -(-nx // p), enc.width), np.float32)
-    jobs = [(z, y0, x0) for z in range(n) for y0 in range(0, ny, tile) for x0 in range(0, nx, tile)]
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        w = np.stack([window(lambda ys, xs, z=z: images[z, ys, xs], (ny, nx), y0, x0, tile, margin) for z, y0, x0 in chunk])
-        for (z, y0, x0), f in zip(chunk, enc(w)):
-            hy, hx = -(-min(tile, ny - y0) // p), -(-min(tile, nx - x0) // p)
-            out[z, y0 // p: y0 // p + hy, x0 // p: x0 // p + hx] = f[:hy, :hx]
+    s = enc.stride
+    out = np.zeros((n, -(-ny // s[1]), -(-nx // s[2]), enc.channels), np.float32)
+    origins = [(z, y, x) for z in range(n) for y in range(0, ny, tile) for x in range(0, nx, tile)]
+    for i in range(0, len(origins), batch_size):
+        chunk = origins[i:i + batch_size]
+        w = np.stack([read_window(lambda r: images[r], (n, ny, nx), o, enc) for o in chunk])
+        for (z, y, x), f in zip(chunk, enc(w)):
+            hy, hx = -(-min(tile, ny - y) // s[1]), -(-min(tile, nx - x) // s[2])
+            out[z, y // s[1]: y // s[1] + hy, x // s[2]: x // s[2] + hx] = f[0, :hy, :hx]
     return out
 
 
-def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: tuple[float, float], tile: int = 256,
-                    margin: int = 32, dtype: str = "float16", batch_size: int = 8, resume: bool = True,
-                    show_progress: bool = True) -> dict:
+# ---------------------------------------------------------------- blockwise export
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export writes; stored in the output's attributes so a restart can check it is the same job."""
+
+    source: str
+    roi: list[list[int]]
+    encoder: dict
+    checkpoint: str
+    layers: list[int]
+    block: list[int]
+    margin: list[int]
+    stride: list[int]
+    grey_range: list[float]
+    dtype: str
+    pca_k: int
+    pca_sample_blocks: int
+    seed: int
+
+
+def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: tuple[float, float], tile: int = 128,
+                    margin: int = 32, block_z: int = 16, margin_z: int = 4, layers: tuple[int, ...] = (),
+                    dtype: str = "float16", pca_k: int = 0, pca_sample_blocks: int = 16, roi=None,
+                    batch_size: int = 8, prefetch: int = 2, resume: bool = True, checkpoint: str = "",
+                    seed: int = 0, show_progress: bool = True) -> dict:
+    """Features of `vol` (or its `roi` [[z0, z1], [y0, y1], [x0, x1]]) to a zarr v3 array at `out_path`;
+    this process writes blocks i with i mod process_count == process_index. Returns a summary dict."""
+    import json
+
+    from emfm.data.loader import Region
+
     if vol.ndim != 3:
-        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions; export expects z, y, x")
-    enc = TileEncoder(encoder, tile=tile, margin=margin, batch_size=batch_size)
-    p = enc.patch
-    nz, ny, nx = vol.shape
-    gy, gx = math.ceil(ny / p), math.ceil(nx / p)
-    out_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
-    out = create_volume(out_path, (nz, gy, gx, enc.width), np.dtype(out_dtype),
-                        chunks=(1, tile // p, tile // p, enc.width),
-                        voxel_size=(vol.voxel_size[0], vol.voxel_size[1] * p, vol.voxel_size[2] * p),
-                        attributes={"source": vol.path, "patch_size": list(encoder.spec.patch_size), "tile": tile,
-                                    "margin": margin, "grey_range": list(grey_range),
-                                    "content": "encoder patch features (final norm)"},
-                        exist_ok=resume)
-    done = _written_chunks(out) if resume else set()
-    jobs = [(z, y0, x0) for z in range(nz) for y0 in range(0, ny, tile) for x0 in range(0, nx, tile)
-            if (z, y0 // tile, x0 // tile) not in done]
-    bar = progress(len(jobs), desc="export", enabled=show_progress)
+        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
+                          "single-channel z, y, x volumes (store a 2D image as [1, y, x])")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
+    box = Region.of(vol, roi).box
+    size = tuple(b - a for a, b in box)
+    enc = BlockEncoder(encoder, block=(block_z, tile, tile), margin=(margin_z, margin, margin), batch_size=batch_size,
+                       layers=layers, out_dtype=OUT_DTYPES[dtype])
+    if pca_k < 0 or pca_k > enc.width:
+        raise ValueError(f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)")
+    s, cells = enc.stride, enc.cells
+    grid = tuple(-(-n // st) for n, st in zip(size, s))
+    channels = pca_k or enc.width
+    plan = ExportPlan(source=vol.path, roi=[list(b) for b in box], encoder=asdict(encoder.spec),
+                      checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
+                      layers=list(enc.layers), block=list(enc.block), margin=list(enc.margin), stride=list(s),
+                      grey_range=[float(v) for v in grey_range], dtype=dtype, pca_k=pca_k,
+                      pca_sample_blocks=pca_sample_blocks, seed=seed)
+    plan_rec = json.loads(json.dumps(asdict(plan)))
+    shape, out_dtype = grid + (channels,), np.dtype(OUT_DTYPES[dtype])
+    exists = (Path(out_path) / "zarr.json").exists()
+    if exists and resume:  # every process checks before any compute, so all of them stop on a mismatch
+        _check_existing(out_path, shape, out_dtype, plan_rec)
+    origins = block_origins(size, enc.block)
+    pid, nproc = jax.process_index(), jax.process_count()
+    # ---- create the output (process 0; PCA fitted here once), the others wait and open it
+    if pid == 0 and not (exists and resume):
+        pca = _fit_pca(enc, vol, box, origins, grey_range, pca_k, pca_sample_blocks, seed) if pca_k else None
+        attrs = {"export": plan_rec, "source": vol.path, "stride": list(s), "roi_origin": [b[0] for b in box],
+                 "grey_range": plan_rec["grey_range"], "layers": list(enc.layers), "content": _content(enc, pca_k)}
+        if pca is not None:
+            attrs["pca"] = pca
+        create_volume(out_path, shape, out_dtype, chunks=cells + (channels,), attributes=attrs,
+                      voxel_size=tuple(v * st for v, st in zip(vol.voxel_size, s)), exist_ok=False)
+    _barrier("emfm_export_created", nproc)
+    out = open_volume(out_path, write=True)
+    # written blocks are never read back: no chunk cache for the output, so memory stays flat however much is written
+    out = replace(out, array=ts.open(out.array.spec(minimal_spec=True), write=True,
+                                     context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result())
+    if pca_k:
+        p = out.attributes["pca"]
+        enc.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
+    mine = [i for i in range(len(origins)) if i % nproc == pid]
+    done = _written_chunks(out)
+    todo = [origins[i] for i in mine if tuple(o // b for o, b in zip(origins[i], enc.block)) not in done]
+    skipped = len(mine) - len(todo)
+    if todo:
+        enc.compiled()
+        log.info("export: forward of %d x %s voxels compiled in %.1f s", batch_size, enc.window, enc.compile_seconds)
+    bar = progress(len(mine), initial=skipped, desc="export" if nproc == 1 else f"export {pid}/{nproc}",
+                   enabled=show_progress)
+    bar.unit = "block"
     t0 = time.perf_counter()
     voxels = 0
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        w = np.stack([window(lambda ys, xs, z=z: vol.read((slice(z, z + 1), ys, xs))[0], (ny, nx), y0, x0, tile, margin)
-                      for z, y0, x0 in chunk])
-        feats = enc(normalise(w, grey_range))
-        writes = []
-        for (z, y0, x0), f in zip(chunk, feats):
-            ty, tx = min(tile, ny - y0), min(tile, nx - x0)
-            hy, hx = math.ceil(ty / p), math.ceil(tx / p)
-            writes.append(out.array[z, y0 // p: y0 // p + hy, x0 // p: x0 // p + hx, :].write(f[:hy, :hx].astype(out_dtype)))
-            voxels += ty * tx
-        for wr in writes:
-            wr.result()
-        bar.update(len(chunk))
-        bar.set_postfix(vox_s=f"{voxels / (time.perf_counter() - t0):.3g}")
+    pending: deque = deque()
+    for batch, windows in _prefetch(vol, box, todo, enc, grey_range, prefetch):
+        feats = enc(windows)
+        for o, f in zip(batch, feats):
+            valid = [min(b, n - x) for b, n, x in zip(enc.block, size, o)]
+            c = [-(-v // st) for v, st in zip(valid, s)]
+            c0 = [x // st for x, st in zip(o, s)]
+            region = tuple(slice(a, a + n) for a, n in zip(c0, c))
+            pending.append((o, out.array[region + (slice(None),)].write(f[:c[0], :c[1], :c[2]])))
+            voxels += math.prod(valid)
+        while len(pending) > 4 * batch_size:
+            _finish_write(out, *pending.popleft())
+        bar.update(len(batch))
+        secs = time.perf_counter() - t0
+        bar.set_postfix_str(f"{voxels / max(secs, 1e-9):.3g} vox/s")
+    while pending:
+        _finish_write(out, *pending.popleft())
     bar.close()
     secs = time.perf_counter() - t0
-    return {"path": str(out_path), "shape": list(out.shape), "dtype": dtype, "tiles_written": len(jobs),
-            "tiles_skipped": len(done), "seconds": secs, "voxels_per_s": voxels / secs if secs > 0 else None}
+    _barrier("emfm_export_done", nproc)
+    res = {"path": str(out_path), "shape": list(shape), "dtype": dtype, "layers": list(enc.layers), "stride": list(s),
+           "block": list(enc.block), "margin": list(enc.margin), "roi": plan_rec["roi"], "process": pid,
+           "processes": nproc, "blocks": len(origins), "tiles_written": len(todo), "tiles_skipped": skipped,
+           "voxels": voxels, "seconds": secs, "voxels_per_s": voxels / secs if secs > 0 and voxels else None}
+    if pca_k:
+        res["pca_explained_variance"] = out.attributes["pca"]["explained_variance_ratio"]
+    return res
+
+
+def _content(enc: BlockEncoder, pca_k: int) -> str:
+    what = ("U-Net decoder output" if enc.is_unet else "final-norm patch tokens") if not enc.layers else \
+        f"{'U-Net encoder levels' if enc.is_unet else 'ViT blocks'} {list(enc.layers)} concatenated"
+    return what + (f", PCA to {pca_k} channels" if pca_k else "")
+
+
+def _check_existing(path, shape, dtype, plan_rec: dict) -> None:
+    old = open_volume(path)
+    if old.shape != tuple(shape) or old.dtype != dtype:
+        raise VolumeError(f"output {path} exists with shape {old.shape} dtype {old.dtype}; this export writes shape "
+                          f"{tuple(shape)} dtype {dtype}. Remove it or choose another export.out")
+    prev = old.attributes.get("export")
+    if prev != plan_rec:
+        keys = sorted(k for k in plan_rec if (prev or {}).get(k) != plan_rec[k]) if isinstance(prev, dict) else ["all"]
+        raise VolumeError(f"output {path} holds another export (differs in: {', '.join(keys)}); finishing it with "
+                          "these settings would mix two jobs. Remove it or choose another export.out")
+
+
+def _barrier(name: str, nproc: int) -> None:
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _finish_write(out: Volume, origin, fut) -> None:
+    try:
+        fut.result()
+    except Exception as e:  # noqa: BLE001
+        raise VolumeError(f"writing the block at {origin} of {out.path} failed: {e}") from e
+
+
+def _read_batch(vol: Volume, box, batch, enc: BlockEncoder, grey_range) -> np.ndarray:
+    """Windows of a batch of blocks (ROI coordinates), all reads in flight at once."""
+    off = [b[0] for b in box]
+    plans = [window_region([o + a for o, a in zip(origin, off)], vol.shape, enc) for origin in batch]
+    futs = [vol.read_async(region) for region, _ in plans]
+    wins = [pad_window(vol.result(f, region), pad) for f, (region, pad) in zip(futs, plans)]
+    return normalise(np.stack(wins), grey_range)
+
+
+def _prefetch(vol, box, todo, enc: BlockEncoder, grey_range, depth: int):
+    """Yields (origins, windows) batches, read `depth` batches ahead in a thread."""
+    bs = enc.batch_size
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    if depth <= 0:
+        for b in batches:
+            yield b, _read_batch(vol, box, b, enc, grey_range)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                q.put((b, _read_batch(vol, box, b, enc, grey_range)))
+            q.put(None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="emfm-export-reader")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+def _fit_pca(enc: BlockEncoder, vol: Volume, box, origins, grey_range, k: int, n_blocks: int, seed: int, *,
+             max_vectors: int = 200_000) -> dict:
+    """Mean, top-k principal axes and their explained-variance ratios of the features of a seeded
+    random sample of blocks (features of cells past the volume edge left out)."""
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(origins), size=min(n_blocks, len(origins)), replace=False).tolist())
+    size = tuple(b - a for a, b in box)
+    vecs = []
+    for i in range(0, len(pick), enc.batch_size):
+        batch = [origins[j] for j in pick[i:i + enc.batch_size]]
+        for o, f in zip(batch, enc(_read_batch(vol, box, batch, enc, grey_range), raw=True)):
+            c = [-(-min(b, n - x) // st) for b, n, x, st in zip(enc.block, size, o, enc.stride)]
+            vecs.append(f[:c[0], :c[1], :c[2]].reshape(-1, f.shape[-1]))
+    x = np.concatenate(vecs)
+    if len(x) > max_vectors:
+        x = x[np.sort(rng.choice(len(x), max_vectors, replace=False))]
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    var = sv ** 2
+    return {"k": k, "mean": mean.astype(np.float32).tolist(), "components": vt[:k].astype(np.float32).tolist(),
+            "explained_variance_ratio": (var[:k] / var.sum()).astype(np.float32).tolist(), "vectors": int(len(x)),
+            "blocks": len(pick)}
 
 
 def _written_chunks(out: Volume) -> set[tuple[int, int, int]]:
-    """Chunks present in the store (each holds one finished tile)."""
-    kv = out.array.kvstore
+    """Chunk indices (z, y, x) present in the store (each holds one finished block)."""
     done = set()
-    for key in kv.list().result():
+    for key in out.array.kvstore.list().result():
         k = key.decode() if isinstance(key, bytes) else key
         if k.startswith("c/"):
             parts = k[2:].split("/")
@@ -157,6 +476,8 @@ def pca_rgb(features: np.ndarray, *, sample: int = 20000, seed: int = 0) -> tupl
     mu = s.mean(0)
     _, sv, vt = np.linalg.svd(s - mu, full_matrices=False)
     proj = (f - mu) @ vt[:3].T
+    if proj.shape[1] < 3:  # fewer than three channels: pad with zeros
+        proj = np.concatenate([proj, np.zeros((len(proj), 3 - proj.shape[1]), np.float32)], axis=1)
     lo, hi = np.percentile(proj, [1, 99], axis=0)
     rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
     return rgb.reshape(features.shape[:-1] + (3,)), (sv[:3] ** 2) / (sv ** 2).sum()
