@@ -61,8 +61,8 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     results, probs = {}, {}
     for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
         t0 = time.perf_counter()
-        kw = dict(tile=cfg.export.tile, margin=cfg.export.margin, batch_size=cfg.export.batch_size,
-                  blocks=tuple(pc.blocks))
+        kw = dict(tile=pc.tile, margin=pc.margin, batch_size=cfg.export.batch_size, blocks=tuple(pc.blocks),
+                  embed=pc.embed)
         f_tr = encode_sections(enc, probe.normalise(x_tr, rng), **kw)
         f_te = encode_sections(enc, probe.normalise(x_te, rng), **kw)
         lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,

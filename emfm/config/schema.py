@@ -212,6 +212,9 @@ class ProbeConfig:
     seed: int = 0
     upsample: str = "bilinear"  # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
     blocks: list[int] = field(default_factory=list)  # encoder blocks whose features are concatenated; [] = final output
+    embed: bool = False  # ViT: also the patch embedding (tokens before the first block), concatenated first
+    tile: int = 128  # sections are encoded in tiles of this many pixels ...
+    margin: int = 32  # ... each with this much context on every side (dropped), as in export
     class_balance: bool = True
 
 
@@ -542,6 +545,11 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
     e = cfg.export
     p = m.patch_size[-1]
+    if cfg.probe.tile <= 0 or cfg.probe.tile % p or cfg.probe.margin < 0 or cfg.probe.margin % p:
+        raise ConfigError(f"probe.tile={cfg.probe.tile}, probe.margin={cfg.probe.margin}: must be multiples of "
+                          f"the patch size {p}")
+    if cfg.probe.embed and m.name != "vit":
+        raise ConfigError(f"probe.embed=true takes a ViT's patch embedding; model.name={m.name!r} has none")
     if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:
         raise ConfigError(f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size {p}")
     if e.dtype not in ("float16", "bfloat16", "float32"):

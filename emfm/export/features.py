@@ -84,10 +84,13 @@ class BlockEncoder:
     the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis is set)."""
 
     def __init__(self, encoder, *, block: tuple[int, int, int], margin: tuple[int, int, int], batch_size: int = 8,
-                 layers: tuple[int, ...] = (), out_dtype=np.float32):
+                 layers: tuple[int, ...] = (), out_dtype=np.float32, embed: bool = False):
         spec = encoder.spec
         self.ndim, self.batch_size = spec.ndim, batch_size
         self.is_unet = hasattr(encoder, "decode")
+        if embed and self.is_unet:
+            raise ValueError("patch-embedding features (embed=true) exist for ViT encoders only")
+        self.embed = embed
         layers = tuple(int(i) for i in layers)
         for i in layers:
             if not -spec.depth <= i < spec.depth:
@@ -95,6 +98,8 @@ class BlockEncoder:
                                  f"{'levels' if self.is_unet else 'blocks'} (indices {-spec.depth}..{spec.depth - 1})")
         self.layers = tuple(sorted({i % spec.depth for i in layers}, key=[i % spec.depth for i in layers].index))
         strides, widths = self._layer_grids(spec)
+        if embed:  # the patch embedding (tokens before the first block) first, then the chosen layers
+            strides, widths = [self._pad3(spec.patch_size)] + strides, [spec.width] + widths
         self.stride = tuple(min(s[a] for s in strides) for a in range(3))
         align = (self._pad3(spec.total_pool()) if self.is_unet else self._pad3(spec.patch_size))
         if self.ndim == 2:
@@ -118,6 +123,8 @@ class BlockEncoder:
             _, aux = nnx.merge(graphdef, prm)(xin, return_blocks=collect)
             maps = []
             srcs = [aux["patch_map"]] if not self.layers else [aux["blocks"][i] for i in self.layers]
+            if self.embed:
+                srcs = [aux["embed_map"]] + srcs
             for f, s in zip(srcs, strides):
                 if f.ndim == 3:  # ViT block tokens [b, n, d] -> grid
                     f = f.reshape(b, *aux["patch_map"].shape[1:-1], -1)
@@ -214,12 +221,14 @@ def block_origins(shape: tuple[int, int, int], block: tuple[int, int, int]) -> l
 
 
 def encode_sections(encoder, images: np.ndarray, *, tile: int = 128, margin: int = 32, batch_size: int = 8,
-                    blocks: tuple[int, ...] = ()) -> np.ndarray:
+                    blocks: tuple[int, ...] = (), embed: bool = False) -> np.ndarray:
     """Features `[n, ceil(y/s), ceil(x/s), d]` of in-memory sections `[n, y, x]` (floats in [0, 1]) from a
     2D encoder, encoded tile by tile exactly as `export_features` does (s = the feature stride: the
     patch size, or 1 / the finest chosen level's pooling for a U-Net; `blocks`: encoder blocks or U-Net
-    levels whose features are concatenated, () = the final output)."""
-    enc = BlockEncoder(encoder, block=(1, tile, tile), margin=(0, margin, margin), batch_size=batch_size, layers=blocks)
+    levels whose features are concatenated, () = the final output; `embed`: also the ViT's patch
+    embedding, i.e. the tokens before the first block, placed first)."""
+    enc = BlockEncoder(encoder, block=(1, tile, tile), margin=(0, margin, margin), batch_size=batch_size,
+                       layers=blocks, embed=embed)
     if enc.ndim != 2:
         raise ValueError("encode_sections takes a 2D encoder; export 3D encoders with export_features")
     n, ny, nx = images.shape

@@ -103,7 +103,7 @@ class ViT(nnx.Module):
         self._check(x)
         b = x.shape[0]
         grid = self.grid(x.shape[1:-1])
-        t = self.embed(x)
+        t = embedded = self.embed(x)
         if ids_keep is not None:
             t = gather_tokens(t, ids_keep)
         prefix = [jnp.broadcast_to(self.cls_token[...], (b, 1, self.spec.width))]
@@ -121,6 +121,7 @@ class ViT(nnx.Module):
         }
         if ids_keep is None:
             aux["patch_map"] = t[:, npre:].reshape(b, *grid, self.spec.width)
+            aux["embed_map"] = embedded.astype(jnp.float32).reshape(b, *grid, self.spec.width)
         return t, aux
 
 
