@@ -56,6 +56,8 @@ def test_wrong_type_is_rejected_naming_it():
     ("data.patch_shape=[4,64,64]", "data.patch_shape"),
     ("probe.test_slices=[5,2]", "probe.test_slices"),
     ("export.tile=100", "export.tile"),
+    ("probe.margin=12", "probe.margin"),
+    ("objective.target_blur=-1", "objective.target_blur"),
     ("model.dtype=int8", "model.dtype"),
 ])
 def test_bad_values_name_the_key(override, key):
