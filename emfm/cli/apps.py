@@ -75,6 +75,15 @@ def _evaluate(cfg: DictConfig) -> None:
     print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
 
 
+def _segment(cmd: str, cfg: DictConfig) -> None:
+    from emfm.segment import train
+
+    c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
+    _save_provenance(Path(c.run_dir), cfg)
+    res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
+    print(json.dumps(res.get("test", res), indent=1, default=float))
+
+
 def _preempted():
     from emfm.train.pretrain import Preempted
 
@@ -87,6 +96,9 @@ def _task(cmd: str):
         try:
             if cmd == "evaluate":
                 _evaluate(cfg)
+                return
+            if cmd in ("finetune", "predict"):
+                _segment(cmd, cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed

@@ -18,6 +18,8 @@ COMMANDS = {
     "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init)",
     "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
     "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
+    "finetune": "train a segmentation model: finetune [regime=frozen checkpoint=RUN] [task=affinity] [head=progressive]",
+    "predict": "blockwise probabilities of a volume to zarr: predict checkpoint=FINETUNE_RUN predict.path=VOL",
 }
 
 
