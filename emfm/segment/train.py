@@ -56,7 +56,10 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
         enc, meta = load_encoder(cfg.checkpoint)
         mcfg = ModelConfig(**meta["model"])
         log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
-        grey = tuple(meta["grey_range"]) if meta.get("grey_range") else None
+        # the pretraining normalisation where the data are the same, else the new data's own range
+        same = meta.get("grey_range") and meta.get("data_path") == open_volume(
+            bundled.resolve(cfg.data.path, bundled.sample_raw())).path
+        grey = tuple(meta["grey_range"]) if same else None
         return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
     return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
 
