@@ -1,7 +1,7 @@
 """Segmentation quality on real EM: random-init vs MAE-pretrained ViT at 10 % and 100 % of the labels.
 
 Command (2-core CPU, about an hour for all 12 runs on a shared machine; results appended to results.jsonl):
-  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 200] [--only isbi,gala,cdeep3m]
+  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 60 --batch 4] [--only isbi,gala,cdeep3m]
 Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then blockwise
 `predict_volume` of the held-out data to /work/seg_outputs/<dataset>_<init>_<fraction>/probabilities.zarr,
 then scores read back from that zarr.
@@ -58,9 +58,9 @@ def datasets() -> dict:
         "isbi": dict(raw=to_zarr("isbi_raw", isbi_x), labels=to_zarr("isbi_labels", isbi_y), test_raw=None,
                      train_roi=[[0, 20], [0, 512], [0, 512]], test_roi=[[20, 30], [0, 512], [0, 512]],
                      over=["task=semantic", "task.class_values=[255,0]"], patch=128),
-        # CDeep3M: 1 = mitochondrion; train sections 0-14, test 15-19
+        # CDeep3M: 1 = mitochondrion; train sections 0-14, test 15-19 (pixels 0-511 x 0-511)
         "cdeep3m": dict(raw=to_zarr("mito_raw", mito_x), labels=to_zarr("mito_labels", mito_y), test_raw=None,
-                        train_roi=[[0, 15], [0, 1024], [0, 1024]], test_roi=[[15, 20], [0, 1024], [0, 1024]],
+                        train_roi=[[0, 15], [0, 1024], [0, 1024]], test_roi=[[15, 20], [0, 512], [0, 512]],
                         over=["task=semantic", "loss.balance=true"], patch=128),
         # gala: neuron instances (0 = boundary); boundary task per slice; train volume -> test volume
         "gala": dict(raw=to_zarr("gala_train_raw", gala["train_image"]),
@@ -71,11 +71,11 @@ def datasets() -> dict:
     }
 
 
-def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path):
+def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batch: int):
     over = [f"data.path={ds['raw']}", f"data.labels={ds['labels']}", f"data.label_fraction={fraction}",
             f"data.patch_shape=[1,{ds['patch']},{ds['patch']}]", "data.test_roi=null",
             "data.train_roi=" + (json.dumps(ds["train_roi"]).replace(" ", "") if ds["train_roi"] else "null"),
-            f"trainer.steps={steps}", "trainer.log_every=25", "trainer.progress=false", "trainer.tensorboard=false",
+            f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=5", "trainer.log_every=25", "trainer.progress=false", "trainer.tensorboard=false",
             "model.width=128", "model.depth=4", "model.heads=4", "head=progressive", f"run_dir={run_dir}",
             *ds["over"]]
     if init == "mae":
@@ -91,7 +91,7 @@ def score(name: str, ds: dict, probs: np.ndarray) -> dict:
         s = membrane_scores(probs[..., 1], gt)
         return {k: s[k] for k in ("f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge")}
     if name == "cdeep3m":
-        gt = tifffile.imread(EM / "cdeep3m_sbem_mito" / "train_labels.tif")[15:20] > 0
+        gt = tifffile.imread(EM / "cdeep3m_sbem_mito" / "train_labels.tif")[15:20, :512, :512] > 0
         pred = probs[..., 1] >= 0.5
         px = metrics.binary_scores(pred, gt)
         tp = n_pred = n_gt = 0
@@ -113,7 +113,8 @@ def score(name: str, ds: dict, probs: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", default="isbi,gala,cdeep3m")
     ap.add_argument("--inits", default="random,mae")
     ap.add_argument("--fractions", default="0.1,1.0")
@@ -128,7 +129,7 @@ def main() -> None:
                 tag = f"{name}_{init}_{int(round(frac * 100))}"
                 run_dir = Path("/tmp/emfm_seg_runs") / tag
                 t0 = time.time()
-                cfg = config(ds, init, frac, a.steps, run_dir)
+                cfg = config(ds, init, frac, a.steps, run_dir, a.batch)
                 summary = train.finetune(cfg)
                 model, meta = train.load_seg_model(str(run_dir))
                 lay = targets.layout(cfg.task, 2)
