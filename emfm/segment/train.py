@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,7 +29,7 @@ from emfm.data.volume import VolumeError, open_volume
 from emfm.models.seg_heads import SegModel, build_head
 from emfm.models.vit import count_params
 from emfm.segment import losses, regimes, targets
-from emfm.segment.predict import model_fn, predict_array
+from emfm.segment.predict import model_fn, predict_array, predict_volume
 from emfm.train import checkpoint, mesh as meshlib, optim
 from emfm.train.logging import MetricWriter, progress
 from emfm.train.pretrain import NonFiniteLoss, Preempted, _truncate_metrics, write_status

@@ -37,6 +37,7 @@ MAE = "/work/main/runs/main/2026-11-25_14-45-37"
 OUT = Path("/work/seg_outputs")
 DATA = Path("/tmp/emfm_seg_data")
 HERE = Path(__file__).resolve().parent
+T0 = time.time()  # one fresh run directory per launch: never resume an older run
 
 
 def to_zarr(name: str, arr: np.ndarray) -> str:
@@ -127,7 +128,7 @@ def main() -> None:
         for frac in [float(f) for f in a.fractions.split(",")]:
             for init in a.inits.split(","):
                 tag = f"{name}_{init}_{int(round(frac * 100))}"
-                run_dir = Path("/tmp/emfm_seg_runs") / tag
+                run_dir = Path("/tmp/emfm_seg_runs") / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
                 t0 = time.time()
                 cfg = config(ds, init, frac, a.steps, run_dir, a.batch)
                 summary = train.finetune(cfg)

@@ -19,6 +19,8 @@ from emfm.segment import train
 from emfm.train.state import load_encoder
 from conftest import CONFIGS, run_cli, shared_data
 
+pytestmark = pytest.mark.slow
+
 TINY = ["debug=seg_tiny", "trainer.steps=8", "trainer.log_every=1", "optim.warmup_steps=1", "optim.lr=3e-3",
         "data.patch_shape=[1,32,32]", "model.depth=1", "model.patch_size=[4,4]"]
 
