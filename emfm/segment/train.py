@@ -169,7 +169,8 @@ def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: in
         pos = t.positive_class
         s = metrics.binary_scores(pred[valid] == pos, cls[valid] == pos)
         scores.update(f1=s["f1"], iou=s["iou"], accuracy=float((pred[valid] == cls[valid]).mean()))
-        if ndim == 2 and not t.class_values and t.num_classes == 2:  # membranes: cells from predicted boundaries
+        if ndim == 2 and t.num_classes == 2 and t.positive_class != t.instance_class:
+            # the positive class separates instances (membranes): score the watershed cells it gives
             scores.update({k: v for k, v in membrane_scores(probs[..., pos], cls == pos).items()
                            if k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")})
     else:
