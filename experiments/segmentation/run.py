@@ -2,6 +2,7 @@
 
 Command (2-core CPU, about an hour for all 12 runs on a shared machine; results appended to results.jsonl):
   PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 60 --batch 4] [--only isbi,gala,cdeep3m]
+  PYTHONPATH=. python experiments/segmentation/run.py --table      (the README tables from results.jsonl)
 Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then blockwise
 `predict_volume` of the held-out data to /work/seg_outputs/<dataset>_<init>_<fraction>/probabilities.zarr,
 then scores read back from that zarr.
@@ -112,7 +113,37 @@ def score(name: str, ds: dict, probs: np.ndarray) -> dict:
             "voi_split": float(np.mean(sp)), "voi_merge": float(np.mean(mg))}
 
 
+COLUMNS = {"isbi": ["f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge"],
+           "cdeep3m": ["iou", "f1_pixel", "instance_f1_50", "n_pred", "n_gt"],
+           "gala": ["f1", "adapted_rand_error", "voi", "voi_split", "voi_merge"]}
+
+
+def table() -> str:
+    """Markdown tables of results.jsonl, one per dataset (the last record of each run)."""
+    recs = {}
+    for ln in (HERE / "results.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        recs[r["run"]] = r
+    out = []
+    for ds, cols in COLUMNS.items():
+        rows = [r for r in recs.values() if r["dataset"] == ds]
+        if not rows:
+            continue
+        out += [f"**{ds}**", "", "| encoder | labels | " + " | ".join(cols) + " | steps | final loss | train s |",
+                "|---" * (len(cols) + 5) + "|"]
+        for r in sorted(rows, key=lambda r: (-r["label_fraction"], r["init"])):
+            vals = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+            out.append(f"| {'MAE-pretrained' if r['init'] == 'mae' else 'random init'} | "
+                       f"{int(round(100 * r['label_fraction']))} % | " + " | ".join(vals)
+                       + f" | {r['steps']} | {r['final_loss']:.3f} | {r['train_s']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--table"]:
+        print(table())
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
