@@ -2,6 +2,7 @@
 the bundled ISBI 2012 sample, CDeep3M mitochondria and gala neurons from ../shared/data/em."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -65,8 +66,7 @@ def mito(tmp_path_factory):
 
 def test_cli_finetune_then_blockwise_predict_resumes(tmp_path):
     run = tmp_path / "ft"
-    res = run_cli("finetune", *TINY, f"hydra.run.dir={run}",
-                  "trainer.progress=false")
+    res = run_cli("finetune", *TINY, f"hydra.run.dir={run}", "trainer.progress=false")
     assert res.returncode == 0, res.stderr[-3000:]
     assert_falls(run)
     summary = json.loads((run / "finetune_summary.json").read_text())
@@ -80,12 +80,15 @@ def test_cli_finetune_then_blockwise_predict_resumes(tmp_path):
     p = out.read().astype(np.float32)
     assert p.shape == (2, 96, 96, 2) and out.attributes["channels"] == ["class_0", "class_1"]
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=2e-3)
-    res = run_cli("predict", *pred, f"hydra.run.dir={tmp_path / 'pr2'}")  # a rerun resumes: nothing left to do
-    rec = json.loads((tmp_path / "pr2" / "predict.json").read_text())
+    # a rerun resumes (nothing left to do); a missing checkpoint is named (in-process: no second CLI start)
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        c = compose("predict", overrides=[*pred, f"run_dir={tmp_path / 'pr2'}"])
+    pc = schema.validate_finetune(OmegaConf.to_object(c), command="predict")
+    rec = train.run_predict(pc)
     assert rec["chunks_skipped"] == 8 and rec["chunks_written"] == 0
-    res = run_cli("predict", f"checkpoint={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'pr3'}")
-    assert res.returncode == 2 and "emfm: error:" in res.stderr and "nowhere" in res.stderr
-
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train.run_predict(dataclasses.replace(pc, checkpoint=str(tmp_path / "nowhere")))
 
 def test_frozen_pretrained_encoder_boundary_progressive_on_gala(tmp_path, gala, tiny_main_run):
     cfg = finetune_cfg(tmp_path, "regime=frozen", f"checkpoint={tiny_main_run}", "head=progressive", "task=boundary",
