@@ -95,6 +95,8 @@ def _instances(cfg: DictConfig) -> None:
         b.close()
     (Path(c.run_dir) / "instances.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+
+
 def _discover(cfg: DictConfig) -> None:
     from emfm.export.discover import discover
 
@@ -105,6 +107,15 @@ def _discover(cfg: DictConfig) -> None:
                    show_progress=c.progress)
     print(f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
           f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}")
+
+
+def _segment(cmd: str, cfg: DictConfig) -> None:
+    from emfm.segment import train
+
+    c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
+    _save_provenance(Path(c.run_dir), cfg)
+    res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
+    print(json.dumps(res.get("test", res), indent=1, default=float))
 
 
 def _preempted():
@@ -125,6 +136,9 @@ def _task(cmd: str):
                 return
             if cmd == "discover":
                 _discover(cfg)
+                return
+            if cmd in ("finetune", "predict"):
+                _segment(cmd, cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed

@@ -20,6 +20,8 @@ COMMANDS = {
     "discover": "k-means clusters of exported features: label volume, galleries (discover features=PATH k=8)",
     "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
     "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR method=watershed|link2d|agglomeration|multicut|mws",
+    "finetune": "train a segmentation model: finetune [regime=frozen checkpoint=RUN] [task=affinity] [head=progressive]",
+    "predict": "blockwise probabilities of a volume to zarr: predict checkpoint=FINETUNE_RUN predict.path=VOL",
 }
 
 

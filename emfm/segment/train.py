@@ -1,0 +1,398 @@
+"""`emfm finetune`: segmentation training under every regime, on the pretraining engine.
+
+The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA teacher for the mean
+teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
+with the data position, resume from the run's own directory, SIGTERM -> checkpoint, metrics JSONL
+and TensorBoard. Batches: labelled patches (PatchLoader with label volumes) turned into the task's
+targets on the host (emfm.segment.targets), plus `unlabelled_ratio` times as many unlabelled patches
+for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters frozen
+features and scores them with Hungarian-matched classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, TaskConfig
+from emfm.data import bundled
+from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.volume import VolumeError, open_volume
+from emfm.models.seg_heads import SegModel, build_head
+from emfm.models.vit import count_params
+from emfm.segment import losses, regimes, targets
+from emfm.segment.predict import model_fn, predict_array, predict_volume
+from emfm.train import checkpoint, mesh as meshlib, optim
+from emfm.train.logging import MetricWriter, progress
+from emfm.train.pretrain import NonFiniteLoss, Preempted, _truncate_metrics, write_status
+from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
+
+log = logging.getLogger("emfm")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, task: TaskConfig, *, seed: int = 0, encoder=None):
+    enc = encoder if encoder is not None else build_encoder(model_cfg, seed=seed)
+    lay = targets.layout(task, enc.spec.ndim)
+    head = build_head(head_cfg.name, enc, out=lay.channels, width=head_cfg.width, blocks=head_cfg.blocks, seed=seed)
+    return SegModel(enc, head)
+
+
+def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None]:
+    """The model to train: a pretrained encoder (`checkpoint`, whose architecture wins over
+    `model`) or a fresh one, plus a new head; and the checkpoint's grey range, if any."""
+    if cfg.regime.init == "pretrained":
+        enc, meta = load_encoder(cfg.checkpoint)
+        mcfg = ModelConfig(**meta["model"])
+        log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
+        # the pretraining normalisation where the data are the same, else the new data's own range
+        same = meta.get("grey_range") and meta.get("data_path") == open_volume(
+            bundled.resolve(cfg.data.path, bundled.sample_raw())).path
+        grey = tuple(meta["grey_range"]) if same else None
+        return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
+    return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
+
+
+def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
+    """A finetuned model (latest checkpoint of an `emfm finetune` run) and its meta record."""
+    import orbax.checkpoint as ocp
+
+    run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
+    meta = checkpoint.read_meta(run_dir)
+    if "task" not in meta or "head" not in meta:
+        raise checkpoint.CheckpointError(f"checkpoint in {run_dir} is not a segmentation model (emfm finetune run)")
+    mcfg, hcfg, tcfg = ModelConfig(**meta["model"]), HeadConfig(**meta["head"]), TaskConfig(**meta["task"])
+    abstract = nnx.eval_shape(lambda: build_model(mcfg, hcfg, tcfg))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    mngr = checkpoint.manager(run_dir, create=False)
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+    mngr.close()
+    return nnx.merge(graphdef, restored.state["params"], rest_state(abstract)), meta
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _volumes(cfg: FinetuneConfig):
+    img = open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw()))
+    lab = open_volume(bundled.resolve(cfg.data.labels, bundled.sample_membranes()))
+    if lab.spatial_shape != img.spatial_shape:
+        raise VolumeError(f"labels {lab.path} of shape {lab.spatial_shape} do not match volume {img.path} "
+                          f"of shape {img.spatial_shape}")
+    return img, lab
+
+
+def labelled_roi(region: Region, fraction: float, min_depth: int) -> list[list[int]]:
+    """The first `fraction` of the region's sections (at least `min_depth`): the labelled part."""
+    (z0, z1), *rest = region.box
+    n = max(min_depth, int(math.ceil(fraction * (z1 - z0))))
+    return [[z0, min(z1, z0 + n)]] + [list(r) for r in rest]
+
+
+class Batches:
+    """Host batches for the step: image, targets, and unlabelled images for semi-supervised regimes."""
+
+    def __init__(self, cfg: FinetuneConfig, img, lab, grey, ndim: int, start: int):
+        d, r = cfg.data, cfg.regime
+        train = Region.of(img, d.train_roi)
+        self.labelled = Region.of(img, labelled_roi(train, d.label_fraction, d.patch_shape[0]))
+        self.task, self.ndim = cfg.task, ndim
+        b = d.batch_size
+        s = PatchSampler([self.labelled], d.patch_shape, b, seed=cfg.trainer.seed)
+        self.lab = PatchLoader(s, [grey], labels=[lab], augment_batches=d.augment, prefetch=d.prefetch,
+                               start_step=start, min_foreground=d.min_foreground)
+        self.unl = None
+        if r.semi != "none":
+            su = PatchSampler([train], d.patch_shape, b * r.unlabelled_ratio, seed=cfg.trainer.seed + 1)
+            self.unl = PatchLoader(su, [grey], augment_batches=d.augment, prefetch=d.prefetch, start_step=start)
+
+    def _img(self, x):
+        return x[:, 0, ..., None] if self.ndim == 2 else x[..., None]
+
+    def make(self, lb: dict, ub: dict | None) -> dict:
+        t = targets.make_targets(lb["label"], self.task, self.ndim)
+        out = {"image": self._img(lb["image"])}
+        out.update({k: (v[:, 0] if self.ndim == 2 else v) for k, v in t.items()})
+        if ub is not None:
+            out["uimage"] = self._img(ub["image"])
+        return out
+
+    def __next__(self) -> dict:
+        return self.make(next(self.lab), next(self.unl) if self.unl is not None else None)
+
+    def example(self) -> dict:
+        return self.make(self.lab.load(0), self.unl.load(0) if self.unl is not None else None)
+
+    def state(self) -> dict:
+        return self.lab.state()
+
+    def close(self):
+        self.lab.close()
+        if self.unl is not None:
+            self.unl.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: int, *, window=None) -> tuple[dict, np.ndarray]:
+    """Scores of the model on a held-out region, and its probabilities `[z, y, x, c]`."""
+    from emfm.eval import metrics
+    from emfm.eval.probe import membrane_scores
+
+    region = Region.of(img, roi)
+    box = tuple(slice(a, b) for a, b in region.box)
+    x = np.clip((img.read(box).astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)
+    raw = lab.read(box)
+    lay = targets.layout(cfg.task, ndim)
+    window = window or [1 if ndim == 2 else cfg.data.patch_shape[0]] + list(cfg.data.patch_shape[1:])
+    overlap = [0 if w == 1 else w // 4 for w in window]
+    fn = model_fn(model, lay, ndim=ndim, batch_size=4)
+    probs = predict_array(fn, lay.channels, x, window=window, overlap=overlap)
+    t = cfg.task
+    scores: dict = {}
+    if t.kind == "semantic":
+        cls = targets.to_classes(raw, t)
+        pred = probs[..., : t.num_classes].argmax(-1)
+        valid = cls >= 0
+        pos = t.positive_class
+        s = metrics.binary_scores(pred[valid] == pos, cls[valid] == pos)
+        scores.update(f1=s["f1"], iou=s["iou"], accuracy=float((pred[valid] == cls[valid]).mean()))
+        if ndim == 2 and t.num_classes == 2 and t.positive_class != t.instance_class:
+            # the positive class separates instances (membranes): score the watershed cells it gives
+            scores.update({k: v for k, v in membrane_scores(probs[..., pos], cls == pos).items()
+                           if k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")})
+    else:
+        tg = targets.make_targets(raw[None], t, ndim)
+        if lay.classes:
+            cls = tg["classes"][0]
+            valid = cls >= 0
+            s = metrics.binary_scores(probs[..., 1][valid] >= 0.5, cls[valid] == 1)
+            scores.update(f1=s["f1"], iou=s["iou"])
+        if lay.sigmoid:
+            m = tg["sigmoid_mask"][0] > 0
+            s = metrics.binary_scores(probs[..., lay.classes:lay.classes + lay.sigmoid][m] >= 0.5, tg["sigmoid"][0][m] > 0.5)
+            scores.update(affinity_f1=s["f1"])
+    return scores, probs
+
+
+def cluster_run(cfg: FinetuneConfig) -> dict:
+    """Unsupervised regime: k-means / GMM on frozen dense features; Hungarian-matched classes, scored."""
+    from emfm.eval import metrics
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    img, lab = _volumes(cfg)
+    if cfg.regime.init == "pretrained":
+        enc, meta = load_encoder(cfg.checkpoint)
+        grey = tuple(meta.get("grey_range") or estimate_range(Region.of(img, cfg.data.train_roi)))
+    else:
+        enc = build_encoder(cfg.model, seed=cfg.trainer.seed)
+        grey = estimate_range(Region.of(img, cfg.data.train_roi))
+    if enc.spec.ndim != 2:
+        raise VolumeError("regime.cluster works on 2D encoders (per-section features)")
+    norm = lambda a: np.clip((a.astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)  # noqa: E731
+    train = Region.of(img, cfg.data.train_roi)
+    tbox = tuple(slice(a, b) for a, b in train.box)
+    test_roi = cfg.data.test_roi or [list(b) for b in train.box]
+    ebox = tuple(slice(a, b) for a, b in Region.of(img, test_roi).box)
+    t0 = time.perf_counter()
+    predict = regimes.fit_clusters(enc, norm(img.read(tbox)), cfg.regime.cluster, cfg.regime.clusters,
+                                   samples=cfg.regime.cluster_samples, seed=cfg.trainer.seed)
+    clusters = predict(norm(img.read(ebox)))
+    cls = targets.to_classes(lab.read(ebox), cfg.task)
+    mapping = regimes.hungarian_match(clusters, cls, cfg.task.num_classes)
+    pred = mapping[clusters]
+    valid = cls >= 0
+    pos = cfg.task.positive_class
+    s = metrics.binary_scores(pred[valid] == pos, cls[valid] == pos)
+    summary = {"regime": cfg.regime.cluster, "clusters": cfg.regime.clusters, "mapping": mapping.tolist(),
+               "f1": s["f1"], "iou": s["iou"], "accuracy": float((pred[valid] == cls[valid]).mean()),
+               "seconds": time.perf_counter() - t0, "test_roi": test_roi}
+    (run_dir / "cluster_eval.json").write_text(json.dumps(summary, indent=1))
+    log.info("cluster: %s", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Train a segmentation model under `cfg.regime`; resumes from `cfg.run_dir`'s checkpoint."""
+    if cfg.regime.cluster != "none":
+        return cluster_run(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    main_proc = jax.process_index() == 0
+    if jax.process_count() > 1:
+        raise ValueError("emfm finetune runs in one process (data/fsdp over its local devices)")
+    gbatch = cfg.data.batch_size
+    mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    if gbatch % mesh.size:
+        raise ValueError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
+    img, lab = _volumes(cfg)
+    model, mcfg, ckpt_grey = init_model(cfg)
+    ndim = model.encoder.spec.ndim
+    spatial = cfg.data.patch_shape[1:] if ndim == 2 else cfg.data.patch_shape
+    if ndim == 2 and cfg.data.patch_shape[0] != 1 or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size)):
+        raise ValueError(f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
+                         f"{model.encoder.spec.patch_size}")
+    grey = ckpt_grey or estimate_range(Region.of(img, cfg.data.train_roi), samples=cfg.data.intensity_samples,
+                                       seed=cfg.trainer.seed)
+    lay = targets.layout(cfg.task, ndim)
+    r = cfg.regime
+    unet = type(model.encoder).__name__ == "UNet"
+    ocfg = dataclasses.replace(cfg.optim, freeze=list(cfg.optim.freeze) + regimes.freeze_patterns(r, unet=unet),
+                               layer_decay=r.layer_decay if r.layer_decay != 1.0 else cfg.optim.layer_decay)
+    frozen = r.encoder == "frozen"
+    log.info("model: %s encoder + %s head, %.2f M parameters (encoder %.2f M, %s); regime %s", mcfg.name,
+             cfg.head.name, count_params(model) / 1e6, count_params(model.encoder) / 1e6, r.encoder, r.name)
+    tx, sched = optim.build(ocfg, steps=cfg.trainer.steps, batch_size=gbatch, params=nnx.state(model, nnx.Param))
+    teacher = r.semi == "mean_teacher"
+    graphdef, state0 = init_state(model, tx, cfg.trainer.seed, teacher=teacher)
+    state_sh = meshlib.state_shardings(jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size)
+
+    def loss_fn(m, batch, rng, teach):
+        out = m(batch["image"], frozen_encoder=frozen)
+        loss, metrics = losses.task_loss(out, batch, lay, cfg.loss)
+        if r.semi != "none":
+            lu, mu = regimes.unlabelled_loss(m, teach, batch["uimage"], rng, lay, r, frozen_encoder=frozen)
+            loss = loss + r.consistency_weight * lu
+            metrics.update(mu)
+        metrics["loss"] = loss
+        return loss, metrics
+
+    step_fn = make_train_step(graphdef, loss_fn, tx, ema_base=r.ema_momentum, total_steps=cfg.trainer.steps)
+    batch_sh = meshlib.batch_sharding(mesh)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+    mngr = checkpoint.manager(run_dir, keep=cfg.trainer.keep_checkpoints,
+                              interval=cfg.trainer.checkpoint_every or cfg.trainer.steps)
+    meta = {"model": dataclasses.asdict(mcfg), "head": dataclasses.asdict(cfg.head),
+            "task": dataclasses.asdict(cfg.task), "regime": dataclasses.asdict(r), "grey_range": list(grey),
+            "data_path": img.path, "channels": targets.channel_names(cfg.task, ndim)}
+    start = 0
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(lambda: state0), state_sh)
+    if mngr.latest_step() is not None:
+        state, _ = checkpoint.restore(mngr, abstract)
+        start = int(state.step)
+        log.info("resumed from %s at step %d", mngr.directory, start)
+        if main_proc:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    else:
+        state = jax.device_put(state0, state_sh)
+    del state0, model
+
+    batches = Batches(cfg, img, lab, grey, ndim, start)
+    ex = batches.example()
+    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in ex.items()}
+    t0 = time.perf_counter()
+    compiled = train_step.lower(abstract, example).compile()
+    compile_s = time.perf_counter() - t0
+    log.info("compiled the %s step in %.1f s", r.name, compile_s)
+
+    preempted = {"flag": False}
+    try:
+        old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+    except ValueError:
+        old_handler = None
+    writer = MetricWriter(run_dir, tensorboard=cfg.trainer.tensorboard) if main_proc else None
+    write_status(run_dir, "running", step=start)
+    losses_seen: list[float] = []
+    bar = progress(cfg.trainer.steps, initial=start, desc="finetune", enabled=cfg.trainer.progress and main_proc)
+    status, t_loop = "failed", time.perf_counter()
+    try:
+        for step in range(start, cfg.trainer.steps):
+            if preempted["flag"]:
+                checkpoint.save(mngr, step, state, {**meta, "data": batches.state()}, force=True)
+                mngr.wait_until_finished()
+                status = "preempted"
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; rerun to resume")
+            batch = meshlib.global_batch(next(batches), mesh)
+            state, metrics = compiled(state, batch)
+            last = step + 1 == cfg.trainer.steps
+            if (step + 1) % cfg.trainer.log_every == 0 or last or step == start:
+                m = jax.device_get(metrics)
+                if int(state.nonfinite) and cfg.trainer.nonfinite == "stop":
+                    raise NonFiniteLoss(f"non-finite loss or gradient at step {int(state.first_bad)}; the last good "
+                                        f"checkpoint in {mngr.directory} is kept")
+                losses_seen.append(float(m["loss"]))
+                m.update(lr=sched(step // cfg.optim.accumulate_steps))
+                if writer is not None:
+                    writer.write(step + 1, m)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+            bar.update(1)
+            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last:
+                checkpoint.save(mngr, step + 1, state, {**meta, "data": batches.state()})
+        jax.block_until_ready(state)
+        loop_s = time.perf_counter() - t_loop
+        checkpoint.save(mngr, cfg.trainer.steps, state, {**meta, "data": batches.state()}, force=True)
+        mngr.wait_until_finished()
+        status = "finished"
+    finally:
+        bar.close()
+        batches.close()
+        if writer is not None:
+            writer.close()
+        mngr.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        write_status(run_dir, status)
+
+    summary = {"regime": dataclasses.asdict(r), "steps": cfg.trainer.steps, "resumed_from": start,
+               "first_loss": losses_seen[0] if losses_seen else None,
+               "final_loss": losses_seen[-1] if losses_seen else None, "compile_s": compile_s,
+               "train_s": loop_s, "labelled_roi": [list(b) for b in batches.labelled.box],
+               "checkpoint": str(run_dir / "checkpoints")}
+    if cfg.data.test_roi:
+        host = jax.device_get(state)
+        model = nnx.merge(graphdef, host.params, host.rest)
+        scores, _ = evaluate(model, cfg, img, lab, grey, cfg.data.test_roi, ndim)
+        summary["test"] = scores
+    summary["total_s"] = time.perf_counter() - t_start
+    if main_proc:
+        (run_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    log.info("finetune: %s", summary)
+    return summary
+
+
+def run_predict(cfg: FinetuneConfig) -> dict:
+    """`emfm predict checkpoint=FINETUNE_RUN predict.path=VOLUME`: probabilities to zarr."""
+    if not cfg.checkpoint:
+        raise ValueError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
+    model, meta = load_seg_model(cfg.checkpoint)
+    task = TaskConfig(**meta["task"])
+    ndim = model.encoder.spec.ndim
+    lay = targets.layout(task, ndim)
+    p = cfg.predict
+    if ndim == 2 and p.window[0] != 1:
+        raise ValueError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
+    spatial = p.window[1:] if ndim == 2 else p.window
+    if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
+        raise ValueError(f"predict.window={p.window} is not divisible by the model's patch size "
+                         f"{model.encoder.spec.patch_size}")
+    vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
+    out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
+    fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
+    attrs = {"content": "probabilities", "task": task.kind, "channels": targets.channel_names(task, ndim),
+             "offsets": task.offsets if task.kind == "affinity" else [], "checkpoint": str(cfg.checkpoint)}
+    res = predict_volume(fn, lay.channels, vol, out, grey_range=meta["grey_range"], window=p.window,
+                         overlap=p.overlap, chunk=p.chunk, roi=p.roi, blend=p.blend, batch_size=p.batch_size,
+                         dtype=p.dtype, resume=p.resume, attributes=attrs, show_progress=cfg.trainer.progress)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / "predict.json").write_text(json.dumps(res, indent=1))
+    log.info("predict: %s", res)
+    return res
