@@ -1,6 +1,6 @@
 """`emfm probe checkpoints=[...]`: resolve the benchmark's task files, then call the library.
 
-A task is named by a file `configs/task/NAME.yaml` or given as a path to a YAML file; it is merged
+A task is named by a file `configs/probe_task/NAME.yaml` or given as a path to a YAML file; it is merged
 onto the typed `TaskConfig`, so an unknown key or a wrong type is an error naming the file and key.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from emfm.config.schema import ConfigError, EmfmConfig, TaskConfig
 
 
 def task_dir(config_dir: str) -> Path:
-    return Path(config_dir) / "task"
+    return Path(config_dir) / "probe_task"
 
 
 def load_task(name: str, config_dir: str) -> TaskConfig:

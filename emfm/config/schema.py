@@ -259,7 +259,7 @@ class DiscoverConfig:
 
 @dataclass
 class TaskConfig:
-    """One task of the probing benchmark (configs/task/NAME.yaml; emfm.eval.tasks): a labelled volume,
+    """One task of the probing benchmark (configs/probe_task/NAME.yaml; emfm.eval.tasks): a labelled volume,
     its split into train / validation / test sections, and the target whose metrics are reported."""
 
     name: str = ""  # defaults to the YAML file's name
@@ -282,7 +282,7 @@ class BenchmarkConfig:
     """`emfm probe checkpoints=[...]`: every task x probe x label fraction x seed x checkpoint
     (emfm.eval.benchmark). Results are cached in `cache_dir`, keyed by checkpoint content."""
 
-    tasks: list[str] = field(default_factory=list)  # names in configs/task/ or paths of task YAML files
+    tasks: list[str] = field(default_factory=list)  # names in configs/probe_task/ or paths of task YAML files
     probes: list[str] = field(default_factory=lambda: ["linear", "mlp", "knn"])
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # of the training pixels
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -616,7 +616,7 @@ class SegDataConfig:
 
 
 @dataclass
-class TaskConfig:
+class SegTaskConfig:
     """What the network predicts (emfm.segment.targets). `kind`: semantic (classes), boundary
     (instance boundaries, + optional distance transform), affinity (`offsets`), center (foreground +
     centre heatmap + offsets to the centre, for blob-like organelles). `label_type`: the label volume
@@ -698,7 +698,7 @@ class FinetuneConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: SegTaskConfig = field(default_factory=SegTaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)

@@ -231,7 +231,7 @@ def settings(bench: BenchmarkConfig) -> probes_mod.ProbeSettings:
 
 def validate(bench: BenchmarkConfig) -> None:
     if not bench.tasks:
-        raise ConfigError("benchmark.tasks=[]: name at least one task (configs/task/NAME.yaml or a YAML path)")
+        raise ConfigError("benchmark.tasks=[]: name at least one task (configs/probe_task/NAME.yaml or a YAML path)")
     for p in bench.probes:
         probes_mod.check_kind(p)
     if not bench.probes or not bench.fractions or not bench.seeds:

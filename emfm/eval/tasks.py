@@ -1,6 +1,6 @@
 """Tasks of the probing benchmark: a labelled volume, its split, its target and the target's metrics.
 
-A task (`TaskConfig`, one YAML file in configs/task/) names an image and a label volume of the same
+A task (`TaskConfig`, one YAML file in configs/probe_task/) names an image and a label volume of the same
 shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, validation and testing (or a
 separate test volume), an optional in-plane crop and downsampling, and a target:
 

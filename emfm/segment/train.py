@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, TaskConfig
+from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskConfig
 from emfm.data import bundled
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
@@ -41,7 +41,7 @@ log = logging.getLogger("emfm")
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, task: TaskConfig, *, seed: int = 0, encoder=None):
+def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, task: SegTaskConfig, *, seed: int = 0, encoder=None):
     enc = encoder if encoder is not None else build_encoder(model_cfg, seed=seed)
     lay = targets.layout(task, enc.spec.ndim)
     head = build_head(head_cfg.name, enc, out=lay.channels, width=head_cfg.width, blocks=head_cfg.blocks, seed=seed)
@@ -71,7 +71,7 @@ def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
     meta = checkpoint.read_meta(run_dir)
     if "task" not in meta or "head" not in meta:
         raise checkpoint.CheckpointError(f"checkpoint in {run_dir} is not a segmentation model (emfm finetune run)")
-    mcfg, hcfg, tcfg = ModelConfig(**meta["model"]), HeadConfig(**meta["head"]), TaskConfig(**meta["task"])
+    mcfg, hcfg, tcfg = ModelConfig(**meta["model"]), HeadConfig(**meta["head"]), SegTaskConfig(**meta["task"])
     abstract = nnx.eval_shape(lambda: build_model(mcfg, hcfg, tcfg))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     mngr = checkpoint.manager(run_dir, create=False)
@@ -374,7 +374,7 @@ def run_predict(cfg: FinetuneConfig) -> dict:
     if not cfg.checkpoint:
         raise ValueError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
     model, meta = load_seg_model(cfg.checkpoint)
-    task = TaskConfig(**meta["task"])
+    task = SegTaskConfig(**meta["task"])
     ndim = model.encoder.spec.ndim
     lay = targets.layout(task, ndim)
     p = cfg.predict

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from emfm.config.schema import HeadConfig, ModelConfig, TaskConfig
+from emfm.config.schema import HeadConfig, ModelConfig, SegTaskConfig
 from emfm.models.seg_heads import default_blocks, up_factors
 from emfm.segment.train import build_model
 
@@ -21,7 +21,7 @@ from emfm.segment.train import build_model
 ])
 def test_heads_output_pixel_logits(model, head, shape):
     mcfg = ModelConfig(**{"width": 32, "depth": 3, "heads": 2, **model})
-    task = TaskConfig(kind="affinity", offsets=[[-1, 0, 0], [0, -1, 0], [0, 0, -1]])
+    task = SegTaskConfig(kind="affinity", offsets=[[-1, 0, 0], [0, -1, 0], [0, 0, -1]])
     m = nnx.eval_shape(lambda: build_model(mcfg, HeadConfig(name=head, width=16), task))
     graphdef, state = nnx.split(m)
     out = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -38,4 +38,4 @@ def test_up_factors_and_block_choice():
 
 def test_head_must_fit_the_encoder():
     with pytest.raises(ValueError, match="head.name='unet'"):
-        build_model(ModelConfig(width=32, depth=1, heads=2), HeadConfig(name="unet"), TaskConfig())
+        build_model(ModelConfig(width=32, depth=1, heads=2), HeadConfig(name="unet"), SegTaskConfig())
