@@ -50,6 +50,8 @@ def assert_falls(run_dir):
 def gala(tmp_path_factory):
     d = tmp_path_factory.mktemp("gala")
     src = shared_data() / "gala_fibsem"
+    if not src.is_dir():
+        pytest.skip(f"needs the real EM of ../shared/data/em ({src} not found)")
     img = tifffile.imread(src / "train_image.tif")[:8, :64, :128]
     lab = tifffile.imread(src / "train_labels.tif")[:8, :64, :128].astype(np.uint32)
     return str(write_array(d / "raw", img).path), str(write_array(d / "labels", lab).path)
@@ -59,6 +61,8 @@ def gala(tmp_path_factory):
 def mito(tmp_path_factory):
     d = tmp_path_factory.mktemp("mito")
     src = shared_data() / "cdeep3m_sbem_mito"
+    if not src.is_dir():
+        pytest.skip(f"needs the real EM of ../shared/data/em ({src} not found)")
     img = tifffile.imread(src / "train_images.tif")[:4, :256, :256]
     lab = tifffile.imread(src / "train_labels.tif")[:4, :256, :256]
     return str(write_array(d / "raw", img).path), str(write_array(d / "labels", lab).path)
