@@ -690,6 +690,10 @@ class PredictConfig:
     batch_size: int = 4
     dtype: str = "float16"
     resume: bool = True
+    # instance labels from the written probabilities, block by block with stitching (emfm.postproc):
+    # "" = probabilities only, else watershed | link2d | agglomeration | multicut | mws; the method's
+    # parameters, block, halo and boundary channel are `instances.*` (as in `emfm instances`)
+    instances: str = ""
 
 
 @dataclass
@@ -705,6 +709,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    instances: InstancesConfig = field(default_factory=InstancesConfig)  # predict.instances' parameters
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/finetune"
@@ -717,6 +722,14 @@ TASK_KINDS = ("semantic", "boundary", "affinity", "center")
 def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
     """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
     t, r, h, d, lo = cfg.task, cfg.regime, cfg.head, cfg.data, cfg.loss
+    if command == "predict" and cfg.predict.instances:
+        from dataclasses import replace
+
+        ic = replace(cfg.instances, method=cfg.predict.instances, input="predictions", out="instances")
+        try:
+            validate_instances(ic)
+        except ConfigError as e:
+            raise ConfigError(f"predict.instances={cfg.predict.instances!r} / instances.*: {e}") from None
     if t.kind not in TASK_KINDS:
         raise ConfigError(f"task.kind={t.kind!r}: use one of {', '.join(TASK_KINDS)}")
     if t.label_type not in ("classes", "instances"):

@@ -392,7 +392,31 @@ def run_predict(cfg: FinetuneConfig) -> dict:
     res = predict_volume(fn, lay.channels, vol, out, grey_range=meta["grey_range"], window=p.window,
                          overlap=p.overlap, chunk=p.chunk, roi=p.roi, blend=p.blend, batch_size=p.batch_size,
                          dtype=p.dtype, resume=p.resume, attributes=attrs, show_progress=cfg.trainer.progress)
+    if p.instances:
+        res["instances"] = predict_instances(cfg, out)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "predict.json").write_text(json.dumps(res, indent=1))
     log.info("predict: %s", res)
     return res
+
+
+def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
+    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block by
+    block with stitching, to `instances.out` (default: beside the probabilities, `*_instances.zarr`).
+    A rerun after a finished segmentation keeps it; an interrupted one resumes from its work directory."""
+    from dataclasses import replace
+
+    from emfm.config.schema import segment_params
+    from emfm.postproc.blockwise import instances
+
+    ic = replace(cfg.instances, method=cfg.predict.instances)
+    base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
+    out = ic.out or f"{base}_instances.zarr"
+    work = Path(ic.work_dir) if ic.work_dir else Path(out).with_name(Path(out).name + ".work")
+    if cfg.predict.resume and Path(out).exists() and not work.exists():
+        log.info("predict: instance labels %s already written (predict.resume=true)", out)
+        return {"out": out, "method": ic.method, "reused": True}
+    res = instances(prob_path, out, segment_params(ic), block=ic.block, halo=ic.halo, kind=ic.kind,
+                    channel=ic.channel, invert=ic.invert, stitch_threshold=ic.stitch_threshold,
+                    work_dir=ic.work_dir or None, keep_work=ic.keep_work)
+    return {"out": out, "method": ic.method, **res}

@@ -72,7 +72,7 @@ def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

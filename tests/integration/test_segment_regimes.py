@@ -76,12 +76,22 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
     pred = [f"checkpoint={run}", "predict.roi=[[20,22],[0,96],[0,96]]", "predict.window=[1,32,32]",
             "predict.overlap=[0,8,8]", "predict.chunk=[1,64,64]", f"predict.out={tmp_path / 'p.zarr'}",
             "trainer.progress=false"]
-    res = run_cli("predict", *pred, f"hydra.run.dir={tmp_path / 'pr'}")
+    # probabilities, then instance labels from the membrane channel in stitched blocks, in one command
+    inst = ["predict.instances=watershed", "instances.channel=1", "instances.block=[1,64,64]",
+            "instances.halo=[0,16,16]", "instances.min_seed=4"]
+    res = run_cli("predict", *pred, *inst, f"hydra.run.dir={tmp_path / 'pr'}")
     assert res.returncode == 0, res.stderr[-3000:]
     out = open_volume(tmp_path / "p.zarr")
     p = out.read().astype(np.float32)
     assert p.shape == (2, 96, 96, 2) and out.attributes["channels"] == ["class_0", "class_1"]
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=2e-3)
+    lab = open_volume(tmp_path / "p_instances.zarr").read()
+    assert lab.shape == (2, 96, 96) and lab.dtype.kind == "u" and lab.max() >= 1
+    rec = json.loads((tmp_path / "pr" / "predict.json").read_text())
+    assert rec["instances"]["method"] == "watershed" and rec["instances"]["out"].endswith("p_instances.zarr")
+    # an unknown method is named before any compute
+    res = run_cli("predict", *pred, "predict.instances=magic", f"hydra.run.dir={tmp_path / 'pr3'}")
+    assert res.returncode == 2 and "predict.instances='magic'" in res.stderr
     # a missing checkpoint is named (resume after interruption: tests/unit/test_seg_targets.py)
     schema.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
