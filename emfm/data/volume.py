@@ -297,3 +297,16 @@ def write_array(path: str | os.PathLike, data: np.ndarray, *, chunks: Sequence[i
                         attributes=attributes, compression_level=19)
     vol.array.write(data).result()
     return vol
+
+
+def written_chunks(vol: Volume) -> set[tuple[int, int, int]]:
+    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are
+    `[z, y, x, c]` with one chunk along c: resumable writers (export, predict) skip these."""
+    done = set()
+    for key in vol.array.kvstore.list().result():
+        k = key.decode() if isinstance(key, bytes) else key
+        if k.startswith("c/"):
+            parts = k[2:].split("/")
+            if len(parts) == 4:
+                done.add(tuple(int(v) for v in parts[:3]))
+    return done

@@ -31,7 +31,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
+from emfm.data.volume import Volume, VolumeError, create_volume, open_volume, written_chunks
 from emfm.eval.probe import normalise
 from emfm.train.logging import progress
 
@@ -319,7 +319,7 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
         p = out.attributes["pca"]
         enc.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
     mine = [i for i in range(len(origins)) if i % nproc == pid]
-    done = _written_chunks(out)
+    done = written_chunks(out)
     todo = [origins[i] for i in mine if tuple(o // b for o, b in zip(origins[i], enc.block)) not in done]
     skipped = len(mine) - len(todo)
     if todo:
@@ -462,18 +462,6 @@ def _fit_pca(enc: BlockEncoder, vol: Volume, box, origins, grey_range, k: int, n
     return {"k": k, "mean": mean.astype(np.float32).tolist(), "components": vt[:k].astype(np.float32).tolist(),
             "explained_variance_ratio": (var[:k] / var.sum()).astype(np.float32).tolist(), "vectors": int(len(x)),
             "blocks": len(pick)}
-
-
-def _written_chunks(out: Volume) -> set[tuple[int, int, int]]:
-    """Chunk indices (z, y, x) present in the store (each holds one finished block)."""
-    done = set()
-    for key in out.array.kvstore.list().result():
-        k = key.decode() if isinstance(key, bytes) else key
-        if k.startswith("c/"):
-            parts = k[2:].split("/")
-            if len(parts) == 4:
-                done.add(tuple(int(v) for v in parts[:3]))
-    return done
 
 
 def pca_rgb(features: np.ndarray, *, sample: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from emfm.data.volume import Volume, VolumeError, create_volume
+from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
 from emfm.train.logging import progress
 
 log = logging.getLogger("emfm")
@@ -153,17 +153,6 @@ def predict_array(fn: Callable, channels: int, image: np.ndarray, *, window, ove
     return bl.chunk(lambda box: image[box], tuple(slice(0, n) for n in image.shape))
 
 
-def _written_chunks(out: Volume) -> set[tuple[int, ...]]:
-    done = set()
-    for key in out.array.kvstore.list().result():
-        k = key.decode() if isinstance(key, bytes) else key
-        if k.startswith("c/"):
-            parts = k[2:].split("/")
-            if len(parts) == 4:
-                done.add(tuple(int(v) for v in parts[:3]))
-    return done
-
-
 def predict_volume(fn: Callable, channels: int, vol: Volume, out_path: str | Path, *, grey_range, window, overlap,
                    chunk, roi=None, blend: str = "cosine", batch_size: int = 4, dtype: str = "float16",
                    resume: bool = True, attributes: dict | None = None, show_progress: bool = True,
@@ -190,7 +179,7 @@ def predict_volume(fn: Callable, channels: int, vol: Volume, out_path: str | Pat
     def read(b):
         return norm(vol.read(tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin))))
 
-    done = _written_chunks(out) if resume else set()
+    done = written_chunks(out) if resume else set()
     todo = [b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done]
     bar = progress(len(todo), desc="predict", enabled=show_progress)
     t0 = time.perf_counter()
