@@ -28,22 +28,32 @@ PROBE_COLUMNS = ["encoder", "f1", "iou", "adapted_rand_error", "voi", "voi_split
 
 
 def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
-    """{name: (encoder, grey range)}: the checkpoint's encoder and a random one of the same
-    architecture (both normalised alike), or only a random one when no checkpoint is given."""
+    """{name: (encoder, grey range)}: the checkpoint's encoder and `probe.random_seeds` random ones of
+    the same architecture (all normalised alike), or only random ones when no checkpoint is given."""
     from emfm.config.schema import ModelConfig
 
-    if not checkpoint:
-        return {"random_init": (build_encoder(cfg.model, seed=cfg.probe.seed), grey_range)}
-    enc, meta = load_encoder(checkpoint)
-    grey = tuple(meta.get("grey_range") or grey_range)
-    encs = {"pretrained": (enc, grey)}
-    if cfg.probe.compare_random:  # the checkpoint's architecture, freshly initialised
-        encs["random_init"] = (build_encoder(ModelConfig(**meta["model"]), seed=cfg.probe.seed + 1000), grey)
+    pc = cfg.probe
+    model, grey, encs = cfg.model, grey_range, {}
+    if checkpoint:
+        enc, meta = load_encoder(checkpoint)
+        grey = tuple(meta.get("grey_range") or grey_range)
+        encs["pretrained"] = (enc, grey)
+        model = ModelConfig(**meta["model"])  # the checkpoint's architecture, freshly initialised
+        if not pc.compare_random:
+            return encs
+    seeds = [pc.seed + 1000 + i for i in range(pc.random_seeds)] if checkpoint else [pc.seed + i for i in range(pc.random_seeds)]
+    for s in seeds:
+        name = "random_init" if pc.random_seeds == 1 else f"random_init_seed{s}"
+        encs[name] = (build_encoder(model, seed=s), grey)
     return encs
 
 
 def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure."""
+    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure.
+
+    Each encoder's probe is trained on the training sections; its cell segmentation parameters are
+    chosen on those sections too (probe.cell_* grid), then everything is scored on the held-out
+    sections. With several random-init encoders, "random_init" holds their mean (and `*_std`)."""
     run_dir = Path(cfg.run_dir)
     pc = cfg.probe
     img_vol = open_volume(bundled.resolve(pc.path, bundled.sample_raw()))
@@ -58,6 +68,8 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         raise VolumeError(f"probe labels {lab_vol.path}: sections {list(tr)} hold no pixel of both classes "
                           f"(positive_label={pc.positive_label})")
     grey = estimate_range(Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]]))
+    grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds, sigmas=pc.cell_sigmas)
+    tuned = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1
     results, probs = {}, {}
     for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
         t0 = time.perf_counter()
@@ -68,38 +80,56 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
                                       weight_decay=pc.weight_decay, seed=pc.seed, upsample=pc.upsample,
                                       class_balance=pc.class_balance)
+        cells = {"threshold": pc.cell_thresholds[0], "min_seed": pc.cell_min_seeds[0], "sigma": pc.cell_sigmas[0]}
+        if tuned:  # post-processing chosen on the training sections, by this encoder's own predictions
+            cells = probe.tune_cells(lp.predict(f_tr, y_tr.shape[1:])[..., 1], y_tr, **grid)
         p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
-        scores = probe.membrane_scores(p_te, y_te)
+        scores = probe.membrane_scores(p_te, y_te, **cells)
+        scores["cells"] = cells
         scores["seconds"] = time.perf_counter() - t0
         results[name], probs[name] = scores, p_te
-        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f", name, scores["f1"], scores["iou"],
-                 scores["adapted_rand_error"], scores["voi"])
+        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (cells %s)", name, scores["f1"], scores["iou"],
+                 scores["adapted_rand_error"], scores["voi"], cells)
+    rnd = [n for n in results if n.startswith("random_init_seed")]
+    if rnd:  # the mean (and spread) of the random-init encoders
+        results["random_init"] = {"seeds": len(rnd), **{c: float(np.mean([results[n][c] for n in rnd]))
+                                                         for c in PROBE_COLUMNS[1:]},
+                                  **{c + "_std": float(np.std([results[n][c] for n in rnd])) for c in PROBE_COLUMNS[1:]}}
     _write_probe_tables(run_dir, results, tr, te)
     k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
     cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
-    cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in results]
+    shown = [n for n in probs if n in ("pretrained", "random_init")] + rnd[:1]  # one random-init map is enough
+    cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in shown]
     figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
     return results
 
 
+def _fmt(r: dict, c: str) -> str:
+    return f"{r[c]:.4f}" + (f" ± {r[c + '_std']:.4f}" if c + "_std" in r else "")
+
+
 def _write_probe_tables(run_dir: Path, results: dict, tr, te) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"encoder": n, **{c: results[n][c] for c in PROBE_COLUMNS[1:]}} for n in results]
+    std_cols = [c + "_std" for c in PROBE_COLUMNS[1:]]
+    rows = [{"encoder": n, **{c: results[n].get(c, "") for c in PROBE_COLUMNS[1:] + std_cols + ["cells"]}}
+            for n in results]
     with open(run_dir / "probe.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS + std_cols + ["cells"])
         w.writeheader()
         w.writerows(rows)
     (run_dir / "probe.json").write_text(json.dumps({"train_sections": list(tr), "test_sections": list(te),
                                                     "results": results}, indent=1))
     lines = [f"Linear probe, membranes, held-out sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1})", "",
              "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['encoder']} | {r['f1']:.4f} | {r['iou']:.4f} | {r['adapted_rand_error']:.4f} | "
-                     f"{r['voi']:.4f} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |")
+    for n, r in results.items():
+        label = f"{n} (mean ± std of {r['seeds']} seeds)" if "seeds" in r else n
+        lines.append(f"| {label} | {_fmt(r, 'f1')} | {_fmt(r, 'iou')} | {_fmt(r, 'adapted_rand_error')} | "
+                     f"{_fmt(r, 'voi')} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |")
     if "pretrained" in results and "random_init" in results:
         a, b = results["pretrained"], results["random_init"]
         lines += ["", f"pretrained - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
-                      f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, VOI {a['voi'] - b['voi']:+.4f}"]
+                      f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, VOI {a['voi'] - b['voi']:+.4f}"
+                      " (lower ARE and VOI are better)"]
     (run_dir / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -216,6 +216,12 @@ class ProbeConfig:
     tile: int = 128  # sections are encoded in tiles of this many pixels ...
     margin: int = 32  # ... each with this much context on every side (dropped), as in export
     class_balance: bool = True
+    random_seeds: int = 1  # random-init encoders (seeds seed+1000, +1001, ...); the table gives their mean and std
+    # Region scores: watershed parameters chosen per encoder on the training sections (lowest adapted
+    # Rand error) from this grid; one value each = fixed post-processing.
+    cell_thresholds: list[float] = field(default_factory=lambda: [0.5])  # seed: interior p < threshold
+    cell_min_seeds: list[int] = field(default_factory=lambda: [16])  # smallest seed (pixels)
+    cell_sigmas: list[float] = field(default_factory=lambda: [0.0])  # Gaussian smoothing of the map (pixels)
 
 
 @dataclass
@@ -548,6 +554,15 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     if cfg.probe.tile <= 0 or cfg.probe.tile % p or cfg.probe.margin < 0 or cfg.probe.margin % p:
         raise ConfigError(f"probe.tile={cfg.probe.tile}, probe.margin={cfg.probe.margin}: must be multiples of "
                           f"the patch size {p}")
+    pc = cfg.probe
+    if pc.random_seeds < 1:
+        raise ConfigError(f"probe.random_seeds={pc.random_seeds}: need at least 1 random-init encoder")
+    if (not pc.cell_thresholds or not pc.cell_min_seeds or not pc.cell_sigmas
+            or any(not 0.0 < t < 1.0 for t in pc.cell_thresholds) or min(pc.cell_min_seeds) < 1
+            or min(pc.cell_sigmas) < 0):
+        raise ConfigError(f"probe.cell_thresholds={pc.cell_thresholds} (each in (0, 1)), probe.cell_min_seeds="
+                          f"{pc.cell_min_seeds} (each >= 1), probe.cell_sigmas={pc.cell_sigmas} (each >= 0): "
+                          "give at least one value each")
     if cfg.probe.embed and m.name != "vit":
         raise ConfigError(f"probe.embed=true takes a ViT's patch embedding; model.name={m.name!r} has none")
     if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:

@@ -9,7 +9,9 @@ with Adam on the training sections' pixels, evaluated on held-out sections.
 Reported per encoder on the held-out sections: membrane pixel F1 and IoU, and the adapted Rand
 error and variation of information (split + merge) of the cell segmentation derived from the
 predicted membranes (seeded watershed, per section; ground-truth cells = connected cell-interior
-regions, membrane pixels ignored), averaged over sections.
+regions, membrane pixels ignored), averaged over sections. The watershed's seed threshold, minimum
+seed size and smoothing can be chosen per encoder on the training sections (`tune_cells`), so that
+each encoder's region scores come from its own best post-processing, not from one fixed threshold.
 """
 from __future__ import annotations
 
@@ -124,13 +126,16 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
                        num_classes=num_classes)
 
 
-def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16) -> np.ndarray:
-    """Cell instances of one section from a membrane probability map: seeds are connected regions
-    of confident interior (p < threshold, at least `min_seed` pixels), grown by watershed over p."""
+def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
+                         sigma: float = 0.0) -> np.ndarray:
+    """Cell instances of one section from a membrane probability map: the map is optionally smoothed
+    (Gaussian, `sigma` pixels), seeds are connected regions of confident interior (p < threshold, at
+    least `min_seed` pixels), grown by watershed over the (smoothed) map."""
     from scipy import ndimage
     from skimage.segmentation import watershed
 
-    interior = p_membrane < threshold
+    p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
+    interior = p < threshold
     seeds, n = ndimage.label(interior)
     if n:
         sizes = np.bincount(seeds.ravel())
@@ -139,7 +144,7 @@ def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_
         seeds[small[seeds]] = 0
     if seeds.max() == 0:
         return np.ones(p_membrane.shape, np.uint32)  # no interior at all: one segment
-    return watershed(p_membrane, seeds).astype(np.uint32)
+    return watershed(p, seeds).astype(np.uint32)
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
@@ -150,22 +155,41 @@ def gt_cells(membrane: np.ndarray) -> np.ndarray:
     return lab.astype(np.uint32)
 
 
-def membrane_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray) -> dict:
-    """Pixel and region scores over sections `[n, y, x]`; region scores averaged per section."""
+def cell_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dict:
+    """Adapted Rand error and VOI (split, merge) of the cells derived from `p_membrane` `[n, y, x]`
+    (`cells`: cells_from_membranes parameters) against the ground-truth cells, averaged over sections."""
     from emfm.eval import metrics
 
-    pred = p_membrane >= 0.5
-    px = metrics.binary_scores(pred, membrane_gt)
-    ares, vois, splits, merges = [], [], [], []
-    for k in range(len(pred)):
-        s = metrics.region_scores(cells_from_membranes(p_membrane[k]), gt_cells(membrane_gt[k]), ignore_gt=(0,))
-        ares.append(s["adapted_rand_error"])
-        vois.append(s["voi"])
-        splits.append(s["voi_split"])
-        merges.append(s["voi_merge"])
+    per = [metrics.region_scores(cells_from_membranes(p_membrane[k], **cells), gt_cells(membrane_gt[k]),
+                                 ignore_gt=(0,)) for k in range(len(p_membrane))]
+    return {k: float(np.mean([s[k] for s in per])) for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")}
+
+
+def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0.5,), min_seeds=(16,),
+               sigmas=(0.0,)) -> dict:
+    """The cells_from_membranes parameters with the lowest adapted Rand error on these (training)
+    sections, searched over the grid thresholds x min_seeds x sigmas; ties keep the first."""
+    import itertools
+
+    best, best_are = None, np.inf
+    for th, ms, sg in itertools.product(thresholds, min_seeds, sigmas):
+        params = {"threshold": float(th), "min_seed": int(ms), "sigma": float(sg)}
+        are = cell_scores(p_membrane, membrane_gt, **params)["adapted_rand_error"]
+        if are < best_are:
+            best, best_are = params, are
+    if best is None:
+        raise ValueError("probe cell tuning: empty grid (probe.cell_thresholds / cell_min_seeds / cell_sigmas)")
+    return best
+
+
+def membrane_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dict:
+    """Pixel scores (membrane = p >= 0.5) and region scores of the derived cells (`cells`:
+    cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per section."""
+    from emfm.eval import metrics
+
+    px = metrics.binary_scores(p_membrane >= 0.5, membrane_gt)
     return {"f1": px["f1"], "iou": px["iou"], "precision": px["precision"], "recall": px["recall"],
-            "pixel_error": px["pixel_error"], "adapted_rand_error": float(np.mean(ares)),
-            "voi": float(np.mean(vois)), "voi_split": float(np.mean(splits)), "voi_merge": float(np.mean(merges))}
+            "pixel_error": px["pixel_error"], **cell_scores(p_membrane, membrane_gt, **cells)}
 
 
 def read_sections(vol: Volume, z: tuple[int, int]) -> np.ndarray:

@@ -18,10 +18,16 @@ def test_main_job_writes_everything(tiny_main_run: Path):
               "figures/features_pca.png", "main.log"]:
         assert (d / f).exists(), f
     rows = list(csv.DictReader(open(d / "probe.csv")))
-    assert [r["encoder"] for r in rows] == ["pretrained", "random_init"]
+    assert [r["encoder"] for r in rows] == ["pretrained", "random_init_seed1000", "random_init_seed1001",
+                                            "random_init"]
     for r in rows:
         assert 0.0 <= float(r["f1"]) <= 1.0 and 0.0 <= float(r["adapted_rand_error"]) <= 1.0
         assert float(r["voi"]) >= 0.0
+    seeds = [float(r["f1"]) for r in rows[1:3]]
+    assert float(rows[3]["f1"]) == np.mean(seeds) and float(rows[3]["f1_std"]) == np.std(seeds)
+    probe_rec = json.loads((d / "probe.json").read_text())["results"]
+    assert probe_rec["pretrained"]["cells"]["threshold"] in (0.4, 0.5)  # chosen on the training sections
+    assert "mean ± std of 2 seeds" in (d / "probe.md").read_text()
     feats = open_volume(d / "features.zarr")
     assert feats.shape == (30, 48, 48, 32) and feats.dtype == np.float16
     assert np.isfinite(feats.read((slice(0, 2),)).astype(np.float32)).all()

@@ -1,0 +1,43 @@
+"""Cells from predicted membranes, and the choice of their watershed parameters on training sections."""
+import numpy as np
+
+from emfm.eval import probe
+
+
+def _two_cells_with_weak_wall():
+    """One section, two cells split by a vertical membrane whose middle third is weak (p = 0.45):
+    a seed threshold of 0.5 lets the two interiors (p = 0.35) touch through the weak part, 0.4 does not."""
+    p = np.full((48, 48), 0.35, np.float32)
+    gt = np.zeros((48, 48), bool)
+    gt[:, 23:25] = True
+    p[:, 23:25] = 0.8
+    p[16:32, 23:25] = 0.45
+    return p[None], gt[None]
+
+
+def test_fixed_threshold_merges_through_a_weak_membrane():
+    p, gt = _two_cells_with_weak_wall()
+    cells = probe.cells_from_membranes(p[0], threshold=0.5)
+    assert len(np.unique(cells)) == 1  # one merged cell
+    assert probe.cell_scores(p, gt, threshold=0.5)["adapted_rand_error"] > 0.3  # two equal cells merged: 1 - F(1/2, 1) = 1/3
+
+
+def test_tuning_picks_the_threshold_that_separates_the_cells():
+    p, gt = _two_cells_with_weak_wall()
+    best = probe.tune_cells(p, gt, thresholds=(0.5, 0.4), min_seeds=(16,), sigmas=(0.0,))
+    assert best == {"threshold": 0.4, "min_seed": 16, "sigma": 0.0}
+    s = probe.membrane_scores(p, gt, **best)
+    assert s["adapted_rand_error"] < 1e-9 and s["voi"] < 1e-9
+    # pixel scores do not depend on the cell parameters (membrane = p >= 0.5 misses the weak third)
+    assert s["f1"] == probe.membrane_scores(p, gt)["f1"] == 0.8
+
+
+def test_smoothing_and_min_seed_remove_spurious_seeds():
+    rng = np.random.default_rng(0)
+    p, gt = _two_cells_with_weak_wall()
+    noisy = np.clip(p + rng.normal(0, 0.2, p.shape).astype(np.float32), 0, 1)
+    raw = probe.cell_scores(noisy, gt, threshold=0.4, min_seed=1)
+    best = probe.tune_cells(noisy, gt, thresholds=(0.4,), min_seeds=(1, 64), sigmas=(0.0, 2.0))
+    tuned = probe.cell_scores(noisy, gt, **best)
+    assert tuned["adapted_rand_error"] < raw["adapted_rand_error"]
+    assert best["min_seed"] == 64 or best["sigma"] == 2.0
