@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskConfig
-from emfm.data import bundled
+from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.models.seg_heads import SegModel, build_head
@@ -121,11 +121,13 @@ class Batches:
         return x[:, 0, ..., None] if self.ndim == 2 else x[..., None]
 
     def make(self, lb: dict, ub: dict | None) -> dict:
+        """Images stay in their native dtype with their normalisation / augmentation entries
+        (emfm.data.device.finish runs in the step); targets are made here from the labels."""
         t = targets.make_targets(lb["label"], self.task, self.ndim)
-        out = {"image": self._img(lb["image"])}
+        out = {k: self._img(v) if k == "image" else v for k, v in lb.items() if k != "label"}
         out.update({k: (v[:, 0] if self.ndim == 2 else v) for k, v in t.items()})
         if ub is not None:
-            out["uimage"] = self._img(ub["image"])
+            out.update({"u" + k: self._img(v) if k == "image" else v for k, v in ub.items()})
         return out
 
     def __next__(self) -> dict:
@@ -265,6 +267,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     state_sh = meshlib.state_shardings(jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size)
 
     def loss_fn(m, batch, rng, teach):
+        batch = device.finish(batch)
         out = m(batch["image"], frozen_encoder=frozen)
         loss, metrics = losses.task_loss(out, batch, lay, cfg.loss)
         if r.semi != "none":

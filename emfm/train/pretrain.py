@@ -21,6 +21,7 @@ from flax import nnx
 
 from emfm import objectives
 from emfm.config.schema import EmfmConfig
+from emfm.data import device
 from emfm.data.loader import PatchLoader
 from emfm.data.sources import make_loader, open_sources
 from emfm.models.vit import count_params
@@ -46,7 +47,9 @@ def _to_model_input(x: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _model_batch(batch: dict, ndim: int) -> dict:
-    return {k: _to_model_input(v, ndim) for k, v in batch.items() if k in ("image", "image2")}
+    """The loader's batch with its images in model layout (views of the native-dtype patches); their
+    normalisation / augmentation entries ride along to the step (emfm.data.device.finish)."""
+    return {k: _to_model_input(v, ndim) if k in ("image", "image2") else v for k, v in batch.items()}
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -100,7 +103,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     batch_sh = meshlib.batch_sharding(mesh)
 
     def loss_fn(model, batch, rng, teacher):
-        return definition.loss(model, batch, rng, cfg.objective, teacher)
+        return definition.loss(model, device.finish(batch), rng, cfg.objective, teacher)
 
     step_fn = make_train_step(graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum, total_steps=cfg.trainer.steps)
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
@@ -124,7 +127,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
 
     loader = make_loader(cfg.data, sources, batch_size=gbatch // pcount, seed=cfg.trainer.seed, process_index=pid,
                          process_count=pcount, start_step=start, views=definition.views)
-    example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], jnp.float32, sharding=batch_sh)
+    example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], v.dtype, sharding=batch_sh)
                for k, v in _model_batch(loader.load(0), ndim).items()}
     t0 = time.perf_counter()
     compiled = train_step.lower(abstract_sharded, example).compile()
@@ -235,7 +238,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
 def _reconstruction_figure(model, loader: PatchLoader, ndim: int, cfg: EmfmConfig, path: Path) -> None:
     from emfm.eval import figures
 
-    batch = loader.load(10**6)  # a batch never used in training, same distribution
+    batch = loader.finished(10**6)  # a batch never used in training, same distribution
     x = jnp.asarray(_to_model_input(batch["image"][:4], ndim))
     norm = cfg.objective.target_norm or cfg.objective.norm_pix_loss
     masked, recon = mae.reconstruct(model, x, jax.random.PRNGKey(1), mask_ratio=cfg.objective.mask_ratio,
