@@ -1,4 +1,5 @@
-"""`emfm finetune`: segmentation training under every regime, on the pretraining engine.
+"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step loop,
+emfm.train.loop).
 
 The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA teacher for the mean
 teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -30,9 +30,7 @@ from emfm.models.seg_heads import SegModel, build_head
 from emfm.models.vit import count_params
 from emfm.segment import losses, regimes, targets
 from emfm.segment.predict import model_fn, predict_array, predict_volume
-from emfm.train import checkpoint, mesh as meshlib, optim
-from emfm.train.logging import MetricWriter, progress
-from emfm.train.pretrain import NonFiniteLoss, Preempted, _truncate_metrics, write_status
+from emfm.train import checkpoint, loop, mesh as meshlib, optim
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
 
 log = logging.getLogger("emfm")
@@ -294,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         start = int(state.step)
         log.info("resumed from %s at step %d", mngr.directory, start)
         if main_proc:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            loop.truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
         state = jax.device_put(state0, state_sh)
     del state0, model
@@ -307,53 +305,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     compile_s = time.perf_counter() - t0
     log.info("compiled the %s step in %.1f s", r.name, compile_s)
 
-    preempted = {"flag": False}
-    try:
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
-    except ValueError:
-        old_handler = None
-    writer = MetricWriter(run_dir, tensorboard=cfg.trainer.tensorboard) if main_proc else None
-    write_status(run_dir, "running", step=start)
-    losses_seen: list[float] = []
-    bar = progress(cfg.trainer.steps, initial=start, desc="finetune", enabled=cfg.trainer.progress and main_proc)
-    status, t_loop = "failed", time.perf_counter()
-    try:
-        for step in range(start, cfg.trainer.steps):
-            if preempted["flag"]:
-                checkpoint.save(mngr, step, state, {**meta, "data": batches.state()}, force=True)
-                mngr.wait_until_finished()
-                status = "preempted"
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; rerun to resume")
-            batch = meshlib.global_batch(next(batches), mesh)
-            state, metrics = compiled(state, batch)
-            last = step + 1 == cfg.trainer.steps
-            if (step + 1) % cfg.trainer.log_every == 0 or last or step == start:
-                m = jax.device_get(metrics)
-                if int(state.nonfinite) and cfg.trainer.nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {int(state.first_bad)}; the last good "
-                                        f"checkpoint in {mngr.directory} is kept")
-                losses_seen.append(float(m["loss"]))
-                m.update(lr=sched(step // cfg.optim.accumulate_steps))
-                if writer is not None:
-                    writer.write(step + 1, m)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-            bar.update(1)
-            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last:
-                checkpoint.save(mngr, step + 1, state, {**meta, "data": batches.state()})
-        jax.block_until_ready(state)
-        loop_s = time.perf_counter() - t_loop
-        checkpoint.save(mngr, cfg.trainer.steps, state, {**meta, "data": batches.state()}, force=True)
-        mngr.wait_until_finished()
-        status = "finished"
-    finally:
-        bar.close()
-        batches.close()
-        if writer is not None:
-            writer.close()
-        mngr.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-        write_status(run_dir, status)
+    result = loop.run(compiled, state, batches, start=start, steps=cfg.trainer.steps, mesh=mesh, mngr=mngr,
+                      meta=meta, run_dir=run_dir, trainer=cfg.trainer, sched=sched,
+                      accumulate_steps=cfg.optim.accumulate_steps, batch_size=gbatch, desc="finetune",
+                      main_proc=main_proc, log_first=True, throughput=False)
+    state, losses_seen, loop_s = result.state, result.losses, result.loop_s
 
     summary = {"regime": dataclasses.asdict(r), "steps": cfg.trainer.steps, "resumed_from": start,
                "first_loss": losses_seen[0] if losses_seen else None,
