@@ -6,7 +6,9 @@
 
 Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
-CPU seconds per batch of PatchLoader.load (no augmentation: reading + normalisation to float32) and
+CPU seconds per batch of PatchLoader.load (no augmentation: reading into one uint8 batch with its
+normalisation constants; the float32 conversion runs in the jitted step, emfm.data.device.finish,
+whose time per batch on the default device is reported beside it) and
 of the same patch list read with raw tensorstore futures (each with its own chunk cache of the same
 size; batches alternate which goes first), the ratios loader / raw in wall and CPU time, numpy crops
 of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the streaming
@@ -109,6 +111,7 @@ def main() -> None:
         case["loader_over_raw"] = case["loader"]["patches_per_s"] / case["tensorstore_raw"]["patches_per_s"]
         # the same ratio in CPU time: what throughput on a machine busy with other work follows
         case["loader_over_raw_cpu"] = case["tensorstore_raw"]["cpu_s_per_batch"] / case["loader"]["cpu_s_per_batch"]
+        case["device_finish_s_per_batch"] = time_finish(loader.load(1), args.batches)
         results["cases"]["x".join(map(str, patch))] = case
     # peak RSS: of this process so far (loader + raw reads, two caches), and of a fresh process that
     # only streams through the loader as training does; neither may grow with the volume's size
@@ -170,6 +173,22 @@ def rss_only(path: Path, batches: int, batch: int) -> None:
             loader.close()
     print(json.dumps({"batches_per_shape": batches, "augment": True, "prefetch": 4, "s": time.perf_counter() - t0,
                       "peak_rss_mb": peak_rss_mb()}))
+
+
+def time_finish(batch: dict, n: int) -> float:
+    """Seconds per batch of the step's input conversion (emfm.data.device.finish, jitted, on the
+    default device; the batch already there), excluded from the loader's figures above."""
+    import jax
+
+    from emfm.data import device
+
+    f = jax.jit(device.finish)
+    x = jax.device_put(batch)
+    jax.block_until_ready(f(x))
+    t = time.perf_counter()
+    for _ in range(n):
+        jax.block_until_ready(f(x))
+    return (time.perf_counter() - t) / n
 
 
 def summarise(times: list[float], batch: int, patch_bytes: int) -> dict:

@@ -66,14 +66,12 @@ def _middle(rngs, arrays: list[np.ndarray], ops, s: dict) -> list[np.ndarray]:
     return arrays
 
 
-def per_example(rngs, x: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS, **strengths) -> tuple[np.ndarray, ...]:
-    """Augmentation with one generator per example (`rngs[i]` for `x[i]`), vectorised over the
-    batch where the op allows: an example is augmented the same way whatever batch it is in (so a
-    global batch split over processes equals the single-process batch). `extra` arrays (labels)
-    get the same geometry (flips, rotations, elastic field) and no grey-value change. `ops` picks
-    from OPS; `strengths` override STRENGTHS."""
-    ops = check_ops(ops)
-    s = {**STRENGTHS, **strengths}
+def _host_part(rngs, x: np.ndarray, extra, ops, s: dict, norm: np.ndarray | None = None):
+    """The per-example draws and the host ops of `per_example` (flips / rotations, then the
+    float ops). Returns the arrays and the `[b, 6]` draws (rot, flip, contrast, brightness, gamma,
+    noise sigma). With `norm` (`[b, 2]` lo, scale), `x` is in its native dtype: it stays so under
+    flips / rotations (a permutation commutes with grey-value normalisation), and is normalised
+    to float32 first only when a float op (elastic, sections, blur) needs it."""
     brightness, contrast, gamma, noise = (s[k] for k in ("brightness", "contrast", "gamma", "noise"))
     if "intensity" not in ops:
         brightness = contrast = gamma = 0.0
@@ -85,13 +83,29 @@ def per_example(rngs, x: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS, **stre
                        r.uniform(-gamma, gamma), r.uniform(0, noise)] for r in rngs], np.float64).reshape(b, 6)
     k = draws[:, 0].astype(int) if square else 2 * (draws[:, 0].astype(int) % 2)
     fy = draws[:, 1] < 0.5
+    if norm is not None and FLOAT_OPS & set(ops):
+        x = normalise(x, norm)
     arrays = [x.copy()] + [a.copy() for a in extra]
     if "flip_rot" in ops:
         for i in range(b):
             for a in arrays:
                 v = a[i][..., ::-1, :] if fy[i] else a[i]
                 a[i] = np.rot90(v, k[i], axes=(-2, -1))
-    arrays = _middle(rngs, arrays, ops, s)
+    return _middle(rngs, arrays, ops, s), draws
+
+
+def per_example(rngs, x: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS, **strengths) -> tuple[np.ndarray, ...]:
+    """Augmentation with one generator per example (`rngs[i]` for `x[i]`), vectorised over the
+    batch where the op allows: an example is augmented the same way whatever batch it is in (so a
+    global batch split over processes equals the single-process batch). `extra` arrays (labels)
+    get the same geometry (flips, rotations, elastic field) and no grey-value change. `ops` picks
+    from OPS; `strengths` override STRENGTHS. All on the host, in numpy (the loader instead defers
+    grey values and noise to the device: `per_example_deferred`)."""
+    ops = check_ops(ops)
+    s = {**STRENGTHS, **strengths}
+    noise = s["noise"] if "noise" in ops else 0.0
+    b = x.shape[0]
+    arrays, draws = _host_part(rngs, x, extra, ops, s)
     y = arrays[0]
     shape = (b,) + (1,) * (y.ndim - 1)
     c, br, g, sig = (draws[:, j].reshape(shape).astype(np.float32) for j in (2, 3, 4, 5))
@@ -100,6 +114,54 @@ def per_example(rngs, x: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS, **stre
     if noise > 0:
         y = y + np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs]) * sig
     return (y.astype(np.float32), *arrays[1:])
+
+
+# ops that need float grey values on the host; the others run on integer patches (flip_rot) or on
+# the device inside the jitted step (intensity, noise: emfm.data.device.finish)
+FLOAT_OPS = frozenset({"elastic", "sections", "blur"})
+DEVICE_OPS = frozenset({"intensity", "noise"})
+
+
+def normalise(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """`clip((x - lo) * scale, 0, 1)` in float32 per example (`norm[i] = lo, scale`): the host
+    copy of the device's normalisation, for the float ops that must run on the host."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    out = np.subtract(x, norm[:, 0].reshape(shape), dtype=np.float32, casting="unsafe")
+    out *= norm[:, 1].reshape(shape)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def deferred_keys(name: str, x: np.ndarray, norm: np.ndarray, grey: np.ndarray | None,
+                  seeds: np.ndarray | None) -> dict:
+    """The batch entries of one image for emfm.data.device.finish: the image (native dtype, or
+    float32 in [0, 1] after host float ops, then with identity normalisation), `NAME_norm` `[b, 2]`
+    (lo, scale), `NAME_grey` `[b, 4]` (contrast, brightness, gamma, noise sigma) and `NAME_seed`
+    `[b]` uint32 (the noise of each example) where those ops are on."""
+    out = {name: x, f"{name}_norm": np.ascontiguousarray(norm, np.float32)}
+    if grey is not None:
+        out[f"{name}_grey"] = np.ascontiguousarray(grey, np.float32)
+    if seeds is not None:
+        out[f"{name}_seed"] = np.asarray(seeds, np.uint32)
+    return out
+
+
+def per_example_deferred(rngs, x: np.ndarray, norm: np.ndarray, *extra: np.ndarray, ops=DEFAULT_OPS,
+                         name: str = "image", **strengths) -> tuple[dict, tuple[np.ndarray, ...]]:
+    """`per_example` for the loader, with grey values and noise deferred to the device.
+
+    `x` is the batch in its native dtype and `norm` its per-example normalisation `[b, 2]` (lo,
+    scale). The same generators draw the same numbers as `per_example`, so flips, rotations and
+    float ops are identical and the deferred contrast / brightness / gamma are too; the noise is
+    drawn on the device from a per-example seed (the last draw of each generator) instead of
+    numpy's normals. Returns the image entries (`deferred_keys`) and the moved `extra` arrays."""
+    ops = check_ops(ops)
+    s = {**STRENGTHS, **strengths}
+    arrays, draws = _host_part(rngs, x, extra, ops, s, norm=norm)
+    if FLOAT_OPS & set(ops):
+        norm = np.tile(np.array([0.0, 1.0], np.float32), (len(x), 1))  # normalised on the host already
+    grey = draws[:, 2:6] if DEVICE_OPS & set(ops) else None
+    seeds = np.array([r.integers(0, 2**32, dtype=np.uint32) for r in rngs], np.uint32) if "noise" in ops else None
+    return deferred_keys(name, arrays[0], norm, grey, seeds), tuple(arrays[1:])
 
 
 def intensity(rng: np.random.Generator, x: np.ndarray, *, brightness: float = 0.1, contrast: float = 0.2,
@@ -232,3 +294,43 @@ def two_views(rng: np.random.Generator, x: np.ndarray, *, ops=DEFAULT_VIEW_OPS, 
                          noise=s["noise"] if "noise" in ops else 0.0)
 
     return view(r1), view(r2)
+
+
+def two_views_deferred(rng: np.random.Generator, x: np.ndarray, norm: np.ndarray, *, ops=DEFAULT_VIEW_OPS,
+                       **strengths) -> tuple[dict, dict]:
+    """`two_views` for the loader, with grey values and noise deferred to the device: each view's
+    image entries (`deferred_keys`, names "image" and "image2"). `x` is in its native dtype with
+    normalisation `norm` `[b, 2]`; it is normalised on the host only when a float op needs it.
+    Flips, rotations and float ops equal `two_views`'s; each view draws contrast, brightness,
+    gamma, then noise sigma and a noise seed for the device."""
+    ops = check_ops(ops)
+    s = {**STRENGTHS, **strengths}
+    r1, r2 = rng.spawn(2)
+    host_float = bool(FLOAT_OPS & set(ops))
+    if host_float:
+        x = normalise(x, norm)
+        norm = np.tile(np.array([0.0, 1.0], np.float32), (len(x), 1))
+
+    def view(r, name):
+        v = geometric(r, x)[0] if "flip_rot" in ops else x.copy()
+        if "elastic" in ops:
+            v = elastic(r, v, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"])[0]
+        if "sections" in ops:
+            v = sections(r, v, p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
+                         max_shift=s["max_shift"], p_contrast=s["p_section_contrast"], contrast=s["section_contrast"])
+        if "blur" in ops:
+            v = gaussian_blur(r, v, sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+        grey = seeds = None
+        if DEVICE_OPS & set(ops):
+            on = "intensity" in ops
+            b = len(v)
+            c = r.uniform(-s["contrast"] * on, s["contrast"] * on, b)
+            br = r.uniform(-s["brightness"] * on, s["brightness"] * on, b)
+            g = r.uniform(-s["gamma"] * on, s["gamma"] * on, b)
+            sig = r.uniform(0, s["noise"] if "noise" in ops else 0.0, b)
+            grey = np.stack([c, br, g, sig], axis=1)
+            if "noise" in ops:
+                seeds = r.integers(0, 2**32, b, dtype=np.uint32)
+        return deferred_keys(name, v.astype(np.float32) if host_float else v, norm, grey, seeds)
+
+    return view(r1, "image"), view(r2, "image2")

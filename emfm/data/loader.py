@@ -3,8 +3,10 @@
 The origins of batch `step` are a pure function of `(seed, step, process_index)`, so a resumed run
 sees the same batches, and JAX processes draw disjoint streams. All patches of a batch are read with
 asynchronous tensorstore reads issued together, and a background thread keeps `prefetch` batches
-ready ahead of the training step. Arrays are `[b, z, y, x]` float32, normalised to [0, 1] by the
-volume's estimated grey-value range.
+ready ahead of the training step. Images are `[b, z, y, x]` in the volumes' native dtype, with
+each patch's normalisation constants (its source's estimated grey-value range) beside them: the
+conversion to float32 in [0, 1] and the grey-value augmentations run on the device inside the
+jitted step (emfm.data.device.finish), so the host thread makes no float32 copy of a batch.
 """
 from __future__ import annotations
 
@@ -126,8 +128,10 @@ class PatchSampler:
 
 
 class PatchLoader:
-    """Iterator of `{"image": float32 [b, z, y, x]}` batches (plus `"label"` when label volumes are
-    given), prefetched in a background thread.
+    """Iterator of `{"image": [b, z, y, x] native dtype, "image_norm": float32 [b, 2], ...}` batches
+    (plus `"label"` when label volumes are given), prefetched in a background thread; the entries
+    are described in emfm.data.device, whose `finish` makes them float32 images on the device
+    (`finished(step)` does it here, for host consumers and tests).
 
     `state()` / `start_step` make it resumable: the batch after a restore is the one that would
     have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
@@ -140,7 +144,9 @@ class PatchLoader:
     patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
     the step; after `max_redraws` attempts the last draw is kept rather than stalling training.
     Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
-    emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths).
+    emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths): flips and rotations
+    run here on the native dtype, elastic / sections / blur here on float32 (then the batch is
+    float32), grey values and noise on the device.
     """
 
     def __init__(self, sampler: PatchSampler, ranges: Sequence[tuple[float, float]], *, augment_batches: bool = True,
@@ -158,6 +164,10 @@ class PatchLoader:
         self.ranges = list(ranges)
         if len(self.ranges) != len(sampler.regions):
             raise VolumeError(f"{len(self.ranges)} grey ranges for {len(sampler.regions)} regions")
+        # per region: lo and scale as normalise_into uses them (float32), so the device's
+        # clip((x - lo) * scale, 0, 1) equals the host normalisation
+        self._norm = np.array([(np.float32(lo), np.float32(1.0 / (hi - lo))) for lo, hi in self.ranges], np.float32)
+        self.dtype = np.result_type(*[r.volume.dtype for r in sampler.regions])
         self.labels = None if labels is None else list(labels)
         if self.labels is not None:
             if len(self.labels) != len(sampler.regions):
@@ -203,8 +213,8 @@ class PatchLoader:
         return {"step": self.step, "seed": self.sampler.seed}
 
     def _read(self, picks) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Read (all reads issued before any is awaited) and normalise the patches at `picks`;
-        also gives each patch's fraction inside its mask (1 without masks)."""
+        """Read the patches at `picks` (all reads issued before any is awaited) into one batch of
+        the native dtype; also gives each patch's fraction inside its mask (1 without masks)."""
         patch = self.sampler.patch
         boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in picks]
         vols = [self.sampler.regions[v].volume for v, _ in picks]
@@ -215,10 +225,9 @@ class PatchLoader:
         if self.masks is not None:
             mask_futures = [None if self.masks[v] is None else self.masks[v].read_async(self._mask_box(v, b))
                             for (v, _), b in zip(picks, boxes)]
-        out = np.empty((len(picks),) + patch, np.float32)
-        for i, ((v, _), f) in enumerate(zip(picks, futures)):
-            # later reads keep decoding in tensorstore's threads while this patch is normalised
-            normalise_into(vols[i].result(f, boxes[i]), *self.ranges[v], out[i])
+        out = np.empty((len(picks),) + patch, self.dtype)
+        for i, f in enumerate(futures):
+            out[i] = vols[i].result(f, boxes[i])
         inside = np.ones(len(picks))
         for i, ((v, _), f) in enumerate(zip(picks, mask_futures)):
             if f is not None:
@@ -240,8 +249,10 @@ class PatchLoader:
     def _keep(self, picks, image: np.ndarray, label: np.ndarray | None, inside: np.ndarray,
               local: Sequence[int]) -> np.ndarray:
         ok = np.ones(len(image), bool)
-        if self.min_std > 0:
-            ok &= image.reshape(len(image), -1).std(axis=1) >= self.min_std
+        if self.min_std > 0:  # on the normalised grey values, one patch at a time
+            tmp = np.empty(image.shape[1:], np.float32)
+            ok &= np.array([normalise_into(x, *self.ranges[v], tmp).std() >= self.min_std
+                            for x, (v, _) in zip(image, picks)])
         if self.masks is not None:
             ok &= inside >= self.min_mask
         if (self.min_foreground > 0 or self.balance) and label is not None:
@@ -262,7 +273,7 @@ class PatchLoader:
 
     def sample(self, step: int) -> tuple[list, np.ndarray, np.ndarray | None]:
         """The origins `(region, (z, y, x))` batch `step` keeps after rejection, with their
-        normalised patches and labels, before augmentation."""
+        patches (native dtype) and labels, before augmentation."""
         picks = self.sampler.origins(step)
         out, lab, inside = self._read(picks)
         if self.rejecting:
@@ -283,27 +294,34 @@ class PatchLoader:
         return picks, out, lab
 
     def load(self, step: int) -> dict:
-        """The batch of a given step (deterministic; used by the thread and by tests)."""
+        """The batch of a given step (deterministic; used by the thread and by tests), as the
+        iterator yields it: images in their native dtype with their `_norm` (and `_grey`, `_seed`)
+        entries for emfm.data.device.finish."""
         picks, out, lab = self.sample(step)
         if not self.return_labels:
             lab = None
-        batch = {"image": out} if lab is None else {"image": out, "label": lab}
-        if self.augment or self.views == 2:
-            # one generator per patch, keyed by its global index: the same patch is augmented the
-            # same way whatever the number of processes
-            rngs = [np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
-                    for i in range(len(out))]
-            if self.views == 2:
-                kw = {k: v for k, v in self.aug.items() if k != "ops"}
-                kw["ops"] = kw.pop("view_ops", augment.DEFAULT_VIEW_OPS)
-                views = [augment.two_views(r, out[i:i + 1], **kw) for i, r in enumerate(rngs)]
-                batch = {"image": np.concatenate([v[0] for v in views]), "image2": np.concatenate([v[1] for v in views])}
-            elif lab is None:
-                batch = {"image": augment.per_example(rngs, out, **self._single_aug())[0]}
-            else:
-                img, lab = augment.per_example(rngs, out, lab, **self._single_aug())
-                batch = {"image": img, "label": lab}
-        return batch
+        norm = self._norm[[v for v, _ in picks]]
+        if not (self.augment or self.views == 2):
+            batch = augment.deferred_keys("image", out, norm, None, None)
+            return batch if lab is None else {**batch, "label": lab}
+        # one generator per patch, keyed by its global index: the same patch is augmented the
+        # same way whatever the number of processes
+        rngs = [np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
+                for i in range(len(out))]
+        if self.views == 2:
+            kw = {k: v for k, v in self.aug.items() if k != "ops"}
+            kw["ops"] = kw.pop("view_ops", augment.DEFAULT_VIEW_OPS)
+            views = [augment.two_views_deferred(r, out[i:i + 1], norm[i:i + 1], **kw) for i, r in enumerate(rngs)]
+            return {k: np.concatenate([v[j][k] for v in views]) for j in (0, 1) for k in views[0][j]}
+        batch, moved = augment.per_example_deferred(rngs, out, norm, *([] if lab is None else [lab]),
+                                                    **self._single_aug())
+        return batch if lab is None else {**batch, "label": moved[0]}
+
+    def finished(self, step: int) -> dict:
+        """`load(step)` made float32 by emfm.data.device.finish (on the default device), as numpy."""
+        from emfm.data import device
+
+        return device.finish_host(self.load(step))
 
     def _single_aug(self) -> dict:
         return {k: v for k, v in self.aug.items() if k != "view_ops"}

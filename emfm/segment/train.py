@@ -1,4 +1,5 @@
-"""`emfm finetune`: segmentation training under every regime, on the pretraining engine.
+"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step loop,
+emfm.train.loop).
 
 The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA teacher for the mean
 teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -23,16 +23,14 @@ import numpy as np
 from flax import nnx
 
 from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskConfig
-from emfm.data import bundled
+from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.models.seg_heads import SegModel, build_head
 from emfm.models.vit import count_params
 from emfm.segment import losses, regimes, targets
 from emfm.segment.predict import model_fn, predict_array, predict_volume
-from emfm.train import checkpoint, mesh as meshlib, optim
-from emfm.train.logging import MetricWriter, progress
-from emfm.train.pretrain import NonFiniteLoss, Preempted, _truncate_metrics, write_status
+from emfm.train import checkpoint, loop, mesh as meshlib, optim
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
 
 log = logging.getLogger("emfm")
@@ -121,11 +119,13 @@ class Batches:
         return x[:, 0, ..., None] if self.ndim == 2 else x[..., None]
 
     def make(self, lb: dict, ub: dict | None) -> dict:
+        """Images stay in their native dtype with their normalisation / augmentation entries
+        (emfm.data.device.finish runs in the step); targets are made here from the labels."""
         t = targets.make_targets(lb["label"], self.task, self.ndim)
-        out = {"image": self._img(lb["image"])}
+        out = {k: self._img(v) if k == "image" else v for k, v in lb.items() if k != "label"}
         out.update({k: (v[:, 0] if self.ndim == 2 else v) for k, v in t.items()})
         if ub is not None:
-            out["uimage"] = self._img(ub["image"])
+            out.update({"u" + k: self._img(v) if k == "image" else v for k, v in ub.items()})
         return out
 
     def __next__(self) -> dict:
@@ -265,6 +265,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     state_sh = meshlib.state_shardings(jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size)
 
     def loss_fn(m, batch, rng, teach):
+        batch = device.finish(batch)
         out = m(batch["image"], frozen_encoder=frozen)
         loss, metrics = losses.task_loss(out, batch, lay, cfg.loss)
         if r.semi != "none":
@@ -291,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         start = int(state.step)
         log.info("resumed from %s at step %d", mngr.directory, start)
         if main_proc:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            loop.truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
         state = jax.device_put(state0, state_sh)
     del state0, model
@@ -304,53 +305,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     compile_s = time.perf_counter() - t0
     log.info("compiled the %s step in %.1f s", r.name, compile_s)
 
-    preempted = {"flag": False}
-    try:
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
-    except ValueError:
-        old_handler = None
-    writer = MetricWriter(run_dir, tensorboard=cfg.trainer.tensorboard) if main_proc else None
-    write_status(run_dir, "running", step=start)
-    losses_seen: list[float] = []
-    bar = progress(cfg.trainer.steps, initial=start, desc="finetune", enabled=cfg.trainer.progress and main_proc)
-    status, t_loop = "failed", time.perf_counter()
-    try:
-        for step in range(start, cfg.trainer.steps):
-            if preempted["flag"]:
-                checkpoint.save(mngr, step, state, {**meta, "data": batches.state()}, force=True)
-                mngr.wait_until_finished()
-                status = "preempted"
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; rerun to resume")
-            batch = meshlib.global_batch(next(batches), mesh)
-            state, metrics = compiled(state, batch)
-            last = step + 1 == cfg.trainer.steps
-            if (step + 1) % cfg.trainer.log_every == 0 or last or step == start:
-                m = jax.device_get(metrics)
-                if int(state.nonfinite) and cfg.trainer.nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {int(state.first_bad)}; the last good "
-                                        f"checkpoint in {mngr.directory} is kept")
-                losses_seen.append(float(m["loss"]))
-                m.update(lr=sched(step // cfg.optim.accumulate_steps))
-                if writer is not None:
-                    writer.write(step + 1, m)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-            bar.update(1)
-            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last:
-                checkpoint.save(mngr, step + 1, state, {**meta, "data": batches.state()})
-        jax.block_until_ready(state)
-        loop_s = time.perf_counter() - t_loop
-        checkpoint.save(mngr, cfg.trainer.steps, state, {**meta, "data": batches.state()}, force=True)
-        mngr.wait_until_finished()
-        status = "finished"
-    finally:
-        bar.close()
-        batches.close()
-        if writer is not None:
-            writer.close()
-        mngr.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-        write_status(run_dir, status)
+    result = loop.run(compiled, state, batches, start=start, steps=cfg.trainer.steps, mesh=mesh, mngr=mngr,
+                      meta=meta, run_dir=run_dir, trainer=cfg.trainer, sched=sched,
+                      accumulate_steps=cfg.optim.accumulate_steps, batch_size=gbatch, desc="finetune",
+                      main_proc=main_proc, log_first=True, throughput=False)
+    state, losses_seen, loop_s = result.state, result.losses, result.loop_s
 
     summary = {"regime": dataclasses.asdict(r), "steps": cfg.trainer.steps, "resumed_from": start,
                "first_loss": losses_seen[0] if losses_seen else None,

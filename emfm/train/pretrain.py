@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import signal
 import time
 from pathlib import Path
 
@@ -21,23 +19,16 @@ from flax import nnx
 
 from emfm import objectives
 from emfm.config.schema import EmfmConfig
+from emfm.data import device
 from emfm.data.loader import PatchLoader
 from emfm.data.sources import make_loader, open_sources
 from emfm.models.vit import count_params
 from emfm.objectives import mae
-from emfm.train import checkpoint, mesh as meshlib, optim
-from emfm.train.logging import MetricWriter, progress
+from emfm.train import checkpoint, loop, mesh as meshlib, optim
+from emfm.train.loop import NonFiniteLoss, Preempted  # noqa: F401 - re-exported: the CLI catches them here
 from emfm.train.state import build_pretraining_model, init_state, make_train_step, model_meta
 
 log = logging.getLogger("emfm")
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint of the current step was written before leaving."""
 
 
 def _to_model_input(x: np.ndarray, ndim: int) -> np.ndarray:
@@ -46,19 +37,29 @@ def _to_model_input(x: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _model_batch(batch: dict, ndim: int) -> dict:
-    return {k: _to_model_input(v, ndim) for k, v in batch.items() if k in ("image", "image2")}
+    """The loader's batch with its images in model layout (views of the native-dtype patches); their
+    normalisation / augmentation entries ride along to the step (emfm.data.device.finish)."""
+    return {k: _to_model_input(v, ndim) if k in ("image", "image2") else v for k, v in batch.items()}
 
 
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    if jax.process_index() == 0:
-        (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
+class _ModelBatches:
+    """The loader's batches in model layout, for the step loop (state, close and wait time pass through)."""
 
+    def __init__(self, loader: PatchLoader, ndim: int):
+        self.loader, self.ndim = loader, ndim
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the restored step (written by a run that died before its next checkpoint)."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    def __next__(self) -> dict:
+        return _model_batch(next(self.loader), self.ndim)
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+    def close(self) -> None:
+        self.loader.close()
+
+    @property
+    def wait_s(self) -> float:
+        return self.loader.wait_s
 
 
 def pretrain(cfg: EmfmConfig) -> dict:
@@ -100,7 +101,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     batch_sh = meshlib.batch_sharding(mesh)
 
     def loss_fn(model, batch, rng, teacher):
-        return definition.loss(model, batch, rng, cfg.objective, teacher)
+        return definition.loss(model, device.finish(batch), rng, cfg.objective, teacher)
 
     step_fn = make_train_step(graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum, total_steps=cfg.trainer.steps)
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
@@ -118,13 +119,13 @@ def pretrain(cfg: EmfmConfig) -> dict:
         start = int(state.step)
         log.info("resumed from %s at step %d", mngr.directory, start)
         if main_proc:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            loop.truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
         state = jax.jit(create, out_shardings=state_sh)()
 
     loader = make_loader(cfg.data, sources, batch_size=gbatch // pcount, seed=cfg.trainer.seed, process_index=pid,
                          process_count=pcount, start_step=start, views=definition.views)
-    example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], jnp.float32, sharding=batch_sh)
+    example = {k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], v.dtype, sharding=batch_sh)
                for k, v in _model_batch(loader.load(0), ndim).items()}
     t0 = time.perf_counter()
     compiled = train_step.lower(abstract_sharded, example).compile()
@@ -135,81 +136,11 @@ def pretrain(cfg: EmfmConfig) -> dict:
                  getattr(mem, "temp_size_in_bytes", 0) / 2**20, getattr(mem, "argument_size_in_bytes", 0) / 2**20,
                  getattr(mem, "output_size_in_bytes", 0) / 2**20)
 
-    preempted = {"flag": False}
-    old_handler = signal.getsignal(signal.SIGTERM)
-    if main_proc or pcount > 1:
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
-        except ValueError:  # not the main thread (e.g. inside a notebook kernel thread)
-            old_handler = None
-
-    writer = MetricWriter(run_dir, tensorboard=cfg.trainer.tensorboard) if main_proc else None
-    write_status(run_dir, "running", step=start)
-    losses: list[float] = []
-    bar = progress(cfg.trainer.steps, initial=start, desc="pretrain", enabled=cfg.trainer.progress and main_proc)
-    t_loop = time.perf_counter()
-    wait0 = loader.wait_s
-    window = [t_loop, wait0]  # start of the current logging window: time, loader wait so far
-    images = 0
-    best_value = math.inf
-    status = "failed"
-    try:
-        for step in range(start, cfg.trainer.steps):
-            if preempted["flag"]:
-                checkpoint.save(mngr, step, state, {**meta, "data": loader.state()}, force=True)
-                mngr.wait_until_finished()
-                status = "preempted"
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; "
-                                "run the same command to resume")
-            batch = meshlib.global_batch(_model_batch(next(loader), ndim), mesh)
-            state, metrics = compiled(state, batch)
-            images += gbatch
-            last = step + 1 == cfg.trainer.steps
-            if (step + 1) % cfg.trainer.log_every == 0 or last:
-                m = jax.device_get(metrics)
-                bad, first_bad = int(state.nonfinite), int(state.first_bad)
-                if bad and cfg.trainer.nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {first_bad}; its update was not "
-                                        f"applied and the last good checkpoint in {mngr.directory} is kept "
-                                        "(trainer.nonfinite=skip skips such batches instead)")
-                loss = float(m["loss"])
-                losses.append(loss)
-                now = time.perf_counter()
-                rate = images / (now - t_loop)
-                # share of this logging window's wall time the step loop spent blocked on the loader
-                wait_frac = (loader.wait_s - window[1]) / max(now - window[0], 1e-9)
-                window[:] = [now, loader.wait_s]
-                m.update(lr=sched(step // cfg.optim.accumulate_steps), images_per_s=rate, skipped_batches=bad,
-                         data_wait_fraction=wait_frac)
-                if writer is not None:
-                    writer.write(step + 1, m)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                if best is not None and cfg.trainer.best_metric in m:
-                    v = float(m[cfg.trainer.best_metric])
-                    if v < best_value:
-                        best_value = v
-                        checkpoint.save(best, step + 1, state, {**meta, "data": loader.state(), "best": v},
-                                        metrics={cfg.trainer.best_metric: v}, force=True)
-            bar.update(1)
-            if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0 and not last:
-                checkpoint.save(mngr, step + 1, state, {**meta, "data": loader.state()})
-        if start < cfg.trainer.steps:
-            jax.block_until_ready(state)
-        loop_s = time.perf_counter() - t_loop
-        checkpoint.save(mngr, cfg.trainer.steps, state, {**meta, "data": loader.state()}, force=True)
-        mngr.wait_until_finished()
-        status = "finished"
-    finally:
-        bar.close()
-        loader.close()
-        if writer is not None:
-            writer.close()
-        mngr.close()
-        if best is not None:
-            best.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-        write_status(run_dir, status, step=int(jax.device_get(state.step)) if status != "failed" else None)
+    result = loop.run(compiled, state, _ModelBatches(loader, ndim), start=start, steps=cfg.trainer.steps, mesh=mesh,
+                      mngr=mngr, meta=meta, run_dir=run_dir, trainer=cfg.trainer, sched=sched,
+                      accumulate_steps=cfg.optim.accumulate_steps, batch_size=gbatch, desc="pretrain", best=best,
+                      main_proc=main_proc, catch_sigterm=main_proc or pcount > 1)
+    state, losses, loop_s, images = result.state, result.losses, result.loop_s, result.images
 
     fig = None
     if cfg.objective.name.startswith("mae") and main_proc:  # MAE and its combinations
@@ -221,7 +152,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
         "steps": cfg.trainer.steps, "resumed_from": start, "encoder_params": n_enc,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "images_per_s": images / loop_s if steps_run else None, "compile_s": compile_s,
-        "data_wait_fraction": (loader.wait_s - wait0) / loop_s if steps_run else None,
+        "data_wait_fraction": result.wait_s / loop_s if steps_run else None,
         "skipped_batches": int(state.nonfinite), "devices": mesh.size, "processes": pcount,
         "train_s": loop_s, "total_s": time.perf_counter() - t_start,
         "checkpoint": str(run_dir / "checkpoints"), "figure": str(fig) if fig else None,
@@ -235,7 +166,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
 def _reconstruction_figure(model, loader: PatchLoader, ndim: int, cfg: EmfmConfig, path: Path) -> None:
     from emfm.eval import figures
 
-    batch = loader.load(10**6)  # a batch never used in training, same distribution
+    batch = loader.finished(10**6)  # a batch never used in training, same distribution
     x = jnp.asarray(_to_model_input(batch["image"][:4], ndim))
     norm = cfg.objective.target_norm or cfg.objective.norm_pix_loss
     masked, recon = mae.reconstruct(model, x, jax.random.PRNGKey(1), mask_ratio=cfg.objective.mask_ratio,

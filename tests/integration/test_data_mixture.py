@@ -40,7 +40,7 @@ def test_mixture_config_on_real_em(tmp_path, monkeypatch):
     assert srcs[1].region.volume.voxel_size == (40.0, 11.8, 11.8) and srcs[1].labels.shape == (20, 512, 512)
     ld = make_loader(cfg.data, srcs, batch_size=16, seed=5)
     ld.close()
-    batch = ld.load(0)["image"]
+    batch = ld.finished(0)["image"]
     assert batch.shape == (16, 1, 64, 64) and np.isfinite(batch).all()
     labels = srcs[1].labels.read()
     kept = [(i, o) for i, (v, o) in enumerate(ld.sample(0)[0]) if v == 1]

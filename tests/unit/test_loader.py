@@ -81,40 +81,48 @@ def test_two_processes_see_the_single_process_batch(vol):
     one = _loader(vol, seed=3, batch=8)
     halves = [_loader(vol, seed=3, batch=4, process_index=i, process_count=2) for i in range(2)]
     try:
-        whole = one.load(5)["image"]
-        parts = np.concatenate([h.load(5)["image"] for h in halves])
+        whole, parts = one.load(5), [h.load(5) for h in halves]
+        for k in whole:  # native-dtype patches, their normalisation, grey-value draws, noise seeds
+            np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+        # flips on the host, grey values and noise on the device: the same images
+        np.testing.assert_allclose(one.finished(5)["image"], np.concatenate([h.finished(5)["image"] for h in halves]),
+                                   atol=1e-6, rtol=0)
     finally:
         for ld in [one] + halves:
             ld.close()
-    np.testing.assert_array_equal(whole, parts)
 
 
 def test_same_seed_and_step_same_batch_and_resume(vol):
     a = _loader(vol, seed=1)
     try:
-        first = [next(a)["image"] for _ in range(4)]
+        first = [next(a) for _ in range(4)]
     finally:
         a.close()
     assert a.state() == {"step": 4, "seed": 1}
     b = _loader(vol, seed=1, start_step=2)
     try:
-        resumed = [next(b)["image"] for _ in range(2)]
+        resumed = [next(b) for _ in range(2)]
     finally:
         b.close()
-    np.testing.assert_array_equal(resumed[0], first[2])
-    np.testing.assert_array_equal(resumed[1], first[3])
-    np.testing.assert_array_equal(a.load(3)["image"], first[3])
-    assert not np.array_equal(first[0], first[1])
-    assert first[0].shape == (4, 2, 16, 16) and first[0].dtype == np.float32
-    assert -0.2 <= first[0].min() and first[0].max() <= 1.2  # additive noise may leave [0, 1] a little
+    for got, want in ((resumed[0], first[2]), (resumed[1], first[3]), (a.load(3), first[3])):
+        assert set(got) == set(want)
+        for k in got:  # image, its normalisation, grey-value draws and noise seeds
+            np.testing.assert_array_equal(got[k], want[k])
+    assert not np.array_equal(first[0]["image"], first[1]["image"])
+    # the host hands over native-dtype patches; float32 conversion happens on the device
+    assert first[0]["image"].shape == (4, 2, 16, 16) and first[0]["image"].dtype == np.uint8
+    assert first[0]["image_norm"].shape == (4, 2) and first[0]["image_seed"].dtype == np.uint32
+    img = a.finished(3)["image"]
+    assert img.dtype == np.float32 and -0.2 <= img.min() and img.max() <= 1.2  # noise may leave [0, 1] a little
 
 
 def test_no_augmentation_gives_exact_crops(vol):
     ld = _loader(vol, augment_batches=False)
     ld.close()
-    batch = ld.load(7)["image"]
+    raw, batch = ld.load(7)["image"], ld.finished(7)["image"]
     x = vol.read()
-    for img, (_, (z, y, xx)) in zip(batch, ld.sampler.origins(7)):
+    for r, img, (_, (z, y, xx)) in zip(raw, batch, ld.sampler.origins(7)):
+        np.testing.assert_array_equal(r, x[z:z + 2, y:y + 16, xx:xx + 16])
         np.testing.assert_allclose(img, x[z:z + 2, y:y + 16, xx:xx + 16] / 255.0, rtol=1e-6)
 
 
@@ -127,7 +135,7 @@ def test_labels_move_with_images(tmp_path):
     ld = _loader(v, labels=[lab], patch=(2, 16, 16))
     ld.close()
     for step in range(3):
-        b = ld.load(step)
+        b = ld.finished(step)
         assert b["label"].dtype == np.uint8 and b["label"].shape == b["image"].shape == (4, 2, 16, 16)
         for img, lb in zip(b["image"], b["label"]):
             assert np.corrcoef(img.ravel(), lb.ravel().astype(float))[0, 1] > 0.8
@@ -139,14 +147,14 @@ def test_labels_move_with_images(tmp_path):
 def test_min_std_rejects_constant_patches_deterministically(vol):
     plain = _loader(vol, augment_batches=False, patch=(1, 16, 16))
     plain.close()
-    stds = [plain.load(s)["image"].reshape(4, -1).std(1) for s in range(10)]
+    stds = [plain.finished(s)["image"].reshape(4, -1).std(1) for s in range(10)]
     assert min(s.min() for s in stds) < 1e-6  # without rejection, constant patches do occur
     ld = _loader(vol, augment_batches=False, patch=(1, 16, 16), min_std=0.05)
     ld.close()
     for s in range(10):
-        b = ld.load(s)["image"]
+        b = ld.finished(s)["image"]
         assert b.reshape(4, -1).std(1).min() >= 0.05
-        np.testing.assert_array_equal(b, ld.load(s)["image"])
+        np.testing.assert_array_equal(b, ld.finished(s)["image"])
 
 
 def test_min_foreground(vol, labels):

@@ -52,7 +52,7 @@ def test_weights_pick_sources_and_each_has_its_grey_range(vols):
     ld.close()
     picked = np.array([v for s in range(4) for v, _ in ld.sampler.origins(s)])
     assert 0.65 < (picked == 0).mean() < 0.85  # 3 : 1
-    img = ld.load(0)["image"]
+    img = ld.finished(0)["image"]
     assert img.min() >= 0 and img.max() <= 1 and img.std() > 0.2  # both normalised to [0, 1]
 
 
@@ -77,7 +77,8 @@ def test_mixture_deterministic_across_resume_and_processes(vols):
         for ld in [resumed] + two:
             ld.close()
     np.testing.assert_array_equal(np.concatenate(halves), first[1])
-    assert set(one.load(0)) == {"image"}  # labels steer sampling; pretraining batches carry images only
+    # labels steer sampling; pretraining batches carry images only (with their device-side entries)
+    assert set(one.load(0)) == {"image", "image_norm", "image_grey", "image_seed"}
 
 
 def test_mask_and_class_balance(vols):

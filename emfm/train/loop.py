@@ -1,0 +1,147 @@
+"""The step loop shared by `emfm pretrain` and `emfm finetune`.
+
+A run supplies its compiled pure step, its state and its batch iterator; the loop does the rest the
+same way for both: SIGTERM -> checkpoint of the current step and `Preempted`; metrics every
+`log_every` steps (JSONL + TensorBoard, with the learning rate, throughput and the share of wall
+time spent waiting for data); a non-finite loss stops the run naming the step (or is skipped);
+best and periodic checkpoints with the data position; a progress bar; the final checkpoint; and
+`status.json` (running / preempted / finished / failed) whatever happens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+
+from emfm.train import checkpoint, mesh as meshlib
+from emfm.train.logging import MetricWriter, progress
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint of the current step was written before leaving."""
+
+
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    if jax.process_index() == 0:
+        (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the restored step (written by a run that died before its next checkpoint)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@dataclass
+class LoopResult:
+    state: Any
+    losses: list[float] = field(default_factory=list)  # the loss at each logged step
+    loop_s: float = 0.0  # wall time of the steps run here
+    images: int = 0  # examples consumed
+    wait_s: float = 0.0  # of loop_s, time spent blocked on the data iterator
+
+
+def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: int, mesh, mngr, meta: dict,
+        run_dir: Path, trainer, sched: Callable, accumulate_steps: int = 1, batch_size: int, desc: str,
+        best=None, main_proc: bool = True, catch_sigterm: bool = True, log_first: bool = False,
+        throughput: bool = True) -> LoopResult:
+    """Run `state = step_fn(state, batch)` for steps `start .. steps - 1` on batches
+    `meshlib.global_batch(next(data))`; `data` also has `state()` (saved with every checkpoint),
+    `close()` and, for the data-wait fraction, `wait_s` (seconds its consumer spent blocked).
+
+    `trainer` is the run's TrainerConfig (log_every, checkpoint_every, nonfinite, best_metric,
+    tensorboard, progress); `best` an optional checkpoint manager for the best `best_metric`.
+    `log_first` also logs the first step run; `throughput` adds images/s, skipped batches and the
+    data-wait fraction to the logged metrics. Closes `data`, `mngr` and `best` on the way out.
+    """
+    preempted = {"flag": False}
+    old_handler = None
+    if catch_sigterm:
+        try:
+            old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
+        except ValueError:  # not the main thread (e.g. inside a notebook kernel thread)
+            old_handler = None
+    writer = MetricWriter(run_dir, tensorboard=trainer.tensorboard) if main_proc else None
+    write_status(run_dir, "running", step=start)
+    out = LoopResult(state)
+    bar = progress(steps, initial=start, desc=desc, enabled=trainer.progress and main_proc)
+    wait = lambda: getattr(data, "wait_s", 0.0)  # noqa: E731
+    t_loop = time.perf_counter()
+    wait0 = wait()
+    window = [t_loop, wait0]  # start of the current logging window: time, data wait so far
+    best_value = math.inf
+    status = "failed"
+    save = lambda mgr, step, extra=None, **kw: checkpoint.save(  # noqa: E731
+        mgr, step, out.state, {**meta, "data": data.state(), **(extra or {})}, **kw)
+    try:
+        for step in range(start, steps):
+            if preempted["flag"]:
+                save(mngr, step, force=True)
+                mngr.wait_until_finished()
+                status = "preempted"
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; "
+                                "run the same command to resume")
+            batch = meshlib.global_batch(next(data), mesh)
+            out.state, metrics = step_fn(out.state, batch)
+            out.images += batch_size
+            last = step + 1 == steps
+            if (step + 1) % trainer.log_every == 0 or last or (log_first and step == start):
+                m = jax.device_get(metrics)
+                bad, first_bad = int(out.state.nonfinite), int(out.state.first_bad)
+                if bad and trainer.nonfinite == "stop":
+                    raise NonFiniteLoss(f"non-finite loss or gradient at step {first_bad}; its update was not "
+                                        f"applied and the last good checkpoint in {mngr.directory} is kept "
+                                        "(trainer.nonfinite=skip skips such batches instead)")
+                loss = float(m["loss"])
+                out.losses.append(loss)
+                m.update(lr=sched(step // accumulate_steps))
+                postfix = {"loss": f"{loss:.4f}"}
+                if throughput:
+                    now = time.perf_counter()
+                    rate = out.images / (now - t_loop)
+                    # share of this logging window's wall time the loop spent blocked on the data
+                    wait_frac = (wait() - window[1]) / max(now - window[0], 1e-9)
+                    window[:] = [now, wait()]
+                    m.update(images_per_s=rate, skipped_batches=bad, data_wait_fraction=wait_frac)
+                    postfix["img_s"] = f"{rate:.1f}"
+                if writer is not None:
+                    writer.write(step + 1, m)
+                bar.set_postfix(**postfix)
+                if best is not None and trainer.best_metric in m:
+                    v = float(m[trainer.best_metric])
+                    if v < best_value:
+                        best_value = v
+                        save(best, step + 1, {"best": v}, metrics={trainer.best_metric: v}, force=True)
+            bar.update(1)
+            if trainer.checkpoint_every and (step + 1) % trainer.checkpoint_every == 0 and not last:
+                save(mngr, step + 1)
+        if start < steps:
+            jax.block_until_ready(out.state)
+        out.loop_s = time.perf_counter() - t_loop
+        out.wait_s = wait() - wait0
+        save(mngr, steps, force=True)
+        mngr.wait_until_finished()
+        status = "finished"
+    finally:
+        bar.close()
+        data.close()
+        if writer is not None:
+            writer.close()
+        mngr.close()
+        if best is not None:
+            best.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        write_status(run_dir, status, step=int(jax.device_get(out.state.step)) if status != "failed" else None)
+    return out
