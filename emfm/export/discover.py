@@ -56,9 +56,9 @@ STATE_DIR = "discover_state"
 
 def _fingerprint(features: str, fv, out: str, **params) -> dict:
     """What decides discover's output: a saved state of another fingerprint is another job."""
-    return json.loads(json.dumps({"features": str(Path(features).resolve()) if "://" not in features else features,
-                                  "shape": list(fv.shape), "dtype": str(fv.dtype), "export": fv.attributes.get("export"),
-                                  "labels": str(out), **params}))
+    path = str(Path(features).resolve()) if "://" not in features else features
+    return json.loads(json.dumps({"features": path, "shape": list(fv.shape), "dtype": str(fv.dtype),
+                                  "export": fv.attributes.get("export"), "labels": str(out), **params}))
 
 
 class DiscoverState:
@@ -240,7 +240,8 @@ def discover(features: str, run_dir: str | Path, *, image: str = "", k: int = 8,
     overview = _overview(img, fv, lv, stride, origin, k, run_dir / "figures" / "discover_overview.png")
     res = {"features": str(features), "image": src, "labels": out, "k": k, "vectors": int(counts.sum()),
            "fit_vectors": int(st["seen"]), "epochs": epochs, "counts": counts.tolist(),
-           "fractions": (counts / max(1, counts.sum())).round(6).tolist(), "inertia_per_vector": inertia / max(1, counts.sum()),
+           "fractions": (counts / max(1, counts.sum())).round(6).tolist(),
+           "inertia_per_vector": inertia / max(1, counts.sum()),
            "galleries": galleries, "overview": str(overview),
            "examples": [c.tolist() for c in cells]}  # feature cells (z, y, x) shown in each cluster's gallery
     (run_dir / "discover.json").write_text(json.dumps(res, indent=1))
@@ -256,9 +257,10 @@ def _label_regions(fv, lv, km, regions, todo, *, k, seed, examples, label_dtype,
     pending: list = []
     try:
         for i, (r, x) in zip(todo, _stream(fv, [regions[i] for i in todo])):
-            lab = km.predict(x)
-            rec = {"region": i, "inertia": float(-km.score(x)), "counts": np.bincount(lab, minlength=k).tolist(),
-                   "samples": []}
+            dist = km.transform(x)  # distances to the centres: the labels and the inertia in one pass
+            lab = dist.argmin(1)
+            rec = {"region": i, "inertia": float((dist[np.arange(len(lab)), lab].astype(np.float64) ** 2).sum()),
+                   "counts": np.bincount(lab, minlength=k).tolist(), "samples": []}
             shape = tuple(s.stop - s.start for s in r)
             u = np.random.default_rng([seed, i]).random(len(lab))
             for c in np.unique(lab):

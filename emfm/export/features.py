@@ -1,16 +1,19 @@
 """Dense feature export of a volume of any size, block by block with overlap, to OME-Zarr through tensorstore.
 
 The volume (or an ROI of it) is cut into blocks; each is read with `margin` voxels of context on every
-side (real neighbouring voxels where the volume has them, mirrored at its edge), encoded, and only the
-block's own features are written, so the features show no block seams. A 2D encoder sees one section
-at a time (blocks are `1 x tile x tile`); a 3D encoder sees `block_z x tile x tile` blocks.
+side (real neighbouring voxels where the volume has them, mirrored at its edge) and encoded. With
+`blend=none` only the block's own features are written (exact for an encoder whose receptive field fits
+in the margin, e.g. a U-Net); a ViT's features also depend on where a token sits in its window, which
+leaves block seams, so by default its neighbouring windows are blended over their overlap instead
+(`_blended_blocks`). A 2D encoder sees one section at a time (blocks are `1 x tile x tile`); a 3D encoder
+sees `block_z x tile x tile` blocks.
 
 The output `[z', y', x', c]` lies on a grid of `stride` voxels per cell: the ViT patch size, or for a
 U-Net 1 (decoder output) or the pooling of the finest chosen encoder level; features of several
 layers (`layers`, concatenated) are upsampled (nearest) to the finest of their grids. One block is one
 chunk, so a chunk present in the store is a finished block: an interrupted export restarted with the
 same arguments skips those and yields the same bytes, and several JAX processes split the blocks
-(block i goes to process i mod n). Optional PCA to `pca_k` channels is fitted on a sample of blocks
+(block i goes to process i mod n; blended, contiguous runs of blocks). Optional PCA to `pca_k` channels is fitted on a sample of blocks
 once and stored in the array's attributes, so resumed and parallel writers project alike.
 Reading runs ahead in a thread and writes are tensorstore futures, so I/O overlaps the encoder.
 
@@ -340,9 +343,9 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
     if pca_k:
         p = out.attributes["pca"]
         fwd.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
-    n = len(origins)
-    mine = [i for i in range(n) if i % nproc == pid] if benc is None else list(range(pid * n // nproc,
-                                                                                     (pid + 1) * n // nproc))
+    nb = len(origins)
+    mine = [i for i in range(nb) if i % nproc == pid] if benc is None else \
+        list(range(pid * nb // nproc, (pid + 1) * nb // nproc))
     done = written_chunks(out)
     todo = [origins[i] for i in mine if tuple(o // b for o, b in zip(origins[i], enc.block)) not in done]
     skipped = len(mine) - len(todo)

@@ -100,7 +100,8 @@ class Blender:
                 self.add(acc, wsum, box, o, p)
         return acc / wsum[..., None]
 
-    def add(self, acc: np.ndarray, wsum: np.ndarray, box: Sequence[slice], origin: Sequence[int], pred: np.ndarray) -> None:
+    def add(self, acc: np.ndarray, wsum: np.ndarray, box: Sequence[slice], origin: Sequence[int],
+            pred: np.ndarray) -> None:
         """Add the window at `origin`'s prediction `[*window, c]`, weighted, to the accumulators `acc`
         `[*box shape, c]` and `wsum` `[*box shape]` of the output box (the blend is acc / wsum)."""
         src, dst = [], []

@@ -4,6 +4,7 @@ uninterrupted run, bad input stops before any compute, k-means discovery recover
 the discovery notebook runs in tiny form."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch)
     feats = (rng.normal(size=(3, 6))[truth] * 3 + rng.normal(size=truth.shape + (6,))).astype(np.float16)
     write_array(tmp_path / "f.zarr", feats, chunks=(1, 8, 8, 6),
                 attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [0, 0, 0]})
-    kw = dict(k=3, batch_size=64, examples=3, crop=16, show_progress=False, state_every_s=0.0)
+    kw = dict(k=3, batch_size=256, examples=3, crop=16, show_progress=False, state_every_s=0.0)
     ref = discover(str(tmp_path / "f.zarr"), tmp_path / "ref", **kw)  # 8 regions (one per section)
 
     def fail_after(name, n):
@@ -248,11 +249,13 @@ def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch)
         monkeypatch.setattr(MiniBatchKMeans, name, f)
 
     run = tmp_path / "run"
-    fail_after("partial_fit", 60)  # 22 updates per region: stops in region 2
+    fail_after("partial_fit", 14)  # 5-6 updates per region: stops in region 2
     with pytest.raises(RuntimeError, match="injected"):
         discover(str(tmp_path / "f.zarr"), run, **kw)
     monkeypatch.undo()
-    fail_after("predict", 5)  # the fit resumes at region 2, labelling stops in region 5
+    with open(run / "discover_state" / "fit.pkl", "rb") as f:
+        assert pickle.load(f)["next"] == 2
+    fail_after("transform", 5)  # the fit resumes at region 2, labelling stops in region 5
     with pytest.raises(RuntimeError, match="injected"):
         discover(str(tmp_path / "f.zarr"), run, **kw)
     monkeypatch.undo()
