@@ -1,8 +1,8 @@
 """`emfm export` + `emfm discover` on generated volumes whose feature arrays exceed the memory cap they run
 under (and, for the larger one, this machine's RAM): peak RSS and voxels/s for two volume sizes.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_export_large.py --sections 4 16 --cap-gb 4 \
-        --out experiments/benchmarks/export_large.json
+    nice -n 10 .venv/bin/python benchmarks/bench_export_large.py --sections 4 15 --cap-gb 4 \
+        --out experiments/benchmarks/export_large.json --merge-into experiments/benchmarks/export.json
 
 For each size: writes a zarr v3 uint8 volume of `sections` x side x side (benchmarks/bench_export.py's
 EM-like texture), then runs, each as its own process under `prlimit --as` (a hard address-space cap,
@@ -53,7 +53,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--path", default="/tmp/emfm_bench_large")
-    ap.add_argument("--sections", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--sections", type=int, nargs="+", default=[4, 15])
     ap.add_argument("--side", type=int, default=4096)
     ap.add_argument("--cap-gb", type=float, default=4.0, help="prlimit --as for each export / discover process")
     ap.add_argument("--tile", type=int, default=256)
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--sample-fraction", type=float, default=0.02)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--merge-into", help="also store the record under 'larger_than_memory' in this JSON file")
     args = ap.parse_args()
     root = Path(args.path)
     root.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,10 @@ def main() -> None:
             shutil.rmtree(run)
         if args.out:
             Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
+        if args.merge_into and Path(args.merge_into).exists():  # e.g. experiments/benchmarks/export.json
+            whole = json.loads(Path(args.merge_into).read_text())
+            whole["larger_than_memory"] = rec
+            Path(args.merge_into).write_text(json.dumps(whole, indent=1) + "\n")
 
 
 def _ram_gb() -> float:
