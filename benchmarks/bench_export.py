@@ -205,6 +205,9 @@ def main() -> None:
     print(json.dumps(rec, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if Path(args.out).exists():  # keep bench_export_large.py's record, which it merges into this file
+            old = json.loads(Path(args.out).read_text())
+            rec.update({k: old[k] for k in ("larger_than_memory",) if k in old})
         Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -156,7 +156,7 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
                           margin_z=ec.margin_z, layers=tuple(ec.layers), dtype=ec.dtype, pca_k=ec.pca_k,
                           pca_sample_blocks=ec.pca_sample_blocks, roi=ec.roi, batch_size=ec.batch_size,
                           prefetch=ec.prefetch, resume=ec.resume, checkpoint=checkpoint or "",
-                          seed=cfg.trainer.seed, show_progress=cfg.trainer.progress)
+                          seed=cfg.trainer.seed, blend=ec.blend, show_progress=cfg.trainer.progress)
     if jax.process_index() != 0:  # its own share's record; process 0 writes the summary and preview
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / f"export_process{jax.process_index()}.json").write_text(json.dumps(res, indent=1))

@@ -104,7 +104,7 @@ def _discover(cfg: DictConfig) -> None:
     _save_provenance(Path(c.run_dir), cfg)
     res = discover(c.features, c.run_dir, image=c.image, k=c.k, batch_size=c.batch_size, epochs=c.epochs,
                    sample_fraction=c.sample_fraction, examples=c.examples, crop=c.crop, seed=c.seed, out=c.out,
-                   show_progress=c.progress)
+                   resume=c.resume, show_progress=c.progress)
     print(f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
           f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}")
 

@@ -243,6 +243,9 @@ class ExportConfig:
     roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     prefetch: int = 2  # batches of blocks read ahead of the encoder
     resume: bool = True  # skip blocks an earlier run of the same export finished; false = start over
+    # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT position seams)
+    # or none (margin dropped); auto = cosine for a ViT, none for a U-Net
+    blend: str = "auto"
 
 
 @dataclass
@@ -261,6 +264,7 @@ class DiscoverConfig:
     out: str = ""  # cluster label volume; empty = <run_dir>/clusters.zarr
     progress: bool = True
     run_dir: str = "runs/discover"
+    resume: bool = True  # continue an interrupted discover of the same job in run_dir; false = start over
 
 
 @dataclass

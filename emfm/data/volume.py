@@ -64,6 +64,7 @@ class Volume:
     voxel_size: tuple[float, ...]
     axes: tuple[str, ...]
     attributes: dict = field(default_factory=dict, compare=False)
+    translation: tuple[float, ...] = ()  # physical position of voxel 0 (OME-Zarr translation), () = origin
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -139,8 +140,9 @@ def _detect_driver(path: str) -> str:
         "is it a zarr (v2/v3), N5 or neuroglancer precomputed volume?")
 
 
-def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None):
-    """If `path` is an OME-Zarr multiscale group, return (array path, scale) of the chosen level."""
+def _ome_level(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None) -> dict | None:
+    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array path, the
+    spatial scale and translation (z, y, x), the axis names, and the group's attributes."""
     meta_file = Path(path) / ("zarr.json" if driver == "zarr3" else ".zattrs")
     if not meta_file.exists():
         return None
@@ -150,20 +152,44 @@ def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Seque
     if not ms or (driver == "zarr3" and meta.get("node_type") != "group"):
         return None
     datasets = ms[0]["datasets"]
-    scales = []
+    axes = ms[0].get("axes") or []
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
+    space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"] or None
+    scales, shifts = [], []
     for d in datasets:
-        scale = [1.0] * 3
+        scale, shift = None, None
         for t in d.get("coordinateTransformations", []):
             if t.get("type") == "scale":
-                scale = [float(v) for v in t["scale"]][-3:]
-        scales.append(scale)
+                scale = [float(v) for v in t["scale"]]
+            elif t.get("type") == "translation":
+                shift = [float(v) for v in t["translation"]]
+        pick = (lambda v: [v[i] for i in space]) if space and scale and len(scale) == len(axes) else (lambda v: v[-3:])
+        scales.append(pick(scale) if scale else [1.0] * 3)
+        shifts.append(pick(shift) if shift else [0.0] * len(scales[-1]))
     if voxel_size is not None:
         want = np.asarray(voxel_size, float)
         level = int(np.argmin([np.abs(np.log(np.asarray(s) / want)).sum() for s in scales]))
     level = 0 if level is None else level
     if not 0 <= level < len(datasets):
         raise VolumeError(f"volume {path}: scale level {level} requested, the group has {len(datasets)}")
-    return str(Path(path) / datasets[level]["path"]), tuple(scales[level])
+    return {"path": str(Path(path) / datasets[level]["path"]), "scale": tuple(scales[level]),
+            "translation": tuple(shifts[level]), "axes": names, "group_attributes": attrs}
+
+
+def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None):
+    """If `path` is an OME-Zarr multiscale group, return (array path, scale) of the chosen level."""
+    lv = _ome_level(path, driver, level, voxel_size)
+    return None if lv is None else (lv["path"], lv["scale"])
+
+
+def _emfm_order(arr, names: Sequence[str]):
+    """A view of an OME-Zarr level in emfm's axis order: the spatial axes (z, y, x) first, then a
+    channel axis (NGFF stores channels before space)."""
+    if len(names) != arr.rank:
+        return arr
+    space = [i for i, n in enumerate(names) if n in ("z", "y", "x")]
+    order = space + [i for i in range(arr.rank) if i not in space]
+    return arr if order == list(range(arr.rank)) else arr[ts.d[tuple(order)].transpose[:]]
 
 
 _SHARED_CONTEXT: list = []
@@ -201,11 +227,11 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
         if remote:
             raise VolumeError(f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for remote stores")
         driver = _detect_driver(local)
-    scale = None
+    scale, ome = None, None
     if not remote and driver in ("zarr3", "zarr"):
-        picked = _ome_level_path(local, driver, level, voxel_size)
-        if picked is not None:
-            local, scale = picked
+        ome = _ome_level(local, driver, level, voxel_size)
+        if ome is not None:
+            local, scale = ome["path"], ome["scale"]
             path = local
     spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path)}
     try:
@@ -217,13 +243,18 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
     if arr.rank not in (2, 3, 4):
         raise VolumeError(f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)")
     attrs = _read_attributes(local, driver) if not remote else {}
+    if ome is not None:  # the group's metadata (emfm's own under "emfm") with the level's attributes
+        arr = _emfm_order(arr, ome["axes"])
+        group = ome["group_attributes"]
+        attrs = {**group, **(group.get("emfm") or {}), **attrs}
     axes = ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
     vs = scale or attrs.get("voxel_size") or attrs.get("resolution") or _units_voxel_size(arr)
     n_sp = 2 if arr.rank == 2 else 3
     vs = tuple(float(v) for v in (vs or [1.0] * n_sp))[-n_sp:]
     if voxel_size is not None and scale is None:
         vs = tuple(float(v) for v in voxel_size)  # explicit override for stores lacking metadata
-    return Volume(path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs)
+    shift = tuple(float(v) for v in ome["translation"])[-n_sp:] if ome is not None else (0.0,) * n_sp
+    return Volume(path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift)
 
 
 def _units_voxel_size(arr) -> list[float] | None:
@@ -289,6 +320,61 @@ def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunk
     return Volume(path=path, array=arr, voxel_size=vs, axes=tuple(names), attributes=attrs)
 
 
+OME_VERSION = "0.5"
+
+
+def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunks: Sequence[int],
+                    voxel_size: Sequence[float], translation: Sequence[float] | None = None,
+                    attributes: dict | None = None, name: str = "", unit: str = "nanometer",
+                    compression_level: int = 3) -> Volume:
+    """Create an OME-Zarr (NGFF 0.5, zarr v3) image group with one scale level, array "0".
+
+    `shape`, `chunks` in emfm's order (z, y, x[, c]); the array is stored in NGFF's order (c, z, y, x),
+    with axes metadata (channel axis, z / y / x in `unit`), the level's scale (`voxel_size`, physical
+    size of one array cell) and `translation` (physical position of cell 0's centre). `attributes` go
+    into the group's attributes under "emfm". Whatever was at `path` before is deleted. Returns the
+    level opened for writing in emfm's axis order (what `open_volume(path, write=True)` gives).
+    """
+    path = str(path)
+    dtype = np.dtype(dtype)
+    if len(shape) not in (3, 4) or len(chunks) != len(shape):
+        raise VolumeError(f"OME-Zarr output {path}: shape {tuple(shape)} / chunks {tuple(chunks)} must both be "
+                          "(z, y, x) or (z, y, x, c)")
+    has_c = len(shape) == 4
+    order = [3, 0, 1, 2] if has_c else [0, 1, 2]
+    names = [("c", "z", "y", "x") if has_c else ("z", "y", "x")][0]
+    vs = [float(v) for v in voxel_size]
+    shift = [float(v) for v in (translation if translation is not None else (0.0, 0.0, 0.0))]
+    axes = ([{"name": "c", "type": "channel"}] if has_c else []) + \
+        [{"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")]
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {
+        "ome": {"version": OME_VERSION, "multiscales": [{
+            "name": name or Path(path).name, "axes": axes,
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": ([1.0] if has_c else []) + vs},
+                {"type": "translation", "translation": ([0.0] if has_c else []) + shift}]}]}]},
+        "emfm": dict(attributes or {})}}
+    meta = {
+        "shape": [int(shape[i]) for i in order],
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [int(chunks[i]) for i in order]}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": compression_level}}],
+        "dimension_names": list(names),
+    }
+    try:
+        spec = _kvstore(path)
+        spec = {**spec, "path": spec["path"].rstrip("/") + "/"} if isinstance(spec, dict) else spec.rstrip("/") + "/"
+        kv = ts.KvStore.open(spec).result()
+        kv.delete_range(ts.KvStore.KeyRange()).result()
+        ts.open({"driver": "zarr3", "kvstore": _kvstore(path.rstrip("/") + "/0"), "metadata": meta},
+                create=True).result()
+        kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
+    except Exception as e:  # noqa: BLE001
+        raise VolumeError(f"cannot create OME-Zarr {path}: {e}") from e
+    return open_volume(path, write=True)
+
+
 def write_array(path: str | os.PathLike, data: np.ndarray, *, chunks: Sequence[int] | None = None,
                 voxel_size: Sequence[float] | None = None, attributes: dict | None = None) -> Volume:
     """Write an in-memory array as a new zarr v3 volume (small arrays: samples, previews, tests)."""
@@ -300,13 +386,18 @@ def write_array(path: str | os.PathLike, data: np.ndarray, *, chunks: Sequence[i
 
 
 def written_chunks(vol: Volume) -> set[tuple[int, int, int]]:
-    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are
-    `[z, y, x, c]` with one chunk along c: resumable writers (export, predict) skip these."""
+    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are `[z, y, x]`
+    or `[z, y, x, c]` with one chunk along c (in emfm's axis order, also when the store keeps NGFF's
+    c, z, y, x): resumable writers (export, predict, discover) skip these."""
+    out_dims = [o.input_dimension for o in vol.array.spec().transform.output]  # stored dim -> view dim
     done = set()
     for key in vol.array.kvstore.list().result():
         k = key.decode() if isinstance(key, bytes) else key
         if k.startswith("c/"):
             parts = k[2:].split("/")
-            if len(parts) == 4:
-                done.add(tuple(int(v) for v in parts[:3]))
+            if len(parts) == len(out_dims):
+                idx = [0] * len(parts)
+                for stored, view in enumerate(out_dims):
+                    idx[view] = int(parts[stored])
+                done.add(tuple(idx[:3]))
     return done

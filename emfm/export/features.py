@@ -1,18 +1,27 @@
-"""Dense feature export of a volume of any size, block by block with overlap, to zarr v3 through tensorstore.
+"""Dense feature export of a volume of any size, block by block with overlap, to OME-Zarr through tensorstore.
 
 The volume (or an ROI of it) is cut into blocks; each is read with `margin` voxels of context on every
-side (real neighbouring voxels where the volume has them, mirrored at its edge), encoded, and only the
-block's own features are written, so the features show no block seams. A 2D encoder sees one section
-at a time (blocks are `1 x tile x tile`); a 3D encoder sees `block_z x tile x tile` blocks.
+side (real neighbouring voxels where the volume has them, mirrored at its edge) and encoded. With
+`blend=none` only the block's own features are written (exact for an encoder whose receptive field fits
+in the margin, e.g. a U-Net); a ViT's features also depend on where a token sits in its window, which
+leaves block seams, so by default its neighbouring windows are blended over their overlap instead
+(`_blended_blocks`). A 2D encoder sees one section at a time (blocks are `1 x tile x tile`); a 3D encoder
+sees `block_z x tile x tile` blocks.
 
 The output `[z', y', x', c]` lies on a grid of `stride` voxels per cell: the ViT patch size, or for a
 U-Net 1 (decoder output) or the pooling of the finest chosen encoder level; features of several
 layers (`layers`, concatenated) are upsampled (nearest) to the finest of their grids. One block is one
 chunk, so a chunk present in the store is a finished block: an interrupted export restarted with the
 same arguments skips those and yields the same bytes, and several JAX processes split the blocks
-(block i goes to process i mod n). Optional PCA to `pca_k` channels is fitted on a sample of blocks
+(block i goes to process i mod n; blended, contiguous runs of blocks). Optional PCA to `pca_k` channels is fitted on a sample of blocks
 once and stored in the array's attributes, so resumed and parallel writers project alike.
 Reading runs ahead in a thread and writes are tensorstore futures, so I/O overlaps the encoder.
+
+The output is an OME-Zarr image group (NGFF 0.5: zarr v3 group, array "0" stored as c, z, y, x; emfm's
+reader gives it back as z, y, x, c): axes metadata (a channel axis, z / y / x in nanometres), the scale
+of a feature cell (input voxel size x stride) and its translation (the centre of cell 0 in the input's
+physical frame, so the features overlay the input in OME-Zarr viewers), and the export's own record
+(checkpoint, layers, PCA basis, stride, ROI) under the group attribute "emfm".
 """
 from __future__ import annotations
 
@@ -31,13 +40,14 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from emfm.data.volume import Volume, VolumeError, create_volume, open_volume, written_chunks
+from emfm.data.volume import Volume, VolumeError, create_ome_zarr, open_volume, written_chunks
 from emfm.eval.probe import normalise
 from emfm.train.logging import progress
 
 log = logging.getLogger("emfm")
 
 OUT_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": jnp.bfloat16}
+BLENDS = ("auto", "none", "cosine", "gaussian", "constant")
 
 
 # ---------------------------------------------------------------- encoder from a checkpoint
@@ -262,15 +272,23 @@ class ExportPlan:
     pca_k: int
     pca_sample_blocks: int
     seed: int
+    blend: str
 
 
 def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: tuple[float, float], tile: int = 128,
                     margin: int = 32, block_z: int = 16, margin_z: int = 4, layers: tuple[int, ...] = (),
                     dtype: str = "float16", pca_k: int = 0, pca_sample_blocks: int = 16, roi=None,
                     batch_size: int = 8, prefetch: int = 2, resume: bool = True, checkpoint: str = "",
-                    seed: int = 0, show_progress: bool = True) -> dict:
-    """Features of `vol` (or its `roi` [[z0, z1], [y0, y1], [x0, x1]]) to a zarr v3 array at `out_path`;
-    this process writes blocks i with i mod process_count == process_index. Returns a summary dict."""
+                    seed: int = 0, blend: str = "auto", show_progress: bool = True) -> dict:
+    """Features of `vol` (or its `roi` [[z0, z1], [y0, y1], [x0, x1]]) to an OME-Zarr at `out_path`.
+
+    `blend`: "none" encodes each block in a window of `margin` context and drops the margin; "cosine",
+    "gaussian" or "constant" encode the same windows (block + 2 margin) but keep all of them, blending
+    neighbouring windows over their 2 x margin overlap with emfm.segment.predict's weights (so a ViT's
+    position-dependent features show no block seams, at the same number of windows); "auto" = cosine for
+    a ViT, none for a U-Net (whose margin-dropped blocks already equal a whole-volume forward).
+    Without blending this process writes blocks i with i mod process_count == process_index, with
+    blending a contiguous run of blocks (neighbouring blocks share windows). Returns a summary dict."""
     import json
 
     from emfm.data.loader import Region
@@ -282,8 +300,14 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
         raise ValueError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
     box = Region.of(vol, roi).box
     size = tuple(b - a for a, b in box)
+    if blend not in BLENDS:
+        raise ValueError(f"export.blend={blend!r}: use {', '.join(BLENDS)}")
     enc = BlockEncoder(encoder, block=(block_z, tile, tile), margin=(margin_z, margin, margin), batch_size=batch_size,
                        layers=layers, out_dtype=OUT_DTYPES[dtype])
+    if blend == "auto":
+        blend = "none" if enc.is_unet else "cosine"
+    benc = None if blend == "none" else BlockEncoder(
+        encoder, block=enc.window, margin=(0, 0, 0), batch_size=batch_size, layers=layers, out_dtype=np.float32)
     if pca_k < 0 or pca_k > enc.width:
         raise ValueError(f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)")
     s, cells = enc.stride, enc.cells
@@ -293,7 +317,7 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
                       checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
                       layers=list(enc.layers), block=list(enc.block), margin=list(enc.margin), stride=list(s),
                       grey_range=[float(v) for v in grey_range], dtype=dtype, pca_k=pca_k,
-                      pca_sample_blocks=pca_sample_blocks, seed=seed)
+                      pca_sample_blocks=pca_sample_blocks, seed=seed, blend=blend)
     plan_rec = json.loads(json.dumps(asdict(plan)))
     shape, out_dtype = grid + (channels,), np.dtype(OUT_DTYPES[dtype])
     exists = (Path(out_path) / "zarr.json").exists()
@@ -303,60 +327,116 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
     pid, nproc = jax.process_index(), jax.process_count()
     # ---- create the output (process 0; PCA fitted here once), the others wait and open it
     if pid == 0 and not (exists and resume):
-        pca = _fit_pca(enc, vol, box, origins, grey_range, pca_k, pca_sample_blocks, seed) if pca_k else None
+        pca = _fit_pca(benc or enc, vol, box, origins, grey_range, pca_k, pca_sample_blocks, seed) if pca_k else None
         attrs = {"export": plan_rec, "source": vol.path, "stride": list(s), "roi_origin": [b[0] for b in box],
                  "grey_range": plan_rec["grey_range"], "layers": list(enc.layers), "content": _content(enc, pca_k)}
         if pca is not None:
             attrs["pca"] = pca
-        create_volume(out_path, shape, out_dtype, chunks=cells + (channels,), attributes=attrs,
-                      voxel_size=tuple(v * st for v, st in zip(vol.voxel_size, s)), exist_ok=False)
+        create_ome_zarr(out_path, shape, out_dtype, chunks=cells + (channels,), attributes=attrs,
+                        **feature_grid_transform(vol, [b[0] for b in box], s), name="emfm features")
     _barrier("emfm_export_created", nproc)
     out = open_volume(out_path, write=True)
     # written blocks are never read back: no chunk cache for the output, so memory stays flat however much is written
     out = replace(out, array=ts.open(out.array.spec(minimal_spec=True), write=True,
                                      context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result())
+    fwd = benc or enc
     if pca_k:
         p = out.attributes["pca"]
-        enc.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
-    mine = [i for i in range(len(origins)) if i % nproc == pid]
+        fwd.set_pca(np.asarray(p["mean"], np.float32), np.asarray(p["components"], np.float32))
+    nb = len(origins)
+    mine = [i for i in range(nb) if i % nproc == pid] if benc is None else \
+        list(range(pid * nb // nproc, (pid + 1) * nb // nproc))
     done = written_chunks(out)
     todo = [origins[i] for i in mine if tuple(o // b for o, b in zip(origins[i], enc.block)) not in done]
     skipped = len(mine) - len(todo)
     if todo:
-        enc.compiled()
-        log.info("export: forward of %d x %s voxels compiled in %.1f s", batch_size, enc.window, enc.compile_seconds)
+        fwd.compiled()
+        log.info("export: forward of %d x %s voxels compiled in %.1f s", batch_size, fwd.window, fwd.compile_seconds)
     bar = progress(len(mine), initial=skipped, desc="export" if nproc == 1 else f"export {pid}/{nproc}",
                    enabled=show_progress)
     bar.unit = "block"
     t0 = time.perf_counter()
     voxels = 0
     pending: deque = deque()
-    for batch, windows in _prefetch(vol, box, todo, enc, grey_range, prefetch):
-        feats = enc(windows)
-        for o, f in zip(batch, feats):
-            valid = [min(b, n - x) for b, n, x in zip(enc.block, size, o)]
-            c = [-(-v // st) for v, st in zip(valid, s)]
-            c0 = [x // st for x, st in zip(o, s)]
-            region = tuple(slice(a, a + n) for a, n in zip(c0, c))
-            pending.append((o, out.array[region + (slice(None),)].write(f[:c[0], :c[1], :c[2]])))
-            voxels += math.prod(valid)
+    blocks = _margin_blocks(enc, vol, box, todo, grey_range, prefetch) if benc is None else \
+        _blended_blocks(enc, benc, vol, box, todo, grey_range, prefetch, grid, blend, out_dtype)
+    for n_done, (o, f) in enumerate(blocks, start=1):
+        valid = [min(b, n - x) for b, n, x in zip(enc.block, size, o)]
+        c = [-(-v // st) for v, st in zip(valid, s)]
+        c0 = [x // st for x, st in zip(o, s)]
+        region = tuple(slice(a, a + n) for a, n in zip(c0, c))
+        pending.append((o, out.array[region + (slice(None),)].write(f[:c[0], :c[1], :c[2]])))
+        voxels += math.prod(valid)
         while len(pending) > 4 * batch_size:
             _finish_write(out, *pending.popleft())
-        bar.update(len(batch))
-        secs = time.perf_counter() - t0
-        bar.set_postfix_str(f"{voxels / max(secs, 1e-9):.3g} vox/s")
+        bar.update(1)
+        if n_done % batch_size == 0:
+            bar.set_postfix_str(f"{voxels / max(time.perf_counter() - t0, 1e-9):.3g} vox/s")
     while pending:
         _finish_write(out, *pending.popleft())
     bar.close()
     secs = time.perf_counter() - t0
     _barrier("emfm_export_done", nproc)
     res = {"path": str(out_path), "shape": list(shape), "dtype": dtype, "layers": list(enc.layers), "stride": list(s),
-           "block": list(enc.block), "margin": list(enc.margin), "roi": plan_rec["roi"], "process": pid,
+           "block": list(enc.block), "margin": list(enc.margin), "blend": blend, "roi": plan_rec["roi"], "process": pid,
            "processes": nproc, "blocks": len(origins), "tiles_written": len(todo), "tiles_skipped": skipped,
            "voxels": voxels, "seconds": secs, "voxels_per_s": voxels / secs if secs > 0 and voxels else None}
     if pca_k:
         res["pca_explained_variance"] = out.attributes["pca"]["explained_variance_ratio"]
     return res
+
+
+def _margin_blocks(enc: BlockEncoder, vol, box, todo, grey_range, prefetch):
+    """(origin, features) of each block in `todo`: its window encoded, the margin dropped."""
+    for batch, windows in _prefetch(vol, box, todo, enc, grey_range, prefetch):
+        yield from zip(batch, enc(windows))
+
+
+def _blended_blocks(enc: BlockEncoder, benc: BlockEncoder, vol, box, todo, grey_range, prefetch, grid, blend: str,
+                    out_dtype):
+    """(origin, features) of each block in `todo`, blended from the whole-window features (`benc`) of the
+    windows that touch it. Windows lie on emfm.segment.predict's grid (in feature cells: window
+    block + 2 margin, overlap 2 margin, the last flush with the end), are encoded once in the order the
+    blocks first need them, and are kept until the last block that needs them is done."""
+    from emfm.segment.predict import Blender
+
+    s = enc.stride
+    bl = Blender(None, benc.channels, grid, window=benc.cells,
+                 overlap=[2 * m // st for m, st in zip(enc.margin, s)], blend=blend)
+    boxes = [tuple(slice(o // st, min(o // st + c, g)) for o, st, c, g in zip(org, s, enc.cells, grid)) for org in todo]
+    need = [bl.windows_touching(b) for b in boxes]
+    order, last = [], {}
+    for j, ws in enumerate(need):
+        for w in ws:
+            if w not in last:
+                order.append(w)
+            last[w] = j
+    cache: dict = {}
+    j = 0
+    for batch, windows in _prefetch(vol, box, [tuple(c * st for c, st in zip(w, s)) for w in order], benc,
+                                    grey_range, prefetch):
+        for o, f in zip(batch, benc(windows)):
+            cache[tuple(v // st for v, st in zip(o, s))] = f
+        while j < len(todo) and all(w in cache for w in need[j]):
+            size = tuple(b.stop - b.start for b in boxes[j])
+            acc = np.zeros(size + (benc.channels,), np.float32)
+            wsum = np.zeros(size, np.float32)
+            for w in need[j]:
+                bl.add(acc, wsum, boxes[j], w, cache[w])
+                if last[w] == j:
+                    del cache[w]
+            yield todo[j], (acc / wsum[..., None]).astype(out_dtype)
+            j += 1
+
+
+def feature_grid_transform(vol: Volume, origin, stride) -> dict:
+    """OME-Zarr scale and translation of a feature grid of `stride` voxels per cell whose cell 0 starts at
+    voxel `origin` of `vol`: one cell is `stride` voxels, and its centre lies (stride - 1) / 2 voxels past
+    its first voxel (voxel centres at index x voxel size, plus the volume's own translation)."""
+    shift = vol.translation or (0.0,) * 3
+    return {"voxel_size": tuple(float(v * st) for v, st in zip(vol.voxel_size, stride)),
+            "translation": tuple(float(t + v * (o + (st - 1) / 2))
+                                 for t, v, o, st in zip(shift, vol.voxel_size, origin, stride))}
 
 
 def _content(enc: BlockEncoder, pca_k: int) -> str:

@@ -96,18 +96,23 @@ class Blender:
         for i in range(0, len(origins), self.batch_size):
             part = origins[i:i + self.batch_size]
             x = np.stack([_read_padded(read, self.shape, o, self.window) for o in part])
-            preds = self.fn(x)
-            for o, p in zip(part, preds):
-                # overlap of window [o, o + w) (clipped to the region) with the box
-                src, dst = [], []
-                for oa, w, n, b in zip(o, self.window, self.shape, box):
-                    lo, hi = max(oa, b.start), min(oa + w, n, b.stop)
-                    src.append(slice(lo - oa, hi - oa))
-                    dst.append(slice(lo - b.start, hi - b.start))
-                wt = self.weight[tuple(src)]
-                acc[tuple(dst)] += p[tuple(src)] * wt[..., None]
-                wsum[tuple(dst)] += wt
+            for o, p in zip(part, self.fn(x)):
+                self.add(acc, wsum, box, o, p)
         return acc / wsum[..., None]
+
+    def add(self, acc: np.ndarray, wsum: np.ndarray, box: Sequence[slice], origin: Sequence[int],
+            pred: np.ndarray) -> None:
+        """Add the window at `origin`'s prediction `[*window, c]`, weighted, to the accumulators `acc`
+        `[*box shape, c]` and `wsum` `[*box shape]` of the output box (the blend is acc / wsum)."""
+        src, dst = [], []
+        for oa, w, n, b in zip(origin, self.window, self.shape, box):
+            # overlap of window [o, o + w) (clipped to the region) with the box
+            lo, hi = max(oa, b.start), min(oa + w, n, b.stop)
+            src.append(slice(lo - oa, hi - oa))
+            dst.append(slice(lo - b.start, hi - b.start))
+        wt = self.weight[tuple(src)]
+        acc[tuple(dst)] += pred[tuple(src)] * wt[..., None]
+        wsum[tuple(dst)] += wt
 
     def chunks(self, chunk: Sequence[int]) -> list[tuple[slice, ...]]:
         ranges = [range(0, n, c) for n, c in zip(self.shape, chunk)]

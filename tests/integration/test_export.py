@@ -4,10 +4,12 @@ uninterrupted run, bad input stops before any compute, k-means discovery recover
 the discovery notebook runs in tiny form."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -56,13 +58,29 @@ def test_unet_blocks_equal_whole_image_forward_no_seams():
 def test_layers_pca_and_dtype(tmp_path):
     vol = open_volume(bundled.sample_raw())
     enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
-    kw = dict(grey_range=(0.0, 255.0), roi=[[0, 1], [0, 384], [0, 384]], tile=128, margin=16, show_progress=False)
+    kw = dict(grey_range=(0.0, 255.0), roi=[[0, 1], [0, 384], [0, 384]], tile=128, margin=16, show_progress=False,
+              blend="none")
     a = F.export_features(enc, vol, tmp_path / "a.zarr", **kw)
     b = F.export_features(enc, vol, tmp_path / "b.zarr", layers=(-2, -1), dtype="float32", **kw)
     c = F.export_features(enc, vol, tmp_path / "c.zarr", layers=(0, 1), pca_k=5, dtype="bfloat16", **kw)
     assert a["shape"] == [1, 48, 48, 32] and b["shape"] == [1, 48, 48, 64] and c["shape"] == [1, 48, 48, 5]
     assert b["layers"] == c["layers"] == [0, 1]
     fa, fb, fc = (open_volume(tmp_path / n) for n in ("a.zarr", "b.zarr", "c.zarr"))
+    # an OME-Zarr image group (NGFF 0.5): channel axis first on disk, features on the token grid over the input
+    ms = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert [(a["name"], a["type"], a.get("unit")) for a in ms["axes"]] == [
+        ("c", "channel", None), ("z", "space", "nanometer"), ("y", "space", "nanometer"), ("x", "space", "nanometer")]
+    vz, vy, vx = vol.voxel_size
+    assert ms["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, vz, 8 * vy, 8 * vx]},
+        {"type": "translation", "translation": [0.0, 0.0, 3.5 * vy, 3.5 * vx]}]  # cell centres
+    arr = json.loads((tmp_path / "a.zarr" / "0" / "zarr.json").read_text())
+    assert arr["dimension_names"] == ["c", "z", "y", "x"] and arr["shape"] == [32, 1, 48, 48]
+    assert fa.axes == ("z", "y", "x", "c") and fa.voxel_size == (vz, 8 * vy, 8 * vx)
+    assert fa.attributes["export"]["checkpoint"] == "" and fc.attributes["layers"] == [0, 1]
+    grid = F.feature_grid_transform(replace(vol, translation=(10.0, 20.0, 30.0)), (2, 16, 24), (1, 8, 8))
+    assert grid == {"voxel_size": (vz, 8 * vy, 8 * vx),
+                    "translation": (10 + 2 * vz, 20 + 19.5 * vy, 30 + 27.5 * vx)}
     assert (fa.dtype, fb.dtype, fc.dtype) == (np.float16, np.float32, np.dtype(jnp.bfloat16))
     img = vol.read((slice(0, 1),)).astype(np.float32) / 255
     ref_final = F.encode_sections(enc, img, tile=128, margin=16)
@@ -77,6 +95,32 @@ def test_layers_pca_and_dtype(tmp_path):
     assert len(evr) == 5 and all(x >= y for x, y in zip(evr, evr[1:])) and 0 < sum(evr) <= 1
     comp = np.asarray(pca["components"])
     np.testing.assert_allclose(comp @ comp.T, np.eye(5), atol=1e-5)
+
+
+def test_blended_windows_remove_vit_seams(tmp_path):
+    """blend=cosine (the ViT default): features where one window covers a cell are that window's features,
+    where two overlap a convex mix of both, and the block seams of margin-dropped tiles are gone."""
+    sys.path.insert(0, str(REPO / "experiments" / "feature_export"))
+    from seams import phase_profile, ratios
+
+    vol = open_volume(bundled.sample_raw())
+    enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
+    kw = dict(grey_range=(0.0, 255.0), roi=[[0, 2], [0, 384], [0, 384]], tile=64, margin=32, dtype="float32",
+              show_progress=False)
+    res = F.export_features(enc, vol, tmp_path / "b.zarr", **kw)  # blend=auto
+    assert res["blend"] == "cosine" and res["shape"] == [2, 48, 48, 32]
+    F.export_features(enc, vol, tmp_path / "n.zarr", blend="none", **kw)
+    fb, fn = (open_volume(tmp_path / n).read() for n in ("b.zarr", "n.zarr"))
+    # windows of 128 pixels (16 cells) every 64 pixels (8 cells): cells 0-7 see only the first window along y
+    img = vol.read((slice(0, 1), slice(0, 128), slice(0, 384))).astype(np.float32)[None] / 255
+    w00, w08 = (F.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x:x + 128]) for x in (0, 64))
+    np.testing.assert_allclose(fb[0, :8, :8], w00[0, 0, :8, :8], rtol=1e-5, atol=1e-5)
+    lo, hi = np.minimum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8]), np.maximum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8])
+    mix = fb[0, :8, 8:16]
+    assert (mix >= lo - 1e-5).all() and (mix <= hi + 1e-5).all() and np.abs(mix - lo).max() > 1e-3
+    r_none = [ratios(phase_profile(fn, 8, a))[0] for a in (1, 2)]
+    r_blend = [ratios(phase_profile(fb, 8, a))[1] for a in (1, 2)]  # the worst phase, not just the boundary
+    assert min(r_none) > 1.35 and max(r_blend) < 1.2, (r_none, r_blend)  # measured 1.41-1.49 and 1.07-1.14
 
 
 def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch):
@@ -130,12 +174,12 @@ def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
     p = _popen("export", *KILL_ARGS, f"export.out={out}", f"hydra.run.dir={tmp_path / 'a'}")
     t0 = time.time()
     while p.poll() is None and time.time() - t0 < 300:
-        if (out / "c").exists() and sum(len(f) for _, _, f in os.walk(out / "c")) >= 200:
+        if (out / "0" / "c").exists() and sum(len(f) for _, _, f in os.walk(out / "0" / "c")) >= 200:
             break
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    n_done = sum(len(f) for _, _, f in os.walk(out / "c"))
+    n_done = sum(len(f) for _, _, f in os.walk(out / "0" / "c"))
     assert 200 <= n_done < total, f"kill missed the export ({n_done} of {total} blocks written)"
     port = _free_port()
     procs = [_popen("export", *KILL_ARGS, f"export.out={out}", f"hydra.run.dir={tmp_path / 'b'}",
@@ -177,6 +221,52 @@ def test_discover_recovers_planted_clusters(tmp_path):
     assert sorted(res["counts"]) == sorted(np.bincount(truth.ravel()).tolist())
     assert len(res["galleries"]) == 3 and all(Path(g).stat().st_size > 1000 for g in res["galleries"])
     assert Path(res["overview"]).exists() and (tmp_path / "d" / "centroids.npy").exists()
+
+
+def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch):
+    """A discover stopped mid-fit, then again mid-labelling, and restarted with the same arguments
+    continues from its saved k-means state, skips the labelled regions, and matches an uninterrupted run."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    from emfm.export.discover import discover
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, (8, 24, 24)).repeat(2, 1).repeat(2, 2)[:, :40, :36]
+    feats = (rng.normal(size=(3, 6))[truth] * 3 + rng.normal(size=truth.shape + (6,))).astype(np.float16)
+    write_array(tmp_path / "f.zarr", feats, chunks=(1, 8, 8, 6),
+                attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [0, 0, 0]})
+    kw = dict(k=3, batch_size=256, examples=3, crop=16, show_progress=False, state_every_s=0.0)
+    ref = discover(str(tmp_path / "f.zarr"), tmp_path / "ref", **kw)  # 8 regions (one per section)
+
+    def fail_after(name, n):
+        orig, calls = getattr(MiniBatchKMeans, name), []
+
+        def f(self, *a, **k):
+            calls.append(1)
+            if len(calls) > n:
+                raise RuntimeError("injected interruption")
+            return orig(self, *a, **k)
+        monkeypatch.setattr(MiniBatchKMeans, name, f)
+
+    run = tmp_path / "run"
+    fail_after("partial_fit", 14)  # 5-6 updates per region: stops in region 2
+    with pytest.raises(RuntimeError, match="injected"):
+        discover(str(tmp_path / "f.zarr"), run, **kw)
+    monkeypatch.undo()
+    with open(run / "discover_state" / "fit.pkl", "rb") as f:
+        assert pickle.load(f)["next"] == 2
+    fail_after("transform", 5)  # the fit resumes at region 2, labelling stops in region 5
+    with pytest.raises(RuntimeError, match="injected"):
+        discover(str(tmp_path / "f.zarr"), run, **kw)
+    monkeypatch.undo()
+    res = discover(str(tmp_path / "f.zarr"), run, **kw)
+    assert res["fit_regions_skipped"] == 8 and res["label_regions_skipped"] == 5
+    assert store_files(Path(res["labels"])) == store_files(Path(ref["labels"]))  # label chunks, byte for byte
+    assert (run / "centroids.npy").read_bytes() == (tmp_path / "ref" / "centroids.npy").read_bytes()
+    for key in ("counts", "fit_vectors", "inertia_per_vector", "examples"):
+        assert res[key] == ref[key], key
+    with pytest.raises(VolumeError, match=r"another job \(differs in: k\)"):
+        discover(str(tmp_path / "f.zarr"), run, **{**kw, "k": 4})
 
 
 def test_discovery_notebook_runs_tiny(tmp_path):

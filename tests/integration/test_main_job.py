@@ -58,7 +58,7 @@ def test_export_resume_is_idempotent(tiny_main_run: Path, tmp_path):
     out = tmp_path / "features.zarr"
     shutil.copytree(src, out)
     # drop some finished tiles, as an interrupted export would leave them
-    chunks = sorted(p for p in (out / "c").rglob("*") if p.is_file())
+    chunks = sorted(p for p in (out / "0" / "c").rglob("*") if p.is_file())
     for p in chunks[::3]:
         p.unlink()
     res = run_cli("export", "debug=tiny", f"checkpoint={tiny_main_run}", f"export.out={out}",
