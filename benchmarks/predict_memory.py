@@ -135,7 +135,16 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--cache-mb", type=int, default=64, help="EMFM_CHUNK_CACHE_MB of the predict process")
+    ap.add_argument("--instance-block", default="8,256,256",
+                    help="instances.block (z,y,x): instance memory is one block with its halo, so size it to the cap")
+    ap.add_argument("--from-log", help="rewrite the JSON from the records a run printed (one JSON per line)")
     a = ap.parse_args()
+    if a.from_log:
+        lines = [json.loads(ln) for ln in Path(a.from_log).read_text().splitlines() if ln.startswith("{")]
+        recs = [r for r in lines if "volume" in r]
+        keys = ("cap_mb", "checkpoint", "window", "chunk", "chunk_cache_mb", "instance_block")
+        write_summary(recs, {k: v for k, v in lines[-1].items() if k in keys})
+        return
     sys.path.insert(0, str(REPO))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -168,8 +177,8 @@ def main() -> None:
             cmd = [*EMFM, "predict", f"checkpoint={ckpt}", f"predict.path={vol}", f"predict.out={out}",
                    f"predict.window=[1,{w},{w}]", "predict.overlap=[0,32,32]", f"predict.chunk=[1,{c},{c}]",
                    "predict.batch_size=4", "predict.dtype=float32", "predict.resume=false",
-                   "predict.instances=watershed", "instances.channel=1", "instances.block=[32,256,256]",
-                   "instances.halo=[4,32,32]", "trainer.progress=false", f"run_dir={work / 'run'}"]
+                   "predict.instances=watershed", "instances.channel=1", f"instances.block=[{a.instance_block}]",
+                   "instances.halo=[2,32,32]", "trainer.progress=false", f"run_dir={work / 'run'}"]
             res = cg.run(rss_wrapper(cmd), env=env)
             res.update(parse_peak(res["output_tail"]))
             pred = json.loads((work / "run" / "predict.json").read_text()) if res.get("status") == 0 else {}
@@ -181,7 +190,7 @@ def main() -> None:
                                "cgroup_peak_mb": res["cgroup_peak_mb"], "wall_s": res["wall_s"],
                                "voxels_per_s": pred.get("voxels_per_s"), "predict_s": pred.get("seconds"),
                                "instances": pred.get("instances")},
-                   "command": " ".join(cmd[2:])}
+                   "command": " ".join(["emfm", *cmd[3:]])}
             if res.get("status") != 0:
                 rec["predict"]["output_tail"] = res["output_tail"]
             records.append(rec)
@@ -191,11 +200,18 @@ def main() -> None:
             shutil.rmtree(Path(str(out)[:-5] + "_instances.zarr"), ignore_errors=True)
     finally:
         cg.remove()
+    write_summary(records, {"cap_mb": a.cap_mb, "checkpoint": ckpt, "window": a.window, "chunk": a.chunk,
+                            "chunk_cache_mb": a.cache_mb, "instance_block": a.instance_block})
+
+
+def write_summary(records: list[dict], settings: dict) -> None:
+    """experiments/benchmarks/predict_memory.json; the RSS ratio only when every run finished (a run
+    the cap killed is recorded with its exit status -9 and the RSS it had reached)."""
+    ok = all(r["predict"]["exit"] == 0 for r in records)
     rss = [r["predict"]["peak_rss_mb"] for r in records]
-    summary = {"cap_mb": a.cap_mb, "checkpoint": ckpt, "window": a.window, "chunk": a.chunk,
-               "chunk_cache_mb": a.cache_mb, "records": records,
+    summary = {**settings, "records": records, "all_finished": ok,
                "voxel_ratio": records[-1]["voxels"] / records[0]["voxels"],
-               "peak_rss_ratio": rss[-1] / rss[0] if all(rss) else None}
+               "peak_rss_ratio": rss[-1] / rss[0] if ok else None}
     dst = REPO / "experiments" / "benchmarks" / "predict_memory.json"
     dst.write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "records"}))

@@ -28,9 +28,9 @@ METRICS = {"adapted_rand_error": False, "voi": False, "voi_split": False, "voi_m
 
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "watershed": {"threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [4, 16, 64, 256]},
-    "link2d": {"threshold": [0.2, 0.3, 0.5, 0.7], "link_threshold": [0.2, 0.4, 0.6]},
+    "link2d": {"threshold": [0.1, 0.2, 0.3, 0.5], "link_threshold": [0.2, 0.4, 0.6]},
     "agglomeration": {"threshold": [0.3, 0.5, 0.7], "agglomeration_threshold": [0.3, 0.5, 0.7]},
-    "multicut": {"threshold": [0.2, 0.3, 0.5, 0.7], "beta": [0.3, 0.5, 0.7]},
+    "multicut": {"threshold": [0.1, 0.2, 0.3, 0.5], "beta": [0.3, 0.5, 0.7]},
     "mws": {"repulsive_stride": [1]},
     "foreground": {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "min_size": [0, 64, 256, 1024]},
 }

@@ -119,7 +119,8 @@ def table() -> str:
         for r in sorted(rows, key=lambda r: (r.get("regime", "scratch") != "scratch", -r["label_fraction"],
                                              r.get("regime", ""), r["init"])):
             vals = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for _, k in cols]
-            tuned = "; ".join(", ".join(f"{v:g}" for v in r[t].values()) for t in TUNED[ds])
+            tuned = "; ".join(", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in r[t].values())
+                              for t in TUNED[ds])
             regime = r.get("regime", "scratch")
             out.append(f"| {'supervised' if regime == 'scratch' else regime} | "
                        f"{'MAE' if r['init'] == 'mae' else 'random'} | {int(round(100 * r['label_fraction']))} % | "
@@ -141,7 +142,8 @@ def score_run(name: str, ds: dict, rec: dict) -> dict:
     validation region (emfm.postproc.tune, the task's metric), and at the fixed defaults."""
     from emfm.eval.probe import gt_cells
     from emfm.postproc import SegmentParams, segment
-    from emfm.postproc.tune import foreground_instances, score_instances, tune_foreground, tune_instances
+    from emfm.postproc.tune import (DEFAULT_GRIDS, foreground_instances, score_instances, tune_foreground,
+                                    tune_instances)
 
     val = open_volume(rec["val_probabilities"]).read()[..., 1].astype(np.float32)
     test = open_volume(rec["test_probabilities"]).read()[..., 1].astype(np.float32)
@@ -174,9 +176,11 @@ def score_run(name: str, ds: dict, rec: dict) -> dict:
         vgt = tifffile.imread(EM / "gala_fibsem" / "train_labels.tif")[40:50].astype(np.int64)
         tgt = ds["test_labels"].astype(np.int64)
         out["f1"] = metrics.binary_scores(test >= 0.5, targets.boundaries(tgt[None], 2)[0])["f1"]
+        grids = {"link2d": {**DEFAULT_GRIDS["link2d"], "link_2d": ["watershed", "agglomeration"]},
+                 "multicut": DEFAULT_GRIDS["multicut"]}
         for route, p0 in (("link2d", SegmentParams(method="link2d")),
                           ("multicut", SegmentParams(method="multicut", two_d=True))):
-            best, trials = tune_instances(val, vgt, p0, metric="voi")
+            best, trials = tune_instances(val, vgt, p0, metric="voi", grid=grids[route])
             d = _instances_scores(segment(test, p0), tgt, False)
             t = _instances_scores(segment(test, best), tgt, False)
             out.update({f"{route}_{k}": v for k, v in t.items()})
@@ -187,7 +191,7 @@ def score_run(name: str, ds: dict, rec: dict) -> dict:
     return out
 
 
-DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_threshold"), "multicut": ("threshold", "beta")}
+DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_threshold", "link_2d"), "multicut": ("threshold", "beta")}
 
 
 def score_all(all_ds: dict) -> None:
