@@ -88,9 +88,16 @@ def _instances(cfg: DictConfig) -> None:
             bars.append(progress(total=n, desc="instances: blocks"))
         bars[0].update(1)
 
-    res = instances(c.input, c.out, schema.segment_params(c), block=c.block, halo=c.halo, kind=c.kind,
+    params, tuned = schema.segment_params(c), None
+    if c.tune:
+        from emfm.postproc.tune import tune_from_volumes_cfg
+
+        params, tuned = tune_from_volumes_cfg(c, c.input)
+    res = instances(c.input, c.out, params, block=c.block, halo=c.halo, kind=c.kind,
                     channel=c.channel, invert=c.invert, stitch_threshold=c.stitch_threshold,
                     work_dir=c.work_dir or None, keep_work=c.keep_work, progress=tick)
+    if tuned is not None:
+        res["tuned"] = tuned
     for b in bars:
         b.close()
     (Path(c.run_dir) / "instances.json").write_text(json.dumps(res, indent=1))

@@ -382,6 +382,18 @@ class InstancesConfig:
     work_dir: str = ""  # scratch for resumable blocks; empty = OUT.work beside the output
     keep_work: bool = False
     run_dir: str = "runs/instances"
+    # choose the parameters on labelled validation data first (emfm.postproc.tune): every combination
+    # of `tune_grid` (parameter -> values, e.g.
+    # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid) is applied to `tune_roi`
+    # of the input and scored against `tune_labels` (aligned with the source volume) by `tune_metric`
+    # (adapted_rand_error | voi | cremi_score | instance_f1); the best is used for the whole volume
+    tune: bool = False
+    tune_labels: str = ""
+    tune_roi: Optional[list[list[int]]] = None
+    tune_metric: str = "voi"
+    tune_grid: dict[str, list[float]] = field(default_factory=dict)
+    tune_per_section: bool = False  # score sections separately and average (2D ground truth)
+    tune_ignore: list[int] = field(default_factory=lambda: [0])  # label ids not scored (boundary, unlabelled)
 
 
 def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
@@ -401,7 +413,27 @@ def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
         segment_params(cfg).check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    validate_tune(cfg)
     return cfg
+
+
+def validate_tune(cfg: InstancesConfig) -> None:
+    """instances.tune needs validation labels, a region and a known metric; grid names are checked."""
+    from dataclasses import fields
+
+    from emfm.postproc.tune import METRICS
+
+    if not cfg.tune:
+        return
+    if not cfg.tune_labels or not cfg.tune_roi:
+        raise ConfigError("instances.tune=true needs tune_labels=LABELS (zarr) and tune_roi=[[z0,z1],[y0,y1],[x0,x1]]")
+    if cfg.tune_metric not in METRICS:
+        raise ConfigError(f"tune_metric={cfg.tune_metric!r}: choose one of {', '.join(METRICS)}")
+    known = {f.name for f in fields(segment_params(cfg))}
+    grid = cfg.tune_grid or {}
+    bad = sorted(set(grid) - known)
+    if bad or any(not v for v in grid.values()):
+        raise ConfigError(f"tune_grid={dict(grid)}: parameters {bad or 'with no values'}; known: {', '.join(sorted(known))}")
 
 
 def segment_params(cfg: InstancesConfig):

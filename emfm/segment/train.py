@@ -375,7 +375,12 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     if cfg.predict.resume and Path(out).exists() and not work.exists():
         log.info("predict: instance labels %s already written (predict.resume=true)", out)
         return {"out": out, "method": ic.method, "reused": True}
-    res = instances(prob_path, out, segment_params(ic), block=ic.block, halo=ic.halo, kind=ic.kind,
+    params, tuned = segment_params(ic), None
+    if ic.tune:
+        from emfm.postproc.tune import tune_from_volumes_cfg
+
+        params, tuned = tune_from_volumes_cfg(ic, prob_path)
+    res = instances(prob_path, out, params, block=ic.block, halo=ic.halo, kind=ic.kind,
                     channel=ic.channel, invert=ic.invert, stitch_threshold=ic.stitch_threshold,
                     work_dir=ic.work_dir or None, keep_work=ic.keep_work)
-    return {"out": out, "method": ic.method, **res}
+    return {"out": out, "method": ic.method, **res, **({"tuned": tuned} if tuned else {})}

@@ -34,8 +34,8 @@ from emfm.segment import targets, train  # noqa: E402
 from emfm.segment.predict import model_fn, predict_volume  # noqa: E402
 
 EM = REPO.parent / "shared" / "data" / "em"
-MAE = "/work/main/runs/main/2026-11-25_14-45-37"
-OUT = Path("/work/seg_outputs")
+MAE = "/work/main/runs/main/final_s2"  # the main job MAE run: 1500 steps on ISBI sections 0-19
+OUT = Path("/work/seg_outputs/v2")
 DATA = Path("/tmp/emfm_seg_data")
 HERE = Path(__file__).resolve().parent
 T0 = time.time()  # one fresh run directory per launch: never resume an older run
@@ -58,28 +58,31 @@ def datasets() -> dict:
     return {
         # ISBI: class 0 = interior (255), class 1 = membrane (0); train 0-19, test 20-29
         "isbi": dict(raw=to_zarr("isbi_raw", isbi_x), labels=to_zarr("isbi_labels", isbi_y), test_raw=None,
-                     train_roi=[[0, 20], [0, 512], [0, 512]], test_roi=[[20, 30], [0, 512], [0, 512]],
+                     train_roi=[[0, 16], [0, 512], [0, 512]], val_roi=[[16, 20], [0, 512], [0, 512]],
+                     test_roi=[[20, 30], [0, 512], [0, 512]],
                      over=["task=semantic", "task.class_values=[255,0]"], patch=128),
         # CDeep3M: 1 = mitochondrion; train sections 0-14, test 15-19 (pixels 0-511 x 0-511)
         "cdeep3m": dict(raw=to_zarr("mito_raw", mito_x), labels=to_zarr("mito_labels", mito_y), test_raw=None,
-                        train_roi=[[0, 15], [0, 1024], [0, 1024]], test_roi=[[15, 20], [0, 512], [0, 512]],
+                        train_roi=[[0, 12], [0, 1024], [0, 1024]], val_roi=[[12, 15], [0, 512], [0, 512]],
+                        test_roi=[[15, 20], [0, 512], [0, 512]],
                         over=["task=semantic", "loss.balance=true"], patch=128),
         # gala: neuron instances (0 = boundary); boundary task per slice; train volume -> test volume
         "gala": dict(raw=to_zarr("gala_train_raw", gala["train_image"]),
                      labels=to_zarr("gala_train_labels", gala["train_labels"].astype(np.uint32)),
                      test_raw=to_zarr("gala_test_raw", gala["test_image"]), test_labels=gala["test_labels"],
-                     train_roi=None, test_roi=None,
+                     train_roi=[[0, 40], [0, 100], [0, 200]], val_roi=[[40, 50], [0, 100], [0, 200]], test_roi=None,
                      over=["task=boundary", "task.label_type=instances", "task.distance=false"], patch=64),
     }
 
 
-def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batch: int):
+def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batch: int, regime: str = "scratch"):
     over = [f"data.path={ds['raw']}", f"data.labels={ds['labels']}", f"data.label_fraction={fraction}",
             f"data.patch_shape=[1,{ds['patch']},{ds['patch']}]", "data.test_roi=null",
             "data.train_roi=" + (json.dumps(ds["train_roi"]).replace(" ", "") if ds["train_roi"] else "null"),
-            f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=5", "trainer.log_every=25", "trainer.progress=false", "trainer.tensorboard=false",
+            f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=20", "trainer.log_every=50",
+            "trainer.progress=false", "trainer.tensorboard=false",
             "model.width=128", "model.depth=4", "model.heads=4", "head=progressive", f"run_dir={run_dir}",
-            *ds["over"]]
+            f"regime={regime}", *ds["over"]]
     if init == "mae":
         over += ["regime.init=pretrained", f"checkpoint={MAE}"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
@@ -87,35 +90,17 @@ def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batc
     return schema.validate_finetune(OmegaConf.to_object(c))
 
 
-def score(name: str, ds: dict, probs: np.ndarray) -> dict:
-    if name == "isbi":
-        gt = tifffile.imread(EM / "isbi2012" / "train_labels.tif")[20:30] == 0
-        s = membrane_scores(probs[..., 1], gt)
-        return {k: s[k] for k in ("f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge")}
-    if name == "cdeep3m":
-        gt = tifffile.imread(EM / "cdeep3m_sbem_mito" / "train_labels.tif")[15:20, :512, :512] > 0
-        pred = probs[..., 1] >= 0.5
-        px = metrics.binary_scores(pred, gt)
-        tp = n_pred = n_gt = 0
-        for k in range(len(gt)):  # instances = 2D connected components per section
-            m = match_instances(ndimage.label(pred[k])[0], ndimage.label(gt[k])[0], threshold=0.5)
-            tp, n_pred, n_gt = tp + len(m["iou"]), n_pred + m["n_pred"], n_gt + m["n_gt"]
-        f1 = 2 * tp / max(n_pred + n_gt, 1)
-        return {"iou": px["iou"], "f1_pixel": px["f1"], "instance_f1_50": f1, "n_pred": n_pred, "n_gt": n_gt}
-    gt = ds["test_labels"]
-    bnd = probs[..., 1]
-    px = metrics.binary_scores(bnd >= 0.5, targets.boundaries(gt[None].astype(np.int64), 2)[0])
-    ares, vois, sp, mg = [], [], [], []
-    for k in range(len(gt)):  # 2D per slice: watershed cells from the predicted boundaries
-        s = metrics.region_scores(cells_from_membranes(bnd[k]), gt[k], ignore_gt=(0,))
-        ares.append(s["adapted_rand_error"]), vois.append(s["voi"]), sp.append(s["voi_split"]), mg.append(s["voi_merge"])
-    return {"f1": px["f1"], "adapted_rand_error": float(np.mean(ares)), "voi": float(np.mean(vois)),
-            "voi_split": float(np.mean(sp)), "voi_merge": float(np.mean(mg))}
-
-
-COLUMNS = {"isbi": ["f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge"],
-           "cdeep3m": ["iou", "f1_pixel", "instance_f1_50", "n_pred", "n_gt"],
-           "gala": ["f1", "adapted_rand_error", "voi", "voi_split", "voi_merge"]}
+COLUMNS = {  # (header, key); the tuned parameters follow
+    "isbi": [("F1", "f1"), ("IoU", "iou"), ("ARE @0.5", "adapted_rand_error_default"), ("VOI @0.5", "voi_default"),
+             ("ARE tuned", "adapted_rand_error"), ("VOI tuned", "voi"), ("split", "voi_split"), ("merge", "voi_merge")],
+    "cdeep3m": [("IoU @0.5", "iou"), ("IoU tuned", "iou_tuned"), ("inst. F1 @0.5", "instance_f1_50_default"),
+                ("inst. F1 tuned", "instance_f1_50")],
+    "gala": [("bnd F1", "f1"), ("2D-3D ARE", "link2d_adapted_rand_error"), ("2D-3D VOI", "link2d_voi"),
+             ("split", "link2d_voi_split"), ("merge", "link2d_voi_merge"), ("2D-3D VOI @0.5", "link2d_voi_default"),
+             ("MC ARE", "multicut_adapted_rand_error"), ("MC VOI", "multicut_voi"), ("split", "multicut_voi_split"),
+             ("merge", "multicut_voi_merge"), ("MC VOI @0.5", "multicut_voi_default")],
+}
+TUNED = {"isbi": ["tuned"], "cdeep3m": ["tuned"], "gala": ["link2d_tuned", "multicut_tuned"]}
 
 
 def table() -> str:
@@ -129,15 +114,129 @@ def table() -> str:
         rows = [r for r in recs.values() if r["dataset"] == ds]
         if not rows:
             continue
-        out += [f"**{ds}**", "", "| encoder | labels | " + " | ".join(cols) + " | steps | final loss | train s |",
-                "|---" * (len(cols) + 5) + "|"]
-        for r in sorted(rows, key=lambda r: (-r["label_fraction"], r["init"])):
-            vals = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-            out.append(f"| {'MAE-pretrained' if r['init'] == 'mae' else 'random init'} | "
-                       f"{int(round(100 * r['label_fraction']))} % | " + " | ".join(vals)
-                       + f" | {r['steps']} | {r['final_loss']:.3f} | {r['train_s']:.0f} |")
+        out += [f"**{ds}**", "", "| regime | encoder | labels | " + " | ".join(h for h, _ in cols)
+                + " | tuned on val | steps | final loss | train s |", "|---" * (len(cols) + 7) + "|"]
+        for r in sorted(rows, key=lambda r: (r.get("regime", "scratch") != "scratch", -r["label_fraction"],
+                                             r.get("regime", ""), r["init"])):
+            vals = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for _, k in cols]
+            tuned = "; ".join(", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in r[t].values())
+                              for t in TUNED[ds])
+            regime = r.get("regime", "scratch")
+            out.append(f"| {'supervised' if regime == 'scratch' else regime} | "
+                       f"{'MAE' if r['init'] == 'mae' else 'random'} | {int(round(100 * r['label_fraction']))} % | "
+                       + " | ".join(vals) + f" | {tuned} | {r['steps']} | {r['final_loss']:.3f} | {r['train_s']:.0f} |")
         out.append("")
     return "\n".join(out)
+
+
+def _instances_scores(lab: np.ndarray, gt: np.ndarray, per_section: bool) -> dict:
+    from emfm.eval.metrics_region import region_scores
+
+    pairs = list(zip(lab, gt)) if per_section else [(lab, gt)]
+    rs = [region_scores(p, g, ignore_gt=(0,)) for p, g in pairs]
+    return {k: float(np.mean([r[k] for r in rs])) for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")}
+
+
+def score_run(name: str, ds: dict, rec: dict) -> dict:
+    """Scores of one trained run on the test region, with the instance parameters chosen on its
+    validation region (emfm.postproc.tune, the task's metric), and at the fixed defaults."""
+    from emfm.eval.probe import gt_cells
+    from emfm.postproc import SegmentParams, segment
+    from emfm.postproc.tune import (DEFAULT_GRIDS, foreground_instances, score_instances, tune_foreground,
+                                    tune_instances)
+
+    val = open_volume(rec["val_probabilities"]).read()[..., 1].astype(np.float32)
+    test = open_volume(rec["test_probabilities"]).read()[..., 1].astype(np.float32)
+    out = {}
+    if name == "isbi":
+        lab = tifffile.imread(EM / "isbi2012" / "train_labels.tif") == 0  # membranes
+        vgt = np.stack([gt_cells(m) for m in lab[16:20]])
+        tgt = np.stack([gt_cells(m) for m in lab[20:30]])
+        px = metrics.binary_scores(test >= 0.5, lab[20:30])
+        out.update(f1=px["f1"], iou=px["iou"])
+        p0 = SegmentParams(method="watershed", two_d=True)
+        best, trials = tune_instances(val, vgt, p0, metric="adapted_rand_error", per_section=True)
+        out.update({f"{k}_default": v for k, v in _instances_scores(segment(test, p0), tgt, True).items()
+                    if k in ("adapted_rand_error", "voi")})
+        out.update(_instances_scores(segment(test, best), tgt, True))
+        out["tuned"] = {"threshold": best.threshold, "min_seed": best.min_seed}
+    elif name == "cdeep3m":
+        lab = tifffile.imread(EM / "cdeep3m_sbem_mito" / "train_labels.tif") > 0
+        vgt = np.stack([ndimage.label(m)[0] for m in lab[12:15, :512, :512]])
+        tgt = np.stack([ndimage.label(m)[0] for m in lab[15:20, :512, :512]])
+        best, trials = tune_foreground(val, vgt, metric="instance_f1")
+        px = metrics.binary_scores(test >= 0.5, tgt > 0)
+        pt = metrics.binary_scores(test >= best["threshold"], tgt > 0)
+        out.update(iou=px["iou"], iou_tuned=pt["iou"],
+                   instance_f1_50_default=score_instances(foreground_instances(test), tgt, "instance_f1",
+                                                          per_section=True),
+                   instance_f1_50=score_instances(foreground_instances(test, **best), tgt, "instance_f1",
+                                                  per_section=True), tuned=best)
+    else:
+        vgt = tifffile.imread(EM / "gala_fibsem" / "train_labels.tif")[40:50].astype(np.int64)
+        tgt = ds["test_labels"].astype(np.int64)
+        out["f1"] = metrics.binary_scores(test >= 0.5, targets.boundaries(tgt[None], 2)[0])["f1"]
+        grids = {"link2d": {**DEFAULT_GRIDS["link2d"], "link_2d": ["watershed", "agglomeration"]},
+                 "multicut": DEFAULT_GRIDS["multicut"]}
+        for route, p0 in (("link2d", SegmentParams(method="link2d")),
+                          ("multicut", SegmentParams(method="multicut", two_d=True))):
+            best, trials = tune_instances(val, vgt, p0, metric="voi", grid=grids[route])
+            d = _instances_scores(segment(test, p0), tgt, False)
+            t = _instances_scores(segment(test, best), tgt, False)
+            out.update({f"{route}_{k}": v for k, v in t.items()})
+            out[f"{route}_voi_default"] = d["voi"]
+            out[f"{route}_are_default"] = d["adapted_rand_error"]
+            names = DEFAULT_GRID_NAMES[route]
+            out[f"{route}_tuned"] = {k: getattr(best, k) for k in names}
+    return out
+
+
+DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_threshold", "link_2d"), "multicut": ("threshold", "beta")}
+
+
+def score_all(all_ds: dict) -> None:
+    """Scores of every trained run in runs.jsonl (the last record per run) to results.jsonl."""
+    runs = {}
+    for ln in (HERE / "runs.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        runs[r["run"]] = r
+    done = set()
+    if (HERE / "results.jsonl").exists():
+        done = {(r["run"], r.get("train_s")) for r in map(json.loads, (HERE / "results.jsonl").read_text().splitlines())}
+    for tag, rec in runs.items():
+        if (tag, rec["train_s"]) in done:
+            continue
+        t0 = time.time()
+        res = {**rec, **score_run(rec["dataset"], all_ds[rec["dataset"]], rec), "score_s": time.time() - t0}
+        print(json.dumps(res), flush=True)
+        with open(HERE / "results.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+def train_one(name: str, ds: dict, init: str, frac: float, regime: str, steps: int, batch: int) -> dict:
+    """`emfm finetune` (library call), then blended probabilities of the validation and test regions."""
+    tag = f"{name}_{init}_{int(round(frac * 100))}" + ("" if regime == "scratch" else f"_{regime}")
+    run_dir = Path("/tmp/emfm_seg_runs") / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
+    t0 = time.time()
+    cfg = config(ds, init, frac, steps, run_dir, batch, regime)
+    summary = train.finetune(cfg)
+    model, meta = train.load_seg_model(str(run_dir))
+    lay = targets.layout(cfg.task, 2)
+    p = ds["patch"]
+    rec = {"run": tag, "dataset": name, "init": init, "regime": regime, "label_fraction": frac, "steps": steps,
+           "labelled_roi": summary["labelled_roi"], "first_loss": summary["first_loss"],
+           "final_loss": summary["final_loss"], "train_s": summary["train_s"]}
+    for split, src, roi in (("val", ds["raw"], ds["val_roi"]), ("test", ds["test_raw"] or ds["raw"], ds["test_roi"])):
+        out = OUT / tag / f"{split}.zarr"
+        res = predict_volume(model_fn(model, lay, ndim=2, batch_size=4), lay.channels, open_volume(src), out,
+                             grey_range=meta["grey_range"], window=[1, p, p], overlap=[0, p // 4, p // 4],
+                             chunk=[1, 512, 512], roi=roi, dtype="float16", resume=False, show_progress=False,
+                             attributes={"content": "probabilities", "task": cfg.task.kind,
+                                         "channels": targets.channel_names(cfg.task, 2)})
+        rec[f"{split}_probabilities"] = str(out)
+        rec[f"{split}_predict_s"] = res["seconds"]
+    rec["total_s"] = time.time() - t0
+    return rec
 
 
 def main() -> None:
@@ -145,44 +244,28 @@ def main() -> None:
         print(table())
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--stage", default="train", choices=["train", "score"])
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--only", default="isbi,gala,cdeep3m")
+    ap.add_argument("--only", default="isbi,cdeep3m,gala")
     ap.add_argument("--inits", default="random,mae")
     ap.add_argument("--fractions", default="0.1,1.0")
+    ap.add_argument("--regimes", default="scratch")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     schema.register()
     all_ds = datasets()
+    if a.stage == "score":
+        score_all(all_ds)
+        return
     for name in a.only.split(","):
-        ds = all_ds[name]
         for frac in [float(f) for f in a.fractions.split(",")]:
-            for init in a.inits.split(","):
-                tag = f"{name}_{init}_{int(round(frac * 100))}"
-                run_dir = Path("/tmp/emfm_seg_runs") / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
-                t0 = time.time()
-                cfg = config(ds, init, frac, a.steps, run_dir, a.batch)
-                summary = train.finetune(cfg)
-                model, meta = train.load_seg_model(str(run_dir))
-                lay = targets.layout(cfg.task, 2)
-                vol = open_volume(ds["test_raw"] or ds["raw"])
-                out = OUT / tag / "probabilities.zarr"
-                p = ds["patch"]
-                res = predict_volume(model_fn(model, lay, ndim=2, batch_size=4), lay.channels, vol, out,
-                                     grey_range=meta["grey_range"], window=[1, p, p], overlap=[0, p // 4, p // 4],
-                                     chunk=[1, 512, 512], roi=ds["test_roi"], dtype="float16", resume=False,
-                                     show_progress=False,
-                                     attributes={"content": "probabilities", "task": cfg.task.kind,
-                                                 "channels": targets.channel_names(cfg.task, 2)})
-                probs = open_volume(str(out)).read().astype(np.float32)
-                rec = {"run": tag, "dataset": name, "init": init, "label_fraction": frac, "steps": a.steps,
-                       "labelled_roi": summary["labelled_roi"], "first_loss": summary["first_loss"],
-                       "final_loss": summary["final_loss"], "train_s": summary["train_s"],
-                       "predict_s": res["seconds"], "total_s": time.time() - t0, "out": str(out),
-                       **score(name, ds, probs)}
-                print(json.dumps(rec), flush=True)
-                with open(HERE / "results.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            for regime in a.regimes.split(","):
+                for init in a.inits.split(","):
+                    rec = train_one(name, all_ds[name], init, frac, regime, a.steps, a.batch)
+                    print(json.dumps(rec), flush=True)
+                    with open(HERE / "runs.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

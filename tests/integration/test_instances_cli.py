@@ -46,7 +46,9 @@ def test_instances_config_fails_fast():
     ok = dict(input="in.zarr", out="out.zarr")
     for bad, msg in [(dict(halo=[4, 8]), "halo=[4, 8]"), (dict(method="foo"), "method='foo'"),
                      (dict(halo=[8, 64, 64], block=[8, 32, 32]), "exceeds block"), (dict(beta=1.5), "beta"),
-                     (dict(input=""), "input=PATH")]:
+                     (dict(input=""), "input=PATH"),
+                     (dict(tune=True, tune_labels="gt.zarr", tune_roi=[[0, 1]] * 3, tune_metric="dice"), "tune_metric='dice'"),
+                     (dict(tune=True, tune_labels="gt.zarr", tune_roi=[[0, 1]] * 3, tune_grid={"thresh": [0.5]}), "thresh")]:
         with pytest.raises(schema.ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             schema.validate_instances(schema.InstancesConfig(**{**ok, **bad}))
 
@@ -68,3 +70,24 @@ def test_instances_yaml_composes_against_the_schema():
         assert schema.segment_params(c).offsets[0] == (-1, 0, 0)
         with pytest.raises(ConfigCompositionException, match="nope"):
             compose("instances", overrides=["nope=1"])
+
+
+def test_instances_cli_tunes_on_validation_labels(tmp_path):
+    """instances.tune=true: a boundary map whose membranes a model scores only 0.4 merges everything at
+    the default level 0.5; the level chosen on a labelled region separates the cells everywhere."""
+    s = synthetic_em((8, 48, 48), seed=2, cell_size=20.0)
+    b = np.clip(0.05 + 0.35 * boundaries_from_labels(s.cells), 0, 1).astype(np.float32)
+    write_array(tmp_path / "b.zarr", b)
+    write_array(tmp_path / "gt.zarr", s.cells.astype(np.uint32))
+    res = run_cli("instances", f"input={tmp_path / 'b.zarr'}", f"out={tmp_path / 'ws.zarr'}", "method=watershed",
+                  "block=[8,48,48]", "halo=[0,0,0]", "tune=true", f"tune_labels={tmp_path / 'gt.zarr'}",
+                  "tune_roi=[[0,4],[0,48],[0,48]]", "tune_metric=adapted_rand_error",
+                  "+tune_grid.threshold=[0.2,0.5]", "+tune_grid.min_seed=[8]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    tuned = json.loads((tmp_path / "run" / "instances.json").read_text())["tuned"]
+    assert tuned["chosen"] == {"threshold": 0.2, "min_seed": 8} and len(tuned["trials"]) == 2
+    lab = open_volume(tmp_path / "ws.zarr").read()
+    assert region_scores(lab[4:], s.cells[4:])["adapted_rand_error"] < 0.1  # held-out half
+    res = run_cli("instances", f"input={tmp_path / 'b.zarr'}", f"out={tmp_path / 'x.zarr'}", "tune=true",
+                  f"hydra.run.dir={tmp_path / 'run2'}")
+    assert res.returncode == 2 and "tune_labels" in res.stderr and "Traceback" not in res.stderr

@@ -77,8 +77,16 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
             "predict.overlap=[0,8,8]", "predict.chunk=[1,64,64]", f"predict.out={tmp_path / 'p.zarr'}",
             "trainer.progress=false"]
     # probabilities, then instance labels from the membrane channel in stitched blocks, in one command
+    # with the watershed level chosen on section 20's ground-truth cells (labels in source coordinates)
+    from emfm.data import bundled
+    from emfm.eval.probe import gt_cells
+
+    cells = np.stack([gt_cells(m) for m in open_volume(bundled.sample_membranes()).read() > 0])
+    write_array(tmp_path / "cells.zarr", cells)
     inst = ["predict.instances=watershed", "instances.channel=1", "instances.block=[1,64,64]",
-            "instances.halo=[0,16,16]", "instances.min_seed=4"]
+            "instances.halo=[0,16,16]", "instances.min_seed=4", "instances.tune=true",
+            f"instances.tune_labels={tmp_path / 'cells.zarr'}", "instances.tune_roi=[[0,1],[0,96],[0,96]]",
+            "instances.tune_metric=adapted_rand_error", "+instances.tune_grid.threshold=[0.3,0.6]"]
     res = run_cli("predict", *pred, *inst, f"hydra.run.dir={tmp_path / 'pr'}")
     assert res.returncode == 0, res.stderr[-3000:]
     out = open_volume(tmp_path / "p.zarr")
@@ -89,6 +97,9 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
     assert lab.shape == (2, 96, 96) and lab.dtype.kind == "u" and lab.max() >= 1
     rec = json.loads((tmp_path / "pr" / "predict.json").read_text())
     assert rec["instances"]["method"] == "watershed" and rec["instances"]["out"].endswith("p_instances.zarr")
+    tuned = rec["instances"]["tuned"]
+    assert len(tuned["trials"]) == 2 and tuned["chosen"]["threshold"] == min(
+        tuned["trials"], key=lambda t: t["adapted_rand_error"])["threshold"]
     # an unknown method is named before any compute
     res = run_cli("predict", *pred, "predict.instances=magic", f"hydra.run.dir={tmp_path / 'pr3'}")
     assert res.returncode == 2 and "predict.instances='magic'" in res.stderr
