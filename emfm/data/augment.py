@@ -270,6 +270,18 @@ def sections(rng: np.random.Generator, x: np.ndarray, *, p_missing: float = 0.02
     return y
 
 
+def _view_float_ops(r: np.random.Generator, v: np.ndarray, ops, s: dict) -> np.ndarray:
+    """The float-valued ops of one contrastive view, in order: elastic, section defects, blur."""
+    if "elastic" in ops:
+        v = elastic(r, v, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"])[0]
+    if "sections" in ops:
+        v = sections(r, v, p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
+                     max_shift=s["max_shift"], p_contrast=s["p_section_contrast"], contrast=s["section_contrast"])
+    if "blur" in ops:
+        v = gaussian_blur(r, v, sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+    return v
+
+
 def two_views(rng: np.random.Generator, x: np.ndarray, *, ops=DEFAULT_VIEW_OPS, **strengths) -> tuple[np.ndarray, np.ndarray]:
     """Two independently augmented views of the same `[b, z, y, x]` batch for contrastive learning
     (by default flip / rotation, blur, grey values, noise; `ops` picks from OPS); each view's
@@ -280,13 +292,7 @@ def two_views(rng: np.random.Generator, x: np.ndarray, *, ops=DEFAULT_VIEW_OPS, 
 
     def view(r):
         v = geometric(r, x)[0] if "flip_rot" in ops else x.astype(np.float32, copy=True)
-        if "elastic" in ops:
-            v = elastic(r, v, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"])[0]
-        if "sections" in ops:
-            v = sections(r, v, p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
-                         max_shift=s["max_shift"], p_contrast=s["p_section_contrast"], contrast=s["section_contrast"])
-        if "blur" in ops:
-            v = gaussian_blur(r, v, sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+        v = _view_float_ops(r, v, ops, s)
         if "intensity" not in ops and "noise" not in ops:
             return v.astype(np.float32)
         grey = ("brightness", "contrast", "gamma")
@@ -313,13 +319,7 @@ def two_views_deferred(rng: np.random.Generator, x: np.ndarray, norm: np.ndarray
 
     def view(r, name):
         v = geometric(r, x)[0] if "flip_rot" in ops else x.copy()
-        if "elastic" in ops:
-            v = elastic(r, v, strength=s["elastic_strength"], grid=s["elastic_grid"], p=s["p_elastic"])[0]
-        if "sections" in ops:
-            v = sections(r, v, p_missing=s["p_missing"], p_duplicate=s["p_duplicate"], p_shift=s["p_shift"],
-                         max_shift=s["max_shift"], p_contrast=s["p_section_contrast"], contrast=s["section_contrast"])
-        if "blur" in ops:
-            v = gaussian_blur(r, v, sigma=tuple(s["blur_sigma"]), p=s["p_blur"])
+        v = _view_float_ops(r, v, ops, s)
         grey = seeds = None
         if DEVICE_OPS & set(ops):
             on = "intensity" in ops
