@@ -284,17 +284,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     meta = {"model": dataclasses.asdict(mcfg), "head": dataclasses.asdict(cfg.head),
             "task": dataclasses.asdict(cfg.task), "regime": dataclasses.asdict(r), "grey_range": list(grey),
             "data_path": img.path, "channels": targets.channel_names(cfg.task, ndim)}
-    start = 0
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(lambda: state0), state_sh)
-    if mngr.latest_step() is not None:
-        state, _ = checkpoint.restore(mngr, abstract)
-        start = int(state.step)
-        log.info("resumed from %s at step %d", mngr.directory, start)
-        if main_proc:
-            loop.truncate_metrics(run_dir / "metrics.jsonl", start)
-    else:
-        state = jax.device_put(state0, state_sh)
+    state, start = loop.restore_or_init(mngr, abstract, lambda: jax.device_put(state0, state_sh), run_dir)
     del state0, model
 
     batches = Batches(cfg, img, lab, grey, ndim, start)

@@ -10,6 +10,7 @@ best and periodic checkpoints with the data position; a progress bar; the final 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
@@ -41,6 +42,19 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def restore_or_init(mngr, abstract, init: Callable[[], Any], run_dir: Path) -> tuple[Any, int]:
+    """(state, first step): the run's latest checkpoint restored into `abstract` (sharded shapes),
+    dropping metric records written after it, or `init()` at step 0 when there is none."""
+    if mngr.latest_step() is None:
+        return init(), 0
+    state, _ = checkpoint.restore(mngr, abstract)
+    start = int(state.step)
+    logging.getLogger("emfm").info("resumed from %s at step %d", mngr.directory, start)
+    if jax.process_index() == 0:
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+    return state, start
 
 
 @dataclass

@@ -111,17 +111,9 @@ def pretrain(cfg: EmfmConfig) -> dict:
     best = checkpoint.best_manager(run_dir, cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     meta = {**model_meta(cfg.model, cfg.objective), "grey_range": [lo, hi], "data_path": vol.path,
             "data_sources": [s.describe() for s in sources]}
-    start = 0
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_sh)
-    if mngr.latest_step() is not None:
-        state, _ = checkpoint.restore(mngr, abstract_sharded)
-        start = int(state.step)
-        log.info("resumed from %s at step %d", mngr.directory, start)
-        if main_proc:
-            loop.truncate_metrics(run_dir / "metrics.jsonl", start)
-    else:
-        state = jax.jit(create, out_shardings=state_sh)()
+    state, start = loop.restore_or_init(mngr, abstract_sharded, jax.jit(create, out_shardings=state_sh), run_dir)
 
     loader = make_loader(cfg.data, sources, batch_size=gbatch // pcount, seed=cfg.trainer.seed, process_index=pid,
                          process_count=pcount, start_step=start, views=definition.views)
