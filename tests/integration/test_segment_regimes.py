@@ -46,26 +46,28 @@ def assert_falls(run_dir):
     assert np.mean(ls[-2:]) < np.mean(ls[:2]), ls
 
 
-@pytest.fixture(scope="module")
-def gala(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gala")
-    src = shared_data() / "gala_fibsem"
+def _shared_crop(tmp_path_factory, dataset: str, image: str, labels: str, crop, label_dtype=None) -> tuple[str, str]:
+    """A crop of a real ../shared/data/em volume and its labels, written as zarr (skips without ../shared)."""
+    src = shared_data() / dataset
     if not src.is_dir():
         pytest.skip(f"needs the real EM of ../shared/data/em ({src} not found)")
-    img = tifffile.imread(src / "train_image.tif")[:8, :64, :128]
-    lab = tifffile.imread(src / "train_labels.tif")[:8, :64, :128].astype(np.uint32)
+    d = tmp_path_factory.mktemp(dataset)
+    img = tifffile.imread(src / image)[crop]
+    lab = tifffile.imread(src / labels)[crop]
+    lab = lab if label_dtype is None else lab.astype(label_dtype)
     return str(write_array(d / "raw", img).path), str(write_array(d / "labels", lab).path)
+
+
+@pytest.fixture(scope="module")
+def gala(tmp_path_factory):
+    return _shared_crop(tmp_path_factory, "gala_fibsem", "train_image.tif", "train_labels.tif",
+                        np.s_[:8, :64, :128], np.uint32)
 
 
 @pytest.fixture(scope="module")
 def mito(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mito")
-    src = shared_data() / "cdeep3m_sbem_mito"
-    if not src.is_dir():
-        pytest.skip(f"needs the real EM of ../shared/data/em ({src} not found)")
-    img = tifffile.imread(src / "train_images.tif")[:4, :256, :256]
-    lab = tifffile.imread(src / "train_labels.tif")[:4, :256, :256]
-    return str(write_array(d / "raw", img).path), str(write_array(d / "labels", lab).path)
+    return _shared_crop(tmp_path_factory, "cdeep3m_sbem_mito", "train_images.tif", "train_labels.tif",
+                        np.s_[:4, :256, :256])
 
 
 def test_cli_finetune_then_blockwise_predict(tmp_path):
