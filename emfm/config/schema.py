@@ -9,7 +9,7 @@ receives these dataclasses (or plain arguments), never a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 MISSING_PATH = ""  # empty path = the bundled real EM sample
 
@@ -375,6 +375,8 @@ class InstancesConfig:
     link_criterion: str = "fraction"
     link_2d: str = "watershed"  # link2d's per-section step: watershed | agglomeration
     link_on_interior: bool = True
+    link_mutual_best: bool = True  # link2d: one-to-one links only (False chains objects through 2D merges)
+    link_min_overlap: int = 1  # link2d: voxels a link needs at least
     repulsive_stride: int = 1
     block: list[int] = field(default_factory=lambda: [64, 256, 256])
     halo: list[int] = field(default_factory=lambda: [8, 32, 32])
@@ -391,7 +393,7 @@ class InstancesConfig:
     tune_labels: str = ""
     tune_roi: Optional[list[list[int]]] = None
     tune_metric: str = "voi"
-    tune_grid: dict[str, list[float]] = field(default_factory=dict)
+    tune_grid: dict[str, list[Any]] = field(default_factory=dict)  # numbers, or e.g. link_criterion=[fraction,iou]
     tune_per_section: bool = False  # score sections separately and average (2D ground truth)
     tune_ignore: list[int] = field(default_factory=lambda: [0])  # label ids not scored (boundary, unlabelled)
 
@@ -445,7 +447,8 @@ def segment_params(cfg: InstancesConfig):
                          fragment_min_size=cfg.fragment_min_size, agglomeration_threshold=cfg.agglomeration_threshold,
                          beta=cfg.beta, size_weighted=cfg.size_weighted, link_threshold=cfg.link_threshold,
                          link_criterion=cfg.link_criterion, link_2d=cfg.link_2d,
-                         link_on_interior=cfg.link_on_interior, repulsive_stride=cfg.repulsive_stride)
+                         link_on_interior=cfg.link_on_interior, repulsive_stride=cfg.repulsive_stride,
+                         link_mutual_best=cfg.link_mutual_best, link_min_overlap=cfg.link_min_overlap)
 
 
 def validate_discover(cfg: DiscoverConfig) -> DiscoverConfig:

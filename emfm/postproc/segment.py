@@ -5,7 +5,7 @@
 
 * `watershed`: seeds = connected confident interior (boundary < threshold), grown by watershed;
 * `link2d`: watershed (or fragment agglomeration, `link_2d`) per section, then 2D segments linked
-  across sections by overlap;
+  across sections by overlap (one-to-one unless `link_mutual_best=False`);
 * `agglomeration`: distance-transform watershed fragments, region adjacency graph, merge while
   the mean boundary probability (1 - mean affinity) is below `agglomeration_threshold`;
 * `multicut`: the same fragments and graph, costs log((1-p)/p) + log((1-beta)/beta), solved by GAEC;
@@ -42,6 +42,8 @@ class SegmentParams:
     link_criterion: str = "fraction"
     link_2d: str = "watershed"  # the per-section step of link2d: watershed | agglomeration
     link_on_interior: bool = True  # link2d counts overlaps on confident interior only
+    link_mutual_best: bool = True  # link2d links one-to-one (False: any pair over link_threshold)
+    link_min_overlap: int = 1  # voxels; link2d ignores smaller overlaps
     repulsive_stride: int = 1
 
     def check(self) -> "SegmentParams":
@@ -56,6 +58,8 @@ class SegmentParams:
             raise ValueError(f"beta={self.beta}: must lie in (0, 1)")
         if self.link_2d not in ("watershed", "agglomeration"):
             raise ValueError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
+        if self.link_min_overlap < 1:
+            raise ValueError(f"link_min_overlap={self.link_min_overlap}: must be >= 1")
         if self.repulsive_stride < 1:
             raise ValueError(f"repulsive_stride={self.repulsive_stride}: must be >= 1")
         return self
@@ -89,7 +93,8 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
                                   link_threshold=params.link_threshold, criterion=params.link_criterion,
                                   method_2d=params.link_2d, sigma=params.sigma,
                                   agglomeration_threshold=params.agglomeration_threshold,
-                                  link_on_interior=params.link_on_interior)
+                                  link_on_interior=params.link_on_interior,
+                                  mutual_best=params.link_mutual_best, min_overlap=params.link_min_overlap)
     frag = fragments(boundary, threshold=params.threshold, sigma=params.sigma, two_d=params.two_d,
                      min_size=params.fragment_min_size)
     rag = (graph.rag_from_affinities(frag, data, params.offsets) if affinities

@@ -28,7 +28,10 @@ METRICS = {"adapted_rand_error": False, "voi": False, "voi_split": False, "voi_m
 
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "watershed": {"threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [4, 16, 64, 256]},
-    "link2d": {"threshold": [0.1, 0.2, 0.3, 0.5], "link_threshold": [0.2, 0.4, 0.6]},
+    # link_mutual_best stays at its default (one-to-one): shallow validation regions do not show the
+    # chaining of any-pair links, which builds up over many sections (experiments/segmentation/README.md)
+    "link2d": {"threshold": [0.1, 0.2, 0.3, 0.5], "link_2d": ["watershed", "agglomeration"],
+               "agglomeration_threshold": [0.3, 0.5]},
     "agglomeration": {"threshold": [0.3, 0.5, 0.7], "agglomeration_threshold": [0.3, 0.5, 0.7]},
     "multicut": {"threshold": [0.1, 0.2, 0.3, 0.5], "beta": [0.3, 0.5, 0.7]},
     "mws": {"repulsive_stride": [1]},
@@ -83,7 +86,15 @@ def _typed(params: SegmentParams, combo: dict) -> dict:
     bad = sorted(set(combo) - set(types))
     if bad:
         raise ValueError(f"tune grid names unknown instance parameters {bad}; known: {', '.join(sorted(types))}")
-    return {k: types[k](v) for k, v in combo.items()}
+    out = {}
+    for k, v in combo.items():
+        if types[k] is bool and isinstance(v, str):
+            if v.lower() not in ("true", "false"):
+                raise ValueError(f"tune grid {k}={v!r}: use true or false")
+            out[k] = v.lower() == "true"
+        else:
+            out[k] = types[k](v)
+    return out
 
 
 def tune_instances(data: np.ndarray, gt: np.ndarray, params: SegmentParams, *, metric: str = "voi",

@@ -119,7 +119,8 @@ def table() -> str:
         for r in sorted(rows, key=lambda r: (r.get("regime", "scratch") != "scratch", -r["label_fraction"],
                                              r.get("regime", ""), r["init"])):
             vals = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for _, k in cols]
-            tuned = "; ".join(", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in r[t].values())
+            tuned = "; ".join(", ".join(f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                                        for v in r[t].values())
                               for t in TUNED[ds])
             regime = r.get("regime", "scratch")
             out.append(f"| {'supervised' if regime == 'scratch' else regime} | "
@@ -137,7 +138,7 @@ def _instances_scores(lab: np.ndarray, gt: np.ndarray, per_section: bool) -> dic
     return {k: float(np.mean([r[k] for r in rs])) for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")}
 
 
-def score_run(name: str, ds: dict, rec: dict) -> dict:
+def score_run(name: str, ds: dict, rec: dict, routes: tuple = ("link2d", "multicut")) -> dict:
     """Scores of one trained run on the test region, with the instance parameters chosen on its
     validation region (emfm.postproc.tune, the task's metric), and at the fixed defaults."""
     from emfm.eval.probe import gt_cells
@@ -176,10 +177,11 @@ def score_run(name: str, ds: dict, rec: dict) -> dict:
         vgt = tifffile.imread(EM / "gala_fibsem" / "train_labels.tif")[40:50].astype(np.int64)
         tgt = ds["test_labels"].astype(np.int64)
         out["f1"] = metrics.binary_scores(test >= 0.5, targets.boundaries(tgt[None], 2)[0])["f1"]
-        grids = {"link2d": {**DEFAULT_GRIDS["link2d"], "link_2d": ["watershed", "agglomeration"]},
-                 "multicut": DEFAULT_GRIDS["multicut"]}
+        grids = {"link2d": DEFAULT_GRIDS["link2d"], "multicut": DEFAULT_GRIDS["multicut"]}
         for route, p0 in (("link2d", SegmentParams(method="link2d")),
                           ("multicut", SegmentParams(method="multicut", two_d=True))):
+            if route not in routes:
+                continue
             best, trials = tune_instances(val, vgt, p0, metric="voi", grid=grids[route])
             d = _instances_scores(segment(test, p0), tgt, False)
             t = _instances_scores(segment(test, best), tgt, False)
@@ -191,7 +193,26 @@ def score_run(name: str, ds: dict, rec: dict) -> dict:
     return out
 
 
-DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_threshold", "link_2d"), "multicut": ("threshold", "beta")}
+DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_2d", "agglomeration_threshold"),
+                      "multicut": ("threshold", "beta")}
+
+
+def rescore_link2d(all_ds: dict) -> None:
+    """Session 4: the gala 2D-then-3D route again (one-to-one links, the default grid of link2d)
+    on the stored probabilities of every gala run; the other scores of its last record are kept."""
+    last = {}
+    for ln in (HERE / "results.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        last[r["run"]] = r
+    for tag, rec in last.items():
+        if rec["dataset"] != "gala":
+            continue
+        t0 = time.time()
+        res = {**rec, **score_run("gala", all_ds["gala"], rec, routes=("link2d",)), "link2d_session": 4,
+               "link2d_score_s": time.time() - t0}
+        print(json.dumps({k: v for k, v in res.items() if k.startswith("link2d")}), flush=True)
+        with open(HERE / "results.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
 
 
 def score_all(all_ds: dict) -> None:
@@ -244,7 +265,7 @@ def main() -> None:
         print(table())
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", default="train", choices=["train", "score"])
+    ap.add_argument("--stage", default="train", choices=["train", "score", "rescore_link2d"])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", default="isbi,cdeep3m,gala")
@@ -257,6 +278,9 @@ def main() -> None:
     all_ds = datasets()
     if a.stage == "score":
         score_all(all_ds)
+        return
+    if a.stage == "rescore_link2d":
+        rescore_link2d(all_ds)
         return
     for name in a.only.split(","):
         for frac in [float(f) for f in a.fractions.split(",")]:

@@ -1,4 +1,6 @@
 """Instance parameters chosen on validation labels (emfm.postproc.tune), on exact synthetic ground truth."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -59,3 +61,25 @@ def test_tune_foreground_instance_f1():
     assert scores[(0.7, 16)] == 1.0 and scores[(0.5, 16)] == 0.0 and scores[(0.7, 0)] < 0.5
     lab = foreground_instances(prob, threshold=0.7, min_size=16)
     assert lab.shape == gt.shape and ndimage.label(prob[0] >= 0.7)[1] > 4
+
+
+def test_tune_link2d_grid_of_switches_and_names():
+    # objects A (x 0-3) and B (x 5-8) through 3 sections, a wall at x 4; in section 1 walls at x 2
+    # and 6 cut them into A' (x 0-1), a fragment F (x 3-5) on both, and B' (x 7-8). Interior
+    # overlaps: F meets A and B by 2 of its 6 voxels (1/3), A' and B' cover A and B's
+    bnd = np.zeros((3, 2, 9), np.float32)
+    bnd[[0, 2], :, 4] = 1.0
+    bnd[1, :, 2], bnd[1, :, 6] = 1.0, 1.0
+    gt = np.zeros((3, 2, 9), np.int64)  # walls and F unlabelled (not scored)
+    gt[[0, 2], :, :4], gt[[0, 2], :, 5:] = 1, 2
+    gt[1, :, :2], gt[1, :, 7:] = 1, 2
+    p = SegmentParams(method="link2d", threshold=0.5, min_seed=1, link_threshold=0.3)
+    assert segment(bnd, replace(p, link_mutual_best=False)).max() == 1  # F chains A and B
+    # values as they come from the CLI (instances.tune_grid is a list of any): strings and booleans
+    best, trials = tune_instances(bnd, gt, p, metric="voi", grid={"link_mutual_best": [True, "false"],
+                                                                  "link_criterion": ["fraction", "iou"]})
+    assert len(trials) == 4 and best.link_mutual_best is True and best.link_criterion == "fraction"
+    voi = {(t["link_mutual_best"], t["link_criterion"]): t["voi"] for t in trials}  # IoU >= 0.3: F links neither
+    assert voi["false", "fraction"] == pytest.approx(1.0) and max(voi[True, "fraction"], voi["false", "iou"]) < 1e-9
+    with pytest.raises(ValueError, match="link_mutual_best='maybe'"):
+        tune_instances(bnd, gt, p, grid={"link_mutual_best": ["maybe"]})

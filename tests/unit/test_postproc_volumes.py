@@ -45,9 +45,13 @@ def test_link2d_relinks_real_gala_labels():
     gt3d = cc_label(gt, connectivity=1)
     per_section = np.stack([cc_label(z, connectivity=1) for z in gt])  # every section numbered on its own
     assert region_scores(per_section, gt3d)["adapted_rand_error"] > 0.5  # unlinked: badly split
-    linked = link_sections(per_section, threshold=0.5, criterion="fraction")
+    # exact sections: linking every pair over the level also joins branches (a neuron in two pieces)
+    linked = link_sections(per_section, threshold=0.5, criterion="fraction", mutual_best=False)
     s = region_scores(linked, gt3d)
     assert s["adapted_rand_error"] < 1e-3 and s["voi_split"] < 0.01 and s["voi_merge"] < 1e-9, s
+    # one-to-one links (the default, safe on predicted sections) never merge, but split the branches
+    s1 = region_scores(link_sections(per_section, threshold=0.5), gt3d)
+    assert s1["voi_merge"] < 1e-9 and 0.01 < s1["adapted_rand_error"] < 0.15, s1
 
 
 def test_link2d_by_hand():
@@ -56,11 +60,29 @@ def test_link2d_by_hand():
     sec[0, :, :2], sec[0, :, 2:] = 1, 2
     sec[1] = 7
     sec[2, :, :2] = 5
-    out = link_sections(sec, threshold=0.5)
+    out = link_sections(sec, threshold=0.5, mutual_best=False)
     assert len(np.unique(out)) == 2  # everything linked; the empty right half of section 2 stays 0
     assert out[0, 0, 0] == out[0, 0, 3] == out[1, 0, 0] == out[2, 0, 0]
     # IoU is stricter: 1 vs 7 overlap 4 of union 8 = 0.5 passes, at 0.6 nothing links
-    assert len(np.unique(link_sections(sec, threshold=0.6, criterion="iou"))) == 5
+    assert len(np.unique(link_sections(sec, threshold=0.6, criterion="iou", mutual_best=False))) == 5
+    # one-to-one (the default): 7 ties between 1 and 2 and takes the first, so 2 stays on its own
+    out = link_sections(sec, threshold=0.5)
+    assert out[0, 0, 0] == out[1, 0, 0] == out[2, 0, 0] != out[0, 0, 3] and len(np.unique(out)) == 3
+
+
+def test_link2d_straddling_fragment_does_not_chain():
+    # two objects A (x 0-2) and B (x 3-5) through 3 sections; in section 1 the 2D step cut them into
+    # A' (x 0-1), a fragment F (x 2-3) that straddles both, and B' (x 4-5)
+    sec = np.zeros((3, 2, 6), np.uint32)
+    sec[[0, 2], :, :3], sec[[0, 2], :, 3:] = 1, 2
+    sec[1, :, :2], sec[1, :, 2:4], sec[1, :, 4:] = 1, 2, 3
+    # F overlaps A and B by 2 of its 4 voxels (fraction 0.5 of the smaller): any-pair linking joins all
+    assert len(np.unique(link_sections(sec, threshold=0.5, mutual_best=False))) == 1
+    out = link_sections(sec, threshold=0.5)  # F is neither A's nor B's best overlap: it links nothing
+    a, f, b = out[0, 0, 0], out[1, 0, 2], out[0, 0, 5]
+    assert len({a, f, b}) == 3 and 0 not in (a, f, b)
+    assert (out[:, :, :2] == a).all() and (out[[0, 2], :, 2] == a).all() and (out[1, :, 2:4] == f).all()
+    assert (out[:, :, 4:] == b).all() and (out[[0, 2], :, 3] == b).all()
 
 
 @pytest.mark.parametrize("method", ["watershed", "multicut"])
