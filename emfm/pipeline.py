@@ -68,7 +68,7 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         raise VolumeError(f"probe labels {lab_vol.path}: sections {list(tr)} hold no pixel of both classes "
                           f"(positive_label={pc.positive_label})")
     grey = estimate_range(Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]]))
-    grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds, sigmas=pc.cell_sigmas)
+    grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds, sigmas=pc.cell_sigmas, rank=pc.cell_rank)
     tuned = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1
     results, probs = {}, {}
     for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
@@ -80,7 +80,8 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
                                       weight_decay=pc.weight_decay, seed=pc.seed, upsample=pc.upsample,
                                       class_balance=pc.class_balance)
-        cells = {"threshold": pc.cell_thresholds[0], "min_seed": pc.cell_min_seeds[0], "sigma": pc.cell_sigmas[0]}
+        cells = {"threshold": pc.cell_thresholds[0], "min_seed": pc.cell_min_seeds[0], "sigma": pc.cell_sigmas[0],
+                 "rank": pc.cell_rank}
         if tuned:  # post-processing chosen on the training sections, by this encoder's own predictions
             cells = probe.tune_cells(lp.predict(f_tr, y_tr.shape[1:])[..., 1], y_tr, **grid)
         p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]

@@ -222,6 +222,7 @@ class ProbeConfig:
     cell_thresholds: list[float] = field(default_factory=lambda: [0.5])  # seed: interior p < threshold
     cell_min_seeds: list[int] = field(default_factory=lambda: [16])  # smallest seed (pixels)
     cell_sigmas: list[float] = field(default_factory=lambda: [0.0])  # Gaussian smoothing of the map (pixels)
+    cell_rank: bool = False  # cell_thresholds are quantiles of each section's own map (calibration-free seeds)
 
 
 @dataclass

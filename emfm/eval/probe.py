@@ -127,16 +127,23 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
 
 
 def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
-                         sigma: float = 0.0) -> np.ndarray:
+                         sigma: float = 0.0, rank: bool = False) -> np.ndarray:
     """Cell instances of one section from a membrane probability map: the map is optionally smoothed
     (Gaussian, `sigma` pixels), seeds are connected regions of confident interior (p < threshold, at
-    least `min_seed` pixels), grown by watershed over the (smoothed) map."""
+    least `min_seed` pixels), grown by watershed over the (smoothed) map.
+
+    With `rank`, `threshold` is a quantile of this section's own (smoothed) map: the seeds are then
+    the `threshold` fraction of least membrane-like pixels. The watershed flooding depends only on
+    the order of the values, so rank seeds make the whole derivation invariant to a monotone change
+    of the map's calibration, e.g. a probe less confident on held-out sections than on the sections
+    it was fitted to (experiments/main_job_mae/README.md, session 4)."""
     from scipy import ndimage
 
     from emfm.postproc.watershed import seeded_watershed, threshold_seeds
 
     p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
-    return seeded_watershed(p, threshold_seeds(p, threshold, min_seed)).astype(np.uint32)
+    t = float(np.quantile(p, threshold)) if rank else threshold
+    return seeded_watershed(p, threshold_seeds(p, t, min_seed)).astype(np.uint32)
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
@@ -158,15 +165,15 @@ def cell_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dic
 
 
 def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0.5,), min_seeds=(16,),
-               sigmas=(0.0,)) -> dict:
+               sigmas=(0.0,), rank: bool = False) -> dict:
     """The cells_from_membranes parameters with the lowest adapted Rand error (averaged per section)
     on these (training) sections, searched over thresholds x min_seeds x sigmas by
-    emfm.postproc.tune.grid_search; ties keep the first."""
+    emfm.postproc.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
     from emfm.postproc.tune import grid_search
 
     gt = np.stack([gt_cells(m) for m in membrane_gt])
     grid = {"threshold": [float(t) for t in thresholds], "min_seed": [int(m) for m in min_seeds],
-            "sigma": [float(s) for s in sigmas]}
+            "sigma": [float(s) for s in sigmas], "rank": [bool(rank)]}
     try:
         best, _ = grid_search(lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]), gt, grid,
                               "adapted_rand_error", per_section=True, ignore_gt=(0,))
