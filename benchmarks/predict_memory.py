@@ -13,7 +13,7 @@ address-space limit (`prlimit --as` / `ulimit -v`) cannot be used with JAX, whic
 virtual memory than it touches. Records go to experiments/benchmarks/predict_memory.json.
 
   PYTHONPATH=. python benchmarks/predict_memory.py --checkpoint FINETUNE_RUN \
-      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work /tmp/emfm_predict_memory]
+      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work /tmp/emfm_predict_memory] [--out JSON]
 
 `--checkpoint` is any `emfm finetune` run of a 2D model with a 2-class semantic task (channel 1 =
 membrane); empty = train a tiny one first (width 32, depth 1, 150 steps on the bundled sample).
@@ -137,13 +137,15 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=int, default=64, help="EMFM_CHUNK_CACHE_MB of the predict process")
     ap.add_argument("--instance-block", default="8,256,256",
                     help="instances.block (z,y,x): instance memory is one block with its halo, so size it to the cap")
+    ap.add_argument("--out", default="experiments/benchmarks/predict_memory.json",
+                    help="where the JSON record goes (relative to the repo root)")
     ap.add_argument("--from-log", help="rewrite the JSON from the records a run printed (one JSON per line)")
     a = ap.parse_args()
     if a.from_log:
         lines = [json.loads(ln) for ln in Path(a.from_log).read_text().splitlines() if ln.startswith("{")]
         recs = [r for r in lines if "volume" in r]
         keys = ("cap_mb", "checkpoint", "window", "chunk", "chunk_cache_mb", "instance_block")
-        write_summary(recs, {k: v for k, v in lines[-1].items() if k in keys})
+        write_summary(recs, {k: v for k, v in lines[-1].items() if k in keys}, REPO / a.out)
         return
     sys.path.insert(0, str(REPO))
     work = Path(a.work)
@@ -201,18 +203,17 @@ def main() -> None:
     finally:
         cg.remove()
     write_summary(records, {"cap_mb": a.cap_mb, "checkpoint": ckpt, "window": a.window, "chunk": a.chunk,
-                            "chunk_cache_mb": a.cache_mb, "instance_block": a.instance_block})
+                            "chunk_cache_mb": a.cache_mb, "instance_block": a.instance_block}, REPO / a.out)
 
 
-def write_summary(records: list[dict], settings: dict) -> None:
-    """experiments/benchmarks/predict_memory.json; the RSS ratio only when every run finished (a run
+def write_summary(records: list[dict], settings: dict, dst: Path) -> None:
+    """The JSON record at `dst` (default experiments/benchmarks/predict_memory.json); the RSS ratio only when every run finished (a run
     the cap killed is recorded with its exit status -9 and the RSS it had reached)."""
     ok = all(r["predict"]["exit"] == 0 for r in records)
     rss = [r["predict"]["peak_rss_mb"] for r in records]
     summary = {**settings, "records": records, "all_finished": ok,
                "voxel_ratio": records[-1]["voxels"] / records[0]["voxels"],
                "peak_rss_ratio": rss[-1] / rss[0] if ok else None}
-    dst = REPO / "experiments" / "benchmarks" / "predict_memory.json"
     dst.write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
 
