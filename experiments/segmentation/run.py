@@ -75,14 +75,15 @@ def datasets() -> dict:
     }
 
 
-def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batch: int, regime: str = "scratch"):
+def config(ds: dict, init: str, fraction: float, steps: int, run_dir: Path, batch: int, regime: str = "scratch",
+           seed: int = 0):
     over = [f"data.path={ds['raw']}", f"data.labels={ds['labels']}", f"data.label_fraction={fraction}",
             f"data.patch_shape=[1,{ds['patch']},{ds['patch']}]", "data.test_roi=null",
             "data.train_roi=" + (json.dumps(ds["train_roi"]).replace(" ", "") if ds["train_roi"] else "null"),
             f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=20", "trainer.log_every=50",
             "trainer.progress=false", "trainer.tensorboard=false",
             "model.width=128", "model.depth=4", "model.heads=4", "head=progressive", f"run_dir={run_dir}",
-            f"regime={regime}", *ds["over"]]
+            f"regime={regime}", f"trainer.seed={seed}", *ds["over"]]
     if init == "mae":
         over += ["regime.init=pretrained", f"checkpoint={MAE}"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
@@ -123,7 +124,8 @@ def table() -> str:
                                         for v in r[t].values())
                               for t in TUNED[ds])
             regime = r.get("regime", "scratch")
-            out.append(f"| {'supervised' if regime == 'scratch' else regime} | "
+            regime = ('supervised' if regime == 'scratch' else regime) + (f" (seed {r['seed']})" if r.get("seed") else "")
+            out.append(f"| {regime} | "
                        f"{'MAE' if r['init'] == 'mae' else 'random'} | {int(round(100 * r['label_fraction']))} % | "
                        + " | ".join(vals) + f" | {tuned} | {r['steps']} | {r['final_loss']:.3f} | {r['train_s']:.0f} |")
         out.append("")
@@ -258,17 +260,18 @@ def score_all(all_ds: dict) -> None:
             f.write(json.dumps(res) + "\n")
 
 
-def train_one(name: str, ds: dict, init: str, frac: float, regime: str, steps: int, batch: int) -> dict:
+def train_one(name: str, ds: dict, init: str, frac: float, regime: str, steps: int, batch: int, seed: int = 0) -> dict:
     """`emfm finetune` (library call), then blended probabilities of the validation and test regions."""
-    tag = f"{name}_{init}_{int(round(frac * 100))}" + ("" if regime == "scratch" else f"_{regime}")
+    tag = (f"{name}_{init}_{int(round(frac * 100))}" + ("" if regime == "scratch" else f"_{regime}")
+           + (f"_seed{seed}" if seed else ""))
     run_dir = Path("/tmp/emfm_seg_runs") / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
     t0 = time.time()
-    cfg = config(ds, init, frac, steps, run_dir, batch, regime)
+    cfg = config(ds, init, frac, steps, run_dir, batch, regime, seed)
     summary = train.finetune(cfg)
     model, meta = train.load_seg_model(str(run_dir))
     lay = targets.layout(cfg.task, 2)
     p = ds["patch"]
-    rec = {"run": tag, "dataset": name, "init": init, "regime": regime, "label_fraction": frac, "steps": steps,
+    rec = {"run": tag, "dataset": name, "init": init, "regime": regime, "seed": seed, "label_fraction": frac, "steps": steps,
            "labelled_roi": summary["labelled_roi"], "first_loss": summary["first_loss"],
            "final_loss": summary["final_loss"], "train_s": summary["train_s"]}
     for split, src, roi in (("val", ds["raw"], ds["val_roi"]), ("test", ds["test_raw"] or ds["raw"], ds["test_roi"])):
@@ -296,6 +299,7 @@ def main() -> None:
     ap.add_argument("--inits", default="random,mae")
     ap.add_argument("--fractions", default="0.1,1.0")
     ap.add_argument("--regimes", default="scratch")
+    ap.add_argument("--seed", type=int, default=0, help="trainer.seed: initialisation of the head (and random encoder) and patch sampling")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     schema.register()
@@ -313,7 +317,7 @@ def main() -> None:
         for frac in [float(f) for f in a.fractions.split(",")]:
             for regime in a.regimes.split(","):
                 for init in a.inits.split(","):
-                    rec = train_one(name, all_ds[name], init, frac, regime, a.steps, a.batch)
+                    rec = train_one(name, all_ds[name], init, frac, regime, a.steps, a.batch, a.seed)
                     print(json.dumps(rec), flush=True)
                     with open(HERE / "runs.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
