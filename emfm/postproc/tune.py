@@ -93,7 +93,10 @@ def _typed(params: SegmentParams, combo: dict) -> dict:
                 raise ValueError(f"tune grid {k}={v!r}: use true or false")
             out[k] = v.lower() == "true"
         else:
-            out[k] = types[k](v)
+            try:
+                out[k] = types[k](v)
+            except (TypeError, ValueError):
+                raise ValueError(f"tune grid {k}={v!r}: expected a {types[k].__name__}") from None
     return out
 
 

@@ -83,3 +83,5 @@ def test_tune_link2d_grid_of_switches_and_names():
     assert voi["false", "fraction"] == pytest.approx(1.0) and max(voi[True, "fraction"], voi["false", "iou"]) < 1e-9
     with pytest.raises(ValueError, match="link_mutual_best='maybe'"):
         tune_instances(bnd, gt, p, grid={"link_mutual_best": ["maybe"]})
+    with pytest.raises(ValueError, match="min_seed=.abc.: expected a int"):
+        tune_instances(bnd, gt, p, grid={"min_seed": ["abc"]})
