@@ -39,7 +39,8 @@ def _usage() -> str:
     lines = ["usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]", "", "commands:"]
     lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
     lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
-              f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs"]
+              f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
+              f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)"]
     lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
               "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
               "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
 
         runs.main(rest)
         return
+    if cmd == "zoo":  # `emfm zoo list`
+        zoo_main(rest)
+        return
     if cmd not in COMMANDS:
         print(f"emfm: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
@@ -100,6 +104,16 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [f"emfm {cmd}"] + rest
     apps.run(cmd, config_dir())
+
+
+def zoo_main(argv: list[str]) -> None:
+    from emfm import zoo
+
+    if argv[:1] != ["list"] or len(argv) > 1:
+        print("usage: emfm zoo list", file=sys.stderr)
+        raise SystemExit(2)
+    lines = zoo.list_lines()
+    print("\n".join(lines) if lines else "(no checkpoints in the zoo)")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,14 @@ class SourceConfig:
     roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     mask: str = ""
     labels: str = ""
+    # Built on first use: `source` (a TIFF stack or HDF5 file) is imported into `path` (an OME-Zarr
+    # group with `source_levels` scales, each 2x coarser in plane) writing only the sections
+    # `source_sections` [start, stop) of it, so sections left out (a benchmark's test sections)
+    # are not in the volume and can never be sampled (emfm.data.sources.ensure_built).
+    source: str = ""
+    source_sections: Optional[list[int]] = None
+    source_voxel_size: Optional[list[float]] = None  # nm, z y x
+    source_levels: int = 2
 
 
 @dataclass
@@ -313,6 +321,9 @@ class BenchmarkConfig:
     cache_dir: str = "runs/probe_cache"
     cache_features: bool = True
     figures: bool = True
+    # "test": probes are scored on each task's test sections (a reported row); "val": on its validation
+    # sections, for choosing settings and checkpoints (the test sections are then never read)
+    split: str = "test"
 
 
 @dataclass
@@ -489,8 +500,21 @@ def validate_data(d: DataConfig) -> DataConfig:
         key = f"data.sources[{i}]"
         if s.weight < 0 or s.weight != s.weight:
             raise ConfigError(f"{key}.weight={s.weight}: weights must be non-negative")
+        if s.source:
+            if not Path(s.source).exists():
+                raise ConfigError(f"{key}.source={s.source!r}: no such file (the corpus is built from the EM "
+                                  "volumes in ../shared/data; set EMFM_SHARED_DATA_ROOT to where they are)")
+            if not s.path:
+                raise ConfigError(f"{key}: a source to import needs a path to build it at")
+            ss = s.source_sections
+            if ss is not None and (len(ss) != 2 or not 0 <= ss[0] < ss[1]):
+                raise ConfigError(f"{key}.source_sections={ss}: give [start, stop) with 0 <= start < stop")
+            if s.source_levels < 1:
+                raise ConfigError(f"{key}.source_levels={s.source_levels}: must be >= 1")
         for name in ("path", "mask", "labels"):
             p = getattr(s, name)
+            if name == "path" and s.source:
+                continue  # built from the source on first use
             if p and "://" not in p and not Path(p).exists():
                 raise ConfigError(f"{key}.{name}={p!r}: no such file or directory")
         if s.level is not None and s.voxel_size is not None:
@@ -526,9 +550,23 @@ def validate_data(d: DataConfig) -> DataConfig:
     return d
 
 
+def resolve_zoo(spec: str, key: str) -> str:
+    """`zoo:NAME` -> the packaged checkpoint's run directory (emfm.zoo); an unknown name is a
+    ConfigError naming the key and listing the zoo."""
+    from emfm import zoo
+
+    try:
+        return zoo.resolve(spec)
+    except zoo.ZooError as e:
+        raise ConfigError(f"{key}={spec}: {e}") from None
+
+
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
     m, d = cfg.model, cfg.data
+    cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
+    for c in cfg.checkpoints:  # checked here, resolved (keeping the zoo name) by the benchmark
+        resolve_zoo(c, "checkpoints")
     from emfm import models
 
     if m.name not in models.ENCODERS:
@@ -777,6 +815,7 @@ TASK_KINDS = ("semantic", "boundary", "affinity", "center")
 def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
     """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
     t, r, h, d, lo = cfg.task, cfg.regime, cfg.head, cfg.data, cfg.loss
+    cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
     if command == "predict" and cfg.predict.instances:
         from dataclasses import replace
 

@@ -71,6 +71,30 @@ class _Tiff(_Source):
         self.tif.close()
 
 
+class _Sections(_Source):
+    """Sections [z0, z1) of another source, renumbered from 0; the others are never read."""
+
+    def __init__(self, inner: _Source, z0: int, z1: int, path: str):
+        if not 0 <= z0 < z1 <= inner.shape[0]:
+            inner.close()
+            raise VolumeError(f"import source {path}: sections [{z0}, {z1}) outside its {inner.shape[0]} sections")
+        self.inner, self.z0, self.z1 = inner, z0, z1
+        self.shape, self.dtype = (z1 - z0,) + tuple(inner.shape[1:]), inner.dtype
+
+    def slabs(self, depth: int):
+        if isinstance(self.inner, _Tiff):
+            for a in range(self.z0, self.z1, depth):
+                b = min(a + depth, self.z1)
+                yield a - self.z0, np.stack([self.inner.pages[z].asarray() for z in range(a, b)])
+        else:
+            for a in range(self.z0, self.z1, depth):
+                b = min(a + depth, self.z1)
+                yield a - self.z0, np.asarray(self.inner.ds[a:b])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _Hdf5(_Source):
     def __init__(self, path: str, dataset: str | None):
         try:
@@ -101,7 +125,12 @@ class _Hdf5(_Source):
         self.f.close()
 
 
-def open_source(path: str, dataset: str | None = None) -> _Source:
+def open_source(path: str, dataset: str | None = None, sections: Sequence[int] | None = None) -> _Source:
+    src = _open_source(path, dataset)
+    return src if sections is None else _Sections(src, int(sections[0]), int(sections[1]), path)
+
+
+def _open_source(path: str, dataset: str | None = None) -> _Source:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"import source not found: {path}")
@@ -115,8 +144,11 @@ def open_source(path: str, dataset: str | None = None) -> _Source:
 
 def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
                   chunks: Sequence[int] = (64, 64, 64), levels: int = 3, labels: bool = False,
-                  dataset: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+                  dataset: str | None = None, progress: bool = True, overwrite: bool = False,
+                  sections: Sequence[int] | None = None) -> dict:
     """Convert `src` (TIFF stack or HDF5 dataset) into an OME-Zarr multiscale group at `dst`.
+    `sections`: only source sections [start, stop) are read and written (renumbered from 0); the
+    group's attributes record them (`emfm.source_sections`).
 
     Returns a summary: shape, dtype and voxel size per level.
     """
@@ -127,7 +159,7 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
         raise VolumeError(f"import destination {dst} exists; remove it or pass --overwrite")
     if len(voxel_size) != 3 or len(chunks) != 3 or levels < 1:
         raise VolumeError("voxel size and chunks need 3 values (z y x) and levels must be >= 1")
-    source = open_source(src, dataset)
+    source = open_source(src, dataset, sections)
     try:
         if source.dtype.name not in SUPPORTED_DTYPES:
             raise VolumeError(f"import source {src}: dtype {source.dtype} is not supported")
@@ -144,7 +176,9 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
                                       attributes={"source": src, "level": k}, exist_ok=False))
             shapes.append(shape)
             scales.append(scale)
-        _write_group(dst, scales, name=Path(src).stem, labels=labels)
+        _write_group(dst, scales, name=Path(src).stem, labels=labels,
+                      emfm={"source": Path(src).name, "source_shape": list(getattr(source, "inner", source).shape),
+                            "source_sections": [int(v) for v in sections] if sections is not None else None})
         depth = int(chunks[0])
         bar = tqdm(total=source.shape[0], desc=f"import {Path(src).name}", unit="section", disable=not progress)
         for z0, slab in source.slabs(depth):
@@ -160,7 +194,7 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
                                                                 for k, (s, v) in enumerate(zip(shapes, scales))]}
 
 
-def _write_group(dst: str, scales, *, name: str, labels: bool) -> None:
+def _write_group(dst: str, scales, *, name: str, labels: bool, emfm: dict | None = None) -> None:
     multiscale = {
         "name": name,
         "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
@@ -169,5 +203,7 @@ def _write_group(dst: str, scales, *, name: str, labels: bool) -> None:
         "type": "mode" if labels else "mean",
     }
     attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+    if emfm:
+        attrs["emfm"] = emfm
     meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
     (Path(dst) / "zarr.json").write_text(json.dumps(meta, indent=1))

@@ -42,12 +42,59 @@ def _open(path: str, what: str, **kw) -> Volume:
         raise VolumeError(f"{what}: volume not found: {path}") from None
 
 
+def ensure_built(s, what: str = "data.sources[i]") -> None:
+    """Import `s.source` (sections `s.source_sections`) into the OME-Zarr `s.path` unless a volume
+    built from the same file and sections is there. The import writes to a temporary folder renamed
+    into place when complete, so an interrupted build leaves nothing half-written at `path`."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from emfm.data.importer import import_volume
+
+    if not s.source:
+        return
+    dst = Path(s.path)
+    want = {"source": Path(s.source).name,
+            "source_sections": [int(v) for v in s.source_sections] if s.source_sections is not None else None}
+    meta = dst / "zarr.json"
+    if meta.exists():
+        got = json.loads(meta.read_text()).get("attributes", {}).get("emfm", {})
+        have = {k: got.get(k) for k in want}
+        if have != want:
+            raise VolumeError(f"{what}: {dst} was built from {have}, the config asks for {want}; "
+                              "remove it to rebuild")
+        levels = len(json.loads(meta.read_text())["attributes"]["ome"]["multiscales"][0]["datasets"])
+        if levels < s.source_levels:
+            raise VolumeError(f"{what}: {dst} has {levels} scale levels, the config asks for {s.source_levels}; "
+                              "remove it to rebuild")
+        return
+    if dst.exists():
+        raise VolumeError(f"{what}: {dst} exists but is not an OME-Zarr group (no zarr.json); remove it to rebuild")
+    tmp = dst.with_name(f"{dst.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    vs = s.source_voxel_size or [1.0, 1.0, 1.0]
+    log.info("%s: importing %s sections %s into %s", what, s.source, s.source_sections or "all", dst)
+    import_volume(s.source, tmp, voxel_size=vs, chunks=(1, 256, 256), levels=s.source_levels, progress=False,
+                  sections=s.source_sections)
+    try:
+        tmp.rename(dst)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not meta.exists():
+            raise
+
+
 def open_sources(data, *, seed: int = 0) -> list[Source]:
-    """Open the volumes a DataConfig names (`sources`, else `path` / `roi`), each with its grey range."""
+    """Open the volumes a DataConfig names (`sources`, else `path` / `roi`), each with its grey range;
+    sources with a `source` file are built first (ensure_built)."""
     specs = data.sources or [_single(data)]
     out = []
     for i, s in enumerate(specs):
         what = f"data.sources[{i}]" if data.sources else "data.path"
+        ensure_built(s, what)
         path = bundled.resolve(s.path, bundled.sample_raw())
         vol = _open(path, what, level=s.level, voxel_size=s.voxel_size)
         region = Region.of(vol, s.roi)

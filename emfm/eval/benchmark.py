@@ -85,9 +85,17 @@ def expand_checkpoints(entries: list[str], model: ModelConfig, random_seed: int 
     """`random`, run directories and sweep directories -> checkpoints, each named uniquely."""
     if not entries:
         raise ConfigError("checkpoints=[]: give run directories, sweep directories and/or random")
+    from emfm import zoo
+
     runs: list[tuple[str, Path]] = []
     for e in entries:
         if e == RANDOM:
+            continue
+        if zoo.is_zoo(e):  # a packaged checkpoint, named as given
+            try:
+                runs.append((e, Path(zoo.resolve(e))))
+            except zoo.ZooError as err:
+                raise ConfigError(f"checkpoints: {err}") from None
             continue
         p = Path(e)
         if not p.exists():
@@ -256,11 +264,11 @@ def run_benchmark(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkCo
     cache = Path(bench.cache_dir)
     (cache / "results").mkdir(parents=True, exist_ok=True)
     s = settings(bench)
-    loaded = [tasks_mod.load(tc) for tc in tasks]  # every input checked before any compute
+    loaded = [tasks_mod.load(tc, bench.split) for tc in tasks]  # every input checked before any compute
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ConfigError(f"benchmark.tasks: task names {names} are not unique")
-    ids = {t.name: tasks_mod.identity(t.config) for t in loaded}
+    ids = {t.name: tasks_mod.identity(t.config) + (":val" if bench.split == "val" else "") for t in loaded}
     store = FeatureStore(cache / "features" if bench.cache_features else None, bench)
     records, computed, cached = [], 0, 0
     t_start = time.perf_counter()
@@ -284,10 +292,10 @@ def run_benchmark(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkCo
                         records.append(dict(rec, task=task.name, checkpoint=c.name, probe=kind,
                                             fraction=float(frac), seed=int(seed), key=key))
     rows = aggregate(records)
-    out = {"rows": rows, "computed": computed, "from_cache": cached, "seconds": time.perf_counter() - t_start,
+    out = {"split": bench.split, "rows": rows, "computed": computed, "from_cache": cached, "seconds": time.perf_counter() - t_start,
            "checkpoints": {c.name: {"run_dir": c.run_dir, "identity": c.identity} for c in checkpoints},
            "tasks": {t.name: dataclasses.asdict(t.config) for t in loaded}, "records": records}
-    write_tables(run_dir, rows, loaded)
+    write_tables(run_dir, rows, loaded, bench.split)
     (run_dir / "benchmark.json").write_text(json.dumps(out, indent=1, default=float))
     if bench.figures:
         figures(run_dir, rows, loaded, checkpoints, bench, records, cache)
@@ -302,7 +310,12 @@ def _compute(task, c: Checkpoint, kind: str, frac: float, seed: int, s: probes_m
     mask = probes_mod.label_mask(task.train.fg.shape, frac, seed, task.train.fg)
     evals = [feats["test"]] + ([feats["val"]] if task.val is not None else [])
     preds = probes_mod.fit_predict(kind, s, feats["train"], task.train.fg, mask, evals, seed)
-    thr = tasks_mod.choose_threshold(preds[1], task.val.fg) if task.val is not None else 0.5
+    if task.val is not None:
+        thr = tasks_mod.choose_threshold(preds[1], task.val.fg)
+    elif task.config.val_slices:  # split=val: the evaluated sections are the validation sections
+        thr = tasks_mod.choose_threshold(preds[0], task.test.fg)
+    else:
+        thr = 0.5
     rec = tasks_mod.scores(task, preds[0], task.test, threshold=thr)
     rec["labelled_pixels"] = int(mask.sum())
     rec["seconds"] = time.perf_counter() - t0
@@ -329,7 +342,11 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
-def write_tables(run_dir: Path, rows: list[dict], loaded: list) -> None:
+def split_words(split: str) -> str:
+    return "test sections" if split == "test" else "validation sections (model selection; test sections unread)"
+
+
+def write_tables(run_dir: Path, rows: list[dict], loaded: list, split: str = "test") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cols = ["task", "probe", "fraction", "checkpoint", "seeds"]
     cols += sorted({k for r in rows for k in r} - set(cols))
@@ -337,7 +354,7 @@ def write_tables(run_dir: Path, rows: list[dict], loaded: list) -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    lines = ["Probing benchmark: mean ± std over seeds, on the test sections of each task.", ""]
+    lines = [f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each task.", ""]
     for t in loaded:
         ms = [m for m in tasks_mod.METRICS[tasks_mod.TARGETS[t.target]["kind"]] if m not in ("threshold", "n_gt")]
         lines += [f"### {t.name} ({t.target})", "", "| probe | labels | checkpoint | " + " | ".join(ms) + " |",

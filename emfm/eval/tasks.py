@@ -14,7 +14,9 @@ separate test volume), an optional in-plane crop and downsampling, and a target:
   the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
 
 The decision threshold is 0.5, or, when the task has validation sections, the one of
-0.3, 0.4, ..., 0.7 with the best pixel F1 on them.
+0.3, 0.4, ..., 0.7 with the best pixel F1 on them. With `split="val"` (model selection) the
+validation sections are the evaluated sections, the threshold is chosen on them, and the test sections
+are not read at all.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ TARGETS = {
 METRICS = {"boundary": ("f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge", "threshold"),
            "foreground": ("f1", "iou", "instance_f1", "n_pred", "n_gt", "threshold")}
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+SPLITS = ("test", "val")
 
 
 @dataclass
@@ -122,20 +125,37 @@ def _read(tc: TaskConfig, img, lab, z: list[int], key: str) -> Split:
     return Split(images=x, fg=y == tc.positive_label, labels=y)
 
 
-def load(tc: TaskConfig) -> TaskData:
-    """Read the task's sections into memory (small volumes; crop / downsample large ones)."""
+def load(tc: TaskConfig, split: str = "test") -> TaskData:
+    """Read the task's sections into memory (small volumes; crop / downsample large ones).
+
+    `split="test"`: training, validation and test sections. `split="val"` (choosing settings or
+    checkpoints): the validation sections take the place of the test sections, which are never
+    read, so no choice can see them; such a task has no separate validation split."""
     validate(tc)
+    if split not in SPLITS:
+        raise ConfigError(f"benchmark.split={split!r}: use one of {', '.join(SPLITS)}")
+    if split == "val" and not tc.val_slices:
+        raise ConfigError(f"task {tc.name!r}: benchmark.split=val needs val_slices in the task file")
     img, lab = _pair(tc, *_paths(tc)[:2])
     train = _read(tc, img, lab, tc.train_slices, "train_slices")
     val = _read(tc, img, lab, tc.val_slices, "val_slices") if tc.val_slices else None
+    if split == "val":
+        return _checked(TaskData(name=tc.name, target=tc.target, train=train, val=None, test=val, config=tc),
+                        "val_slices")
     if tc.test_image:
         img, lab = _pair(tc, tc.test_image, tc.test_labels)
     test = _read(tc, img, lab, tc.test_slices, "test_slices")
-    for split, key in ((train, "train_slices"), (test, "test_slices")):
+    return _checked(TaskData(name=tc.name, target=tc.target, train=train, val=val, test=test, config=tc),
+                    "test_slices")
+
+
+def _checked(task: TaskData, eval_key: str) -> TaskData:
+    tc = task.config
+    for split, key in ((task.train, "train_slices"), (task.test, eval_key)):
         if not split.fg.any() or split.fg.all():
             raise VolumeError(f"task {tc.name!r}: {key} hold no pixel of both classes "
                               f"(positive_label={tc.positive_label})")
-    return TaskData(name=tc.name, target=tc.target, train=train, val=val, test=test, config=tc)
+    return task
 
 
 def choose_threshold(p_fg: np.ndarray, fg: np.ndarray) -> float:

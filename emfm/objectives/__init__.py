@@ -1,7 +1,7 @@
 """Self-supervised objectives, one file each, registered by name (no import side effects beyond this dict)."""
 from __future__ import annotations
 
-from emfm.objectives import combo, dense, dino, mae, mim_unet, moco, simclr
+from emfm.objectives import combo, dense, dino, dino_dense, mae, mim_unet, moco, simclr
 from emfm.objectives.base import ObjectiveDef
 
 OBJECTIVES: dict[str, ObjectiveDef] = {
@@ -10,6 +10,7 @@ OBJECTIVES: dict[str, ObjectiveDef] = {
     "moco": moco.DEFINITION,
     "dino": dino.DEFINITION,
     "dense": dense.DEFINITION,
+    "dino_dense": dino_dense.DEFINITION,
     "mim_unet": mim_unet.DEFINITION,
     "mae_simclr": combo.make("simclr"),
     "mae_moco": combo.make("moco"),

@@ -1,0 +1,134 @@
+"""Dense self-distillation: DINO's teacher-student distillation applied to every location of a
+feature map (as iBOT's patch loss, Zhou et al. 2022, and Leopart, Ziegler & Asano 2022), with exact
+correspondences between the views.
+
+Both views are made on-device from `batch["image"]`:
+- teacher view: the patch with a mild grey-value jitter;
+- student view: a random square crop of side `s * H`, s ~ U(`local_crop_scale`), resized back to
+  `H x H` (a zoom-in of 1 / s), turned by a random flip / rot90, with its own grey-value jitter and
+  a `mask_ratio` fraction of `mim_patch`-pixel squares replaced by the view's mean grey value.
+The student's feature map is turned back, and at `dense_samples` of its locations per example
+(all of them if fewer) the teacher's features are read at the exactly corresponding position
+(bilinear interpolation on the teacher's grid). Both go through the DINO head (MLP, l2-normalised
+bottleneck, `prototypes` weight-normalised logits); the teacher's logits are centred (running mean,
+`center_momentum`) and sharpened (`teacher_temp`), the student's softened (`student_temp`), and the
+loss is their cross-entropy. The teacher is the EMA of the student.
+
+So the student must give, for a location it sees magnified, turned, re-contrasted and partly masked,
+the same assignment to the prototypes as the teacher gives from the plain view: the assignment
+must depend on what is at that location in its context (membrane, organelle, cytoplasm), not on
+grey values, orientation, scale or the exact pixels. Works for ViT patch tokens and U-Net pixels.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emfm.models.heads import DINOHead
+from emfm.objectives.base import ObjectiveDef
+from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
+from emfm.objectives.dino import Center
+
+
+class Heads(nnx.Module):
+    def __init__(self, width: int, cfg, rngs: nnx.Rngs):
+        self.head = DINOHead(width, cfg.proj_hidden, cfg.proj_dim, cfg.prototypes, rngs=rngs)
+        self.center = Center(jnp.zeros((1, cfg.prototypes), jnp.float32))
+
+
+def zoom_crops(rng, x, scale: tuple[float, float]):
+    """Per example a random square crop of side `s * H` (s ~ U(scale)) of `[b, H, W, c]` (H == W),
+    resized (linear, antialiased) back to `H x W`; returns the views and the crops' (y0, x0, side)."""
+    b, h, w = x.shape[0], x.shape[1], x.shape[2]
+    ks, ky, kx = jax.random.split(rng, 3)
+    side = jax.random.uniform(ks, (b,), minval=scale[0], maxval=scale[1]) * min(h, w)
+    y0 = jax.random.uniform(ky, (b,)) * (h - side)
+    x0 = jax.random.uniform(kx, (b,)) * (w - side)
+
+    def one(img, s, oy, ox):
+        f = h / s
+        return jax.image.scale_and_translate(img, img.shape, (0, 1), jnp.stack([f, f]),
+                                             jnp.stack([-oy * f, -ox * f]), method="linear", antialias=True)
+
+    return jax.vmap(one)(x, side, y0, x0), (y0, x0, side)
+
+
+def mask_squares(rng, x, ratio: float, side: int):
+    """Replace a `ratio` fraction of the `side x side` squares of `[b, H, W, c]` by each view's mean."""
+    if ratio <= 0:
+        return x
+    b, h, w = x.shape[0], x.shape[1], x.shape[2]
+    gy, gx = h // side, w // side
+    m = jax.random.uniform(rng, (b, gy, gx)) < ratio
+    m = jnp.repeat(jnp.repeat(m, side, axis=1), side, axis=2)[..., None]
+    m = jnp.pad(m, ((0, 0), (0, h - gy * side), (0, w - gx * side), (0, 0)))
+    return jnp.where(m, x.mean(axis=(1, 2, 3), keepdims=True), x)
+
+
+def bilinear(fmap, gy, gx):
+    """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s, d]`."""
+    gmax_y, gmax_x = fmap.shape[1] - 1, fmap.shape[2] - 1
+    gy, gx = jnp.clip(gy, 0, gmax_y), jnp.clip(gx, 0, gmax_x)
+    y0, x0 = jnp.floor(gy).astype(jnp.int32), jnp.floor(gx).astype(jnp.int32)
+    y1, x1 = jnp.minimum(y0 + 1, gmax_y), jnp.minimum(x0 + 1, gmax_x)
+    wy, wx = (gy - y0)[..., None], (gx - x0)[..., None]
+    take = jax.vmap(lambda f, yy, xx: f[yy, xx])
+    return ((1 - wy) * (1 - wx) * take(fmap, y0, x0) + (1 - wy) * wx * take(fmap, y0, x1)
+            + wy * (1 - wx) * take(fmap, y1, x0) + wy * wx * take(fmap, y1, x1))
+
+
+def stride_of(encoder) -> int:
+    return int(encoder.spec.patch_size[-1])
+
+
+def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
+    if teacher is None:
+        raise ValueError("dino_dense needs the momentum teacher (ObjectiveDef.teacher=True)")
+    if x.ndim != 4 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"dino_dense takes square 2D patches [b, y, x, c]; got {x.shape}")
+    kt, kz, kd, kp, km, ks = jax.random.split(rng, 6)
+    b, h = x.shape[0], x.shape[1]
+    xt = photometric(kt, x, brightness=0.05, contrast=0.1, gamma=0.1, noise=0.01)
+    zoomed, (y0, x0, side) = zoom_crops(kz, x, tuple(cfg.local_crop_scale))
+    code = dihedral_codes(kd, b, square=True)
+    xs = mask_squares(km, photometric(kp, zoomed), cfg.mask_ratio, cfg.mim_patch)
+    xs = dihedral(xs, code)
+    t_enc, t_heads = teacher
+    ft = jax.lax.stop_gradient(t_enc(xt)[1]["patch_map"])  # [b, G, G, d]
+    fs = dihedral(encoder(xs)[1]["patch_map"], code, inverse=True)  # back onto the crop's grid
+    g, d = fs.shape[1], fs.shape[-1]
+    p = stride_of(encoder)
+    n = g * g
+    s = min(cfg.dense_samples, n)
+    idx = jnp.argsort(jax.random.uniform(ks, (b, n)), axis=1)[:, :s]  # student cells
+    iy, ix = idx // g, idx % g
+    q = jnp.take_along_axis(fs.reshape(b, n, d), idx[..., None], axis=1)  # [b, s, d]
+    # the student cell's centre, in crop pixels -> teacher pixels -> teacher grid coordinates
+    f = (side / h)[:, None]
+    ty = y0[:, None] + ((iy + 0.5) * p) * f - 0.5
+    tx = x0[:, None] + ((ix + 0.5) * p) * f - 0.5
+    k = bilinear(ft, (ty + 0.5) / p - 0.5, (tx + 0.5) / p - 0.5)
+    s_logits = heads.head(q.reshape(b * s, d))
+    t_logits = jax.lax.stop_gradient(t_heads.head(k.reshape(b * s, d)))
+    center = heads.center[...]
+    t_probs = jax.nn.softmax((t_logits - center) / cfg.teacher_temp, axis=-1)
+    value = jnp.mean(-jnp.sum(t_probs * jax.nn.log_softmax(s_logits / cfg.student_temp, axis=-1), axis=-1))
+    heads.center = Center(center * cfg.center_momentum + t_logits.mean(axis=0, keepdims=True) * (1 - cfg.center_momentum))
+    entropy = -jnp.mean(jnp.sum(t_probs * jnp.log(t_probs + 1e-12), axis=-1))
+    used = jnp.mean(t_probs, axis=0)
+    # perplexity of the teacher's mean assignment: how many prototypes are in use (collapse -> 1)
+    metrics = {"loss": value, "teacher_entropy": entropy, "prototypes_used": jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12)))}
+    return value, metrics
+
+
+def loss(model, batch: dict, rng, cfg, teacher=None):
+    t = None if teacher is None else (teacher.encoder, teacher.heads)
+    return dense_dino_loss(model.encoder, model.heads, batch["image"], rng, cfg, t)
+
+
+def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
+    return ContrastiveModel(encoder, Heads(encoder.spec.width, cfg, rngs))
+
+
+DEFINITION = ObjectiveDef(name="dino_dense", build=build, loss=loss, views=1, teacher=True)
