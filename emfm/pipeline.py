@@ -28,12 +28,16 @@ PROBE_COLUMNS = ["encoder", "f1", "iou", "adapted_rand_error", "voi", "voi_split
 
 
 def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
-    """{name: (encoder, grey range)}: the checkpoint's encoder and `probe.random_seeds` random ones of
-    the same architecture (all normalised alike), or only random ones when no checkpoint is given."""
-    from emfm.config.schema import ModelConfig
+    """{name: (encoder, grey range)}: the zoo checkpoint `probe.zoo` (if set), the checkpoint's
+    encoder, and `probe.random_seeds` random ones of the checkpoint's architecture (all normalised
+    alike), or only random ones when no checkpoint is given."""
+    from emfm.config.schema import ModelConfig, resolve_zoo
 
     pc = cfg.probe
     model, grey, encs = cfg.model, grey_range, {}
+    if pc.zoo:
+        enc, meta = load_encoder(resolve_zoo(pc.zoo, "probe.zoo"))
+        encs[pc.zoo] = (enc, tuple(meta.get("grey_range") or grey_range))
     if checkpoint:
         enc, meta = load_encoder(checkpoint)
         grey = tuple(meta.get("grey_range") or grey_range)
@@ -51,9 +55,12 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
 def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure.
 
-    Each encoder's probe is trained on the training sections; its cell segmentation parameters are
-    chosen on those sections too (probe.cell_* grid), then everything is scored on the held-out
-    sections. With several random-init encoders, "random_init" holds their mean (and `*_std`)."""
+    Each encoder's probe is trained on the training sections; its decision threshold and its cell
+    segmentation parameters (probe.cell_* grid) are chosen on the validation sections (the training
+    sections when there are none), then everything is scored once on the test sections. With several
+    random-init encoders, "random_init" holds their mean and standard deviation (ddof 1)."""
+    from emfm.eval.tasks import choose_threshold
+
     run_dir = Path(cfg.run_dir)
     pc = cfg.probe
     img_vol = open_volume(bundled.resolve(pc.path, bundled.sample_raw()))
@@ -61,12 +68,13 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     if img_vol.shape != lab_vol.shape:
         raise VolumeError(f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has {img_vol.shape}")
     tr, te = tuple(pc.train_slices), tuple(pc.test_slices)
-    x_tr, x_te = probe.read_sections(img_vol, tr), probe.read_sections(img_vol, te)
-    y_tr = probe.read_sections(lab_vol, tr) == pc.positive_label
-    y_te = probe.read_sections(lab_vol, te) == pc.positive_label
-    if not y_tr.any() or y_tr.all():
-        raise VolumeError(f"probe labels {lab_vol.path}: sections {list(tr)} hold no pixel of both classes "
-                          f"(positive_label={pc.positive_label})")
+    va = tuple(pc.val_slices) if pc.val_slices else tr
+    x_tr, x_va, x_te = (probe.read_sections(img_vol, z) for z in (tr, va, te))
+    y_tr, y_va, y_te = (probe.read_sections(lab_vol, z) == pc.positive_label for z in (tr, va, te))
+    for y, z in ((y_tr, tr), (y_va, va)):
+        if not y.any() or y.all():
+            raise VolumeError(f"probe labels {lab_vol.path}: sections {list(z)} hold no pixel of both classes "
+                              f"(positive_label={pc.positive_label})")
     grey = estimate_range(Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]]))
     grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds, sigmas=pc.cell_sigmas, rank=pc.cell_rank)
     tuned = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1
@@ -75,31 +83,33 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         t0 = time.perf_counter()
         kw = dict(tile=pc.tile, margin=pc.margin, batch_size=cfg.export.batch_size, blocks=tuple(pc.blocks),
                   embed=pc.embed)
-        f_tr = encode_sections(enc, probe.normalise(x_tr, rng), **kw)
-        f_te = encode_sections(enc, probe.normalise(x_te, rng), **kw)
+        f_tr, f_va, f_te = (encode_sections(enc, probe.normalise(x, rng), **kw) for x in (x_tr, x_va, x_te))
         lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
                                       weight_decay=pc.weight_decay, seed=pc.seed, upsample=pc.upsample,
                                       class_balance=pc.class_balance)
+        p_va = lp.predict(f_va, y_va.shape[1:])[..., 1]
+        threshold = choose_threshold(p_va, y_va)  # chosen on the validation sections
         cells = {"threshold": pc.cell_thresholds[0], "min_seed": pc.cell_min_seeds[0], "sigma": pc.cell_sigmas[0],
                  "rank": pc.cell_rank}
-        if tuned:  # post-processing chosen on the training sections, by this encoder's own predictions
-            cells = probe.tune_cells(lp.predict(f_tr, y_tr.shape[1:])[..., 1], y_tr, **grid)
+        if tuned:  # post-processing chosen on the validation sections, by this encoder's own predictions
+            cells = probe.tune_cells(p_va, y_va, **grid)
         p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
-        scores = probe.membrane_scores(p_te, y_te, **cells)
-        scores["cells"] = cells
+        scores = probe.membrane_scores(p_te, y_te, pixel_threshold=threshold, **cells)
+        scores["cells"], scores["threshold"] = cells, threshold
         scores["seconds"] = time.perf_counter() - t0
         results[name], probs[name] = scores, p_te
-        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (cells %s)", name, scores["f1"], scores["iou"],
-                 scores["adapted_rand_error"], scores["voi"], cells)
+        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (threshold %.1f, cells %s)", name, scores["f1"],
+                 scores["iou"], scores["adapted_rand_error"], scores["voi"], threshold, cells)
     rnd = [n for n in results if n.startswith("random_init_seed")]
-    if rnd:  # the mean (and spread) of the random-init encoders
+    if rnd:  # the mean (and spread, ddof 1) of the random-init encoders
         results["random_init"] = {"seeds": len(rnd), **{c: float(np.mean([results[n][c] for n in rnd]))
                                                          for c in PROBE_COLUMNS[1:]},
-                                  **{c + "_std": float(np.std([results[n][c] for n in rnd])) for c in PROBE_COLUMNS[1:]}}
-    _write_probe_tables(run_dir, results, tr, te)
+                                  **{c + "_std": float(np.std([results[n][c] for n in rnd], ddof=1))
+                                     for c in PROBE_COLUMNS[1:]}}
+    _write_probe_tables(run_dir, results, tr, te, va)
     k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
     cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
-    shown = [n for n in probs if n in ("pretrained", "random_init")] + rnd[:1]  # one random-init map is enough
+    shown = [n for n in probs if not n.startswith("random_init")] + rnd[:1]  # one random-init map is enough
     cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in shown]
     figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
     return results
@@ -109,7 +119,7 @@ def _fmt(r: dict, c: str) -> str:
     return f"{r[c]:.4f}" + (f" ± {r[c + '_std']:.4f}" if c + "_std" in r else "")
 
 
-def _write_probe_tables(run_dir: Path, results: dict, tr, te) -> None:
+def _write_probe_tables(run_dir: Path, results: dict, tr, te, va=None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     std_cols = [c + "_std" for c in PROBE_COLUMNS[1:]]
     rows = [{"encoder": n, **{c: results[n].get(c, "") for c in PROBE_COLUMNS[1:] + std_cols + ["cells"]}}
@@ -118,19 +128,24 @@ def _write_probe_tables(run_dir: Path, results: dict, tr, te) -> None:
         w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS + std_cols + ["cells"])
         w.writeheader()
         w.writerows(rows)
-    (run_dir / "probe.json").write_text(json.dumps({"train_sections": list(tr), "test_sections": list(te),
-                                                    "results": results}, indent=1))
-    lines = [f"Linear probe, membranes, held-out sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1})", "",
+    (run_dir / "probe.json").write_text(json.dumps({"train_sections": list(tr), "val_sections": list(va or tr),
+                                                    "test_sections": list(te), "results": results}, indent=1))
+    va = va or tr
+    lines = [f"Linear probe, membranes, test sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1}; "
+             f"threshold and cell parameters chosen on {va[0]}..{va[1] - 1})", "",
              "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |", "|---|---|---|---|---|"]
     for n, r in results.items():
-        label = f"{n} (mean ± std of {r['seeds']} seeds)" if "seeds" in r else n
+        label = f"{n} (mean ± std of {r['seeds']} seeds, ddof 1)" if "seeds" in r else n
         lines.append(f"| {label} | {_fmt(r, 'f1')} | {_fmt(r, 'iou')} | {_fmt(r, 'adapted_rand_error')} | "
                      f"{_fmt(r, 'voi')} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |")
-    if "pretrained" in results and "random_init" in results:
-        a, b = results["pretrained"], results["random_init"]
-        lines += ["", f"pretrained - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
-                      f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, VOI {a['voi'] - b['voi']:+.4f}"
-                      " (lower ARE and VOI are better)"]
+    if "random_init" in results:
+        b = results["random_init"]
+        lines.append("")
+        for n in (n for n in results if not n.startswith("random_init")):
+            a = results[n]
+            lines.append(f"{n} - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
+                         f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, "
+                         f"VOI {a['voi'] - b['voi']:+.4f} (lower ARE and VOI are better)")
     (run_dir / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -150,7 +165,15 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
                           "single-channel z, y, x volumes (store a 2D image as [1, y, x])")
     region = Region.of(vol, ec.roi)
-    enc, meta = load_export_encoder(cfg.model, checkpoint or "", seed=cfg.trainer.seed)
+    model_cfg = cfg.model
+    from emfm import zoo
+
+    if checkpoint and zoo.is_packaged(checkpoint):  # a zoo checkpoint brings its own architecture
+        from emfm.config.schema import ModelConfig
+        from emfm.train import checkpoint as ckpt
+
+        model_cfg = ModelConfig(**ckpt.read_meta(checkpoint)["model"])
+    enc, meta = load_export_encoder(model_cfg, checkpoint or "", seed=cfg.trainer.seed)
     grey = tuple(meta.get("grey_range") or estimate_range(region))
     out = ec.out or str(run_dir / "features.zarr")
     res = export_features(enc, vol, out, grey_range=grey, tile=ec.tile, margin=ec.margin, block_z=ec.block_z,
@@ -187,14 +210,20 @@ def main_job(cfg: EmfmConfig) -> dict:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     print(f"[emfm] main job -> {run_dir}")
-    print("[emfm] 1/3 pretraining (masked autoencoder) on", bundled.resolve(cfg.data.path, "the bundled ISBI 2012 sample"))
+    print(f"[emfm] 1/3 pretraining ({cfg.objective.name}, {cfg.model.name}) on",
+          bundled.resolve(cfg.data.path, "the bundled ISBI 2012 sample"))
     pre = pretrain(cfg)
     t1 = time.perf_counter()
-    print("[emfm] 2/3 linear probe of membranes: pretrained vs random-init encoder")
+    zoo = f"{cfg.probe.zoo}, " if cfg.probe.zoo else ""
+    print(f"[emfm] 2/3 linear probe of membranes: {zoo}the pretrained and random-init encoders")
     prb = run_probe(cfg, checkpoint=str(run_dir))
     t2 = time.perf_counter()
-    print("[emfm] 3/3 exporting dense features")
-    exp = run_export(cfg, checkpoint=str(run_dir))
+    # the features a user would take: the zoo checkpoint's when one is probed, else the one just pretrained
+    from emfm.config.schema import resolve_zoo
+
+    source = resolve_zoo(cfg.probe.zoo, "probe.zoo") if cfg.probe.zoo else str(run_dir)
+    print(f"[emfm] 3/3 exporting dense features ({cfg.probe.zoo or 'the pretrained encoder'})")
+    exp = run_export(cfg, checkpoint=source)
     t3 = time.perf_counter()
     summary = {"pretrain": pre, "probe": prb, "export": exp,
                "seconds": {"pretrain": t1 - t0, "probe": t2 - t1, "export": t3 - t2, "total": t3 - t0}}

@@ -57,6 +57,14 @@ def resolve(spec: str) -> str:
     return str(path_of(spec[len(PREFIX):]))
 
 
+def is_packaged(path: str | Path) -> bool:
+    """Whether `path` is a zoo entry's folder (a resolved `zoo:NAME`)."""
+    try:
+        return bool(path) and Path(path).resolve().parent == ROOT.resolve()
+    except OSError:
+        return False
+
+
 def list_lines() -> list[str]:
     out = []
     for n in names():

@@ -43,6 +43,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 def tiny_main_run(tmp_path_factory) -> Path:
     """One tiny end-to-end main job on the bundled real sample, shared by the integration tests."""
     run_dir = tmp_path_factory.mktemp("main_tiny")
-    res = run_cli("main", "debug=tiny", f"hydra.run.dir={run_dir}", "trainer.progress=false")
+    # a tiny ViT + MAE main job: the checkpoint the export, probe and fine-tuning tests build on
+    # (the default main job, U-Net + zoo, is run by tests/integration/test_main_job.py)
+    res = run_cli("main", "debug=tiny", "model=vit_ti_p8", "objective=mae", "probe.zoo=",
+                  f"hydra.run.dir={run_dir}",
+                  "trainer.progress=false")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run_dir

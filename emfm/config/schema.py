@@ -211,8 +211,12 @@ class ProbeConfig:
     path: str = MISSING_PATH  # image volume; empty = bundled sample
     labels: str = MISSING_PATH  # label volume; empty = bundled sample membranes
     positive_label: int = 1  # label value of the foreground class (membrane)
-    train_slices: list[int] = field(default_factory=lambda: [0, 20])
+    train_slices: list[int] = field(default_factory=lambda: [0, 16])
+    # validation sections: every choice (decision threshold, cell parameters) is made on them; the
+    # test sections are scored once. [] = choose on the training sections (no validation split)
+    val_slices: list[int] = field(default_factory=lambda: [16, 20])
     test_slices: list[int] = field(default_factory=lambda: [20, 30])
+    zoo: str = ""  # a zoo checkpoint (zoo:NAME) or run directory probed beside the checkpoint and random init
     steps: int = 300
     lr: float = 0.05
     weight_decay: float = 1e-4
@@ -623,7 +627,9 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
     if cfg.probe.upsample not in ("bilinear", "subpixel"):
         raise ConfigError(f"probe.upsample={cfg.probe.upsample!r}: use bilinear or subpixel")
-    for key in ("train_slices", "test_slices"):
+    if cfg.probe.zoo:  # checked here; the probe resolves it and labels its row with the name given
+        resolve_zoo(cfg.probe.zoo, "probe.zoo")
+    for key in ("train_slices", "test_slices") + (("val_slices",) if cfg.probe.val_slices else ()):
         s = getattr(cfg.probe, key)
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
@@ -812,10 +818,22 @@ class FinetuneConfig:
 TASK_KINDS = ("semantic", "boundary", "affinity", "center")
 
 
+def r_init_pretrained(cfg) -> bool:
+    return cfg.regime.init == "pretrained"
+
+
 def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
     """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
     t, r, h, d, lo = cfg.task, cfg.regime, cfg.head, cfg.data, cfg.loss
     cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
+    if command == "finetune" and r_init_pretrained(cfg) and cfg.checkpoint:
+        # a pretrained encoder brings its architecture: model=... need not repeat it
+        from emfm.train import checkpoint as ckpt
+
+        try:
+            cfg.model = ModelConfig(**ckpt.read_meta(ckpt.find_checkpoint_dir(cfg.checkpoint))["model"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"checkpoint={cfg.checkpoint}: no usable model record ({e})") from None
     if command == "predict" and cfg.predict.instances:
         from dataclasses import replace
 

@@ -182,12 +182,13 @@ def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0
     return best
 
 
-def membrane_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dict:
-    """Pixel scores (membrane = p >= 0.5) and region scores of the derived cells (`cells`:
+def membrane_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, pixel_threshold: float = 0.5,
+                    **cells) -> dict:
+    """Pixel scores (membrane = p >= pixel_threshold) and region scores of the derived cells (`cells`:
     cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per section."""
     from emfm.eval import metrics
 
-    px = metrics.binary_scores(p_membrane >= 0.5, membrane_gt)
+    px = metrics.binary_scores(p_membrane >= pixel_threshold, membrane_gt)
     return {"f1": px["f1"], "iou": px["iou"], "precision": px["precision"], "recall": px["recall"],
             "pixel_error": px["pixel_error"], **cell_scores(p_membrane, membrane_gt, **cells)}
 

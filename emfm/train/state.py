@@ -107,7 +107,7 @@ def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
     except (KeyError, TypeError) as e:
         raise checkpoint.CheckpointError(f"checkpoint in {run_dir} has no usable model record: {e}") from e
     abstract = nnx.eval_shape(lambda: build_pretraining_model(model_cfg, obj_cfg))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     mngr = checkpoint.manager(run_dir, create=False)
     import orbax.checkpoint as ocp
 

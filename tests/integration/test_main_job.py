@@ -24,15 +24,35 @@ def test_main_job_writes_everything(tiny_main_run: Path):
         assert 0.0 <= float(r["f1"]) <= 1.0 and 0.0 <= float(r["adapted_rand_error"]) <= 1.0
         assert float(r["voi"]) >= 0.0
     seeds = [float(r["f1"]) for r in rows[1:3]]
-    assert float(rows[3]["f1"]) == np.mean(seeds) and float(rows[3]["f1_std"]) == np.std(seeds)
-    probe_rec = json.loads((d / "probe.json").read_text())["results"]
-    assert probe_rec["pretrained"]["cells"]["threshold"] in (0.4, 0.5)  # chosen on the training sections
-    assert "mean ± std of 2 seeds" in (d / "probe.md").read_text()
+    assert float(rows[3]["f1"]) == np.mean(seeds) and float(rows[3]["f1_std"]) == np.std(seeds, ddof=1)
+    probe_rec = json.loads((d / "probe.json").read_text())
+    assert probe_rec["val_sections"] == [4, 6] and probe_rec["test_sections"] == [20, 22]
+    assert probe_rec["results"]["pretrained"]["cells"]["threshold"] in (0.4, 0.5)  # chosen on validation
+    assert "mean ± std of 2 seeds, ddof 1" in (d / "probe.md").read_text()
     feats = open_volume(d / "features.zarr")
     assert feats.shape == (30, 48, 48, 32) and feats.dtype == np.float16
     assert np.isfinite(feats.read((slice(0, 2),)).astype(np.float32)).all()
     summary = json.loads((d / "summary.json").read_text())
     assert summary["pretrain"]["steps"] == 4 and summary["pretrain"]["final_loss"] > 0
+
+
+def test_default_main_job_probes_zoo_pretrained_and_random(tmp_path):
+    """`emfm main` as the README runs it (tiny): the zoo checkpoint, the checkpoint just pretrained
+    and random init in one table; the zoo checkpoint's features exported."""
+    from emfm import zoo
+
+    d = tmp_path / "main"
+    r = run_cli("main", "debug=tiny", f"hydra.run.dir={d}", "trainer.progress=false")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [r["encoder"] for r in csv.DictReader(open(d / "probe.csv"))]
+    name = next(ln.split(":", 1)[1].strip() for ln in (REPO / "configs" / "main.yaml").read_text().splitlines()
+                if ln.strip().startswith("zoo:"))
+    assert rows == [name, "pretrained", "random_init_seed1000", "random_init_seed1001", "random_init"]
+    md = (d / "probe.md").read_text()
+    assert f"{name} - random" in md and "pretrained - random" in md
+    feats = open_volume(d / "features.zarr")  # the zoo U-Net's full-resolution features
+    enc = zoo.entry(name.removeprefix("zoo:"))
+    assert feats.shape[:3] == (30, 384, 384) and enc["architecture"] == "unet"
 
 
 def test_checkpoint_restores_trained_weights(tiny_main_run: Path):

@@ -62,3 +62,37 @@ def test_benchmark_bad_input_is_one_line(tmp_path):
     r = _probe(tmp_path, "e", "random", "benchmark.fractions=[0.5,1.5]")
     assert r.returncode == 2 and "emfm: error: benchmark.fractions=[0.5, 1.5]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_val_split_never_reads_test_sections(tmp_path, monkeypatch):
+    """benchmark.split=val (choosing settings and checkpoints) scores the validation sections and
+    reads neither the test sections nor a separate test volume."""
+    from emfm.config.schema import TaskConfig
+    from emfm.eval import tasks
+
+    read: list[str] = []
+    orig = tasks._read
+
+    def spy(tc, img, lab, z, key):
+        read.append(key)
+        return orig(tc, img, lab, z, key)
+
+    monkeypatch.setattr(tasks, "_read", spy)
+    tc = TaskConfig(name="t", target="membranes", positive_label=1, crop=[[0, 64], [0, 64]],
+                    train_slices=[0, 4], val_slices=[4, 6], test_slices=[6, 8],
+                    test_image="/no/such/test_volume.tif", test_labels="/no/such/test_labels.tif")
+    task = tasks.load(tc, "val")
+    assert read == ["train_slices", "val_slices"] and task.val is None
+    assert task.test.images.shape == (2, 64, 64)
+    read.clear()
+    with __import__("pytest").raises(FileNotFoundError, match="test_volume"):
+        tasks.load(tc, "test")  # the test split does open the test volume
+
+
+def test_val_split_table_is_labelled(tiny_main_run, tmp_path):
+    r = _probe(tmp_path, "v", f"random,{tiny_main_run}", "benchmark.split=val", "benchmark.probes=[linear]",
+               "benchmark.fractions=[1.0]", "benchmark.seeds=[0]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "v" / "benchmark.json").read_text())
+    assert out["split"] == "val"
+    assert "validation sections (model selection; test sections unread)" in (tmp_path / "v" / "benchmark.md").read_text()
