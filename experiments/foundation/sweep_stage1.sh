@@ -4,7 +4,8 @@
 #   bash experiments/foundation/sweep_stage1.sh [SWEEP_DIR]
 set -euo pipefail
 SWEEP=${1:-multirun/foundation/stage1}
-nice -n 5 .venv/bin/emfm pretrain -m data=corpus \
-  recipe=vit8_mae,vit4_mae,vit8_dino,vit8_dino_dense,vit8_dense,unet_mim,unet_dense,unet_dino_dense,unet_dino_dense_crop128,unet_dino_dense_strong,unet_dino_dense_weak \
-  trainer.progress=false trainer.log_every=25 hydra.sweep.dir="$SWEEP"
+RECIPES=${2:-vit8_mae,vit4_mae,vit8_dino,vit8_dino_dense,vit8_dense,unet_mim,unet_dense,unet_dino_dense,unet_dino_dense_crop128,unet_dino_dense_strong,unet_dino_dense_weak}
+# one run directory per recipe: SWEEP/<recipe>
+nice -n 5 .venv/bin/emfm pretrain -m data=corpus recipe="$RECIPES" \
+  trainer.progress=false trainer.log_every=25 hydra.sweep.dir="$SWEEP" 'hydra.sweep.subdir=${hydra:runtime.choices.recipe}'
 .venv/bin/emfm runs summarize "$SWEEP"

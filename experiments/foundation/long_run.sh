@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The winning recipe of the sweep trained for longer on the corpus, checkpointing every 250 steps;
+# rerunning the same command resumes from the last checkpoint. From the repository root:
+#   bash experiments/foundation/long_run.sh [RUN_DIR] [RECIPE] [STEPS]
+set -euo pipefail
+RUN=${1:-runs/foundation/long}
+RECIPE=${2:-unet_dino_dense}
+STEPS=${3:-6000}
+nice -n 5 .venv/bin/emfm pretrain data=corpus recipe="$RECIPE" trainer.steps="$STEPS" \
+  trainer.checkpoint_every=250 trainer.keep_checkpoints=3 trainer.log_every=50 trainer.progress=false \
+  objective.ema_momentum=0.996 hydra.run.dir="$RUN"
