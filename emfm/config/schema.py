@@ -328,6 +328,12 @@ class BenchmarkConfig:
     # "test": probes are scored on each task's test sections (a reported row); "val": on its validation
     # sections, for choosing settings and checkpoints (the test sections are then never read)
     split: str = "test"
+    # Feature choices selected per checkpoint on the validation sections: each entry a `blocks` list
+    # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise). With two or more, every
+    # checkpoint is first probed on the validation sections with each (seed `seeds[0]`, all probes
+    # and fractions), the choice with the best mean primary metric is kept, and only it is scored on
+    # the test sections. Empty = `blocks` for every checkpoint.
+    blocks_choices: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

@@ -203,8 +203,9 @@ class FeatureStore:
     def __init__(self, root: Path | None, bench: BenchmarkConfig):
         self.root, self.bench, self.mem = root, bench, {}
 
-    def get(self, c: Checkpoint, task: tasks_mod.TaskData, task_id: str) -> dict[str, np.ndarray]:
-        key = _hash(c.identity, task_id, list(self.bench.blocks), self.bench.tile, self.bench.margin)
+    def get(self, c: Checkpoint, task: tasks_mod.TaskData, task_id: str, blocks=None) -> dict[str, np.ndarray]:
+        blocks = list(self.bench.blocks if blocks is None else blocks)
+        key = _hash(c.identity, task_id, blocks, self.bench.tile, self.bench.margin)
         if key in self.mem:
             return self.mem[key]
         path = self.root / f"{key}.npz" if self.root else None
@@ -216,7 +217,8 @@ class FeatureStore:
             splits = {"train": task.train, "test": task.test} | ({"val": task.val} if task.val else {})
             t0 = time.perf_counter()
             # rounded to float16 as stored, so a result does not depend on whether features were cached
-            feats = {k: encode(c.encoder(), normalise(s.images, rng), self.bench).astype(np.float16).astype(np.float32)
+            bench = dataclasses.replace(self.bench, blocks=blocks)
+            feats = {k: encode(c.encoder(), normalise(s.images, rng), bench).astype(np.float16).astype(np.float32)
                      for k, s in splits.items()}
             log.info("features %s / %s: %s in %.1f s", c.name, task.name, feats["train"].shape[1:],
                      time.perf_counter() - t0)
@@ -258,44 +260,28 @@ def _preview_index(task: tasks_mod.TaskData) -> int:
 
 
 def run_benchmark(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkConfig, run_dir: str | Path) -> dict:
-    """Run (or read from the cache) every entry; write tables and figures to `run_dir`."""
+    """Run (or read from the cache) every entry; write tables and figures to `run_dir`. With
+    `bench.blocks_choices`, each checkpoint's features are first chosen on the validation sections."""
     validate(bench)
     run_dir = Path(run_dir)
     cache = Path(bench.cache_dir)
     (cache / "results").mkdir(parents=True, exist_ok=True)
-    s = settings(bench)
+    t_start = time.perf_counter()
+    store = FeatureStore(cache / "features" if bench.cache_features else None, bench)
+    picks, selection = {c.name: list(bench.blocks) for c in checkpoints}, {}
+    if len(bench.blocks_choices) > 1:
+        picks, selection = select_features(tasks, checkpoints, bench, store, cache)
     loaded = [tasks_mod.load(tc, bench.split) for tc in tasks]  # every input checked before any compute
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ConfigError(f"benchmark.tasks: task names {names} are not unique")
-    ids = {t.name: tasks_mod.identity(t.config) + (":val" if bench.split == "val" else "") for t in loaded}
-    store = FeatureStore(cache / "features" if bench.cache_features else None, bench)
-    records, computed, cached = [], 0, 0
-    t_start = time.perf_counter()
-    for task in loaded:
-        for c in checkpoints:
-            for kind in bench.probes:
-                for frac in bench.fractions:
-                    for seed in bench.seeds:
-                        key = _hash(c.identity, ids[task.name], s.identity(kind), float(frac), int(seed),
-                                    list(bench.blocks), bench.tile, bench.margin)
-                        path = cache / "results" / f"{key}.json"
-                        if path.exists():
-                            rec = json.loads(path.read_text())
-                            cached += 1
-                        else:
-                            rec = _compute(task, c, kind, frac, seed, s, store, ids[task.name], cache, key)
-                            tmp = path.with_suffix(".tmp")
-                            tmp.write_text(json.dumps(rec))
-                            tmp.replace(path)
-                            computed += 1
-                        records.append(dict(rec, task=task.name, checkpoint=c.name, probe=kind,
-                                            fraction=float(frac), seed=int(seed), key=key))
+    records, computed, cached = _entries(loaded, checkpoints, bench, store, cache, picks, bench.seeds)
     rows = aggregate(records)
-    out = {"split": bench.split, "rows": rows, "computed": computed, "from_cache": cached, "seconds": time.perf_counter() - t_start,
+    out = {"split": bench.split, "features": picks, "feature_selection": selection, "rows": rows,
+           "computed": computed, "from_cache": cached, "seconds": time.perf_counter() - t_start,
            "checkpoints": {c.name: {"run_dir": c.run_dir, "identity": c.identity} for c in checkpoints},
            "tasks": {t.name: dataclasses.asdict(t.config) for t in loaded}, "records": records}
-    write_tables(run_dir, rows, loaded, bench.split)
+    write_tables(run_dir, rows, loaded, bench.split, picks if len(bench.blocks_choices) > 1 else None)
     (run_dir / "benchmark.json").write_text(json.dumps(out, indent=1, default=float))
     if bench.figures:
         figures(run_dir, rows, loaded, checkpoints, bench, records, cache)
@@ -303,10 +289,58 @@ def run_benchmark(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkCo
     return out
 
 
+def _entries(loaded, checkpoints, bench, store, cache, picks: dict, seeds) -> tuple[list, int, int]:
+    s = settings(bench)
+    ids = {t.name: tasks_mod.identity(t.config) + (":val" if t.val is None and t.config.val_slices else "")
+           for t in loaded}
+    records, computed, cached = [], 0, 0
+    for task in loaded:
+        for c in checkpoints:
+            blocks = picks[c.name]
+            for kind in bench.probes:
+                for frac in bench.fractions:
+                    for seed in seeds:
+                        key = _hash(c.identity, ids[task.name], s.identity(kind), float(frac), int(seed),
+                                    list(blocks), bench.tile, bench.margin)
+                        path = cache / "results" / f"{key}.json"
+                        if path.exists():
+                            rec = json.loads(path.read_text())
+                            cached += 1
+                        else:
+                            rec = _compute(task, c, kind, frac, seed, s, store, ids[task.name], cache, key, blocks)
+                            tmp = path.with_suffix(".tmp")
+                            tmp.write_text(json.dumps(rec))
+                            tmp.replace(path)
+                            computed += 1
+                        records.append(dict(rec, task=task.name, checkpoint=c.name, probe=kind,
+                                            fraction=float(frac), seed=int(seed), key=key, blocks=list(blocks)))
+    return records, computed, cached
+
+
+def select_features(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkConfig, store, cache: Path):
+    """Per checkpoint, the entry of `bench.blocks_choices` with the best mean primary metric over
+    tasks x probes x fractions on the validation sections (seed `bench.seeds[0]`); the test
+    sections are not read. Returns ({name: blocks}, {name: {choice: score}})."""
+    val_tasks = [tasks_mod.load(tc, "val") for tc in tasks]
+    picks, selection = {}, {}
+    for c in checkpoints:
+        scores = {}
+        for choice in bench.blocks_choices:
+            recs, _, _ = _entries(val_tasks, [c], bench, store, cache, {c.name: list(choice)}, bench.seeds[:1])
+            prim = [r[tasks_mod.TARGETS[next(t.target for t in val_tasks if t.name == r["task"])]["primary"]]
+                    for r in recs]
+            scores[json.dumps(list(choice))] = float(np.mean(prim))
+        best = max(scores, key=scores.get)
+        picks[c.name], selection[c.name] = json.loads(best), scores
+        log.info("features of %s chosen on validation sections: blocks %s (%s)", c.name, best,
+                 ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()))
+    return picks, selection
+
+
 def _compute(task, c: Checkpoint, kind: str, frac: float, seed: int, s: probes_mod.ProbeSettings,
-             store: FeatureStore, task_id: str, cache: Path, key: str) -> dict:
+             store: FeatureStore, task_id: str, cache: Path, key: str, blocks=None) -> dict:
     t0 = time.perf_counter()
-    feats = store.get(c, task, task_id)
+    feats = store.get(c, task, task_id, blocks)
     mask = probes_mod.label_mask(task.train.fg.shape, frac, seed, task.train.fg)
     evals = [feats["test"]] + ([feats["val"]] if task.val is not None else [])
     preds = probes_mod.fit_predict(kind, s, feats["train"], task.train.fg, mask, evals, seed)
@@ -346,7 +380,7 @@ def split_words(split: str) -> str:
     return "test sections" if split == "test" else "validation sections (model selection; test sections unread)"
 
 
-def write_tables(run_dir: Path, rows: list[dict], loaded: list, split: str = "test") -> None:
+def write_tables(run_dir: Path, rows: list[dict], loaded: list, split: str = "test", picks: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cols = ["task", "probe", "fraction", "checkpoint", "seeds"]
     cols += sorted({k for r in rows for k in r} - set(cols))
@@ -355,6 +389,9 @@ def write_tables(run_dir: Path, rows: list[dict], loaded: list, split: str = "te
         w.writeheader()
         w.writerows(rows)
     lines = [f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each task.", ""]
+    if picks:
+        lines += ["Features chosen per checkpoint on the validation sections (blocks; [] = final output): "
+                  + ", ".join(f"{n} {b}" for n, b in picks.items()), ""]
     for t in loaded:
         ms = [m for m in tasks_mod.METRICS[tasks_mod.TARGETS[t.target]["kind"]] if m not in ("threshold", "n_gt")]
         lines += [f"### {t.name} ({t.target})", "", "| probe | labels | checkpoint | " + " | ".join(ms) + " |",

@@ -96,3 +96,17 @@ def test_val_split_table_is_labelled(tiny_main_run, tmp_path):
     out = json.loads((tmp_path / "v" / "benchmark.json").read_text())
     assert out["split"] == "val"
     assert "validation sections (model selection; test sections unread)" in (tmp_path / "v" / "benchmark.md").read_text()
+
+
+def test_features_chosen_per_checkpoint_on_validation(tiny_main_run, tmp_path):
+    r = _probe(tmp_path, "s", f"random,{tiny_main_run}", "benchmark.blocks_choices=[[],[0]]",
+               "benchmark.probes=[linear]", "benchmark.fractions=[1.0]", "benchmark.seeds=[0,1]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "s" / "benchmark.json").read_text())
+    assert set(out["features"]) == {"random", tiny_main_run.name}
+    for name, sel in out["feature_selection"].items():
+        assert set(sel) == {"[]", "[0]"}
+        assert json.dumps(out["features"][name]) == max(sel, key=sel.get)  # the best on validation
+    for rec in out["records"]:  # the test entries use each checkpoint's own choice only
+        assert rec["blocks"] == out["features"][rec["checkpoint"]]
+    assert "Features chosen per checkpoint on the validation sections" in (tmp_path / "s" / "benchmark.md").read_text()
