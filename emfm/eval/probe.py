@@ -136,7 +136,7 @@ def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_
     the `threshold` fraction of least membrane-like pixels. The watershed flooding depends only on
     the order of the values, so rank seeds make the whole derivation invariant to a monotone change
     of the map's calibration, e.g. a probe less confident on held-out sections than on the sections
-    it was fitted to (experiments/main_job_mae/README.md, session 4)."""
+    it was fitted to (experiments/main_job_mae/README.md)."""
     from scipy import ndimage
 
     from emfm.postproc.watershed import seeded_watershed, threshold_seeds

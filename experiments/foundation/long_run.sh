@@ -5,7 +5,7 @@
 set -euo pipefail
 RUN=${1:-runs/foundation/long}
 RECIPE=${2:-unet_dino_dense}
-STEPS=${3:-6000}
-nice -n 5 .venv/bin/emfm pretrain data=corpus recipe="$RECIPE" trainer.steps="$STEPS" \
+STEPS=${3:-5000}
+nice -n 19 .venv/bin/emfm pretrain data=corpus recipe="$RECIPE" trainer.steps="$STEPS" \
   trainer.checkpoint_every=250 trainer.keep_checkpoints=3 trainer.log_every=50 trainer.progress=false \
   objective.ema_momentum=0.996 hydra.run.dir="$RUN"

@@ -1,0 +1,111 @@
+"""Publish a pretraining run as a zoo checkpoint (emfm/zoo_models/NAME) with its model card.
+
+    python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite]
+
+The card names the data (with licences), the recipe and the exact command, the compute (steps,
+images, wall time, hardware), the commit, and the benchmark table of BENCH_DIR (benchmark.md of
+`emfm probe checkpoints=[random,zoo:NAME] benchmark=em`, test sections) when given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+DATA = """\
+Pretraining data (configs/data/corpus.yaml; the test sections of every benchmark task and the main
+job's held-out sections are not in it):
+
+| volume | modality, tissue | pixel size | sections used | licence / terms |
+|---|---|---|---|---|
+| ISBI 2012 training volume | ssTEM, Drosophila larva VNC | 4 x 4 x 50 nm | 0-19 of 30 | ISBI 2012 challenge terms (research, citation: Cardona et al. 2010, Arganda-Carreras et al. 2015); via github.com/zhixuhao/unet (MIT) |
+| ISBI 2012 challenge test volume (unlabelled) | ssTEM, same | 4 x 4 x 50 nm | all 30 | as above |
+| CDeep3M SBEM mitochondria sample | SBEM, neuropil | 5.9 x 5.9 x 40 nm | 0-13 of 20 | UC Regents licence: research / non-profit use (Haberl et al. 2018) |
+| gala example training volume | FIB-SEM, fly neuropil | about 10 nm | all 50 (the test volume is left out) | HHMI BSD-style (Nunez-Iglesias et al. 2013) |
+| HeLa SBF-SEM (EMPIAR-10094 sections) | SBF-SEM, human HeLa cell | 10 x 10 x 50 nm | all 24 | research use with citation (Karabag et al. 2019) |
+| rat spinal-cord SEM (AxonDeepSeg) | SEM, rat white matter | 70-180 nm | all 10 images | MIT (Zaimi et al. 2018) |
+
+Each EM volume is sampled at its native pixel size and 2x coarser (OME-Zarr level 1), so patches span
+about 4-20 nm pixels; the rat SEM at native size only, with a small weight. The weights are per
+tissue (configs/data/corpus.yaml). The checkpoint inherits the most restrictive of these terms:
+research and non-commercial use, with the citations above.
+"""
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").exists() else {}
+    m, o, d, t = cfg["model"], cfg["objective"], cfg["data"], cfg["trainer"]
+    steps = recs[-1]["step"] if recs else 0
+    images = steps * d["batch_size"]
+    span = (recs[-1]["time"] - recs[0]["time"]) if len(recs) > 1 else 0.0
+    argv = prov.get("argv") or []
+    command = " ".join(["emfm " + argv[0].split()[-1]] + argv[1:]) if argv else "(not recorded)"
+    arch = (f"2D U-Net, {len(m.get('widths') or []) or m['depth']} levels of "
+            f"{m['width']}-{m['width'] * 2 ** ((m['depth'] or 4) - 1)} channels" if m["name"] == "unet"
+            else f"ViT width {m['width']}, depth {m['depth']}, patches {m['patch_size']}")
+    lines = [
+        f"# {name}", "",
+        f"A self-supervised encoder for cellular EM from emfm: {arch}, "
+        f"objective `{o['name']}`, {steps} steps x {d['batch_size']} crops of {d['patch_shape'][1]} x "
+        f"{d['patch_shape'][2]} pixels ({images} crops). Use it as `checkpoint=zoo:{name}` "
+        f"(probe, export, finetune) or `checkpoints=[random,zoo:{name}]` (probing benchmark).", "",
+        "## Recipe", "",
+        f"- model: `{json.dumps({k: v for k, v in m.items() if v is not None})}`",
+        f"- objective: `{json.dumps(o)}`",
+        f"- optimiser: AdamW, peak lr {cfg['optim']['lr']}, warm-up {cfg['optim']['warmup_steps']} steps, cosine "
+        f"decay, weight decay {cfg['optim']['weight_decay']}; seed {t['seed']}",
+        f"- data: `data=corpus`, crops {d['patch_shape']}, batch {d['batch_size']}, loader augmentation "
+        f"{d['aug']['ops']}", "",
+        "## Command", "",
+        "```bash", command, "```", "",
+        "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the resolved "
+        "config is `config.yaml` beside this card)", "",
+        "## Compute", "",
+        f"{steps} steps, {images} crops, {span / 3600:.2f} h of wall time from the first to the last "
+        "logged step on a 2-core CPU shared with other jobs (no accelerator); "
+        f"final loss {recs[-1]['loss']:.4f}." if recs else "", "",
+        f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit {_git_rev()}.", "",
+        "## Data", "", DATA,
+    ]
+    if bench is not None and (bench / "benchmark.md").exists():
+        lines += ["## Benchmark (test sections)", "", "Command: `emfm probe checkpoints=[random,zoo:"
+                  f"{name}] benchmark=em` (settings in experiments/foundation/README.md)", "",
+                  (bench / "benchmark.md").read_text()]
+    extra = {"data": "configs/data/corpus.yaml", "recipe": cfg.get("recipe") or o["name"], "steps": steps,
+             "images": images, "commit": _git_rev()}
+    return "\n".join(lines) + "\n", extra
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("name")
+    ap.add_argument("--benchmark")
+    ap.add_argument("--description", default="")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args()
+    from emfm import zoo
+
+    run = Path(a.run_dir)
+    text, extra = card(run, a.name, Path(a.benchmark) if a.benchmark else None)
+    desc = a.description or "self-supervised EM encoder (emfm)"
+    d = zoo.publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
+    (d / "config.yaml").write_text((run / "config.yaml").read_text())
+    print(f"published {d} ({json.loads((d / 'entry.json').read_text())['size_mb']:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
