@@ -571,6 +571,13 @@ def resolve_zoo(spec: str, key: str) -> str:
         raise ConfigError(f"{key}={spec}: {e}") from None
 
 
+def unet_pool(m: ModelConfig) -> int:
+    """In-plane pooling of a U-Net config (2^(levels - 1)); 1 for other encoders."""
+    if m.name != "unet":
+        return 1
+    return 2 ** ((len(m.widths) if m.widths else (m.depth or 4)) - 1)
+
+
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
     m, d = cfg.model, cfg.data
@@ -596,6 +603,10 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     for s, p in zip(spatial, m.patch_size):
         if s % p:
             raise ConfigError(f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={m.patch_size}")
+    pool = unet_pool(m)
+    if pool > 1 and any(s % pool for s in d.patch_shape[1:]):
+        raise ConfigError(f"data.patch_shape={d.patch_shape}: the U-Net's {len(m.widths or []) or m.depth or 4} "
+                          f"levels pool in-plane by {pool}; y and x must be multiples of it")
     if d.batch_size <= 0:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
     validate_data(d)
@@ -621,8 +632,10 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"objective.target_norm={cfg.objective.target_norm!r}: use patch, image or none")
     if cfg.objective.target_blur < 0:
         raise ConfigError(f"objective.target_blur={cfg.objective.target_blur}: a Gaussian sigma in pixels, >= 0")
-    if not 0.0 < cfg.objective.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in (0, 1)")
+    lo_ok = cfg.objective.mask_ratio >= 0.0 if cfg.objective.name == "dino_dense" else cfg.objective.mask_ratio > 0.0
+    if not (lo_ok and cfg.objective.mask_ratio < 1.0):
+        interval = "[0, 1)" if cfg.objective.name == "dino_dense" else "(0, 1)"
+        raise ConfigError(f"objective.mask_ratio={cfg.objective.mask_ratio}: must be in {interval}")
     if cfg.trainer.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r}: use stop or skip")
     if cfg.optim.accumulate_steps < 1:
@@ -640,10 +653,10 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
     e = cfg.export
-    p = m.patch_size[-1]
+    p = max(m.patch_size[-1], unet_pool(m))  # windows align with patches (ViT) or the pooling (U-Net)
     if cfg.probe.tile <= 0 or cfg.probe.tile % p or cfg.probe.margin < 0 or cfg.probe.margin % p:
         raise ConfigError(f"probe.tile={cfg.probe.tile}, probe.margin={cfg.probe.margin}: must be multiples of "
-                          f"the patch size {p}")
+                          f"the patch size or U-Net pooling {p}")
     pc = cfg.probe
     if pc.random_seeds < 1:
         raise ConfigError(f"probe.random_seeds={pc.random_seeds}: need at least 1 random-init encoder")
@@ -656,7 +669,7 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     if cfg.probe.embed and m.name != "vit":
         raise ConfigError(f"probe.embed=true takes a ViT's patch embedding; model.name={m.name!r} has none")
     if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:
-        raise ConfigError(f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size {p}")
+        raise ConfigError(f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size or U-Net pooling {p}")
     if e.dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"export.dtype={e.dtype!r}: use float16, bfloat16 or float32")
     if e.block_z <= 0 or e.margin_z < 0 or e.batch_size <= 0 or e.prefetch < 0:

@@ -108,6 +108,15 @@ def open_sources(data, *, seed: int = 0) -> list[Source]:
                  *grey, f" mask={mask.path}" if mask else "", f" labels={labels.path}" if labels else "")
     if sum(s.weight for s in out) <= 0:
         raise VolumeError(f"data.sources: weights {[s.weight for s in out]} have zero total weight")
+    if data.sources:  # a mixture keeps the members a patch fits in (a small volume among large ones)
+        fits = [s for s in out if all(p <= n for p, n in zip(data.patch_shape, s.region.shape))]
+        for i, s in enumerate(out):
+            if s not in fits:
+                log.warning("data.sources[%d] %s: region %s is smaller than the patch %s; left out of this run",
+                            i, s.region.volume.path, s.region.shape, tuple(data.patch_shape))
+        if not fits:
+            raise VolumeError(f"data.sources: no source is as large as the patch shape {tuple(data.patch_shape)}")
+        out = fits
     return out
 
 

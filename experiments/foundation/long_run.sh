@@ -4,8 +4,8 @@
 #   bash experiments/foundation/long_run.sh [RUN_DIR] [RECIPE] [STEPS]
 set -euo pipefail
 RUN=${1:-runs/foundation/long}
-RECIPE=${2:-unet_dino_dense}
+RECIPE=${2:-unet_dino_dense_weak}
 STEPS=${3:-5000}
-nice -n 19 .venv/bin/emfm pretrain data=corpus recipe="$RECIPE" trainer.steps="$STEPS" \
+nice -n 5 .venv/bin/emfm pretrain data=corpus recipe="$RECIPE" trainer.steps="$STEPS" \
   trainer.checkpoint_every=250 trainer.keep_checkpoints=3 trainer.log_every=50 trainer.progress=false \
   objective.ema_momentum=0.996 hydra.run.dir="$RUN"

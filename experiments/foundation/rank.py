@@ -1,7 +1,7 @@
 """Rank the checkpoints of a validation-split benchmark (`emfm probe checkpoints=[random,SWEEP]
 benchmark.split=val ...`) by their margin over random init of the same architecture.
 
-    python experiments/foundation/rank.py BENCHMARK_RUN_DIR [--out FILE.md]
+    python experiments/foundation/rank.py BENCHMARK_RUN_DIR [--out FILE.md] [--sweep SWEEP_DIR]
 
 For every (task, probe, label fraction) the primary metric of each task (membranes / neuron
 boundaries: pixel F1; mitochondria: IoU) is compared with the random-init encoder of the same
@@ -63,8 +63,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bench_dir")
     ap.add_argument("--out")
+    ap.add_argument("--sweep", help="the sweep directory: also print its runs (compute, loss) with their margins")
     args = ap.parse_args()
     res = rank(Path(args.bench_dir))
+    if args.sweep:
+        text = sweep_table(Path(args.sweep), res)
+        print(text + "\n")
+        if args.out:
+            Path(args.out).with_name(Path(args.out).stem + "_sweep.md").write_text(text + "\n")
     tasks = [k[5:] for k in res[0] if k.startswith("mean_") and k != "mean_margin"]
     lines = ["| checkpoint | random init | cells | mean margin | min margin | cells ahead by > 0.03 | "
              + " | ".join(f"mean {t}" for t in tasks) + " |", "|---" * (6 + len(tasks)) + "|"]
@@ -76,6 +82,35 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+
+
+
+def sweep_table(sweep: Path, ranking: list[dict]) -> str:
+    """Markdown: one row per run of `sweep` (recipe, steps x batch, crops, train seconds, final loss)
+    joined with its validation ranking."""
+    import ast
+
+    by_name = {r["checkpoint"].split("/")[-1]: r for r in ranking}
+    lines = ["| recipe | steps x batch | crops | train s | final loss | mean margin | min margin | > 0.03 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in sorted(p for p in sweep.iterdir() if (p / "pretrain.log").exists()):
+        summ = [ln for ln in (run / "pretrain.log").read_text().splitlines() if "pretrain: {" in ln]
+        if not summ:
+            continue
+        s = ast.literal_eval(summ[-1].split("pretrain: ", 1)[1])
+        cfg = yaml_load(run / "config.yaml")
+        b = cfg["data"]["batch_size"]
+        r = by_name.get(run.name, {})
+        lines.append(f"| {run.name} | {s['steps']} x {b} | {s['steps'] * b} | {s['train_s']:.0f} | "
+                     f"{s['final_loss']:.3f} | {r.get('mean_margin', float('nan')):+.4f} | "
+                     f"{r.get('min_margin', float('nan')):+.4f} | {r.get('lead_0.03', '')} |")
+    return "\n".join(lines)
+
+
+def yaml_load(p: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(p.read_text())
 
 
 if __name__ == "__main__":

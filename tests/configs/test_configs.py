@@ -9,13 +9,27 @@ from conftest import CONFIGS, compose, run_cli
 from emfm.config.schema import ConfigError
 
 COMMANDS = ["main", "pretrain", "probe", "export"]
+RECIPES = sorted(p.stem for p in (CONFIGS / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes(recipe):
+    import os
+
+    from conftest import shared_data
+
+    root = shared_data().parent  # ../shared/data: the corpus's sources
+    if root.is_dir():
+        os.environ.setdefault("EMFM_SHARED_DATA_ROOT", str(root))
+    cfg = compose("pretrain", ["data=corpus", f"recipe={recipe}"] if root.is_dir() else [f"recipe={recipe}"])
+    assert cfg.trainer.steps > 0 and cfg.model.name in ("vit", "unet")
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_config_composes(cmd):
     cfg = compose(cmd)
-    assert cfg.model.name == "vit"
+    assert cfg.model.name == ("unet" if cmd == "main" else "vit")  # the main job trains the zoo's U-Net
     tiny = compose(cmd, ["debug=tiny"])
     assert tiny.trainer.steps < 10 and tiny.model.depth == 2
 
