@@ -45,7 +45,8 @@ def tiny_main_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("main_tiny")
     # a tiny ViT + MAE main job: the checkpoint the export, probe and fine-tuning tests build on
     # (the default main job, U-Net + zoo, is run by tests/integration/test_main_job.py)
-    res = run_cli("main", "debug=tiny", "model=vit_ti_p8", "objective=mae", "probe.zoo=",
+    res = run_cli("main", "debug=tiny", "model=vit_ti_p8", "objective=mae", "objective.mask_ratio=0.75",
+                  "probe.zoo=",
                   f"hydra.run.dir={run_dir}",
                   "trainer.progress=false")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

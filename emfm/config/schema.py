@@ -322,6 +322,9 @@ class BenchmarkConfig:
     margin: int = 32
     batch_size: int = 8  # tiles per encoder call
     random_seed: int = 1000  # initialisation seed of the random-init baseline
+    # true: seed k of a random-init row also draws its own network (random_seed + k), so the row's
+    # spread is that of random initialisation, not only of the probe and the labelled pixels
+    random_per_seed: bool = True
     cache_dir: str = "runs/probe_cache"
     cache_features: bool = True
     figures: bool = True

@@ -295,11 +295,12 @@ def _entries(loaded, checkpoints, bench, store, cache, picks: dict, seeds) -> tu
            for t in loaded}
     records, computed, cached = [], 0, 0
     for task in loaded:
-        for c in checkpoints:
-            blocks = picks[c.name]
-            for kind in bench.probes:
-                for frac in bench.fractions:
-                    for seed in seeds:
+        for c0 in checkpoints:
+            blocks = picks[c0.name]
+            for seed in seeds:  # outermost of the three: one network's features stay in memory
+                c = seeded_random(c0, seed) if bench.random_per_seed else c0
+                for kind in bench.probes:
+                    for frac in bench.fractions:
                         key = _hash(c.identity, ids[task.name], s.identity(kind), float(frac), int(seed),
                                     list(blocks), bench.tile, bench.margin)
                         path = cache / "results" / f"{key}.json"
@@ -315,6 +316,15 @@ def _entries(loaded, checkpoints, bench, store, cache, picks: dict, seeds) -> tu
                         records.append(dict(rec, task=task.name, checkpoint=c.name, probe=kind,
                                             fraction=float(frac), seed=int(seed), key=key, blocks=list(blocks)))
     return records, computed, cached
+
+
+def seeded_random(c: Checkpoint, seed: int) -> Checkpoint:
+    """Seed `seed`'s network of a random-init checkpoint (its own initialisation); others unchanged.
+    Seed 0 is the checkpoint itself, so the cache of a run with one network stays valid."""
+    if c.run_dir or seed == 0:
+        return c
+    return Checkpoint(name=c.name, identity=_hash("random", c.model, c.seed + seed), model=c.model,
+                      seed=c.seed + seed)
 
 
 def select_features(tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkConfig, store, cache: Path):
