@@ -50,7 +50,13 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
     m, o, d, t = cfg["model"], cfg["objective"], cfg["data"], cfg["trainer"]
     steps = recs[-1]["step"] if recs else 0
     images = steps * d["batch_size"]
-    span = (recs[-1]["time"] - recs[0]["time"]) if len(recs) > 1 else 0.0
+    # training time: each logged interval's crops over its throughput (a resumed run's pauses excluded;
+    # a step logged twice after a resume counts once)
+    by_step = {r["step"]: r for r in recs if "images_per_s" in r}
+    span, prev = 0.0, 0
+    for s in sorted(by_step):
+        span += (s - prev) * d["batch_size"] / max(by_step[s]["images_per_s"], 1e-9)
+        prev = s
     argv = prov.get("argv") or []
     command = " ".join(["emfm " + argv[0].split()[-1]] + argv[1:]) if argv else "(not recorded)"
     arch = (f"2D U-Net, {len(m.get('widths') or []) or m['depth']} levels of "
@@ -74,8 +80,8 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the resolved "
         "config is `config.yaml` beside this card)", "",
         "## Compute", "",
-        f"{steps} steps, {images} crops, {span / 3600:.2f} h of wall time from the first to the last "
-        "logged step on a 2-core CPU shared with other jobs (no accelerator); "
+        f"{steps} steps, {images} crops, {span / 3600:.2f} h of training time (logged throughput; pauses "
+        "of the resumed run excluded) on a 2-core CPU shared with other jobs (no accelerator); "
         f"final loss {recs[-1]['loss']:.4f}." if recs else "", "",
         f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit {_git_rev()}.", "",
         "## Data", "", DATA,
@@ -84,7 +90,8 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         lines += ["## Benchmark (test sections)", "", "Command: `emfm probe checkpoints=[random,zoo:"
                   f"{name}] benchmark=em` (settings in experiments/foundation/README.md)", "",
                   (bench / "benchmark.md").read_text()]
-    extra = {"data": "configs/data/corpus.yaml", "recipe": cfg.get("recipe") or o["name"], "steps": steps,
+    recipe = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("recipe=")), None)
+    extra = {"data": "configs/data/corpus.yaml", "recipe": recipe or cfg.get("recipe") or o["name"], "steps": steps,
              "images": images, "commit": _git_rev()}
     return "\n".join(lines) + "\n", extra
 
@@ -103,7 +110,10 @@ def main() -> None:
     text, extra = card(run, a.name, Path(a.benchmark) if a.benchmark else None)
     desc = a.description or "self-supervised EM encoder (emfm)"
     d = zoo.publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
-    (d / "config.yaml").write_text((run / "config.yaml").read_text())
+    # the resolved config, with the run directory as given (no absolute path of the machine it ran on)
+    cfg_text = "\n".join(f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln
+                         for ln in (run / "config.yaml").read_text().splitlines()) + "\n"
+    (d / "config.yaml").write_text(cfg_text)
     print(f"published {d} ({json.loads((d / 'entry.json').read_text())['size_mb']:.1f} MB)")
 
 
