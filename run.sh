@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# emfm quickstart: sets up .venv (pinned dependencies from pyproject.toml) on first use, then
+# emfm quickstart: sets up .venv (the exact versions of requirements.lock) on first use, then
 #   bash run.sh              -> the main job on the bundled real EM sample (pretrain, probe, export)
 #   bash run.sh test         -> the test suite (what CI runs)
 #   bash run.sh emfm ARGS... -> any emfm command inside the environment, e.g. bash run.sh emfm pretrain debug=tiny
@@ -21,11 +21,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "[emfm] creating .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv .venv
 fi
-# Re-install when pyproject.toml changed since the last install.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[emfm] installing pinned dependencies (first run: about a minute)"
+# Re-install when the lock file or pyproject.toml changed since the last install: the exact versions
+# of requirements.lock, then emfm itself (editable, no further dependencies).
+if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[emfm] installing the locked dependencies (first run: about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
   touch "$stamp"
 fi
 

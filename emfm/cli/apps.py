@@ -12,11 +12,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from emfm.config import schema
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
-# Errors that are the user's input, reported in one line.
-USER_ERRORS = (FileNotFoundError, schema.ConfigError, ValueError, FloatingPointError)
+# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too); anything
+# else is a bug and is shown with its traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, UserError, FloatingPointError)
 
 
 def to_config(cfg: DictConfig) -> schema.EmfmConfig:
@@ -119,7 +121,11 @@ def _discover(cfg: DictConfig) -> None:
 def _segment(cmd: str, cfg: DictConfig) -> None:
     from emfm.segment import train
 
+    from emfm.train import distributed
+
     c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
+    if cmd == "finetune":  # data parallel over processes; predict's blocks run in one process
+        distributed.initialize(c.distributed)
     _save_provenance(Path(c.run_dir), cfg)
     res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
     print(json.dumps(res.get("test", res), indent=1, default=float))
@@ -173,13 +179,23 @@ def _task(cmd: str):
         except _preempted() as e:
             log.warning("%s", e)
             print(f"emfm: {e}", file=sys.stderr)
-            raise SystemExit(143) from None
+            raise SystemExit(e.exit_code) from None
         except USER_ERRORS as e:
             if os.environ.get("EMFM_DEBUG"):
                 raise
             log.error("%s: %s", type(e).__name__, e)
             print(f"emfm: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # not the user's input: a bug, shown whole
+            import traceback
+
+            log.error("internal error %s: %s", type(e).__name__, e, exc_info=True)
+            traceback.print_exc(file=sys.stderr)
+            print(f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your input; "
+                  "please report it with the traceback above", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return task
 

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from emfm.errors import UserError
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emfm data", description="volume utilities")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
             d = info.volume_info(args.path, level=args.level)
             print(info.to_json(d) if args.json else info.format_table(d))
-    except (FileNotFoundError, ValueError) as e:  # VolumeError is a ValueError
+    except (FileNotFoundError, UserError) as e:  # VolumeError is a UserError; anything else: traceback
         if os.environ.get("EMFM_DEBUG"):
             raise
         print(f"emfm: error: {e}", file=sys.stderr)

@@ -26,13 +26,9 @@ COMMANDS = {
 
 
 def config_dir() -> str:
-    env = os.environ.get("EMFM_CONFIG_DIR")
-    if env:
-        return str(Path(env).resolve())
-    repo = Path(__file__).resolve().parents[2] / "configs"
-    if repo.is_dir():
-        return str(repo)
-    raise SystemExit("emfm: error: configs/ not found next to the package; set EMFM_CONFIG_DIR")
+    from emfm.config.paths import config_dir as _config_dir
+
+    return _config_dir()
 
 
 def _usage() -> str:

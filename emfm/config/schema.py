@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from emfm.errors import UserError
+
 MISSING_PATH = ""  # empty path = the bundled real EM sample
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that is well-typed but unusable; the message names the key."""
 
 
@@ -182,6 +184,9 @@ class TrainerConfig:
     progress: bool = True
     nonfinite: str = "stop"  # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip" the batch
     tensorboard: bool = True
+    # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before the
+    # time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
 
 
 @dataclass
@@ -202,6 +207,7 @@ class DistributedConfig:
     num_processes: int = 1
     process_id: int = 0
     cpu_devices: int = 0  # >0: simulate this many CPU devices per process (tests, benchmarks)
+    timeout_s: int = 300  # start-up: seconds to wait for every process before a clear error
 
 
 @dataclass
@@ -277,6 +283,8 @@ class DiscoverConfig:
     out: str = ""  # cluster label volume; empty = <run_dir>/clusters.zarr
     progress: bool = True
     run_dir: str = "runs/discover"
+    name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
     resume: bool = True  # continue an interrupted discover of the same job in run_dir; false = start over
 
 
@@ -353,6 +361,8 @@ class EmfmConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
+    name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
     checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
     checkpoints: list[str] = field(default_factory=list)  # probe benchmark: run dirs, sweep dirs, "random"
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -372,6 +382,8 @@ class EvaluateConfig:
     ignore_index: Optional[int] = None
     block_z: Optional[int] = None
     run_dir: str = "runs/evaluate"
+    name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
 
 
 @dataclass
@@ -409,6 +421,8 @@ class InstancesConfig:
     work_dir: str = ""  # scratch for resumable blocks; empty = OUT.work beside the output
     keep_work: bool = False
     run_dir: str = "runs/instances"
+    name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
     # choose the parameters on labelled validation data first (emfm.postproc.tune): every combination
     # of `tune_grid` (parameter -> values, e.g.
     # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid) is applied to `tune_roi`
@@ -501,6 +515,28 @@ def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
     return cfg
 
 
+def _check_fresh(cfg) -> None:
+    """resume=false with an explicit run directory that already holds checkpoints: say so rather than
+    resume (or overwrite) it."""
+    from pathlib import Path
+
+    ck = Path(cfg.run_dir) / "checkpoints"
+    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+        raise ConfigError(f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
+                          "hydra.run.dir (or name=), or drop resume=false to continue that run")
+
+
+def validate_signals(names: list[str]) -> None:
+    import signal
+
+    for n in names:
+        if not isinstance(getattr(signal, str(n), None), signal.Signals) or str(n).startswith("SIG_"):
+            raise ConfigError(f"trainer.preempt_signals: {n!r} is not a signal name of this system "
+                              "(e.g. SIGUSR1, SIGUSR2, SIGTERM)")
+        if n in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"trainer.preempt_signals: {n} cannot be caught")
+
+
 def validate_data(d: DataConfig) -> DataConfig:
     """Checks of the data section alone (sources, rejection, augmentation); raises ConfigError."""
     from pathlib import Path
@@ -509,6 +545,10 @@ def validate_data(d: DataConfig) -> DataConfig:
 
     if d.sources and (d.path or d.roi is not None):
         raise ConfigError("data.sources is set: leave data.path and data.roi unset (give each source its own path and roi)")
+    if not d.sources and not d.path and d.roi is None:
+        from emfm.data.bundled import PRETRAIN_ROI
+
+        d.roi = [list(r) for r in PRETRAIN_ROI]  # the bundled sample's pretraining sections; a user's path: all
     for i, s in enumerate(d.sources):
         key = f"data.sources[{i}]"
         if s.weight < 0 or s.weight != s.weight:
@@ -647,6 +687,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    validate_signals(cfg.trainer.preempt_signals)
+    _check_fresh(cfg)
     if cfg.probe.upsample not in ("bilinear", "subpixel"):
         raise ConfigError(f"probe.upsample={cfg.probe.upsample!r}: use bilinear or subpixel")
     if cfg.probe.zoo:  # checked here; the probe resolves it and labels its row with the name given
@@ -684,9 +726,33 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     return cfg
 
 
+def run_dir_for(root: str, command: str, name: str = "", resume: bool | str = True) -> str:
+    """The run directory of a command (`hydra.run.dir` / `hydra.sweep.dir` through the `emfm_run_dir`
+    resolver): `ROOT/COMMAND/<date>_<time>` for an unnamed run; `ROOT/COMMAND/NAME` for a named one, so
+    that running the same command again resumes it; with resume=false a named directory that already
+    holds a run is left as it is and the new run starts in `ROOT/COMMAND/NAME_<date>_<time>`."""
+    import datetime
+    from pathlib import Path
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    name = str(name or "").strip()
+    if not name:
+        return f"{root}/{command}/{stamp}"
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"name={name!r}: a run name is one directory name (no '/')")
+    d = Path(root) / command / name
+    if str(resume).lower() in ("false", "0", "no") and d.is_dir() and any(d.iterdir()):
+        return f"{d}_{stamp}"
+    return str(d)
+
+
 def register() -> None:
-    """Register the schema with Hydra's ConfigStore (called by the CLI only)."""
+    """Register the schema with Hydra's ConfigStore (called by the CLI only) and the `emfm_run_dir`
+    resolver of the run directories."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("emfm_run_dir", run_dir_for, use_cache=True, replace=True)
 
     cs = ConfigStore.instance()
     cs.store(name="emfm_schema", node=EmfmConfig)
@@ -706,7 +772,9 @@ def compose(config_name: str = "main", overrides: list[str] | None = None, *, ru
     from omegaconf import OmegaConf
 
     register()
-    cdir = config_dir or str(Path(__file__).resolve().parents[2] / "configs")
+    from emfm.config.paths import config_dir as default_config_dir
+
+    cdir = config_dir or default_config_dir()
     extra = [f"run_dir={run_dir}"] if run_dir else ["run_dir=runs/notebook"]
     with initialize_config_dir(config_dir=cdir, version_base=None, job_name="compose"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []) + extra)
@@ -834,6 +902,8 @@ class FinetuneConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/finetune"
+    name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
     checkpoint: str = ""  # finetune: pretrained encoder run (regime.init=pretrained); predict: the finetune run
 
 
@@ -925,4 +995,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(f"predict.dtype={pr.dtype!r}: float16 or float32")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    validate_signals(cfg.trainer.preempt_signals)
+    _check_fresh(cfg)
     return cfg

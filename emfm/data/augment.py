@@ -8,6 +8,7 @@ misaligned, dark / bright sections). `two_views` makes the pair a contrastive ob
 from __future__ import annotations
 
 import numpy as np
+from emfm.errors import UserError
 
 
 def geometric(rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -43,7 +44,7 @@ STRENGTHS = {"brightness": 0.1, "contrast": 0.2, "gamma": 0.2, "noise": 0.03, "b
 def check_ops(ops, key: str = "ops") -> tuple[str, ...]:
     bad = [o for o in ops if o not in OPS]
     if bad:
-        raise ValueError(f"{key}: unknown augmentation(s) {bad}; known: {', '.join(OPS)}")
+        raise UserError(f"{key}: unknown augmentation(s) {bad}; known: {', '.join(OPS)}")
     return tuple(o for o in OPS if o in ops)
 
 

@@ -152,7 +152,7 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
 
     Returns a summary: shape, dtype and voxel size per level.
     """
-    from tqdm import tqdm
+    from emfm.train.logging import progress as _progress
 
     src, dst = str(src), str(dst)
     if Path(dst).exists() and not overwrite:
@@ -180,7 +180,7 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
                       emfm={"source": Path(src).name, "source_shape": list(getattr(source, "inner", source).shape),
                             "source_sections": [int(v) for v in sections] if sections is not None else None})
         depth = int(chunks[0])
-        bar = tqdm(total=source.shape[0], desc=f"import {Path(src).name}", unit="section", disable=not progress)
+        bar = _progress(source.shape[0], desc=f"import {Path(src).name}", enabled=progress, unit="section")
         for z0, slab in source.slabs(depth):
             for k, vol in enumerate(vols):
                 if k:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure
+from emfm.errors import UserError
 
 # Intensities in [0, 1] before blur and noise.
 _CYTOPLASM, _MEMBRANE, _ORGANELLE, _RIM = 0.72, 0.18, 0.45, 0.30
@@ -92,38 +93,38 @@ def _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organ
             noise, blur, warp, dtype) -> _Params:
     """Validate the arguments, fail fast naming the bad one, and fill in the defaults."""
     if not isinstance(shape, (tuple, list)) or len(shape) not in (2, 3):
-        raise ValueError(f"shape must be (y, x) or (z, y, x), got {shape!r}")
+        raise UserError(f"shape must be (y, x) or (z, y, x), got {shape!r}")
     if not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
-        raise ValueError(f"shape must hold positive integers, got {shape!r}")
+        raise UserError(f"shape must hold positive integers, got {shape!r}")
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != ndim or not all(s > 0 for s in spacing):
-        raise ValueError(f"spacing must hold {ndim} positive numbers, got {spacing!r}")
+        raise UserError(f"spacing must hold {ndim} positive numbers, got {spacing!r}")
     if not cell_size > 0:
-        raise ValueError(f"cell_size must be positive, got {cell_size!r}")
+        raise UserError(f"cell_size must be positive, got {cell_size!r}")
     if not isinstance(membrane_width, (int, np.integer)) or membrane_width < 1:
-        raise ValueError(f"membrane_width must be a positive integer, got {membrane_width!r}")
+        raise UserError(f"membrane_width must be a positive integer, got {membrane_width!r}")
     extent = np.asarray(shape) * np.asarray(spacing)
     if n_organelles is None:  # about one per cell
         n_organelles = int(round(float(np.prod(extent / cell_size))))
     if not isinstance(n_organelles, (int, np.integer)) or n_organelles < 0:
-        raise ValueError(f"n_organelles must be a non-negative integer, got {n_organelles!r}")
+        raise UserError(f"n_organelles must be a non-negative integer, got {n_organelles!r}")
     if organelle_radius is None:  # minor radius; mitochondria-like, a few pixels wide
         lo = max(0.08 * cell_size, 2.0 * min(spacing[1:]))
         organelle_radius = (lo, max(0.15 * cell_size, 1.25 * lo))
     organelle_radius = tuple(float(r) for r in organelle_radius)
     if len(organelle_radius) != 2 or not 0 < organelle_radius[0] <= organelle_radius[1]:
-        raise ValueError(f"organelle_radius must be (low, high) with 0 < low <= high, "
+        raise UserError(f"organelle_radius must be (low, high) with 0 < low <= high, "
                          f"got {organelle_radius!r}")
     for name, value in (("noise", noise), ("blur", blur), ("warp", warp)):
         if not value >= 0:
-            raise ValueError(f"{name} must be non-negative, got {value!r}")
+            raise UserError(f"{name} must be non-negative, got {value!r}")
     dtype = np.dtype(dtype)
     if dtype not in _IMAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(map(str, _IMAGE_DTYPES))}, got {dtype}")
+        raise UserError(f"dtype must be one of {sorted(map(str, _IMAGE_DTYPES))}, got {dtype}")
     return _Params(shape, int(seed), spacing, float(cell_size), int(membrane_width),
                    int(n_organelles), organelle_radius, float(noise), float(blur), float(warp),
                    dtype)
@@ -416,13 +417,13 @@ def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
     p = _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organelle_radius,
                 noise, blur, warp, dtype)
     if p.ndim != 3:
-        raise ValueError(f"shape must be (z, y, x) for a zarr volume, got {tuple(shape)!r}")
+        raise UserError(f"shape must be (z, y, x) for a zarr volume, got {tuple(shape)!r}")
     if len(chunks) != 3 or not all(isinstance(c, (int, np.integer)) and c > 0 for c in chunks):
-        raise ValueError(f"chunks must hold 3 positive integers, got {chunks!r}")
+        raise UserError(f"chunks must hold 3 positive integers, got {chunks!r}")
     chunks = tuple(int(c) for c in chunks)
     root = Path(path)
     if root.exists() and not overwrite:
-        raise ValueError(f"path {root} exists; pass overwrite=True to replace it")
+        raise UserError(f"path {root} exists; pass overwrite=True to replace it")
     root.mkdir(parents=True, exist_ok=True)
     attrs = {"voxel_size": list(p.spacing), "generator": "emfm.data.synthetic", "seed": p.seed}
     (root / "zarr.json").write_text(json.dumps(

@@ -19,11 +19,13 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
+from emfm.errors import UserError
+
 SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "int64", "uint64",
                     "float16", "bfloat16", "float32", "float64")
 
 
-class VolumeError(ValueError):
+class VolumeError(UserError):
     """Bad volume input; the message names the volume (and chunk or region, where known)."""
 
 

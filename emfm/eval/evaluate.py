@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
+from emfm.errors import UserError
 
 __all__ = ["evaluate_paths", "open_label_volume", "write_markdown"]
 
@@ -67,7 +68,7 @@ def open_label_volume(path, name: str = "volume"):
         raise FileNotFoundError(f"{name} path does not exist: {path}")
     if path.is_file():
         if path.suffix.lower() not in _TIFF_SUFFIXES:
-            raise ValueError(
+            raise UserError(
                 f"{name} {path}: unsupported file type {path.suffix!r} (want .tif/.tiff)"
             )
         return _TiffStack(path)
@@ -76,12 +77,12 @@ def open_label_volume(path, name: str = "volume"):
     try:
         return _VolumeArray(open_volume(path))  # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
     except VolumeError as e:
-        raise ValueError(f"{name}: {e}; point at the array, not its group") from None
+        raise UserError(f"{name}: {e}; point at the array, not its group") from None
 
 
 def _check_pair(pred, gt, pred_path, gt_path, kinds):
     if tuple(pred.shape) != tuple(gt.shape):
-        raise ValueError(
+        raise UserError(
             f"shape mismatch: pred {pred_path} has shape {tuple(pred.shape)}, "
             f"gt {gt_path} has shape {tuple(gt.shape)}"
         )
@@ -89,7 +90,7 @@ def _check_pair(pred, gt, pred_path, gt_path, kinds):
     for vol, p, name in ((pred, pred_path, "pred"), (gt, gt_path, "gt")):
         integer = np.issubdtype(vol.dtype, np.integer) or vol.dtype == np.bool_
         if needs_ids and not integer:
-            raise ValueError(
+            raise UserError(
                 f"{name} {p} has dtype {vol.dtype}, but {sorted(needs_ids)} metrics need integer "
                 "label ids; threshold/label the prediction first"
             )
@@ -164,7 +165,7 @@ def evaluate_paths(
     kinds = tuple(kinds)
     unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
+        raise UserError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
     pred = open_label_volume(pred_path, "pred")
     gt = open_label_volume(gt_path, "gt")
     _check_pair(pred, gt, pred_path, gt_path, kinds)

@@ -39,6 +39,7 @@ from emfm.eval.metrics_region import (  # noqa: F401
     variation_of_information,
 )
 from emfm.eval.metrics_topology import simple_points, warp_binary, warping_error  # noqa: F401
+from emfm.errors import UserError
 
 KINDS = ("semantic", "binary", "region", "instance", "warping")
 
@@ -55,13 +56,13 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = None
     pred = check_label_array(pred, "pred").ravel()
     gt = check_label_array(gt, "gt").ravel()
     if pred.shape != gt.shape:
-        raise ValueError(f"pred size {pred.size} != gt size {gt.size}")
+        raise UserError(f"pred size {pred.size} != gt size {gt.size}")
     if ignore_index is not None:
         keep = gt != ignore_index
         pred, gt = pred[keep], gt[keep]
     for name, a in (("pred", pred), ("gt", gt)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise ValueError(
+            raise UserError(
                 f"{name} holds class ids outside [0, {num_classes}): "
                 f"min {a.min()}, max {a.max()}"
             )
@@ -122,7 +123,7 @@ def binary_scores(pred, gt) -> dict:
     """
     p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
     if p.shape != g.shape:
-        raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
+        raise UserError(f"pred shape {p.shape} != gt shape {g.shape}")
     tp = int(np.count_nonzero(p & g))
     fp = int(np.count_nonzero(p)) - tp
     fn = int(np.count_nonzero(g)) - tp
@@ -187,11 +188,11 @@ def evaluate_volumes(
     """
     unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
+        raise UserError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
     if tuple(pred.shape) != tuple(gt.shape):
-        raise ValueError(f"pred shape {tuple(pred.shape)} != gt shape {tuple(gt.shape)}")
+        raise UserError(f"pred shape {tuple(pred.shape)} != gt shape {tuple(gt.shape)}")
     if "semantic" in kinds and num_classes is None:
-        raise ValueError("kind 'semantic' needs num_classes")
+        raise UserError("kind 'semantic' needs num_classes")
 
     table = ContingencyTable() if {"region", "instance"} & set(kinds) else None
     cm = np.zeros((num_classes, num_classes), np.int64) if "semantic" in kinds else None
@@ -208,7 +209,7 @@ def evaluate_volumes(
             bin_counts += (s["tp"], s["fp"], s["fn"], p_blk.size)
         if "warping" in kinds:
             if p_blk.ndim == 3 and not warping_per_slice and block_z is not None:
-                raise ValueError("3D warping error needs the whole volume: set block_z=None")
+                raise UserError("3D warping error needs the whole volume: set block_z=None")
             err = warping_error(p_blk, g_blk, warping_threshold, per_slice=warping_per_slice)
             warp_err += err * p_blk.size
             warp_n += p_blk.size

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+from emfm.errors import UserError
 
 __all__ = [
     "ContingencyTable",
@@ -40,10 +41,10 @@ _COMPACT_AT = 1 << 22
 
 
 def check_label_array(arr, name: str) -> np.ndarray:
-    """Return ``arr`` as an ndarray of integer (or bool) ids; raise ValueError naming ``name``."""
+    """Return ``arr`` as an ndarray of integer (or bool) ids; raise UserError naming ``name``."""
     arr = np.asarray(arr)
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        raise ValueError(
+        raise UserError(
             f"{name} must hold integer label ids, got dtype {arr.dtype}; "
             "threshold or cast probability maps before computing region/instance metrics"
         )
@@ -135,7 +136,7 @@ def _concat_ids(parts: list, name: str) -> np.ndarray:
         return parts[0]
     if len({a.dtype for a in parts}) > 1:
         if any(a.dtype == np.int64 and a.size and a.min() < 0 for a in parts):
-            raise ValueError(f"{name} blocks mix negative int64 ids with uint64 ids")
+            raise UserError(f"{name} blocks mix negative int64 ids with uint64 ids")
         parts = [a.astype(np.uint64) for a in parts]
     return np.concatenate(parts)
 
@@ -164,7 +165,7 @@ class ContingencyTable:
         pred = check_label_array(pred, "pred")
         gt = check_label_array(gt, "gt")
         if pred.shape != gt.shape:
-            raise ValueError(f"pred shape {pred.shape} != gt shape {gt.shape}")
+            raise UserError(f"pred shape {pred.shape} != gt shape {gt.shape}")
         if pred.size == 0:
             return self
         # Slabs along the first axis keep ravel() a view for C-contiguous inputs.
@@ -262,7 +263,7 @@ def _scores_from_counts(g: np.ndarray, p: np.ndarray, n: np.ndarray) -> dict:
     nf, af, bf = n.astype(np.float64), a.astype(np.float64), b.astype(np.float64)
     N = float(nf.sum())
     if N == 0:
-        raise ValueError("no voxels left to score after removing ignored labels")
+        raise UserError("no voxels left to score after removing ignored labels")
     sum_n2, sum_a2, sum_b2 = float(nf @ nf), float(af @ af), float(bf @ bf)
 
     # Pair counts without self-pairs (x2), exactly as skimage.metrics.adapted_rand_error.

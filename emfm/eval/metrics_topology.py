@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from emfm.errors import UserError
 
 __all__ = ["simple_points", "warp_binary", "warping_error"]
 
@@ -37,7 +38,7 @@ _CENTRE = 13
 def _check_conn(ndim: int, connectivity):
     conn = tuple(connectivity) if connectivity is not None else _DEFAULT_CONN[ndim]
     if ndim not in _VALID_PAIRS or conn not in _VALID_PAIRS[ndim]:
-        raise ValueError(
+        raise UserError(
             f"connectivity (fg, bg) must be one of {sorted(_VALID_PAIRS.get(ndim, []))} "
             f"for {ndim}D images, got {connectivity}"
         )
@@ -162,7 +163,7 @@ def warp_binary(source, target, priority=None, connectivity=None, levels: int = 
     src = np.asarray(source).astype(bool)
     tgt = np.asarray(target).astype(bool)
     if src.shape != tgt.shape:
-        raise ValueError(f"source shape {src.shape} != target shape {tgt.shape}")
+        raise UserError(f"source shape {src.shape} != target shape {tgt.shape}")
     conn = _check_conn(src.ndim, connectivity)
     padded = np.pad(src, 1)
     tgt_p = np.pad(tgt, 1)
@@ -234,9 +235,9 @@ def warping_error(
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.shape != gt.shape:
-        raise ValueError(f"pred shape {pred.shape} != gt shape {gt.shape}")
+        raise UserError(f"pred shape {pred.shape} != gt shape {gt.shape}")
     if warp not in ("gt", "pred"):
-        raise ValueError(f"warp must be 'gt' or 'pred', got {warp!r}")
+        raise UserError(f"warp must be 'gt' or 'pred', got {warp!r}")
     gt_b = gt != 0
     if np.issubdtype(pred.dtype, np.floating):
         pred_b = pred > threshold

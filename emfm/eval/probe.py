@@ -26,6 +26,7 @@ from einops import rearrange
 from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -82,7 +83,7 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
     """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
     AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
     if upsample not in UPSAMPLING:
-        raise ValueError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
+        raise UserError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
     if labels.size == 0 or len(np.unique(labels)) < 2:
         raise VolumeError(f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
                           "a probe needs at least two")
@@ -178,7 +179,7 @@ def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0
         best, _ = grid_search(lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]), gt, grid,
                               "adapted_rand_error", per_section=True, ignore_gt=(0,))
     except ValueError as e:  # an empty grid
-        raise ValueError(f"probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas): {e}") from None
+        raise UserError(f"probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas): {e}") from None
     return best
 
 

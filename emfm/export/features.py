@@ -43,6 +43,7 @@ from flax import nnx
 from emfm.data.volume import Volume, VolumeError, create_ome_zarr, open_volume, written_chunks
 from emfm.eval.probe import normalise
 from emfm.train.logging import progress
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -99,12 +100,12 @@ class BlockEncoder:
         self.ndim, self.batch_size = spec.ndim, batch_size
         self.is_unet = hasattr(encoder, "decode")
         if embed and self.is_unet:
-            raise ValueError("patch-embedding features (embed=true) exist for ViT encoders only")
+            raise UserError("patch-embedding features (embed=true) exist for ViT encoders only")
         self.embed = embed
         layers = tuple(int(i) for i in layers)
         for i in layers:
             if not -spec.depth <= i < spec.depth:
-                raise ValueError(f"export.layers={list(layers)}: the encoder has {spec.depth} "
+                raise UserError(f"export.layers={list(layers)}: the encoder has {spec.depth} "
                                  f"{'levels' if self.is_unet else 'blocks'} (indices {-spec.depth}..{spec.depth - 1})")
         self.layers = tuple(sorted({i % spec.depth for i in layers}, key=[i % spec.depth for i in layers].index))
         strides, widths = self._layer_grids(spec)
@@ -116,7 +117,7 @@ class BlockEncoder:
             block, margin = (1, block[1], block[2]), (0, margin[1], margin[2])
         for name, v in (("block", block), ("margin", margin)):
             if any(x % a for x, a in zip(v, align)):
-                raise ValueError(f"export {name} {tuple(v)} (z, y, x voxels) must be a multiple of {align}, "
+                raise UserError(f"export {name} {tuple(v)} (z, y, x voxels) must be a multiple of {align}, "
                                  f"the encoder's {'pooling' if self.is_unet else 'patch size'}")
         self.block, self.margin, self.align = tuple(block), tuple(margin), align
         self.window = tuple(b + 2 * m for b, m in zip(block, margin))
@@ -240,7 +241,7 @@ def encode_sections(encoder, images: np.ndarray, *, tile: int = 128, margin: int
     enc = BlockEncoder(encoder, block=(1, tile, tile), margin=(0, margin, margin), batch_size=batch_size,
                        layers=blocks, embed=embed)
     if enc.ndim != 2:
-        raise ValueError("encode_sections takes a 2D encoder; export 3D encoders with export_features")
+        raise UserError("encode_sections takes a 2D encoder; export 3D encoders with export_features")
     n, ny, nx = images.shape
     s = enc.stride
     out = np.zeros((n, -(-ny // s[1]), -(-nx // s[2]), enc.channels), np.float32)
@@ -297,11 +298,11 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
         raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
                           "single-channel z, y, x volumes (store a 2D image as [1, y, x])")
     if dtype not in OUT_DTYPES:
-        raise ValueError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
+        raise UserError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
     box = Region.of(vol, roi).box
     size = tuple(b - a for a, b in box)
     if blend not in BLENDS:
-        raise ValueError(f"export.blend={blend!r}: use {', '.join(BLENDS)}")
+        raise UserError(f"export.blend={blend!r}: use {', '.join(BLENDS)}")
     enc = BlockEncoder(encoder, block=(block_z, tile, tile), margin=(margin_z, margin, margin), batch_size=batch_size,
                        layers=layers, out_dtype=OUT_DTYPES[dtype])
     if blend == "auto":
@@ -309,7 +310,7 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
     benc = None if blend == "none" else BlockEncoder(
         encoder, block=enc.window, margin=(0, 0, 0), batch_size=batch_size, layers=layers, out_dtype=np.float32)
     if pca_k < 0 or pca_k > enc.width:
-        raise ValueError(f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)")
+        raise UserError(f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)")
     s, cells = enc.stride, enc.cells
     grid = tuple(-(-n // st) for n, st in zip(size, s))
     channels = pca_k or enc.width

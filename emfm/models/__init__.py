@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from flax import nnx
+from emfm.errors import UserError
 
 
 def _vit(cfg, rngs: nnx.Rngs):
@@ -27,5 +28,5 @@ ENCODERS: dict[str, Callable] = {
 def build_encoder(cfg, *, seed: int = 0):
     """The encoder named by `cfg.name` (a ModelConfig), initialised from `seed`."""
     if cfg.name not in ENCODERS:
-        raise ValueError(f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}")
+        raise UserError(f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}")
     return ENCODERS[cfg.name](cfg, nnx.Rngs(seed))

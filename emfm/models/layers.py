@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float
+from emfm.errors import UserError
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -26,7 +27,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+            raise UserError(f"attention width {dim} is not divisible by heads={heads}")
         self.heads = heads
         self.qkv = dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)

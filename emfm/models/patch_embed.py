@@ -15,14 +15,15 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from emfm.models.layers import dense
+from emfm.errors import UserError
 
 
 def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
     if len(spatial) != len(patch):
-        raise ValueError(f"image of spatial shape {tuple(spatial)} does not match patch size {tuple(patch)}")
+        raise UserError(f"image of spatial shape {tuple(spatial)} does not match patch size {tuple(patch)}")
     for s, p in zip(spatial, patch):
         if s % p:
-            raise ValueError(f"image of spatial shape {tuple(spatial)} is not divisible by patch size {tuple(patch)}")
+            raise UserError(f"image of spatial shape {tuple(spatial)} is not divisible by patch size {tuple(patch)}")
     return tuple(s // p for s, p in zip(spatial, patch))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from emfm.errors import UserError
 
 
 def _axis_embed(pos: np.ndarray, dim: int) -> np.ndarray:
@@ -27,7 +28,7 @@ def sincos_embedding(dim: int, grid: Sequence[int], ref_grid: Sequence[int] | No
     nd = len(grid)
     per_axis = (dim // (2 * nd)) * 2
     if per_axis == 0:
-        raise ValueError(f"embedding width {dim} too small for a {nd}D sin-cos embedding")
+        raise UserError(f"embedding width {dim} too small for a {nd}D sin-cos embedding")
     axes = []
     for i, g in enumerate(grid):
         pos = np.arange(g, dtype=np.float64)

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from emfm.models.unet import he_uniform, upsample
+from emfm.errors import UserError
 
 
 def _conv(nd: int, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -45,7 +46,7 @@ def up_factors(patch: Sequence[int]) -> list[tuple[int, ...]]:
     [(1, 2, 2)] * 2. Patch sizes must be powers of two."""
     for p in patch:
         if p & (p - 1):
-            raise ValueError(f"dense heads need power-of-two patch sizes; got {tuple(patch)}")
+            raise UserError(f"dense heads need power-of-two patch sizes; got {tuple(patch)}")
     stages = max(int(math.log2(p)) for p in patch)
     return [tuple(2 if (p >> s) > 1 else 1 for p in patch) for s in range(stages)]
 
@@ -140,9 +141,9 @@ def build_head(name: str, encoder, *, out: int, width: int = 32, blocks: Sequenc
     rngs = nnx.Rngs(seed + 7)
     is_unet = type(encoder).__name__ == "UNet"
     if name not in HEADS:
-        raise ValueError(f"head.name={name!r}: known heads are {', '.join(HEADS)}")
+        raise UserError(f"head.name={name!r}: known heads are {', '.join(HEADS)}")
     if is_unet != (name == "unet"):
-        raise ValueError(f"head.name={name!r} does not fit a {type(encoder).__name__} encoder: "
+        raise UserError(f"head.name={name!r} does not fit a {type(encoder).__name__} encoder: "
                          "use head=unet for the U-Net and head=unetr or head=progressive for a ViT")
     if name == "unet":
         return PixelHead(nd=spec.ndim, enc_width=spec.width, out=out, rngs=rngs)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
+from emfm.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("group", "layer")
@@ -58,11 +59,11 @@ class UNetSpec:
 
     def __post_init__(self):
         if self.ndim not in (2, 3):
-            raise ValueError(f"U-Net ndim={self.ndim}: 2 or 3")
+            raise UserError(f"U-Net ndim={self.ndim}: 2 or 3")
         if self.norm not in NORMS:
-            raise ValueError(f"U-Net norm={self.norm!r}: use one of {NORMS}")
+            raise UserError(f"U-Net norm={self.norm!r}: use one of {NORMS}")
         if self.norm == "group" and any(w % self.groups for w in self.widths):
-            raise ValueError(f"U-Net widths {self.widths} must be divisible by norm_groups={self.groups}")
+            raise UserError(f"U-Net widths {self.widths} must be divisible by norm_groups={self.groups}")
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -167,12 +168,12 @@ class UNet(nnx.Module):
     def _check(self, x) -> None:
         s = self.spec
         if x.ndim != s.ndim + 2:
-            raise ValueError(f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape {x.shape}")
+            raise UserError(f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape {x.shape}")
         if x.shape[-1] != s.in_channels:
-            raise ValueError(f"U-Net expects {s.in_channels} channel(s); input has {x.shape[-1]}")
+            raise UserError(f"U-Net expects {s.in_channels} channel(s); input has {x.shape[-1]}")
         tot = s.total_pool()
         if any(d % t for d, t in zip(x.shape[1:-1], tot)):
-            raise ValueError(f"U-Net with {s.depth} levels pools by {tot}: input spatial shape "
+            raise UserError(f"U-Net with {s.depth} levels pools by {tot}: input spatial shape "
                              f"{tuple(x.shape[1:-1])} must be divisible by it")
 
     def encode(self, x: Float[Array, "b *sp c"]) -> list[Float[Array, "b *sp_l c_l"]]:
@@ -198,7 +199,7 @@ class UNet(nnx.Module):
     def __call__(self, x: Float[Array, "b *sp c"], *, ids_keep=None,
                  return_blocks: Sequence[int] = ()) -> tuple[Float[Array, "b n w"], dict]:
         if ids_keep is not None:
-            raise ValueError("the U-Net has no tokens to drop (ids_keep); mask the input image instead")
+            raise UserError("the U-Net has no tokens to drop (ids_keep); mask the input image instead")
         feats = self.encode(x)
         fmap = self.decode(feats)
         tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])

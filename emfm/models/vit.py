@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 from emfm.models.layers import Block, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import PatchEmbed, grid_shape
 from emfm.models.pos_embed import sincos_embedding
+from emfm.errors import UserError
 
 # Width, depth, heads of the ViT family: B, L, H from Dosovitskiy et al. 2021 ("An image is worth
 # 16x16 words", Table 1); Ti and S from Touvron et al. 2021 (DeiT, Table 1).
@@ -52,7 +53,7 @@ class ViTSpec:
     @classmethod
     def from_config(cls, cfg) -> "ViTSpec":
         if cfg.size not in SIZES:
-            raise ValueError(f"model.size={cfg.size!r}: known sizes are {', '.join(SIZES)}")
+            raise UserError(f"model.size={cfg.size!r}: known sizes are {', '.join(SIZES)}")
         base = dict(SIZES[cfg.size])
         for k in ("width", "depth", "heads"):
             if getattr(cfg, k) is not None:
@@ -87,10 +88,10 @@ class ViT(nnx.Module):
 
     def _check(self, x) -> None:
         if x.ndim != self.spec.ndim + 2:
-            raise ValueError(f"ViT with patch size {self.spec.patch_size} takes [b, {'z, ' * (self.spec.ndim == 3)}y, x, c] "
+            raise UserError(f"ViT with patch size {self.spec.patch_size} takes [b, {'z, ' * (self.spec.ndim == 3)}y, x, c] "
                              f"input; got shape {x.shape}")
         if x.shape[-1] != self.spec.in_channels:
-            raise ValueError(f"ViT expects {self.spec.in_channels} channel(s); input has {x.shape[-1]}")
+            raise UserError(f"ViT expects {self.spec.in_channels} channel(s); input has {x.shape[-1]}")
 
     def embed(self, x: Float[Array, "b *sp c"]) -> Float[Array, "b n d"]:
         """Patch embedding plus fixed position embedding for this input's grid."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from emfm.objectives import combo, dense, dino, dino_dense, mae, mim_unet, moco, simclr
 from emfm.objectives.base import ObjectiveDef
+from emfm.errors import UserError
 
 OBJECTIVES: dict[str, ObjectiveDef] = {
     "mae": mae.DEFINITION,
@@ -20,5 +21,5 @@ OBJECTIVES: dict[str, ObjectiveDef] = {
 
 def get(name: str) -> ObjectiveDef:
     if name not in OBJECTIVES:
-        raise ValueError(f"objective.name={name!r}: known objectives are {', '.join(sorted(OBJECTIVES))}")
+        raise UserError(f"objective.name={name!r}: known objectives are {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]

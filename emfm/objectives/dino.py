@@ -16,6 +16,7 @@ from flax import nnx
 from emfm.models.heads import DINOHead, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, random_resized_crops, two_view_loss
+from emfm.errors import UserError
 
 
 class Center(nnx.Variable):
@@ -58,7 +59,7 @@ def _logits(encoder, heads: Heads, x):
 
 def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher):
     if teacher is None:
-        raise ValueError("DINO needs the momentum teacher (ObjectiveDef.teacher=True)")
+        raise UserError("DINO needs the momentum teacher (ObjectiveDef.teacher=True)")
     spec = encoder.spec
     multiple = spec.total_pool()[-1] if hasattr(spec, "total_pool") else spec.patch_size[-1]
     crops = [x1, x2] + local_views(rng, x1, x2, cfg, multiple)

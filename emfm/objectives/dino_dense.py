@@ -29,6 +29,7 @@ from emfm.models.heads import DINOHead
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
 from emfm.objectives.dino import Center
+from emfm.errors import UserError
 
 
 class Heads(nnx.Module):
@@ -84,9 +85,9 @@ def stride_of(encoder) -> int:
 
 def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     if teacher is None:
-        raise ValueError("dino_dense needs the momentum teacher (ObjectiveDef.teacher=True)")
+        raise UserError("dino_dense needs the momentum teacher (ObjectiveDef.teacher=True)")
     if x.ndim != 4 or x.shape[1] != x.shape[2]:
-        raise ValueError(f"dino_dense takes square 2D patches [b, y, x, c]; got {x.shape}")
+        raise UserError(f"dino_dense takes square 2D patches [b, y, x, c]; got {x.shape}")
     kt, kz, kd, kp, km, ks = jax.random.split(rng, 6)
     b, h = x.shape[0], x.shape[1]
     xt = photometric(kt, x, brightness=0.05, contrast=0.1, gamma=0.1, noise=0.01)

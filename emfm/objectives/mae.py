@@ -22,6 +22,7 @@ from emfm.models.pos_embed import sincos_embedding
 from emfm.models.vit import DTYPES, ViT
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.masking import Masking, random_masking
+from emfm.errors import UserError
 
 
 class MAEDecoder(nnx.Module):
@@ -110,7 +111,7 @@ def patch_targets(images: Float[Array, "b *sp c"], patch: Sequence[int], norm_pi
         var = target.var(axis=(1, 2), keepdims=True)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
     elif mode != "none":
-        raise ValueError(f"target normalisation {norm_pix!r}: use one of {TARGET_NORMS}")
+        raise UserError(f"target normalisation {norm_pix!r}: use one of {TARGET_NORMS}")
     return target
 
 

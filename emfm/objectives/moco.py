@@ -13,6 +13,7 @@ from flax import nnx
 from emfm.models.heads import MLP, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, info_nce, two_view_loss
+from emfm.errors import UserError
 
 
 class Heads(nnx.Module):
@@ -33,7 +34,7 @@ def symmetric_loss(q1, q2, k1, k2, temperature: float):
 
 def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher):
     if teacher is None:
-        raise ValueError("MoCo v3 needs the momentum teacher (ObjectiveDef.teacher=True)")
+        raise UserError("MoCo v3 needs the momentum teacher (ObjectiveDef.teacher=True)")
     q1 = heads.predictor(_project(encoder, heads, x1))
     q2 = heads.predictor(_project(encoder, heads, x2))
     t_enc, t_heads = teacher

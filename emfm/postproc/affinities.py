@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from emfm.errors import UserError
 
 DEFAULT_OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-3, 0, 0), (0, -9, 0), (0, 0, -9))
 
@@ -23,10 +24,10 @@ def check_offsets(offsets: Sequence[Sequence[int]], ndim: int) -> np.ndarray:
     for o in offsets:
         o = tuple(int(v) for v in o)
         if len(o) != ndim or not any(o):
-            raise ValueError(f"affinity offset {list(o)}: give {ndim} integers, not all 0")
+            raise UserError(f"affinity offset {list(o)}: give {ndim} integers, not all 0")
         out.append(o)
     if not out:
-        raise ValueError("affinities need at least one offset")
+        raise UserError("affinities need at least one offset")
     return np.asarray(out, np.int64).reshape(len(out), ndim)
 
 
@@ -98,7 +99,7 @@ def boundaries_from_affinities(affs: np.ndarray, offsets, *, mask: np.ndarray | 
     shape = affs.shape[1:]
     nn = [c for c, o in enumerate(offsets) if is_nearest(o)]
     if not nn:
-        raise ValueError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset to derive boundaries from")
+        raise UserError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset to derive boundaries from")
     if mask is None:
         mask = affinity_mask(shape, offsets)
     out = np.zeros(shape, np.float32)

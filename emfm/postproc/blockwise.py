@@ -32,6 +32,7 @@ from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
 from emfm.postproc.affinities import DEFAULT_OFFSETS
 from emfm.postproc.link2d import overlap_links
 from emfm.postproc.segment import SegmentParams, segment
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -41,7 +42,7 @@ Box = tuple[slice, ...]
 def block_grid(shape: Sequence[int], block: Sequence[int]) -> list[Box]:
     """Core boxes of a regular grid over `shape` (last blocks clipped), in C order."""
     if len(block) != len(shape) or any(b <= 0 for b in block):
-        raise ValueError(f"block={list(block)}: give {len(shape)} positive sizes (z, y, x)")
+        raise UserError(f"block={list(block)}: give {len(shape)} positive sizes (z, y, x)")
     ranges = [[slice(s, min(s + b, n)) for s in range(0, n, b)] for n, b in zip(shape, block)]
     return [tuple(r) for r in itertools.product(*ranges)]
 
@@ -83,7 +84,7 @@ class BlockwiseJob:
         self.read, self.shape, self.params = read, tuple(int(s) for s in shape), params.check()
         self.blocks = block_grid(self.shape, block)
         if len(halo) != len(self.shape) or any(not 0 <= h <= b for h, b in zip(halo, block)):
-            raise ValueError(f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] (block={list(block)})")
+            raise UserError(f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] (block={list(block)})")
         self.block, self.halo = tuple(block), tuple(halo)
         self.out = Path(out)
         self.work = Path(work_dir) if work_dir else self.out.with_name(self.out.name + ".work")
@@ -102,7 +103,7 @@ class BlockwiseJob:
             old = json.loads(rec.read_text())
             if old != self.record:
                 diff = sorted(k for k in set(old) | set(self.record) if old.get(k) != self.record.get(k))
-                raise ValueError(f"work directory {self.work} holds blocks of another job (differs in {diff}); "
+                raise UserError(f"work directory {self.work} holds blocks of another job (differs in {diff}); "
                                  "remove it or choose another out=")
         else:
             rec.write_text(json.dumps(self.record, indent=1))
@@ -215,7 +216,7 @@ def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None
     picks the boundary class of a multi-channel probability volume; `invert` turns a foreground
     (interior) probability into a boundary probability."""
     if kind not in ("auto", "boundary", "affinities"):
-        raise ValueError(f"kind={kind!r}: use auto, boundary or affinities")
+        raise UserError(f"kind={kind!r}: use auto, boundary or affinities")
     if vol.ndim not in (3, 4):
         raise VolumeError(f"instance input {vol.path} has shape {vol.shape}; expected z, y, x or z, y, x, c")
     if kind == "auto":
@@ -241,14 +242,26 @@ def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None
     return read, kind
 
 
-def _from_attributes(vol: Volume, kind: str, channel: int | None, params: SegmentParams):
-    """What `emfm predict` records in its output's attributes: the boundary channel by name
-    ("channels"), the affinity offsets ("offsets"). Recorded offsets replace the default ones; a
-    configured set that differs from the recorded one is an error naming both."""
+def _from_attributes(vol: Volume, kind: str, channel: int | None, invert: bool, params: SegmentParams):
+    """What `emfm predict` records in its output's attributes decides how it is read when the user
+    gave no `channel`: a "boundary" channel by name; else, for a semantic model, 1 - the probability
+    of the class whose connected regions are the instances (`instance_class`: cell interiors between
+    membranes, or the organelles); else 1 - "foreground" (center task). Recorded affinity offsets
+    ("offsets") replace the default ones; a configured set that differs from the recorded one is an
+    error naming both. Returns (channel, invert, params)."""
     names = list(vol.attributes.get("channels") or [])
-    if vol.ndim == 4 and channel is None and kind in ("auto", "boundary") and "boundary" in names:
-        channel = names.index("boundary")
-        log.info("instances: boundary probabilities from channel %d of %s", channel, vol.path)
+    if vol.ndim == 4 and channel is None and kind in ("auto", "boundary"):
+        ic = vol.attributes.get("instance_class")
+        if "boundary" in names:
+            channel = names.index("boundary")
+            log.info("instances: boundary probabilities from channel %d of %s", channel, vol.path)
+        elif ic is not None and 0 <= int(ic) < vol.shape[3]:
+            channel, invert = int(ic), True
+            log.info("instances: boundaries = 1 - p(%s), the instance class of %s", names[channel] if names else
+                     channel, vol.path)
+        elif "foreground" in names:
+            channel, invert = names.index("foreground"), True
+            log.info("instances: boundaries = 1 - p(foreground) of %s", vol.path)
     recorded = [tuple(int(v) for v in o) for o in vol.attributes.get("offsets") or []]
     if recorded and channel is None:
         configured = [tuple(o) for o in params.offsets]
@@ -256,7 +269,7 @@ def _from_attributes(vol: Volume, kind: str, channel: int | None, params: Segmen
             raise VolumeError(f"instance input {vol.path} holds affinities for offsets {[list(o) for o in recorded]}, "
                               f"but offsets={[list(o) for o in configured]} were given")
         params = replace(params, offsets=tuple(recorded))
-    return channel, params
+    return channel, invert, params
 
 
 def instances(input_path: str, out: str, params: SegmentParams, *, block: Sequence[int], halo: Sequence[int],
@@ -265,7 +278,7 @@ def instances(input_path: str, out: str, params: SegmentParams, *, block: Sequen
               progress: Callable | None = None) -> dict:
     """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr v3)."""
     vol = open_volume(input_path)
-    channel, params = _from_attributes(vol, kind, channel, params)
+    channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
     read, kind = volume_reader(vol, kind=kind, channel=channel, invert=invert,
                                n_offsets=len(params.offsets))
     if params.method == "mws" and kind != "affinities":

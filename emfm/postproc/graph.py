@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emfm.postproc.affinities import check_offsets, is_nearest, offset_slices
+from emfm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ def _build(n_nodes: int, u: np.ndarray, v: np.ndarray, val: np.ndarray) -> Rag:
 def _check(fragments: np.ndarray, other_shape, what: str) -> np.ndarray:
     fragments = np.asarray(fragments)
     if not np.issubdtype(fragments.dtype, np.integer):
-        raise ValueError(f"fragments must be an integer label array, got {fragments.dtype}")
+        raise UserError(f"fragments must be an integer label array, got {fragments.dtype}")
     if tuple(other_shape) != fragments.shape:
-        raise ValueError(f"{what} shape {tuple(other_shape)} != fragments shape {fragments.shape}")
+        raise UserError(f"{what} shape {tuple(other_shape)} != fragments shape {fragments.shape}")
     return fragments.astype(np.int64)
 
 
@@ -67,7 +68,7 @@ def rag_from_affinities(fragments: np.ndarray, affs: np.ndarray, offsets) -> Rag
     frag = _check(fragments, affs.shape[1:], "affinity volume (without channels)")
     offsets = check_offsets(offsets, frag.ndim)
     if len(offsets) != affs.shape[0]:
-        raise ValueError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
+        raise UserError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
     us, vs, vals = [], [], []
     for c, o in enumerate(offsets):
         if not is_nearest(o):
@@ -77,7 +78,7 @@ def rag_from_affinities(fragments: np.ndarray, affs: np.ndarray, offsets) -> Rag
         vs.append(frag[dst].ravel())
         vals.append(1.0 - affs[c][src].astype(np.float64).ravel())
     if not us:
-        raise ValueError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset for the graph")
+        raise UserError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset for the graph")
     return _build(int(frag.max()) + 1, np.concatenate(us), np.concatenate(vs), np.concatenate(vals))
 
 
@@ -134,7 +135,7 @@ def multicut_costs(prob: np.ndarray, size: np.ndarray | None = None, *, beta: fl
     attractive (join), negative = repulsive (cut). `beta` is the boundary bias: above 0.5 cuts more.
     With `size`, costs are weighted by the face count relative to the largest edge."""
     if not 0.0 < beta < 1.0:
-        raise ValueError(f"multicut beta={beta}: must be in (0, 1)")
+        raise UserError(f"multicut beta={beta}: must be in (0, 1)")
     p = np.clip(np.asarray(prob, np.float64), eps, 1 - eps)
     cost = np.log((1 - p) / p) + np.log((1 - beta) / beta)
     if size is not None and len(size):
@@ -149,7 +150,7 @@ def gaec(n_nodes: int, edges: np.ndarray, costs: np.ndarray) -> np.ndarray:
     edges = np.asarray(edges, np.int64).reshape(-1, 2)
     costs = np.asarray(costs, np.float64)
     if len(edges) != len(costs):
-        raise ValueError(f"{len(edges)} edges but {len(costs)} costs")
+        raise UserError(f"{len(edges)} edges but {len(costs)} costs")
     parent = np.arange(n_nodes)
     adj: list[dict] = [dict() for _ in range(n_nodes)]
     for (u, v), c in zip(edges.tolist(), costs.tolist()):

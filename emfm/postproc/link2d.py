@@ -19,6 +19,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
 from emfm.postproc.watershed import watershed_segmentation
+from emfm.errors import UserError
 
 CRITERIA = ("fraction", "iou")
 
@@ -48,7 +49,7 @@ def overlap_links(a: np.ndarray, b: np.ndarray, *, threshold: float = 0.5, crite
     `mutual_best`, a pair also has to be each one's largest overlap (one-to-one matching, so a
     segment that straddles two others cannot chain them together)."""
     if criterion not in CRITERIA:
-        raise ValueError(f"overlap criterion {criterion!r}: use one of {CRITERIA}")
+        raise UserError(f"overlap criterion {criterion!r}: use one of {CRITERIA}")
     ia, ib, n = pair_counts(a, b)
     if n.size == 0:
         return np.zeros((0, 2), np.uint64)
@@ -89,7 +90,7 @@ def link_sections(labels2d: np.ndarray, *, threshold: float = 0.5, criterion: st
     segment to every other one it overlaps enough (branches, but chains objects through merges)."""
     labels2d = np.asarray(labels2d)
     if labels2d.ndim != 3:
-        raise ValueError(f"linking needs a z, y, x label volume, got shape {labels2d.shape}")
+        raise UserError(f"linking needs a z, y, x label volume, got shape {labels2d.shape}")
     lab = np.zeros(labels2d.shape, np.uint64)
     nxt = 0
     for z in range(labels2d.shape[0]):  # unique ids per section
@@ -127,6 +128,6 @@ def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed
             nodes = graph.agglomerate(graph.rag_from_boundaries(frag, b), agglomeration_threshold)
             lab2d[z] = graph.apply_to_fragments(frag, nodes)  # made unique over sections by link_sections
     else:
-        raise ValueError(f"method_2d={method_2d!r}: use watershed or agglomeration")
+        raise UserError(f"method_2d={method_2d!r}: use watershed or agglomeration")
     return link_sections(lab2d, threshold=link_threshold, criterion=criterion, min_overlap=min_overlap,
                          mask=boundary < threshold if link_on_interior else None, mutual_best=mutual_best)

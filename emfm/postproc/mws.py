@@ -12,6 +12,7 @@ import numpy as np
 from skimage.segmentation import relabel_sequential
 
 from emfm.postproc.affinities import check_offsets, is_nearest
+from emfm.errors import UserError
 
 _EPS = 1e-6  # keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
 
@@ -21,7 +22,7 @@ def signed_weights(affs: np.ndarray, offsets) -> np.ndarray:
     affs = np.clip(np.asarray(affs, np.float64), 0.0, 1.0)
     offsets = check_offsets(offsets, affs.ndim - 1)
     if len(offsets) != affs.shape[0]:
-        raise ValueError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
+        raise UserError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
     out = np.empty_like(affs)
     for c, o in enumerate(offsets):
         out[c] = np.maximum(affs[c], _EPS) if is_nearest(o) else -np.maximum(1.0 - affs[c], _EPS)
@@ -37,7 +38,7 @@ def mutex_watershed(affs: np.ndarray, offsets, *, repulsive_stride: int = 1) -> 
 
     offsets = check_offsets(offsets, np.ndim(affs) - 1)
     if not any(is_nearest(o) for o in offsets):
-        raise ValueError(f"mutex watershed needs nearest-neighbour offsets; got {offsets.tolist()}")
+        raise UserError(f"mutex watershed needs nearest-neighbour offsets; got {offsets.tolist()}")
     w = signed_weights(affs, offsets)
     nd = offsets.shape[1]
     strides = [[1] * nd if is_nearest(o) else [repulsive_stride] * nd for o in offsets]

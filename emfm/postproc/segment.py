@@ -22,6 +22,7 @@ from emfm.postproc.affinities import DEFAULT_OFFSETS, boundaries_from_affinities
 from emfm.postproc.link2d import CRITERIA, segment_2d_then_3d
 from emfm.postproc.mws import mutex_watershed
 from emfm.postproc.watershed import fragments, watershed_segmentation
+from emfm.errors import UserError
 
 METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")
 
@@ -48,20 +49,20 @@ class SegmentParams:
 
     def check(self) -> "SegmentParams":
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.link_criterion not in CRITERIA:
-            raise ValueError(f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}")
+            raise UserError(f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}")
         for k in ("threshold", "agglomeration_threshold", "link_threshold"):
             if not 0.0 <= getattr(self, k) <= 1.0:
-                raise ValueError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
+                raise UserError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
         if not 0.0 < self.beta < 1.0:
-            raise ValueError(f"beta={self.beta}: must lie in (0, 1)")
+            raise UserError(f"beta={self.beta}: must lie in (0, 1)")
         if self.link_2d not in ("watershed", "agglomeration"):
-            raise ValueError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
+            raise UserError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
         if self.link_min_overlap < 1:
-            raise ValueError(f"link_min_overlap={self.link_min_overlap}: must be >= 1")
+            raise UserError(f"link_min_overlap={self.link_min_overlap}: must be >= 1")
         if self.repulsive_stride < 1:
-            raise ValueError(f"repulsive_stride={self.repulsive_stride}: must be >= 1")
+            raise UserError(f"repulsive_stride={self.repulsive_stride}: must be >= 1")
         return self
 
 
@@ -71,19 +72,19 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     data = np.asarray(data)
     affinities = data.ndim == 4
     if data.ndim not in (3, 4):
-        raise ValueError(f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
+        raise UserError(f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
                          "or affinities (c, z, y, x)")
     if affinities:
         offsets = check_offsets(params.offsets, 3)
         if len(offsets) != data.shape[0]:
-            raise ValueError(f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured")
+            raise UserError(f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured")
         boundary = boundaries_from_affinities(data, offsets)
     else:
         boundary = data.astype(np.float32)
     m = params.method
     if m == "mws":
         if not affinities:
-            raise ValueError("method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary map")
+            raise UserError("method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary map")
         return mutex_watershed(data, params.offsets, repulsive_stride=params.repulsive_stride)
     if m == "watershed":
         return watershed_segmentation(boundary, threshold=params.threshold, min_seed=params.min_seed,

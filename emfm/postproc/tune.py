@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from emfm.postproc.segment import SegmentParams, segment
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -48,9 +49,9 @@ def score_instances(pred: np.ndarray, gt: np.ndarray, metric: str, *, per_sectio
     from emfm.eval.metrics_region import region_scores
 
     if metric not in METRICS:
-        raise ValueError(f"tune metric {metric!r}: choose one of {', '.join(METRICS)}")
+        raise UserError(f"tune metric {metric!r}: choose one of {', '.join(METRICS)}")
     if pred.shape != gt.shape:
-        raise ValueError(f"predicted labels {pred.shape} and validation labels {gt.shape} differ in shape")
+        raise UserError(f"predicted labels {pred.shape} and validation labels {gt.shape} differ in shape")
     pairs = list(zip(pred, gt)) if per_section else [(pred, gt)]
     if metric == "instance_f1":
         tp = n = 0
@@ -66,10 +67,10 @@ def grid_search(make_labels: Callable[[dict], np.ndarray], gt: np.ndarray, grid:
     """Every combination of `grid` (name -> values) labelled by `make_labels(combo)` and scored;
     returns the best combination (first one on ties) and all trials `{**combo, metric: score}`."""
     if metric not in METRICS:
-        raise ValueError(f"tune metric {metric!r}: choose one of {', '.join(METRICS)}")
+        raise UserError(f"tune metric {metric!r}: choose one of {', '.join(METRICS)}")
     names = list(grid)
     if any(len(grid[k]) == 0 for k in names):
-        raise ValueError(f"tune grid {dict(grid)}: every parameter needs at least one value")
+        raise UserError(f"tune grid {dict(grid)}: every parameter needs at least one value")
     sign = 1.0 if METRICS[metric] else -1.0
     trials, best, best_score = [], None, -np.inf
     for values in itertools.product(*(grid[k] for k in names)):
@@ -85,18 +86,18 @@ def _typed(params: SegmentParams, combo: dict) -> dict:
     types = {f.name: type(getattr(params, f.name)) for f in fields(params)}
     bad = sorted(set(combo) - set(types))
     if bad:
-        raise ValueError(f"tune grid names unknown instance parameters {bad}; known: {', '.join(sorted(types))}")
+        raise UserError(f"tune grid names unknown instance parameters {bad}; known: {', '.join(sorted(types))}")
     out = {}
     for k, v in combo.items():
         if types[k] is bool and isinstance(v, str):
             if v.lower() not in ("true", "false"):
-                raise ValueError(f"tune grid {k}={v!r}: use true or false")
+                raise UserError(f"tune grid {k}={v!r}: use true or false")
             out[k] = v.lower() == "true"
         else:
             try:
                 out[k] = types[k](v)
             except (TypeError, ValueError):
-                raise ValueError(f"tune grid {k}={v!r}: expected a {types[k].__name__}") from None
+                raise UserError(f"tune grid {k}={v!r}: expected a {types[k].__name__}") from None
     return out
 
 
@@ -133,7 +134,7 @@ def tune_foreground(prob: np.ndarray, gt: np.ndarray, *, metric: str = "instance
     grid = dict(grid) if grid else DEFAULT_GRIDS["foreground"]
     bad = sorted(set(grid) - {"threshold", "min_size"})
     if bad:
-        raise ValueError(f"tune grid names {bad}; foreground instances take threshold and min_size")
+        raise UserError(f"tune grid names {bad}; foreground instances take threshold and min_size")
     return grid_search(lambda c: foreground_instances(prob, two_d=two_d, **c), gt, grid, metric,
                        per_section=two_d, ignore_gt=())
 
@@ -149,7 +150,7 @@ def tune_from_volumes(input_path: str, labels_path: str, roi: Sequence[Sequence[
     from emfm.postproc.blockwise import _from_attributes, volume_reader
 
     vol = open_volume(input_path)
-    channel, params = _from_attributes(vol, kind, channel, params)
+    channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
     read, _ = volume_reader(vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets))
     shape = vol.spatial_shape
     if roi is None or len(roi) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(roi, shape)):

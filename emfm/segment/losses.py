@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from emfm.errors import UserError
 
 EPS = 1e-6
 
@@ -70,7 +71,7 @@ def softmax_terms(logits, labels, terms, term_weights, *, class_weights=None, ba
             valid = (labels >= 0).astype(jnp.float32)
             out[t] = soft_dice(jax.nn.softmax(logits), jax.nn.one_hot(jnp.where(labels >= 0, labels, 0), k), valid)
         else:
-            raise ValueError(f"loss term {t!r}: use ce, dice or focal")
+            raise UserError(f"loss term {t!r}: use ce, dice or focal")
     total = sum(wt * out[t] for t, wt in zip(terms, term_weights))
     return total, out
 
@@ -91,7 +92,7 @@ def sigmoid_terms(logits, targets, mask, terms, term_weights, *, gamma=2.0, bala
         elif t == "dice":
             out[t] = soft_dice(jax.nn.sigmoid(logits), targets, mask)
         else:
-            raise ValueError(f"loss term {t!r}: use ce, dice or focal")
+            raise UserError(f"loss term {t!r}: use ce, dice or focal")
     total = sum(wt * out[t] for t, wt in zip(terms, term_weights))
     return total, out
 

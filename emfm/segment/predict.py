@@ -22,6 +22,7 @@ import numpy as np
 
 from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
 from emfm.train.logging import progress
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -42,7 +43,7 @@ def ramp(n: int, overlap: int, kind: str) -> np.ndarray:
     elif kind == "gaussian":
         w = np.exp(-0.5 * ((t - (n - 1) / 2) / (n / 4)) ** 2)
     else:
-        raise ValueError(f"blend {kind!r}: use cosine, gaussian or constant")
+        raise UserError(f"blend {kind!r}: use cosine, gaussian or constant")
     return np.maximum(w, FLOOR).astype(np.float32)
 
 

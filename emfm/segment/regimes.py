@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from emfm.errors import UserError
 
 
 def freeze_patterns(regime, *, unet: bool) -> list[str]:
@@ -131,7 +132,7 @@ def fit_clusters(encoder, images: np.ndarray, method: str, k: int, *, samples: i
     elif method == "gmm":
         model = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed, max_iter=200).fit(s)
     else:
-        raise ValueError(f"clustering {method!r}: use kmeans or gmm")
+        raise UserError(f"clustering {method!r}: use kmeans or gmm")
 
     def predict(x: np.ndarray) -> np.ndarray:
         out = [model.predict(((f.reshape(-1, f.shape[-1]) - mean) / std)).reshape(f.shape[:-1])

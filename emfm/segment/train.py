@@ -32,6 +32,7 @@ from emfm.segment import losses, regimes, targets
 from emfm.segment.predict import model_fn, predict_array, predict_volume
 from emfm.train import checkpoint, loop, mesh as meshlib, optim
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -101,18 +102,20 @@ def labelled_roi(region: Region, fraction: float, min_depth: int) -> list[list[i
 class Batches:
     """Host batches for the step: image, targets, and unlabelled images for semi-supervised regimes."""
 
-    def __init__(self, cfg: FinetuneConfig, img, lab, grey, ndim: int, start: int):
+    def __init__(self, cfg: FinetuneConfig, img, lab, grey, ndim: int, start: int, *, process_index: int = 0,
+                 process_count: int = 1):
         d, r = cfg.data, cfg.regime
         train = Region.of(img, d.train_roi)
         self.labelled = Region.of(img, labelled_roi(train, d.label_fraction, d.patch_shape[0]))
         self.task, self.ndim = cfg.task, ndim
-        b = d.batch_size
-        s = PatchSampler([self.labelled], d.patch_shape, b, seed=cfg.trainer.seed)
+        b = d.batch_size // process_count  # this process's share of the global batch
+        procs = dict(process_index=process_index, process_count=process_count)
+        s = PatchSampler([self.labelled], d.patch_shape, b, seed=cfg.trainer.seed, **procs)
         self.lab = PatchLoader(s, [grey], labels=[lab], augment_batches=d.augment, prefetch=d.prefetch,
                                start_step=start, min_foreground=d.min_foreground)
         self.unl = None
         if r.semi != "none":
-            su = PatchSampler([train], d.patch_shape, b * r.unlabelled_ratio, seed=cfg.trainer.seed + 1)
+            su = PatchSampler([train], d.patch_shape, b * r.unlabelled_ratio, seed=cfg.trainer.seed + 1, **procs)
             self.unl = PatchLoader(su, [grey], augment_batches=d.augment, prefetch=d.prefetch, start_step=start)
 
     def _img(self, x):
@@ -235,19 +238,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    main_proc = jax.process_index() == 0
-    if jax.process_count() > 1:
-        raise ValueError("emfm finetune runs in one process (data/fsdp over its local devices)")
+    pid, pcount = jax.process_index(), jax.process_count()
+    main_proc = pid == 0
     gbatch = cfg.data.batch_size
+    if gbatch % pcount:
+        raise UserError(f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes")
     mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if gbatch % mesh.size:
-        raise ValueError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
+        raise UserError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
     img, lab = _volumes(cfg)
     model, mcfg, ckpt_grey = init_model(cfg)
     ndim = model.encoder.spec.ndim
     spatial = cfg.data.patch_shape[1:] if ndim == 2 else cfg.data.patch_shape
     if ndim == 2 and cfg.data.patch_shape[0] != 1 or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size)):
-        raise ValueError(f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
+        raise UserError(f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
                          f"{model.encoder.spec.patch_size}")
     grey = ckpt_grey or estimate_range(Region.of(img, cfg.data.train_roi), samples=cfg.data.intensity_samples,
                                        seed=cfg.trainer.seed)
@@ -286,12 +290,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "data_path": img.path, "channels": targets.channel_names(cfg.task, ndim)}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(lambda: state0), state_sh)
-    state, start = loop.restore_or_init(mngr, abstract, lambda: jax.device_put(state0, state_sh), run_dir)
+    state, start = loop.restore_or_init(mngr, abstract, lambda: meshlib.put_global(state0, state_sh), run_dir)
     del state0, model
 
-    batches = Batches(cfg, img, lab, grey, ndim, start)
-    ex = batches.example()
-    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in ex.items()}
+    batches = Batches(cfg, img, lab, grey, ndim, start, process_index=pid, process_count=pcount)
+    ex = batches.example()  # this process's share; the step sees the global batch of all processes
+    example = {k: jax.ShapeDtypeStruct((v.shape[0] * pcount,) + v.shape[1:], v.dtype, sharding=batch_sh)
+               for k, v in ex.items()}
     t0 = time.perf_counter()
     compiled = train_step.lower(abstract, example).compile()
     compile_s = time.perf_counter() - t0
@@ -308,8 +313,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
                "final_loss": losses_seen[-1] if losses_seen else None, "compile_s": compile_s,
                "train_s": loop_s, "labelled_roi": [list(b) for b in batches.labelled.box],
                "checkpoint": str(run_dir / "checkpoints")}
-    if cfg.data.test_roi:
-        host = jax.device_get(state)
+    if pcount > 1:  # every process gathers the (possibly sharded) state; process 0 scores it
+        from jax.experimental import multihost_utils
+
+        host = multihost_utils.process_allgather(state, tiled=True)
+    else:
+        host = jax.device_get(state) if cfg.data.test_roi else None
+    if cfg.data.test_roi and main_proc:
         model = nnx.merge(graphdef, host.params, host.rest)
         scores, _ = evaluate(model, cfg, img, lab, grey, cfg.data.test_roi, ndim)
         summary["test"] = scores
@@ -323,23 +333,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
 def run_predict(cfg: FinetuneConfig) -> dict:
     """`emfm predict checkpoint=FINETUNE_RUN predict.path=VOLUME`: probabilities to zarr."""
     if not cfg.checkpoint:
-        raise ValueError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
+        raise UserError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
     model, meta = load_seg_model(cfg.checkpoint)
     task = SegTaskConfig(**meta["task"])
     ndim = model.encoder.spec.ndim
     lay = targets.layout(task, ndim)
     p = cfg.predict
     if ndim == 2 and p.window[0] != 1:
-        raise ValueError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
+        raise UserError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
     spatial = p.window[1:] if ndim == 2 else p.window
     if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
-        raise ValueError(f"predict.window={p.window} is not divisible by the model's patch size "
+        raise UserError(f"predict.window={p.window} is not divisible by the model's patch size "
                          f"{model.encoder.spec.patch_size}")
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
     fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
     attrs = {"content": "probabilities", "task": task.kind, "channels": targets.channel_names(task, ndim),
-             "offsets": task.offsets if task.kind == "affinity" else [], "checkpoint": str(cfg.checkpoint)}
+             "offsets": task.offsets if task.kind == "affinity" else [], "checkpoint": str(cfg.checkpoint),
+             **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {})}
     res = predict_volume(fn, lay.channels, vol, out, grey_range=meta["grey_range"], window=p.window,
                          overlap=p.overlap, chunk=p.chunk, roi=p.roi, blend=p.blend, batch_size=p.batch_size,
                          dtype=p.dtype, resume=p.resume, attributes=attrs, show_progress=cfg.trainer.progress)

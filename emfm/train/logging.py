@@ -38,8 +38,15 @@ class MetricWriter:
             self._tb.close()
 
 
-def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True, **kw):
+    """A progress bar; when stderr is not a terminal (a log file under a scheduler) it writes at most
+    one line every 30 s (EMFM_PROGRESS_INTERVAL seconds)."""
+    import os
+    import sys
+
     from tqdm.auto import tqdm
 
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    interval = 1.0 if tty else float(os.environ.get("EMFM_PROGRESS_INTERVAL", 30.0))
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=1.0, smoothing=0.1)
+                mininterval=interval, maxinterval=max(interval, 10.0), smoothing=0.1, **kw)

@@ -1,7 +1,9 @@
 """The step loop shared by `emfm pretrain` and `emfm finetune`.
 
 A run supplies its compiled pure step, its state and its batch iterator; the loop does the rest the
-same way for both: SIGTERM -> checkpoint of the current step and `Preempted`; metrics every
+same way for both: a preemption signal (`trainer.preempt_signals`, default SIGUSR1, SIGUSR2 and
+SIGTERM) -> every process agrees on the same stop step, one checkpoint of it, the scheduler's own
+handler (e.g. submitit's requeue) and `Preempted`; metrics every
 `log_every` steps (JSONL + TensorBoard, with the learning rate, throughput and the share of wall
 time spent waiting for data); a non-finite loss stops the run naming the step (or is skipped);
 best and periodic checkpoints with the data position; a progress bar; the final checkpoint; and
@@ -29,7 +31,63 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint of the current step was written before leaving."""
+    """A preemption signal arrived; a checkpoint of the current step was written before leaving.
+    `exit_code` is 128 + the signal number (143 for SIGTERM), what a shell reports for a job ended
+    by that signal."""
+
+    def __init__(self, msg: str, signum: int = signal.SIGTERM):
+        super().__init__(msg)
+        self.signum = int(signum)
+        self.exit_code = 128 + int(signum)
+
+
+class Preemption:
+    """Catches the configured signals while the loop runs; `agreed()` is called by every process at
+    every step, so all processes see the same answer at the same step (an all-gather of each
+    process's flag when there are several): one process that got the signal is enough to stop them
+    all at one step, with no process left waiting in a collective the others never enter."""
+
+    def __init__(self, names: list[str], enabled: bool = True):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+        if not enabled:
+            return
+        for n in names:
+            signum = getattr(signal, n)
+            try:
+                self.previous[signum] = signal.signal(signum, self._catch)
+            except ValueError:  # not the main thread (e.g. inside a notebook kernel thread)
+                pass
+
+    def _catch(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = int(signum)
+            logging.getLogger("emfm").warning("received %s: checkpointing at the next step",
+                                              signal.Signals(signum).name)
+
+    def agreed(self) -> int | None:
+        """The signal to stop for (the lowest number any process received), or None."""
+        if jax.process_count() == 1:
+            return self.received
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
+        got = flags[flags > 0]
+        return int(got.min()) if got.size else None
+
+    def hand_over(self, signum: int) -> None:
+        """Call what was installed before for `signum` (a scheduler's handler, e.g. submitit's
+        checkpoint-and-requeue, which may exit); a process that did not get the signal itself
+        calls it too, so each process's scheduler hook runs once."""
+        prev = self.previous.get(signum)
+        if callable(prev):
+            prev(signum, None)
+
+    def restore(self) -> None:
+        for signum, prev in self.previous.items():
+            signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
+        self.previous = {}
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -68,7 +126,7 @@ class LoopResult:
 
 def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: int, mesh, mngr, meta: dict,
         run_dir: Path, trainer, sched: Callable, accumulate_steps: int = 1, batch_size: int, desc: str,
-        best=None, main_proc: bool = True, catch_sigterm: bool = True, log_first: bool = False,
+        best=None, main_proc: bool = True, catch_signals: bool = True, log_first: bool = False,
         throughput: bool = True) -> LoopResult:
     """Run `state = step_fn(state, batch)` for steps `start .. steps - 1` on batches
     `meshlib.global_batch(next(data))`; `data` also has `state()` (saved with every checkpoint),
@@ -79,13 +137,8 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
     `log_first` also logs the first step run; `throughput` adds images/s, skipped batches and the
     data-wait fraction to the logged metrics. Closes `data`, `mngr` and `best` on the way out.
     """
-    preempted = {"flag": False}
-    old_handler = None
-    if catch_sigterm:
-        try:
-            old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True))
-        except ValueError:  # not the main thread (e.g. inside a notebook kernel thread)
-            old_handler = None
+    preemption = Preemption(list(trainer.preempt_signals), enabled=catch_signals)
+    stopped_by: dict = {}
     writer = MetricWriter(run_dir, tensorboard=trainer.tensorboard) if main_proc else None
     write_status(run_dir, "running", step=start)
     out = LoopResult(state)
@@ -100,12 +153,15 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
         mgr, step, out.state, {**meta, "data": data.state(), **(extra or {})}, **kw)
     try:
         for step in range(start, steps):
-            if preempted["flag"]:
+            signum = preemption.agreed()
+            if signum is not None:
                 save(mngr, step, force=True)
                 mngr.wait_until_finished()
                 status = "preempted"
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {mngr.directory}; "
-                                "run the same command to resume")
+                stopped_by["signal"] = signal.Signals(signum).name
+                preemption.hand_over(signum)
+                raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step} in "
+                                f"{mngr.directory}; run the same command to resume", signum)
             batch = meshlib.global_batch(next(data), mesh)
             out.state, metrics = step_fn(out.state, batch)
             out.images += batch_size
@@ -155,7 +211,7 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
         mngr.close()
         if best is not None:
             best.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-        write_status(run_dir, status, step=int(jax.device_get(out.state.step)) if status != "failed" else None)
+        preemption.restore()
+        write_status(run_dir, status, step=int(jax.device_get(out.state.step)) if status != "failed" else None,
+                     **stopped_by)
     return out

@@ -13,6 +13,7 @@ import math
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from emfm.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -21,11 +22,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if fsdp < 1 or n % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices")
+        raise UserError(f"mesh.fsdp={fsdp} must divide the {n} devices")
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
+        raise UserError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 
@@ -47,6 +48,17 @@ def state_shardings(abstract_state, mesh: Mesh, min_shard_size: int = 2**14):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def put_global(tree, shardings):
+    """Place a pytree that every process holds identically (e.g. a freshly initialised or loaded
+    state) with the given shardings: `jax.device_put` in one process; in several, each process
+    supplies the shards its devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    host = jax.device_get(tree)
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
+                        host, shardings)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

@@ -6,6 +6,7 @@ import re
 
 import jax
 import optax
+from emfm.errors import UserError
 
 NO_DECAY_NAMES = ("cls_token", "registers", "mask_token", "pos_embed", "bias", "scale")
 
@@ -84,7 +85,7 @@ def build(cfg, *, steps: int, batch_size: int, params=None) -> tuple[optax.Gradi
     """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et al.).
     `params` (or an abstract tree of them) is needed for layer decay and freezing."""
     if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
+        raise UserError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
     lr = cfg.lr * batch_size / 256.0 if cfg.scale_lr_by_batch else cfg.lr
     # with accumulation the schedule counts optimizer updates, not micro-batches
     sched = schedule(lr, max(1, steps // cfg.accumulate_steps), cfg.warmup_steps, cfg.min_lr_ratio)
@@ -94,7 +95,7 @@ def build(cfg, *, steps: int, batch_size: int, params=None) -> tuple[optax.Gradi
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
     if cfg.layer_decay != 1.0 or cfg.freeze:
         if params is None:
-            raise ValueError("optim.layer_decay / optim.freeze need the parameter tree")
+            raise UserError("optim.layer_decay / optim.freeze need the parameter tree")
         parts.append(scale_by_tree(update_scales(params, layer_decay=cfg.layer_decay, freeze=cfg.freeze)))
     tx = optax.chain(*parts)
     if cfg.accumulate_steps > 1:

@@ -27,6 +27,7 @@ from emfm.objectives import mae
 from emfm.train import checkpoint, loop, mesh as meshlib, optim
 from emfm.train.loop import NonFiniteLoss, Preempted  # noqa: F401 - re-exported: the CLI catches them here
 from emfm.train.state import build_pretraining_model, init_state, make_train_step, model_meta
+from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -74,10 +75,10 @@ def pretrain(cfg: EmfmConfig) -> dict:
     main_proc = pid == 0
     gbatch = cfg.data.batch_size
     if gbatch % pcount:
-        raise ValueError(f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes")
+        raise UserError(f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes")
     mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if gbatch % mesh.size:
-        raise ValueError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
+        raise UserError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
 
     sources = open_sources(cfg.data, seed=cfg.trainer.seed)
     vol, (lo, hi) = sources[0].region.volume, sources[0].grey_range
@@ -131,7 +132,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
     result = loop.run(compiled, state, _ModelBatches(loader, ndim), start=start, steps=cfg.trainer.steps, mesh=mesh,
                       mngr=mngr, meta=meta, run_dir=run_dir, trainer=cfg.trainer, sched=sched,
                       accumulate_steps=cfg.optim.accumulate_steps, batch_size=gbatch, desc="pretrain", best=best,
-                      main_proc=main_proc, catch_sigterm=main_proc or pcount > 1)
+                      main_proc=main_proc, catch_signals=main_proc or pcount > 1)
     state, losses, loop_s, images = result.state, result.losses, result.loop_s, result.images
 
     fig = None

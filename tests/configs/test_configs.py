@@ -52,6 +52,27 @@ def test_every_model_builds_abstractly(model):
     assert out.shape[:-1] == (2, *(s // p for s, p in zip(spatial, cfg.model.patch_size)))
 
 
+def test_model_sizes_stay_with_their_family():
+    """finetune's default ViT size is its own model config: choosing another encoder keeps that
+    encoder's widths (model=unet3d: 16..128 channels, 1.4 M parameters, not a width-64 variant)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from emfm.config import schema
+
+    schema.register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        def ft(*over):
+            c = hydra_compose("finetune", overrides=[*over, "run_dir=unused"])
+            return schema.validate_finetune(OmegaConf.to_object(c)).model
+
+        vit, unet3d, unet2d = ft(), ft("model=unet3d", "head=unet"), ft("model=unet2d", "head=unet")
+    assert (vit.name, vit.width, vit.depth, vit.heads) == ("vit", 64, 4, 4)
+    assert (unet3d.name, unet3d.width, unet3d.depth) == ("unet", 16, 4)
+    assert unet2d.width == compose("pretrain", ["model=unet2d", "objective=mim_unet"]).model.width
+
+
 def test_unknown_key_is_rejected_naming_it():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
         compose("main", ["model.nonsense_key=3"])

@@ -1,4 +1,5 @@
-"""Training engine: exact resume after SIGKILL, SIGTERM preemption, two processes equal one,
+"""Training engine: exact resume after SIGKILL, preemption signals (one or two processes), named runs,
+two processes equal one,
 non-finite handling, FSDP equals data parallel. Tiny model, real bundled EM."""
 import json
 import os
@@ -76,25 +77,60 @@ def test_best_checkpoint_and_logs(tmp_path):
     assert prov["packages"]["jax"] and "git_revision" in prov
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
-    run = tmp_path / "t"
-    p = popen("pretrain", *TINY, "trainer.steps=400", f"hydra.run.dir={run}")
-    wait_for_step(run, 6, p)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err[-2000:]
-    status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "preempted"
-    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert saved and saved[-1] >= 6
-    res = run_cli("pretrain", *TINY, "trainer.steps=" + str(saved[-1] + 2), f"hydra.run.dir={run}")
-    assert res.returncode == 0 and f"resumed from" in res.stderr + res.stdout
+def _signal_mid_run(cmd: str, args: list, run: Path, sig: int, at_step: int = 6):
+    p = popen(cmd, *args, f"hydra.run.dir={run}")
+    wait_for_step(run, at_step, p)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=180)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "finetune"])
+def test_launcher_signal_checkpoints_and_the_rerun_equals_an_uninterrupted_run(tmp_path, cmd):
+    """The Slurm launcher's USR2: checkpoint of the current step, exit status 128 + signal, and
+    rerunning the same command ends with the same losses as a run never interrupted."""
+    sig = signal.SIGUSR2
+    args = (TINY + ["trainer.steps=120"] if cmd == "pretrain" else
+            ["debug=seg_tiny", "trainer.steps=120", "trainer.log_every=1", "trainer.progress=false",
+             "trainer.tensorboard=false", "data.patch_shape=[1,32,32]", "model.depth=1", "model.patch_size=[4,4]",
+             "data.test_roi=null"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_cli(cmd, *args, f"hydra.run.dir={a}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = _signal_mid_run(cmd, args, b, sig)
+    assert code == 128 + sig, err[-2000:]
+    status = json.loads((b / "status.json").read_text())
+    assert status["status"] == "preempted" and status["signal"] == signal.Signals(sig).name
+    saved = sorted(int(d.name) for d in (b / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and 6 <= saved[-1] < 120 and f"saved a checkpoint at step {saved[-1]}" in err
+    res = run_cli(cmd, *args, f"hydra.run.dir={b}")
+    assert res.returncode == 0 and "resumed from" in res.stderr + res.stdout, res.stderr[-2000:]
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) and max(la) == 120
+    np.testing.assert_allclose([lb[s] for s in sorted(la)], [la[s] for s in sorted(la)], rtol=0, atol=1e-6)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_named_run_resumes_and_resume_false_starts_afresh(tmp_path):
+    """`name=NAME` -> runs/<command>/NAME, resumed by the same command; resume=false leaves it as it is."""
+    res = run_cli("pretrain", *TINY, "trainer.steps=2", "name=n1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "runs" / "pretrain" / "n1"
+    assert (run / "checkpoints" / "2").is_dir()
+    res = run_cli("pretrain", *TINY, "trainer.steps=4", "name=n1", cwd=tmp_path)
+    assert res.returncode == 0 and "resumed from" in res.stderr + res.stdout, res.stderr[-2000:]
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    res = run_cli("pretrain", *TINY, "trainer.steps=2", "name=n1", "resume=false", cwd=tmp_path)
+    assert res.returncode == 0 and "resumed from" not in res.stderr + res.stdout, res.stderr[-2000:]
+    fresh = [d for d in (tmp_path / "runs" / "pretrain").iterdir() if d.name.startswith("n1_")]
+    assert len(fresh) == 1 and (fresh[0] / "checkpoints" / "2").is_dir() and sorted(losses(run)) == [1, 2, 3, 4]
+    res = run_cli("pretrain", *TINY, "resume=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 2 and "resume=false but" in res.stderr and "holds checkpoints" in res.stderr
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -114,6 +150,47 @@ def test_two_processes_equal_one_process(tmp_path):
     assert summary["processes"] == 2 and summary["devices"] == 2
     l1, l2 = losses(one), losses(two)
     np.testing.assert_allclose([l2[s] for s in range(1, 5)], [l1[s] for s in range(1, 5)], rtol=0, atol=1e-5)
+
+
+def test_finetune_on_two_processes_equals_one_process(tmp_path):
+    args = ["debug=seg_tiny", "trainer.steps=4", "trainer.log_every=1", "trainer.progress=false",
+            "data.batch_size=4", "data.patch_shape=[1,32,32]", "model.depth=1", "model.patch_size=[4,4]",
+            "data.test_roi=null"]
+    one = tmp_path / "one"
+    res = run_cli("finetune", *args, f"hydra.run.dir={one}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    port, two = _free_port(), tmp_path / "two"
+    procs = [popen("finetune", *args, f"hydra.run.dir={two}", "distributed.enabled=true",
+                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                   f"distributed.process_id={i}") for i in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    assert "process 1 of 2" in outs[1][1] or "process 1 of 2" in (two / "finetune.log").read_text()
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    np.testing.assert_allclose([l2[s] for s in range(1, 5)], [l1[s] for s in range(1, 5)], rtol=0, atol=1e-5)
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """Only process 1 gets the launcher's signal; both agree on the stop step, write one checkpoint of
+    it together and exit with the requeue status, without waiting on each other forever."""
+    args = TINY + ["trainer.steps=400", "data.batch_size=8"]
+    port, run = _free_port(), tmp_path / "two"
+    procs = [popen("pretrain", *args, f"hydra.run.dir={run}", "distributed.enabled=true",
+                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                   f"distributed.process_id={i}") for i in range(2)]
+    wait_for_step(run, 4, procs[0])
+    procs[1].send_signal(signal.SIGUSR2)
+    outs = [p.communicate(timeout=180) for p in procs]
+    steps = []
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGUSR2, err[-3000:]
+        steps.append(int(err.split("saved a checkpoint at step ")[1].split()[0]))
+    assert steps[0] == steps[1] and 4 <= steps[0] < 400
+    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved[-1] == steps[0]
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
 
 
 def test_fsdp_on_8_cpu_devices_equals_data_parallel(tmp_path):

@@ -85,7 +85,7 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
 
     cells = np.stack([gt_cells(m) for m in open_volume(bundled.sample_membranes()).read() > 0])
     write_array(tmp_path / "cells.zarr", cells)
-    inst = ["predict.instances=watershed", "instances.channel=1", "instances.block=[1,64,64]",
+    inst = ["predict.instances=watershed", "instances.block=[1,64,64]",
             "instances.halo=[0,16,16]", "instances.min_seed=4", "instances.tune=true",
             f"instances.tune_labels={tmp_path / 'cells.zarr'}", "instances.tune_roi=[[0,1],[0,96],[0,96]]",
             "instances.tune_metric=adapted_rand_error", "+instances.tune_grid.threshold=[0.3,0.6]"]

@@ -151,3 +151,15 @@ def test_augmentation_options_reach_the_batches(vols):
     (c,) = _loaders(miss, srcs)
     c.close()
     assert (c.load(2)["image"] == 0).all()  # every section missing
+
+
+def test_bundled_roi_does_not_follow_a_users_path(vols):
+    """The bundled sample's pretraining sections (0..19) are its own default: a volume of the user's
+    is sampled whole unless data.roi says otherwise; sources need no `data.roi=null`."""
+    from emfm.data.bundled import PRETRAIN_ROI
+
+    assert compose("pretrain", []).data.roi == PRETRAIN_ROI
+    assert compose("pretrain", [f"data.path={vols / 'a'}"]).data.roi is None
+    assert compose("pretrain", [f"data.path={vols / 'a'}", "data.roi=[[0,2],[0,64],[0,64]]"]).data.roi == [
+        [0, 2], [0, 64], [0, 64]]
+    assert compose("pretrain", [f"data.sources=[{{path: {vols / 'a'}}}]"]).data.roi is None

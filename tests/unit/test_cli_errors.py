@@ -1,0 +1,81 @@
+"""How the CLI reports failures: the user's input in one line (exit 2), a bug with its traceback
+(exit 1), a preemption with 128 + the signal; and progress bars that stay quiet in log files."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+from omegaconf import OmegaConf
+
+from emfm.cli import apps
+from emfm.config.schema import ConfigError
+from emfm.errors import UserError
+from emfm.train.loop import Preempted, Preemption
+
+
+def _fail_with(monkeypatch, exc):
+    def boom(cfg):
+        raise exc
+
+    monkeypatch.setattr(apps, "to_config", boom)
+    monkeypatch.delenv("EMFM_DEBUG", raising=False)
+    return apps._task("pretrain")
+
+
+def test_user_error_is_one_line(monkeypatch, capsys):
+    task = _fail_with(monkeypatch, ConfigError("data.path='x.zarr': no such volume"))
+    with pytest.raises(SystemExit) as e:
+        task(OmegaConf.create({}))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "emfm: error: data.path='x.zarr': no such volume"
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)
+
+
+def test_internal_error_shows_its_traceback(monkeypatch, capsys):
+    # a ValueError that emfm did not raise about the input (e.g. from numpy deep inside) is a bug
+    task = _fail_with(monkeypatch, ValueError("operands could not be broadcast together"))
+    with pytest.raises(SystemExit) as e:
+        task(OmegaConf.create({}))
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert "Traceback (most recent call last)" in err and "in boom" in err
+    assert "internal error (ValueError): this is a bug in emfm" in err
+
+
+def test_preemption_exit_status_and_the_scheduler_hook(monkeypatch, capsys):
+    task = _fail_with(monkeypatch, Preempted("SIGUSR2: saved", signal.SIGUSR2))
+    with pytest.raises(SystemExit) as e:
+        task(OmegaConf.create({}))
+    assert e.value.code == 128 + signal.SIGUSR2
+    # the handler installed before (a scheduler's, e.g. submitit's requeue) runs after the checkpoint
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(("scheduler", s)))
+    try:
+        p = Preemption(["SIGUSR1", "SIGUSR2"])
+        assert p.agreed() is None
+        signal.raise_signal(signal.SIGUSR1)
+        assert p.agreed() == signal.SIGUSR1 and seen == []
+        p.hand_over(signal.SIGUSR1)
+        assert seen == [("scheduler", signal.SIGUSR1)]
+        p.restore()
+        signal.raise_signal(signal.SIGUSR1)
+        assert len(seen) == 2
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_unknown_signal_names_the_key():
+    from conftest import compose
+
+    with pytest.raises(ConfigError, match="trainer.preempt_signals: 'SIGNOPE'"):
+        compose("pretrain", ["trainer.preempt_signals=[SIGUSR2,SIGNOPE]"])
+    assert compose("pretrain", []).trainer.preempt_signals == ["SIGUSR1", "SIGUSR2", "SIGTERM"]
+
+
+def test_progress_is_rate_limited_without_a_terminal(monkeypatch):
+    from emfm.train.logging import progress
+
+    monkeypatch.delenv("EMFM_PROGRESS_INTERVAL", raising=False)
+    bar = progress(10, desc="x")  # pytest's captured stderr is not a terminal
+    assert bar.mininterval == 30.0
+    bar.close()
