@@ -109,6 +109,8 @@ def publish(run_dir: str | Path, name: str, *, description: str, card: str, extr
     ckpt.save(mngr, step, {"params": params}, meta, force=True)
     mngr.wait_until_finished()
     mngr.close()
+    for f in dst.rglob("commit_success.txt"):  # orbax's markers name the absolute path it wrote to
+        f.unlink()
     n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(encoder, nnx.Param)))
     (dst / "MODEL_CARD.md").write_text(card)
     e = {"name": name, "description": description, "architecture": f"{meta['model'].get('name')}",

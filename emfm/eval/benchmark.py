@@ -71,7 +71,7 @@ def content_hash(run: Path) -> str:
     """sha256 of the files of a run's latest checkpoint (parameters, optimiser state, record)."""
     d = _latest_step_dir(run)
     h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != "commit_success.txt"):
         h.update(str(f.relative_to(d)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:20]
