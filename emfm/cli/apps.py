@@ -81,7 +81,10 @@ def _instances(cfg: DictConfig) -> None:
     from emfm.postproc.blockwise import instances
     from emfm.train.logging import progress
 
+    from emfm.train import distributed
+
     c = schema.validate_instances(OmegaConf.to_object(cfg))
+    distributed.initialize(c.distributed)  # several processes split the blocks; process 0 stitches
     _save_provenance(Path(c.run_dir), cfg)
     bars = []
 
@@ -124,8 +127,7 @@ def _segment(cmd: str, cfg: DictConfig) -> None:
     from emfm.train import distributed
 
     c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
-    if cmd == "finetune":  # data parallel over processes; predict's blocks run in one process
-        distributed.initialize(c.distributed)
+    distributed.initialize(c.distributed)  # finetune: data parallel; predict: processes split the chunks
     _save_provenance(Path(c.run_dir), cfg)
     res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
     print(json.dumps(res.get("test", res), indent=1, default=float))

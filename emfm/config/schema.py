@@ -420,6 +420,7 @@ class InstancesConfig:
     stitch_threshold: float = 0.5
     work_dir: str = ""  # scratch for resumable blocks; empty = OUT.work beside the output
     keep_work: bool = False
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # processes split the blocks
     run_dir: str = "runs/instances"
     name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
     resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one

@@ -189,14 +189,26 @@ class BlockwiseJob:
 
     def run(self, *, keep_work: bool = False, progress: Callable | None = None) -> dict:
         """Segment the missing blocks, stitch, relabel; returns a summary."""
-        prov = self._prepare()
+        from emfm.train import distributed
+
+        pid, nproc = distributed.process()
+        prov = self._prepare() if pid == 0 else None  # several processes: 0 creates, the others open
+        distributed.barrier("instances: work directory ready")
+        prov = prov if prov is not None else self._prepare()
         todo = [i for i in range(len(self.blocks)) if not self._block_file(i).exists()]
         log.info("instances: %d blocks, %d to do (%d done before)", len(self.blocks), len(todo),
                  len(self.blocks) - len(todo))
-        for n_done, i in enumerate(todo):
+        distributed.barrier("instances: blocks to do listed")  # before any process finishes one
+        mine = todo[pid::nproc]
+        for n_done, i in enumerate(mine):
             self.segment_block(i, prov)
             if progress:
-                progress(n_done + 1, len(todo))
+                progress(n_done + 1, len(mine))
+        distributed.barrier("instances: blocks segmented")
+        if pid != 0:  # process 0 stitches and relabels
+            distributed.barrier("instances: relabelled")
+            return {"out": str(self.out), "blocks": len(self.blocks), "segmented_now": len(todo),
+                    "process": pid}
         mapping = self.stitch(prov)
         out = self.relabel(prov, mapping)
         summary = {"out": str(self.out), "blocks": len(self.blocks), "segmented_now": len(todo),
@@ -204,6 +216,7 @@ class BlockwiseJob:
         (self.work / "done.json").write_text(json.dumps(summary, indent=1))
         if not keep_work:
             shutil.rmtree(self.work)
+        distributed.barrier("instances: relabelled")
         return summary
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
+from emfm.train import distributed
 from emfm.train.logging import progress
 from emfm.errors import UserError
 
@@ -178,8 +179,13 @@ def predict_volume(fn: Callable, channels: int, vol: Volume, out_path: str | Pat
     origin = [a for a, _ in box]
     attrs = {"source": vol.path, "roi": [list(b) for b in box], "axes": "zyxc", "window": list(window),
              "overlap": list(overlap), "blend": blend, "grey_range": list(grey_range), **(attributes or {})}
-    out = create_volume(out_path, shape + (channels,), np.dtype(dtype), chunks=chunk + (channels,),
-                        voxel_size=vol.voxel_size, attributes=attrs, exist_ok=resume)
+    pid, nproc = distributed.process()
+    make = lambda ok: create_volume(out_path, shape + (channels,), np.dtype(dtype),  # noqa: E731
+                                    chunks=chunk + (channels,), voxel_size=vol.voxel_size, attributes=attrs,
+                                    exist_ok=ok)
+    out = make(resume) if pid == 0 else None
+    distributed.barrier("predict: output created")
+    out = out if out is not None else make(True)
     bl = Blender(fn, channels, shape, window=window, overlap=overlap, blend=blend, batch_size=batch_size)
 
     def read(b):
@@ -187,7 +193,10 @@ def predict_volume(fn: Callable, channels: int, vol: Volume, out_path: str | Pat
 
     done = written_chunks(out) if resume else set()
     todo = [b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done]
-    bar = progress(len(todo), desc="predict", enabled=show_progress)
+    distributed.barrier("predict: chunks to do listed")  # before any process writes one
+    n_all = len(todo)
+    todo = todo[pid::nproc]  # several processes: each writes its own chunks (disjoint zarr chunks)
+    bar = progress(len(todo), desc="predict" if nproc == 1 else f"predict {pid}/{nproc}", enabled=show_progress)
     t0 = time.perf_counter()
     voxels = 0
     for i, b in enumerate(todo):
@@ -199,5 +208,7 @@ def predict_volume(fn: Callable, channels: int, vol: Volume, out_path: str | Pat
         bar.update(1)
     bar.close()
     secs = time.perf_counter() - t0
-    return {"path": str(out_path), "shape": list(out.shape), "chunks_written": min(len(todo), stop_after or len(todo)),
+    distributed.barrier("predict: all chunks written")
+    return {"path": str(out_path), "shape": list(out.shape), "processes": nproc, "chunks_all": n_all,
+            "chunks_written": min(len(todo), stop_after or len(todo)),
             "chunks_skipped": len(done), "seconds": secs, "voxels_per_s": voxels / secs if secs > 0 else None}

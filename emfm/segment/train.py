@@ -75,7 +75,7 @@ def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     mngr = checkpoint.manager(run_dir, create=False)
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+        state=checkpoint.params_restore_args(abstract_params)))
     mngr.close()
     return nnx.merge(graphdef, restored.state["params"], rest_state(abstract)), meta
 

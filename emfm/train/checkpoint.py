@@ -38,6 +38,23 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, forc
                                                    meta=ocp.args.JsonSave(meta)), force=force, metrics=metrics)
 
 
+def on_local_device(abstract: Any) -> Any:
+    """Abstract arrays placed on this process's first device, so that every process of a
+    multi-process run restores its own full copy of a model (a checkpoint written by one process
+    records that process's device, which the others cannot address)."""
+    import jax
+
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
+
+
+def params_restore_args(abstract_params: Any):
+    """Restore arguments of a checkpoint's `params` alone (partial restore), onto this process's device."""
+    item = {"params": on_local_device(abstract_params)}
+    return ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     step = mngr.latest_step() if step is None else step
     if step is None:

@@ -73,3 +73,16 @@ def initialize(cfg) -> None:
         jax.distributed.initialize(**kw)  # Slurm / cloud TPU auto-detection
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def process() -> tuple[int, int]:
+    """(this process's index, number of processes) of the JAX runtime."""
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -113,7 +113,7 @@ def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
 
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
+        state=checkpoint.params_restore_args(abstract_params)))
     mngr.close()
     model = nnx.merge(graphdef, restored.state["params"], rest_state(abstract))
     return model.encoder, meta

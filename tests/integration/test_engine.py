@@ -172,6 +172,37 @@ def test_finetune_on_two_processes_equals_one_process(tmp_path):
     np.testing.assert_allclose([l2[s] for s in range(1, 5)], [l1[s] for s in range(1, 5)], rtol=0, atol=1e-5)
 
 
+def test_predict_and_instances_on_two_processes_equal_one_process(tmp_path):
+    """Two processes split the prediction chunks and the instance blocks (process 0 stitches): the
+    same probabilities and the same instance labels as one process."""
+    from emfm.data.volume import open_volume
+
+    ft = tmp_path / "ft"
+    res = run_cli("finetune", "debug=seg_tiny", "trainer.steps=2", "trainer.progress=false", "data.test_roi=null",
+                  "data.patch_shape=[1,32,32]", "model.depth=1", "model.patch_size=[4,4]", f"hydra.run.dir={ft}")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def args(tag):
+        return [f"checkpoint={ft}", "predict.roi=[[20,22],[0,128],[0,128]]", "predict.window=[1,32,32]",
+                "predict.overlap=[0,8,8]", "predict.chunk=[1,64,64]", f"predict.out={tmp_path / tag}.zarr",
+                "predict.instances=watershed", "instances.block=[1,64,64]", "instances.halo=[0,16,16]",
+                "instances.min_seed=4", "trainer.progress=false", f"hydra.run.dir={tmp_path / ('run_' + tag)}"]
+
+    res = run_cli("predict", *args("one"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    port = _free_port()
+    procs = [popen("predict", *args("two"), "distributed.enabled=true",
+                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                   f"distributed.process_id={i}") for i in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    np.testing.assert_array_equal(open_volume(tmp_path / "two.zarr").read(), open_volume(tmp_path / "one.zarr").read())
+    one, two = (open_volume(tmp_path / f"{t}_instances.zarr").read() for t in ("one", "two"))
+    assert one.max() >= 2
+    np.testing.assert_array_equal(two, one)
+
+
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """Only process 1 gets the launcher's signal; both agree on the stop step, write one checkpoint of
     it together and exit with the requeue status, without waiting on each other forever."""
