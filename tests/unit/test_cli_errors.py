@@ -79,3 +79,31 @@ def test_progress_is_rate_limited_without_a_terminal(monkeypatch):
     bar = progress(10, desc="x")  # pytest's captured stderr is not a terminal
     assert bar.mininterval == 30.0
     bar.close()
+
+
+def test_slurm_auto_start_only_in_a_step_of_several_tasks(monkeypatch):
+    from emfm.train.distributed import slurm_step_tasks
+
+    for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert slurm_step_tasks() == 1  # not in Slurm
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an allocation of 4 tasks, this process started by hand
+    assert slurm_step_tasks() == 1
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun: a step of 4 tasks
+    assert slurm_step_tasks() == 4
+
+
+def test_a_coordinator_that_never_answers_is_a_clear_error(tmp_path):
+    import socket
+
+    from conftest import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run_cli("pretrain", "debug=tiny", "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+                  "distributed.num_processes=2", "distributed.process_id=1", "distributed.timeout_s=2",
+                  f"hydra.run.dir={tmp_path / 'r'}", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"the coordinator 127.0.0.1:{port} did not answer within distributed.timeout_s=2" in res.stderr
