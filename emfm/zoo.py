@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from emfm.errors import UserError
 
 PREFIX = "zoo:"
 ROOT = Path(__file__).resolve().parent / "zoo_models"
 
 
-class ZooError(ValueError):
+class ZooError(UserError):
     """An unknown zoo name or a broken zoo entry (a ValueError: the CLI prints it as one line)."""
 
 

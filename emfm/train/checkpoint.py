@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from emfm.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
