@@ -1,6 +1,6 @@
 """Publish a pretraining run as a zoo checkpoint (emfm/zoo_models/NAME) with its model card.
 
-    python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite]
+    python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite] [--card-only]
 
 The card names the data (with licences), the recipe and the exact command, the compute (steps,
 images, wall time, hardware), the commit, and the benchmark table of BENCH_DIR (benchmark.md of
@@ -87,9 +87,13 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         "## Data", "", DATA,
     ]
     if bench is not None and (bench / "benchmark.md").exists():
-        lines += ["## Benchmark (test sections)", "", "Command: `emfm probe checkpoints=[random,zoo:"
-                  f"{name}] benchmark=em` (settings in experiments/foundation/README.md)", "",
-                  (bench / "benchmark.md").read_text()]
+        from targets import table  # experiments/foundation/targets.py
+
+        lines += ["## Benchmark (test sections)", "", "Command: `bash experiments/foundation/benchmark_test.sh "
+                  f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
+                  "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in experiments/foundation/README.md)", "",
+                  "### Primary metric against random init", "", table(bench, f"zoo:{name}")[0], "",
+                  "### Every metric", "", (bench / "benchmark.md").read_text()]
     recipe = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("recipe=")), None)
     extra = {"data": "configs/data/corpus.yaml", "recipe": recipe or cfg.get("recipe") or o["name"], "steps": steps,
              "images": images, "commit": _git_rev()}
@@ -103,11 +107,17 @@ def main() -> None:
     ap.add_argument("--benchmark")
     ap.add_argument("--description", default="")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only")
     a = ap.parse_args()
     from emfm import zoo
 
     run = Path(a.run_dir)
     text, extra = card(run, a.name, Path(a.benchmark) if a.benchmark else None)
+    if a.card_only:
+        d = Path(zoo.path_of(a.name))
+        (d / "MODEL_CARD.md").write_text(text)
+        print(f"wrote {d / 'MODEL_CARD.md'}")
+        return
     desc = a.description or "self-supervised EM encoder (emfm)"
     d = zoo.publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
     # the resolved config, with the run directory as given (no absolute path of the machine it ran on)
