@@ -284,8 +284,9 @@ class DiscoverConfig:
     progress: bool = True
     run_dir: str = "runs/discover"
     name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
-    resume: bool = True  # continue an interrupted discover of the same job in run_dir; false = start over
+    # continue an interrupted discover of the same job in run_dir; false = start over (a named run: in a
+    # fresh directory, runs/discover/NAME_<date>_<time>)
+    resume: bool = True
 
 
 @dataclass
