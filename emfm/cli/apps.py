@@ -170,10 +170,10 @@ def _task(cmd: str):
 
                 pretrain(c)
             elif cmd == "probe" and c.checkpoints:  # the benchmark: tasks x probes x fractions x checkpoints
-                from emfm.cli import main as cli_main
+                from emfm.config.paths import config_dir
                 from emfm.cli import probe as probe_cli
 
-                probe_cli.run_benchmark(c, cli_main.config_dir())
+                probe_cli.run_benchmark(c, config_dir())
             elif cmd == "probe":
                 pipeline.run_probe(c, checkpoint=c.checkpoint or None)
             elif cmd == "export":

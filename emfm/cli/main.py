@@ -36,7 +36,8 @@ def _usage() -> str:
     lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
     lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
               f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
-              f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)"]
+              f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)",
+              f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer"]
     lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
               "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
               "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         from emfm.cli import runs
 
         runs.main(rest)
+        return
+    if cmd == "view":  # `emfm view PATH...`: neuroglancer, serves until Ctrl-C
+        from emfm.cli import view
+
+        view.main(rest)
         return
     if cmd == "zoo":  # `emfm zoo list`
         zoo_main(rest)
