@@ -848,7 +848,7 @@ class LossConfig:
 class RegimeConfig:
     """Learning regime (configs/regime/). init: scratch | pretrained (`checkpoint=RUN_DIR`);
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
-    `layer_decay`. semi: none | mean_teacher | fixmatch, unlabelled patches per labelled =
+    `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none | mean_teacher | fixmatch, unlabelled patches per labelled =
     `unlabelled_ratio`. cluster: kmeans | gmm (unsupervised: no training)."""
 
     name: str = "supervised"
@@ -856,6 +856,7 @@ class RegimeConfig:
     encoder: str = "finetune"
     frozen_blocks: int = 2
     layer_decay: float = 1.0
+    reinit_decoder: bool = False  # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
     semi: str = "none"
     unlabelled_ratio: int = 1
     consistency_weight: float = 1.0

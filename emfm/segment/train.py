@@ -58,6 +58,13 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
         same = meta.get("grey_range") and meta.get("data_path") == open_volume(
             bundled.resolve(cfg.data.path, bundled.sample_raw())).path
         grey = tuple(meta["grey_range"]) if same else None
+        if cfg.regime.reinit_decoder:
+            if type(enc).__name__ != "UNet":
+                raise UserError(f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds a "
+                                f"{mcfg.name} encoder")
+            fresh = build_encoder(mcfg, seed=cfg.trainer.seed)  # the same U-Net, freshly initialised
+            enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
+            log.info("encoder: pretrained U-Net levels, decoder initialised afresh (regime.reinit_decoder)")
         return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
     return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
 

@@ -40,6 +40,11 @@ DATASETS = {
 }
 
 
+TAG = ""  # run-name suffix of a recipe variant (--tag)
+REGIME = "finetune"  # the regime of a pretrained start (--regime)
+LR = None  # optim.lr override (--lr); None = configs/finetune.yaml's
+
+
 def load(name: str, shared: Path, tmp: Path) -> dict:
     """The data set as zarr volumes (`raw`, `labels`) plus in-memory arrays for scoring."""
     import tifffile
@@ -78,7 +83,8 @@ def finetune_config(ds: dict, init: str, checkpoint: str, frac: float, steps: in
             f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=20", "trainer.log_every=50",
             "trainer.progress=false", "trainer.tensorboard=false", "model=unet2d", "head=unet",
             f"model.width={width}", f"run_dir={run_dir}", f"trainer.seed={seed}", *ds["over"]]
-    over += (["regime=finetune", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"])
+    over += ([f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"])
+    over += [f"optim.lr={LR}"] if LR else []
     repo = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
         c = compose("finetune", overrides=over)
@@ -98,7 +104,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     yv, yt = fg(name, ds["y"][slice(*ds["val"])]), fg(name, ds["y"][slice(*ds["test"])])
     thr = choose_threshold(p_val, yv)
     px = metrics.binary_scores(p_test >= thr, yt)
-    out = {"f1": px["f1"], "iou": px["iou"], "threshold": thr}
+    pv = metrics.binary_scores(p_val >= thr, yv)  # for choosing fine-tuning recipes: validation only
+    out = {"f1": px["f1"], "iou": px["iou"], "threshold": thr, "val_f1": pv["f1"], "val_iou": pv["iou"]}
     if name == "isbi":
         vgt, tgt = np.stack([gt_cells(m) for m in yv]), np.stack([gt_cells(m) for m in yt])
         best, _ = tune_instances(p_val, vgt, SegmentParams(method="watershed", two_d=True),
@@ -135,7 +142,7 @@ def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag:
 def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch, width) -> dict:
     from emfm.segment import train
 
-    tag = f"{name}_{init}_{int(round(100 * frac))}_seed{seed}"
+    tag = f"{name}_{init}_{int(round(100 * frac))}_seed{seed}{TAG}"
     run_dir = out / "runs" / tag
     cfg = finetune_config(ds, init, checkpoint, frac, steps, seed, run_dir, batch, width)
     t0 = time.time()
@@ -143,7 +150,8 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
     model, meta = train.load_seg_model(str(run_dir))
     p_val = predict(model, meta, cfg.task, ds, ds["val"], out, tag)
     p_test = predict(model, meta, cfg.task, ds, ds["test"], out, tag)
-    return {"kind": "finetune", "run": tag, "dataset": name, "init": init, "fraction": frac, "seed": seed,
+    return {"kind": "finetune", "run": tag, "recipe": TAG.lstrip("_") or "default", "dataset": name, "init": init,
+            "fraction": frac, "seed": seed,
             "steps": steps, "labelled_roi": summary["labelled_roi"], "final_loss": summary["final_loss"],
             "train_s": summary["train_s"], "seconds": time.time() - t0, **score(name, ds, p_val, p_test)}
 
@@ -192,7 +200,9 @@ def table(out: Path) -> str:
                   "| model | init | labels | seeds | " + " | ".join(ms) + " |", "|---" * (4 + len(ms)) + "|"]
         groups = {}
         for r in rows:
-            groups.setdefault((r["kind"], r["init"], r["fraction"]), []).append(r)
+            recipe = r.get("recipe", "default")
+            init = r["init"] if recipe == "default" or r["kind"] != "finetune" else f"{r['init']} ({recipe})"
+            groups.setdefault((r["kind"], init, r["fraction"]), []).append(r)
         for (kind, init, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
             vals = []
             for m in ms:
@@ -218,7 +228,12 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="also a linear probe on each frozen encoder")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)")
+    ap.add_argument("--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)")
+    ap.add_argument("--tag", default="", help="suffix of the run names and the recipe column (a variant)")
     a = ap.parse_args()
+    global REGIME, LR, TAG
+    REGIME, LR, TAG = a.regime, a.lr, a.tag
     out = Path(a.out)
     if a.table:
         print(table(out))
