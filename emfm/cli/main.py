@@ -37,7 +37,9 @@ def _usage() -> str:
     lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
               f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
               f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)",
-              f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer"]
+              f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer",
+              f"  {'export-model':<10} export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] "
+              "[shape=1,1,256,256]: the model as ONNX or a BioImage.IO package (export-model --help)"]
     lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
               "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
               "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
         from emfm.cli import view
 
         view.main(rest)
+        return
+    if cmd == "export-model":  # `emfm export-model checkpoint=... format=onnx|bioimageio`: key=value, no Hydra
+        from emfm.cli import export_model
+
+        export_model.main(rest)
         return
     if cmd == "zoo":  # `emfm zoo list`
         zoo_main(rest)
