@@ -187,7 +187,7 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
                     postfix["img_s"] = f"{rate:.1f}"
                 if writer is not None:
                     writer.write(step + 1, m)
-                bar.set_postfix(**postfix)
+                bar.set_postfix(refresh=False, **postfix)  # drawn with the next update, rate-limited
                 if best is not None and trainer.best_metric in m:
                     v = float(m[trainer.best_metric])
                     if v < best_value:

@@ -76,9 +76,16 @@ def test_progress_is_rate_limited_without_a_terminal(monkeypatch):
     from emfm.train.logging import progress
 
     monkeypatch.delenv("EMFM_PROGRESS_INTERVAL", raising=False)
-    bar = progress(10, desc="x")  # pytest's captured stderr is not a terminal
+    import io
+
+    out = io.StringIO()  # not a terminal
+    bar = progress(1000, desc="x", file=out)
     assert bar.mininterval == 30.0
+    for _ in range(1000):  # the training loop's pattern: postfix at every log step, then update
+        bar.set_postfix(refresh=False, loss="1.0")
+        bar.update(1)
     bar.close()
+    assert out.getvalue().count("\r") <= 3, out.getvalue()  # the first draw and the final one, no more
 
 
 def test_slurm_auto_start_only_in_a_step_of_several_tasks(monkeypatch):
