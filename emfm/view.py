@@ -580,6 +580,28 @@ def find_browser() -> str | None:
     return next((exe for exe in map(shutil.which, BROWSERS) if exe), None)
 
 
+def _end_group(proc) -> None:
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            if sig == signal.SIGTERM:
+                try:  # children may outlive the leader for a moment
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def screenshot(viewer: Any, out_png: str | Path, *, browser: str | None = None, size: tuple[int, int] = (1024, 768),
                timeout_s: float = 60.0) -> Path:
     """Render `viewer` in a headless Chromium and save what it shows, once every visible chunk has loaded,
@@ -598,7 +620,7 @@ def screenshot(viewer: Any, out_png: str | Path, *, browser: str | None = None, 
             [exe, "--headless", "--no-sandbox", "--no-first-run", "--disable-dev-shm-usage", "--use-angle=swiftshader",
              "--enable-unsafe-swiftshader", f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}",
              "--remote-debugging-port=0", str(viewer)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         prior = viewer.config_state.state
         try:
             with viewer.config_state.txn() as c:  # the canvas alone, at exactly `size`
@@ -614,12 +636,7 @@ def screenshot(viewer: Any, out_png: str | Path, *, browser: str | None = None, 
             viewer.config_state.set_state(prior)
             with viewer.txn() as s:
                 s.cross_section_scale = s.cross_section_scale * size[0] / PANEL_PX
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end_group(proc)  # the browser and every helper process it started
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(shots[0].screenshot.image)
