@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import platform
 import resource
@@ -138,7 +139,7 @@ def run_child(args, volume: Path, roi, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--path", default="/tmp/emfm_bench_export")
+    ap.add_argument("--path", default=str(Path(tempfile.gettempdir()) / "emfm_bench_export"))
     ap.add_argument("--small-gb", type=float, default=0.5)
     ap.add_argument("--large-gb", type=float, default=4.0)
     ap.add_argument("--side", type=int, default=4096)

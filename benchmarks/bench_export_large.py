@@ -18,6 +18,7 @@ features take minutes on a 2-core CPU. Volumes and outputs are deleted after eac
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import math
 import platform
@@ -52,7 +53,7 @@ def main() -> None:
     from bench_export import make_volume
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--path", default="/tmp/emfm_bench_large")
+    ap.add_argument("--path", default=str(Path(tempfile.gettempdir()) / "emfm_bench_large"))
     ap.add_argument("--sections", type=int, nargs="+", default=[4, 15])
     ap.add_argument("--side", type=int, default=4096)
     ap.add_argument("--cap-gb", type=float, default=4.0, help="prlimit --as for each export / discover process")

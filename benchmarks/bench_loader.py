@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out experiments/benchmarks/loader.json
     nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 8192 --out experiments/benchmarks/loader.json
-    rm -r /tmp/emfm_bench_loader                                        # the volumes are kept between runs
+    rm -r $TMPDIR/emfm_bench_loader                                       # the volumes are kept between runs
 
 Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
@@ -18,6 +18,7 @@ prefetching iterator as training does.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import os
 import platform
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=2048)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--path", default="/tmp/emfm_bench_loader")
+    ap.add_argument("--path", default=str(Path(tempfile.gettempdir()) / "emfm_bench_loader"))
     ap.add_argument("--memory-limit-mb", type=int, default=4096, help="load into RAM for the numpy baseline up to this")
     ap.add_argument("--out")
     ap.add_argument("--rss-only", action="store_true", help="(internal) stream through the loader, print peak RSS")

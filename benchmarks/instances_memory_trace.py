@@ -12,6 +12,7 @@ VmRSS and VmHWM (MB) and tracemalloc's current / peak (MB). Numbers in experimen
 from __future__ import annotations
 
 import argparse
+import tempfile
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--block", default="4,256,256")
     ap.add_argument("--halo", default="0,32,32")
-    ap.add_argument("--work", default="/tmp/emfm_instances_memory_trace")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "emfm_instances_memory_trace"))
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

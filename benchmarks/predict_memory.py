@@ -13,7 +13,7 @@ address-space limit (`prlimit --as` / `ulimit -v`) cannot be used with JAX, whic
 virtual memory than it touches. Records go to experiments/benchmarks/predict_memory.json.
 
   PYTHONPATH=. python benchmarks/predict_memory.py --checkpoint FINETUNE_RUN \
-      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work /tmp/emfm_predict_memory] [--out JSON]
+      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work DIR] [--out JSON]
 
 `--checkpoint` is any `emfm finetune` run of a 2D model with a 2-class semantic task (channel 1 =
 membrane); empty = train a tiny one first (width 32, depth 1, 150 steps on the bundled sample).
@@ -22,6 +22,7 @@ Needs permission to create a memory cgroup (root in a container); otherwise it s
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import math
 import os
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--sizes", default="6,2048,2048:24,2048,2048")
     ap.add_argument("--cap-mb", type=int, default=800)
-    ap.add_argument("--work", default="/tmp/emfm_predict_memory")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "emfm_predict_memory"))
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--cache-mb", type=int, default=64, help="EMFM_CHUNK_CACHE_MB of the predict process")

@@ -16,6 +16,7 @@ Records go to experiments/benchmarks/predict_memory_phases_cache{MB}[_arena{N}].
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--sizes", default="4,1024,1024:16,1024,1024")
-    ap.add_argument("--work", default="/tmp/emfm_predict_memory_phases")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "emfm_predict_memory_phases"))
     ap.add_argument("--instance-block", default="4,256,256")
     ap.add_argument("--instance-halo", default="0,32,32")
     ap.add_argument("--cache-mb", type=int, default=64, help="EMFM_CHUNK_CACHE_MB of every process")
