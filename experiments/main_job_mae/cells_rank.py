@@ -1,4 +1,4 @@
-"""Session 4 study (experiments/main_job_mae/README.md). Rank-based seeds: each section's seed threshold is the q-quantile of its own (smoothed) membrane map
+"""Study (experiments/main_job_mae/README.md). Rank-based seeds: each section's seed threshold is the q-quantile of its own (smoothed) membrane map
 (watershed flooding is already rank-invariant), so a calibration shift between sections does not move the seeds."""
 import sys, numpy as np
 from scipy import ndimage

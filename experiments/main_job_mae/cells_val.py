@@ -1,4 +1,4 @@
-# Session 4 study (experiments/main_job_mae/README.md): pretrained vs random cells, chosen on training-fit maps, on validation sections, or on the test sections (oracle).
+# Study (experiments/main_job_mae/README.md): pretrained vs random cells, chosen on training-fit maps, on validation sections, or on the test sections (oracle).
 import sys, numpy as np
 from emfm.eval import probe
 d = np.load(sys.argv[1]); y = d["y"]

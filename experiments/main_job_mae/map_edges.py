@@ -1,4 +1,4 @@
-# Session 4 study (experiments/main_job_mae/README.md): mean |step| of the probe maps across 32-px tile seams and 8-px token edges.
+# Study (experiments/main_job_mae/README.md): mean |step| of the probe maps across 32-px tile seams and 8-px token edges.
 import sys, numpy as np
 d = np.load(sys.argv[1])
 for n in ["pre", "rnd0", "rnd1", "rnd2"]:

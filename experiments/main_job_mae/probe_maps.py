@@ -1,4 +1,4 @@
-"""Session 3 study (experiments/main_job_mae/README.md). Probe a checkpoint (or random seeds) and save probability maps for offline post-processing study."""
+"""Study (experiments/main_job_mae/README.md). Probe a checkpoint (or random seeds) and save probability maps for offline post-processing study."""
 import sys, time
 import numpy as np
 from emfm.data import bundled

@@ -1,4 +1,4 @@
-"""Session 4 study helper: the bundled sample's 30 sections and membrane labels, and the probe
+"""Study helper: the bundled sample's 30 sections and membrane labels, and the probe
 features (64-px windows, patch embedding + final tokens, as the main job) of a checkpoint's encoder
 ("pre") or of the same architecture at random init ("rnd0" = seed 1000, ...)."""
 import numpy as np

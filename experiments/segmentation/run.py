@@ -200,7 +200,7 @@ DEFAULT_GRID_NAMES = {"link2d": ("threshold", "link_2d", "agglomeration_threshol
 
 
 def rescore_link2d(all_ds: dict) -> None:
-    """Session 4: the gala 2D-then-3D route again (one-to-one links, the default grid of link2d)
+    """The gala 2D-then-3D route again (one-to-one links, the default grid of link2d)
     on the stored probabilities of every gala run; the other scores of its last record are kept."""
     last = {}
     for ln in (HERE / "results.jsonl").read_text().splitlines():
@@ -218,7 +218,7 @@ def rescore_link2d(all_ds: dict) -> None:
 
 
 def rescore(all_ds: dict, only: list[str]) -> None:
-    """Session 4: every run's stored probabilities (its last record in results.jsonl) scored again
+    """Every run's stored probabilities (its last record in results.jsonl) scored again
     with score_run, no training; the new scores go to rescore_s4.jsonl with the entries that differ
     from the recorded ones by more than 5e-4 (or whose chosen parameters differ)."""
     last = {}
