@@ -110,6 +110,13 @@ def test_launcher_signal_checkpoints_and_the_rerun_equals_an_uninterrupted_run(t
     np.testing.assert_allclose([lb[s] for s in sorted(la)], [la[s] for s in sorted(la)], rtol=0, atol=1e-6)
 
 
+def two_processes(cmd: str, *args: str) -> list:
+    """`emfm CMD ARGS` as processes 0 and 1 of one jax.distributed run on this machine."""
+    port = _free_port()
+    return [popen(cmd, *args, "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+                  "distributed.num_processes=2", f"distributed.process_id={i}") for i in range(2)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,11 +145,8 @@ def test_two_processes_equal_one_process(tmp_path):
     one = tmp_path / "one"
     res = run_cli("pretrain", *args, f"hydra.run.dir={one}")
     assert res.returncode == 0, res.stderr[-2000:]
-    port = _free_port()
     two = tmp_path / "two"
-    procs = [popen("pretrain", *args, f"hydra.run.dir={two}", "distributed.enabled=true",
-                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                   f"distributed.process_id={i}") for i in range(2)]
+    procs = two_processes("pretrain", *args, f"hydra.run.dir={two}")
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
@@ -159,10 +163,8 @@ def test_finetune_on_two_processes_equals_one_process(tmp_path):
     one = tmp_path / "one"
     res = run_cli("finetune", *args, f"hydra.run.dir={one}")
     assert res.returncode == 0, res.stderr[-2000:]
-    port, two = _free_port(), tmp_path / "two"
-    procs = [popen("finetune", *args, f"hydra.run.dir={two}", "distributed.enabled=true",
-                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                   f"distributed.process_id={i}") for i in range(2)]
+    two = tmp_path / "two"
+    procs = two_processes("finetune", *args, f"hydra.run.dir={two}")
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
@@ -190,10 +192,7 @@ def test_predict_and_instances_on_two_processes_equal_one_process(tmp_path):
 
     res = run_cli("predict", *args("one"))
     assert res.returncode == 0, res.stderr[-2000:]
-    port = _free_port()
-    procs = [popen("predict", *args("two"), "distributed.enabled=true",
-                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                   f"distributed.process_id={i}") for i in range(2)]
+    procs = two_processes("predict", *args("two"))
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
@@ -207,10 +206,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """Only process 1 gets the launcher's signal; both agree on the stop step, write one checkpoint of
     it together and exit with the requeue status, without waiting on each other forever."""
     args = TINY + ["trainer.steps=400", "data.batch_size=8"]
-    port, run = _free_port(), tmp_path / "two"
-    procs = [popen("pretrain", *args, f"hydra.run.dir={run}", "distributed.enabled=true",
-                   f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                   f"distributed.process_id={i}") for i in range(2)]
+    run = tmp_path / "two"
+    procs = two_processes("pretrain", *args, f"hydra.run.dir={run}")
     wait_for_step(run, 4, procs[0])
     procs[1].send_signal(signal.SIGUSR2)
     outs = [p.communicate(timeout=180) for p in procs]
