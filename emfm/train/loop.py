@@ -42,14 +42,16 @@ class Preempted(RuntimeError):
 
 
 class Preemption:
-    """Catches the configured signals while the loop runs; `agreed()` is called by every process at
-    every step, so all processes see the same answer at the same step (an all-gather of each
-    process's flag when there are several): one process that got the signal is enough to stop them
-    all at one step, with no process left waiting in a collective the others never enter."""
+    """Catches the configured signals while the loop runs; `agreed(step)` is called by every process at
+    every step, so all processes see the same answer at the same step: one process that got the
+    signal is enough to stop them all at one step, with no process left waiting in a collective the
+    others never enter. With several processes the flags are all-gathered every `every` steps (the
+    log interval), not at every step, to keep the host synchronisation off the hot path."""
 
-    def __init__(self, names: list[str], enabled: bool = True):
+    def __init__(self, names: list[str], enabled: bool = True, every: int = 1):
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.every = max(1, int(every))
         if not enabled:
             return
         for n in names:
@@ -65,10 +67,12 @@ class Preemption:
             logging.getLogger("emfm").warning("received %s: checkpointing at the next step",
                                               signal.Signals(signum).name)
 
-    def agreed(self) -> int | None:
+    def agreed(self, step: int = 0) -> int | None:
         """The signal to stop for (the lowest number any process received), or None."""
         if jax.process_count() == 1:
             return self.received
+        if step % self.every:
+            return None
         import numpy as np
         from jax.experimental import multihost_utils
 
@@ -137,7 +141,7 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
     `log_first` also logs the first step run; `throughput` adds images/s, skipped batches and the
     data-wait fraction to the logged metrics. Closes `data`, `mngr` and `best` on the way out.
     """
-    preemption = Preemption(list(trainer.preempt_signals), enabled=catch_signals)
+    preemption = Preemption(list(trainer.preempt_signals), enabled=catch_signals, every=trainer.log_every)
     stopped_by: dict = {}
     writer = MetricWriter(run_dir, tensorboard=trainer.tensorboard) if main_proc else None
     write_status(run_dir, "running", step=start)
@@ -153,7 +157,7 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
         mgr, step, out.state, {**meta, "data": data.state(), **(extra or {})}, **kw)
     try:
         for step in range(start, steps):
-            signum = preemption.agreed()
+            signum = preemption.agreed(step)
             if signum is not None:
                 save(mngr, step, force=True)
                 mngr.wait_until_finished()
