@@ -336,6 +336,9 @@ class BenchmarkConfig:
     random_per_seed: bool = True
     cache_dir: str = "runs/probe_cache"
     cache_features: bool = True
+    # the feature cache (cache_dir/features) is kept under this size: after each write the least
+    # recently used files are removed (results, a few kB each, are always kept)
+    cache_max_gb: float = 10.0
     figures: bool = True
     # "test": probes are scored on each task's test sections (a reported row); "val": on its validation
     # sections, for choosing settings and checkpoints (the test sections are then never read)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,7 @@ class FeatureStore:
         if path is not None and path.exists():
             with np.load(path) as z:
                 feats = {k: z[k].astype(np.float32) for k in z.files}
+            os.utime(path)  # most recently used: kept longest by `prune_cache`
         else:
             rng = grey_range(task)
             splits = {"train": task.train, "test": task.test} | ({"val": task.val} if task.val else {})
@@ -227,8 +229,27 @@ class FeatureStore:
                 tmp = path.with_suffix(".tmp.npz")
                 np.savez(tmp, **{k: v.astype(np.float16) for k, v in feats.items()})
                 tmp.replace(path)
+                prune_cache(self.root, self.bench.cache_max_gb, keep=path)
         self.mem = {key: feats}  # one (checkpoint, task) at a time in memory
         return feats
+
+
+def prune_cache(root: Path, max_gb: float, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used feature files under `root` until the rest fit in `max_gb`
+    (`keep`, the file just written, is never removed). Returns the removed paths."""
+    files = sorted((p for p in root.glob("*.npz") if p != keep), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files) + (keep.stat().st_size if keep and keep.exists() else 0)
+    removed, limit = [], max_gb * 1e9
+    for p in files:
+        if total <= limit:
+            break
+        total -= p.stat().st_size
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info("feature cache %s: removed %d least recently used files to stay under %.1f GB",
+                 root, len(removed), max_gb)
+    return removed
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
@@ -249,7 +270,7 @@ def validate(bench: BenchmarkConfig) -> None:
     for f in bench.fractions:
         if not 0.0 < f <= 1.0:
             raise ConfigError(f"benchmark.fractions={list(bench.fractions)}: each label fraction must be in (0, 1]")
-    for key in ("steps", "batch_tokens", "hidden", "knn_k", "knn_references", "knn_stride", "tile"):
+    for key in ("steps", "batch_tokens", "hidden", "knn_k", "knn_references", "knn_stride", "tile", "cache_max_gb"):
         if getattr(bench, key) <= 0:
             raise ConfigError(f"benchmark.{key}={getattr(bench, key)}: must be positive")
 

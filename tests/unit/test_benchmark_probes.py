@@ -132,3 +132,18 @@ def test_3d_encoder_benchmark_on_a_synthetic_volume(tmp_path):
     rows = json.loads((tmp_path / "run" / "benchmark.json").read_text())["rows"]
     assert {(r["probe"], r["seeds"]) for r in rows} == {("linear", 2), ("knn", 2)}
     assert all(0.2 < r["f1_mean"] <= 1 and r["voi_mean"] >= 0 for r in rows)
+
+
+def test_feature_cache_keeps_the_most_recently_used_files_under_its_size(tmp_path):
+    import os
+    paths = []
+    for i in range(5):  # 5 files of 1 MB, oldest first
+        p = tmp_path / f"f{i}.npz"
+        p.write_bytes(b"\0" * 1_000_000)
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    os.utime(paths[0], (2000, 2000))  # f0 read again: now the most recently used
+    removed = benchmark.prune_cache(tmp_path, max_gb=0.0035, keep=paths[4])
+    assert sorted(p.name for p in removed) == ["f1.npz", "f2.npz"]
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["f0.npz", "f3.npz", "f4.npz"]
+    assert benchmark.prune_cache(tmp_path, max_gb=0.0, keep=paths[4]) and [p.name for p in tmp_path.glob("*.npz")] == ["f4.npz"]
