@@ -65,8 +65,22 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
             fresh = build_encoder(mcfg, seed=cfg.trainer.seed)  # the same U-Net, freshly initialised
             enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
             log.info("encoder: pretrained U-Net levels, decoder initialised afresh (regime.reinit_decoder)")
+        if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
+            enc = shrink_perturb(enc, build_encoder(mcfg, seed=cfg.trainer.seed), cfg.regime.shrink,
+                                 cfg.regime.perturb)
+            log.info("encoder: shrink %.2f x pretrained + perturb %.2f x fresh init", cfg.regime.shrink,
+                     cfg.regime.perturb)
         return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
     return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
+
+
+def shrink_perturb(pretrained: nnx.Module, fresh: nnx.Module, shrink: float, perturb: float) -> nnx.Module:
+    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On warm-starting
+    neural network training"); other state is the pretrained one's."""
+    graphdef, p_pre, rest = nnx.split(pretrained, nnx.Param, ...)
+    p_new = nnx.state(fresh, nnx.Param)
+    mixed = jax.tree.map(lambda a, b: shrink * a + perturb * b, p_pre, p_new)
+    return nnx.merge(graphdef, mixed, rest)
 
 
 def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
