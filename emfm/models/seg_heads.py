@@ -21,12 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from emfm.models import conv3d
 from emfm.models.unet import he_uniform, upsample
 from emfm.errors import UserError
 
 
 def _conv(nd: int, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k,) * nd, padding="SAME", kernel_init=he_uniform, rngs=rngs)
+    extra = {"conv_general_dilated": conv3d.conv_general_dilated} if nd == 3 else {}
+    return nnx.Conv(cin, cout, (k,) * nd, padding="SAME", kernel_init=he_uniform, rngs=rngs, **extra)
 
 
 class ConvNormAct(nnx.Module):

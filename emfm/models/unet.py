@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 from emfm.errors import UserError
+from emfm.models import conv3d
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("group", "layer")
@@ -111,8 +112,10 @@ def he_uniform(key, shape, dtype=jnp.float32):
 
 
 def _conv(spec: UNetSpec, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
+    # 3D: depth-folded onto XLA's faster 2D convolution on CPU (emfm.models.conv3d); same parameters
+    extra = {"conv_general_dilated": conv3d.conv_general_dilated} if spec.ndim == 3 else {}
     return nnx.Conv(cin, cout, (k,) * spec.ndim, padding="SAME", dtype=DTYPES[spec.dtype],
-                    param_dtype=jnp.float32, kernel_init=he_uniform, rngs=rngs)
+                    param_dtype=jnp.float32, kernel_init=he_uniform, rngs=rngs, **extra)
 
 
 class ResBlock(nnx.Module):

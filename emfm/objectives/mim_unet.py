@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emfm.models import conv3d
 from emfm.models.patch_embed import grid_shape, patchify
 from emfm.models.unet import upsample
 from emfm.objectives.base import ObjectiveDef
@@ -22,7 +23,8 @@ class MIMUNet(nnx.Module):
     def __init__(self, encoder, *, rngs: nnx.Rngs):
         self.encoder = encoder
         spec = encoder.spec
-        self.pred = nnx.Conv(spec.width, spec.in_channels, (1,) * spec.ndim, rngs=rngs)
+        extra = {"conv_general_dilated": conv3d.conv_general_dilated} if spec.ndim == 3 else {}
+        self.pred = nnx.Conv(spec.width, spec.in_channels, (1,) * spec.ndim, rngs=rngs, **extra)
 
     def __call__(self, x):
         return self.pred(self.encoder(x)[1]["patch_map"])
