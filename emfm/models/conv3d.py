@@ -20,6 +20,7 @@ is decided at trace time: `impl` ("auto": folded on CPU, native elsewhere; "nati
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -84,10 +85,7 @@ def conv3d_native(x, kernel, *, precision=None, preferred_element_type=None) -> 
     )
 
 
-def conv3d_fold(x, kernel, *, precision=None, preferred_element_type=None) -> jax.Array:
-    """The same convolution as `conv3d_native`: the kz depth-shifted copies of the padded input
-    stacked along channels, one 2D convolution with kernel [ky, kx, kz * cin, cout] over the
-    b * z sections."""
+def _fold(x, kernel, precision, preferred_element_type):
     b, d, h, w, c = x.shape
     kz, ky, kx, _, cout = kernel.shape
     if kz == 1:
@@ -98,6 +96,15 @@ def conv3d_fold(x, kernel, *, precision=None, preferred_element_type=None) -> ja
     w2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kx, kz * c, cout)
     y = _conv2d(xs.reshape(b * d, h, w, kz * c), w2, precision, preferred_element_type)
     return y.reshape(b, d, h, w, cout)
+
+
+def conv3d_fold(x, kernel, *, precision=None, preferred_element_type=None) -> jax.Array:
+    """The same convolution as `conv3d_native`: the kz depth-shifted copies of the padded input
+    stacked along channels, one 2D convolution with kernel [ky, kx, kz * cin, cout] over the
+    b * z sections. The stacked copy is rebuilt for the backward pass rather than kept, so a
+    training step holds no more activations than with the native convolution."""
+    f = functools.partial(_fold, precision=precision, preferred_element_type=preferred_element_type)
+    return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(x, kernel)
 
 
 def conv3d_fold_sum(x, kernel, *, precision=None, preferred_element_type=None) -> jax.Array:
