@@ -187,7 +187,8 @@ def write_md(record: dict, path: Path, note: str) -> None:
         lines += [note, ""]
     lines += [
         (
-            f"One step: forward + backward (input and weights) of a C -> C 'SAME' convolution, batch "
+            "One step: forward + backward (input and weights) of a C -> C 'SAME' convolution, "
+            f"batch "
             f"{record['batch']}, fp32. Median over {record['rounds']} alternating rounds of the "
             f"per-round median of {record['repeats']} steps; `torch / fold` > 1: the folded "
             "convolution is faster than PyTorch."
@@ -214,7 +215,8 @@ def write_md(record: dict, path: Path, note: str) -> None:
             "",
             (
                 f"3D U-Net fine-tuning step (unet3d.yaml + `unet` head, affinities, AdamW), batch "
-                f"{e['batch']} x {'x'.join(map(str, e['shape']))}: native {e['native']['ms']:.0f} ms, "
+                f"{e['batch']} x {'x'.join(map(str, e['shape']))}: "
+                f"native {e['native']['ms']:.0f} ms, "
                 f"fold {e['fold']['ms']:.0f} ms (x{e['native_over_fold']:.2f}); compile "
                 f"{e['native']['compile_s']:.1f} s / {e['fold']['compile_s']:.1f} s."
             ),

@@ -73,7 +73,8 @@ def _conv2d(x: jax.Array, w: jax.Array, precision, preferred) -> jax.Array:
 
 
 def conv3d_native(x, kernel, *, precision=None, preferred_element_type=None) -> jax.Array:
-    """`x` [b, z, y, x, cin] * `kernel` [kz, ky, kx, cin, cout], 'SAME', stride 1 (XLA's 3D conv)."""
+    """`x` [b, z, y, x, cin] * `kernel` [kz, ky, kx, cin, cout], 'SAME', stride 1: XLA's own
+    3D convolution."""
     return lax.conv_general_dilated(
         x,
         kernel,

@@ -1,5 +1,5 @@
-"""Depth-folded 3D convolution (emfm.models.conv3d): the same numbers as XLA's native 3D convolution,
-forward and both gradients; the U-Net and heads use it on CPU and keep their parameter trees."""
+"""Depth-folded 3D convolution (emfm.models.conv3d): the same numbers as XLA's native 3D
+convolution, forward and both gradients; the U-Net and heads use it on CPU and keep their parameter trees."""
 
 import jax
 import jax.numpy as jnp
