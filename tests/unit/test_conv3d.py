@@ -1,5 +1,6 @@
 """Depth-folded 3D convolution (emfm.models.conv3d): the same numbers as XLA's native 3D
-convolution, forward and both gradients; the U-Net and heads use it on CPU and keep their parameter trees."""
+convolution, forward and both gradients; the U-Net and heads use it on CPU and keep their
+parameter trees."""
 
 import jax
 import jax.numpy as jnp
