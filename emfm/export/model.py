@@ -259,6 +259,8 @@ def to_onnx_file(ex: Exportable, path: str | Path, *, opset: int = OPSET) -> Pat
     import onnx
     from jax2onnx import to_onnx
 
+    from emfm.models import conv3d
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # jax2onnx's dm_pix plugins do not import under this jax (batching.not_mapped); emfm needs none of them
@@ -268,8 +270,10 @@ def to_onnx_file(ex: Exportable, path: str | Path, *, opset: int = OPSET) -> Pat
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     try:
-        proto = to_onnx(ex.forward, [("batch", 1, *ex.tile)], model_name=f"emfm_{ex.name}", opset=opset,
-                        input_names=["raw"], output_names=[output_id(ex)])
+        # ONNX has 3D convolutions of its own: the graph keeps them (no CPU depth-folding)
+        with conv3d.use_impl("native"):
+            proto = to_onnx(ex.forward, [("batch", 1, *ex.tile)], model_name=f"emfm_{ex.name}",
+                            opset=opset, input_names=["raw"], output_names=[output_id(ex)])
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)

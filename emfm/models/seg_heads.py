@@ -61,7 +61,11 @@ class UpConv(nnx.Module):
         self.conv = nnx.ConvTranspose(cin, cout, f, strides=f, padding="VALID", rngs=rngs)
 
     def __call__(self, x):
-        return self.conv(x)
+        c = self.conv
+        if x.ndim == 5 and conv3d.current_impl() != "native":  # CPU: XLA's 3D version is slow
+            bias = None if c.bias is None else c.bias[...]
+            return conv3d.conv3d_transpose_blocks(x, c.kernel[...], bias)
+        return c(x)
 
 
 def _token_map(tokens: Float[Array, "b n d"], grid: Sequence[int]) -> Float[Array, "b *g d"]:

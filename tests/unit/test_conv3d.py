@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from emfm.models import conv3d, unet
+from emfm.models import conv3d, seg_heads, unet
 from emfm.models.unet import UNet, UNetSpec
 from emfm.train import checkpoint
 
@@ -131,3 +131,23 @@ def test_old_parameter_tree_loads(monkeypatch, tmp_path):
     assert new.stem.kernel[...].shape == (3, 3, 3, 1, 8) and new.stem.bias[...].shape == (8,)
     x = jax.random.normal(jax.random.PRNGKey(5), (1, 2, 8, 8, 1))
     assert _rel_err(new(x)[0], old(x)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2)])
+def test_transposed_blocks_equal_conv_transpose(factor):
+    up = seg_heads.UpConv(3, 4, factor, rngs=nnx.Rngs(0))
+    up.conv.bias[...] = jax.random.normal(jax.random.PRNGKey(1), (4,))
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 4, 5, 3))
+    t = jax.random.normal(jax.random.PRNGKey(3), (2, 3 * factor[0], 8, 10, 4))
+
+    graphdef, params = nnx.split(up)
+
+    def loss(x, params, impl):
+        with conv3d.use_impl(impl):
+            return jnp.sum(nnx.merge(graphdef, params)(x) * t)
+
+    ref = jax.value_and_grad(loss, argnums=(0, 1))(x, params, "native")
+    out = jax.value_and_grad(loss, argnums=(0, 1))(x, params, "fold")
+    assert len(jax.tree.leaves(out)) == 4  # loss, d/dx, d/dkernel, d/dbias
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        assert _rel_err(a, b) <= 1e-5
