@@ -201,13 +201,15 @@ def write_md(record: dict, path: Path, note: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["convs"]:
-        ms = {k: r[k]["ms"] if k in r else float("nan") for k in (*IMPLS, "torch")}
+        nan = float("nan")
+        ms = {k: r[k]["ms"] if k in r else nan for k in (*IMPLS, "torch")}
+        gf = {k: r["gflops"].get(k, nan) for k in ("fold", "torch")}
         lines.append(
             f"| {'x'.join(map(str, r['shape']))} | {r['channels']} | "
             f"{'x'.join(map(str, r['kernel']))} | {ms['native']:.0f} | {ms['fold']:.0f} | "
-            f"{ms['fold_sum']:.0f} | {ms['torch']:.0f} | {r['gflops']['fold']:.1f} | "
-            f"{r['gflops']['torch']:.1f} | {r['torch_over_fold']:.2f} | "
-            f"{r['native_over_fold']:.2f} |"
+            f"{ms['fold_sum']:.0f} | {ms['torch']:.0f} | {gf['fold']:.1f} | "
+            f"{gf['torch']:.1f} | {r.get('torch_over_fold', nan):.2f} | "
+            f"{r.get('native_over_fold', nan):.2f} |"
         )
     e = record.get("unet")
     if e:
