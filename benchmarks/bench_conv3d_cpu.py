@@ -48,6 +48,7 @@ COMBOS = (
     "32x128x128:8:1x3x3",
     "16x128x128:16:1x3x3",
     "16x32x32:32:3x3x3",  # level 1
+    "16x64x64:32:3x3x3",  # level 1 of a 16 x 128 x 128 patch
     "8x32x32:64:3x3x3",
     "8x16x16:64:3x3x3",  # level 2
     "4x8x8:128:3x3x3",  # level 3

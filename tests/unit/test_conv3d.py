@@ -79,7 +79,8 @@ def _unet3d(seed=0):
 
 def _conv_ranks(fn, *args) -> list[int]:
     """The number of dimensions of every convolution's input in the trace of `fn`."""
-    specs = re.findall(r"lhs_spec=\(([\d, ]+)\)", str(jax.make_jaxpr(fn)(*args)))
+    # a new function object each time: jax reuses the trace of a function it has traced before
+    specs = re.findall(r"lhs_spec=\(([\d, ]+)\)", str(jax.make_jaxpr(lambda *a: fn(*a))(*args)))
     return [len(s.split(",")) for s in specs]
 
 
