@@ -57,7 +57,9 @@ def test_drop_in_dispatch_and_fallback():
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 6, 6, 2))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 2, 3))
     dn = ("NDHWC", "DHWIO", "NDHWC")
-    assert conv3d.current_impl() == ("fold" if jax.default_backend() == "cpu" else "native")
+    cpu = jax.default_backend() == "cpu"
+    assert conv3d.current_impl(16) == ("fold" if cpu else "native")
+    assert conv3d.current_impl(conv3d.FOLD_SUM_FROM) == ("fold_sum" if cpu else "native")
     ref = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=dn)
     for pad in ("SAME", [(1, 1)] * 3):
         out = conv3d.conv_general_dilated(x, w, (1, 1, 1), pad, dimension_numbers=dn)
