@@ -94,15 +94,22 @@ def test_unet3d_uses_folded_conv_and_matches_native():
     def fwd(x):
         return m(x)[1]["patch_map"]
 
+    def loss(m):
+        return jnp.sum(m(x)[1]["patch_map"] ** 2)
+
     with conv3d.use_impl("auto"):
         ranks = _conv_ranks(fwd, x)
-        out = fwd(x)
+        out, grads = fwd(x), nnx.jit(nnx.grad(loss))(m)
     with conv3d.use_impl("native"):
         native_ranks = _conv_ranks(fwd, x)
-        ref = fwd(x)
+        ref, ref_grads = fwd(x), nnx.jit(nnx.grad(loss))(m)
     assert len(native_ranks) == len(ranks) == 10 and set(native_ranks) == {5}
     assert set(ranks) == ({4} if jax.default_backend() == "cpu" else {5})
     assert _rel_err(out, ref) <= 1e-5
+    # parameter gradients, relative to the largest one (biases before a norm get next to none)
+    leaves, ref_leaves = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
+    scale = max(float(jnp.abs(g).max()) for g in ref_leaves)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(leaves, ref_leaves)) <= 1e-5 * scale
 
 
 def _old_conv(spec, cin, cout, k, rngs):
