@@ -1,4 +1,4 @@
-"""Blockwise instance segmentation (`emfm.postproc.instances`): peak memory and throughput as the
+"""Blockwise instance segmentation (`emfm.instances.instances`): peak memory and throughput as the
 volume grows with the block fixed. Each size runs in its own process (peak RSS is per process) on a
 boundary-probability zarr made by tiling the boundaries of one synthetic block (exact labels, so the
 objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
@@ -25,7 +25,7 @@ import json, resource, sys, time
 import numpy as np
 from emfm.data.volume import create_volume
 from emfm.data.synthetic import synthetic_em
-from emfm.postproc import SegmentParams, boundaries_from_labels, instances
+from emfm.instances import SegmentParams, boundaries_from_labels, instances
 a = json.loads(sys.argv[1])
 shape, tile = a["shape"], (32, 128, 128)
 b = (boundaries_from_labels(synthetic_em(tile, seed=0, cell_size=24.0).cells) * 255).astype(np.uint8)

@@ -52,7 +52,7 @@ def main() -> None:
                         "predict.window=[1,256,256]", "predict.overlap=[0,32,32]", "predict.chunk=[1,512,512]",
                         "predict.dtype=float32", "predict.resume=false", "predict.instances=", "trainer.progress=false",
                         f"run_dir={work / 'run'}", f"hydra.run.dir={work / 'run'}"], check=True, cwd=REPO)
-    from emfm.postproc import SegmentParams, blockwise
+    from emfm.instances import SegmentParams, blockwise
 
     shutil.rmtree(lab, ignore_errors=True)
     shutil.rmtree(str(lab) + ".work", ignore_errors=True)

@@ -78,7 +78,7 @@ def _evaluate(cfg: DictConfig) -> None:
 
 
 def _instances(cfg: DictConfig) -> None:
-    from emfm.postproc.blockwise import instances
+    from emfm.instances.blockwise import instances
     from emfm.train.logging import progress
 
     from emfm.train import distributed
@@ -95,7 +95,7 @@ def _instances(cfg: DictConfig) -> None:
 
     params, tuned = schema.segment_params(c), None
     if c.tune:
-        from emfm.postproc.tune import tune_from_volumes_cfg
+        from emfm.instances.tune import tune_from_volumes_cfg
 
         params, tuned = tune_from_volumes_cfg(c, c.input)
     res = instances(c.input, c.out, params, block=c.block, halo=c.halo, kind=c.kind,
@@ -121,8 +121,8 @@ def _discover(cfg: DictConfig) -> None:
           f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}")
 
 
-def _segment(cmd: str, cfg: DictConfig) -> None:
-    from emfm.segment import train
+def _finetune(cmd: str, cfg: DictConfig) -> None:
+    from emfm.finetune import train
 
     from emfm.train import distributed
 
@@ -153,7 +153,7 @@ def _task(cmd: str):
                 _discover(cfg)
                 return
             if cmd in ("finetune", "predict"):
-                _segment(cmd, cfg)
+                _finetune(cmd, cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed

@@ -394,7 +394,7 @@ class EvaluateConfig:
 class InstancesConfig:
     """`emfm instances input=PROB_ZARR out=LABELS_ZARR method=...`: instance labels from boundary
     probabilities (z y x, or one `channel` of z y x c) or affinities (z y x c, one channel per
-    offset), block by block with stitching (emfm.postproc)."""
+    offset), block by block with stitching (emfm.instances)."""
 
     input: str = ""
     out: str = ""
@@ -428,7 +428,7 @@ class InstancesConfig:
     run_dir: str = "runs/instances"
     name: str = ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
     resume: bool = True  # false: a named run whose directory holds a run already starts in a fresh one
-    # choose the parameters on labelled validation data first (emfm.postproc.tune): every combination
+    # choose the parameters on labelled validation data first (emfm.instances.tune): every combination
     # of `tune_grid` (parameter -> values, e.g.
     # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid) is applied to `tune_roi`
     # of the input and scored against `tune_labels` (aligned with the source volume) by `tune_metric`
@@ -467,7 +467,7 @@ def validate_tune(cfg: InstancesConfig) -> None:
     """instances.tune needs validation labels, a region and a known metric; grid names are checked."""
     from dataclasses import fields
 
-    from emfm.postproc.tune import METRICS
+    from emfm.instances.tune import METRICS
 
     if not cfg.tune:
         return
@@ -484,7 +484,7 @@ def validate_tune(cfg: InstancesConfig) -> None:
 
 def segment_params(cfg: InstancesConfig):
     """The library's SegmentParams of an InstancesConfig."""
-    from emfm.postproc.segment import SegmentParams
+    from emfm.instances.segment import SegmentParams
 
     return SegmentParams(method=cfg.method, offsets=tuple(tuple(o) for o in cfg.offsets), threshold=cfg.threshold,
                          min_seed=cfg.min_seed, sigma=cfg.sigma, two_d=cfg.two_d,
@@ -811,7 +811,7 @@ class SegDataConfig:
 
 @dataclass
 class SegTaskConfig:
-    """What the network predicts (emfm.segment.targets). `kind`: semantic (classes), boundary
+    """What the network predicts (emfm.finetune.targets). `kind`: semantic (classes), boundary
     (instance boundaries, + optional distance transform), affinity (`offsets`), center (foreground +
     centre heatmap + offsets to the centre, for blob-like organelles). `label_type`: the label volume
     holds classes (`class_values[i]` = raw value of class i; [] = raw values are class ids) or
@@ -889,7 +889,7 @@ class PredictConfig:
     batch_size: int = 4
     dtype: str = "float16"
     resume: bool = True
-    # instance labels from the written probabilities, block by block with stitching (emfm.postproc):
+    # instance labels from the written probabilities, block by block with stitching (emfm.instances):
     # "" = probabilities only, else watershed | link2d | agglomeration | multicut | mws; the method's
     # parameters, block, halo and boundary channel are `instances.*` (as in `emfm instances`)
     instances: str = ""

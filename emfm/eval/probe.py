@@ -140,7 +140,7 @@ def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_
     it was fitted to (experiments/main_job_mae/README.md)."""
     from scipy import ndimage
 
-    from emfm.postproc.watershed import seeded_watershed, threshold_seeds
+    from emfm.instances.watershed import seeded_watershed, threshold_seeds
 
     p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
     t = float(np.quantile(p, threshold)) if rank else threshold
@@ -169,8 +169,8 @@ def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0
                sigmas=(0.0,), rank: bool = False) -> dict:
     """The cells_from_membranes parameters with the lowest adapted Rand error (averaged per section)
     on these (training) sections, searched over thresholds x min_seeds x sigmas by
-    emfm.postproc.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
-    from emfm.postproc.tune import grid_search
+    emfm.instances.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
+    from emfm.instances.tune import grid_search
 
     gt = np.stack([gt_cells(m) for m in membrane_gt])
     grid = {"threshold": [float(t) for t in thresholds], "min_seed": [int(m) for m in min_seeds],

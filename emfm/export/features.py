@@ -285,7 +285,7 @@ def export_features(encoder, vol: Volume, out_path: str | Path, *, grey_range: t
 
     `blend`: "none" encodes each block in a window of `margin` context and drops the margin; "cosine",
     "gaussian" or "constant" encode the same windows (block + 2 margin) but keep all of them, blending
-    neighbouring windows over their 2 x margin overlap with emfm.segment.predict's weights (so a ViT's
+    neighbouring windows over their 2 x margin overlap with emfm.finetune.predict's weights (so a ViT's
     position-dependent features show no block seams, at the same number of windows); "auto" = cosine for
     a ViT, none for a U-Net (whose margin-dropped blocks already equal a whole-volume forward).
     Without blending this process writes blocks i with i mod process_count == process_index, with
@@ -396,10 +396,10 @@ def _margin_blocks(enc: BlockEncoder, vol, box, todo, grey_range, prefetch):
 def _blended_blocks(enc: BlockEncoder, benc: BlockEncoder, vol, box, todo, grey_range, prefetch, grid, blend: str,
                     out_dtype):
     """(origin, features) of each block in `todo`, blended from the whole-window features (`benc`) of the
-    windows that touch it. Windows lie on emfm.segment.predict's grid (in feature cells: window
+    windows that touch it. Windows lie on emfm.finetune.predict's grid (in feature cells: window
     block + 2 margin, overlap 2 margin, the last flush with the end), are encoded once in the order the
     blocks first need them, and are kept until the last block that needs them is done."""
-    from emfm.segment.predict import Blender
+    from emfm.finetune.predict import Blender
 
     s = enc.stride
     bl = Blender(None, benc.channels, grid, window=benc.cells,

@@ -6,7 +6,7 @@ What is exported (`load_exportable`):
     map at token resolution, `[batch, width, (z/p,) y/p, x/p]` (p = the patch size; not upsampled).
   - a fine-tuned segmentation model (an `emfm finetune` run, encoder + head): what `emfm predict`
     writes, `[batch, channels, (z,) y, x]`: softmax class probabilities, sigmoid affinities / distance /
-    heatmap, offsets in voxels (emfm.segment.losses.probabilities).
+    heatmap, offsets in voxels (emfm.finetune.losses.probabilities).
 
 The exported graph takes the normalised image, float32 `[batch, 1, (z,) y, x]` (NCHW / NCDHW as the
 BioImage.IO tools expect; emfm's own models are channels-last, the graph transposes). The batch axis is
@@ -135,9 +135,9 @@ def load_exportable(checkpoint: str, *, shape: str | Sequence[int] | None = None
     seg = "task" in meta and "head" in meta
     if seg:
         from emfm.config.schema import SegTaskConfig
-        from emfm.segment import targets
-        from emfm.segment.losses import probabilities
-        from emfm.segment.train import load_seg_model
+        from emfm.finetune import targets
+        from emfm.finetune.losses import probabilities
+        from emfm.finetune.train import load_seg_model
 
         model, meta = load_seg_model(str(run))
         enc = model.encoder

@@ -100,8 +100,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     from emfm.eval import metrics
     from emfm.eval.probe import gt_cells
     from emfm.eval.tasks import choose_threshold
-    from emfm.postproc import SegmentParams, segment
-    from emfm.postproc.tune import foreground_instances, score_instances, tune_foreground, tune_instances
+    from emfm.instances import SegmentParams, segment
+    from emfm.instances.tune import foreground_instances, score_instances, tune_foreground, tune_instances
 
     yv, yt = fg(name, ds["y"][slice(*ds["val"])]), fg(name, ds["y"][slice(*ds["test"])])
     thr = choose_threshold(p_val, yv)
@@ -129,8 +129,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
 
 def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag: str) -> np.ndarray:
     from emfm.data.volume import open_volume
-    from emfm.segment import targets
-    from emfm.segment.predict import model_fn, predict_volume
+    from emfm.finetune import targets
+    from emfm.finetune.predict import model_fn, predict_volume
 
     lay = targets.layout(task_cfg, 2)
     ny, nx = ds["x"].shape[1:]
@@ -142,7 +142,7 @@ def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag:
 
 
 def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch, width) -> dict:
-    from emfm.segment import train
+    from emfm.finetune import train
 
     tag = f"{name}_{init}_{int(round(100 * frac))}_seed{seed}{TAG}"
     run_dir = out / "runs" / tag

@@ -1,5 +1,5 @@
 """Instance segmentation of the gala FIB-SEM neuron test volume from boundary probabilities:
-VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.postproc.
+VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.instances.
 
 Sources: predicted test probabilities from /work/seg_outputs/gala_* when they exist (fine-tuned
 models), else the linear-probe predictions of predict_gala_probe.py (random-init and MAE encoders),
@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from emfm.eval.metrics import region_scores
-from emfm.postproc import SegmentParams, affinities_from_labels, boundaries_from_labels, segment
+from emfm.instances import SegmentParams, affinities_from_labels, boundaries_from_labels, segment
 
 GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
 

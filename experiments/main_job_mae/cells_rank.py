@@ -3,7 +3,7 @@
 import sys, numpy as np
 from scipy import ndimage
 from emfm.eval import probe, metrics
-from emfm.postproc.tune import grid_search
+from emfm.instances.tune import grid_search
 m = np.load(sys.argv[1]); y = m["y"]
 grid = {"q": [0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [16, 64, 256], "sigma": [0.0, 1.0]}
 

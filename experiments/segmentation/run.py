@@ -30,8 +30,8 @@ from emfm.data.volume import open_volume, write_array  # noqa: E402
 from emfm.eval import metrics  # noqa: E402
 from emfm.eval.metrics_instance import match_instances  # noqa: E402
 from emfm.eval.probe import cells_from_membranes, membrane_scores  # noqa: E402
-from emfm.segment import targets, train  # noqa: E402
-from emfm.segment.predict import model_fn, predict_volume  # noqa: E402
+from emfm.finetune import targets, train  # noqa: E402
+from emfm.finetune.predict import model_fn, predict_volume  # noqa: E402
 
 EM = REPO.parent / "shared" / "data" / "em"
 MAE = "/work/main/runs/main/final_s2"  # the main job MAE run: 1500 steps on ISBI sections 0-19
@@ -142,10 +142,10 @@ def _instances_scores(lab: np.ndarray, gt: np.ndarray, per_section: bool) -> dic
 
 def score_run(name: str, ds: dict, rec: dict, routes: tuple = ("link2d", "multicut")) -> dict:
     """Scores of one trained run on the test region, with the instance parameters chosen on its
-    validation region (emfm.postproc.tune, the task's metric), and at the fixed defaults."""
+    validation region (emfm.instances.tune, the task's metric), and at the fixed defaults."""
     from emfm.eval.probe import gt_cells
-    from emfm.postproc import SegmentParams, segment
-    from emfm.postproc.tune import (DEFAULT_GRIDS, foreground_instances, score_instances, tune_foreground,
+    from emfm.instances import SegmentParams, segment
+    from emfm.instances.tune import (DEFAULT_GRIDS, foreground_instances, score_instances, tune_foreground,
                                     tune_instances)
 
     val = open_volume(rec["val_probabilities"]).read()[..., 1].astype(np.float32)

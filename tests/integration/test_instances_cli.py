@@ -7,7 +7,7 @@ from conftest import run_cli
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume, write_array
 from emfm.eval.metrics import region_scores
-from emfm.postproc import affinities_from_labels, boundaries_from_labels
+from emfm.instances import affinities_from_labels, boundaries_from_labels
 
 
 def test_instances_cli_boundaries_and_affinities(tmp_path):

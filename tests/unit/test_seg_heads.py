@@ -8,7 +8,7 @@ from flax import nnx
 
 from emfm.config.schema import HeadConfig, ModelConfig, SegTaskConfig
 from emfm.models.seg_heads import default_blocks, up_factors
-from emfm.segment.train import build_model
+from emfm.finetune.train import build_model
 
 
 @pytest.mark.parametrize("model, head, shape", [

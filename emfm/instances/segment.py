@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emfm.postproc import graph
-from emfm.postproc.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
-from emfm.postproc.link2d import CRITERIA, segment_2d_then_3d
-from emfm.postproc.mws import mutex_watershed
-from emfm.postproc.watershed import fragments, watershed_segmentation
+from emfm.instances import graph
+from emfm.instances.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
+from emfm.instances.link2d import CRITERIA, segment_2d_then_3d
+from emfm.instances.mws import mutex_watershed
+from emfm.instances.watershed import fragments, watershed_segmentation
 from emfm.errors import UserError
 
 METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")

@@ -128,7 +128,7 @@ def model_fn(model, lay, *, ndim: int, batch_size: int) -> Callable:
     import jax.numpy as jnp
     from flax import nnx
 
-    from emfm.segment.losses import probabilities
+    from emfm.finetune.losses import probabilities
 
     graphdef, state = nnx.split(model)
 

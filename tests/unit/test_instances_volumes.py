@@ -10,7 +10,7 @@ from conftest import shared_data
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume
 from emfm.eval.metrics import region_scores
-from emfm.postproc import (BlockwiseJob, SegmentParams, affinities_from_labels, boundaries_from_labels,
+from emfm.instances import (BlockwiseJob, SegmentParams, affinities_from_labels, boundaries_from_labels,
                            link_sections, segment)
 
 
@@ -136,7 +136,7 @@ def test_blockwise_resumes_after_interruption(syn, tmp_path):
 
 def test_volume_reader_kinds_and_errors(tmp_path):
     from emfm.data.volume import VolumeError, write_array
-    from emfm.postproc.blockwise import volume_reader
+    from emfm.instances.blockwise import volume_reader
 
     probs = np.zeros((2, 4, 6, 2), np.float32)  # z y x c: [interior, boundary]
     probs[..., 1] = 0.25
@@ -160,7 +160,7 @@ def test_volume_reader_kinds_and_errors(tmp_path):
 def test_instances_reads_what_predict_records(syn, tmp_path):
     """`emfm predict` output: z y x c with channel names / offsets in the attributes."""
     from emfm.data.volume import VolumeError, write_array
-    from emfm.postproc import instances
+    from emfm.instances import instances
 
     cells, b, a = syn
     two = np.stack([1 - b, b], axis=-1)

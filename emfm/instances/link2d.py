@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
-from emfm.postproc.watershed import watershed_segmentation
+from emfm.instances.watershed import watershed_segmentation
 from emfm.errors import UserError
 
 CRITERIA = ("fraction", "iou")
@@ -119,8 +119,8 @@ def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed
     if method_2d == "watershed":
         lab2d = watershed_segmentation(boundary, threshold=threshold, min_seed=min_seed, two_d=True)
     elif method_2d == "agglomeration":
-        from emfm.postproc import graph
-        from emfm.postproc.watershed import fragments
+        from emfm.instances import graph
+        from emfm.instances.watershed import fragments
 
         lab2d = np.zeros(boundary.shape, np.uint64)
         for z, b in enumerate(boundary):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from emfm.config import schema
 from emfm.data.volume import open_volume, write_array
-from emfm.segment import train
+from emfm.finetune import train
 from emfm.train.state import load_encoder
 from conftest import CONFIGS, run_cli, shared_data
 
@@ -105,7 +105,7 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
     # an unknown method is named before any compute
     res = run_cli("predict", *pred, "predict.instances=magic", f"hydra.run.dir={tmp_path / 'pr3'}")
     assert res.returncode == 2 and "predict.instances='magic'" in res.stderr
-    # a missing checkpoint is named (resume after interruption: tests/unit/test_seg_targets.py)
+    # a missing checkpoint is named (resume after interruption: tests/unit/test_finetune_targets.py)
     schema.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         c = compose("predict", overrides=[*pred, f"checkpoint={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'pr2'}"])

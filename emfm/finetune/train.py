@@ -5,7 +5,7 @@ The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA tea
 teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
 with the data position, resume from the run's own directory, SIGTERM -> checkpoint, metrics JSONL
 and TensorBoard. Batches: labelled patches (PatchLoader with label volumes) turned into the task's
-targets on the host (emfm.segment.targets), plus `unlabelled_ratio` times as many unlabelled patches
+targets on the host (emfm.finetune.targets), plus `unlabelled_ratio` times as many unlabelled patches
 for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters frozen
 features and scores them with Hungarian-matched classes.
 """
@@ -28,8 +28,8 @@ from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.models.seg_heads import SegModel, build_head
 from emfm.models.vit import count_params
-from emfm.segment import losses, regimes, targets
-from emfm.segment.predict import model_fn, predict_array, predict_volume
+from emfm.finetune import losses, regimes, targets
+from emfm.finetune.predict import model_fn, predict_array, predict_volume
 from emfm.train import checkpoint, loop, mesh as meshlib, optim
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
 from emfm.errors import UserError
@@ -390,7 +390,7 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     from dataclasses import replace
 
     from emfm.config.schema import segment_params
-    from emfm.postproc.blockwise import instances
+    from emfm.instances.blockwise import instances
 
     ic = replace(cfg.instances, method=cfg.predict.instances)
     base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
@@ -401,7 +401,7 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
         return {"out": out, "method": ic.method, "reused": True}
     params, tuned = segment_params(ic), None
     if ic.tune:
-        from emfm.postproc.tune import tune_from_volumes_cfg
+        from emfm.instances.tune import tune_from_volumes_cfg
 
         params, tuned = tune_from_volumes_cfg(ic, prob_path)
     res = instances(prob_path, out, params, block=ic.block, halo=ic.halo, kind=ic.kind,

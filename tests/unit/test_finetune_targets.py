@@ -11,8 +11,8 @@ import pytest
 
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume, write_array
-from emfm.segment import losses, regimes, targets
-from emfm.segment.predict import Blender, blend_weights, predict_volume, ramp
+from emfm.finetune import losses, regimes, targets
+from emfm.finetune.predict import Blender, blend_weights, predict_volume, ramp
 
 
 def task(**kw):

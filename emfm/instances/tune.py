@@ -3,7 +3,7 @@
 A network's boundary / foreground probabilities are not calibrated the same way from one model to
 the next, so a fixed level (0.5) for seeds, fragments or foreground is arbitrary. `grid_search`
 scores every combination of a small grid against validation labels with the task's metric and
-returns the best; `tune_instances` does it for the methods of `emfm.postproc.segment` (boundary
+returns the best; `tune_instances` does it for the methods of `emfm.instances.segment` (boundary
 maps or affinities), `tune_foreground` for connected components of a foreground probability
 (blob-like organelles). `emfm instances` / `emfm predict` call `tune_from_volumes` when
 `instances.tune=true`.
@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from emfm.postproc.segment import SegmentParams, segment
+from emfm.instances.segment import SegmentParams, segment
 from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
@@ -147,7 +147,7 @@ def tune_from_volumes(input_path: str, labels_path: str, roi: Sequence[Sequence[
     the labels at `labels_path` in the same region of the source volume (shifted by the `roi` origin
     that `emfm predict` records in the probabilities' attributes)."""
     from emfm.data.volume import VolumeError, open_volume
-    from emfm.postproc.blockwise import _from_attributes, volume_reader
+    from emfm.instances.blockwise import _from_attributes, volume_reader
 
     vol = open_volume(input_path)
     channel, invert, params = _from_attributes(vol, kind, channel, invert, params)

@@ -29,9 +29,9 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
-from emfm.postproc.affinities import DEFAULT_OFFSETS
-from emfm.postproc.link2d import overlap_links
-from emfm.postproc.segment import SegmentParams, segment
+from emfm.instances.affinities import DEFAULT_OFFSETS
+from emfm.instances.link2d import overlap_links
+from emfm.instances.segment import SegmentParams, segment
 from emfm.errors import UserError
 
 log = logging.getLogger("emfm")

@@ -4,10 +4,10 @@ import itertools
 import numpy as np
 import pytest
 
-from emfm.postproc import graph
-from emfm.postproc.affinities import (affinities_from_labels, affinity_mask, boundaries_from_affinities,
+from emfm.instances import graph
+from emfm.instances.affinities import (affinities_from_labels, affinity_mask, boundaries_from_affinities,
                                       boundaries_from_labels)
-from emfm.postproc.mws import mutex_watershed
+from emfm.instances.mws import mutex_watershed
 
 
 def _partition(labels) -> set:

@@ -1,4 +1,4 @@
-"""Instance parameters chosen on validation labels (emfm.postproc.tune), on exact synthetic ground truth."""
+"""Instance parameters chosen on validation labels (emfm.instances.tune), on exact synthetic ground truth."""
 from dataclasses import replace
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage
 
 from emfm.data.synthetic import synthetic_em
-from emfm.postproc import SegmentParams, boundaries_from_labels, segment
-from emfm.postproc.tune import foreground_instances, grid_search, score_instances, tune_foreground, tune_instances
+from emfm.instances import SegmentParams, boundaries_from_labels, segment
+from emfm.instances.tune import foreground_instances, grid_search, score_instances, tune_foreground, tune_instances
 
 
 @pytest.fixture(scope="module")

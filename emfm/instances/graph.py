@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emfm.postproc.affinities import check_offsets, is_nearest, offset_slices
+from emfm.instances.affinities import check_offsets, is_nearest, offset_slices
 from emfm.errors import UserError
 
 

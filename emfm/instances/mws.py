@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.segmentation import relabel_sequential
 
-from emfm.postproc.affinities import check_offsets, is_nearest
+from emfm.instances.affinities import check_offsets, is_nearest
 from emfm.errors import UserError
 
 _EPS = 1e-6  # keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
