@@ -97,7 +97,7 @@ def _instances(cfg: DictConfig) -> None:
     if c.tune:
         from emfm.instances.tune import tune_from_volumes_cfg
 
-        params, tuned = tune_from_volumes_cfg(c, c.input)
+        params, tuned = tune_from_volumes_cfg(c, c.input, params)
     res = instances(c.input, c.out, params, block=c.block, halo=c.halo, kind=c.kind,
                     channel=c.channel, invert=c.invert, stitch_threshold=c.stitch_threshold,
                     work_dir=c.work_dir or None, keep_work=c.keep_work, progress=tick)

@@ -82,7 +82,7 @@ class ObjectiveConfig:
     dense_samples: int = 64
     # mim_unet: side of the square in-plane mask patches (pixels)
     mim_patch: int = 8
-    # combinations (mae_simclr, mae_moco, mae_dino): weights of [MAE loss, contrastive loss]
+    # combinations (mae_simclr, mae_dino): weights of [MAE loss, contrastive loss]
     combo_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
 

@@ -87,10 +87,6 @@ class Exportable:
     def out_tile(self) -> tuple[int, ...]:
         return tuple(t // s for t, s in zip(self.tile, self.out_stride))
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (1, 1, *self.tile)
-
 
 def _alignment(model) -> tuple[int, ...]:
     spec = model.spec

@@ -403,7 +403,7 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     if ic.tune:
         from emfm.instances.tune import tune_from_volumes_cfg
 
-        params, tuned = tune_from_volumes_cfg(ic, prob_path)
+        params, tuned = tune_from_volumes_cfg(ic, prob_path, params)
     res = instances(prob_path, out, params, block=ic.block, halo=ic.halo, kind=ic.kind,
                     channel=ic.channel, invert=ic.invert, stitch_threshold=ic.stitch_threshold,
                     work_dir=ic.work_dir or None, keep_work=ic.keep_work)

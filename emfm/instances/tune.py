@@ -169,14 +169,13 @@ def tune_from_volumes(input_path: str, labels_path: str, roi: Sequence[Sequence[
     return best, trials
 
 
-def tune_from_volumes_cfg(cfg, input_path: str) -> tuple[SegmentParams, dict]:
-    """`tune_from_volumes` with the `instances.tune_*` settings of an InstancesConfig; returns the
-    chosen parameters and a record of the search (for the run's JSON)."""
-    from emfm.config.schema import segment_params, validate_tune
-
-    validate_tune(cfg)
+def tune_from_volumes_cfg(cfg, input_path: str, params: SegmentParams) -> tuple[SegmentParams, dict]:
+    """`tune_from_volumes` with the `instances.tune_*` settings of a validated InstancesConfig
+    (emfm.config.schema.validate_instances) starting from its `params`
+    (emfm.config.schema.segment_params); returns the chosen parameters and a record of the search
+    (for the run's JSON)."""
     grid = {k: list(v) for k, v in (cfg.tune_grid or {}).items()} or None
-    best, trials = tune_from_volumes(input_path, cfg.tune_labels, cfg.tune_roi, segment_params(cfg), kind=cfg.kind,
+    best, trials = tune_from_volumes(input_path, cfg.tune_labels, cfg.tune_roi, params, kind=cfg.kind,
                                      channel=cfg.channel, invert=cfg.invert, metric=cfg.tune_metric, grid=grid,
                                      per_section=cfg.tune_per_section, ignore_gt=tuple(cfg.tune_ignore))
     names = list(grid or DEFAULT_GRIDS[best.method])

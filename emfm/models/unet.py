@@ -206,7 +206,3 @@ class UNet(nnx.Module):
         n = self.spec.depth
         blocks = {i % n: feats[i % n].astype(jnp.float32) for i in return_blocks}
         return tokens, {"patch_map": fmap, "patch_tokens": tokens, "blocks": blocks}
-
-
-def build_unet(cfg, *, seed: int = 0) -> UNet:
-    return UNet(UNetSpec.from_config(cfg), rngs=nnx.Rngs(seed))

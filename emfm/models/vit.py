@@ -126,9 +126,5 @@ class ViT(nnx.Module):
         return t, aux
 
 
-def build_vit(cfg, *, seed: int = 0) -> ViT:
-    return ViT(ViTSpec.from_config(cfg), rngs=nnx.Rngs(seed))
-
-
 def count_params(module: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -14,7 +14,6 @@ OBJECTIVES: dict[str, ObjectiveDef] = {
     "dino_dense": dino_dense.DEFINITION,
     "mim_unet": mim_unet.DEFINITION,
     "mae_simclr": combo.make("simclr"),
-    "mae_moco": combo.make("moco"),
     "mae_dino": combo.make("dino"),
 }
 

@@ -9,12 +9,12 @@ import math
 import jax
 from flax import nnx
 
-from emfm.objectives import dino, moco, simclr
+from emfm.objectives import dino, simclr
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.mae import MAEDecoder, masked_mse, patch_targets
 from emfm.objectives.masking import Masking, random_masking
 
-CONTRASTIVE = {"simclr": simclr, "moco": moco, "dino": dino}
+CONTRASTIVE = {"simclr": simclr, "dino": dino}
 
 
 class ComboModel(nnx.Module):

@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only")
     a = ap.parse_args()
     from emfm import zoo
+    from emfm.train.publish import publish
 
     run = Path(a.run_dir)
     text, extra = card(run, a.name, Path(a.benchmark) if a.benchmark else None)
@@ -119,7 +120,7 @@ def main() -> None:
         print(f"wrote {d / 'MODEL_CARD.md'}")
         return
     desc = a.description or "self-supervised EM encoder (emfm)"
-    d = zoo.publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
+    d = publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
     # the resolved config, with the run directory as given (no absolute path of the machine it ran on)
     cfg_text = "\n".join(f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln
                          for ln in (run / "config.yaml").read_text().splitlines()) + "\n"

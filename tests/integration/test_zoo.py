@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import run_cli
 from emfm import zoo
+from emfm.train.publish import publish
 
 
 def test_shipped_zoo_lists_and_loads():
@@ -51,7 +52,7 @@ def test_unknown_zoo_name_is_one_line_listing_the_names(tmp_path):
 def test_publish_round_trip(tiny_main_run: Path, tmp_path):
     from emfm.train.state import load_encoder
 
-    d = zoo.publish(tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path)
+    d = publish(tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path)
     entry = json.loads((d / "entry.json").read_text())
     assert entry["name"] == "tiny_test" and entry["params_m"] > 0
     a, _ = load_encoder(str(tiny_main_run))
@@ -62,4 +63,4 @@ def test_publish_round_trip(tiny_main_run: Path, tmp_path):
     size = lambda p: sum(f.stat().st_size for f in (p / "checkpoints").rglob("*") if f.is_file())  # noqa: E731
     assert size(d) < size(tiny_main_run) / 2
     with pytest.raises(zoo.ZooError, match="exists"):
-        zoo.publish(tiny_main_run, "tiny_test", description="", card="", root=tmp_path)
+        publish(tiny_main_run, "tiny_test", description="", card="", root=tmp_path)
