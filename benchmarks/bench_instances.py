@@ -8,6 +8,7 @@ Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x5
 (the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by default,
 which fills up to that limit as the volume grows)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 from emfm.data.volume import create_volume
@@ -40,7 +41,7 @@ dt = time.perf_counter() - t
 print(json.dumps({"shape": shape, "voxels": int(np.prod(shape)), "seconds": dt,
                   "mvoxels_per_s": np.prod(shape) / dt / 1e6, "segments": res["segments"], "blocks": res["blocks"],
                   "peak_rss_mb_before": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
+"""
 
 
 def main() -> None:
@@ -49,23 +50,42 @@ def main() -> None:
     ap.add_argument("--method", default="watershed")
     ap.add_argument("--block", default="32x128x128")
     ap.add_argument("--halo", default="8x16x16")
-    ap.add_argument("--out", default="instances.json", help="record name under experiments/benchmarks/")
+    ap.add_argument(
+        "--out", default="instances.json", help="record name under experiments/benchmarks/"
+    )
     args = ap.parse_args()
     block = [int(v) for v in args.block.split("x")]
     halo = [int(v) for v in args.halo.split("x")]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for i, size in enumerate(args.sizes):
-            spec = {"shape": [int(v) for v in size.split("x")], "input": f"{d}/in{i}.zarr", "out": f"{d}/out{i}.zarr",
-                    "method": args.method, "block": block, "halo": halo}
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                               cwd=REPO, check=True)
+            spec = {
+                "shape": [int(v) for v in size.split("x")],
+                "input": f"{d}/in{i}.zarr",
+                "out": f"{d}/out{i}.zarr",
+                "method": args.method,
+                "block": block,
+                "halo": halo,
+            }
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                check=True,
+            )
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    rec = {"benchmark": "instances_blockwise", "method": args.method,
-           "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")), "block": block, "halo": halo, "runs": rows,
-           "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
-           "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
+    rec = {
+        "benchmark": "instances_blockwise",
+        "method": args.method,
+        "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")),
+        "block": block,
+        "halo": halo,
+        "runs": rows,
+        "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
+        "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
+    }
     out = REPO / "experiments" / "benchmarks" / args.out
     out.write_text(json.dumps(rec, indent=1))
     print(json.dumps({k: v for k, v in rec.items() if k != "runs"}))

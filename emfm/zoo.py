@@ -9,6 +9,7 @@ objective and grey range; no optimiser state), its `MODEL_CARD.md` and an `entry
 
 `emfm.train.publish.publish(run_dir, name, ...)` makes such a folder from a pretraining run.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,14 @@ def path_of(name: str) -> Path:
     d = ROOT / name
     if not name or not (d / "entry.json").is_file():
         known = names()
-        raise ZooError(f"unknown zoo checkpoint {name!r}; known: {', '.join(known) if known else '(none)'} "
-                       "(emfm zoo list)")
+        raise ZooError(
+            f"unknown zoo checkpoint {name!r}; known: {', '.join(known) if known else '(none)'} "
+            "(emfm zoo list)"
+        )
     if not (d / "checkpoints").is_dir():
-        raise ZooError(f"zoo checkpoint {name!r}: {d} has no checkpoints/ folder (a broken install?)")
+        raise ZooError(
+            f"zoo checkpoint {name!r}: {d} has no checkpoints/ folder (a broken install?)"
+        )
     return d
 
 
@@ -55,7 +60,7 @@ def resolve(spec: str) -> str:
     """`zoo:NAME` -> the packaged run directory; anything else unchanged."""
     if not is_zoo(spec):
         return spec
-    return str(path_of(spec[len(PREFIX):]))
+    return str(path_of(spec[len(PREFIX) :]))
 
 
 def is_packaged(path: str | Path) -> bool:
@@ -70,6 +75,8 @@ def list_lines() -> list[str]:
     out = []
     for n in names():
         e = entry(n)
-        out.append(f"{n}  {e.get('description', '')}  ({e.get('architecture', '?')}, "
-                   f"{e.get('params_m', 0):.2f} M parameters, {e.get('size_mb', 0):.1f} MB)")
+        out.append(
+            f"{n}  {e.get('description', '')}  ({e.get('architecture', '?')}, "
+            f"{e.get('params_m', 0):.2f} M parameters, {e.get('size_mb', 0):.1f} MB)"
+        )
     return out

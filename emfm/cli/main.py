@@ -5,6 +5,7 @@ unknown key or a wrong type stops the run before any compute with Hydra's messag
 Known bad input (missing path, wrong dtype or shape, bad value) ends with one line `emfm: error: ...`
 and exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,18 +33,30 @@ def config_dir() -> str:
 
 
 def _usage() -> str:
-    lines = ["usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]", "", "commands:"]
+    lines = [
+        "usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]",
+        "",
+        "commands:",
+    ]
     lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
-    lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
-              f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
-              f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)",
-              f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer",
-              f"  {'export-model':<10} export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] "
-              "[shape=1,1,256,256]: the model as ONNX or a BioImage.IO package (export-model --help)"]
-    lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
-              "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
-              "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
-              "  emfm pretrain -m hydra/launcher=slurm hydra.launcher.partition=gpu ...   (a Slurm sweep)"]
+    lines += [
+        f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
+        f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
+        f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)",
+        f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer",
+        f"  {'export-model':<10} export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] "
+        "[shape=1,1,256,256]: the model as ONNX or a BioImage.IO package (export-model --help)",
+    ]
+    lines += [
+        "",
+        "examples:",
+        "  emfm main",
+        "  emfm main debug=tiny",
+        "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
+        "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
+        "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
+        "  emfm pretrain -m hydra/launcher=slurm hydra.launcher.partition=gpu ...   (a Slurm sweep)",
+    ]
     return "\n".join(lines)
 
 
@@ -58,13 +71,19 @@ def limit_malloc_arenas(cmd: str) -> int | None:
     arena: 259 -> 259 MB, same speed; experiments/segmentation/README.md). EMFM_MALLOC_ARENA_MAX
     (default 1; 0 = glibc's default) sets the cap; MALLOC_ARENA_MAX in the environment is glibc's own
     setting and is left to it."""
-    if cmd not in BLOCKWISE or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+    if (
+        cmd not in BLOCKWISE
+        or "MALLOC_ARENA_MAX" in os.environ
+        or not sys.platform.startswith("linux")
+    ):
         return None
     raw = os.environ.get("EMFM_MALLOC_ARENA_MAX", "1")
     try:
         n = int(raw)
     except ValueError:
-        raise SystemExit(f"emfm: error: EMFM_MALLOC_ARENA_MAX={raw!r}: give a whole number (0 = glibc's default)") from None
+        raise SystemExit(
+            f"emfm: error: EMFM_MALLOC_ARENA_MAX={raw!r}: give a whole number (0 = glibc's default)"
+        ) from None
     if n <= 0:
         return None
     import ctypes
@@ -97,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
 
         view.main(rest)
         return
-    if cmd == "export-model":  # `emfm export-model checkpoint=... format=onnx|bioimageio`: key=value, no Hydra
+    if (
+        cmd == "export-model"
+    ):  # `emfm export-model checkpoint=... format=onnx|bioimageio`: key=value, no Hydra
         from emfm.cli import export_model
 
         export_model.main(rest)

@@ -6,6 +6,7 @@ stored as zarr v3 (zstd). Cite: Cardona et al. (2010) PLoS Biol 8(10): e1000502;
 et al. (2015) Front. Neuroanat. 9:142. Research / non-commercial use with citation.
 Rebuilt by `scripts/make_sample.py` from ../shared/data/em/isbi2012.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """PNG figures (matplotlib, Agg backend): image grids, probe overlays, feature previews."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,9 @@ def _plt():
     return plt
 
 
-def image_grid(path: str | Path, columns: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray") -> None:
+def image_grid(
+    path: str | Path, columns: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray"
+) -> None:
     """One column per (title, [n, y, x] or [n, y, x, 3]) entry, one row per example."""
     plt = _plt()
     n = len(columns[0][1])

@@ -1,6 +1,7 @@
 """Instance segmentation from network predictions: watershed, 2D-then-3D linking, region adjacency
 graph with agglomeration and multicut (GAEC), mutex watershed, and blockwise processing of large
 volumes with stitching (`emfm instances`)."""
+
 from emfm.instances.affinities import (  # noqa: F401
     DEFAULT_OFFSETS,
     affinities_from_labels,

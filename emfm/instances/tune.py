@@ -8,6 +8,7 @@ maps or affinities), `tune_foreground` for connected components of a foreground 
 (blob-like organelles). `emfm instances` / `emfm predict` call `tune_from_volumes` when
 `instances.tune=true`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,24 +25,42 @@ from emfm.errors import UserError
 log = logging.getLogger("emfm")
 
 # metric -> True when larger is better
-METRICS = {"adapted_rand_error": False, "voi": False, "voi_split": False, "voi_merge": False,
-           "cremi_score": False, "instance_f1": True}
+METRICS = {
+    "adapted_rand_error": False,
+    "voi": False,
+    "voi_split": False,
+    "voi_merge": False,
+    "cremi_score": False,
+    "instance_f1": True,
+}
 
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "watershed": {"threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [4, 16, 64, 256]},
     # link_mutual_best stays at its default (one-to-one): shallow validation regions do not show the
     # chaining of any-pair links, which builds up over many sections (experiments/segmentation/README.md)
-    "link2d": {"threshold": [0.1, 0.2, 0.3, 0.5], "link_2d": ["watershed", "agglomeration"],
-               "agglomeration_threshold": [0.3, 0.5]},
+    "link2d": {
+        "threshold": [0.1, 0.2, 0.3, 0.5],
+        "link_2d": ["watershed", "agglomeration"],
+        "agglomeration_threshold": [0.3, 0.5],
+    },
     "agglomeration": {"threshold": [0.3, 0.5, 0.7], "agglomeration_threshold": [0.3, 0.5, 0.7]},
     "multicut": {"threshold": [0.1, 0.2, 0.3, 0.5], "beta": [0.3, 0.5, 0.7]},
     "mws": {"repulsive_stride": [1]},
-    "foreground": {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "min_size": [0, 64, 256, 1024]},
+    "foreground": {
+        "threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        "min_size": [0, 64, 256, 1024],
+    },
 }
 
 
-def score_instances(pred: np.ndarray, gt: np.ndarray, metric: str, *, per_section: bool = False,
-                    ignore_gt: Sequence[int] = (0,)) -> float:
+def score_instances(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    metric: str,
+    *,
+    per_section: bool = False,
+    ignore_gt: Sequence[int] = (0,),
+) -> float:
     """One number of `pred` against `gt` (same shape). Region metrics (adapted Rand error, VOI, CREMI)
     ignore gt ids in `ignore_gt`; `instance_f1` = 2 TP / (n_pred + n_gt) at IoU >= 0.5. With
     `per_section`, region metrics are averaged over sections and instance counts summed."""
@@ -51,7 +70,9 @@ def score_instances(pred: np.ndarray, gt: np.ndarray, metric: str, *, per_sectio
     if metric not in METRICS:
         raise UserError(f"tune metric {metric!r}: choose one of {', '.join(METRICS)}")
     if pred.shape != gt.shape:
-        raise UserError(f"predicted labels {pred.shape} and validation labels {gt.shape} differ in shape")
+        raise UserError(
+            f"predicted labels {pred.shape} and validation labels {gt.shape} differ in shape"
+        )
     pairs = list(zip(pred, gt)) if per_section else [(pred, gt)]
     if metric == "instance_f1":
         tp = n = 0
@@ -59,11 +80,20 @@ def score_instances(pred: np.ndarray, gt: np.ndarray, metric: str, *, per_sectio
             m = match_instances(p, g, threshold=0.5)
             tp, n = tp + len(m["iou"]), n + m["n_pred"] + m["n_gt"]
         return 2 * tp / n if n else 1.0
-    return float(np.mean([region_scores(p, g, ignore_gt=tuple(ignore_gt))[metric] for p, g in pairs]))
+    return float(
+        np.mean([region_scores(p, g, ignore_gt=tuple(ignore_gt))[metric] for p, g in pairs])
+    )
 
 
-def grid_search(make_labels: Callable[[dict], np.ndarray], gt: np.ndarray, grid: Mapping[str, Sequence],
-                metric: str, *, per_section: bool = False, ignore_gt: Sequence[int] = (0,)) -> tuple[dict, list[dict]]:
+def grid_search(
+    make_labels: Callable[[dict], np.ndarray],
+    gt: np.ndarray,
+    grid: Mapping[str, Sequence],
+    metric: str,
+    *,
+    per_section: bool = False,
+    ignore_gt: Sequence[int] = (0,),
+) -> tuple[dict, list[dict]]:
     """Every combination of `grid` (name -> values) labelled by `make_labels(combo)` and scored;
     returns the best combination (first one on ties) and all trials `{**combo, metric: score}`."""
     if metric not in METRICS:
@@ -75,7 +105,9 @@ def grid_search(make_labels: Callable[[dict], np.ndarray], gt: np.ndarray, grid:
     trials, best, best_score = [], None, -np.inf
     for values in itertools.product(*(grid[k] for k in names)):
         combo = dict(zip(names, values))
-        s = score_instances(make_labels(combo), gt, metric, per_section=per_section, ignore_gt=ignore_gt)
+        s = score_instances(
+            make_labels(combo), gt, metric, per_section=per_section, ignore_gt=ignore_gt
+        )
         trials.append({**combo, metric: s})
         if sign * s > best_score:
             best, best_score = combo, sign * s
@@ -86,7 +118,9 @@ def _typed(params: SegmentParams, combo: dict) -> dict:
     types = {f.name: type(getattr(params, f.name)) for f in fields(params)}
     bad = sorted(set(combo) - set(types))
     if bad:
-        raise UserError(f"tune grid names unknown instance parameters {bad}; known: {', '.join(sorted(types))}")
+        raise UserError(
+            f"tune grid names unknown instance parameters {bad}; known: {', '.join(sorted(types))}"
+        )
     out = {}
     for k, v in combo.items():
         if types[k] is bool and isinstance(v, str):
@@ -101,22 +135,37 @@ def _typed(params: SegmentParams, combo: dict) -> dict:
     return out
 
 
-def tune_instances(data: np.ndarray, gt: np.ndarray, params: SegmentParams, *, metric: str = "voi",
-                   grid: Mapping[str, Sequence] | None = None, per_section: bool = False,
-                   ignore_gt: Sequence[int] = (0,)) -> tuple[SegmentParams, list[dict]]:
+def tune_instances(
+    data: np.ndarray,
+    gt: np.ndarray,
+    params: SegmentParams,
+    *,
+    metric: str = "voi",
+    grid: Mapping[str, Sequence] | None = None,
+    per_section: bool = False,
+    ignore_gt: Sequence[int] = (0,),
+) -> tuple[SegmentParams, list[dict]]:
     """Best `params` (method fixed) for boundary map `[z,y,x]` / affinities `[c,z,y,x]` against `gt`
     `[z,y,x]`; `grid` defaults to DEFAULT_GRIDS[params.method]."""
     grid = dict(grid) if grid else DEFAULT_GRIDS[params.method]
     _typed(params, {k: v[0] for k, v in grid.items()})
-    best, trials = grid_search(lambda c: segment(data, replace(params, **_typed(params, c))), gt, grid, metric,
-                               per_section=per_section, ignore_gt=ignore_gt)
+    best, trials = grid_search(
+        lambda c: segment(data, replace(params, **_typed(params, c))),
+        gt,
+        grid,
+        metric,
+        per_section=per_section,
+        ignore_gt=ignore_gt,
+    )
     return replace(params, **_typed(params, best)), trials
 
 
-def foreground_instances(prob: np.ndarray, *, threshold: float = 0.5, min_size: int = 0,
-                         two_d: bool = True) -> np.ndarray:
+def foreground_instances(
+    prob: np.ndarray, *, threshold: float = 0.5, min_size: int = 0, two_d: bool = True
+) -> np.ndarray:
     """Connected components of `prob >= threshold` (per section with `two_d`), objects under
     `min_size` voxels removed."""
+
     def one(p):
         lab, _ = ndimage.label(p >= threshold)
         if min_size > 1:
@@ -128,21 +177,43 @@ def foreground_instances(prob: np.ndarray, *, threshold: float = 0.5, min_size: 
     return np.stack([one(p) for p in prob]) if two_d else one(prob)
 
 
-def tune_foreground(prob: np.ndarray, gt: np.ndarray, *, metric: str = "instance_f1",
-                    grid: Mapping[str, Sequence] | None = None, two_d: bool = True) -> tuple[dict, list[dict]]:
+def tune_foreground(
+    prob: np.ndarray,
+    gt: np.ndarray,
+    *,
+    metric: str = "instance_f1",
+    grid: Mapping[str, Sequence] | None = None,
+    two_d: bool = True,
+) -> tuple[dict, list[dict]]:
     """Best `threshold` / `min_size` of `foreground_instances` against instance labels `gt`."""
     grid = dict(grid) if grid else DEFAULT_GRIDS["foreground"]
     bad = sorted(set(grid) - {"threshold", "min_size"})
     if bad:
         raise UserError(f"tune grid names {bad}; foreground instances take threshold and min_size")
-    return grid_search(lambda c: foreground_instances(prob, two_d=two_d, **c), gt, grid, metric,
-                       per_section=two_d, ignore_gt=())
+    return grid_search(
+        lambda c: foreground_instances(prob, two_d=two_d, **c),
+        gt,
+        grid,
+        metric,
+        per_section=two_d,
+        ignore_gt=(),
+    )
 
 
-def tune_from_volumes(input_path: str, labels_path: str, roi: Sequence[Sequence[int]], params: SegmentParams, *,
-                      kind: str = "auto", channel: int | None = None, invert: bool = False, metric: str = "voi",
-                      grid: Mapping[str, Sequence] | None = None, per_section: bool = False,
-                      ignore_gt: Sequence[int] = (0,)) -> tuple[SegmentParams, list[dict]]:
+def tune_from_volumes(
+    input_path: str,
+    labels_path: str,
+    roi: Sequence[Sequence[int]],
+    params: SegmentParams,
+    *,
+    kind: str = "auto",
+    channel: int | None = None,
+    invert: bool = False,
+    metric: str = "voi",
+    grid: Mapping[str, Sequence] | None = None,
+    per_section: bool = False,
+    ignore_gt: Sequence[int] = (0,),
+) -> tuple[SegmentParams, list[dict]]:
     """`instances.tune=true`: the probabilities of `input_path` in `roi` (its own coordinates) against
     the labels at `labels_path` in the same region of the source volume (shifted by the `roi` origin
     that `emfm predict` records in the probabilities' attributes)."""
@@ -151,33 +222,65 @@ def tune_from_volumes(input_path: str, labels_path: str, roi: Sequence[Sequence[
 
     vol = open_volume(input_path)
     channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
-    read, _ = volume_reader(vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets))
+    read, _ = volume_reader(
+        vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets)
+    )
     shape = vol.spatial_shape
     if roi is None or len(roi) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(roi, shape)):
-        raise VolumeError(f"instances.tune_roi={roi}: give 3 [start, stop] ranges inside {input_path} of shape {list(shape)}")
+        raise VolumeError(
+            f"instances.tune_roi={roi}: give 3 [start, stop] ranges inside {input_path} of shape {list(shape)}"
+        )
     origin = [r[0] for r in vol.attributes.get("roi") or [[0, 0]] * 3]
     lab = open_volume(labels_path)
     box = tuple(slice(a, b) for a, b in roi)
     lbox = tuple(slice(a + o, b + o) for (a, b), o in zip(roi, origin))
     if lab.ndim != 3 or any(s.stop > n for s, n in zip(lbox, lab.shape)):
-        raise VolumeError(f"instances.tune_labels {labels_path} of shape {list(lab.shape)} does not cover the "
-                          f"validation region {[[s.start, s.stop] for s in lbox]}")
-    best, trials = tune_instances(read(box), lab.read(lbox), params, metric=metric, grid=grid,
-                                  per_section=per_section, ignore_gt=ignore_gt)
-    log.info("instances: tuned on %s: %s", [[s.start, s.stop] for s in lbox],
-             {k: getattr(best, k) for k in (grid or DEFAULT_GRIDS[params.method])})
+        raise VolumeError(
+            f"instances.tune_labels {labels_path} of shape {list(lab.shape)} does not cover the "
+            f"validation region {[[s.start, s.stop] for s in lbox]}"
+        )
+    best, trials = tune_instances(
+        read(box),
+        lab.read(lbox),
+        params,
+        metric=metric,
+        grid=grid,
+        per_section=per_section,
+        ignore_gt=ignore_gt,
+    )
+    log.info(
+        "instances: tuned on %s: %s",
+        [[s.start, s.stop] for s in lbox],
+        {k: getattr(best, k) for k in (grid or DEFAULT_GRIDS[params.method])},
+    )
     return best, trials
 
 
-def tune_from_volumes_cfg(cfg, input_path: str, params: SegmentParams) -> tuple[SegmentParams, dict]:
+def tune_from_volumes_cfg(
+    cfg, input_path: str, params: SegmentParams
+) -> tuple[SegmentParams, dict]:
     """`tune_from_volumes` with the `instances.tune_*` settings of a validated InstancesConfig
     (emfm.config.schema.validate_instances) starting from its `params`
     (emfm.config.schema.segment_params); returns the chosen parameters and a record of the search
     (for the run's JSON)."""
     grid = {k: list(v) for k, v in (cfg.tune_grid or {}).items()} or None
-    best, trials = tune_from_volumes(input_path, cfg.tune_labels, cfg.tune_roi, params, kind=cfg.kind,
-                                     channel=cfg.channel, invert=cfg.invert, metric=cfg.tune_metric, grid=grid,
-                                     per_section=cfg.tune_per_section, ignore_gt=tuple(cfg.tune_ignore))
+    best, trials = tune_from_volumes(
+        input_path,
+        cfg.tune_labels,
+        cfg.tune_roi,
+        params,
+        kind=cfg.kind,
+        channel=cfg.channel,
+        invert=cfg.invert,
+        metric=cfg.tune_metric,
+        grid=grid,
+        per_section=cfg.tune_per_section,
+        ignore_gt=tuple(cfg.tune_ignore),
+    )
     names = list(grid or DEFAULT_GRIDS[best.method])
-    return best, {"metric": cfg.tune_metric, "roi": cfg.tune_roi, "chosen": {k: getattr(best, k) for k in names},
-                  "trials": trials}
+    return best, {
+        "metric": cfg.tune_metric,
+        "roi": cfg.tune_roi,
+        "chosen": {k: getattr(best, k) for k in names},
+        "trials": trials,
+    }

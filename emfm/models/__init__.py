@@ -1,4 +1,5 @@
 """Encoder families, one file each, registered by `model.name`."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -28,5 +29,7 @@ ENCODERS: dict[str, Callable] = {
 def build_encoder(cfg, *, seed: int = 0):
     """The encoder named by `cfg.name` (a ModelConfig), initialised from `seed`."""
     if cfg.name not in ENCODERS:
-        raise UserError(f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}")
+        raise UserError(
+            f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}"
+        )
     return ENCODERS[cfg.name](cfg, nnx.Rngs(seed))

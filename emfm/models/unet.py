@@ -13,6 +13,7 @@ It conforms to the encoder interface: `__call__(x) -> (tokens, aux)` with
 So `spec.patch_size` is all ones and `spec.width` the output channels. `encode(x)` is the encoder half
 alone (the per-level features a segmentation decoder reuses); `decode(feats)` the decoder half.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ class UNetSpec:
     in_channels: int = 1
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_level: int = 1
-    pool_z_from_level: int = 1  # 3D: the downsampling into level l pools z only when l >= this value
+    pool_z_from_level: int = (
+        1  # 3D: the downsampling into level l pools z only when l >= this value
+    )
     norm: str = "group"
     groups: int = 8
     dtype: str = "float32"
@@ -52,10 +55,18 @@ class UNetSpec:
             widths = tuple(int(w) for w in cfg.widths)
         else:
             base, levels = cfg.width or 32, cfg.depth or 4
-            widths = tuple(base * 2 ** i for i in range(levels))
-        return cls(ndim=len(cfg.patch_size), in_channels=cfg.in_channels, widths=widths,
-                   blocks_per_level=cfg.blocks_per_level, pool_z_from_level=cfg.pool_z_from_level,
-                   norm=cfg.norm, groups=cfg.norm_groups, dtype=cfg.dtype, remat=cfg.remat)
+            widths = tuple(base * 2**i for i in range(levels))
+        return cls(
+            ndim=len(cfg.patch_size),
+            in_channels=cfg.in_channels,
+            widths=widths,
+            blocks_per_level=cfg.blocks_per_level,
+            pool_z_from_level=cfg.pool_z_from_level,
+            norm=cfg.norm,
+            groups=cfg.norm_groups,
+            dtype=cfg.dtype,
+            remat=cfg.remat,
+        )
 
     def __post_init__(self):
         if self.ndim not in (2, 3):
@@ -63,7 +74,9 @@ class UNetSpec:
         if self.norm not in NORMS:
             raise UserError(f"U-Net norm={self.norm!r}: use one of {NORMS}")
         if self.norm == "group" and any(w % self.groups for w in self.widths):
-            raise UserError(f"U-Net widths {self.widths} must be divisible by norm_groups={self.groups}")
+            raise UserError(
+                f"U-Net widths {self.widths} must be divisible by norm_groups={self.groups}"
+            )
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -111,8 +124,16 @@ def he_uniform(key, shape, dtype=jnp.float32):
 
 
 def _conv(spec: UNetSpec, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k,) * spec.ndim, padding="SAME", dtype=DTYPES[spec.dtype],
-                    param_dtype=jnp.float32, kernel_init=he_uniform, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (k,) * spec.ndim,
+        padding="SAME",
+        dtype=DTYPES[spec.dtype],
+        param_dtype=jnp.float32,
+        kernel_init=he_uniform,
+        rngs=rngs,
+    )
 
 
 class ResBlock(nnx.Module):
@@ -132,7 +153,12 @@ class ResBlock(nnx.Module):
 
 
 def _stage(spec: UNetSpec, cin: int, cout: int, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([ResBlock(spec, cin if i == 0 else cout, cout, rngs=rngs) for i in range(spec.blocks_per_level)])
+    return nnx.List(
+        [
+            ResBlock(spec, cin if i == 0 else cout, cout, rngs=rngs)
+            for i in range(spec.blocks_per_level)
+        ]
+    )
 
 
 def _run(blocks, x, remat: bool):
@@ -159,22 +185,30 @@ class UNet(nnx.Module):
         self.spec = spec
         w = spec.widths
         self.stem = _conv(spec, spec.in_channels, w[0], 3, rngs)
-        self.down = nnx.List([_stage(spec, w[max(i - 1, 0)], w[i], rngs) for i in range(spec.depth)])
+        self.down = nnx.List(
+            [_stage(spec, w[max(i - 1, 0)], w[i], rngs) for i in range(spec.depth)]
+        )
         # decoder level i (< depth-1): upsample level i+1, 1x1 conv to w[i], concat skip, residual stage
-        self.up_proj = nnx.List([_conv(spec, w[i + 1], w[i], 1, rngs) for i in range(spec.depth - 1)])
+        self.up_proj = nnx.List(
+            [_conv(spec, w[i + 1], w[i], 1, rngs) for i in range(spec.depth - 1)]
+        )
         self.up = nnx.List([_stage(spec, 2 * w[i], w[i], rngs) for i in range(spec.depth - 1)])
         self.norm = _norm(spec, w[0], rngs)
 
     def _check(self, x) -> None:
         s = self.spec
         if x.ndim != s.ndim + 2:
-            raise UserError(f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape {x.shape}")
+            raise UserError(
+                f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape {x.shape}"
+            )
         if x.shape[-1] != s.in_channels:
             raise UserError(f"U-Net expects {s.in_channels} channel(s); input has {x.shape[-1]}")
         tot = s.total_pool()
         if any(d % t for d, t in zip(x.shape[1:-1], tot)):
-            raise UserError(f"U-Net with {s.depth} levels pools by {tot}: input spatial shape "
-                             f"{tuple(x.shape[1:-1])} must be divisible by it")
+            raise UserError(
+                f"U-Net with {s.depth} levels pools by {tot}: input spatial shape "
+                f"{tuple(x.shape[1:-1])} must be divisible by it"
+            )
 
     def encode(self, x: Float[Array, "b *sp c"]) -> list[Float[Array, "b *sp_l c_l"]]:
         """The encoder half alone: features of every level, full resolution first."""
@@ -196,10 +230,13 @@ class UNet(nnx.Module):
             h = _run(self.up[lvl], jnp.concatenate([feats[lvl], h], axis=-1), self.spec.remat)
         return self.norm(h).astype(jnp.float32)
 
-    def __call__(self, x: Float[Array, "b *sp c"], *, ids_keep=None,
-                 return_blocks: Sequence[int] = ()) -> tuple[Float[Array, "b n w"], dict]:
+    def __call__(
+        self, x: Float[Array, "b *sp c"], *, ids_keep=None, return_blocks: Sequence[int] = ()
+    ) -> tuple[Float[Array, "b n w"], dict]:
         if ids_keep is not None:
-            raise UserError("the U-Net has no tokens to drop (ids_keep); mask the input image instead")
+            raise UserError(
+                "the U-Net has no tokens to drop (ids_keep); mask the input image instead"
+            )
         feats = self.encode(x)
         fmap = self.decode(feats)
         tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])

@@ -1,4 +1,5 @@
 """Self-supervised objectives, one file each, registered by name (no import side effects beyond this dict)."""
+
 from __future__ import annotations
 
 from emfm.objectives import combo, dense, dino, dino_dense, mae, mim_unet, moco, simclr
@@ -20,5 +21,7 @@ OBJECTIVES: dict[str, ObjectiveDef] = {
 
 def get(name: str) -> ObjectiveDef:
     if name not in OBJECTIVES:
-        raise UserError(f"objective.name={name!r}: known objectives are {', '.join(sorted(OBJECTIVES))}")
+        raise UserError(
+            f"objective.name={name!r}: known objectives are {', '.join(sorted(OBJECTIVES))}"
+        )
     return OBJECTIVES[name]

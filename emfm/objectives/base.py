@@ -1,4 +1,5 @@
 """What an objective is: how it wraps an encoder into a pretraining model, and its pure loss."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

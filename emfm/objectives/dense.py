@@ -7,6 +7,7 @@ the first's grid (ViT patch tokens: patches map onto patches; U-Net: pixels onto
 `dense_samples` random locations per example the projected features of the two views are positives;
 every other sampled location of the batch is a negative. Symmetric in the two views.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,13 @@ from flax import nnx
 
 from emfm.models.heads import MLP
 from emfm.objectives.base import ObjectiveDef
-from emfm.objectives.contrastive import (ContrastiveModel, dihedral, dihedral_codes, info_nce,
-                                         photometric)
+from emfm.objectives.contrastive import (
+    ContrastiveModel,
+    dihedral,
+    dihedral_codes,
+    info_nce,
+    photometric,
+)
 
 
 class Heads(nnx.Module):

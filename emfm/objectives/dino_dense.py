@@ -19,6 +19,7 @@ the same assignment to the prototypes as the teacher gives from the plain view: 
 must depend on what is at that location in its context (membrane, organelle, cytoplasm), not on
 grey values, orientation, scale or the exact pixels. Works for ViT patch tokens and U-Net pixels.
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,8 +50,15 @@ def zoom_crops(rng, x, scale: tuple[float, float]):
 
     def one(img, s, oy, ox):
         f = h / s
-        return jax.image.scale_and_translate(img, img.shape, (0, 1), jnp.stack([f, f]),
-                                             jnp.stack([-oy * f, -ox * f]), method="linear", antialias=True)
+        return jax.image.scale_and_translate(
+            img,
+            img.shape,
+            (0, 1),
+            jnp.stack([f, f]),
+            jnp.stack([-oy * f, -ox * f]),
+            method="linear",
+            antialias=True,
+        )
 
     return jax.vmap(one)(x, side, y0, x0), (y0, x0, side)
 
@@ -75,8 +83,12 @@ def bilinear(fmap, gy, gx):
     y1, x1 = jnp.minimum(y0 + 1, gmax_y), jnp.minimum(x0 + 1, gmax_x)
     wy, wx = (gy - y0)[..., None], (gx - x0)[..., None]
     take = jax.vmap(lambda f, yy, xx: f[yy, xx])
-    return ((1 - wy) * (1 - wx) * take(fmap, y0, x0) + (1 - wy) * wx * take(fmap, y0, x1)
-            + wy * (1 - wx) * take(fmap, y1, x0) + wy * wx * take(fmap, y1, x1))
+    return (
+        (1 - wy) * (1 - wx) * take(fmap, y0, x0)
+        + (1 - wy) * wx * take(fmap, y0, x1)
+        + wy * (1 - wx) * take(fmap, y1, x0)
+        + wy * wx * take(fmap, y1, x1)
+    )
 
 
 def stride_of(encoder) -> int:
@@ -114,12 +126,21 @@ def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     t_logits = jax.lax.stop_gradient(t_heads.head(k.reshape(b * s, d)))
     center = heads.center[...]
     t_probs = jax.nn.softmax((t_logits - center) / cfg.teacher_temp, axis=-1)
-    value = jnp.mean(-jnp.sum(t_probs * jax.nn.log_softmax(s_logits / cfg.student_temp, axis=-1), axis=-1))
-    heads.center = Center(center * cfg.center_momentum + t_logits.mean(axis=0, keepdims=True) * (1 - cfg.center_momentum))
+    value = jnp.mean(
+        -jnp.sum(t_probs * jax.nn.log_softmax(s_logits / cfg.student_temp, axis=-1), axis=-1)
+    )
+    heads.center = Center(
+        center * cfg.center_momentum
+        + t_logits.mean(axis=0, keepdims=True) * (1 - cfg.center_momentum)
+    )
     entropy = -jnp.mean(jnp.sum(t_probs * jnp.log(t_probs + 1e-12), axis=-1))
     used = jnp.mean(t_probs, axis=0)
     # perplexity of the teacher's mean assignment: how many prototypes are in use (collapse -> 1)
-    metrics = {"loss": value, "teacher_entropy": entropy, "prototypes_used": jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12)))}
+    metrics = {
+        "loss": value,
+        "teacher_entropy": entropy,
+        "prototypes_used": jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12))),
+    }
     return value, metrics
 
 

@@ -5,6 +5,7 @@ copy the training state keeps, `ObjectiveDef.teacher=True`) encodes and projects
 gradient. Symmetric InfoNCE with in-batch negatives: ctr(q1, k2) + ctr(q2, k1), each scaled by
 2T as in the paper's code, so the gradient scale does not depend on the temperature.
 """
+
 from __future__ import annotations
 
 import jax
@@ -52,4 +53,6 @@ def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
     return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
 
 
-DEFINITION = ObjectiveDef(name="moco", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True)
+DEFINITION = ObjectiveDef(
+    name="moco", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True
+)

@@ -4,6 +4,7 @@ Both augmented views go through the encoder; a projection MLP maps the pooled fe
 a ViT, global average of the U-Net's feature map) to `proj_dim`, and NT-Xent with in-batch negatives
 pulls the two views of each patch together.
 """
+
 from __future__ import annotations
 
 from flax import nnx

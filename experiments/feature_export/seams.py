@@ -5,6 +5,7 @@ tile-periodic pattern would show up at some phase).
 
     python experiments/feature_export/seams.py RUN_DIR/features.zarr [MORE.zarr ...]
 """
+
 import json
 import sys
 
@@ -33,9 +34,16 @@ def seam_report(path: str) -> dict:
     cy, cx = vol.chunks[1:3]
     ry, wy = ratios(phase_profile(f, cy, 1))
     rx, wx = ratios(phase_profile(f, cx, 2))
-    return {"features": path, "shape": list(f.shape), "block_cells": [cy, cx], "blend": vol.attributes.get(
-        "export", {}).get("blend", "none"), "seam_ratio_y": ry, "seam_ratio_x": rx, "worst_phase_y": wy,
-        "worst_phase_x": wx}
+    return {
+        "features": path,
+        "shape": list(f.shape),
+        "block_cells": [cy, cx],
+        "blend": vol.attributes.get("export", {}).get("blend", "none"),
+        "seam_ratio_y": ry,
+        "seam_ratio_x": rx,
+        "worst_phase_y": wy,
+        "worst_phase_x": wx,
+    }
 
 
 if __name__ == "__main__":

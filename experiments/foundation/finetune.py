@@ -20,6 +20,7 @@ Splits (the corpus of configs/data/corpus.yaml leaves out both test ranges):
 - CDeep3M: train 0-11, validation 12-13, test 14-19; 2x downsampled in plane (11.8 nm pixels, as the
   probing benchmark task), 512 x 512 per section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,24 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = {
-    "isbi": dict(image="isbi2012/train_volume.tif", labels="isbi2012/train_labels.tif", downsample=1,
-                 train=(0, 16), val=(16, 20), test=(20, 30), over=["task=semantic", "task.class_values=[255,0]"]),
-    "cdeep3m": dict(image="cdeep3m_sbem_mito/train_images.tif", labels="cdeep3m_sbem_mito/train_labels.tif",
-                    downsample=2, train=(0, 12), val=(12, 14), test=(14, 20),
-                    over=["task=semantic", "task.class_values=[0,1]", "loss.balance=true"]),
+    "isbi": dict(
+        image="isbi2012/train_volume.tif",
+        labels="isbi2012/train_labels.tif",
+        downsample=1,
+        train=(0, 16),
+        val=(16, 20),
+        test=(20, 30),
+        over=["task=semantic", "task.class_values=[255,0]"],
+    ),
+    "cdeep3m": dict(
+        image="cdeep3m_sbem_mito/train_images.tif",
+        labels="cdeep3m_sbem_mito/train_labels.tif",
+        downsample=2,
+        train=(0, 12),
+        val=(12, 14),
+        test=(14, 20),
+        over=["task=semantic", "task.class_values=[0,1]", "loss.balance=true"],
+    ),
 }
 
 
@@ -70,21 +84,46 @@ def fg(name: str, y: np.ndarray) -> np.ndarray:
     return y == 0 if name == "isbi" else y > 0
 
 
-def finetune_config(ds: dict, init: str, checkpoint: str, frac: float, steps: int, seed: int, run_dir: Path,
-                    batch: int, width: int):
+def finetune_config(
+    ds: dict,
+    init: str,
+    checkpoint: str,
+    frac: float,
+    steps: int,
+    seed: int,
+    run_dir: Path,
+    batch: int,
+    width: int,
+):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from emfm.config import schema
 
     ny, nx = ds["x"].shape[1:]
-    over = [f"data.path={ds['raw']}", f"data.labels={ds['labels_zarr']}", f"data.label_fraction={frac}",
-            "data.patch_shape=[1,128,128]", "data.test_roi=null",
-            f"data.train_roi=[[{ds['train'][0]},{ds['train'][1]}],[0,{ny}],[0,{nx}]]",
-            f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=20", "trainer.log_every=50",
-            "trainer.progress=false", "trainer.tensorboard=false", "model=unet2d", "head=unet",
-            f"model.width={width}", f"run_dir={run_dir}", f"trainer.seed={seed}", *ds["over"]]
-    over += ([f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"])
+    over = [
+        f"data.path={ds['raw']}",
+        f"data.labels={ds['labels_zarr']}",
+        f"data.label_fraction={frac}",
+        "data.patch_shape=[1,128,128]",
+        "data.test_roi=null",
+        f"data.train_roi=[[{ds['train'][0]},{ds['train'][1]}],[0,{ny}],[0,{nx}]]",
+        f"trainer.steps={steps}",
+        f"data.batch_size={batch}",
+        "optim.warmup_steps=20",
+        "trainer.log_every=50",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "model=unet2d",
+        "head=unet",
+        f"model.width={width}",
+        f"run_dir={run_dir}",
+        f"trainer.seed={seed}",
+        *ds["over"],
+    ]
+    over += (
+        [f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"]
+    )
     over += [f"optim.lr={LR}"] if LR else []
     over += EXTRA if init != "random" else []
     repo = Path(__file__).resolve().parents[2]
@@ -101,28 +140,51 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     from emfm.eval.probe import gt_cells
     from emfm.eval.tasks import choose_threshold
     from emfm.instances import SegmentParams, segment
-    from emfm.instances.tune import foreground_instances, score_instances, tune_foreground, tune_instances
+    from emfm.instances.tune import (
+        foreground_instances,
+        score_instances,
+        tune_foreground,
+        tune_instances,
+    )
 
     yv, yt = fg(name, ds["y"][slice(*ds["val"])]), fg(name, ds["y"][slice(*ds["test"])])
     thr = choose_threshold(p_val, yv)
     px = metrics.binary_scores(p_test >= thr, yt)
-    pv = metrics.binary_scores(p_val >= thr, yv)  # for choosing fine-tuning recipes: validation only
-    out = {"f1": px["f1"], "iou": px["iou"], "threshold": thr, "val_f1": pv["f1"], "val_iou": pv["iou"]}
+    pv = metrics.binary_scores(
+        p_val >= thr, yv
+    )  # for choosing fine-tuning recipes: validation only
+    out = {
+        "f1": px["f1"],
+        "iou": px["iou"],
+        "threshold": thr,
+        "val_f1": pv["f1"],
+        "val_iou": pv["iou"],
+    }
     if name == "isbi":
         vgt, tgt = np.stack([gt_cells(m) for m in yv]), np.stack([gt_cells(m) for m in yt])
-        best, _ = tune_instances(p_val, vgt, SegmentParams(method="watershed", two_d=True),
-                                 metric="adapted_rand_error", per_section=True)
+        best, _ = tune_instances(
+            p_val,
+            vgt,
+            SegmentParams(method="watershed", two_d=True),
+            metric="adapted_rand_error",
+            per_section=True,
+        )
         lab = segment(p_test, best)
         rs = [metrics.region_scores(a, b, ignore_gt=(0,)) for a, b in zip(lab, tgt)]
-        out.update({k: float(np.mean([r[k] for r in rs])) for k in ("adapted_rand_error", "voi", "voi_split",
-                                                                     "voi_merge")})
+        out.update(
+            {
+                k: float(np.mean([r[k] for r in rs]))
+                for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")
+            }
+        )
         out["tuned"] = {"threshold": best.threshold, "min_seed": best.min_seed}
     else:
         vgt = np.stack([ndimage.label(m)[0] for m in yv])
         tgt = np.stack([ndimage.label(m)[0] for m in yt])
         best, _ = tune_foreground(p_val, vgt, metric="instance_f1")
-        out["instance_f1"] = score_instances(foreground_instances(p_test, **best), tgt, "instance_f1",
-                                             per_section=True)
+        out["instance_f1"] = score_instances(
+            foreground_instances(p_test, **best), tgt, "instance_f1", per_section=True
+        )
         out["tuned"] = best
     return out
 
@@ -135,9 +197,20 @@ def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag:
     lay = targets.layout(task_cfg, 2)
     ny, nx = ds["x"].shape[1:]
     out = tmp / "pred" / f"{tag}_{z[0]}_{z[1]}.zarr"
-    predict_volume(model_fn(model, lay, ndim=2, batch_size=4), lay.channels, open_volume(ds["raw"]), out,
-                   grey_range=meta["grey_range"], window=[1, 128, 128], overlap=[0, 32, 32], chunk=[1, 512, 512],
-                   roi=[list(z), [0, ny], [0, nx]], dtype="float32", resume=False, show_progress=False)
+    predict_volume(
+        model_fn(model, lay, ndim=2, batch_size=4),
+        lay.channels,
+        open_volume(ds["raw"]),
+        out,
+        grey_range=meta["grey_range"],
+        window=[1, 128, 128],
+        overlap=[0, 32, 32],
+        chunk=[1, 512, 512],
+        roi=[list(z), [0, ny], [0, nx]],
+        dtype="float32",
+        resume=False,
+        show_progress=False,
+    )
     return open_volume(out).read()[..., 1].astype(np.float32)
 
 
@@ -152,10 +225,21 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
     model, meta = train.load_seg_model(str(run_dir))
     p_val = predict(model, meta, cfg.task, ds, ds["val"], out, tag)
     p_test = predict(model, meta, cfg.task, ds, ds["test"], out, tag)
-    return {"kind": "finetune", "run": tag, "recipe": TAG.lstrip("_") or "default", "dataset": name, "init": init,
-            "fraction": frac, "seed": seed,
-            "steps": steps, "labelled_roi": summary["labelled_roi"], "final_loss": summary["final_loss"],
-            "train_s": summary["train_s"], "seconds": time.time() - t0, **score(name, ds, p_val, p_test)}
+    return {
+        "kind": "finetune",
+        "run": tag,
+        "recipe": TAG.lstrip("_") or "default",
+        "dataset": name,
+        "init": init,
+        "fraction": frac,
+        "seed": seed,
+        "steps": steps,
+        "labelled_roi": summary["labelled_roi"],
+        "final_loss": summary["final_loss"],
+        "train_s": summary["train_s"],
+        "seconds": time.time() - t0,
+        **score(name, ds, p_val, p_test),
+    }
 
 
 def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
@@ -170,22 +254,36 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
 
     t0 = time.time()
     if init == "random":
-        enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=width, depth=4), seed=seed)
+        enc = build_encoder(
+            ModelConfig(name="unet", patch_size=[1, 1], width=width, depth=4), seed=seed
+        )
     else:
         enc, _ = load_encoder(resolve_zoo(checkpoint, "checkpoint"))
     tr = ds["train"]
     n_lab = max(1, math.ceil(frac * (tr[1] - tr[0])))
-    lo, hi = np.percentile(ds["x"][tr[0]:tr[1]], [0.5, 99.5])
+    lo, hi = np.percentile(ds["x"][tr[0] : tr[1]], [0.5, 99.5])
     bench = BenchmarkConfig(tile=128, margin=32, batch_size=8)
-    f = {k: encode(enc, normalise(ds["x"][slice(*ds[k])], (lo, hi)), bench) for k in ("train", "val", "test")}
-    ytr = fg(name, ds["y"][tr[0]:tr[1]])
+    f = {
+        k: encode(enc, normalise(ds["x"][slice(*ds[k])], (lo, hi)), bench)
+        for k in ("train", "val", "test")
+    }
+    ytr = fg(name, ds["y"][tr[0] : tr[1]])
     mask = np.zeros(ytr.shape, bool)
     mask[:n_lab] = True
     s = probes.ProbeSettings(steps=300, batch_tokens=4096, lr=0.01)
-    p_test, p_val = probes.fit_predict("linear", s, f["train"], ytr, mask, [f["test"], f["val"]], seed)
-    return {"kind": "linear_probe", "run": f"{name}_{init}_{int(round(100 * frac))}_seed{seed}_probe",
-            "dataset": name, "init": init, "fraction": frac, "seed": seed, "seconds": time.time() - t0,
-            **score(name, ds, p_val, p_test)}
+    p_test, p_val = probes.fit_predict(
+        "linear", s, f["train"], ytr, mask, [f["test"], f["val"]], seed
+    )
+    return {
+        "kind": "linear_probe",
+        "run": f"{name}_{init}_{int(round(100 * frac))}_seed{seed}_probe",
+        "dataset": name,
+        "init": init,
+        "fraction": frac,
+        "seed": seed,
+        "seconds": time.time() - t0,
+        **score(name, ds, p_val, p_test),
+    }
 
 
 METRICS = {"isbi": ["f1", "adapted_rand_error", "voi"], "cdeep3m": ["iou", "instance_f1", "f1"]}
@@ -198,19 +296,33 @@ def table(out: Path) -> str:
         rows = [r for r in recs if r["dataset"] == name]
         if not rows:
             continue
-        lines += [f"**{name}** (test sections; mean ± std over seeds, ddof 1)", "",
-                  "| model | init | labels | seeds | " + " | ".join(ms) + " |", "|---" * (4 + len(ms)) + "|"]
+        lines += [
+            f"**{name}** (test sections; mean ± std over seeds, ddof 1)",
+            "",
+            "| model | init | labels | seeds | " + " | ".join(ms) + " |",
+            "|---" * (4 + len(ms)) + "|",
+        ]
         groups = {}
         for r in rows:
             recipe = r.get("recipe", "default")
-            init = r["init"] if recipe == "default" or r["kind"] != "finetune" else f"{r['init']} ({recipe})"
+            init = (
+                r["init"]
+                if recipe == "default" or r["kind"] != "finetune"
+                else f"{r['init']} ({recipe})"
+            )
             groups.setdefault((r["kind"], init, r["fraction"]), []).append(r)
-        for (kind, init, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
+        for (kind, init, frac), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])
+        ):
             vals = []
             for m in ms:
                 v = np.array([r[m] for r in rs], float)
-                vals.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-            lines.append(f"| {kind} | {init} | {100 * frac:g} % | {len(rs)} | " + " | ".join(vals) + " |")
+                vals.append(
+                    f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+                )
+            lines.append(
+                f"| {kind} | {init} | {100 * frac:g} % | {len(rs)} | " + " | ".join(vals) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -226,15 +338,33 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--width", type=int, default=16, help="U-Net width of random init (the checkpoint's otherwise)")
-    ap.add_argument("--probe", action="store_true", help="also a linear probe on each frozen encoder")
+    ap.add_argument(
+        "--width",
+        type=int,
+        default=16,
+        help="U-Net width of random init (the checkpoint's otherwise)",
+    )
+    ap.add_argument(
+        "--probe", action="store_true", help="also a linear probe on each frozen encoder"
+    )
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)")
-    ap.add_argument("--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)")
-    ap.add_argument("--tag", default="", help="suffix of the run names and the recipe column (a variant)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="further overrides of a pretrained start's fine-tuning, e.g. regime.shrink=0.5")
+    ap.add_argument(
+        "--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)"
+    )
+    ap.add_argument(
+        "--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)"
+    )
+    ap.add_argument(
+        "--tag", default="", help="suffix of the run names and the recipe column (a variant)"
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further overrides of a pretrained start's fine-tuning, e.g. regime.shrink=0.5",
+    )
     a = ap.parse_args()
     global REGIME, LR, TAG, EXTRA
     REGIME, LR, TAG, EXTRA = a.regime, a.lr, a.tag, list(a.set)
@@ -254,8 +384,20 @@ def main() -> None:
                 for init in a.inits.split(","):
                     recs = []
                     if not a.no_finetune:
-                        recs.append(run_finetune(name, ds, init, a.checkpoint, frac, a.steps, seed, out, a.batch,
-                                                 a.width))
+                        recs.append(
+                            run_finetune(
+                                name,
+                                ds,
+                                init,
+                                a.checkpoint,
+                                frac,
+                                a.steps,
+                                seed,
+                                out,
+                                a.batch,
+                                a.width,
+                            )
+                        )
                     if a.probe:
                         recs.append(run_probe(name, ds, init, a.checkpoint, frac, seed, a.width))
                     for rec in recs:

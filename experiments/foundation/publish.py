@@ -6,6 +6,7 @@ The card names the data (with licences), the recipe and the exact command, the c
 images, wall time, hardware), the commit, and the benchmark table of BENCH_DIR (benchmark.md of
 `emfm probe checkpoints=[random,zoo:NAME] benchmark=em`, test sections) when given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ research and non-commercial use, with the citations above.
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -46,7 +51,11 @@ def _git_rev() -> str:
 def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").exists() else {}
+    prov = (
+        json.loads((run / "provenance.json").read_text())
+        if (run / "provenance.json").exists()
+        else {}
+    )
     m, o, d, t = cfg["model"], cfg["objective"], cfg["data"], cfg["trainer"]
     steps = recs[-1]["step"] if recs else 0
     images = steps * d["batch_size"]
@@ -59,44 +68,78 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         prev = s
     argv = prov.get("argv") or []
     command = " ".join(["emfm " + argv[0].split()[-1]] + argv[1:]) if argv else "(not recorded)"
-    arch = (f"2D U-Net, {len(m.get('widths') or []) or m['depth']} levels of "
-            f"{m['width']}-{m['width'] * 2 ** ((m['depth'] or 4) - 1)} channels" if m["name"] == "unet"
-            else f"ViT width {m['width']}, depth {m['depth']}, patches {m['patch_size']}")
+    arch = (
+        f"2D U-Net, {len(m.get('widths') or []) or m['depth']} levels of "
+        f"{m['width']}-{m['width'] * 2 ** ((m['depth'] or 4) - 1)} channels"
+        if m["name"] == "unet"
+        else f"ViT width {m['width']}, depth {m['depth']}, patches {m['patch_size']}"
+    )
     lines = [
-        f"# {name}", "",
+        f"# {name}",
+        "",
         f"A self-supervised encoder for cellular EM from emfm: {arch}, "
         f"objective `{o['name']}`, {steps} steps x {d['batch_size']} crops of {d['patch_shape'][1]} x "
         f"{d['patch_shape'][2]} pixels ({images} crops). Use it as `checkpoint=zoo:{name}` "
-        f"(probe, export, finetune) or `checkpoints=[random,zoo:{name}]` (probing benchmark).", "",
-        "## Recipe", "",
+        f"(probe, export, finetune) or `checkpoints=[random,zoo:{name}]` (probing benchmark).",
+        "",
+        "## Recipe",
+        "",
         f"- model: `{json.dumps({k: v for k, v in m.items() if v is not None})}`",
         f"- objective: `{json.dumps(o)}`",
         f"- optimiser: AdamW, peak lr {cfg['optim']['lr']}, warm-up {cfg['optim']['warmup_steps']} steps, cosine "
         f"decay, weight decay {cfg['optim']['weight_decay']}; seed {t['seed']}",
         f"- data: `data=corpus`, crops {d['patch_shape']}, batch {d['batch_size']}, loader augmentation "
-        f"{d['aug']['ops']}", "",
-        "## Command", "",
-        "```bash", command, "```", "",
+        f"{d['aug']['ops']}",
+        "",
+        "## Command",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
         "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the resolved "
-        "config is `config.yaml` beside this card)", "",
-        "## Compute", "",
+        "config is `config.yaml` beside this card)",
+        "",
+        "## Compute",
+        "",
         f"{steps} steps, {images} crops, {span / 3600:.2f} h of training time (logged throughput; pauses "
         "of the resumed run excluded) on a 2-core CPU shared with other jobs (no accelerator); "
-        f"final loss {recs[-1]['loss']:.4f}." if recs else "", "",
-        f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit {_git_rev()}.", "",
-        "## Data", "", DATA,
+        f"final loss {recs[-1]['loss']:.4f}."
+        if recs
+        else "",
+        "",
+        f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit {_git_rev()}.",
+        "",
+        "## Data",
+        "",
+        DATA,
     ]
     if bench is not None and (bench / "benchmark.md").exists():
         from targets import table  # experiments/foundation/targets.py
 
-        lines += ["## Benchmark (test sections)", "", "Command: `bash experiments/foundation/benchmark_test.sh "
-                  f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
-                  "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in experiments/foundation/README.md)", "",
-                  "### Primary metric against random init", "", table(bench, f"zoo:{name}")[0], "",
-                  "### Every metric", "", (bench / "benchmark.md").read_text()]
+        lines += [
+            "## Benchmark (test sections)",
+            "",
+            "Command: `bash experiments/foundation/benchmark_test.sh "
+            f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
+            "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in experiments/foundation/README.md)",
+            "",
+            "### Primary metric against random init",
+            "",
+            table(bench, f"zoo:{name}")[0],
+            "",
+            "### Every metric",
+            "",
+            (bench / "benchmark.md").read_text(),
+        ]
     recipe = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("recipe=")), None)
-    extra = {"data": "configs/data/corpus.yaml", "recipe": recipe or cfg.get("recipe") or o["name"], "steps": steps,
-             "images": images, "commit": _git_rev()}
+    extra = {
+        "data": "configs/data/corpus.yaml",
+        "recipe": recipe or cfg.get("recipe") or o["name"],
+        "steps": steps,
+        "images": images,
+        "commit": _git_rev(),
+    }
     return "\n".join(lines) + "\n", extra
 
 
@@ -107,7 +150,9 @@ def main() -> None:
     ap.add_argument("--benchmark")
     ap.add_argument("--description", default="")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only")
+    ap.add_argument(
+        "--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only"
+    )
     a = ap.parse_args()
     from emfm import zoo
     from emfm.train.publish import publish
@@ -122,8 +167,13 @@ def main() -> None:
     desc = a.description or "self-supervised EM encoder (emfm)"
     d = publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
     # the resolved config, with the run directory as given (no absolute path of the machine it ran on)
-    cfg_text = "\n".join(f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln
-                         for ln in (run / "config.yaml").read_text().splitlines()) + "\n"
+    cfg_text = (
+        "\n".join(
+            f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln
+            for ln in (run / "config.yaml").read_text().splitlines()
+        )
+        + "\n"
+    )
     (d / "config.yaml").write_text(cfg_text)
     print(f"published {d} ({json.loads((d / 'entry.json').read_text())['size_mb']:.1f} MB)")
 

@@ -7,6 +7,7 @@ and the upper bound with boundaries derived from the ground truth (label 0 and i
 
     PYTHONPATH=$PWD nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,7 +27,12 @@ GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "
 ROUTES = {  # name: SegmentParams; all at the library defaults except what the name says
     "link2d (2D watershed, overlap/min >= 0.5)": SegmentParams(method="link2d"),
     "link2d (2D agglomeration, IoU >= 0.3, all voxels)": SegmentParams(
-        method="link2d", link_2d="agglomeration", link_criterion="iou", link_threshold=0.3, link_on_interior=False),
+        method="link2d",
+        link_2d="agglomeration",
+        link_criterion="iou",
+        link_threshold=0.3,
+        link_on_interior=False,
+    ),
     "watershed 3D": SegmentParams(method="watershed"),
     "agglomeration 3D (mean p < 0.5)": SegmentParams(method="agglomeration"),
     "multicut 3D (GAEC, beta 0.5)": SegmentParams(method="multicut"),
@@ -64,9 +70,17 @@ def main(probs_dir: str, out_json: str, only: str = "") -> None:
             t0 = time.perf_counter()
             lab = segment(b, params)
             s = region_scores(lab, gt, ignore_gt=(0,))
-            rows.append({"source": src, "route": route, "adapted_rand_error": s["adapted_rand_error"],
-                         "voi_split": s["voi_split"], "voi_merge": s["voi_merge"], "segments": int(lab.max()),
-                         "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "source": src,
+                    "route": route,
+                    "adapted_rand_error": s["adapted_rand_error"],
+                    "voi_split": s["voi_split"],
+                    "voi_merge": s["voi_merge"],
+                    "segments": int(lab.max()),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     Path(out_json).write_text(json.dumps(rows, indent=1))
     if only:
@@ -75,9 +89,17 @@ def main(probs_dir: str, out_json: str, only: str = "") -> None:
     t0 = time.perf_counter()
     lab = segment(a, SegmentParams(method="mws"))
     s = region_scores(lab, gt, ignore_gt=(0,))
-    rows.append({"source": "gt-derived affinities (upper bound)", "route": "mutex watershed", "adapted_rand_error":
-                 s["adapted_rand_error"], "voi_split": s["voi_split"], "voi_merge": s["voi_merge"],
-                 "segments": int(lab.max()), "seconds": time.perf_counter() - t0})
+    rows.append(
+        {
+            "source": "gt-derived affinities (upper bound)",
+            "route": "mutex watershed",
+            "adapted_rand_error": s["adapted_rand_error"],
+            "voi_split": s["voi_split"],
+            "voi_merge": s["voi_merge"],
+            "segments": int(lab.max()),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     Path(out_json).write_text(json.dumps(rows, indent=1))
 

@@ -1,5 +1,6 @@
 """The model zoo: checkpoints shipped in the package, used as `zoo:NAME` wherever a checkpoint is
 accepted; `emfm zoo list`; a wrong name is a one-line error listing the names."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,12 @@ def test_shipped_zoo_lists_and_loads():
 
 
 def test_unknown_zoo_name_is_one_line_listing_the_names(tmp_path):
-    for args in (["probe", "checkpoint=zoo:no_such_model"], ["export", "checkpoint=zoo:no_such_model"],
-                 ["probe", "checkpoints=[random,zoo:no_such_model]"], ["finetune", "regime=frozen", "debug=seg_tiny",
-                                                                       "checkpoint=zoo:no_such_model"]):
+    for args in (
+        ["probe", "checkpoint=zoo:no_such_model"],
+        ["export", "checkpoint=zoo:no_such_model"],
+        ["probe", "checkpoints=[random,zoo:no_such_model]"],
+        ["finetune", "regime=frozen", "debug=seg_tiny", "checkpoint=zoo:no_such_model"],
+    ):
         debug = [] if any(a.startswith("debug=") for a in args) else ["debug=tiny"]
         r = run_cli(*args, *debug, f"hydra.run.dir={tmp_path / args[0]}")
         assert r.returncode == 2, (args, r.stderr[-1500:])
@@ -52,7 +56,9 @@ def test_unknown_zoo_name_is_one_line_listing_the_names(tmp_path):
 def test_publish_round_trip(tiny_main_run: Path, tmp_path):
     from emfm.train.state import load_encoder
 
-    d = publish(tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path)
+    d = publish(
+        tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path
+    )
     entry = json.loads((d / "entry.json").read_text())
     assert entry["name"] == "tiny_test" and entry["params_m"] > 0
     a, _ = load_encoder(str(tiny_main_run))
