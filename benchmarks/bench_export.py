@@ -21,13 +21,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import platform
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,7 +104,6 @@ def child_export(args) -> None:
     """One export in this (fresh) process; prints a JSON line with its summary and peak RSS: of the whole
     process (compilation included) and of the export alone (a warm-up export of one block compiles the
     program into JAX's persistent cache, then the peak-RSS counter is reset: Linux clear_refs 5)."""
-    import os
     import tempfile
 
     cache = tempfile.mkdtemp(prefix="emfm_bench_jax_cache_")

@@ -19,13 +19,13 @@ features take minutes on a 2-core CPU. Volumes and outputs are deleted after eac
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import math
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -19,13 +19,13 @@ prefetching iterator as training does.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

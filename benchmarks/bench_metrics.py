@@ -25,11 +25,11 @@ Prints one JSON record and writes it to experiments/benchmarks/metrics.json.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

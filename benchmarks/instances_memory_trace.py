@@ -13,10 +13,10 @@ VmRSS and VmHWM (MB) and tracemalloc's current / peak (MB). Numbers in experimen
 from __future__ import annotations
 
 import argparse
-import tempfile
 import shutil
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 

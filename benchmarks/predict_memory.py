@@ -23,13 +23,13 @@ Needs permission to create a memory cgroup (root in a container); otherwise it s
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -17,12 +17,12 @@ Records go to experiments/benchmarks/predict_memory_phases_cache{MB}[_arena{N}].
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

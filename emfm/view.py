@@ -26,9 +26,10 @@ import json
 import logging
 import re
 import webbrowser
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts

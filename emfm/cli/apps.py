@@ -118,9 +118,8 @@ def _evaluate(cfg: DictConfig) -> None:
 
 def _instances(cfg: DictConfig) -> None:
     from emfm.instances.blockwise import instances
-    from emfm.train.logging import progress
-
     from emfm.train import distributed
+    from emfm.train.logging import progress
 
     c = schema.validate_instances(OmegaConf.to_object(cfg))
     distributed.initialize(c.distributed)  # several processes split the blocks; process 0 stitches
@@ -189,7 +188,6 @@ def _discover(cfg: DictConfig) -> None:
 
 def _finetune(cmd: str, cfg: DictConfig) -> None:
     from emfm.finetune import train
-
     from emfm.train import distributed
 
     c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
@@ -240,8 +238,8 @@ def _task(cmd: str):
             elif (
                 cmd == "probe" and c.checkpoints
             ):  # the benchmark: tasks x probes x fractions x checkpoints
-                from emfm.config.paths import config_dir
                 from emfm.cli import probe as probe_cli
+                from emfm.config.paths import config_dir
 
                 probe_cli.run_benchmark(c, config_dir())
             elif cmd == "probe":

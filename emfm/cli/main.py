@@ -8,10 +8,8 @@ and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
 
 COMMANDS = {
     "main": "the main job: pretrain + probe (pretrained vs random) + export on the bundled EM sample",

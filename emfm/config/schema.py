@@ -10,7 +10,7 @@ receives these dataclasses (or plain arguments), never a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from emfm.errors import UserError
 
@@ -30,9 +30,9 @@ class ModelConfig:
     size: str = "Ti"
     patch_size: list[int] = field(default_factory=lambda: [8, 8])
     in_channels: int = 1
-    width: Optional[int] = None
-    depth: Optional[int] = None
-    heads: Optional[int] = None
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
     mlp_ratio: float = 4.0
     num_registers: int = 0
     dtype: str = "float32"  # compute dtype; parameters stay float32
@@ -40,7 +40,7 @@ class ModelConfig:
     # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per level,
     # else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
     # l >= pool_z_from_level (anisotropic sections are pooled in-plane first).
-    widths: Optional[list[int]] = None
+    widths: list[int] | None = None
     blocks_per_level: int = 1
     pool_z_from_level: int = 1
     norm: str = "group"  # group | layer
@@ -99,9 +99,9 @@ class SourceConfig:
 
     path: str = MISSING_PATH
     weight: float = 1.0
-    level: Optional[int] = None
-    voxel_size: Optional[list[float]] = None
-    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    level: int | None = None
+    voxel_size: list[float] | None = None
+    roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     mask: str = ""
     labels: str = ""
     # Built on first use: `source` (a TIFF stack or HDF5 file) is imported into `path` (an OME-Zarr
@@ -109,8 +109,8 @@ class SourceConfig:
     # `source_sections` [start, stop) of it, so sections left out (a benchmark's test sections)
     # are not in the volume and can never be sampled (emfm.data.sources.ensure_built).
     source: str = ""
-    source_sections: Optional[list[int]] = None
-    source_voxel_size: Optional[list[float]] = None  # nm, z y x
+    source_sections: list[int] | None = None
+    source_voxel_size: list[float] | None = None  # nm, z y x
     source_levels: int = 2
 
 
@@ -149,7 +149,7 @@ class DataConfig:
     path: str = MISSING_PATH
     patch_shape: list[int] = field(default_factory=lambda: [1, 128, 128])  # z, y, x
     batch_size: int = 32
-    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     augment: bool = True
     prefetch: int = 4
     intensity_samples: int = 64  # patches used to estimate mean/std for normalisation
@@ -180,7 +180,7 @@ class OptimConfig:
     b2: float = 0.95
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
-    clip_norm: Optional[float] = 1.0
+    clip_norm: float | None = 1.0
     accumulate_steps: int = 1  # gradient accumulation: one optimizer update every N micro-batches
     layer_decay: float = (
         1.0  # <1: layer-wise lr decay for fine-tuning (block i of L gets decay^(L-i))
@@ -290,7 +290,7 @@ class ExportConfig:
     )  # encoder blocks (ViT) / levels (U-Net), concatenated; [] = final output
     pca_k: int = 0  # >0: reduce the features to this many principal components (fitted on a sample of blocks)
     pca_sample_blocks: int = 16
-    roi: Optional[list[list[int]]] = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     prefetch: int = 2  # batches of blocks read ahead of the encoder
     resume: bool = (
         True  # skip blocks an earlier run of the same export finished; false = start over
@@ -341,7 +341,7 @@ class TaskConfig:
     test_slices: list[int] = field(default_factory=lambda: [20, 30])
     test_image: str = ""  # a separate test volume (test_slices index it); "" = the training volume
     test_labels: str = ""
-    crop: Optional[list[list[int]]] = (
+    crop: list[list[int]] | None = (
         None  # in-plane [[y0, y1], [x0, x1]], applied before downsampling
     )
     downsample: int = 1  # in-plane factor (1, 2, 4, ...): image by block mean, labels by block mode
@@ -435,9 +435,9 @@ class EvaluateConfig:
     ignore_gt: list[int] = field(default_factory=lambda: [0])
     ignore_pred: list[int] = field(default_factory=list)
     background: int = 0
-    num_classes: Optional[int] = None
-    ignore_index: Optional[int] = None
-    block_z: Optional[int] = None
+    num_classes: int | None = None
+    ignore_index: int | None = None
+    block_z: int | None = None
     run_dir: str = "runs/evaluate"
     name: str = (
         ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
@@ -457,7 +457,7 @@ class InstancesConfig:
     out: str = ""
     method: str = "watershed"  # watershed | link2d | agglomeration | multicut | mws
     kind: str = "auto"  # auto | boundary | affinities
-    channel: Optional[int] = None  # boundary class of a multi-channel probability volume
+    channel: int | None = None  # boundary class of a multi-channel probability volume
     invert: bool = False  # the input is a foreground / same-object probability: use 1 - p
     offsets: list[list[int]] = field(
         default_factory=lambda: [
@@ -508,7 +508,7 @@ class InstancesConfig:
     # (adapted_rand_error | voi | cremi_score | instance_f1); the best is used for the whole volume
     tune: bool = False
     tune_labels: str = ""
-    tune_roi: Optional[list[list[int]]] = None
+    tune_roi: list[list[int]] | None = None
     tune_metric: str = "voi"
     tune_grid: dict[str, list[Any]] = field(
         default_factory=dict
@@ -947,7 +947,6 @@ def compose(
     config_dir: str | None = None,
 ) -> EmfmConfig:
     """Compose `configs/<config_name>.yaml` with overrides, as the CLI does, for notebooks and tests."""
-    from pathlib import Path
 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -975,10 +974,10 @@ class SegDataConfig:
 
     path: str = MISSING_PATH
     labels: str = MISSING_PATH
-    train_roi: Optional[list[list[int]]] = (
+    train_roi: list[list[int]] | None = (
         None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     )
-    test_roi: Optional[list[list[int]]] = (
+    test_roi: list[list[int]] | None = (
         None  # held-out region for the end-of-run evaluation; None = none
     )
     label_fraction: float = 1.0
@@ -1066,7 +1065,7 @@ class PredictConfig:
 
     path: str = MISSING_PATH
     out: str = ""  # zarr; empty = <run_dir>/predictions.zarr
-    roi: Optional[list[list[int]]] = None
+    roi: list[list[int]] | None = None
     window: list[int] = field(default_factory=lambda: [1, 128, 128])
     overlap: list[int] = field(default_factory=lambda: [0, 32, 32])
     chunk: list[int] = field(default_factory=lambda: [1, 256, 256])

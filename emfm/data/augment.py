@@ -9,6 +9,7 @@ misaligned, dark / bright sections). `two_views` makes the pair a contrastive ob
 from __future__ import annotations
 
 import numpy as np
+
 from emfm.errors import UserError
 
 

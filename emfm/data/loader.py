@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class Region:
     box: tuple[tuple[int, int], ...]
 
     @classmethod
-    def of(cls, volume: Volume, roi: Sequence[Sequence[int]] | None = None) -> "Region":
+    def of(cls, volume: Volume, roi: Sequence[Sequence[int]] | None = None) -> Region:
         shape = volume.spatial_shape
         if len(shape) == 2:
             raise VolumeError(f"volume {volume.path} is 2D {shape}; store it as z, y, x with z = 1")

@@ -19,14 +19,15 @@ are scaled by the spacing along the others, so `spacing=(4, 1, 1)` gives thinner
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure
+
 from emfm.errors import UserError
 
 # Intensities in [0, 1] before blur and noise.

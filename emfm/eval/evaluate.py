@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
 from emfm.errors import UserError
+from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
 
 __all__ = ["evaluate_paths", "open_label_volume", "write_markdown"]
 

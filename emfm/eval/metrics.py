@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from emfm.errors import UserError
 from emfm.eval.metrics_instance import (  # noqa: F401
     IOU_THRESHOLDS,
     Overlaps,
@@ -39,7 +40,6 @@ from emfm.eval.metrics_region import (  # noqa: F401
     variation_of_information,
 )
 from emfm.eval.metrics_topology import simple_points, warp_binary, warping_error  # noqa: F401
-from emfm.errors import UserError
 
 KINDS = ("semantic", "binary", "region", "instance", "warping")
 

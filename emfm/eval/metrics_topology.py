@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from emfm.errors import UserError
 
 __all__ = ["simple_points", "warp_binary", "warping_error"]

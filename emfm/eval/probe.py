@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from einops import rearrange
-from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError
 from emfm.errors import UserError

@@ -42,9 +42,9 @@ import tensorstore as ts
 from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError, create_ome_zarr, open_volume, written_chunks
+from emfm.errors import UserError
 from emfm.eval.probe import normalise
 from emfm.train.logging import progress
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 

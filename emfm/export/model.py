@@ -29,9 +29,10 @@ import datetime as _dt
 import json
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -601,7 +602,7 @@ def _model_descr(
                     if ex.kind == "segmentation"
                     else {}
                 ),
-                "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "exported": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             }
         },
     )
@@ -611,7 +612,7 @@ def validate_package(source: str | Path) -> dict:
     """bioimageio.spec's static validation and bioimageio.core's test (inference on the package's own
     test input against its test output) of an rdf.yaml or package .zip; raises on failure."""
     from bioimageio.core import test_model
-    from bioimageio.spec import load_description, ValidationContext
+    from bioimageio.spec import ValidationContext, load_description
 
     with ValidationContext(perform_io_checks=True):
         descr = load_description(str(source))

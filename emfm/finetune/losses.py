@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
 from emfm.errors import UserError
 
 EPS = 1e-6

@@ -16,15 +16,15 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
+from emfm.errors import UserError
 from emfm.train import distributed
 from emfm.train.logging import progress
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 

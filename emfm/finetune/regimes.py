@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from emfm.errors import UserError
 
 
@@ -147,7 +148,7 @@ def fit_clusters(
 
     def predict(x: np.ndarray) -> np.ndarray:
         out = [
-            model.predict(((f.reshape(-1, f.shape[-1]) - mean) / std)).reshape(f.shape[:-1])
+            model.predict((f.reshape(-1, f.shape[-1]) - mean) / std).reshape(f.shape[:-1])
             for f in dense_features(encoder, x)
         ]
         return np.concatenate(out)

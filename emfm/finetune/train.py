@@ -27,13 +27,14 @@ from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskC
 from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
-from emfm.models.seg_heads import SegModel, build_head
-from emfm.models.vit import count_params
+from emfm.errors import UserError
 from emfm.finetune import losses, regimes, targets
 from emfm.finetune.predict import model_fn, predict_array, predict_volume
-from emfm.train import checkpoint, loop, mesh as meshlib, optim
+from emfm.models.seg_heads import SegModel, build_head
+from emfm.models.vit import count_params
+from emfm.train import checkpoint, loop, optim
+from emfm.train import mesh as meshlib
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 

@@ -11,9 +11,10 @@ On disk (zarr) the channel axis is last (`z y x c`, see emfm.data.volume); the b
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
 from emfm.errors import UserError
 
 DEFAULT_OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-3, 0, 0), (0, -9, 0), (0, 0, -9))

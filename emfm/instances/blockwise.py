@@ -20,9 +20,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -30,10 +30,10 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
+from emfm.errors import UserError
 from emfm.instances.affinities import DEFAULT_OFFSETS
 from emfm.instances.link2d import overlap_links
 from emfm.instances.segment import SegmentParams, segment
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emfm.instances.affinities import check_offsets, is_nearest, offset_slices
 from emfm.errors import UserError
+from emfm.instances.affinities import check_offsets, is_nearest, offset_slices
 
 
 @dataclass(frozen=True)

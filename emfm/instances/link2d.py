@@ -19,8 +19,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
-from emfm.instances.watershed import watershed_segmentation
 from emfm.errors import UserError
+from emfm.instances.watershed import watershed_segmentation
 
 CRITERIA = ("fraction", "iou")
 

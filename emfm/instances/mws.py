@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.segmentation import relabel_sequential
 
-from emfm.instances.affinities import check_offsets, is_nearest
 from emfm.errors import UserError
+from emfm.instances.affinities import check_offsets, is_nearest
 
 _EPS = (
     1e-6  # keep every weight's sign: a zero attractive affinity still joins if nothing forbids it

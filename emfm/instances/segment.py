@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emfm.errors import UserError
 from emfm.instances import graph
 from emfm.instances.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
 from emfm.instances.link2d import CRITERIA, segment_2d_then_3d
 from emfm.instances.mws import mutex_watershed
 from emfm.instances.watershed import fragments, watershed_segmentation
-from emfm.errors import UserError
 
 METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")
 
@@ -48,7 +48,7 @@ class SegmentParams:
     link_min_overlap: int = 1  # voxels; link2d ignores smaller overlaps
     repulsive_stride: int = 1
 
-    def check(self) -> "SegmentParams":
+    def check(self) -> SegmentParams:
         if self.method not in METHODS:
             raise UserError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.link_criterion not in CRITERIA:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from emfm.instances.segment import SegmentParams, segment
 from emfm.errors import UserError
+from emfm.instances.segment import SegmentParams, segment
 
 log = logging.getLogger("emfm")
 

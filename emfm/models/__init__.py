@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
+
 from emfm.errors import UserError
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float
+
 from emfm.errors import UserError
 
 xavier = nnx.initializers.xavier_uniform()

@@ -8,15 +8,15 @@ order of MAE's reconstruction targets.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float
 
-from emfm.models.layers import dense
 from emfm.errors import UserError
+from emfm.models.layers import dense
 
 
 def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:

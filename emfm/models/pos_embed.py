@@ -8,9 +8,10 @@ inference over large tiles wants. `ref_grid` instead resamples positions onto a 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
 from emfm.errors import UserError
 
 

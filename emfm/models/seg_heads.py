@@ -15,15 +15,15 @@ lr decay (emfm.train.optim) address the encoder.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from emfm.models.unet import he_uniform, upsample
 from emfm.errors import UserError
+from emfm.models.unet import he_uniform, upsample
 
 
 def _conv(nd: int, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:

@@ -17,14 +17,15 @@ alone (the per-level features a segmentation decoder reuses); `decode(feats)` th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
+
 from emfm.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,7 +49,7 @@ class UNetSpec:
     remat: bool = False
 
     @classmethod
-    def from_config(cls, cfg) -> "UNetSpec":
+    def from_config(cls, cfg) -> UNetSpec:
         """`cfg` a ModelConfig: `patch_size` of length 2 or 3 gives ndim; `widths` lists the levels,
         else `depth` levels (default 4) of `width * 2**l` channels (width default 32)."""
         if cfg.widths:

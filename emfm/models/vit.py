@@ -11,18 +11,18 @@ anisotropic allowed, e.g. 4x16x16 for thick sections). The encoder can run on a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from emfm.errors import UserError
 from emfm.models.layers import Block, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import PatchEmbed, grid_shape
 from emfm.models.pos_embed import sincos_embedding
-from emfm.errors import UserError
 
 # Width, depth, heads of the ViT family: B, L, H from Dosovitskiy et al. 2021 ("An image is worth
 # 16x16 words", Table 1); Ti and S from Touvron et al. 2021 (DeiT, Table 1).
@@ -52,7 +52,7 @@ class ViTSpec:
     remat: bool = False
 
     @classmethod
-    def from_config(cls, cfg) -> "ViTSpec":
+    def from_config(cls, cfg) -> ViTSpec:
         if cfg.size not in SIZES:
             raise UserError(f"model.size={cfg.size!r}: known sizes are {', '.join(SIZES)}")
         base = dict(SIZES[cfg.size])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from emfm.errors import UserError
 from emfm.objectives import combo, dense, dino, dino_dense, mae, mim_unet, moco, simclr
 from emfm.objectives.base import ObjectiveDef
-from emfm.errors import UserError
 
 OBJECTIVES: dict[str, ObjectiveDef] = {
     "mae": mae.DEFINITION,

@@ -8,13 +8,12 @@ Each objective file (simclr.py, moco.py, dino.py, dense.py) defines its heads an
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
-
 
 # ---------------------------------------------------------------------------------------------- losses
 

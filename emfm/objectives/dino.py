@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import DINOHead, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, random_resized_crops, two_view_loss
-from emfm.errors import UserError
 
 
 class Center(nnx.Variable):

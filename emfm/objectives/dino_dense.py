@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import DINOHead
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
 from emfm.objectives.dino import Center
-from emfm.errors import UserError
 
 
 class Heads(nnx.Module):

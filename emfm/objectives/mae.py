@@ -10,20 +10,20 @@ var unbiased=False as in the reference code).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from emfm.errors import UserError
 from emfm.models.layers import Block, dense, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import patchify, unpatchify
 from emfm.models.pos_embed import sincos_embedding
 from emfm.models.vit import DTYPES, ViT
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.masking import Masking, random_masking
-from emfm.errors import UserError
 
 
 class MAEDecoder(nnx.Module):

@@ -8,8 +8,6 @@ against targets normalised as for MAE (`target_norm`: per mask patch, per image,
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from emfm.models.patch_embed import grid_shape, patchify

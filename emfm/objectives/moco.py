@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import MLP, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, info_nce, two_view_loss
-from emfm.errors import UserError
 
 
 class Heads(nnx.Module):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+
 from emfm.errors import UserError
 
 

@@ -17,13 +17,15 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 
-from emfm.train import checkpoint, mesh as meshlib
+from emfm.train import checkpoint
+from emfm.train import mesh as meshlib
 from emfm.train.logging import MetricWriter, progress
 
 

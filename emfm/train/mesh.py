@@ -13,7 +13,9 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from emfm.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")

@@ -7,6 +7,7 @@ import re
 
 import jax
 import optax
+
 from emfm.errors import UserError
 
 NO_DECAY_NAMES = ("cls_token", "registers", "mask_token", "pos_embed", "bias", "scale")

@@ -23,12 +23,13 @@ from emfm.config.schema import EmfmConfig
 from emfm.data import device
 from emfm.data.loader import PatchLoader
 from emfm.data.sources import make_loader, open_sources
+from emfm.errors import UserError
 from emfm.models.vit import count_params
 from emfm.objectives import mae
-from emfm.train import checkpoint, loop, mesh as meshlib, optim
+from emfm.train import checkpoint, loop, optim
+from emfm.train import mesh as meshlib
 from emfm.train.loop import NonFiniteLoss, Preempted  # noqa: F401 - re-exported: the CLI catches them here
 from emfm.train.state import build_pretraining_model, init_state, make_train_step, model_meta
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 

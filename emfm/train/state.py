@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from emfm.config.schema import ModelConfig, ObjectiveConfig
-
 from emfm import objectives
+from emfm.config.schema import ModelConfig, ObjectiveConfig
 from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
 

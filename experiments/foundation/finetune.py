@@ -245,11 +245,10 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
 def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
     """Linear probe (subpixel, emfm.eval.probes) on the frozen encoder of this initialisation, trained on
     the same labelled sections as the fine-tuned model."""
-    from emfm.config.schema import ModelConfig, resolve_zoo
+    from emfm.config.schema import BenchmarkConfig, ModelConfig, resolve_zoo
     from emfm.eval import probes
     from emfm.eval.benchmark import encode
     from emfm.eval.probe import normalise
-    from emfm.config.schema import BenchmarkConfig
     from emfm.train.state import build_encoder, load_encoder
 
     t0 = time.time()

@@ -1,10 +1,13 @@
 """Cross-fitted choice of the cells' parameters: out-of-fold probe maps of the 20 training sections
 (4 folds of 5 sections), parameters chosen on them, scored on the held-out sections 20-29."""
 
-import sys, time
+import sys
+import time
+
 import numpy as np
-from emfm.eval import probe, metrics
 from study_features import load
+
+from emfm.eval import probe
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]
 x, y, features = load(ckpt)

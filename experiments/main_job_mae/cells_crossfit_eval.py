@@ -1,4 +1,7 @@
-import sys, numpy as np
+import sys
+
+import numpy as np
+
 from emfm.eval import probe
 
 d = np.load(sys.argv[1])

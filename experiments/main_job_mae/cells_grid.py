@@ -2,12 +2,15 @@
 sections (by adapted Rand error) for each probability map saved by probe_maps.py (probe seed 0), scored on
 the held-out sections, against the fixed 0.5 / 16 post-processing."""
 
-import sys, itertools
+import itertools
+import sys
+
 import numpy as np
 from scipy import ndimage
+
 from emfm.data import bundled
 from emfm.data.volume import open_volume
-from emfm.eval import probe, metrics
+from emfm.eval import metrics, probe
 
 lab = open_volume(bundled.sample_membranes())
 y_tr, y_te = probe.read_sections(lab, (0, 20)) == 1, probe.read_sections(lab, (20, 30)) == 1

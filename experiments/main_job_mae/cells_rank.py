@@ -1,9 +1,12 @@
 """Study (experiments/main_job_mae/README.md). Rank-based seeds: each section's seed threshold is the q-quantile of its own (smoothed) membrane map
 (watershed flooding is already rank-invariant), so a calibration shift between sections does not move the seeds."""
 
-import sys, numpy as np
+import sys
+
+import numpy as np
 from scipy import ndimage
-from emfm.eval import probe, metrics
+
+from emfm.eval import metrics, probe
 from emfm.instances.tune import grid_search
 
 m = np.load(sys.argv[1])

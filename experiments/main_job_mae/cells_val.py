@@ -1,5 +1,8 @@
 # Study (experiments/main_job_mae/README.md): pretrained vs random cells, chosen on training-fit maps, on validation sections, or on the test sections (oracle).
-import sys, numpy as np
+import sys
+
+import numpy as np
+
 from emfm.eval import probe
 
 d = np.load(sys.argv[1])

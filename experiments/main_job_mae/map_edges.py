@@ -1,5 +1,7 @@
 # Study (experiments/main_job_mae/README.md): mean |step| of the probe maps across 32-px tile seams and 8-px token edges.
-import sys, numpy as np
+import sys
+
+import numpy as np
 
 d = np.load(sys.argv[1])
 for n in ["pre", "rnd0", "rnd1", "rnd2"]:

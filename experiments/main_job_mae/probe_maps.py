@@ -1,14 +1,16 @@
 """Study (experiments/main_job_mae/README.md). Probe a checkpoint (or random seeds) and save probability maps for offline post-processing study."""
 
-import sys, time
+import sys
+
 import numpy as np
+
+from emfm.config.schema import ModelConfig
 from emfm.data import bundled
-from emfm.data.volume import open_volume
 from emfm.data.loader import Region, estimate_range
-from emfm.eval import probe, metrics
+from emfm.data.volume import open_volume
+from emfm.eval import metrics, probe
 from emfm.export.features import encode_sections
 from emfm.train.state import build_encoder, load_encoder
-from emfm.config.schema import ModelConfig
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]  # which: pre | rnd0,rnd1,...
 tile = int(sys.argv[4]) if len(sys.argv) > 4 else 32

@@ -1,10 +1,13 @@
 """Does choosing the watershed parameters on held-out validation sections (not the probe's own
 training sections) change the region-score comparison? Saves all maps for offline study."""
 
-import sys, time
+import sys
+import time
+
 import numpy as np
-from emfm.eval import probe, metrics
 from study_features import load
+
+from emfm.eval import metrics, probe
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]
 x, y, features = load(ckpt)

@@ -29,8 +29,6 @@ sys.path.insert(0, str(REPO))
 from emfm.config import schema  # noqa: E402
 from emfm.data.volume import open_volume, write_array  # noqa: E402
 from emfm.eval import metrics  # noqa: E402
-from emfm.eval.metrics_instance import match_instances  # noqa: E402
-from emfm.eval.probe import cells_from_membranes, membrane_scores  # noqa: E402
 from emfm.finetune import targets, train  # noqa: E402
 from emfm.finetune.predict import model_fn, predict_volume  # noqa: E402
 

@@ -1,12 +1,11 @@
 """Every config composes against the typed schema; bad keys and values fail before any compute."""
 
-import subprocess
 
 import pytest
+from conftest import CONFIGS, compose, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONFIGS, compose, run_cli
 from emfm.config.schema import ConfigError
 
 COMMANDS = ["main", "pretrain", "probe", "export"]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONFIGS, compose, shared_data
+from omegaconf import OmegaConf
 
 ROOT = shared_data().parent  # ../shared/data
 pytestmark = pytest.mark.skipif(

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import compose, run_cli, shared_data
+
 from emfm.data.importer import import_volume
 from emfm.data.sources import make_loader, open_sources
 

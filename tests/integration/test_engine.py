@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
 
 TINY = ["debug=tiny", "trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1"]

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import tifffile
-
 from conftest import run_cli
+
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import write_array
 

@@ -13,12 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, compose
+
 from emfm import pipeline
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
@@ -413,11 +412,11 @@ def test_discovery_notebook_runs_tiny(tmp_path):
 
 
 def test_discover_config_and_cli_errors(tmp_path):
+    from conftest import CONFIGS, run_cli
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from conftest import CONFIGS, run_cli
     from emfm.config import schema
 
     schema.register()

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from emfm.export import model as export_model
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import tifffile
+from conftest import CONFIGS, run_cli, shared_data
 from flax import nnx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -18,7 +19,6 @@ from emfm.config import schema
 from emfm.data.volume import open_volume, write_array
 from emfm.finetune import train
 from emfm.train.state import load_encoder
-from conftest import CONFIGS, run_cli, shared_data
 
 pytestmark = pytest.mark.slow
 

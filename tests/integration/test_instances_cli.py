@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-
 from conftest import run_cli
+
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume, write_array
 from emfm.eval.metrics import region_scores
@@ -97,11 +97,11 @@ def test_instances_config_fails_fast():
 
 def test_instances_yaml_composes_against_the_schema():
     import pytest
+    from conftest import CONFIGS
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
-    from conftest import CONFIGS
     from emfm.config import schema
 
     schema.register()

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from conftest import REPO, run_cli
+
 from emfm.data.volume import open_volume
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from emfm import view
 from emfm.data.volume import write_array
 from emfm.errors import UserError

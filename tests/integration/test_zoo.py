@@ -9,9 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import run_cli
 from flax import nnx
 
-from conftest import run_cli
 from emfm import zoo
 from emfm.train.publish import publish
 

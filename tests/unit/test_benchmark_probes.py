@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS
+
 from emfm.config.schema import BenchmarkConfig, ConfigError, ModelConfig, TaskConfig
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import VolumeError, write_array

@@ -5,9 +5,9 @@ processing (stitching equals the whole-volume result; an interrupted job resumes
 import numpy as np
 import pytest
 import tifffile
+from conftest import shared_data
 from skimage.measure import label as cc_label
 
-from conftest import shared_data
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume
 from emfm.eval.metrics import region_scores

@@ -27,7 +27,7 @@ from emfm.eval.metrics import (
     thin_boundaries,
     warping_error,
 )
-from emfm.eval.metrics_topology import _CUBE, _RING2, _simple_3d, _yokoi_simple
+from emfm.eval.metrics_topology import _RING2, _simple_3d, _yokoi_simple
 
 
 def h(*p):

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from emfm.config.schema import HeadConfig, ModelConfig, SegTaskConfig
-from emfm.models.seg_heads import default_blocks, up_factors
 from emfm.finetune.train import build_model
+from emfm.models.seg_heads import default_blocks, up_factors
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import compose
+
 from emfm.config.schema import AugmentConfig, ConfigError, DataConfig, SourceConfig, validate_data
 from emfm.data.sources import make_loader, open_sources
 from emfm.data.volume import VolumeError, write_array
