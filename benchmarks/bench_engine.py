@@ -1,5 +1,5 @@
-"""Training-engine benchmark, one run: (1) step time with and without asynchronous checkpointing every
-50 steps; (2) on 8 simulated CPU devices, the same model under data parallelism and under FSDP
+"""Training-engine benchmark, one run: (1) step time with and without asynchronous checkpointing
+every 50 steps; (2) on 8 simulated CPU devices, the same model under data parallelism and under FSDP
 (parameter + optimizer bytes per device, step time). Prints one JSON record and writes it to
 experiments/benchmarks/engine.json.
 
@@ -41,8 +41,10 @@ create = lambda: init_state(build_pretraining_model(cfg.model, cfg.objective), t
 sh = meshlib.state_shardings(jax.eval_shape(create), m, cfg.mesh.min_shard_size)
 state = jax.jit(create, out_shardings=sh)()
 per_dev = meshlib.bytes_per_device((state.params, state.opt_state))
-print("RESULT", json.dumps({"train_s": s["train_s"], "steps": cfg.trainer.steps, "images_per_s": s["images_per_s"],
-                            "state_bytes_per_device_max": max(per_dev.values()), "devices": len(per_dev)}))
+print("RESULT", json.dumps({"train_s": s["train_s"], "steps": cfg.trainer.steps,
+                            "images_per_s": s["images_per_s"],
+                            "state_bytes_per_device_max": max(per_dev.values()),
+                            "devices": len(per_dev)}))
 """
 
 

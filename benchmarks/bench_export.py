@@ -1,20 +1,23 @@
-"""Feature export throughput vs the encoder's forward-only throughput, and peak memory vs volume size, in one run.
+"""Feature export throughput vs the encoder's forward-only throughput, and peak memory vs volume
+size, in one run.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export.py --out experiments/benchmarks/export.json
 
-1. Writes two zarr v3 uint8 volumes (zstd, 1 x 512 x 512 chunks, EM-like texture plus noise) under --path:
+1. Writes two zarr v3 uint8 volumes (zstd, 1 x 512 x 512 chunks, EM-like texture plus noise) under
+--path:
    a small one (--small-gb) and a large one (--large-gb, several GB).
 2. Forward-only: the export's own compiled encoder program on batches of in-memory windows (tile + 2
-   margin, already normalised): voxels/s of block interiors. Measured before and after the exports and
-   averaged, since the machine may be shared.
+   margin, already normalised): voxels/s of block interiors. Measured before and after the exports
+   and averaged, since the machine may be shared.
 3. Export: `export_features` (the code behind `emfm export`: tensorstore reads in a prefetch thread,
    encoder, asynchronous zarr v3 writes) in a fresh subprocess per run, reporting voxels/s (after
-   compilation, as the forward-only figure) and peak RSS (of the process, and of the export alone after a
-   warm-up compile, through Linux's resettable high-water mark): an ROI of the small volume, the
-   same ROI of the large volume, and an ROI --roi-factor times larger of the large volume. On a 2-core CPU
-   exporting a whole several-GB volume takes hours, so the runs export ROIs (context is still read from
-   the surrounding volume); the volume is never loaded whole.
-4. Records ratio = export / forward-only (target >= 0.8) and the RSS of the three runs, then deletes the
+   compilation, as the forward-only figure) and peak RSS (of the process, and of the export alone
+   after a warm-up compile, through Linux's resettable high-water mark): an ROI of the small volume,
+   the same ROI of the large volume, and an ROI --roi-factor times larger of the large volume. On a
+   2-core CPU exporting a whole several-GB volume takes hours, so the runs export ROIs (context is
+   still read from the surrounding volume); the volume is never loaded whole.
+4. Records ratio = export / forward-only (target >= 0.8) and the RSS of the three runs, then deletes
+the
    volumes (--keep keeps them).
 """
 
@@ -43,7 +46,8 @@ def model_config(width: int, depth: int, heads: int, patch: int):
 
 
 def make_volume(path: Path, gb: float, side: int) -> tuple[int, int, int]:
-    """`gb` GB of uint8 sections of side x side: a smooth membrane-like texture, shifted per section, plus noise."""
+    """`gb` GB of uint8 sections of side x side: a smooth membrane-like texture, shifted per
+    section, plus noise."""
     from emfm.data.volume import create_volume, open_volume
 
     nz = max(1, int(round(gb * 1e9 / side**2)))
@@ -101,9 +105,10 @@ def _status_mb(key: str) -> float:
 
 
 def child_export(args) -> None:
-    """One export in this (fresh) process; prints a JSON line with its summary and peak RSS: of the whole
-    process (compilation included) and of the export alone (a warm-up export of one block compiles the
-    program into JAX's persistent cache, then the peak-RSS counter is reset: Linux clear_refs 5)."""
+    """One export in this (fresh) process; prints a JSON line with its summary and peak RSS: of the
+    whole process (compilation included) and of the export alone (a warm-up export of one block
+    compiles the program into JAX's persistent cache, then the peak-RSS counter is reset: Linux
+    clear_refs 5)."""
     import tempfile
 
     cache = tempfile.mkdtemp(prefix="emfm_bench_jax_cache_")
@@ -129,9 +134,8 @@ def child_export(args) -> None:
         show_progress=False,
     )
     roi = json.loads(args.roi)
-    export_features(
-        enc, vol, args.child_out, roi=[roi[0], [0, args.tile], [0, args.tile]], **kw
-    )  # warm-up
+    # warm-up
+    export_features(enc, vol, args.child_out, roi=[roi[0], [0, args.tile], [0, args.tile]], **kw)
     whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_mb("VmHWM")
@@ -175,9 +179,8 @@ def main() -> None:
     ap.add_argument(
         "--roi-factor", type=int, default=4, help="sections of the larger ROI (the smaller has 1)"
     )
-    ap.add_argument(
-        "--width", type=int, default=128
-    )  # the main job's ViT: width 128, 4 blocks, 8x8 patches
+    # the main job's ViT: width 128, 4 blocks, 8x8 patches
+    ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--patch", type=int, default=8)
@@ -217,7 +220,8 @@ def main() -> None:
     }
     for k, v in runs.items():
         print(
-            f"export {k}: {v['voxels_per_s']:.4g} voxels/s over {v['voxels']} voxels, peak RSS {v['peak_rss_mb']:.0f} MB "
+            f"export {k}: {v['voxels_per_s']:.4g} voxels/s over {v['voxels']} voxels, peak RSS "
+            f"{v['peak_rss_mb']:.0f} MB "
             f"(process), {v['peak_rss_export_mb']:.0f} MB (during the export)",
             flush=True,
         )
@@ -261,7 +265,8 @@ def main() -> None:
         "ratio_export_vs_forward": main_run["voxels_per_s"] / fwd,
         "target_ratio": 0.8,
         "peak_rss_export_mb_spread": max(rss) - min(rss),
-        "note": "ROIs of the volumes are exported (a whole several-GB volume takes hours on this CPU); "
+        "note": "ROIs of the volumes are exported (a whole several-GB volume takes hours on this "
+        "CPU); "
         "forward-only is the mean of a run before and after the exports",
     }
     print(json.dumps(rec, indent=1))

@@ -1,14 +1,16 @@
-"""Blended windows vs margin-dropped tiles in `emfm export`: seam ratios and voxels/s on the bundled real EM.
+"""Blended windows vs margin-dropped tiles in `emfm export`: seam ratios and voxels/s on the bundled
+real EM.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export_blend.py --checkpoint runs/main/RUN \
         --model width=128,depth=4,heads=4 --out experiments/benchmarks/export_blend.json
 
 Exports the same ROI of the bundled ISBI 2012 sample (default sections 0-3, 384 x 384) with
-`blend=none` and `blend=cosine`, alternating (none, cosine, none, cosine, ...) so that load changes on
-a shared machine hit both alike; one warm-up export of each first compiles the programs. Reports each
-run's voxels/s (timed loop after compilation, as `emfm export` reports it), the median ratio cosine / none,
-and the seam ratios of experiments/feature_export/seams.py (mean neighbour-cell feature change across
-block boundaries over within blocks, and the worst phase modulo the block; 1.0 = no seam).
+`blend=none` and `blend=cosine`, alternating (none, cosine, none, cosine, ...) so that load changes
+on a shared machine hit both alike; one warm-up export of each first compiles the programs. Reports
+each run's voxels/s (timed loop after compilation, as `emfm export` reports it), the median ratio
+cosine / none, and the seam ratios of experiments/feature_export/seams.py (mean neighbour-cell
+feature change across block boundaries over within blocks, and the worst phase modulo the block; 1.0
+= no seam).
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""`emfm export` + `emfm discover` on generated volumes whose feature arrays exceed the memory cap they run
-under (and, for the larger one, this machine's RAM): peak RSS and voxels/s for two volume sizes.
+"""`emfm export` + `emfm discover` on generated volumes whose feature arrays exceed the memory cap
+they run under (and, for the larger one, this machine's RAM): peak RSS and voxels/s for two volume
+sizes.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export_large.py --sections 4 15 --cap-gb 4 \
-        --out experiments/benchmarks/export_large.json --merge-into experiments/benchmarks/export.json
+        --out experiments/benchmarks/export_large.json --merge-into
+        experiments/benchmarks/export.json
 
-For each size: writes a zarr v3 uint8 volume of `sections` x side x side (benchmarks/bench_export.py's
-EM-like texture), then runs, each as its own process under `prlimit --as` (a hard address-space cap,
-which JAX on CPU runs under) and `/usr/bin/time` (peak RSS):
+For each size: writes a zarr v3 uint8 volume of `sections` x side x side
+(benchmarks/bench_export.py's EM-like texture), then runs, each as its own process under `prlimit
+--as` (a hard address-space cap, which JAX on CPU runs under) and `/usr/bin/time` (peak RSS):
 
-  emfm export model=unet2d objective=mim_unet model.width=8 model.depth=2 export.layers=[0,1] export.dtype=float32 ...
-  emfm discover features=.../features.zarr k=8 sample_fraction=0.02
+  emfm export model=unet2d objective=mim_unet model.width=8 model.depth=2 export.layers=[0,1]
+  export.dtype=float32 ... emfm discover features=.../features.zarr k=8 sample_fraction=0.02
 
-The encoder is a random-init 2D U-Net (levels of 8 and 16 channels, both kept and concatenated at full
-resolution: 24 float32 channels = 96 bytes of features per voxel), cheap enough that several GB of
-features take minutes on a 2-core CPU. Volumes and outputs are deleted after each size (--keep keeps them).
+The encoder is a random-init 2D U-Net (levels of 8 and 16 channels, both kept and concatenated at
+full resolution: 24 float32 channels = 96 bytes of features per voxel), cheap enough that several GB
+of features take minutes on a 2-core CPU. Volumes and outputs are deleted after each size (--keep
+keeps them).
 """
 
 from __future__ import annotations

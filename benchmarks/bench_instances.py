@@ -3,10 +3,11 @@ volume grows with the block fixed. Each size runs in its own process (peak RSS i
 boundary-probability zarr made by tiling the boundaries of one synthetic block (exact labels, so the
 objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
 
-Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512] [--method watershed]
+Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512] [--method
+watershed]
        EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py --out instances_nocache.json
-(the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by default,
-which fills up to that limit as the volume grows)
+(the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by
+default, which fills up to that limit as the volume grows)
 """
 
 from __future__ import annotations
@@ -29,18 +30,22 @@ from emfm.data.synthetic import synthetic_em
 from emfm.instances import SegmentParams, boundaries_from_labels, instances
 a = json.loads(sys.argv[1])
 shape, tile = a["shape"], (32, 128, 128)
-b = (boundaries_from_labels(synthetic_em(tile, seed=0, cell_size=24.0).cells) * 255).astype(np.uint8)
+cells = synthetic_em(tile, seed=0, cell_size=24.0).cells
+b = (boundaries_from_labels(cells) * 255).astype(np.uint8)
 vol = create_volume(a["input"], shape, np.uint8, chunks=[32, 128, 128])
-for z in range(0, shape[0], tile[0]):  # written slab by slab: tiles of one block, no whole-volume array
+# written slab by slab: tiles of one block, no whole-volume array
+for z in range(0, shape[0], tile[0]):
     slab = np.tile(b, (1, shape[1] // tile[1], shape[2] // tile[2]))[: min(tile[0], shape[0] - z)]
     vol.array[z:z + len(slab)].write(slab).result()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-res = instances(a["input"], a["out"], SegmentParams(method=a["method"]), block=a["block"], halo=a["halo"])
+res = instances(a["input"], a["out"], SegmentParams(method=a["method"]), block=a["block"],
+                halo=a["halo"])
 dt = time.perf_counter() - t
 print(json.dumps({"shape": shape, "voxels": int(np.prod(shape)), "seconds": dt,
-                  "mvoxels_per_s": np.prod(shape) / dt / 1e6, "segments": res["segments"], "blocks": res["blocks"],
-                  "peak_rss_mb_before": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "mvoxels_per_s": np.prod(shape) / dt / 1e6, "segments": res["segments"],
+                  "blocks": res["blocks"], "peak_rss_mb_before": rss0 / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 

@@ -1,8 +1,10 @@
-"""Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one run.
+"""Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one
+run.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out experiments/benchmarks/loader.json
-    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 8192 --out experiments/benchmarks/loader.json
-    rm -r $TMPDIR/emfm_bench_loader                                       # the volumes are kept between runs
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out
+    experiments/benchmarks/loader.json nice -n 10 .venv/bin/python benchmarks/bench_loader.py
+    --size-mb 8192 --out experiments/benchmarks/loader.json rm -r $TMPDIR/emfm_bench_loader
+    # the volumes are kept between runs
 
 Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
@@ -11,9 +13,9 @@ normalisation constants; the float32 conversion runs in the jitted step, emfm.da
 whose time per batch on the default device is reported beside it) and
 of the same patch list read with raw tensorstore futures (each with its own chunk cache of the same
 size; batches alternate which goes first), the ratios loader / raw in wall and CPU time, numpy crops
-of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the streaming
-part of this process, and of a fresh process that streams augmented batches through the loader's
-prefetching iterator as training does.
+of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the
+streaming part of this process, and of a fresh process that streams augmented batches through the
+loader's prefetching iterator as training does.
 """
 
 from __future__ import annotations
@@ -43,9 +45,8 @@ def make_volume(path: Path, size_mb: int) -> tuple[int, int, int]:
     vol = create_volume(path, shape, np.uint8, chunks=(64, 64, 64), voxel_size=(8, 8, 8))
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[: shape[1], : shape[2]]
-    base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(
-        np.float32
-    )  # EM-like texture, compressible
+    # EM-like texture, compressible
+    base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(np.float32)
     slab = np.empty(
         (64,) + shape[1:], np.uint8
     )  # one chunk-deep slab at a time: creation memory is bounded too
@@ -215,7 +216,8 @@ def main() -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's
+    peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

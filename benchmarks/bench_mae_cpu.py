@@ -1,11 +1,12 @@
 """emfm's MAE training step against the PyTorch reference, side by side in one run, on CPU.
 
-Same model and step as ../shared/bench/mae_torch.py: ViT-S/16 and ViT-B/16 encoders on 224x224 one-channel
-images, 75 % random masking, decoder 8 blocks x 512 (16 heads), norm-pixel MSE on masked patches, AdamW
-(lr 1.5e-4, betas 0.9 / 0.95, weight decay 0.05 on every parameter, no clipping), batch 32, fp32.
-Reports images/s of each and their ratio, and achieved FLOP/s (analytic count, ../shared/bench/mae_flops.py)
-over the fp32 matmul ceiling measured in the same run (../shared/bench/cpu_ceiling.py). The peer runs in
-its own environment (`.venv-peer`, torch==2.13.0; see ../shared/bench/README.md).
+Same model and step as ../shared/bench/mae_torch.py: ViT-S/16 and ViT-B/16 encoders on 224x224
+one-channel images, 75 % random masking, decoder 8 blocks x 512 (16 heads), norm-pixel MSE on masked
+patches, AdamW (lr 1.5e-4, betas 0.9 / 0.95, weight decay 0.05 on every parameter, no clipping),
+batch 32, fp32. Reports images/s of each and their ratio, and achieved FLOP/s (analytic count,
+../shared/bench/mae_flops.py) over the fp32 matmul ceiling measured in the same run
+(../shared/bench/cpu_ceiling.py). The peer runs in its own environment (`.venv-peer`, torch==2.13.0;
+see ../shared/bench/README.md).
 
 Command: .venv/bin/python benchmarks/bench_mae_cpu.py [--models vit_small,vit_base] [--steps 3]
 Hardware: the 2-core CPU box. Runtime: about 15 minutes. Output: experiments/benchmarks/mae_cpu.json

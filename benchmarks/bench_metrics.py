@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_metrics.py [--shape 100,1024,1024] [--seeds 100000]
 
 Hardware the recorded figures came from: 2-core x86 CPU, 24 GB RAM (no GPU needed).
-Runtime: ~5-8 min at the default size (volume generation is cached under the system temp directory after the first run).
+Runtime: ~5-8 min at the default size (volume generation is cached under the system temp directory
+after the first run).
 
 Parts (each in its own subprocess, so peak-memory figures do not mix):
 1. region: emfm's adapted Rand error + VOI (one contingency table) vs skimage's

@@ -3,11 +3,13 @@ numpy's own memory (tracemalloc): shows whether a growing peak is live array dat
 allocator holds. Probabilities come from `emfm predict` of benchmarks/predict_memory.py's tiled ISBI
 volume (kept under --work and reused).
 
-  PYTHONPATH=. [MALLOC_ARENA_MAX=1] [EMFM_CHUNK_CACHE_MB=0] python benchmarks/instances_memory_trace.py \\
+  PYTHONPATH=. [MALLOC_ARENA_MAX=1] [EMFM_CHUNK_CACHE_MB=0] python
+  benchmarks/instances_memory_trace.py \\
       --checkpoint CKPT --depth 16 [--block 4,256,256 --halo 0,32,32]
 
 Prints one line per traced point (after blocks 1, 2, 4, ..., after stitching, after relabelling):
-VmRSS and VmHWM (MB) and tracemalloc's current / peak (MB). Numbers in experiments/segmentation/README.md.
+VmRSS and VmHWM (MB) and tracemalloc's current / peak (MB). Numbers in
+experiments/segmentation/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def rss() -> str:
     d = dict(ln.split(":", 1) for ln in open("/proc/self/status"))
     cur, peak = (v / 2**20 for v in tracemalloc.get_traced_memory())
     return (
-        f"rss {int(d['VmRSS'].split()[0]) / 1024:.0f} hwm {int(d['VmHWM'].split()[0]) / 1024:.0f} MB; "
+        f"rss {int(d['VmRSS'].split()[0]) / 1024:.0f} hwm {int(d['VmHWM'].split()[0]) / 1024:.0f} "
+        "MB; "
         f"numpy/python traced {cur:.1f} peak {peak:.1f} MB"
     )
 

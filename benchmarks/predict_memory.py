@@ -17,7 +17,8 @@ virtual memory than it touches. Records go to experiments/benchmarks/predict_mem
 
 `--checkpoint` is any `emfm finetune` run of a 2D model with a 2-class semantic task (channel 1 =
 membrane); empty = train a tiny one first (width 32, depth 1, 150 steps on the bundled sample).
-Needs permission to create a memory cgroup (root in a container); otherwise it stops with the reason.
+Needs permission to create a memory cgroup (root in a container); otherwise it stops with the
+reason.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class MemoryCgroup:
             return None
 
     def run(self, cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
-        """Run `cmd` inside the cgroup; returns exit code, peak RSS of that process, cgroup peak, wall."""
+        """Run `cmd` inside the cgroup; returns exit code, peak RSS of that process, cgroup peak,
+        wall."""
         self.reset_peak()
         procs = self.path / "cgroup.procs"
         t0 = time.perf_counter()
@@ -107,7 +109,8 @@ class MemoryCgroup:
 
 
 def rss_wrapper(cmd: list[str]) -> list[str]:
-    """`cmd` run by a tiny Python parent that prints the child's peak RSS (wait4 rusage, MB) last."""
+    """`cmd` run by a tiny Python parent that prints the child's peak RSS (wait4 rusage, MB)
+    last."""
     code = (
         "import json,os,subprocess,sys;p=subprocess.Popen(sys.argv[1:]);_,st,ru=os.wait4(p.pid,0);"
         "print('PEAK_RSS_MB',json.dumps({'rss_mb':ru.ru_maxrss/1024,'status':os.waitstatus_to_exitcode(st)}),"
@@ -173,7 +176,8 @@ def main() -> None:
     ap.add_argument(
         "--instance-block",
         default="8,256,256",
-        help="instances.block (z,y,x): instance memory is one block with its halo, so size it to the cap",
+        help="instances.block (z,y,x): instance memory is one block with its halo, so size it to "
+        "the cap",
     )
     ap.add_argument(
         "--out",
@@ -207,15 +211,15 @@ def main() -> None:
         for size in a.sizes.split(":"):
             shape = tuple(int(v) for v in size.split(","))
             voxels = math.prod(shape)
-            one_piece_mb = (
-                voxels * (1 + 2 * 4) / 2**20
-            )  # uint8 input + float32 probabilities of 2 classes
+            # uint8 input + float32 probabilities of 2 classes
+            one_piece_mb = voxels * (1 + 2 * 4) / 2**20
             vol = work / f"vol_{'x'.join(map(str, shape))}.zarr"
             t0 = time.perf_counter()
             write_tiled_volume(vol, shape)
             gen_s = time.perf_counter() - t0
             load = (
-                "import numpy as np,sys;sys.path.insert(0,%r);from emfm.data.volume import open_volume;"
+                "import numpy as np,sys;sys.path.insert(0,%r);from emfm.data.volume import "
+                "open_volume;"
                 "x=open_volume(%r).read();p=np.empty(x.shape+(2,),np.float32);p[...]=1.0;"
                 "print('loaded',x.nbytes+p.nbytes)"
             ) % (str(REPO), str(vol))
@@ -297,8 +301,9 @@ def main() -> None:
 
 
 def write_summary(records: list[dict], settings: dict, dst: Path) -> None:
-    """The JSON record at `dst` (default experiments/benchmarks/predict_memory.json); the RSS ratio only when every run finished (a run
-    the cap killed is recorded with its exit status -9 and the RSS it had reached)."""
+    """The JSON record at `dst` (default experiments/benchmarks/predict_memory.json); the RSS ratio
+    only when every run finished (a run the cap killed is recorded with its exit status -9 and the
+    RSS it had reached)."""
     ok = all(r["predict"]["exit"] == 0 for r in records)
     rss = [r["predict"]["peak_rss_mb"] for r in records]
     summary = {

@@ -6,12 +6,14 @@ Per volume:
   1. `emfm predict ... predict.instances=""`: probabilities only;
   2. `emfm instances input=PROB out=LABELS method=watershed channel=1 block=B halo=H`: instances of
      those probabilities, block by block with stitching (the instance phase of 1+2 below);
-  3. `emfm predict ... predict.instances=watershed`: both in one process (what predict_memory.py caps).
+  3. `emfm predict ... predict.instances=watershed`: both in one process (what predict_memory.py
+  caps).
 The instance blocks are the same for every volume (`--instance-block`, halo z 0 so that a block with
 its halo never depends on the volume's depth), so only what scales with the volume differs.
 Records go to experiments/benchmarks/predict_memory_phases_cache{MB}[_arena{N}].json.
 
-  PYTHONPATH=. python benchmarks/predict_memory_phases.py --checkpoint FINETUNE_RUN [--sizes 4,1024,1024:16,1024,1024]
+  PYTHONPATH=. python benchmarks/predict_memory_phases.py --checkpoint FINETUNE_RUN [--sizes
+  4,1024,1024:16,1024,1024]
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from predict_memory import EMFM, parse_peak, rss_wrapper, train_tiny, write_tiled_volume  # noqa: E402
+from predict_memory import (  # noqa: E402
+    EMFM,
+    parse_peak,
+    rss_wrapper,
+    train_tiny,
+    write_tiled_volume,
+)
 
 
 def run(cmd: list[str], env: dict) -> dict:
@@ -66,7 +74,8 @@ def main() -> None:
     ap.add_argument(
         "--emfm-arena-max",
         default="",
-        help="EMFM_MALLOC_ARENA_MAX of every process (the CLI's cap, default 1; 0 = glibc's default)",
+        help="EMFM_MALLOC_ARENA_MAX of every process (the CLI's cap, default 1; 0 = glibc's "
+        "default)",
     )
     a = ap.parse_args()
     work = Path(a.work)

@@ -68,7 +68,8 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
 
 
 def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure.
+    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a
+    figure.
 
     Each encoder's probe is trained on the training sections; its decision threshold and its cell
     segmentation parameters (probe.cell_* grid) are chosen on the validation sections (the training
@@ -82,7 +83,8 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     lab_vol = open_volume(bundled.resolve(pc.labels, bundled.sample_membranes()))
     if img_vol.shape != lab_vol.shape:
         raise VolumeError(
-            f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has {img_vol.shape}"
+            f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has "
+            f"{img_vol.shape}"
         )
     tr, te = tuple(pc.train_slices), tuple(pc.test_slices)
     va = tuple(pc.val_slices) if pc.val_slices else tr
@@ -167,9 +169,8 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     _write_probe_tables(run_dir, results, tr, te, va)
     k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
     cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
-    shown = [n for n in probs if not n.startswith("random_init")] + rnd[
-        :1
-    ]  # one random-init map is enough
+    # one random-init map is enough
+    shown = [n for n in probs if not n.startswith("random_init")] + rnd[:1]
     cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in shown]
     figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
     return results
@@ -206,7 +207,8 @@ def _write_probe_tables(run_dir: Path, results: dict, tr, te, va=None) -> None:
     )
     va = va or tr
     lines = [
-        f"Linear probe, membranes, test sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1}; "
+        f"Linear probe, membranes, test sections {te[0]}..{te[1] - 1} (trained on "
+        f"{tr[0]}..{tr[1] - 1}; "
         f"threshold and cell parameters chosen on {va[0]}..{va[1] - 1})",
         "",
         "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |",
@@ -233,9 +235,10 @@ def _write_probe_tables(run_dir: Path, results: dict, tr, te, va=None) -> None:
 
 
 def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Dense features of a volume (or its ROI) to zarr, plus a PCA-RGB preview PNG of its middle section.
-    Bad input (checkpoint of another model, output of another export, wrong dimensions) stops it before
-    any compute; under several JAX processes each writes its share and process 0 the summary."""
+    """Dense features of a volume (or its ROI) to zarr, plus a PCA-RGB preview PNG of its middle
+    section. Bad input (checkpoint of another model, output of another export, wrong dimensions)
+    stops it before any compute; under several JAX processes each writes its share and process 0 the
+    summary."""
     import jax
 
     from emfm.export.features import load_export_encoder
@@ -325,7 +328,8 @@ def main_job(cfg: EmfmConfig) -> dict:
     print(f"[emfm] 2/3 linear probe of membranes: {zoo}the pretrained and random-init encoders")
     prb = run_probe(cfg, checkpoint=str(run_dir))
     t2 = time.perf_counter()
-    # the features a user would take: the zoo checkpoint's when one is probed, else the one just pretrained
+    # the features a user would take: the zoo checkpoint's when one is probed, else the one just
+    # pretrained
     from emfm.config.schema import resolve_zoo
 
     source = resolve_zoo(cfg.probe.zoo, "probe.zoo") if cfg.probe.zoo else str(run_dir)

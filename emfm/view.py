@@ -1,9 +1,9 @@
 """Look at volumes and what emfm made of them in neuroglancer, served from this process.
 
 `serve(paths)` opens every path with tensorstore and adds one neuroglancer layer per volume (or per
-channel of a probability map), each streamed chunk by chunk from the file as the browser asks for it,
-so a volume larger than memory is never read whole. What a volume is, and so how it is shown, comes
-from its dtype, shape and attributes (`classify`):
+channel of a probability map), each streamed chunk by chunk from the file as the browser asks for
+it, so a volume larger than memory is never read whole. What a volume is, and so how it is shown,
+comes from its dtype, shape and attributes (`classify`):
 
 - raw     grey image (z, y, x), grey shader with a contrast range from the volume's central chunk;
 - features  `emfm export` output (z, y, x, c): the first three principal components as RGB. The PCA
@@ -11,13 +11,15 @@ from its dtype, shape and attributes (`classify`):
             read, projected and scaled to uint8 on the fly (`PCAProjection`), nothing is written;
 - probabilities  `emfm predict` output (z, y, x, c, "content": "probabilities"): one image layer per
             channel with a heat shader whose opacity is the probability;
-- labels  integer label volumes (instances, `emfm discover` clusters, ground truth): segmentation layers;
-          32/64-bit integers always, 8/16-bit ones when their attributes or name say they are labels.
+- labels  integer label volumes (instances, `emfm discover` clusters, ground truth): segmentation
+layers;
+          32/64-bit integers always, 8/16-bit ones when their attributes or name say they are
+          labels.
 
 A run directory shows every volume the run wrote plus the raw volume it read (found from the
 products' "source" attribute, or from its config.yaml; an empty path there is the bundled sample).
-Volumes are placed in physical space (nm) from their voxel sizes and offsets: an OME-Zarr translation
-(feature grids), or the `roi` a prediction was made of.
+Volumes are placed in physical space (nm) from their voxel sizes and offsets: an OME-Zarr
+translation (feature grids), or the `roi` a prediction was made of.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from emfm.errors import UserError
 log = logging.getLogger("emfm.view")
 
 KINDS = ("raw", "features", "probabilities", "labels")
-# Sub-directories of a run that never hold its volumes (checkpoints, TensorBoard, figures, Hydra's record).
+# Sub-directories of a run that never hold its volumes (checkpoints, TensorBoard, figures, Hydra's
+# record).
 SKIP_DIRS = {"checkpoints", "tb", "figures", ".hydra", "__pycache__"}
 # config.yaml keys that name a run's input image volume, in the order they are looked up.
 CONFIG_INPUT_KEYS = (("predict", "path"), ("export", "path"), ("probe", "path"), ("data", "path"))
@@ -59,7 +62,8 @@ void main() {{
 }}
 """
 RGB_SHADER = """void main() {
-  emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)), toNormalized(getDataValue(2))));
+  emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)), \
+toNormalized(getDataValue(2))));
 }
 """
 HEAT_SHADER = """#uicontrol invlerp normalized(range=[{lo}, {hi}])
@@ -73,9 +77,9 @@ void main() {{
 
 @dataclass
 class Entry:
-    """One volume to show: its path, the open volume, its kind (one of KINDS) and its offset (nm, z y x:
-    where the centre of voxel 0 lies, in the frame where voxel centres of the raw input lie at index x
-    voxel size); `placed` is False when nothing in the file said where it lies."""
+    """One volume to show: its path, the open volume, its kind (one of KINDS) and its offset (nm, z
+    y x: where the centre of voxel 0 lies, in the frame where voxel centres of the raw input lie at
+    index x voxel size); `placed` is False when nothing in the file said where it lies."""
 
     path: str
     volume: Volume
@@ -103,8 +107,9 @@ def _json(path: Path) -> dict:
 
 
 def is_volume_dir(path: Path) -> bool:
-    """Whether `path` is one volume: a zarr / N5 / precomputed array, or an OME-Zarr multiscale group.
-    A plain zarr or N5 group (a container of arrays) is not: it is looked into like a run directory."""
+    """Whether `path` is one volume: a zarr / N5 / precomputed array, or an OME-Zarr multiscale
+    group. A plain zarr or N5 group (a container of arrays) is not: it is looked into like a run
+    directory."""
     if not path.is_dir():
         return False
     if (path / ".zarray").exists() or (path / "info").exists():
@@ -121,7 +126,8 @@ def is_volume_dir(path: Path) -> bool:
 
 
 def classify(vol: Volume, name: str = "") -> str:
-    """The kind of a volume (see KINDS) from its shape, dtype, attributes and (for 8/16-bit integers) its name."""
+    """The kind of a volume (see KINDS) from its shape, dtype, attributes and (for 8/16-bit
+    integers) its name."""
     attrs = vol.attributes or {}
     content = str(attrs.get("content", ""))
     if vol.ndim == 4:
@@ -131,9 +137,9 @@ def classify(vol: Volume, name: str = "") -> str:
             return "features"
         return "probabilities" if vol.shape[3] <= 3 else "features"
     if vol.dtype.kind in "iu":
-        # 32/64-bit integers are labels; 8/16-bit ones (EM grey values are often uint16) when the file or
-        # its name says so: an instance or cluster record, a class legend ("1 = membrane"), a mode-downsampled
-        # OME-Zarr pyramid (`emfm data import --labels`)
+        # 32/64-bit integers are labels; 8/16-bit ones (EM grey values are often uint16) when the
+        # file or its name says so: an instance or cluster record, a class legend ("1 = membrane"),
+        # a mode-downsampled OME-Zarr pyramid (`emfm data import --labels`)
         ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales") or [{}]
         pyramid = (
             ms[0].get("type") if isinstance(ms, list) and ms and isinstance(ms[0], dict) else None
@@ -151,8 +157,8 @@ def classify(vol: Volume, name: str = "") -> str:
 
 
 def _resolve(p: str, run_dir: Path) -> Path | None:
-    """An input path as recorded by a run: absolute, relative to the current directory (where emfm ran),
-    or relative to the run directory or one of its parents."""
+    """An input path as recorded by a run: absolute, relative to the current directory (where emfm
+    ran), or relative to the run directory or one of its parents."""
     cand = Path(p)
     if cand.is_absolute():
         return cand if cand.exists() else None
@@ -191,9 +197,9 @@ def _config_input(run_dir: Path) -> tuple[str | None, str]:
 
 
 def run_volumes(run_dir: Path, notes: list[str]) -> tuple[list[Path], list[Path]]:
-    """The volumes a run directory holds (itself and one level of sub-directories, plus the features a
-    cluster map was made of) and the raw volumes it read: those its products name as their "source",
-    else the input its config.yaml names."""
+    """The volumes a run directory holds (itself and one level of sub-directories, plus the features
+    a cluster map was made of) and the raw volumes it read: those its products name as their
+    "source", else the input its config.yaml names."""
     found: list[Path] = []
     for child in sorted(run_dir.iterdir()):
         if (
@@ -261,9 +267,8 @@ def _offset(vol: Volume) -> tuple[tuple[float, float, float], bool]:
     origin = _roi_origin(vol.attributes or {})
     if origin is not None and vol.attributes.get("source"):
         return tuple(float(o * v) for o, v in zip(origin, vs)), True
-    ome = "ome" in (vol.attributes or {}) or "multiscales" in (
-        vol.attributes or {}
-    )  # OME-Zarr: translation given
+    # OME-Zarr: translation given
+    ome = "ome" in (vol.attributes or {}) or "multiscales" in (vol.attributes or {})
     return (0.0, 0.0, 0.0), ome or origin is not None
 
 
@@ -317,8 +322,8 @@ def plan(paths: Sequence[str | Path]) -> Plan:
             kind = "raw"  # the input a run read is its image, whatever its integer type
         offset, placed = _offset(vol)
         out.entries.append(Entry(str(path), vol, kind, offset, placed))
-    # A product without a recorded place (instances from a prediction) shares the grid of a product of the
-    # same shape and voxel size that has one.
+    # A product without a recorded place (instances from a prediction) shares the grid of a product
+    # of the same shape and voxel size that has one.
     for e in out.entries:
         if e.placed or e.kind == "raw":
             continue
@@ -353,8 +358,9 @@ def _name_entries(entries: list[Entry]) -> None:
 # ------------------------------------------------------------------------------------------ data
 class PCAProjection:
     """A lazy (z, y, x, 3) uint8 view of a (z, y, x, c) feature volume: the first three principal
-    components, each scaled so its 1st..99th percentile over the fitting sample spans 0..255. Indexing
-    reads only the requested region of the features (the way neuroglancer asks: one chunk at a time)."""
+    components, each scaled so its 1st..99th percentile over the fitting sample spans 0..255.
+    Indexing reads only the requested region of the features (the way neuroglancer asks: one chunk
+    at a time)."""
 
     def __init__(
         self, vol: Volume, mean: np.ndarray, components: np.ndarray, lo: np.ndarray, hi: np.ndarray
@@ -426,8 +432,8 @@ def fit_pca(vol: Volume, *, n_voxels: int = PCA_SAMPLE_VOXELS, seed: int = 0) ->
 
 
 def _sample_range(vol: Volume) -> tuple[float, float]:
-    """A display range for a grey volume: the 0.5..99.5 percentiles of its central chunk (EM grey values
-    seldom fill their dtype's range)."""
+    """A display range for a grey volume: the 0.5..99.5 percentiles of its central chunk (EM grey
+    values seldom fill their dtype's range)."""
     box = tuple(
         slice(max(0, n // 2 - c // 2), min(n, max(0, n // 2 - c // 2) + max(c, 1)))
         for n, c in zip(vol.shape, vol.chunks)
@@ -446,13 +452,14 @@ def _as_zyx(arr: Any) -> Any:
 
 
 def _image_source(arr: Any) -> Any:
-    """A tensorstore view neuroglancer can serve as an image (float16 / bfloat16 / int64 cast to float32)."""
+    """A tensorstore view neuroglancer can serve as an image (float16 / bfloat16 / int64 cast to
+    float32)."""
     return arr if arr.dtype.name in NG_IMAGE_DTYPES else ts.cast(arr, ts.float32)
 
 
 def _label_source(arr: Any, path: str) -> Any:
-    """A tensorstore view neuroglancer can serve as segmentation: unsigned integers (signed ones as the
-    unsigned type of the same width)."""
+    """A tensorstore view neuroglancer can serve as segmentation: unsigned integers (signed ones as
+    the unsigned type of the same width)."""
     name = arr.dtype.name
     if name.startswith("uint"):
         return arr
@@ -470,9 +477,9 @@ def _dims(ng: Any, vs: Sequence[float], channels: bool) -> Any:
 
 
 def _source(ng: Any, data: Any, entry: Entry, ref_vs: Sequence[float], volume_type: str) -> Any:
-    """A neuroglancer data source for `data` (z, y, x[, c]) placed where `entry` lies: voxel i of the volume
-    covers [offset + (i - 1/2) vs, offset + (i + 1/2) vs) in nm, shifted by half a reference voxel so the
-    reference (raw) volume's voxels sit on neuroglancer's integer grid."""
+    """A neuroglancer data source for `data` (z, y, x[, c]) placed where `entry` lies: voxel i of
+    the volume covers [offset + (i - 1/2) vs, offset + (i + 1/2) vs) in nm, shifted by half a
+    reference voxel so the reference (raw) volume's voxels sit on neuroglancer's integer grid."""
     vs = _spatial_vs(entry.volume)
     channels = len(data.shape) == 4
     dims = _dims(ng, vs, channels)
@@ -542,7 +549,8 @@ def _num(v: float) -> str:
 
 
 def _ensure_server(ng: Any, bind: str, port: int) -> None:
-    """Start neuroglancer's web server on `bind`:`port` (0: any free port); restart it if it runs elsewhere."""
+    """Start neuroglancer's web server on `bind`:`port` (0: any free port); restart it if it runs
+    elsewhere."""
     from neuroglancer import server as ng_server
 
     if ng_server.is_server_running():
@@ -566,7 +574,8 @@ def build_viewer(p: Plan, *, bind: str = "127.0.0.1", port: int = 0) -> Any:
     if not p.entries:
         raise UserError("nothing to show")
     _ensure_server(ng, bind, port)
-    # the view opens on the middle of what a run made (a prediction may cover a few sections of its input)
+    # the view opens on the middle of what a run made (a prediction may cover a few sections of its
+    # input)
     focus = next((e for e in p.entries if e.kind != "raw"), p.entries[0])
     ref_vs = [min(_spatial_vs(e.volume)[i] for e in p.entries) for i in range(3)]
     layers: list[tuple[str, Any, str]] = []
@@ -574,8 +583,9 @@ def build_viewer(p: Plan, *, bind: str = "127.0.0.1", port: int = 0) -> Any:
     shown: set[str] = set()
     for e in p.entries:
         made = _layers(ng, e, ref_vs)
-        # Overlays of one kind hide each other: the first volume of each kind shows (a probability map its
-        # last channel, the foreground class); the others are in the layer list, switched off.
+        # Overlays of one kind hide each other: the first volume of each kind shows (a probability
+        # map its last channel, the foreground class); the others are in the layer list, switched
+        # off.
         for i, (n, lay) in enumerate(made):
             visible[n] = e.kind == "raw" or (
                 e.kind not in shown and (e.kind != "probabilities" or i == len(made) - 1)
@@ -598,9 +608,8 @@ def build_viewer(p: Plan, *, bind: str = "127.0.0.1", port: int = 0) -> Any:
         feats = [n for n, _, k in layers if k == "features"]
         others = [n for n, _, k in layers if k != "features"]
         extent = max(shape[1] * vs[1], shape[2] * vs[2]) / min(ref_vs[1:])  # global voxels across
-        s.cross_section_scale = extent / (
-            PANEL_PX / 2 if feats and others else PANEL_PX
-        )  # fit one panel
+        # fit one panel
+        s.cross_section_scale = extent / (PANEL_PX / 2 if feats and others else PANEL_PX)
         if (
             feats and others
         ):  # features side by side with the raw volume and its overlays, positions linked
@@ -618,8 +627,8 @@ def build_viewer(p: Plan, *, bind: str = "127.0.0.1", port: int = 0) -> Any:
 def serve(
     paths: list[str], *, bind: str = "127.0.0.1", port: int = 0, open_browser: bool = False
 ) -> tuple[Any, str]:
-    """Serve `paths` (volumes and run directories) in neuroglancer; returns (viewer, url). The server runs
-    in a background thread of this process for as long as the process lives."""
+    """Serve `paths` (volumes and run directories) in neuroglancer; returns (viewer, url). The
+    server runs in a background thread of this process for as long as the process lives."""
     p = plan(paths)
     for note in p.notes:
         log.warning("%s", note)
@@ -631,7 +640,8 @@ def serve(
 
 
 def served_volume(viewer: Any, url: Any) -> Any:
-    """The LocalVolume behind a layer source url (`python://volume/<viewer token>.<volume token>`)."""
+    """The LocalVolume behind a layer source url (`python://volume/<viewer token>.<volume
+    token>`)."""
     if not isinstance(url, str):
         return url
     token = url.rsplit(".", 1)[-1]
@@ -639,7 +649,8 @@ def served_volume(viewer: Any, url: Any) -> Any:
 
 
 def layer_summary(viewer: Any) -> list[dict]:
-    """Name, type (image / segmentation), voxel size (nm, z y x), shape and served url of each layer."""
+    """Name, type (image / segmentation), voxel size (nm, z y x), shape and served url of each
+    layer."""
     out = []
     for layer in viewer.state.layers:
         url = layer.layer.source[0].url
@@ -705,9 +716,10 @@ def screenshot(
     size: tuple[int, int] = (1024, 768),
     timeout_s: float = 60.0,
 ) -> Path:
-    """Render `viewer` in a headless Chromium and save what it shows, once every visible chunk has loaded,
-    as a PNG (the browser draws it with WebGL in software, SwiftShader). Raises UserError when no browser is
-    found and TimeoutError when the page does not deliver a screenshot within `timeout_s`."""
+    """Render `viewer` in a headless Chromium and save what it shows, once every visible chunk has
+    loaded, as a PNG (the browser draws it with WebGL in software, SwiftShader). Raises UserError
+    when no browser is found and TimeoutError when the page does not deliver a screenshot within
+    `timeout_s`."""
     import subprocess
     import tempfile
     import threading

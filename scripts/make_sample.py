@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     raw = tifffile.imread(Path(args.src) / "train_volume.tif")[CROP]
     lab = tifffile.imread(Path(args.src) / "train_labels.tif")[CROP]
-    # Store labels as 1 = membrane, 0 = cell interior (the ISBI files use 0 = membrane, 255 = interior).
+    # Store labels as 1 = membrane, 0 = cell interior (the ISBI files use 0 = membrane, 255 =
+    # interior).
     membrane = (lab == 0).astype(np.uint8)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

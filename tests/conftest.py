@@ -1,5 +1,6 @@
 """Shared test fixtures. Everything runs on a laptop CPU; the real EM lives in ../shared/data/em
-(beside the repository, as in CI) or in $EMFM_SHARED_DATA, and the bundled sample is always there."""
+(beside the repository, as in CI) or in $EMFM_SHARED_DATA, and the bundled sample is always
+there."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
-# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too); anything
-# else is a bug and is shown with its traceback.
+# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too);
+# anything else is a bug and is shown with its traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, UserError, FloatingPointError)
 
 
@@ -191,9 +191,8 @@ def _finetune(cmd: str, cfg: DictConfig) -> None:
     from emfm.train import distributed
 
     c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
-    distributed.initialize(
-        c.distributed
-    )  # finetune: data parallel; predict: processes split the chunks
+    # finetune: data parallel; predict: processes split the chunks
+    distributed.initialize(c.distributed)
     _save_provenance(Path(c.run_dir), cfg)
     res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
     print(json.dumps(res.get("test", res), indent=1, default=float))
@@ -264,7 +263,8 @@ def _task(cmd: str):
             log.error("internal error %s: %s", type(e).__name__, e, exc_info=True)
             traceback.print_exc(file=sys.stderr)
             print(
-                f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your input; "
+                f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your "
+                "input; "
                 "please report it with the traceback above",
                 file=sys.stderr,
             )

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {out['path']} ({out['dtype']})")
             for k, lv in enumerate(out["levels"]):
                 print(
-                    f"  level {k}: shape {tuple(lv['shape'])}  voxel size {tuple(lv['voxel_size'])} nm"
+                    f"  level {k}: shape {tuple(lv['shape'])}  voxel size "
+                    f"{tuple(lv['voxel_size'])} nm"
                 )
         else:
             from emfm.data import info

@@ -1,7 +1,8 @@
-"""`emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] [shape=1,1,256,256]
-[license=SPDX-ID] [authors="A. Name;B. Name"] [opset=23] [validate=true] [overwrite=false]`: the model of a
-checkpoint as one ONNX file or a BioImage.IO model package (emfm.export.model). key=value arguments like the
-Hydra commands, parsed here without Hydra. Bad input ends with one line `emfm: error: ...`, exit status 2."""
+"""`emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH]
+[shape=1,1,256,256] [license=SPDX-ID] [authors="A. Name;B. Name"] [opset=23] [validate=true]
+[overwrite=false]`: the model of a checkpoint as one ONNX file or a BioImage.IO model package
+(emfm.export.model). key=value arguments like the Hydra commands, parsed here without Hydra. Bad
+input ends with one line `emfm: error: ...`, exit status 2."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 
 from emfm.errors import UserError
 
-USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [key=value ...]
+USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio \
+[key=value ...]
 
   checkpoint=  a pretraining run or zoo:NAME (the encoder's dense features), or an emfm finetune run
                (the segmentation model's probabilities)
@@ -23,14 +25,16 @@ USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioi
                axis of the export is dynamic, the spatial tile fixed
   opset=       ONNX opset (default 23)
   bioimageio only:
-  license=     SPDX id (default: CC-BY-NC-4.0 for zoo entries and runs trained on the bundled ISBI sample)
+  license=     SPDX id (default: CC-BY-NC-4.0 for zoo entries and runs trained on the bundled \
+ISBI sample)
   authors=     names separated by ';' (default "emfm contributors")
   validate=    true|false (default true)
   overwrite=   true|false: replace an existing package (default false)
 
 examples:
   emfm export-model checkpoint=zoo:em_unet16 format=onnx
-  emfm export-model checkpoint=runs/finetune/2026-01-01_00-00-00 format=bioimageio out=membranes.bioimageio"""
+  emfm export-model checkpoint=runs/finetune/2026-01-01_00-00-00 format=bioimageio \
+out=membranes.bioimageio"""
 
 KEYS = (
     "checkpoint",
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     chk = report["check_vs_jax"]
     print(f"wrote {report['path']}" + (f" and {report['zip']}" if "zip" in report else ""))
     print(
-        f"  {report['kind']} ({report['architecture']}): input raw {report['input']['shape']} float32 -> "
+        f"  {report['kind']} ({report['architecture']}): input raw {report['input']['shape']} "
+        "float32 -> "
         f"{report['output']['name']} {report['output']['shape']}"
     )
     print(
@@ -130,5 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     if "validation" in report:
         v = report["validation"]["zip"]
         print(
-            f"  bioimageio.spec: {v['spec']}; bioimageio.core test: {v['core_test']}; licence {report['license']}"
+            f"  bioimageio.spec: {v['spec']}; bioimageio.core test: {v['core_test']}; licence "
+            f"{report['license']}"
         )

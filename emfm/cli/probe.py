@@ -1,7 +1,8 @@
 """`emfm probe checkpoints=[...]`: resolve the benchmark's task files, then call the library.
 
-A task is named by a file `configs/probe_task/NAME.yaml` or given as a path to a YAML file; it is merged
-onto the typed `TaskConfig`, so an unknown key or a wrong type is an error naming the file and key.
+A task is named by a file `configs/probe_task/NAME.yaml` or given as a path to a YAML file; it is
+merged onto the typed `TaskConfig`, so an unknown key or a wrong type is an error naming the file
+and key.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`emfm runs summarize DIR [--out DIR] [--stale-after S]`: a table and loss plot over a sweep's runs."""
+"""`emfm runs summarize DIR [--out DIR] [--stale-after S]`: a table and loss plot over a sweep's
+runs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`emfm view PATH... [--bind ADDR] [--port N] [--browser]`: serve volumes and run directories in
-neuroglancer (emfm.view) until Ctrl-C. Bad input ends with one line `emfm: error: ...`, exit status 2."""
+neuroglancer (emfm.view) until Ctrl-C. Bad input ends with one line `emfm: error: ...`, exit status
+2."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from emfm.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="emfm view",
-        description="show volumes (raw, features, probabilities, labels) and run directories in neuroglancer",
+        description="show volumes (raw, features, probabilities, labels) and run directories in "
+        "neuroglancer",
     )
     ap.add_argument(
         "paths",

@@ -37,8 +37,8 @@ class ModelConfig:
     num_registers: int = 0
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
-    # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per level,
-    # else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
+    # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per
+    # level, else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
     # l >= pool_z_from_level (anisotropic sections are pooled in-plane first).
     widths: list[int] | None = None
     blocks_per_level: int = 1
@@ -60,13 +60,14 @@ class ObjectiveConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = True
-    target_norm: str = (
-        ""  # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
-    )
-    target_blur: float = 0.0  # MAE: Gaussian sigma (pixels) smoothing the reconstruction target in plane; 0 = raw pixels
+    # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
+    target_norm: str = ""
+    # MAE: Gaussian sigma (pixels) smoothing the reconstruction target in plane; 0 = raw pixels
+    target_blur: float = 0.0
     ema_momentum: float = 0.996
     # Contrastive objectives (simclr, moco, dino, dense; emfm/objectives/): temperature of the
-    # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden width.
+    # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden
+    # width.
     temperature: float = 0.2
     proj_hidden: int = 512
     proj_dim: int = 128
@@ -95,7 +96,8 @@ class SourceConfig:
     `level` or `voxel_size` (nm, z y x) picks an OME-Zarr scale; for a plain array `voxel_size`
     overrides missing metadata. `mask`: a volume of the same shape (or coarser by an integer
     factor per axis); patches are drawn only where it is > 0 (see data.min_mask). `labels`: a
-    label volume of the same shape that steers sampling (data.min_foreground, data.balance_classes)."""
+    label volume of the same shape that steers sampling (data.min_foreground,
+    data.balance_classes)."""
 
     path: str = MISSING_PATH
     weight: float = 1.0
@@ -126,9 +128,8 @@ class AugmentConfig:
     contrast: float = 0.2  # gain 1 + U(-c, c) around the patch mean
     gamma: float = 0.2  # exponent exp(U(-g, g))
     noise: float = 0.03  # Gaussian noise std ~ U(0, noise)
-    blur_sigma: list[float] = field(
-        default_factory=lambda: [0.0, 1.5]
-    )  # in-plane sigma range (pixels)
+    # in-plane sigma range (pixels)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 1.5])
     p_blur: float = 0.5
     elastic_strength: float = 3.0  # displacement std of the coarse lattice (pixels)
     elastic_grid: int = 4
@@ -153,19 +154,15 @@ class DataConfig:
     augment: bool = True
     prefetch: int = 4
     intensity_samples: int = 64  # patches used to estimate mean/std for normalisation
-    min_std: float = (
-        0.0  # >0: redraw patches whose normalised grey-value std is below this (resin, padding)
-    )
-    sources: list[SourceConfig] = field(
-        default_factory=list
-    )  # a weighted mixture instead of `path`
+    # >0: redraw patches whose normalised grey-value std is below this (resin, padding)
+    min_std: float = 0.0
+    # a weighted mixture instead of `path`
+    sources: list[SourceConfig] = field(default_factory=list)
     min_mask: float = 0.5  # with source masks: minimum fraction of a patch inside mask > 0
-    min_foreground: float = (
-        0.0  # with source labels: minimum fraction of non-zero (or balanced-class) labels
-    )
-    balance_classes: list[int] = field(
-        default_factory=list
-    )  # label values given equal shares of each batch
+    # with source labels: minimum fraction of non-zero (or balanced-class) labels
+    min_foreground: float = 0.0
+    # label values given equal shares of each batch
+    balance_classes: list[int] = field(default_factory=list)
     max_redraws: int = 8  # rejected patches are redrawn up to this many times, then kept
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -182,9 +179,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     clip_norm: float | None = 1.0
     accumulate_steps: int = 1  # gradient accumulation: one optimizer update every N micro-batches
-    layer_decay: float = (
-        1.0  # <1: layer-wise lr decay for fine-tuning (block i of L gets decay^(L-i))
-    )
+    # <1: layer-wise lr decay for fine-tuning (block i of L gets decay^(L-i))
+    layer_decay: float = 1.0
     freeze: list[str] = field(default_factory=list)  # regexes of parameter paths not to train
 
 
@@ -195,14 +191,15 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
-    best_metric: str = (
-        ""  # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
-    )
+    # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
+    best_metric: str = ""
     progress: bool = True
-    nonfinite: str = "stop"  # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip" the batch
+    # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip"
+    # the batch
+    nonfinite: str = "stop"
     tensorboard: bool = True
-    # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before the
-    # time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
+    # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before
+    # the time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
 
 
@@ -239,37 +236,33 @@ class ProbeConfig:
     # test sections are scored once. [] = choose on the training sections (no validation split)
     val_slices: list[int] = field(default_factory=lambda: [16, 20])
     test_slices: list[int] = field(default_factory=lambda: [20, 30])
-    zoo: str = ""  # a zoo checkpoint (zoo:NAME) or run directory probed beside the checkpoint and random init
+    # a zoo checkpoint (zoo:NAME) or run directory probed beside the checkpoint and random init
+    zoo: str = ""
     steps: int = 300
     lr: float = 0.05
     weight_decay: float = 1e-4
     compare_random: bool = True
     seed: int = 0
-    upsample: str = "bilinear"  # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
-    blocks: list[int] = field(
-        default_factory=list
-    )  # encoder blocks whose features are concatenated; [] = final output
-    embed: bool = (
-        False  # ViT: also the patch embedding (tokens before the first block), concatenated first
-    )
+    # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
+    upsample: str = "bilinear"
+    # encoder blocks whose features are concatenated; [] = final output
+    blocks: list[int] = field(default_factory=list)
+    # ViT: also the patch embedding (tokens before the first block), concatenated first
+    embed: bool = False
     tile: int = 128  # sections are encoded in tiles of this many pixels ...
     margin: int = 32  # ... each with this much context on every side (dropped), as in export
     class_balance: bool = True
-    random_seeds: int = (
-        1  # random-init encoders (seeds seed+1000, +1001, ...); the table gives their mean and std
-    )
-    # Region scores: watershed parameters chosen per encoder on the training sections (lowest adapted
-    # Rand error) from this grid; one value each = fixed post-processing.
-    cell_thresholds: list[float] = field(
-        default_factory=lambda: [0.5]
-    )  # seed: interior p < threshold
+    # random-init encoders (seeds seed+1000, +1001, ...); the table gives their mean and std
+    random_seeds: int = 1
+    # Region scores: watershed parameters chosen per encoder on the training sections (lowest
+    # adapted Rand error) from this grid; one value each = fixed post-processing.
+    # seed: interior p < threshold
+    cell_thresholds: list[float] = field(default_factory=lambda: [0.5])
     cell_min_seeds: list[int] = field(default_factory=lambda: [16])  # smallest seed (pixels)
-    cell_sigmas: list[float] = field(
-        default_factory=lambda: [0.0]
-    )  # Gaussian smoothing of the map (pixels)
-    cell_rank: bool = (
-        False  # cell_thresholds are quantiles of each section's own map (calibration-free seeds)
-    )
+    # Gaussian smoothing of the map (pixels)
+    cell_sigmas: list[float] = field(default_factory=lambda: [0.0])
+    # cell_thresholds are quantiles of each section's own map (calibration-free seeds)
+    cell_rank: bool = False
 
 
 @dataclass
@@ -282,27 +275,28 @@ class ExportConfig:
     margin: int = 32  # context around each tile, dropped on write (pixels)
     dtype: str = "float16"
     batch_size: int = 8
-    # 3D encoders: blocks of block_z sections, read with margin_z sections of context above and below
+    # 3D encoders: blocks of block_z sections, read with margin_z sections of context above and
+    # below
     block_z: int = 16
     margin_z: int = 4
-    layers: list[int] = field(
-        default_factory=list
-    )  # encoder blocks (ViT) / levels (U-Net), concatenated; [] = final output
-    pca_k: int = 0  # >0: reduce the features to this many principal components (fitted on a sample of blocks)
+    # encoder blocks (ViT) / levels (U-Net), concatenated; [] = final output
+    layers: list[int] = field(default_factory=list)
+    # >0: reduce the features to this many principal components (fitted on a sample of blocks)
+    pca_k: int = 0
     pca_sample_blocks: int = 16
     roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
     prefetch: int = 2  # batches of blocks read ahead of the encoder
-    resume: bool = (
-        True  # skip blocks an earlier run of the same export finished; false = start over
-    )
-    # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT position seams)
-    # or none (margin dropped); auto = cosine for a ViT, none for a U-Net
+    # skip blocks an earlier run of the same export finished; false = start over
+    resume: bool = True
+    # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT
+    # position seams) or none (margin dropped); auto = cosine for a ViT, none for a U-Net
     blend: str = "auto"
 
 
 @dataclass
 class DiscoverConfig:
-    """`emfm discover features=PATH`: mini-batch k-means over exported features, cluster map, galleries."""
+    """`emfm discover features=PATH`: mini-batch k-means over exported features, cluster map,
+    galleries."""
 
     features: str = ""  # a feature array written by `emfm export`
     image: str = ""  # the image volume for galleries and overview; empty = the export's source
@@ -316,23 +310,22 @@ class DiscoverConfig:
     out: str = ""  # cluster label volume; empty = <run_dir>/clusters.zarr
     progress: bool = True
     run_dir: str = "runs/discover"
-    name: str = (
-        ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    )
-    # continue an interrupted discover of the same job in run_dir; false = start over (a named run: in a
-    # fresh directory, runs/discover/NAME_<date>_<time>)
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # continue an interrupted discover of the same job in run_dir; false = start over (a named run:
+    # in a fresh directory, runs/discover/NAME_<date>_<time>)
     resume: bool = True
 
 
 @dataclass
 class TaskConfig:
-    """One task of the probing benchmark (configs/probe_task/NAME.yaml; emfm.eval.tasks): a labelled volume,
-    its split into train / validation / test sections, and the target whose metrics are reported."""
+    """One task of the probing benchmark (configs/probe_task/NAME.yaml; emfm.eval.tasks): a labelled
+    volume, its split into train / validation / test sections, and the target whose metrics are
+    reported."""
 
     name: str = ""  # defaults to the YAML file's name
-    target: str = (
-        "membranes"  # membranes | neuron_boundaries | mitochondria (emfm.eval.tasks.TARGETS)
-    )
+    # membranes | neuron_boundaries | mitochondria (emfm.eval.tasks.TARGETS)
+    target: str = "membranes"
     image: str = MISSING_PATH  # TIFF stack (z, y, x), zarr v2/v3 or N5; empty = bundled sample
     labels: str = MISSING_PATH  # same shape as image; empty = bundled sample membranes
     positive_label: int = 1  # label value of the probed class (membrane, boundary, mitochondrion)
@@ -341,13 +334,11 @@ class TaskConfig:
     test_slices: list[int] = field(default_factory=lambda: [20, 30])
     test_image: str = ""  # a separate test volume (test_slices index it); "" = the training volume
     test_labels: str = ""
-    crop: list[list[int]] | None = (
-        None  # in-plane [[y0, y1], [x0, x1]], applied before downsampling
-    )
+    # in-plane [[y0, y1], [x0, x1]], applied before downsampling
+    crop: list[list[int]] | None = None
     downsample: int = 1  # in-plane factor (1, 2, 4, ...): image by block mean, labels by block mode
-    min_instance_size: int = (
-        0  # predicted instances smaller than this (voxels) are dropped before matching
-    )
+    # predicted instances smaller than this (voxels) are dropped before matching
+    min_instance_size: int = 0
 
 
 @dataclass
@@ -355,17 +346,14 @@ class BenchmarkConfig:
     """`emfm probe checkpoints=[...]`: every task x probe x label fraction x seed x checkpoint
     (emfm.eval.benchmark). Results are cached in `cache_dir`, keyed by checkpoint content."""
 
-    tasks: list[str] = field(
-        default_factory=list
-    )  # names in configs/probe_task/ or paths of task YAML files
+    # names in configs/probe_task/ or paths of task YAML files
+    tasks: list[str] = field(default_factory=list)
     probes: list[str] = field(default_factory=lambda: ["linear", "mlp", "knn"])
-    fractions: list[float] = field(
-        default_factory=lambda: [0.01, 0.1, 1.0]
-    )  # of the training pixels
+    # of the training pixels
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    blocks: list[int] = field(
-        default_factory=list
-    )  # encoder blocks concatenated as features; [] = final output
+    # encoder blocks concatenated as features; [] = final output
+    blocks: list[int] = field(default_factory=list)
     steps: int = 200  # linear / MLP optimiser steps
     batch_tokens: int = 1024  # tokens (each with its pixels' labels) per step
     lr: float = 0.01
@@ -387,14 +375,15 @@ class BenchmarkConfig:
     # recently used files are removed (results, a few kB each, are always kept)
     cache_max_gb: float = 10.0
     figures: bool = True
-    # "test": probes are scored on each task's test sections (a reported row); "val": on its validation
-    # sections, for choosing settings and checkpoints (the test sections are then never read)
+    # "test": probes are scored on each task's test sections (a reported row); "val": on its
+    # validation sections, for choosing settings and checkpoints (the test sections are then never
+    # read)
     split: str = "test"
     # Feature choices selected per checkpoint on the validation sections: each entry a `blocks` list
-    # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise). With two or more, every
-    # checkpoint is first probed on the validation sections with each (seed `seeds[0]`, all probes
-    # and fractions), the choice with the best mean primary metric is kept, and only it is scored on
-    # the test sections. Empty = `blocks` for every checkpoint.
+    # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise). With two or more,
+    # every checkpoint is first probed on the validation sections with each (seed `seeds[0]`, all
+    # probes and fractions), the choice with the best mean primary metric is kept, and only it is
+    # scored on the test sections. Empty = `blocks` for every checkpoint.
     blocks_choices: list[list[int]] = field(default_factory=list)
 
 
@@ -412,16 +401,13 @@ class EmfmConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
-    name: str = (
-        ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    )
-    resume: bool = (
-        True  # false: a named run whose directory holds a run already starts in a fresh one
-    )
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
     checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
-    checkpoints: list[str] = field(
-        default_factory=list
-    )  # probe benchmark: run dirs, sweep dirs, "random"
+    # probe benchmark: run dirs, sweep dirs, "random"
+    checkpoints: list[str] = field(default_factory=list)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
@@ -439,12 +425,10 @@ class EvaluateConfig:
     ignore_index: int | None = None
     block_z: int | None = None
     run_dir: str = "runs/evaluate"
-    name: str = (
-        ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    )
-    resume: bool = (
-        True  # false: a named run whose directory holds a run already starts in a fresh one
-    )
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
 
 
 @dataclass
@@ -481,9 +465,8 @@ class InstancesConfig:
     link_criterion: str = "fraction"
     link_2d: str = "watershed"  # link2d's per-section step: watershed | agglomeration
     link_on_interior: bool = True
-    link_mutual_best: bool = (
-        True  # link2d: one-to-one links only (False chains objects through 2D merges)
-    )
+    # link2d: one-to-one links only (False chains objects through 2D merges)
+    link_mutual_best: bool = True
     link_min_overlap: int = 1  # link2d: voxels a link needs at least
     repulsive_stride: int = 1
     block: list[int] = field(default_factory=lambda: [64, 256, 256])
@@ -491,32 +474,28 @@ class InstancesConfig:
     stitch_threshold: float = 0.5
     work_dir: str = ""  # scratch for resumable blocks; empty = OUT.work beside the output
     keep_work: bool = False
-    distributed: DistributedConfig = field(
-        default_factory=DistributedConfig
-    )  # processes split the blocks
+    # processes split the blocks
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/instances"
-    name: str = (
-        ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    )
-    resume: bool = (
-        True  # false: a named run whose directory holds a run already starts in a fresh one
-    )
-    # choose the parameters on labelled validation data first (emfm.instances.tune): every combination
-    # of `tune_grid` (parameter -> values, e.g.
-    # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid) is applied to `tune_roi`
-    # of the input and scored against `tune_labels` (aligned with the source volume) by `tune_metric`
-    # (adapted_rand_error | voi | cremi_score | instance_f1); the best is used for the whole volume
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
+    # choose the parameters on labelled validation data first (emfm.instances.tune): every
+    # combination of `tune_grid` (parameter -> values, e.g.
+    # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid)
+    # is applied to `tune_roi` of the input and scored against `tune_labels` (aligned with the
+    # source volume) by `tune_metric` (adapted_rand_error | voi | cremi_score | instance_f1); the
+    # best is used for the whole volume
     tune: bool = False
     tune_labels: str = ""
     tune_roi: list[list[int]] | None = None
     tune_metric: str = "voi"
-    tune_grid: dict[str, list[Any]] = field(
-        default_factory=dict
-    )  # numbers, or e.g. link_criterion=[fraction,iou]
+    # numbers, or e.g. link_criterion=[fraction,iou]
+    tune_grid: dict[str, list[Any]] = field(default_factory=dict)
     tune_per_section: bool = False  # score sections separately and average (2D ground truth)
-    tune_ignore: list[int] = field(
-        default_factory=lambda: [0]
-    )  # label ids not scored (boundary, unlabelled)
+    # label ids not scored (boundary, unlabelled)
+    tune_ignore: list[int] = field(default_factory=lambda: [0])
 
 
 def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
@@ -543,7 +522,8 @@ def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
 
 
 def validate_tune(cfg: InstancesConfig) -> None:
-    """instances.tune needs validation labels, a region and a known metric; grid names are checked."""
+    """instances.tune needs validation labels, a region and a known metric; grid names are
+    checked."""
     from dataclasses import fields
 
     from emfm.instances.tune import METRICS
@@ -552,7 +532,8 @@ def validate_tune(cfg: InstancesConfig) -> None:
         return
     if not cfg.tune_labels or not cfg.tune_roi:
         raise ConfigError(
-            "instances.tune=true needs tune_labels=LABELS (zarr) and tune_roi=[[z0,z1],[y0,y1],[x0,x1]]"
+            "instances.tune=true needs tune_labels=LABELS (zarr) and "
+            "tune_roi=[[z0,z1],[y0,y1],[x0,x1]]"
         )
     if cfg.tune_metric not in METRICS:
         raise ConfigError(f"tune_metric={cfg.tune_metric!r}: choose one of {', '.join(METRICS)}")
@@ -561,7 +542,8 @@ def validate_tune(cfg: InstancesConfig) -> None:
     bad = sorted(set(grid) - known)
     if bad or any(not v for v in grid.values()):
         raise ConfigError(
-            f"tune_grid={dict(grid)}: parameters {bad or 'with no values'}; known: {', '.join(sorted(known))}"
+            f"tune_grid={dict(grid)}: parameters {bad or 'with no values'}; known: "
+            f"{', '.join(sorted(known))}"
         )
 
 
@@ -620,8 +602,8 @@ def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
 
 
 def _check_fresh(cfg) -> None:
-    """resume=false with an explicit run directory that already holds checkpoints: say so rather than
-    resume (or overwrite) it."""
+    """resume=false with an explicit run directory that already holds checkpoints: say so rather
+    than resume (or overwrite) it."""
     from pathlib import Path
 
     ck = Path(cfg.run_dir) / "checkpoints"
@@ -655,14 +637,14 @@ def validate_data(d: DataConfig) -> DataConfig:
 
     if d.sources and (d.path or d.roi is not None):
         raise ConfigError(
-            "data.sources is set: leave data.path and data.roi unset (give each source its own path and roi)"
+            "data.sources is set: leave data.path and data.roi unset (give each source its own "
+            "path and roi)"
         )
     if not d.sources and not d.path and d.roi is None:
         from emfm.data.bundled import PRETRAIN_ROI
 
-        d.roi = [
-            list(r) for r in PRETRAIN_ROI
-        ]  # the bundled sample's pretraining sections; a user's path: all
+        # the bundled sample's pretraining sections; a user's path: all
+        d.roi = [list(r) for r in PRETRAIN_ROI]
     for i, s in enumerate(d.sources):
         key = f"data.sources[{i}]"
         if s.weight < 0 or s.weight != s.weight:
@@ -704,7 +686,8 @@ def validate_data(d: DataConfig) -> DataConfig:
         raise ConfigError(f"data.min_foreground={d.min_foreground}: must be in [0, 1]")
     if (d.min_foreground > 0 or d.balance_classes) and not any(s.labels for s in d.sources):
         raise ConfigError(
-            "data.min_foreground / data.balance_classes need label volumes: set data.sources[i].labels"
+            "data.min_foreground / data.balance_classes need label volumes: set "
+            "data.sources[i].labels"
         )
     if d.max_redraws < 0:
         raise ConfigError(f"data.max_redraws={d.max_redraws}: must be >= 0")
@@ -784,7 +767,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     for s, p in zip(spatial, m.patch_size):
         if s % p:
             raise ConfigError(
-                f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={m.patch_size}"
+                f"data.patch_shape={d.patch_shape} is not divisible by "
+                f"model.patch_size={m.patch_size}"
             )
     pool = unet_pool(m)
     if pool > 1 and any(s % pool for s in d.patch_shape[1:]):
@@ -854,9 +838,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
     e = cfg.export
-    p = max(
-        m.patch_size[-1], unet_pool(m)
-    )  # windows align with patches (ViT) or the pooling (U-Net)
+    # windows align with patches (ViT) or the pooling (U-Net)
+    p = max(m.patch_size[-1], unet_pool(m))
     if cfg.probe.tile <= 0 or cfg.probe.tile % p or cfg.probe.margin < 0 or cfg.probe.margin % p:
         raise ConfigError(
             f"probe.tile={cfg.probe.tile}, probe.margin={cfg.probe.margin}: must be multiples of "
@@ -886,7 +869,8 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         )
     if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:
         raise ConfigError(
-            f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size or U-Net pooling {p}"
+            f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size "
+            f"or U-Net pooling {p}"
         )
     if e.dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"export.dtype={e.dtype!r}: use float16, bfloat16 or float32")
@@ -904,10 +888,11 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
 
 
 def run_dir_for(root: str, command: str, name: str = "", resume: bool | str = True) -> str:
-    """The run directory of a command (`hydra.run.dir` / `hydra.sweep.dir` through the `emfm_run_dir`
-    resolver): `ROOT/COMMAND/<date>_<time>` for an unnamed run; `ROOT/COMMAND/NAME` for a named one, so
-    that running the same command again resumes it; with resume=false a named directory that already
-    holds a run is left as it is and the new run starts in `ROOT/COMMAND/NAME_<date>_<time>`."""
+    """The run directory of a command (`hydra.run.dir` / `hydra.sweep.dir` through the
+    `emfm_run_dir` resolver): `ROOT/COMMAND/<date>_<time>` for an unnamed run; `ROOT/COMMAND/NAME`
+    for a named one, so that running the same command again resumes it; with resume=false a named
+    directory that already holds a run is left as it is and the new run starts in
+    `ROOT/COMMAND/NAME_<date>_<time>`."""
     import datetime
     from pathlib import Path
 
@@ -946,7 +931,8 @@ def compose(
     run_dir: str | None = None,
     config_dir: str | None = None,
 ) -> EmfmConfig:
-    """Compose `configs/<config_name>.yaml` with overrides, as the CLI does, for notebooks and tests."""
+    """Compose `configs/<config_name>.yaml` with overrides, as the CLI does, for notebooks and
+    tests."""
 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -974,12 +960,9 @@ class SegDataConfig:
 
     path: str = MISSING_PATH
     labels: str = MISSING_PATH
-    train_roi: list[list[int]] | None = (
-        None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
-    )
-    test_roi: list[list[int]] | None = (
-        None  # held-out region for the end-of-run evaluation; None = none
-    )
+    train_roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    # held-out region for the end-of-run evaluation; None = none
+    test_roi: list[list[int]] | None = None
     label_fraction: float = 1.0
     patch_shape: list[int] = field(default_factory=lambda: [1, 128, 128])
     batch_size: int = 8
@@ -993,9 +976,9 @@ class SegDataConfig:
 class SegTaskConfig:
     """What the network predicts (emfm.finetune.targets). `kind`: semantic (classes), boundary
     (instance boundaries, + optional distance transform), affinity (`offsets`), center (foreground +
-    centre heatmap + offsets to the centre, for blob-like organelles). `label_type`: the label volume
-    holds classes (`class_values[i]` = raw value of class i; [] = raw values are class ids) or
-    instances (0 = background / boundary). Instances of class labels are the connected components
+    centre heatmap + offsets to the centre, for blob-like organelles). `label_type`: the label
+    volume holds classes (`class_values[i]` = raw value of class i; [] = raw values are class ids)
+    or instances (0 = background / boundary). Instances of class labels are the connected components
     of class `instance_class`. `ignore_label` (raw value) marks unlabelled voxels."""
 
     kind: str = "semantic"
@@ -1033,17 +1016,17 @@ class LossConfig:
 class RegimeConfig:
     """Learning regime (configs/regime/). init: scratch | pretrained (`checkpoint=RUN_DIR`);
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
-    `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none | mean_teacher | fixmatch, unlabelled patches per labelled =
-    `unlabelled_ratio`. cluster: kmeans | gmm (unsupervised: no training)."""
+    `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
+    mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
+    gmm (unsupervised: no training)."""
 
     name: str = "supervised"
     init: str = "scratch"
     encoder: str = "finetune"
     frozen_blocks: int = 2
     layer_decay: float = 1.0
-    reinit_decoder: bool = (
-        False  # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
-    )
+    # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
+    reinit_decoder: bool = False
     # shrink and perturb (Ash & Adams 2020) of a pretrained start: every encoder parameter becomes
     # shrink * pretrained + perturb * fresh init (trainer.seed); 1.0 / 0.0 = the checkpoint as is
     shrink: float = 1.0
@@ -1073,9 +1056,10 @@ class PredictConfig:
     batch_size: int = 4
     dtype: str = "float16"
     resume: bool = True
-    # instance labels from the written probabilities, block by block with stitching (emfm.instances):
-    # "" = probabilities only, else watershed | link2d | agglomeration | multicut | mws; the method's
-    # parameters, block, halo and boundary channel are `instances.*` (as in `emfm instances`)
+    # instance labels from the written probabilities, block by block with stitching
+    # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
+    # | mws; the method's parameters, block, halo and boundary channel are `instances.*` (as in
+    # `emfm instances`)
     instances: str = ""
 
 
@@ -1092,21 +1076,17 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    instances: InstancesConfig = field(
-        default_factory=InstancesConfig
-    )  # predict.instances' parameters
+    # predict.instances' parameters
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/finetune"
-    name: str = (
-        ""  # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    )
-    resume: bool = (
-        True  # false: a named run whose directory holds a run already starts in a fresh one
-    )
-    checkpoint: str = (
-        ""  # finetune: pretrained encoder run (regime.init=pretrained); predict: the finetune run
-    )
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
+    # finetune: pretrained encoder run (regime.init=pretrained); predict: the finetune run
+    checkpoint: str = ""
 
 
 TASK_KINDS = ("semantic", "boundary", "affinity", "center")
@@ -1212,7 +1192,8 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
     for s, p in zip(spatial, cfg.model.patch_size):
         if s % p:
             raise ConfigError(
-                f"data.patch_shape={d.patch_shape} is not divisible by model.patch_size={cfg.model.patch_size}"
+                f"data.patch_shape={d.patch_shape} is not divisible by "
+                f"model.patch_size={cfg.model.patch_size}"
             )
     pr = cfg.predict
     if pr.blend not in ("cosine", "gaussian", "constant"):

@@ -1,9 +1,10 @@
 """Seeded, vectorised augmentation of patch batches `[b, z, y, x]` (numpy).
 
 Geometric ops move labels with images: in-plane flips and 90-degree rotations, elastic deformation
-(images linear, labels nearest, one field). Image-only ops: grey values (brightness, contrast, gamma,
-Gaussian noise), Gaussian blur, and serial-section artefacts of z-stacks (missing, duplicated,
-misaligned, dark / bright sections). `two_views` makes the pair a contrastive objective needs.
+(images linear, labels nearest, one field). Image-only ops: grey values (brightness, contrast,
+gamma, Gaussian noise), Gaussian blur, and serial-section artefacts of z-stacks (missing,
+duplicated, misaligned, dark / bright sections). `two_views` makes the pair a contrastive objective
+needs.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def check_ops(ops, key: str = "ops") -> tuple[str, ...]:
 
 
 def _middle(rngs, arrays: list[np.ndarray], ops, s: dict) -> list[np.ndarray]:
-    """Elastic deformation (all arrays), section artefacts and blur (image only), one generator per example."""
+    """Elastic deformation (all arrays), section artefacts and blur (image only), one generator per
+    example."""
     if not {"elastic", "sections", "blur"} & set(ops):
         return arrays
     for i, r in enumerate(rngs):
@@ -213,9 +215,8 @@ def per_example_deferred(
     s = {**STRENGTHS, **strengths}
     arrays, draws = _host_part(rngs, x, extra, ops, s, norm=norm)
     if FLOAT_OPS & set(ops):
-        norm = np.tile(
-            np.array([0.0, 1.0], np.float32), (len(x), 1)
-        )  # normalised on the host already
+        # normalised on the host already
+        norm = np.tile(np.array([0.0, 1.0], np.float32), (len(x), 1))
     grey = draws[:, 2:6] if DEVICE_OPS & set(ops) else None
     seeds = (
         np.array([r.integers(0, 2**32, dtype=np.uint32) for r in rngs], np.uint32)
@@ -273,7 +274,8 @@ def gaussian_blur(
     sigma: tuple[float, float] = (0.0, 1.5),
     p: float = 0.5,
 ) -> np.ndarray:
-    """In-plane Gaussian blur of `[b, z, y, x]` images, sigma ~ U(sigma) for a fraction p of examples."""
+    """In-plane Gaussian blur of `[b, z, y, x]` images, sigma ~ U(sigma) for a fraction p of
+    examples."""
     b = x.shape[0]
     s = np.where(rng.random(b) < p, rng.uniform(*sigma, b), 0.0)
     if not s.any():
@@ -286,7 +288,8 @@ def gaussian_blur(
 def _smooth_field(
     rng: np.random.Generator, b: int, h: int, w: int, grid: int, strength: float
 ) -> np.ndarray:
-    """`[b, 2, h, w]` displacements in pixels: a `grid x grid` random lattice, bilinearly upsampled."""
+    """`[b, 2, h, w]` displacements in pixels: a `grid x grid` random lattice, bilinearly
+    upsampled."""
     coarse = rng.normal(0.0, strength, (b, 2, grid, grid)).astype(np.float32)
     gy, gx = np.linspace(0, grid - 1, h), np.linspace(0, grid - 1, w)
     y0, x0 = np.minimum(gy.astype(int), grid - 2), np.minimum(gx.astype(int), grid - 2)

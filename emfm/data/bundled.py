@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "isbi2012_sample"
-# What pretraining reads of the sample when `data.roi` is unset: sections 0..19, the probe's training
-# (0..15) and validation (16..19) sections; 20..29 stay unseen until the probe's test.
+# What pretraining reads of the sample when `data.roi` is unset: sections 0..19, the probe's
+# training (0..15) and validation (16..19) sections; 20..29 stay unseen until the probe's test.
 PRETRAIN_ROI = [[0, 20], [0, 384], [0, 384]]
 
 

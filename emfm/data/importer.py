@@ -147,7 +147,8 @@ def _open_source(path: str, dataset: str | None = None) -> _Source:
     if suffix in (".h5", ".hdf5", ".hdf"):
         return _Hdf5(path, dataset)
     raise VolumeError(
-        f"import source {path}: unknown format {suffix!r}; give a .tif/.tiff stack or .h5/.hdf5 file"
+        f"import source {path}: unknown format {suffix!r}; give a .tif/.tiff stack or .h5/.hdf5 "
+        "file"
     )
 
 

@@ -1,4 +1,5 @@
-"""What a volume is: shape, dtype, chunks, voxel size, OME-Zarr scales, a grey-value range estimate."""
+"""What a volume is: shape, dtype, chunks, voxel size, OME-Zarr scales, a grey-value range
+estimate."""
 
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ class PatchSampler:
     """Random patch origins as a pure function of `(seed, step)`.
 
     The global batch of a step (`batch_size * process_count` patches) is drawn identically on every
-    JAX process, and process `i` takes its own disjoint slice `[i * batch_size, (i + 1) * batch_size)`,
-    so a run on 2 processes sees exactly the global batches of a run on 1 process.
+    JAX process, and process `i` takes its own disjoint slice `[i * batch_size, (i + 1) *
+    batch_size)`, so a run on 2 processes sees exactly the global batches of a run on 1 process.
     """
 
     def __init__(
@@ -116,7 +116,8 @@ class PatchSampler:
         w = np.ones(len(self.regions)) if weights is None else np.asarray(weights, float)
         if len(w) != len(self.regions) or (w < 0).any() or w.sum() <= 0:
             raise VolumeError(
-                f"mixture weights {list(w)} must be {len(self.regions)} non-negative numbers with a positive sum"
+                f"mixture weights {list(w)} must be {len(self.regions)} non-negative numbers with "
+                "a positive sum"
             )
         self.p = w / w.sum()
         for r in self.regions:
@@ -253,8 +254,10 @@ class PatchLoader:
                     vs, ms = r.volume.spatial_shape, m.spatial_shape
                     if len(ms) != 3 or any(a % b or a < b for a, b in zip(vs, ms)):
                         raise VolumeError(
-                            f"mask {m.path} of shape {ms} does not match volume {r.volume.path} of shape "
-                            f"{vs} (it must have the volume's shape or divide it by an integer per axis)"
+                            f"mask {m.path} of shape {ms} does not match volume {r.volume.path} of "
+                            "shape "
+                            f"{vs} (it must have the volume's shape or divide it by an integer per "
+                            "axis)"
                         )
                     f = tuple(a // b for a, b in zip(vs, ms))
                 self._mask_factor.append(f)
@@ -413,7 +416,8 @@ class PatchLoader:
         return batch if lab is None else {**batch, "label": moved[0]}
 
     def finished(self, step: int) -> dict:
-        """`load(step)` made float32 by emfm.data.device.finish (on the default device), as numpy."""
+        """`load(step)` made float32 by emfm.data.device.finish (on the default device), as
+        numpy."""
         from emfm.data import device
 
         return device.finish_host(self.load(step))

@@ -1,5 +1,5 @@
-"""The pretraining data of a config: one volume (`data.path`) or a weighted mixture (`data.sources`),
-opened, range-estimated and wrapped in a deterministic PatchLoader.
+"""The pretraining data of a config: one volume (`data.path`) or a weighted mixture
+(`data.sources`), opened, range-estimated and wrapped in a deterministic PatchLoader.
 
 Library code: it receives a `DataConfig` (emfm.config.schema), never a Hydra object.
 """
@@ -19,7 +19,8 @@ log = logging.getLogger("emfm")
 
 @dataclass(frozen=True)
 class Source:
-    """An opened mixture member: its region, grey range, weight, and optional mask / label volumes."""
+    """An opened mixture member: its region, grey range, weight, and optional mask / label
+    volumes."""
 
     region: Region
     grey_range: tuple[float, float]
@@ -90,7 +91,8 @@ def ensure_built(s, what: str = "data.sources[i]") -> None:
         return
     if dst.exists():
         raise VolumeError(
-            f"{what}: {dst} exists but is not an OME-Zarr group (no zarr.json); remove it to rebuild"
+            f"{what}: {dst} exists but is not an OME-Zarr group (no zarr.json); remove it to "
+            "rebuild"
         )
     tmp = dst.with_name(f"{dst.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,8 +119,8 @@ def ensure_built(s, what: str = "data.sources[i]") -> None:
 
 
 def open_sources(data, *, seed: int = 0) -> list[Source]:
-    """Open the volumes a DataConfig names (`sources`, else `path` / `roi`), each with its grey range;
-    sources with a `source` file are built first (ensure_built)."""
+    """Open the volumes a DataConfig names (`sources`, else `path` / `roi`), each with its grey
+    range; sources with a `source` file are built first (ensure_built)."""
     specs = data.sources or [_single(data)]
     out = []
     for i, s in enumerate(specs):
@@ -152,7 +154,8 @@ def open_sources(data, *, seed: int = 0) -> list[Source]:
         for i, s in enumerate(out):
             if s not in fits:
                 log.warning(
-                    "data.sources[%d] %s: region %s is smaller than the patch %s; left out of this run",
+                    "data.sources[%d] %s: region %s is smaller than the patch %s; left out of this "
+                    "run",
                     i,
                     s.region.volume.path,
                     s.region.shape,

@@ -87,9 +87,8 @@ class Volume:
     voxel_size: tuple[float, ...]
     axes: tuple[str, ...]
     attributes: dict = field(default_factory=dict, compare=False)
-    translation: tuple[
-        float, ...
-    ] = ()  # physical position of voxel 0 (OME-Zarr translation), () = origin
+    # physical position of voxel 0 (OME-Zarr translation), () = origin
+    translation: tuple[float, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,7 +135,8 @@ class Volume:
 
     def __repr__(self) -> str:
         return (
-            f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, axes={''.join(self.axes)}, "
+            f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"axes={''.join(self.axes)}, "
             f"voxel_size={self.voxel_size}, chunks={self.chunks})"
         )
 
@@ -176,8 +176,9 @@ def _detect_driver(path: str) -> str:
 def _ome_level(
     path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None
 ) -> dict | None:
-    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array path, the
-    spatial scale and translation (z, y, x), the axis names, and the group's attributes."""
+    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array
+    path, the spatial scale and translation (z, y, x), the axis names, and the group's
+    attributes."""
     meta_file = Path(path) / ("zarr.json" if driver == "zarr3" else ".zattrs")
     if not meta_file.exists():
         return None
@@ -280,7 +281,8 @@ def open_volume(
     if driver is None:
         if remote:
             raise VolumeError(
-                f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for remote stores"
+                f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for "
+                "remote stores"
             )
         driver = _detect_driver(local)
     scale, ome = None, None
@@ -296,7 +298,8 @@ def open_volume(
         raise VolumeError(f"cannot open volume {path} as {driver}: {e}") from e
     if arr.dtype.name not in SUPPORTED_DTYPES:
         raise VolumeError(
-            f"volume {path}: dtype {arr.dtype.name} is not supported ({', '.join(SUPPORTED_DTYPES)})"
+            f"volume {path}: dtype {arr.dtype.name} is not supported "
+            f"({', '.join(SUPPORTED_DTYPES)})"
         )
     if arr.rank not in (2, 3, 4):
         raise VolumeError(
@@ -372,7 +375,8 @@ def create_volume(
         if vol.shape != tuple(shape) or vol.dtype != dtype:
             raise VolumeError(
                 f"output {path} exists with shape {vol.shape} dtype {vol.dtype}; "
-                f"this job writes shape {tuple(shape)} dtype {dtype}. Remove it or choose another path."
+                f"this job writes shape {tuple(shape)} dtype {dtype}. Remove it or choose another "
+                "path."
             )
         return vol
     names = ["z", "y", "x", "c"][: len(shape)] if len(shape) != 2 else ["y", "x"]
@@ -418,11 +422,12 @@ def create_ome_zarr(
 ) -> Volume:
     """Create an OME-Zarr (NGFF 0.5, zarr v3) image group with one scale level, array "0".
 
-    `shape`, `chunks` in emfm's order (z, y, x[, c]); the array is stored in NGFF's order (c, z, y, x),
-    with axes metadata (channel axis, z / y / x in `unit`), the level's scale (`voxel_size`, physical
-    size of one array cell) and `translation` (physical position of cell 0's centre). `attributes` go
-    into the group's attributes under "emfm". Whatever was at `path` before is deleted. Returns the
-    level opened for writing in emfm's axis order (what `open_volume(path, write=True)` gives).
+    `shape`, `chunks` in emfm's order (z, y, x[, c]); the array is stored in NGFF's order (c, z, y,
+    x), with axes metadata (channel axis, z / y / x in `unit`), the level's scale (`voxel_size`,
+    physical size of one array cell) and `translation` (physical position of cell 0's centre).
+    `attributes` go into the group's attributes under "emfm". Whatever was at `path` before is
+    deleted. Returns the level opened for writing in emfm's axis order (what `open_volume(path,
+    write=True)` gives).
     """
     path = str(path)
     dtype = np.dtype(dtype)
@@ -523,12 +528,11 @@ def write_array(
 
 
 def written_chunks(vol: Volume) -> set[tuple[int, int, int]]:
-    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are `[z, y, x]`
-    or `[z, y, x, c]` with one chunk along c (in emfm's axis order, also when the store keeps NGFF's
-    c, z, y, x): resumable writers (export, predict, discover) skip these."""
-    out_dims = [
-        o.input_dimension for o in vol.array.spec().transform.output
-    ]  # stored dim -> view dim
+    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are `[z,
+    y, x]` or `[z, y, x, c]` with one chunk along c (in emfm's axis order, also when the store keeps
+    NGFF's c, z, y, x): resumable writers (export, predict, discover) skip these."""
+    # stored dim -> view dim
+    out_dims = [o.input_dimension for o in vol.array.spec().transform.output]
     done = set()
     for key in vol.array.kvstore.list().result():
         k = key.decode() if isinstance(key, bytes) else key

@@ -3,9 +3,9 @@
 `run_benchmark(tasks, checkpoints, bench, run_dir)` runs each task x probe x label fraction x seed x
 checkpoint (emfm.eval.tasks, emfm.eval.probes) and writes one table `benchmark.{csv,md,json}`
 (mean and standard deviation over seeds), label-efficiency curves and prediction overlays
-(`figures/`). Checkpoints: `random` (the other checkpoints' architecture(s), or `model` when there is
-none, freshly initialised), a run directory (its latest checkpoint), or a sweep directory (each run
-below it).
+(`figures/`). Checkpoints: `random` (the other checkpoints' architecture(s), or `model` when there
+is none, freshly initialised), a run directory (its latest checkpoint), or a sweep directory (each
+run below it).
 
 Every result is cached in `bench.cache_dir` under a hash of (checkpoint content, task settings and
 files, probe settings, label fraction, seed), so a re-run with an added checkpoint computes only
@@ -129,9 +129,8 @@ def expand_checkpoints(
             name = f"{base}~{k}"
         seen.add(name)
         try:
-            model_dict = dataclasses.asdict(
-                ModelConfig(**meta["model"])
-            )  # defaults filled in: comparable
+            # defaults filled in: comparable
+            model_dict = dataclasses.asdict(ModelConfig(**meta["model"]))
         except TypeError as e:
             raise ckpt.CheckpointError(
                 f"checkpoint in {run} has an unusable model record: {e}"
@@ -157,7 +156,8 @@ def expand_checkpoints(
     return out
 
 
-# ---- features -------------------------------------------------------------------------------------
+# ---- features
+# -------------------------------------------------------------------------------------
 
 
 def encode_3d(
@@ -273,7 +273,8 @@ class FeatureStore:
                 {"val": task.val} if task.val else {}
             )
             t0 = time.perf_counter()
-            # rounded to float16 as stored, so a result does not depend on whether features were cached
+            # rounded to float16 as stored, so a result does not depend on whether features were
+            # cached
             bench = dataclasses.replace(self.bench, blocks=blocks)
             feats = {
                 k: encode(c.encoder(), normalise(s.images, rng), bench)
@@ -322,7 +323,8 @@ def prune_cache(root: Path, max_gb: float, keep: Path | None = None) -> list[Pat
     return removed
 
 
-# ---- the benchmark --------------------------------------------------------------------------------
+# ---- the benchmark
+# --------------------------------------------------------------------------------
 
 
 def settings(bench: BenchmarkConfig) -> probes_mod.ProbeSettings:
@@ -341,7 +343,8 @@ def settings(bench: BenchmarkConfig) -> probes_mod.ProbeSettings:
 def validate(bench: BenchmarkConfig) -> None:
     if not bench.tasks:
         raise ConfigError(
-            "benchmark.tasks=[]: name at least one task (configs/probe_task/NAME.yaml or a YAML path)"
+            "benchmark.tasks=[]: name at least one task (configs/probe_task/NAME.yaml or a YAML "
+            "path)"
         )
     for p in bench.probes:
         probes_mod.check_kind(p)
@@ -352,7 +355,8 @@ def validate(bench: BenchmarkConfig) -> None:
     for f in bench.fractions:
         if not 0.0 < f <= 1.0:
             raise ConfigError(
-                f"benchmark.fractions={list(bench.fractions)}: each label fraction must be in (0, 1]"
+                f"benchmark.fractions={list(bench.fractions)}: each label fraction must be in (0, "
+                "1]"
             )
     for key in (
         "steps",
@@ -377,7 +381,8 @@ def run_benchmark(
     tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkConfig, run_dir: str | Path
 ) -> dict:
     """Run (or read from the cache) every entry; write tables and figures to `run_dir`. With
-    `bench.blocks_choices`, each checkpoint's features are first chosen on the validation sections."""
+    `bench.blocks_choices`, each checkpoint's features are first chosen on the validation
+    sections."""
     validate(bench)
     run_dir = Path(run_dir)
     cache = Path(bench.cache_dir)
@@ -387,9 +392,8 @@ def run_benchmark(
     picks, selection = {c.name: list(bench.blocks) for c in checkpoints}, {}
     if len(bench.blocks_choices) > 1:
         picks, selection = select_features(tasks, checkpoints, bench, store, cache)
-    loaded = [
-        tasks_mod.load(tc, bench.split) for tc in tasks
-    ]  # every input checked before any compute
+    # every input checked before any compute
+    loaded = [tasks_mod.load(tc, bench.split) for tc in tasks]
     names = [t.name for t in loaded]
     if len(set(names)) != len(names):
         raise ConfigError(f"benchmark.tasks: task names {names} are not unique")
@@ -622,13 +626,14 @@ def write_tables(
         w.writeheader()
         w.writerows(rows)
     lines = [
-        f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each task.",
+        f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each "
+        "task.",
         "",
     ]
     if picks:
         lines += [
-            "Features chosen per checkpoint on the validation sections (blocks; [] = final output): "
-            + ", ".join(f"{n} {b}" for n, b in picks.items()),
+            "Features chosen per checkpoint on the validation sections (blocks; [] = final "
+            "output): " + ", ".join(f"{n} {b}" for n, b in picks.items()),
             "",
         ]
     for t in loaded:

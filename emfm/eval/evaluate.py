@@ -75,9 +75,8 @@ def open_label_volume(path, name: str = "volume"):
     from emfm.data.volume import VolumeError, open_volume
 
     try:
-        return _VolumeArray(
-            open_volume(path)
-        )  # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
+        # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
+        return _VolumeArray(open_volume(path))
     except VolumeError as e:
         raise UserError(f"{name}: {e}; point at the array, not its group") from None
 

@@ -189,7 +189,8 @@ def cells_from_membranes(
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
-    """Ground-truth cells of one section: connected cell-interior regions; membranes = 0 (ignored)."""
+    """Ground-truth cells of one section: connected cell-interior regions; membranes = 0
+    (ignored)."""
     from scipy import ndimage
 
     lab, _ = ndimage.label(~membrane)
@@ -198,7 +199,8 @@ def gt_cells(membrane: np.ndarray) -> np.ndarray:
 
 def cell_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dict:
     """Adapted Rand error and VOI (split, merge) of the cells derived from `p_membrane` `[n, y, x]`
-    (`cells`: cells_from_membranes parameters) against the ground-truth cells, averaged over sections."""
+    (`cells`: cells_from_membranes parameters) against the ground-truth cells, averaged over
+    sections."""
     from emfm.eval import metrics
 
     per = [
@@ -253,8 +255,9 @@ def tune_cells(
 def membrane_scores(
     p_membrane: np.ndarray, membrane_gt: np.ndarray, *, pixel_threshold: float = 0.5, **cells
 ) -> dict:
-    """Pixel scores (membrane = p >= pixel_threshold) and region scores of the derived cells (`cells`:
-    cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per section."""
+    """Pixel scores (membrane = p >= pixel_threshold) and region scores of the derived cells
+    (`cells`: cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per
+    section."""
     from emfm.eval import metrics
 
     px = metrics.binary_scores(p_membrane >= pixel_threshold, membrane_gt)

@@ -72,7 +72,8 @@ def check_kind(kind: str) -> None:
 def label_mask(
     shape: tuple[int, ...], fraction: float, seed: int, fg: np.ndarray | None = None
 ) -> np.ndarray:
-    """A seeded random subset of `fraction` of the pixels (at least one of each class when `fg` is given)."""
+    """A seeded random subset of `fraction` of the pixels (at least one of each class when `fg` is
+    given)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"label fraction {fraction}: must be in (0, 1]")
     if fraction >= 1.0:
@@ -201,7 +202,8 @@ def fit_predict_head(
     return res
 
 
-# ---- k nearest neighbours -------------------------------------------------------------------------
+# ---- k nearest neighbours
+# -------------------------------------------------------------------------
 
 
 def interpolate(
@@ -225,7 +227,8 @@ def interpolate(
 
 @partial(jax.jit, static_argnames=("k",))
 def _knn_vote(q, ref, vote, *, k):
-    """q `[m, d]`, ref `[r, d]` unit vectors; vote `[r, 2]` class-weighted one-hot -> p(fg) `[m]`."""
+    """q `[m, d]`, ref `[r, d]` unit vectors; vote `[r, 2]` class-weighted one-hot -> p(fg)
+    `[m]`."""
     sim = q @ ref.T
     _, idx = jax.lax.top_k(sim, k)
     v = vote[idx].sum(axis=1)
@@ -293,7 +296,8 @@ def fit_predict(
     evals: list[np.ndarray],
     seed: int,
 ) -> list[np.ndarray]:
-    """Foreground probabilities `[n, y, x]` of each feature map in `evals` (same pixel size as `fg`)."""
+    """Foreground probabilities `[n, y, x]` of each feature map in `evals` (same pixel size as
+    `fg`)."""
     check_kind(kind)
     out_yx = fg.shape[1:]
     if kind == "knn":

@@ -1,8 +1,9 @@
-"""Tasks of the probing benchmark: a labelled volume, its split, its target and the target's metrics.
+"""Tasks of the probing benchmark: a labelled volume, its split, its target and the target's
+metrics.
 
-A task (`TaskConfig`, one YAML file in configs/probe_task/) names an image and a label volume of the same
-shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, validation and testing (or a
-separate test volume), an optional in-plane crop and downsampling, and a target:
+A task (`TaskConfig`, one YAML file in configs/probe_task/) names an image and a label volume of the
+same shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, validation and testing
+(or a separate test volume), an optional in-plane crop and downsampling, and a target:
 
 - `membranes` (ISBI 2012): foreground = `labels == positive_label`; ground-truth cells are the
   connected non-membrane regions of each section. Metrics: pixel F1 / IoU of the foreground, and the
@@ -10,13 +11,14 @@ separate test volume), an optional in-plane crop and downsampling, and a target:
   membrane map, per section (emfm.eval.probe.cells_from_membranes), averaged over sections.
 - `neuron_boundaries` (gala): foreground = `labels == positive_label` (0 = boundary); the label
   values are the ground-truth instances (0 ignored). Same metrics as membranes.
-- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 / IoU and
+- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 / IoU
+and
   the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
 
 The decision threshold is 0.5, or, when the task has validation sections, the one of
 0.3, 0.4, ..., 0.7 with the best pixel F1 on them. With `split="val"` (model selection) the
-validation sections are the evaluated sections, the threshold is chosen on them, and the test sections
-are not read at all.
+validation sections are the evaluated sections, the threshold is chosen on them, and the test
+sections are not read at all.
 """
 
 from __future__ import annotations

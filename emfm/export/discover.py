@@ -1,13 +1,13 @@
 """Structure discovery in exported features: streaming mini-batch k-means, a cluster label volume,
 per-cluster galleries of example crops and a PCA-RGB overview.
 
-The features (`[z', y', x', c]`, written by `export_features`, possibly far larger than memory) are read
-block by block twice: a fitting pass feeds shuffled mini-batches to scikit-learn's MiniBatchKMeans
-(`partial_fit`, Sculley 2010), a labelling pass writes each block's cluster map to an OME-Zarr label volume
-(on the features' grid, same scale and translation)
-and keeps, per cluster, a seeded random sample of cells (the cells with the smallest random keys, which
-merges exactly across blocks). Gallery crops are cut from the image volume the features came from, centred
-on those cells (feature cell -> voxel through the export's stride and ROI origin).
+The features (`[z', y', x', c]`, written by `export_features`, possibly far larger than memory) are
+read block by block twice: a fitting pass feeds shuffled mini-batches to scikit-learn's
+MiniBatchKMeans (`partial_fit`, Sculley 2010), a labelling pass writes each block's cluster map to
+an OME-Zarr label volume (on the features' grid, same scale and translation)
+and keeps, per cluster, a seeded random sample of cells (the cells with the smallest random keys,
+which merges exactly across blocks). Gallery crops are cut from the image volume the features came
+from, centred on those cells (feature cell -> voxel through the export's stride and ROI origin).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ MAX_VECTORS_PER_READ = 1 << 18
 def read_blocks(
     shape: tuple[int, ...], chunks: tuple[int, ...]
 ) -> list[tuple[slice, slice, slice]]:
-    """Regions of the feature grid read at once: whole chunks, grouped in-plane up to ~2^18 vectors."""
+    """Regions of the feature grid read at once: whole chunks, grouped in-plane up to ~2^18
+    vectors."""
     cz, cy, cx = chunks[:3]
     per = max(1, MAX_VECTORS_PER_READ // (cz * cy * cx))
     gy = max(1, min(math.ceil(shape[1] / cy), int(math.sqrt(per))))
@@ -53,7 +54,8 @@ def read_blocks(
 
 
 def _stream(fv, regions):
-    """(region, float32 [n, c] vectors) per region, the next read in flight while one is processed."""
+    """(region, float32 [n, c] vectors) per region, the next read in flight while one is
+    processed."""
     fut = fv.read_async(regions[0] + (slice(None),)) if regions else None
     for i, r in enumerate(regions):
         nxt = fv.read_async(regions[i + 1] + (slice(None),)) if i + 1 < len(regions) else None
@@ -84,9 +86,10 @@ def _fingerprint(features: str, fv, out: str, **params) -> dict:
 
 class DiscoverState:
     """Resumable progress of one discover job in `run_dir/discover_state`: the k-means fit (pickled
-    estimator, random generator and carried-over vectors after the last finished region, saved at most
-    every `every_s` seconds and at the end of the fit) and one JSON line per labelled region whose label
-    chunks are on disk (its counts, inertia and sampled cells), appended once its write has finished."""
+    estimator, random generator and carried-over vectors after the last finished region, saved at
+    most every `every_s` seconds and at the end of the fit) and one JSON line per labelled region
+    whose label chunks are on disk (its counts, inertia and sampled cells), appended once its write
+    has finished."""
 
     def __init__(self, run_dir: Path, fingerprint: dict, *, resume: bool, every_s: float):
         self.dir, self.every_s, self.fp = run_dir / STATE_DIR, every_s, fingerprint
@@ -170,9 +173,9 @@ def discover(
     state_every_s: float = 30.0,
     show_progress: bool = True,
 ) -> dict:
-    """Cluster the feature array at `features` (see the module docstring). Interrupted and restarted with
-    the same arguments (`resume`), it continues from the saved fit state and skips the regions whose label
-    chunks were written, and gives the same output as an uninterrupted run."""
+    """Cluster the feature array at `features` (see the module docstring). Interrupted and restarted
+    with the same arguments (`resume`), it continues from the saved fit state and skips the regions
+    whose label chunks were written, and gives the same output as an uninterrupted run."""
     from sklearn.cluster import MiniBatchKMeans
 
     run_dir = Path(run_dir)
@@ -189,7 +192,8 @@ def discover(
     img = open_volume(src)
     if img.ndim != 3:
         raise VolumeError(
-            f"image {src} has {img.ndim} dimensions; discover needs the z, y, x volume that was exported"
+            f"image {src} has {img.ndim} dimensions; discover needs the z, y, x volume that was "
+            "exported"
         )
     stride = tuple(attrs.get("stride", (1, 1, 1)))
     origin = tuple(attrs.get("roi_origin", (0, 0, 0)))
@@ -217,7 +221,8 @@ def discover(
         every_s=state_every_s,
     )
     regions = read_blocks(fv.shape, fv.chunks)
-    # ---- fitting pass(es): shuffled mini-batches of each block; a too-small remainder joins the next block
+    # ---- fitting pass(es): shuffled mini-batches of each block; a too-small remainder joins the
+    # next block
     st = state.load_fit() or {
         "epoch": 0,
         "next": 0,
@@ -312,7 +317,8 @@ def discover(
             bar=bar,
         )
     bar.close()
-    # ---- merge the region records in region order (the same arithmetic however the job was interrupted)
+    # ---- merge the region records in region order (the same arithmetic however the job was
+    # interrupted)
     recs = state.labelled()
     counts = np.zeros(k, np.int64)
     inertia = 0.0
@@ -354,7 +360,8 @@ def discover(
     }  # feature cells (z, y, x) shown in each cluster's gallery
     (run_dir / "discover.json").write_text(json.dumps(res, indent=1))
     log.info(
-        "discover: %d clusters over %d vectors; cluster sizes %s (resumed: %d fit regions and %d labelled "
+        "discover: %d clusters over %d vectors; cluster sizes %s (resumed: %d fit regions and %d "
+        "labelled "
         "regions skipped)",
         k,
         res["vectors"],
@@ -372,15 +379,14 @@ def discover(
 def _label_regions(
     fv, lv, km, regions, todo, *, k, seed, examples, label_dtype, on_done, bar
 ) -> None:
-    """Cluster map of each region in `todo` written to `lv`; `on_done(record)` once its write has finished
-    (counts, inertia, and per cluster the `examples` cells with the smallest seeded random keys), also
-    for the regions in flight when an exception stops the pass."""
+    """Cluster map of each region in `todo` written to `lv`; `on_done(record)` once its write has
+    finished (counts, inertia, and per cluster the `examples` cells with the smallest seeded random
+    keys), also for the regions in flight when an exception stops the pass."""
     pending: list = []
     try:
         for i, (r, x) in zip(todo, _stream(fv, [regions[i] for i in todo])):
-            dist = km.transform(
-                x
-            )  # distances to the centres: the labels and the inertia in one pass
+            # distances to the centres: the labels and the inertia in one pass
+            dist = km.transform(x)
             lab = dist.argmin(1)
             rec = {
                 "region": i,
@@ -424,7 +430,8 @@ def _crop(img, centre, side: int) -> np.ndarray:
 
 
 def _galleries(img, cells, stride, origin, side: int, folder: Path) -> list[str]:
-    """One PNG per cluster: its example crops in a row-major grid, the example's feature cell outlined."""
+    """One PNG per cluster: its example crops in a row-major grid, the example's feature cell
+    outlined."""
     from emfm.eval.figures import _plt
 
     plt = _plt()
@@ -469,7 +476,8 @@ def _galleries(img, cells, stride, origin, side: int, folder: Path) -> list[str]
 
 
 def _overview(img, fv, lv, stride, origin, k: int, path: Path) -> Path:
-    """Middle section of the feature grid (at most 512 x 512 cells): image, PCA-RGB features, cluster map."""
+    """Middle section of the feature grid (at most 512 x 512 cells): image, PCA-RGB features,
+    cluster map."""
     from emfm.eval.figures import _plt, image_grid
     from emfm.export.features import pca_rgb
 

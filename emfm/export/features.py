@@ -1,27 +1,29 @@
-"""Dense feature export of a volume of any size, block by block with overlap, to OME-Zarr through tensorstore.
+"""Dense feature export of a volume of any size, block by block with overlap, to OME-Zarr through
+tensorstore.
 
-The volume (or an ROI of it) is cut into blocks; each is read with `margin` voxels of context on every
-side (real neighbouring voxels where the volume has them, mirrored at its edge) and encoded. With
-`blend=none` only the block's own features are written (exact for an encoder whose receptive field fits
-in the margin, e.g. a U-Net); a ViT's features also depend on where a token sits in its window, which
-leaves block seams, so by default its neighbouring windows are blended over their overlap instead
-(`_blended_blocks`). A 2D encoder sees one section at a time (blocks are `1 x tile x tile`); a 3D encoder
-sees `block_z x tile x tile` blocks.
+The volume (or an ROI of it) is cut into blocks; each is read with `margin` voxels of context on
+every side (real neighbouring voxels where the volume has them, mirrored at its edge) and encoded.
+With `blend=none` only the block's own features are written (exact for an encoder whose receptive
+field fits in the margin, e.g. a U-Net); a ViT's features also depend on where a token sits in its
+window, which leaves block seams, so by default its neighbouring windows are blended over their
+overlap instead (`_blended_blocks`). A 2D encoder sees one section at a time (blocks are `1 x tile x
+tile`); a 3D encoder sees `block_z x tile x tile` blocks.
 
-The output `[z', y', x', c]` lies on a grid of `stride` voxels per cell: the ViT patch size, or for a
-U-Net 1 (decoder output) or the pooling of the finest chosen encoder level; features of several
-layers (`layers`, concatenated) are upsampled (nearest) to the finest of their grids. One block is one
-chunk, so a chunk present in the store is a finished block: an interrupted export restarted with the
-same arguments skips those and yields the same bytes, and several JAX processes split the blocks
-(block i goes to process i mod n; blended, contiguous runs of blocks). Optional PCA to `pca_k` channels is fitted on a sample of blocks
-once and stored in the array's attributes, so resumed and parallel writers project alike.
-Reading runs ahead in a thread and writes are tensorstore futures, so I/O overlaps the encoder.
+The output `[z', y', x', c]` lies on a grid of `stride` voxels per cell: the ViT patch size, or for
+a U-Net 1 (decoder output) or the pooling of the finest chosen encoder level; features of several
+layers (`layers`, concatenated) are upsampled (nearest) to the finest of their grids. One block is
+one chunk, so a chunk present in the store is a finished block: an interrupted export restarted with
+the same arguments skips those and yields the same bytes, and several JAX processes split the blocks
+(block i goes to process i mod n; blended, contiguous runs of blocks). Optional PCA to `pca_k`
+channels is fitted on a sample of blocks once and stored in the array's attributes, so resumed and
+parallel writers project alike. Reading runs ahead in a thread and writes are tensorstore futures,
+so I/O overlaps the encoder.
 
-The output is an OME-Zarr image group (NGFF 0.5: zarr v3 group, array "0" stored as c, z, y, x; emfm's
-reader gives it back as z, y, x, c): axes metadata (a channel axis, z / y / x in nanometres), the scale
-of a feature cell (input voxel size x stride) and its translation (the centre of cell 0 in the input's
-physical frame, so the features overlay the input in OME-Zarr viewers), and the export's own record
-(checkpoint, layers, PCA basis, stride, ROI) under the group attribute "emfm".
+The output is an OME-Zarr image group (NGFF 0.5: zarr v3 group, array "0" stored as c, z, y, x;
+emfm's reader gives it back as z, y, x, c): axes metadata (a channel axis, z / y / x in nanometres),
+the scale of a feature cell (input voxel size x stride) and its translation (the centre of cell 0 in
+the input's physical frame, so the features overlay the input in OME-Zarr viewers), and the export's
+own record (checkpoint, layers, PCA basis, stride, ROI) under the group attribute "emfm".
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ def _arch(model_cfg) -> dict:
 
 
 def load_export_encoder(model_cfg, checkpoint: str = "", *, seed: int = 0):
-    """`(encoder, checkpoint meta)`: a random-init encoder of `model_cfg` without a checkpoint, else the
-    checkpoint's encoder, whose recorded architecture must be `model_cfg`'s (checked from the meta record
-    before any array is loaded; a mismatch is a CheckpointError naming the differing keys)."""
+    """`(encoder, checkpoint meta)`: a random-init encoder of `model_cfg` without a checkpoint, else
+    the checkpoint's encoder, whose recorded architecture must be `model_cfg`'s (checked from the
+    meta record before any array is loaded; a mismatch is a CheckpointError naming the differing
+    keys)."""
     from emfm.config.schema import ModelConfig
     from emfm.train import checkpoint as ckpt
     from emfm.train.state import build_encoder, load_encoder
@@ -94,15 +97,17 @@ def load_export_encoder(model_cfg, checkpoint: str = "", *, seed: int = 0):
                 f"model.{k}={want[k]} in the config but {have.get(k)} in the checkpoint"
                 for k in diff
             )
-            + " (choose the checkpoint's model, e.g. the model=/debug= overrides it was trained with)"
+            + " (choose the checkpoint's model, e.g. the model=/debug= overrides it was trained "
+            "with)"
         )
     return load_encoder(str(run))
 
 
 # ---------------------------------------------------------------- encoder on blocks
 class BlockEncoder:
-    """Encodes batches of `[block + 2 margin]` windows `[b, wz, wy, wx]` (floats in [0, 1]) and returns
-    the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis is set)."""
+    """Encodes batches of `[block + 2 margin]` windows `[b, wz, wy, wx]` (floats in [0, 1]) and
+    returns the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis
+    is set)."""
 
     def __init__(
         self,
@@ -126,7 +131,8 @@ class BlockEncoder:
             if not -spec.depth <= i < spec.depth:
                 raise UserError(
                     f"export.layers={list(layers)}: the encoder has {spec.depth} "
-                    f"{'levels' if self.is_unet else 'blocks'} (indices {-spec.depth}..{spec.depth - 1})"
+                    f"{'levels' if self.is_unet else 'blocks'} (indices "
+                    f"{-spec.depth}..{spec.depth - 1})"
                 )
         self.layers = tuple(
             sorted({i % spec.depth for i in layers}, key=[i % spec.depth for i in layers].index)
@@ -218,7 +224,8 @@ class BlockEncoder:
         self.pca = (jnp.asarray(mean, jnp.float32), jnp.asarray(components, jnp.float32))
 
     def compiled(self, *, raw: bool = False):
-        """The forward program for full batches, compiled ahead of time (so timing starts after it)."""
+        """The forward program for full batches, compiled ahead of time (so timing starts after
+        it)."""
         key = (raw or self.pca is None, np.dtype(np.float32) if raw else self.out_dtype)
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -242,8 +249,8 @@ class BlockEncoder:
 def window_region(
     origin, shape, enc: BlockEncoder
 ) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
-    """The region of the volume (clipped to `shape`) that the window of the block at `origin` (z, y, x
-    voxels, volume coordinates) covers, and the mirror padding that completes it."""
+    """The region of the volume (clipped to `shape`) that the window of the block at `origin` (z, y,
+    x voxels, volume coordinates) covers, and the mirror padding that completes it."""
     lo = [o - m for o, m in zip(origin, enc.margin)]
     hi = [a + w for a, w in zip(lo, enc.window)]
     region = tuple(slice(max(0, l_), min(s, h)) for l_, h, s in zip(lo, hi, shape))
@@ -285,11 +292,11 @@ def encode_sections(
     blocks: tuple[int, ...] = (),
     embed: bool = False,
 ) -> np.ndarray:
-    """Features `[n, ceil(y/s), ceil(x/s), d]` of in-memory sections `[n, y, x]` (floats in [0, 1]) from a
-    2D encoder, encoded tile by tile exactly as `export_features` does (s = the feature stride: the
-    patch size, or 1 / the finest chosen level's pooling for a U-Net; `blocks`: encoder blocks or U-Net
-    levels whose features are concatenated, () = the final output; `embed`: also the ViT's patch
-    embedding, i.e. the tokens before the first block, placed first)."""
+    """Features `[n, ceil(y/s), ceil(x/s), d]` of in-memory sections `[n, y, x]` (floats in [0, 1])
+    from a 2D encoder, encoded tile by tile exactly as `export_features` does (s = the feature
+    stride: the patch size, or 1 / the finest chosen level's pooling for a U-Net; `blocks`: encoder
+    blocks or U-Net levels whose features are concatenated, () = the final output; `embed`: also the
+    ViT's patch embedding, i.e. the tokens before the first block, placed first)."""
     enc = BlockEncoder(
         encoder,
         block=(1, tile, tile),
@@ -318,7 +325,8 @@ def encode_sections(
 # ---------------------------------------------------------------- blockwise export
 @dataclass(frozen=True)
 class ExportPlan:
-    """What an export writes; stored in the output's attributes so a restart can check it is the same job."""
+    """What an export writes; stored in the output's attributes so a restart can check it is the
+    same job."""
 
     source: str
     roi: list[list[int]]
@@ -361,13 +369,14 @@ def export_features(
 ) -> dict:
     """Features of `vol` (or its `roi` [[z0, z1], [y0, y1], [x0, x1]]) to an OME-Zarr at `out_path`.
 
-    `blend`: "none" encodes each block in a window of `margin` context and drops the margin; "cosine",
-    "gaussian" or "constant" encode the same windows (block + 2 margin) but keep all of them, blending
-    neighbouring windows over their 2 x margin overlap with emfm.finetune.predict's weights (so a ViT's
-    position-dependent features show no block seams, at the same number of windows); "auto" = cosine for
-    a ViT, none for a U-Net (whose margin-dropped blocks already equal a whole-volume forward).
-    Without blending this process writes blocks i with i mod process_count == process_index, with
-    blending a contiguous run of blocks (neighbouring blocks share windows). Returns a summary dict."""
+    `blend`: "none" encodes each block in a window of `margin` context and drops the margin;
+    "cosine", "gaussian" or "constant" encode the same windows (block + 2 margin) but keep all of
+    them, blending neighbouring windows over their 2 x margin overlap with emfm.finetune.predict's
+    weights (so a ViT's position-dependent features show no block seams, at the same number of
+    windows); "auto" = cosine for a ViT, none for a U-Net (whose margin-dropped blocks already equal
+    a whole-volume forward). Without blending this process writes blocks i with i mod process_count
+    == process_index, with blending a contiguous run of blocks (neighbouring blocks share windows).
+    Returns a summary dict."""
     import json
 
     from emfm.data.loader import Region
@@ -466,7 +475,8 @@ def export_features(
         )
     _barrier("emfm_export_created", nproc)
     out = open_volume(out_path, write=True)
-    # written blocks are never read back: no chunk cache for the output, so memory stays flat however much is written
+    # written blocks are never read back: no chunk cache for the output, so memory stays flat
+    # however much is written
     out = replace(
         out,
         array=ts.open(
@@ -574,10 +584,10 @@ def _blended_blocks(
     blend: str,
     out_dtype,
 ):
-    """(origin, features) of each block in `todo`, blended from the whole-window features (`benc`) of the
-    windows that touch it. Windows lie on emfm.finetune.predict's grid (in feature cells: window
-    block + 2 margin, overlap 2 margin, the last flush with the end), are encoded once in the order the
-    blocks first need them, and are kept until the last block that needs them is done."""
+    """(origin, features) of each block in `todo`, blended from the whole-window features (`benc`)
+    of the windows that touch it. Windows lie on emfm.finetune.predict's grid (in feature cells:
+    window block + 2 margin, overlap 2 margin, the last flush with the end), are encoded once in the
+    order the blocks first need them, and are kept until the last block that needs them is done."""
     from emfm.finetune.predict import Blender
 
     s = enc.stride
@@ -620,9 +630,10 @@ def _blended_blocks(
 
 
 def feature_grid_transform(vol: Volume, origin, stride) -> dict:
-    """OME-Zarr scale and translation of a feature grid of `stride` voxels per cell whose cell 0 starts at
-    voxel `origin` of `vol`: one cell is `stride` voxels, and its centre lies (stride - 1) / 2 voxels past
-    its first voxel (voxel centres at index x voxel size, plus the volume's own translation)."""
+    """OME-Zarr scale and translation of a feature grid of `stride` voxels per cell whose cell 0
+    starts at voxel `origin` of `vol`: one cell is `stride` voxels, and its centre lies (stride - 1)
+    / 2 voxels past its first voxel (voxel centres at index x voxel size, plus the volume's own
+    translation)."""
     shift = vol.translation or (0.0,) * 3
     return {
         "voxel_size": tuple(float(v * st) for v, st in zip(vol.voxel_size, stride)),
@@ -637,7 +648,8 @@ def _content(enc: BlockEncoder, pca_k: int) -> str:
     what = (
         ("U-Net decoder output" if enc.is_unet else "final-norm patch tokens")
         if not enc.layers
-        else f"{'U-Net encoder levels' if enc.is_unet else 'ViT blocks'} {list(enc.layers)} concatenated"
+        else f"{'U-Net encoder levels' if enc.is_unet else 'ViT blocks'} {list(enc.layers)} "
+        "concatenated"
     )
     return what + (f", PCA to {pca_k} channels" if pca_k else "")
 
@@ -646,7 +658,8 @@ def _check_existing(path, shape, dtype, plan_rec: dict) -> None:
     old = open_volume(path)
     if old.shape != tuple(shape) or old.dtype != dtype:
         raise VolumeError(
-            f"output {path} exists with shape {old.shape} dtype {old.dtype}; this export writes shape "
+            f"output {path} exists with shape {old.shape} dtype {old.dtype}; this export writes "
+            "shape "
             f"{tuple(shape)} dtype {dtype}. Remove it or choose another export.out"
         )
     prev = old.attributes.get("export")
@@ -657,7 +670,8 @@ def _check_existing(path, shape, dtype, plan_rec: dict) -> None:
             else ["all"]
         )
         raise VolumeError(
-            f"output {path} holds another export (differs in: {', '.join(keys)}); finishing it with "
+            f"output {path} holds another export (differs in: {', '.join(keys)}); finishing it "
+            "with "
             "these settings would mix two jobs. Remove it or choose another export.out"
         )
 

@@ -2,22 +2,24 @@
 
 What is exported (`load_exportable`):
   - an encoder (a pretraining run, or a zoo entry `zoo:NAME`): its dense features. A U-Net gives its
-    decoder output, `[batch, widths[0], (z,) y, x]` at full resolution; a ViT gives the final patch-token
-    map at token resolution, `[batch, width, (z/p,) y/p, x/p]` (p = the patch size; not upsampled).
+    decoder output, `[batch, widths[0], (z,) y, x]` at full resolution; a ViT gives the final
+    patch-token map at token resolution, `[batch, width, (z/p,) y/p, x/p]` (p = the patch size; not
+    upsampled).
   - a fine-tuned segmentation model (an `emfm finetune` run, encoder + head): what `emfm predict`
-    writes, `[batch, channels, (z,) y, x]`: softmax class probabilities, sigmoid affinities / distance /
-    heatmap, offsets in voxels (emfm.finetune.losses.probabilities).
+    writes, `[batch, channels, (z,) y, x]`: softmax class probabilities, sigmoid affinities /
+    distance / heatmap, offsets in voxels (emfm.finetune.losses.probabilities).
 
 The exported graph takes the normalised image, float32 `[batch, 1, (z,) y, x]` (NCHW / NCDHW as the
-BioImage.IO tools expect; emfm's own models are channels-last, the graph transposes). The batch axis is
-dynamic; the spatial tile is fixed at export (`shape`): jax2onnx 0.13 cannot trace the U-Net's max
-pooling with symbolic spatial sizes (its output shape comes out unreduced), so a fixed tile is exported
-and larger images are predicted tile by tile (BioImage.IO tools do the tiling).
+BioImage.IO tools expect; emfm's own models are channels-last, the graph transposes). The batch axis
+is dynamic; the spatial tile is fixed at export (`shape`): jax2onnx 0.13 cannot trace the U-Net's
+max pooling with symbolic spatial sizes (its output shape comes out unreduced), so a fixed tile is
+exported and larger images are predicted tile by tile (BioImage.IO tools do the tiling).
 
 Normalisation is not part of the graph: emfm maps grey values linearly with the checkpoint's
-`grey_range` (lo, hi) to [0, 1] and clips (emfm.eval.probe.normalise). The BioImage.IO package states it
-as preprocessing `ensure_dtype(float32)`, `scale_linear(gain=1/(hi-lo), offset=-lo/(hi-lo))`,
-`clip(0, 1)`, so a consumer feeds raw grey values; a plain ONNX user applies it before the graph.
+`grey_range` (lo, hi) to [0, 1] and clips (emfm.eval.probe.normalise). The BioImage.IO package
+states it as preprocessing `ensure_dtype(float32)`, `scale_linear(gain=1/(hi-lo),
+offset=-lo/(hi-lo))`, `clip(0, 1)`, so a consumer feeds raw grey values; a plain ONNX user applies
+it before the graph.
 
 Every export is checked against the JAX forward pass on tiles of the bundled real EM sample
 (`max_abs_diff` in the report; above `TOLERANCE` it is an error).
@@ -45,31 +47,36 @@ TOLERANCE = 1e-4  # max abs difference ONNX vs JAX (float32) accepted on the bun
 OPSET = 23  # jax2onnx's default; onnxruntime >= 1.20 runs it
 DEFAULT_TILE_2D = (256, 256)
 DEFAULT_TILE_3D = (16, 128, 128)
-SAMPLE_SECTION = (
-    25  # a held-out section of the bundled ISBI sample (finetune's test sections are 20-29)
-)
-ZOO_LICENSE = "CC-BY-NC-4.0"  # research / non-commercial (MODEL_CARD.md): the closest SPDX id bioimage.io accepts
+# a held-out section of the bundled ISBI sample (finetune's test sections are 20-29)
+SAMPLE_SECTION = 25
+# research / non-commercial (MODEL_CARD.md): the closest SPDX id bioimage.io accepts
+ZOO_LICENSE = "CC-BY-NC-4.0"
 
 CITATIONS = [
     (
-        "Cardona A. et al. (2010) An integrated micro- and macroarchitectural analysis of the Drosophila brain "
-        "by computer-assisted serial section electron microscopy. PLoS Biol 8(10): e1000502 (ISBI 2012 data)",
+        "Cardona A. et al. (2010) An integrated micro- and macroarchitectural analysis of the "
+        "Drosophila brain "
+        "by computer-assisted serial section electron microscopy. PLoS Biol 8(10): e1000502 (ISBI "
+        "2012 data)",
         "10.1371/journal.pbio.1000502",
     ),
     (
-        "Arganda-Carreras I. et al. (2015) Crowdsourcing the creation of image segmentation algorithms for "
+        "Arganda-Carreras I. et al. (2015) Crowdsourcing the creation of image segmentation "
+        "algorithms for "
         "connectomics. Front. Neuroanat. 9:142 (ISBI 2012 challenge)",
         "10.3389/fnana.2015.00142",
     ),
 ]
 ARCH_CITATIONS = {
     "unet": (
-        "Ronneberger O., Fischer P., Brox T. (2015) U-Net: Convolutional networks for biomedical image "
+        "Ronneberger O., Fischer P., Brox T. (2015) U-Net: Convolutional networks for biomedical "
+        "image "
         "segmentation. MICCAI 2015",
         "10.1007/978-3-319-24574-4_28",
     ),
     "vit": (
-        "Dosovitskiy A. et al. (2021) An image is worth 16x16 words: Transformers for image recognition at "
+        "Dosovitskiy A. et al. (2021) An image is worth 16x16 words: Transformers for image "
+        "recognition at "
         "scale. ICLR 2021",
         "10.48550/arXiv.2010.11929",
     ),
@@ -146,7 +153,8 @@ def load_exportable(checkpoint: str, *, shape: str | Sequence[int] | None = None
 
     if not checkpoint:
         raise UserError(
-            "export-model needs checkpoint=RUN_DIR (a pretraining or finetune run) or checkpoint=zoo:NAME"
+            "export-model needs checkpoint=RUN_DIR (a pretraining or finetune run) or "
+            "checkpoint=zoo:NAME"
         )
     is_zoo = zoo.is_zoo(checkpoint)
     resolved = zoo.resolve(checkpoint)
@@ -228,8 +236,8 @@ def load_exportable(checkpoint: str, *, shape: str | Sequence[int] | None = None
 
 def sample_tiles(tile: Sequence[int], n: int = 1) -> np.ndarray:
     """`n` raw tiles `[n, 1, *tile]` (the sample's dtype) of the bundled ISBI 2012 sample, from its
-    held-out sections (section 25 on for 2D tiles; the last `z` sections for 3D tiles), mirrored where
-    the tile is larger than the sample."""
+    held-out sections (section 25 on for 2D tiles; the last `z` sections for 3D tiles), mirrored
+    where the tile is larger than the sample."""
     from emfm.data import bundled
     from emfm.data.volume import open_volume
 
@@ -256,7 +264,8 @@ def sample_tiles(tile: Sequence[int], n: int = 1) -> np.ndarray:
 
 
 def normalise(raw: np.ndarray, grey_range: tuple[float, float]) -> np.ndarray:
-    """emfm's normalisation (emfm.eval.probe.normalise): linear to [0, 1] by the grey range, clipped."""
+    """emfm's normalisation (emfm.eval.probe.normalise): linear to [0, 1] by the grey range,
+    clipped."""
     from emfm.eval.probe import normalise as _normalise
 
     return _normalise(raw, grey_range)
@@ -266,7 +275,8 @@ def normalise(raw: np.ndarray, grey_range: tuple[float, float]) -> np.ndarray:
 
 
 def _prune_initializers(model_proto) -> int:
-    """Drop initializers no node reads (jax2onnx leaves reshape constants behind); returns how many."""
+    """Drop initializers no node reads (jax2onnx leaves reshape constants behind); returns how
+    many."""
     used: set[str] = set()
 
     def visit(graph):
@@ -296,8 +306,8 @@ def to_onnx_file(ex: Exportable, path: str | Path, *, opset: int = OPSET) -> Pat
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # jax2onnx's dm_pix plugins do not import under this jax (batching.not_mapped); emfm needs none of them
-    # and onnx_ir warns about shape constants it leaves untyped (they are pruned below)
+    # jax2onnx's dm_pix plugins do not import under this jax (batching.not_mapped); emfm needs none
+    # of them and onnx_ir warns about shape constants it leaves untyped (they are pruned below)
     quiet = [logging.getLogger(n) for n in ("jax2onnx.plugins.plugin_system", "onnx_ir.serde")]
     levels = [q.level for q in quiet]
     for q in quiet:
@@ -360,9 +370,9 @@ def export_onnx(
     opset: int = OPSET,
     ex: Exportable | None = None,
 ) -> dict:
-    """`checkpoint` -> one .onnx file (default `./<name>.onnx`), checked against JAX on 2 tiles of the
-    bundled sample (batch 2: the dynamic batch axis is exercised). Returns the report (also written
-    next to the file as `<file>.json`)."""
+    """`checkpoint` -> one .onnx file (default `./<name>.onnx`), checked against JAX on 2 tiles of
+    the bundled sample (batch 2: the dynamic batch axis is exercised). Returns the report (also
+    written next to the file as `<file>.json`)."""
     ex = ex or load_exportable(checkpoint, shape=shape)
     path = Path(out) if out else Path(f"{ex.name}.onnx")
     if path.suffix != ".onnx":
@@ -406,8 +416,8 @@ def _report(ex: Exportable, fmt: str, path: Path, check: dict, opset: int) -> di
 
 def default_license(ex: Exportable) -> str:
     """The licence of the exported weights: a zoo entry's terms (research / non-commercial, as its
-    MODEL_CARD.md says: CC-BY-NC-4.0 is the closest SPDX id); a run trained on the bundled ISBI sample
-    inherits the same terms. Any other run records no licence: the caller must name one."""
+    MODEL_CARD.md says: CC-BY-NC-4.0 is the closest SPDX id); a run trained on the bundled ISBI
+    sample inherits the same terms. Any other run records no licence: the caller must name one."""
     from emfm.data import bundled
     from emfm.data.volume import open_volume
 
@@ -424,8 +434,8 @@ def default_license(ex: Exportable) -> str:
 
 
 def _cover(raw: np.ndarray, out: np.ndarray, ex: Exportable, path: Path) -> None:
-    """A 2:1 PNG: the raw test tile beside the output (features: first 3 principal components as RGB;
-    segmentation: the last class / first sigmoid channel as a grey map)."""
+    """A 2:1 PNG: the raw test tile beside the output (features: first 3 principal components as
+    RGB; segmentation: the last class / first sigmoid channel as a grey map)."""
     from PIL import Image
 
     img = raw[0, 0].astype(np.float32)
@@ -467,7 +477,8 @@ def _readme(ex: Exportable, license_id: str, check: dict, validated: bool) -> st
         + (
             " (the U-Net's decoder output, full resolution)"
             if ex.architecture == "unet"
-            else f" (the ViT's final patch tokens at token resolution, one per {ex.out_stride} voxels)"
+            else f" (the ViT's final patch tokens at token resolution, one per {ex.out_stride} "
+            "voxels)"
         )
         if ex.kind == "encoder"
         else f"{ex.meta['task'].get('kind')} segmentation: channels {', '.join(ex.channel_names)} "
@@ -481,19 +492,24 @@ def _readme(ex: Exportable, license_id: str, check: dict, validated: bool) -> st
         "",
         "## Input and output",
         "",
-        f"- input `raw`: grey values of one EM image tile {io} (batch, channel, {'z, ' * (ex.ndim == 3)}y, x). "
+        f"- input `raw`: grey values of one EM image tile {io} (batch, channel, "
+        f"{'z, ' * (ex.ndim == 3)}y, x). "
         f"The spatial tile is fixed at export; larger images are processed tile by tile.",
-        f"- preprocessing: `scale_linear` (gain {1 / (hi - lo):.6g}, offset {-lo / (hi - lo):.6g}: grey values "
-        f"{lo:g}..{hi:g} -> 0..1, the grey range the model was trained with) then `clip` to [0, 1]; "
+        f"- preprocessing: `scale_linear` (gain {1 / (hi - lo):.6g}, offset {-lo / (hi - lo):.6g}: "
+        "grey values "
+        f"{lo:g}..{hi:g} -> 0..1, the grey range the model was trained with) then `clip` to [0, "
+        "1]; "
         "a raw ONNX user applies `clip((x - lo) / (hi - lo), 0, 1)` first.",
         f"- output `{output_id(ex)}`: float32 {oshape}.",
         "",
         "## Validation",
         "",
-        f"ONNX Runtime against emfm's JAX forward pass on tiles of the bundled ISBI 2012 sample: max abs "
+        "ONNX Runtime against emfm's JAX forward pass on tiles of the bundled ISBI 2012 sample: "
+        "max abs "
         f"difference {check['max_abs_diff']:.3g} (limit {TOLERANCE:g}). "
         + (
-            "emfm exported this package only after bioimageio.spec's validation and bioimageio.core's test "
+            "emfm exported this package only after bioimageio.spec's validation and "
+            "bioimageio.core's test "
             "(`bioimageio test rdf.yaml`: the test input reproduces the test output) passed."
             if validated
             else "The export skipped bioimageio.spec's validation and bioimageio.core's test."
@@ -504,14 +520,16 @@ def _readme(ex: Exportable, license_id: str, check: dict, validated: bool) -> st
         f"{license_id}. "
         + (
             "The weights inherit the most restrictive terms of their training data: research and "
-            "non-commercial use with the citations listed (CC-BY-NC-4.0 is the closest SPDX identifier)."
+            "non-commercial use with the citations listed (CC-BY-NC-4.0 is the closest SPDX "
+            "identifier)."
             if license_id == ZOO_LICENSE
             else "As chosen by the exporter for this checkpoint's training data."
         ),
         "",
         "## Provenance",
         "",
-        f"Exported by `emfm export-model checkpoint={ex.checkpoint} format=bioimageio`. Model record: "
+        f"Exported by `emfm export-model checkpoint={ex.checkpoint} format=bioimageio`. Model "
+        "record: "
         f"`{json.dumps(ex.meta.get('model', {}))}`.",
     ]
     if card.is_file():
@@ -609,8 +627,8 @@ def _model_descr(
 
 
 def validate_package(source: str | Path) -> dict:
-    """bioimageio.spec's static validation and bioimageio.core's test (inference on the package's own
-    test input against its test output) of an rdf.yaml or package .zip; raises on failure."""
+    """bioimageio.spec's static validation and bioimageio.core's test (inference on the package's
+    own test input against its test output) of an rdf.yaml or package .zip; raises on failure."""
     from bioimageio.core import test_model
     from bioimageio.spec import ValidationContext, load_description
 
@@ -641,11 +659,11 @@ def export_bioimageio(
     validate: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """`checkpoint` -> a BioImage.IO model package: folder `out` (default `./<name>.bioimageio`) holding
-    rdf.yaml (format 0.5), the ONNX weights, test tensors from the bundled sample, cover.png and
-    README.md, and the same as `<out>.zip`. Validated with bioimageio.spec and run with bioimageio.core
-    (`validate=False` skips both). Returns the report (written to `<out>/export_report.json` as well,
-    which is not part of the package)."""
+    """`checkpoint` -> a BioImage.IO model package: folder `out` (default `./<name>.bioimageio`)
+    holding rdf.yaml (format 0.5), the ONNX weights, test tensors from the bundled sample, cover.png
+    and README.md, and the same as `<out>.zip`. Validated with bioimageio.spec and run with
+    bioimageio.core (`validate=False` skips both). Returns the report (written to
+    `<out>/export_report.json` as well, which is not part of the package)."""
     import yaml
 
     ex = load_exportable(checkpoint, shape=shape)
@@ -659,9 +677,8 @@ def export_bioimageio(
             if not overwrite:
                 raise UserError(f"out={folder}: {p} exists (overwrite=true replaces it)")
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    src = folder.with_name(
-        folder.name + ".src"
-    )  # the files the description names, before packaging
+    # the files the description names, before packaging
+    src = folder.with_name(folder.name + ".src")
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
@@ -682,7 +699,8 @@ def export_bioimageio(
         y = onnx_session(onnx_path).run(None, {"raw": x})[0]
         np.save(src / "test_input.npy", raw)
         np.save(src / "test_output.npy", y.astype(np.float32))
-        import tifffile  # sample tensors (for people and the bioimage.io website): the test tile without batch
+        # sample tensors (for people and the bioimage.io website): the test tile without batch
+        import tifffile
 
         tifffile.imwrite(src / "sample_input.tif", raw[0, 0])
         tifffile.imwrite(src / "sample_output.tif", y[0].astype(np.float32))
@@ -752,7 +770,8 @@ NEEDS = {
 
 
 def check_installed(fmt: str) -> None:
-    """The optional packages of `format=fmt` (the `export` extra), or one line saying how to get them."""
+    """The optional packages of `format=fmt` (the `export` extra), or one line saying how to get
+    them."""
     import importlib.util
 
     missing = [

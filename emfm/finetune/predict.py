@@ -78,7 +78,8 @@ def _read_padded(
 
 
 class Blender:
-    """Blockwise prediction of a region `shape` (z, y, x) with `fn(windows [b, *window]) -> [b, *window, c]`."""
+    """Blockwise prediction of a region `shape` (z, y, x) with `fn(windows [b, *window]) -> [b,
+    *window, c]`."""
 
     def __init__(
         self,
@@ -105,7 +106,8 @@ class Blender:
         return list(itertools.product(*per_axis))
 
     def chunk(self, read: Callable, box: Sequence[slice]) -> np.ndarray:
-        """Blended prediction `[*box shape, c]` of the output box, from the windows that touch it."""
+        """Blended prediction `[*box shape, c]` of the output box, from the windows that touch
+        it."""
         size = tuple(b.stop - b.start for b in box)
         acc = np.zeros(size + (self.c,), np.float32)
         wsum = np.zeros(size, np.float32)
@@ -125,8 +127,9 @@ class Blender:
         origin: Sequence[int],
         pred: np.ndarray,
     ) -> None:
-        """Add the window at `origin`'s prediction `[*window, c]`, weighted, to the accumulators `acc`
-        `[*box shape, c]` and `wsum` `[*box shape]` of the output box (the blend is acc / wsum)."""
+        """Add the window at `origin`'s prediction `[*window, c]`, weighted, to the accumulators
+        `acc` `[*box shape, c]` and `wsum` `[*box shape]` of the output box (the blend is acc /
+        wsum)."""
         src, dst = [], []
         for oa, w, n, b in zip(origin, self.window, self.shape, box):
             # overlap of window [o, o + w) (clipped to the region) with the box
@@ -146,7 +149,8 @@ class Blender:
 
 
 def model_fn(model, lay, *, ndim: int, batch_size: int) -> Callable:
-    """Jitted `windows [b, z, y, x] in [0, 1] -> probabilities [b, z, y, x, c]` (padded to one batch shape)."""
+    """Jitted `windows [b, z, y, x] in [0, 1] -> probabilities [b, z, y, x, c]` (padded to one batch
+    shape)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -179,7 +183,8 @@ def normaliser(grey_range) -> Callable:
 def predict_array(
     fn: Callable, channels: int, image: np.ndarray, *, window, overlap, blend="cosine", batch_size=4
 ) -> np.ndarray:
-    """Blended prediction `[z, y, x, c]` of an in-memory normalised image `[z, y, x]` (evaluation)."""
+    """Blended prediction `[z, y, x, c]` of an in-memory normalised image `[z, y, x]`
+    (evaluation)."""
     bl = Blender(
         fn,
         channels,
@@ -237,15 +242,18 @@ def predict_volume(
         **(attributes or {}),
     }
     pid, nproc = distributed.process()
-    make = lambda ok: create_volume(
-        out_path,
-        shape + (channels,),
-        np.dtype(dtype),  # noqa: E731
-        chunks=chunk + (channels,),
-        voxel_size=vol.voxel_size,
-        attributes=attrs,
-        exist_ok=ok,
-    )
+
+    def make(ok):
+        return create_volume(
+            out_path,
+            shape + (channels,),
+            np.dtype(dtype),
+            chunks=chunk + (channels,),
+            voxel_size=vol.voxel_size,
+            attributes=attrs,
+            exist_ok=ok,
+        )
+
     out = make(resume) if pid == 0 else None
     distributed.barrier("predict: output created")
     out = out if out is not None else make(True)

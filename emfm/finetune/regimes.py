@@ -1,4 +1,5 @@
-"""Learning regimes of segmentation (configs/regime/): which parameters train, and the unlabelled terms.
+"""Learning regimes of segmentation (configs/regime/): which parameters train, and the unlabelled
+terms.
 
 Supervised: from scratch or a pretrained encoder, which is frozen, partially frozen (the first
 `frozen_blocks` ViT blocks or U-Net levels and the embeddings) or fine-tuned with layer-wise lr
@@ -105,7 +106,8 @@ def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: boo
 
 def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
     """Frozen features at pixel resolution, `[b, y, x, d]` per batch of 2D sections `[n, y, x]` in
-    [0, 1] (a generator: a ViT's token map upsampled bilinearly; a U-Net's decoder output as it is)."""
+    [0, 1] (a generator: a ViT's token map upsampled bilinearly; a U-Net's decoder output as it
+    is)."""
     from flax import nnx
 
     graphdef, state = nnx.split(encoder)
@@ -158,8 +160,8 @@ def fit_clusters(
 
 def hungarian_match(clusters: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Class of each cluster: the one-to-one assignment maximising agreement (Hungarian method,
-    scipy.optimize.linear_sum_assignment); clusters left over (k > classes) take their majority class.
-    Labels < 0 are ignored."""
+    scipy.optimize.linear_sum_assignment); clusters left over (k > classes) take their majority
+    class. Labels < 0 are ignored."""
     from scipy.optimize import linear_sum_assignment
 
     valid = labels >= 0

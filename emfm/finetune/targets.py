@@ -10,7 +10,8 @@ Label batches are `[b, z, y, x]` as the loader gives them; 2D models see each se
       negative offsets = "to the previous voxel"); masked where v + o leaves the patch or either
       voxel is ignored.
   center: foreground classes, a heatmap of unit Gaussians at instance centres of mass, and
-      the offset from each foreground voxel to its instance centre (Panoptic-DeepLab, Cheng et al. 2020).
+      the offset from each foreground voxel to its instance centre (Panoptic-DeepLab, Cheng et al.
+      2020).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def to_classes(raw: np.ndarray, task) -> np.ndarray:
 
 
 def _sections(a: np.ndarray, ndim: int) -> np.ndarray:
-    """`[b, z, y, x]` -> the units targets are computed on: `[b*z, y, x]` (2D) or `[b, z, y, x]` (3D)."""
+    """`[b, z, y, x]` -> the units targets are computed on: `[b*z, y, x]` (2D) or `[b, z, y, x]`
+    (3D)."""
     return a.reshape(-1, *a.shape[2:]) if ndim == 2 else a
 
 
@@ -106,7 +108,8 @@ def boundaries(lab: np.ndarray, ndim: int, *, background_is_boundary: bool = Tru
 
 
 def distance(lab: np.ndarray, boundary: np.ndarray, ndim: int) -> np.ndarray:
-    """Distance to the nearest boundary voxel, divided by its instance's maximum (0 on boundaries)."""
+    """Distance to the nearest boundary voxel, divided by its instance's maximum (0 on
+    boundaries)."""
     out = np.zeros(lab.shape, np.float32)
     inside = _sections(~boundary, ndim)
     ids = _sections(lab, ndim)

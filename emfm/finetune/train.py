@@ -1,13 +1,13 @@
-"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step loop,
-emfm.train.loop).
+"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step
+loop, emfm.train.loop).
 
 The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA teacher for the mean
 teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
 with the data position, resume from the run's own directory, SIGTERM -> checkpoint, metrics JSONL
 and TensorBoard. Batches: labelled patches (PatchLoader with label volumes) turned into the task's
-targets on the host (emfm.finetune.targets), plus `unlabelled_ratio` times as many unlabelled patches
-for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters frozen
-features and scores them with Hungarian-matched classes.
+targets on the host (emfm.finetune.targets), plus `unlabelled_ratio` times as many unlabelled
+patches for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters
+frozen features and scores them with Hungarian-matched classes.
 """
 
 from __future__ import annotations
@@ -80,15 +80,16 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
         if cfg.regime.reinit_decoder:
             if type(enc).__name__ != "UNet":
                 raise UserError(
-                    f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds a "
+                    f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds "
+                    "a "
                     f"{mcfg.name} encoder"
                 )
-            fresh = build_encoder(
-                mcfg, seed=cfg.trainer.seed
-            )  # the same U-Net, freshly initialised
+            # the same U-Net, freshly initialised
+            fresh = build_encoder(mcfg, seed=cfg.trainer.seed)
             enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
             log.info(
-                "encoder: pretrained U-Net levels, decoder initialised afresh (regime.reinit_decoder)"
+                "encoder: pretrained U-Net levels, decoder initialised afresh "
+                "(regime.reinit_decoder)"
             )
         if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
             enc = shrink_perturb(
@@ -109,8 +110,8 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
 def shrink_perturb(
     pretrained: nnx.Module, fresh: nnx.Module, shrink: float, perturb: float
 ) -> nnx.Module:
-    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On warm-starting
-    neural network training"); other state is the pretrained one's."""
+    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On
+    warm-starting neural network training"); other state is the pretrained one's."""
     graphdef, p_pre, rest = nnx.split(pretrained, nnx.Param, ...)
     p_new = nnx.state(fresh, nnx.Param)
     mixed = jax.tree.map(lambda a, b: shrink * a + perturb * b, p_pre, p_new)
@@ -165,7 +166,8 @@ def labelled_roi(region: Region, fraction: float, min_depth: int) -> list[list[i
 
 
 class Batches:
-    """Host batches for the step: image, targets, and unlabelled images for semi-supervised regimes."""
+    """Host batches for the step: image, targets, and unlabelled images for semi-supervised
+    regimes."""
 
     def __init__(
         self,
@@ -289,7 +291,8 @@ def evaluate(
 
 
 def cluster_run(cfg: FinetuneConfig) -> dict:
-    """Unsupervised regime: k-means / GMM on frozen dense features; Hungarian-matched classes, scored."""
+    """Unsupervised regime: k-means / GMM on frozen dense features; Hungarian-matched classes,
+    scored."""
     from emfm.eval import metrics
 
     run_dir = Path(cfg.run_dir)
@@ -303,7 +306,10 @@ def cluster_run(cfg: FinetuneConfig) -> dict:
         grey = estimate_range(Region.of(img, cfg.data.train_roi))
     if enc.spec.ndim != 2:
         raise VolumeError("regime.cluster works on 2D encoders (per-section features)")
-    norm = lambda a: np.clip((a.astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)  # noqa: E731
+
+    def norm(a):
+        return np.clip((a.astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)
+
     train = Region.of(img, cfg.data.train_roi)
     tbox = tuple(slice(a, b) for a, b in train.box)
     test_roi = cfg.data.test_roi or [list(b) for b in train.box]
@@ -565,9 +571,10 @@ def run_predict(cfg: FinetuneConfig) -> dict:
 
 
 def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
-    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block by
-    block with stitching, to `instances.out` (default: beside the probabilities, `*_instances.zarr`).
-    A rerun after a finished segmentation keeps it; an interrupted one resumes from its work directory."""
+    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block
+    by block with stitching, to `instances.out` (default: beside the probabilities,
+    `*_instances.zarr`). A rerun after a finished segmentation keeps it; an interrupted one resumes
+    from its work directory."""
     from dataclasses import replace
 
     from emfm.config.schema import segment_params

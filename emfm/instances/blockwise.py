@@ -101,7 +101,8 @@ class BlockwiseJob:
         self.blocks = block_grid(self.shape, block)
         if len(halo) != len(self.shape) or any(not 0 <= h <= b for h, b in zip(halo, block)):
             raise UserError(
-                f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] (block={list(block)})"
+                f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] "
+                f"(block={list(block)})"
             )
         self.block, self.halo = tuple(block), tuple(halo)
         self.out = Path(out)
@@ -182,7 +183,8 @@ class BlockwiseJob:
         return offsets, np.unique(present)
 
     def stitch(self, prov: Volume) -> np.ndarray:
-        """`global id -> final id` (0 -> 0), final ids consecutive over the segments in the output."""
+        """`global id -> final id` (0 -> 0), final ids consecutive over the segments in the
+        output."""
         offsets, present = self._offsets()
         links = []
         for i, core in enumerate(self.blocks):
@@ -190,9 +192,8 @@ class BlockwiseJob:
             with np.load(self._block_file(i)) as z:
                 for k, (_, _, box) in enumerate(_halo_slabs(core, ext)):
                     mine = z[f"slab_{k}"].astype(np.uint64)
-                    j = self._index(
-                        [s.start for s in box]
-                    )  # the face neighbour whose core holds the slab
+                    # the face neighbour whose core holds the slab
+                    j = self._index([s.start for s in box])
                     theirs = prov.read(box).astype(np.uint64)
                     a = np.where(mine > 0, mine + offsets[i], 0)
                     b = np.where(theirs > 0, theirs + offsets[j], 0)
@@ -203,7 +204,8 @@ class BlockwiseJob:
         links = np.concatenate(links).astype(np.int64) if links else np.zeros((0, 2), np.int64)
         g = coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(total, total))
         _, comp = connected_components(g, directed=False)
-        # number the objects that occur in the output 1..K; background (global 0) has no links, stays 0
+        # number the objects that occur in the output 1..K; background (global 0) has no links,
+        # stays 0
         rank = np.zeros(comp.max() + 1, np.uint64)
         used = np.unique(comp[present[present > 0].astype(np.int64)])
         rank[used] = np.arange(1, used.size + 1, dtype=np.uint64)
@@ -238,9 +240,8 @@ class BlockwiseJob:
         from emfm.train import distributed
 
         pid, nproc = distributed.process()
-        prov = (
-            self._prepare() if pid == 0 else None
-        )  # several processes: 0 creates, the others open
+        # several processes: 0 creates, the others open
+        prov = self._prepare() if pid == 0 else None
         distributed.barrier("instances: work directory ready")
         prov = prov if prov is not None else self._prepare()
         todo = [i for i in range(len(self.blocks)) if not self._block_file(i).exists()]
@@ -310,7 +311,8 @@ def volume_reader(
         )
     if kind == "affinities" and n_offsets is not None and vol.shape[3] != n_offsets:
         raise VolumeError(
-            f"instance input {vol.path} has {vol.shape[3]} channels but {n_offsets} offsets are configured"
+            f"instance input {vol.path} has {vol.shape[3]} channels but {n_offsets} offsets are "
+            "configured"
         )
     if (
         kind == "boundary"
@@ -318,7 +320,8 @@ def volume_reader(
         and (channel is None or not 0 <= channel < vol.shape[3])
     ):
         raise VolumeError(
-            f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K (0..{vol.shape[3] - 1}) "
+            f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K "
+            f"(0..{vol.shape[3] - 1}) "
             "for the boundary class, or kind=affinities"
         )
     scale = 1.0 / np.iinfo(vol.dtype).max if np.issubdtype(vol.dtype, np.integer) else 1.0
@@ -368,7 +371,8 @@ def _from_attributes(
         configured = [tuple(o) for o in params.offsets]
         if configured != recorded and configured != [tuple(o) for o in DEFAULT_OFFSETS]:
             raise VolumeError(
-                f"instance input {vol.path} holds affinities for offsets {[list(o) for o in recorded]}, "
+                f"instance input {vol.path} holds affinities for offsets "
+                f"{[list(o) for o in recorded]}, "
                 f"but offsets={[list(o) for o in configured]} were given"
             )
         params = replace(params, offsets=tuple(recorded))
@@ -390,7 +394,8 @@ def instances(
     keep_work: bool = False,
     progress: Callable | None = None,
 ) -> dict:
-    """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr v3)."""
+    """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr
+    v3)."""
     vol = open_volume(input_path)
     channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
     read, kind = volume_reader(

@@ -54,7 +54,8 @@ def _check(fragments: np.ndarray, other_shape, what: str) -> np.ndarray:
 
 
 def rag_from_boundaries(fragments: np.ndarray, boundary: np.ndarray) -> Rag:
-    """RAG whose edge weight is the mean of `(b[p] + b[q]) / 2` over the faces (p, q) between two fragments."""
+    """RAG whose edge weight is the mean of `(b[p] + b[q]) / 2` over the faces (p, q) between two
+    fragments."""
     frag = _check(fragments, np.shape(boundary), "boundary map")
     b = np.asarray(boundary, np.float64)
     us, vs, vals = [], [], []
@@ -111,9 +112,8 @@ def agglomerate(rag: Rag, threshold: float = 0.5) -> np.ndarray:
     heap = []
     for (u, v), p, s in zip(rag.edges.tolist(), rag.prob.tolist(), rag.size.tolist()):
         e = adj[u][v] = adj[v][u] = [p * s, s]
-        heap.append(
-            (e[0] / e[1], u, v)
-        )  # the mean exactly as recomputed when checking for staleness
+        # the mean exactly as recomputed when checking for staleness
+        heap.append((e[0] / e[1], u, v))
     heapq.heapify(heap)
     while heap:
         p, u, v = heapq.heappop(heap)

@@ -141,7 +141,8 @@ def segment_2d_then_3d(
     mutual_best: bool = True,
     min_overlap: int = 1,
 ) -> np.ndarray:
-    """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in 3D.
+    """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in
+    3D.
 
     `method_2d`: "watershed" (seeds = confident interior, grown over the map) or "agglomeration"
     (distance-transform fragments of the section merged by mean boundary probability, robust to
@@ -159,9 +160,8 @@ def segment_2d_then_3d(
         for z, b in enumerate(boundary):
             frag = fragments(b, threshold=threshold, sigma=sigma)
             nodes = graph.agglomerate(graph.rag_from_boundaries(frag, b), agglomeration_threshold)
-            lab2d[z] = graph.apply_to_fragments(
-                frag, nodes
-            )  # made unique over sections by link_sections
+            # made unique over sections by link_sections
+            lab2d[z] = graph.apply_to_fragments(frag, nodes)
     else:
         raise UserError(f"method_2d={method_2d!r}: use watershed or agglomeration")
     return link_sections(

@@ -15,9 +15,8 @@ from skimage.segmentation import relabel_sequential
 from emfm.errors import UserError
 from emfm.instances.affinities import check_offsets, is_nearest
 
-_EPS = (
-    1e-6  # keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
-)
+# keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
+_EPS = 1e-6
 
 
 def signed_weights(affs: np.ndarray, offsets) -> np.ndarray:

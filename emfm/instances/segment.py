@@ -83,7 +83,8 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
         offsets = check_offsets(params.offsets, 3)
         if len(offsets) != data.shape[0]:
             raise UserError(
-                f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured"
+                f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are "
+                "configured"
             )
         boundary = boundaries_from_affinities(data, offsets)
     else:
@@ -92,7 +93,8 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     if m == "mws":
         if not affinities:
             raise UserError(
-                "method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary map"
+                "method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary "
+                "map"
             )
         return mutex_watershed(data, params.offsets, repulsive_stride=params.repulsive_stride)
     if m == "watershed":

@@ -37,7 +37,8 @@ METRICS = {
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "watershed": {"threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [4, 16, 64, 256]},
     # link_mutual_best stays at its default (one-to-one): shallow validation regions do not show the
-    # chaining of any-pair links, which builds up over many sections (experiments/segmentation/README.md)
+    # chaining of any-pair links, which builds up over many sections
+    # (experiments/segmentation/README.md)
     "link2d": {
         "threshold": [0.1, 0.2, 0.3, 0.5],
         "link_2d": ["watershed", "agglomeration"],
@@ -61,8 +62,8 @@ def score_instances(
     per_section: bool = False,
     ignore_gt: Sequence[int] = (0,),
 ) -> float:
-    """One number of `pred` against `gt` (same shape). Region metrics (adapted Rand error, VOI, CREMI)
-    ignore gt ids in `ignore_gt`; `instance_f1` = 2 TP / (n_pred + n_gt) at IoU >= 0.5. With
+    """One number of `pred` against `gt` (same shape). Region metrics (adapted Rand error, VOI,
+    CREMI) ignore gt ids in `ignore_gt`; `instance_f1` = 2 TP / (n_pred + n_gt) at IoU >= 0.5. With
     `per_section`, region metrics are averaged over sections and instance counts summed."""
     from emfm.eval.metrics_instance import match_instances
     from emfm.eval.metrics_region import region_scores
@@ -214,9 +215,9 @@ def tune_from_volumes(
     per_section: bool = False,
     ignore_gt: Sequence[int] = (0,),
 ) -> tuple[SegmentParams, list[dict]]:
-    """`instances.tune=true`: the probabilities of `input_path` in `roi` (its own coordinates) against
-    the labels at `labels_path` in the same region of the source volume (shifted by the `roi` origin
-    that `emfm predict` records in the probabilities' attributes)."""
+    """`instances.tune=true`: the probabilities of `input_path` in `roi` (its own coordinates)
+    against the labels at `labels_path` in the same region of the source volume (shifted by the
+    `roi` origin that `emfm predict` records in the probabilities' attributes)."""
     from emfm.data.volume import VolumeError, open_volume
     from emfm.instances.blockwise import _from_attributes, volume_reader
 
@@ -228,7 +229,8 @@ def tune_from_volumes(
     shape = vol.spatial_shape
     if roi is None or len(roi) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(roi, shape)):
         raise VolumeError(
-            f"instances.tune_roi={roi}: give 3 [start, stop] ranges inside {input_path} of shape {list(shape)}"
+            f"instances.tune_roi={roi}: give 3 [start, stop] ranges inside {input_path} of shape "
+            f"{list(shape)}"
         )
     origin = [r[0] for r in vol.attributes.get("roi") or [[0, 0]] * 3]
     lab = open_volume(labels_path)

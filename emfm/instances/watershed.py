@@ -12,7 +12,8 @@ from skimage.segmentation import relabel_sequential, watershed
 
 
 def _per_section(fn, boundary: np.ndarray, two_d: bool) -> np.ndarray:
-    """Apply `fn(volume) -> labels` to the whole volume, or per section with ids offset to stay unique."""
+    """Apply `fn(volume) -> labels` to the whole volume, or per section with ids offset to stay
+    unique."""
     if not two_d or boundary.ndim == 2:
         return fn(boundary)
     out = np.zeros(boundary.shape, np.uint64)

@@ -1,4 +1,5 @@
-"""Small heads on encoder features: projection MLPs (SimCLR, MoCo v3, dense) and DINO's prototype head.
+"""Small heads on encoder features: projection MLPs (SimCLR, MoCo v3, dense) and DINO's prototype
+head.
 
 Heads act on the last axis, so the same head maps pooled features `[b, d]` and feature maps
 `[b, (z,) y, x, d]` alike.
@@ -15,7 +16,8 @@ from emfm.models.layers import dense, layer_norm
 
 
 def global_feature(aux: dict) -> Float[Array, "b d"]:
-    """One vector per example: the cls token of a ViT, else the spatial mean of the feature map (U-Net)."""
+    """One vector per example: the cls token of a ViT, else the spatial mean of the feature map
+    (U-Net)."""
     if "cls" in aux:
         return aux["cls"]
     fmap = aux["patch_map"]

@@ -27,7 +27,8 @@ def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
     for s, p in zip(spatial, patch):
         if s % p:
             raise UserError(
-                f"image of spatial shape {tuple(spatial)} is not divisible by patch size {tuple(patch)}"
+                f"image of spatial shape {tuple(spatial)} is not divisible by patch size "
+                f"{tuple(patch)}"
             )
     return tuple(s // p for s, p in zip(spatial, patch))
 

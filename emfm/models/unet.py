@@ -1,17 +1,17 @@
-"""Residual U-Net encoder-decoder for 2D and 3D EM (Ronneberger et al. 2015; anisotropic pooling as in
-Lee et al. 2017, "Superhuman accuracy on the SNEMI3D connectomics challenge"), NNX.
+"""Residual U-Net encoder-decoder for 2D and 3D EM (Ronneberger et al. 2015; anisotropic pooling as
+in Lee et al. 2017, "Superhuman accuracy on the SNEMI3D connectomics challenge"), NNX.
 
-Input is channel-last `[b, y, x, c]` (2D) or `[b, z, y, x, c]` (3D). Level 0 runs at full resolution;
-each further level halves y and x, and z too from level `pool_z_from_level` on, so thick serial
-sections are pooled in-plane first until the voxels are roughly isotropic. Every level is
+Input is channel-last `[b, y, x, c]` (2D) or `[b, z, y, x, c]` (3D). Level 0 runs at full
+resolution; each further level halves y and x, and z too from level `pool_z_from_level` on, so thick
+serial sections are pooled in-plane first until the voxels are roughly isotropic. Every level is
 `blocks_per_level` pre-activation residual blocks (norm, GELU, conv, norm, GELU, conv, plus skip).
 
 It conforms to the encoder interface: `__call__(x) -> (tokens, aux)` with
-  tokens: `[b, n, width]` the full-resolution decoder features, one "token" per pixel (raster order);
-  aux: {"patch_map": [b, (z,) y, x, width] the same as a map, "patch_tokens": tokens,
+  tokens: `[b, n, width]` the full-resolution decoder features, one "token" per pixel (raster
+  order); aux: {"patch_map": [b, (z,) y, x, width] the same as a map, "patch_tokens": tokens,
         "blocks": {level: [b, (z,) y_l, x_l, widths[level]] encoder features}}.
-So `spec.patch_size` is all ones and `spec.width` the output channels. `encode(x)` is the encoder half
-alone (the per-level features a segmentation decoder reuses); `decode(feats)` the decoder half.
+So `spec.patch_size` is all ones and `spec.width` the output channels. `encode(x)` is the encoder
+half alone (the per-level features a segmentation decoder reuses); `decode(feats)` the decoder half.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ NORMS = ("group", "layer")
 
 @dataclass(frozen=True)
 class UNetSpec:
-    """Resolved U-Net architecture. `widths[l]` is the channel count of level l (l = 0 full resolution)."""
+    """Resolved U-Net architecture. `widths[l]` is the channel count of level l (l = 0 full
+    resolution)."""
 
     ndim: int = 2
     in_channels: int = 1
     widths: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_level: int = 1
-    pool_z_from_level: int = (
-        1  # 3D: the downsampling into level l pools z only when l >= this value
-    )
+    # 3D: the downsampling into level l pools z only when l >= this value
+    pool_z_from_level: int = 1
     norm: str = "group"
     groups: int = 8
     dtype: str = "float32"
@@ -112,10 +112,10 @@ def _norm(spec: UNetSpec, ch: int, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def he_uniform(key, shape, dtype=jnp.float32):
-    """He (fan-in, gain 2) uniform init for GELU convs. Drawn with numpy from the key's bits when the
-    key is concrete: jax's samplers compile one XLA program per kernel shape, which made building
-    even a small U-Net take 10+ s on a 2-core CPU. Under tracing (eval_shape, jit) jax draws it
-    (same distribution, other numbers), so build eagerly where exact values must repeat."""
+    """He (fan-in, gain 2) uniform init for GELU convs. Drawn with numpy from the key's bits when
+    the key is concrete: jax's samplers compile one XLA program per kernel shape, which made
+    building even a small U-Net take 10+ s on a 2-core CPU. Under tracing (eval_shape, jit) jax
+    draws it (same distribution, other numbers), so build eagerly where exact values must repeat."""
     bound = math.sqrt(6.0 / math.prod(shape[:-1]))
     if isinstance(key, jax.core.Tracer):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -138,7 +138,8 @@ def _conv(spec: UNetSpec, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Co
 
 
 class ResBlock(nnx.Module):
-    """Pre-activation residual block (He et al. 2016, "Identity mappings"), 1x1 conv skip on width change."""
+    """Pre-activation residual block (He et al. 2016, "Identity mappings"), 1x1 conv skip on width
+    change."""
 
     def __init__(self, spec: UNetSpec, cin: int, cout: int, *, rngs: nnx.Rngs):
         self.norm1 = _norm(spec, cin, rngs)
@@ -189,7 +190,8 @@ class UNet(nnx.Module):
         self.down = nnx.List(
             [_stage(spec, w[max(i - 1, 0)], w[i], rngs) for i in range(spec.depth)]
         )
-        # decoder level i (< depth-1): upsample level i+1, 1x1 conv to w[i], concat skip, residual stage
+        # decoder level i (< depth-1): upsample level i+1, 1x1 conv to w[i], concat skip, residual
+        # stage
         self.up_proj = nnx.List(
             [_conv(spec, w[i + 1], w[i], 1, rngs) for i in range(spec.depth - 1)]
         )
@@ -200,7 +202,8 @@ class UNet(nnx.Module):
         s = self.spec
         if x.ndim != s.ndim + 2:
             raise UserError(
-                f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape {x.shape}"
+                f"{s.ndim}D U-Net takes [b, {'z, ' * (s.ndim == 3)}y, x, c] input; got shape "
+                f"{x.shape}"
             )
         if x.shape[-1] != s.in_channels:
             raise UserError(f"U-Net expects {s.in_channels} channel(s); input has {x.shape[-1]}")
@@ -224,7 +227,8 @@ class UNet(nnx.Module):
         return feats
 
     def decode(self, feats: Sequence[Float[Array, "b *sp_l c_l"]]) -> Float[Array, "b *sp w"]:
-        """The decoder half: full-resolution features `[b, (z,) y, x, widths[0]]` (normed, float32)."""
+        """The decoder half: full-resolution features `[b, (z,) y, x, widths[0]]` (normed,
+        float32)."""
         h = feats[-1]
         for lvl in range(self.spec.depth - 2, -1, -1):
             h = upsample(self.up_proj[lvl](h), self.spec.pool_window(lvl + 1))

@@ -106,7 +106,8 @@ class ViT(nnx.Module):
     def _check(self, x) -> None:
         if x.ndim != self.spec.ndim + 2:
             raise UserError(
-                f"ViT with patch size {self.spec.patch_size} takes [b, {'z, ' * (self.spec.ndim == 3)}y, x, c] "
+                f"ViT with patch size {self.spec.patch_size} takes [b, "
+                f"{'z, ' * (self.spec.ndim == 3)}y, x, c] "
                 f"input; got shape {x.shape}"
             )
         if x.shape[-1] != self.spec.in_channels:

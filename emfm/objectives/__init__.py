@@ -1,4 +1,5 @@
-"""Self-supervised objectives, one file each, registered by name (no import side effects beyond this dict)."""
+"""Self-supervised objectives, one file each, registered by name (no import side effects beyond this
+dict)."""
 
 from __future__ import annotations
 

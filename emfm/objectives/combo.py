@@ -1,6 +1,6 @@
-"""MAE plus a contrastive loss in one run: `w_mae * MAE(batch["image"]) + w_c * contrastive(image, image2)`
-(weights `combo_weights`). One ViT encoder is shared; the MAE decoder and the contrastive heads sit
-beside it. The model is called like an MAE model, so `mae.reconstruct` draws its figure.
+"""MAE plus a contrastive loss in one run: `w_mae * MAE(batch["image"]) + w_c * contrastive(image,
+image2)` (weights `combo_weights`). One ViT encoder is shared; the MAE decoder and the contrastive
+heads sit beside it. The model is called like an MAE model, so `mae.reconstruct` draws its figure.
 """
 
 from __future__ import annotations

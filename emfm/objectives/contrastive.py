@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-# ---------------------------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------------------------
+# losses
 
 
 def l2_normalize(x, eps: float = 1e-6):
@@ -41,7 +42,8 @@ def nt_xent(z1: Float[Array, "b d"], z2: Float[Array, "b d"], temperature: float
     return -jnp.mean(jnp.take_along_axis(logp, pos[:, None], axis=1))
 
 
-# ------------------------------------------------------------------------------------------ the model
+# ------------------------------------------------------------------------------------------ the
+# model
 
 
 class ContrastiveModel(nnx.Module):
@@ -74,7 +76,8 @@ def photometric(
     gamma: float = 0.2,
     noise: float = 0.03,
 ) -> Float[Array, "b *sp c"]:
-    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0, 1])."""
+    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0,
+    1])."""
     kc, kb, kg, kn, ks = jax.random.split(rng, 5)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     c = 1.0 + jax.random.uniform(kc, shape, minval=-contrast, maxval=contrast)
@@ -98,7 +101,8 @@ def _dihedral(a, k, flip: bool, inverse: bool):
 def dihedral(
     x: Float[Array, "b *sp c"], code: jax.Array, *, inverse: bool = False
 ) -> Float[Array, "b *sp c"]:
-    """Per-example flip / rot90 chosen by `code[b]` in 0..7 (bit 0 = y-flip, bits 1-2 = quarter turns)."""
+    """Per-example flip / rot90 chosen by `code[b]` in 0..7 (bit 0 = y-flip, bits 1-2 = quarter
+    turns)."""
     square = x.shape[-3] == x.shape[-2]
     turns = range(4) if square else (0, 2)  # switch branches must agree in shape
     branches = [
@@ -109,7 +113,8 @@ def dihedral(
 
 
 def dihedral_codes(rng, batch: int, square: bool) -> jax.Array:
-    """Random codes for `dihedral`; non-square planes keep their shape only under 0 / 180 degree turns."""
+    """Random codes for `dihedral`; non-square planes keep their shape only under 0 / 180 degree
+    turns."""
     code = jax.random.randint(rng, (batch,), 0, 8)
     return code if square else code % 2 + 4 * (code // 4)
 

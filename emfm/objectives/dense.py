@@ -1,5 +1,5 @@
-"""Dense contrastive learning: InfoNCE between corresponding locations of two views (in the spirit of
-DenseCL, Wang et al. 2021, and PixPro, Xie et al. 2021, but with exact correspondence).
+"""Dense contrastive learning: InfoNCE between corresponding locations of two views (in the spirit
+of DenseCL, Wang et al. 2021, and PixPro, Xie et al. 2021, but with exact correspondence).
 
 Both views are made on-device from `batch["image"]`: independent grey-value jitter, and for the
 second a random in-plane flip / rot90 that is known, so its feature map is turned back exactly onto
@@ -33,7 +33,8 @@ class Heads(nnx.Module):
 
 
 def aligned_views(rng, x):
-    """(view 1, view 2, codes): view 2 = dihedral(jitter(x), codes); view 1 = jitter(x) untransformed."""
+    """(view 1, view 2, codes): view 2 = dihedral(jitter(x), codes); view 1 = jitter(x)
+    untransformed."""
     kc, k1, k2 = jax.random.split(rng, 3)
     code = dihedral_codes(kc, x.shape[0], square=x.shape[-3] == x.shape[-2])
     return photometric(k1, x), dihedral(photometric(k2, x), code), code

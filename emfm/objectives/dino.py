@@ -33,8 +33,9 @@ class Heads(nnx.Module):
 def dino_cross_entropy(
     student: list, teacher: list, center, student_temp: float, teacher_temp: float
 ):
-    """Mean over pairs (teacher view i, student view v != i) of H(softmax((t_i - c)/T_t), softmax(s_v/T_s));
-    teacher view i is student view i (the first len(teacher) student views are the global ones)."""
+    """Mean over pairs (teacher view i, student view v != i) of H(softmax((t_i - c)/T_t),
+    softmax(s_v/T_s)); teacher view i is student view i (the first len(teacher) student views are
+    the global ones)."""
     t_probs = [jax.nn.softmax((t - center) / teacher_temp, axis=-1) for t in teacher]
     s_logp = [jax.nn.log_softmax(s / student_temp, axis=-1) for s in student]
     total, pairs = 0.0, 0
@@ -48,7 +49,8 @@ def dino_cross_entropy(
 
 
 def local_views(rng, x1, x2, cfg, multiple: int):
-    """`cfg.local_crops` local crops, alternately from each global view; side a multiple of `multiple`."""
+    """`cfg.local_crops` local crops, alternately from each global view; side a multiple of
+    `multiple`."""
     side = max(multiple, int(round(x1.shape[-2] * cfg.local_crop_size / multiple)) * multiple)
     keys = jax.random.split(rng, max(cfg.local_crops, 1))
     return [

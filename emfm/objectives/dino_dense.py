@@ -41,7 +41,8 @@ class Heads(nnx.Module):
 
 def zoom_crops(rng, x, scale: tuple[float, float]):
     """Per example a random square crop of side `s * H` (s ~ U(scale)) of `[b, H, W, c]` (H == W),
-    resized (linear, antialiased) back to `H x W`; returns the views and the crops' (y0, x0, side)."""
+    resized (linear, antialiased) back to `H x W`; returns the views and the crops' (y0, x0,
+    side)."""
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
     ks, ky, kx = jax.random.split(rng, 3)
     side = jax.random.uniform(ks, (b,), minval=scale[0], maxval=scale[1]) * min(h, w)
@@ -64,7 +65,8 @@ def zoom_crops(rng, x, scale: tuple[float, float]):
 
 
 def mask_squares(rng, x, ratio: float, side: int):
-    """Replace a `ratio` fraction of the `side x side` squares of `[b, H, W, c]` by each view's mean."""
+    """Replace a `ratio` fraction of the `side x side` squares of `[b, H, W, c]` by each view's
+    mean."""
     if ratio <= 0:
         return x
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
@@ -76,7 +78,8 @@ def mask_squares(rng, x, ratio: float, side: int):
 
 
 def bilinear(fmap, gy, gx):
-    """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s, d]`."""
+    """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s,
+    d]`."""
     gmax_y, gmax_x = fmap.shape[1] - 1, fmap.shape[2] - 1
     gy, gx = jnp.clip(gy, 0, gmax_y), jnp.clip(gx, 0, gmax_x)
     y0, x0 = jnp.floor(gy).astype(jnp.int32), jnp.floor(gx).astype(jnp.int32)

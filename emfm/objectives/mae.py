@@ -1,10 +1,11 @@
-"""Masked autoencoder objective (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
+"""Masked autoencoder objective (He et al. 2022, "Masked Autoencoders Are Scalable Vision
+Learners").
 
 The encoder sees the visible 1 - r of the patch tokens only; a light transformer decoder receives
 the encoded visible tokens plus a shared mask token at every masked position (with position
 embeddings) and predicts each patch's pixels. The loss is the MSE on masked patches only, against
-per-patch normalised pixels (`norm_pix_loss`: each target patch minus its mean, over sqrt(var + 1e-6),
-var unbiased=False as in the reference code).
+per-patch normalised pixels (`norm_pix_loss`: each target patch minus its mean, over sqrt(var +
+1e-6), var unbiased=False as in the reference code).
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def loss(
 
 def reconstruct(model: MAE, images, rng, *, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
     """(masked input, reconstruction) in image space, for figures. With norm_pix_loss the
-    prediction is de-normalised with each visible-or-not patch's true mean/std, as MAE's demo does."""
+    prediction is de-normalised with each visible-or-not patch's true mean/std, as MAE's demo
+    does."""
     patch = model.encoder.spec.patch_size
     grid = model.encoder.grid(images.shape[1:-1])
     masking = random_masking(rng, images.shape[0], grid, mask_ratio)

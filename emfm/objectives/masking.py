@@ -13,9 +13,8 @@ from jaxtyping import Array, Float, Int
 
 class Masking(NamedTuple):
     ids_keep: Int[Array, "b k"]  # indices of visible tokens, in order of the random shuffle
-    ids_restore: Int[
-        Array, "b n"
-    ]  # argsort of the shuffle: unshuffles [visible, masked] back to raster order
+    # argsort of the shuffle: unshuffles [visible, masked] back to raster order
+    ids_restore: Int[Array, "b n"]
     mask: Float[Array, "b n"]  # 1 = masked (to reconstruct), 0 = visible, in raster order
 
 

@@ -1,4 +1,5 @@
-"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers").
+"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers").
 
 The student encodes both views, projects (MLP) and predicts (MLP); the momentum teacher (the EMA
 copy the training state keeps, `ObjectiveDef.teacher=True`) encodes and projects them without

@@ -74,7 +74,8 @@ def on_local_device(abstract: Any) -> Any:
 
 
 def params_restore_args(abstract_params: Any):
-    """Restore arguments of a checkpoint's `params` alone (partial restore), onto this process's device."""
+    """Restore arguments of a checkpoint's `params` alone (partial restore), onto this process's
+    device."""
     item = {"params": on_local_device(abstract_params)}
     return ocp.args.PyTreeRestore(
         item=item,
@@ -113,7 +114,8 @@ def find_checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_meta(run_dir: str | Path) -> dict:
-    """The JSON record of the latest checkpoint of a run (model config etc.) without loading arrays."""
+    """The JSON record of the latest checkpoint of a run (model config etc.) without loading
+    arrays."""
     mngr = manager(run_dir, create=False)
     step = mngr.latest_step()
     if step is None:

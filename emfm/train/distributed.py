@@ -16,8 +16,9 @@ log = logging.getLogger("emfm")
 
 
 def slurm_step_tasks() -> int:
-    """Tasks of the current Slurm job step (srun): 1 outside Slurm, and for a lone process started by
-    hand inside an allocation of several tasks (it has no step of its own with peers to wait for)."""
+    """Tasks of the current Slurm job step (srun): 1 outside Slurm, and for a lone process started
+    by hand inside an allocation of several tasks (it has no step of its own with peers to wait
+    for)."""
     if "SLURM_JOB_ID" not in os.environ:
         return 1
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
@@ -25,7 +26,8 @@ def slurm_step_tasks() -> int:
 
 def _wait_for_coordinator(address: str, timeout_s: float, pid: int, nproc: int) -> None:
     """A non-coordinator process checks that the coordinator's port answers within `timeout_s`
-    before joining, so that a coordinator that never started is a clear error, not a runtime abort."""
+    before joining, so that a coordinator that never started is a clear error, not a runtime
+    abort."""
     import socket
     import time
 
@@ -50,10 +52,10 @@ def _wait_for_coordinator(address: str, timeout_s: float, pid: int, nproc: int) 
 
 
 def initialize(cfg) -> None:
-    """`cfg`: DistributedConfig (enabled, coordinator_address, num_processes, process_id, cpu_devices,
-    timeout_s). Joins `jax.distributed` when enabled, or automatically inside a Slurm job step of
-    several tasks; a peer that never comes ends the start-up after `timeout_s` with an error that
-    names the coordinator."""
+    """`cfg`: DistributedConfig (enabled, coordinator_address, num_processes, process_id,
+    cpu_devices, timeout_s). Joins `jax.distributed` when enabled, or automatically inside a Slurm
+    job step of several tasks; a peer that never comes ends the start-up after `timeout_s` with an
+    error that names the coordinator."""
     if cfg.cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(cfg.cpu_devices))
     in_slurm = slurm_step_tasks() > 1
@@ -67,9 +69,11 @@ def initialize(cfg) -> None:
         _wait_for_coordinator(
             cfg.coordinator_address, cfg.timeout_s, cfg.process_id, cfg.num_processes
         )
-    # the runtime ends the process itself (no Python exception) when a peer does not register in time
+    # the runtime ends the process itself (no Python exception) when a peer does not register in
+    # time
     log.info(
-        "jax.distributed: process %d of %d joining %s (up to %d s for every process; if the run ends "
+        "jax.distributed: process %d of %d joining %s (up to %d s for every process; if the run "
+        "ends "
         "with 'Terminating process' a peer did not start or cannot reach it)",
         cfg.process_id,
         cfg.num_processes,

@@ -40,8 +40,8 @@ class MetricWriter:
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True, **kw):
-    """A progress bar; when stderr is not a terminal (a log file under a scheduler) it writes at most
-    one line every 30 s (EMFM_PROGRESS_INTERVAL seconds)."""
+    """A progress bar; when stderr is not a terminal (a log file under a scheduler) it writes at
+    most one line every 30 s (EMFM_PROGRESS_INTERVAL seconds)."""
     import os
     import sys
 

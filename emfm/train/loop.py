@@ -45,8 +45,8 @@ class Preempted(RuntimeError):
 
 
 class Preemption:
-    """Catches the configured signals while the loop runs; `agreed(step)` is called by every process at
-    every step, so all processes see the same answer at the same step: one process that got the
+    """Catches the configured signals while the loop runs; `agreed(step)` is called by every process
+    at every step, so all processes see the same answer at the same step: one process that got the
     signal is enough to stop them all at one step, with no process left waiting in a collective the
     others never enter. With several processes the flags are all-gathered every `every` steps (the
     log interval), not at every step, to keep the host synchronisation off the hot path."""
@@ -106,7 +106,8 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the restored step (written by a run that died before its next checkpoint)."""
+    """Drop records past the restored step (written by a run that died before its next
+    checkpoint)."""
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
@@ -223,9 +224,8 @@ def run(
                     postfix["img_s"] = f"{rate:.1f}"
                 if writer is not None:
                     writer.write(step + 1, m)
-                bar.set_postfix(
-                    refresh=False, **postfix
-                )  # drawn with the next update, rate-limited
+                # drawn with the next update, rate-limited
+                bar.set_postfix(refresh=False, **postfix)
                 if best is not None and trainer.best_metric in m:
                     v = float(m[trainer.best_metric])
                     if v < best_value:

@@ -91,8 +91,8 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 def build(
     cfg, *, steps: int, batch_size: int, params=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et al.).
-    `params` (or an abstract tree of them) is needed for layer decay and freezing."""
+    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et
+    al.). `params` (or an abstract tree of them) is needed for layer decay and freezing."""
     if cfg.name != "adamw":
         raise UserError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
     lr = cfg.lr * batch_size / 256.0 if cfg.scale_lr_by_batch else cfg.lr

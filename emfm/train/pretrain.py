@@ -28,7 +28,10 @@ from emfm.models.vit import count_params
 from emfm.objectives import mae
 from emfm.train import checkpoint, loop, optim
 from emfm.train import mesh as meshlib
-from emfm.train.loop import NonFiniteLoss, Preempted  # noqa: F401 - re-exported: the CLI catches them here
+
+# re-exported: the CLI catches them here
+from emfm.train.loop import NonFiniteLoss as NonFiniteLoss
+from emfm.train.loop import Preempted as Preempted
 from emfm.train.state import build_pretraining_model, init_state, make_train_step, model_meta
 
 log = logging.getLogger("emfm")
@@ -48,7 +51,8 @@ def _model_batch(batch: dict, ndim: int) -> dict:
 
 
 class _ModelBatches:
-    """The loader's batches in model layout, for the step loop (state, close and wait time pass through)."""
+    """The loader's batches in model layout, for the step loop (state, close and wait time pass
+    through)."""
 
     def __init__(self, loader: PatchLoader, ndim: int):
         self.loader, self.ndim = loader, ndim
@@ -68,7 +72,8 @@ class _ModelBatches:
 
 
 def pretrain(cfg: EmfmConfig) -> dict:
-    """Train an encoder with the configured objective; resumes from `cfg.run_dir` if it holds a checkpoint.
+    """Train an encoder with the configured objective; resumes from `cfg.run_dir` if it holds a
+    checkpoint.
 
     Returns a summary (steps, losses, throughput, data-wait fraction, checkpoint path).
     """

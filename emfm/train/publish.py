@@ -31,7 +31,8 @@ def publish(
     overwrite: bool = False,
 ) -> Path:
     """Write zoo entry `name` from the latest checkpoint of pretraining run `run_dir`: the encoder's
-    (and objective heads') parameters only, the checkpoint record, `MODEL_CARD.md` and `entry.json`."""
+    (and objective heads') parameters only, the checkpoint record, `MODEL_CARD.md` and
+    `entry.json`."""
     if not name or "/" in name or name.startswith("."):
         raise ZooError(f"zoo name {name!r}: a plain folder name")
     dst = (root or ROOT) / name

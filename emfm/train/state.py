@@ -26,9 +26,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; batch randomness is fold_in(rng, step)
     rest: Any = None  # non-parameter model state (e.g. DINO's centre); nnx.State, possibly empty
     ema: Any = None  # EMA teacher parameters (same structure as params) for teacher objectives
-    nonfinite: Any = (
-        None  # int32: steps whose loss or gradient was not finite (their update was skipped)
-    )
+    # int32: steps whose loss or gradient was not finite (their update was skipped)
+    nonfinite: Any = None
     first_bad: Any = None  # int32: the first such step (1-based), -1 if none
 
 
@@ -72,7 +71,8 @@ def make_train_step(
     ema_base: float = 0.996,
     total_steps: int = 1,
 ):
-    """A pure `(state, batch) -> (state, metrics)`; the caller jits it (with shardings and donation).
+    """A pure `(state, batch) -> (state, metrics)`; the caller jits it (with shardings and
+    donation).
 
     `loss_fn(model, batch, rng, teacher)`; randomness is `fold_in(state.rng, state.step)`, so a
     resumed run draws the same numbers. With an EMA teacher, the teacher is the model merged with
@@ -100,7 +100,10 @@ def make_train_step(
             m = ema_momentum(ema_base, state.step, total_steps)
             ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, params)
             metrics["ema_momentum"] = m
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         bad = (~finite).astype(jnp.int32)
         return state.replace(
             step=state.step + 1,
@@ -120,7 +123,8 @@ def model_meta(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig) -> dict:
 
 
 def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
-    """The pretrained encoder of a run (latest finished checkpoint) and the checkpoint's meta record."""
+    """The pretrained encoder of a run (latest finished checkpoint) and the checkpoint's meta
+    record."""
     run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
     meta = checkpoint.read_meta(run_dir)
     try:

@@ -1,7 +1,8 @@
-"""Fine-tuning from a pretrained checkpoint vs random init, with a linear probe on each frozen encoder
-given the same labels, on ISBI 2012 membranes and CDeep3M mitochondria.
+"""Fine-tuning from a pretrained checkpoint vs random init, with a linear probe on each frozen
+encoder given the same labels, on ISBI 2012 membranes and CDeep3M mitochondria.
 
-    python experiments/foundation/finetune.py --shared ../shared/data/em --out runs/foundation/finetune \
+    python experiments/foundation/finetune.py --shared ../shared/data/em --out
+    runs/foundation/finetune \
         --checkpoint zoo:NAME [--datasets isbi,cdeep3m] [--inits zoo,random] [--fractions 0.1,1.0] \
         [--seeds 0,1,2] [--steps 400] [--probe]
     python experiments/foundation/finetune.py --table --out runs/foundation/finetune > table.md
@@ -150,9 +151,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     yv, yt = fg(name, ds["y"][slice(*ds["val"])]), fg(name, ds["y"][slice(*ds["test"])])
     thr = choose_threshold(p_val, yv)
     px = metrics.binary_scores(p_test >= thr, yt)
-    pv = metrics.binary_scores(
-        p_val >= thr, yv
-    )  # for choosing fine-tuning recipes: validation only
+    # for choosing fine-tuning recipes: validation only
+    pv = metrics.binary_scores(p_val >= thr, yv)
     out = {
         "f1": px["f1"],
         "iou": px["iou"],
@@ -243,8 +243,8 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
 
 
 def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
-    """Linear probe (subpixel, emfm.eval.probes) on the frozen encoder of this initialisation, trained on
-    the same labelled sections as the fine-tuned model."""
+    """Linear probe (subpixel, emfm.eval.probes) on the frozen encoder of this initialisation,
+    trained on the same labelled sections as the fine-tuned model."""
     from emfm.config.schema import BenchmarkConfig, ModelConfig, resolve_zoo
     from emfm.eval import probes
     from emfm.eval.benchmark import encode

@@ -1,6 +1,7 @@
 """Publish a pretraining run as a zoo checkpoint (emfm/zoo_models/NAME) with its model card.
 
-    python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite] [--card-only]
+    python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite]
+    [--card-only]
 
 The card names the data (with licences), the recipe and the exact command, the compute (steps,
 images, wall time, hardware), the commit, and the benchmark table of BENCH_DIR (benchmark.md of
@@ -22,14 +23,21 @@ job's held-out sections are not in it):
 
 | volume | modality, tissue | pixel size | sections used | licence / terms |
 |---|---|---|---|---|
-| ISBI 2012 training volume | ssTEM, Drosophila larva VNC | 4 x 4 x 50 nm | 0-19 of 30 | ISBI 2012 challenge terms (research, citation: Cardona et al. 2010, Arganda-Carreras et al. 2015); via github.com/zhixuhao/unet (MIT) |
+| ISBI 2012 training volume | ssTEM, Drosophila larva VNC | 4 x 4 x 50 nm | 0-19 of 30 | ISBI 2012\
+ challenge terms (research, citation: Cardona et al. 2010, Arganda-Carreras et al. 2015); via\
+ github.com/zhixuhao/unet (MIT) |
 | ISBI 2012 challenge test volume (unlabelled) | ssTEM, same | 4 x 4 x 50 nm | all 30 | as above |
-| CDeep3M SBEM mitochondria sample | SBEM, neuropil | 5.9 x 5.9 x 40 nm | 0-13 of 20 | UC Regents licence: research / non-profit use (Haberl et al. 2018) |
-| gala example training volume | FIB-SEM, fly neuropil | about 10 nm | all 50 (the test volume is left out) | HHMI BSD-style (Nunez-Iglesias et al. 2013) |
-| HeLa SBF-SEM (EMPIAR-10094 sections) | SBF-SEM, human HeLa cell | 10 x 10 x 50 nm | all 24 | research use with citation (Karabag et al. 2019) |
-| rat spinal-cord SEM (AxonDeepSeg) | SEM, rat white matter | 70-180 nm | all 10 images | MIT (Zaimi et al. 2018) |
+| CDeep3M SBEM mitochondria sample | SBEM, neuropil | 5.9 x 5.9 x 40 nm | 0-13 of 20 | UC Regents\
+ licence: research / non-profit use (Haberl et al. 2018) |
+| gala example training volume | FIB-SEM, fly neuropil | about 10 nm | all 50 (the test volume is\
+ left out) | HHMI BSD-style (Nunez-Iglesias et al. 2013) |
+| HeLa SBF-SEM (EMPIAR-10094 sections) | SBF-SEM, human HeLa cell | 10 x 10 x 50 nm | all 24 |\
+ research use with citation (Karabag et al. 2019) |
+| rat spinal-cord SEM (AxonDeepSeg) | SEM, rat white matter | 70-180 nm | all 10 images | MIT\
+ (Zaimi et al. 2018) |
 
-Each EM volume is sampled at its native pixel size and 2x coarser (OME-Zarr level 1), so patches span
+Each EM volume is sampled at its native pixel size and 2x coarser (OME-Zarr level 1), so patches\
+ span
 about 4-20 nm pixels; the rat SEM at native size only, with a small weight. The weights are per
 tissue (configs/data/corpus.yaml). The checkpoint inherits the most restrictive of these terms:
 research and non-commercial use, with the citations above.
@@ -59,8 +67,8 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
     m, o, d, t = cfg["model"], cfg["objective"], cfg["data"], cfg["trainer"]
     steps = recs[-1]["step"] if recs else 0
     images = steps * d["batch_size"]
-    # training time: each logged interval's crops over its throughput (a resumed run's pauses excluded;
-    # a step logged twice after a resume counts once)
+    # training time: each logged interval's crops over its throughput (a resumed run's pauses
+    # excluded; a step logged twice after a resume counts once)
     by_step = {r["step"]: r for r in recs if "images_per_s" in r}
     span, prev = 0.0, 0
     for s in sorted(by_step):
@@ -78,7 +86,8 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         f"# {name}",
         "",
         f"A self-supervised encoder for cellular EM from emfm: {arch}, "
-        f"objective `{o['name']}`, {steps} steps x {d['batch_size']} crops of {d['patch_shape'][1]} x "
+        f"objective `{o['name']}`, {steps} steps x {d['batch_size']} crops of "
+        f"{d['patch_shape'][1]} x "
         f"{d['patch_shape'][2]} pixels ({images} crops). Use it as `checkpoint=zoo:{name}` "
         f"(probe, export, finetune) or `checkpoints=[random,zoo:{name}]` (probing benchmark).",
         "",
@@ -86,9 +95,11 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         "",
         f"- model: `{json.dumps({k: v for k, v in m.items() if v is not None})}`",
         f"- objective: `{json.dumps(o)}`",
-        f"- optimiser: AdamW, peak lr {cfg['optim']['lr']}, warm-up {cfg['optim']['warmup_steps']} steps, cosine "
+        f"- optimiser: AdamW, peak lr {cfg['optim']['lr']}, warm-up {cfg['optim']['warmup_steps']} "
+        "steps, cosine "
         f"decay, weight decay {cfg['optim']['weight_decay']}; seed {t['seed']}",
-        f"- data: `data=corpus`, crops {d['patch_shape']}, batch {d['batch_size']}, loader augmentation "
+        f"- data: `data=corpus`, crops {d['patch_shape']}, batch {d['batch_size']}, loader "
+        "augmentation "
         f"{d['aug']['ops']}",
         "",
         "## Command",
@@ -97,18 +108,21 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
         command,
         "```",
         "",
-        "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the resolved "
+        "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the "
+        "resolved "
         "config is `config.yaml` beside this card)",
         "",
         "## Compute",
         "",
-        f"{steps} steps, {images} crops, {span / 3600:.2f} h of training time (logged throughput; pauses "
+        f"{steps} steps, {images} crops, {span / 3600:.2f} h of training time (logged throughput; "
+        "pauses "
         "of the resumed run excluded) on a 2-core CPU shared with other jobs (no accelerator); "
         f"final loss {recs[-1]['loss']:.4f}."
         if recs
         else "",
         "",
-        f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit {_git_rev()}.",
+        f"Trained from commit {prov.get('git_revision', 'unknown')[:10]}; published at commit "
+        f"{_git_rev()}.",
         "",
         "## Data",
         "",
@@ -122,7 +136,8 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
             "",
             "Command: `bash experiments/foundation/benchmark_test.sh "
             f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
-            "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in experiments/foundation/README.md)",
+            "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in "
+            "experiments/foundation/README.md)",
             "",
             "### Primary metric against random init",
             "",
@@ -166,7 +181,8 @@ def main() -> None:
         return
     desc = a.description or "self-supervised EM encoder (emfm)"
     d = publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
-    # the resolved config, with the run directory as given (no absolute path of the machine it ran on)
+    # the resolved config, with the run directory as given (no absolute path of the machine it ran
+    # on)
     cfg_text = (
         "\n".join(
             f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln

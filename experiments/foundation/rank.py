@@ -39,7 +39,8 @@ def rank(bench_dir: Path) -> list[dict]:
     cps = out["checkpoints"]
     arch = {n: arch_of(c["run_dir"]) for n, c in cps.items() if c["run_dir"]}
     randoms = [n for n, c in cps.items() if not c["run_dir"]]
-    # a random entry's architecture: "random:<checkpoint>" names a checkpoint of it; plain "random" the only one
+    # a random entry's architecture: "random:<checkpoint>" names a checkpoint of it; plain "random"
+    # the only one
     rnd_arch = {}
     for r in randoms:
         ref = r.split(":", 1)[1] if ":" in r else next(iter(arch))
@@ -107,13 +108,14 @@ def main() -> None:
 
 
 def sweep_table(sweep: Path, ranking: list[dict]) -> str:
-    """Markdown: one row per run of `sweep` (recipe, steps x batch, crops, train seconds, final loss)
-    joined with its validation ranking."""
+    """Markdown: one row per run of `sweep` (recipe, steps x batch, crops, train seconds, final
+    loss) joined with its validation ranking."""
     import ast
 
     by_name = {r["checkpoint"].split("/")[-1]: r for r in ranking}
     lines = [
-        "| recipe | steps x batch | crops | train s | final loss | mean margin | min margin | > 0.03 |",
+        "| recipe | steps x batch | crops | train s | final loss | mean margin | min margin | > "
+        "0.03 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in sorted(p for p in sweep.iterdir() if (p / "pretrain.log").exists()):

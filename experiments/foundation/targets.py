@@ -1,13 +1,13 @@
-"""The targets of the foundation checkpoint, read from a test-section benchmark of `zoo:NAME` against
-random init (`bash experiments/foundation/benchmark_test.sh`).
+"""The targets of the foundation checkpoint, read from a test-section benchmark of `zoo:NAME`
+against random init (`bash experiments/foundation/benchmark_test.sh`).
 
     python experiments/foundation/targets.py BENCH_DIR [--zoo zoo:em_unet16] [--out FILE.md]
 
 For every task, probe and label fraction: the primary metric (membranes / neuron boundaries: pixel
 F1; mitochondria: IoU) of the zoo checkpoint and of random init (mean ± std, ddof 1, over the seeds;
 each random-init seed its own network), the margin, and whether it meets the target: a margin above
-+0.03 and above 2 standard deviations (the larger of the two rows' std). The target covers the linear
-and MLP probes at 1 % and 10 % of the labels; kNN and 100 % are reported beside it.
++0.03 and above 2 standard deviations (the larger of the two rows' std). The target covers the
+linear and MLP probes at 1 % and 10 % of the labels; kNN and 100 % are reported beside it.
 """
 
 from __future__ import annotations
@@ -49,15 +49,18 @@ def table(bench: Path, zoo: str) -> tuple[str, dict]:
         )
         lines.append(
             f"| {task} ({m}) | {probe} | {frac:.0%} | {z[f'{m}_mean']:.4f} ± {z[f'{m}_std']:.4f} | "
-            f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f} | {margin:+.4f} | {two_std:.4f} | {verdict} |"
+            f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f} | {margin:+.4f} | {two_std:.4f} | "
+            f"{verdict} |"
         )
     seeds = sorted({r["seeds"] for r in d["rows"]})
     sel = d.get("feature_selection") or {}
     chosen = "; ".join(f"{k}: blocks {max(v, key=v.get)}" for k, v in sel.items())
     head = (
-        f"Test sections; {', '.join(map(str, seeds))} seeds per row (ddof 1); features chosen on the "
+        f"Test sections; {', '.join(map(str, seeds))} seeds per row (ddof 1); features chosen on "
+        "the "
         f"validation sections ({chosen or 'final output'}).\n\n"
-        f"Target (linear and MLP probes, 1 % and 10 % of the labels, margin > +0.03 and > 2 std): met in "
+        "Target (linear and MLP probes, 1 % and 10 % of the labels, margin > +0.03 and > 2 std): "
+        "met in "
         f"{met} of {total} cells.\n\n"
     )
     return head + "\n".join(lines) + "\n", {"met": met, "cells": total}

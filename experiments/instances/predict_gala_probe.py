@@ -1,10 +1,12 @@
-"""Boundary probabilities of the gala FIB-SEM test volume from a linear probe on frozen ViT features.
+"""Boundary probabilities of the gala FIB-SEM test volume from a linear probe on frozen ViT
+features.
 
 The probe is trained on the gala *train* volume (boundary = label 0) and predicts the separate test
 volume; encoders: random init and the MAE checkpoint of the main job. Used by run_gala.py when no
 fine-tuned predictions exist in /work/seg_outputs.
 
-    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR [CHECKPOINT]
+    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR
+    [CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ def main(out_dir: str, checkpoint: str = "/work/main/runs/main/2026-11-25_14-45-
     y_tr = tifffile.imread(GALA / "train_labels.tif") == 0
     x_te = tifffile.imread(GALA / "test_image.tif")
     y_te = tifffile.imread(GALA / "test_labels.tif") == 0
-    grey = tuple(
-        float(v) for v in np.percentile(x_tr, [0.5, 99.5])
-    )  # gala's own range, for both encoders
+    # gala's own range, for both encoders
+    grey = tuple(float(v) for v in np.percentile(x_tr, [0.5, 99.5]))
     enc_pre, meta = load_encoder(checkpoint)
     encoders = {
         "pretrained": enc_pre,

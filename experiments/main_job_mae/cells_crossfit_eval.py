@@ -17,7 +17,8 @@ for n in ["pre", "rnd0", "rnd1", "rnd2"]:
     s = probe.cell_scores(m[f"{n}_B_te"].astype(np.float32), y[20:], **c)
     print(
         n,
-        f"cross-fit: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} ({s['voi_split']:.2f}+{s['voi_merge']:.2f})",
+        f"cross-fit: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} "
+        f"({s['voi_split']:.2f}+{s['voi_merge']:.2f})",
         c,
         flush=True,
     )

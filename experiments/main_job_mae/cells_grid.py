@@ -1,6 +1,6 @@
 """Study (experiments/main_job_mae/README.md): watershed parameters chosen on the training
-sections (by adapted Rand error) for each probability map saved by probe_maps.py (probe seed 0), scored on
-the held-out sections, against the fixed 0.5 / 16 post-processing."""
+sections (by adapted Rand error) for each probability map saved by probe_maps.py (probe seed 0),
+scored on the held-out sections, against the fixed 0.5 / 16 post-processing."""
 
 import itertools
 import sys

@@ -1,5 +1,6 @@
-"""Study (experiments/main_job_mae/README.md). Rank-based seeds: each section's seed threshold is the q-quantile of its own (smoothed) membrane map
-(watershed flooding is already rank-invariant), so a calibration shift between sections does not move the seeds."""
+"""Study (experiments/main_job_mae/README.md). Rank-based seeds: each section's seed threshold is
+the q-quantile of its own (smoothed) membrane map (watershed flooding is already rank-invariant), so
+a calibration shift between sections does not move the seeds."""
 
 import sys
 

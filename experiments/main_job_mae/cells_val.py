@@ -1,4 +1,5 @@
-# Study (experiments/main_job_mae/README.md): pretrained vs random cells, chosen on training-fit maps, on validation sections, or on the test sections (oracle).
+# Study (experiments/main_job_mae/README.md): pretrained vs random cells, chosen on training-fit
+# maps, on validation sections, or on the test sections (oracle).
 import sys
 
 import numpy as np
@@ -24,6 +25,8 @@ for n in names:
         c = probe.tune_cells(maps.astype(np.float32), gt, **grid)
         s = probe.cell_scores(te, y[20:], **c)
         row.append(
-            f"{how}: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} ({s['voi_split']:.2f}+{s['voi_merge']:.2f}) {c['threshold']},{c['min_seed']},{c['sigma']}"
+            f"{how}: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} "
+            f"({s['voi_split']:.2f}+{s['voi_merge']:.2f}) "
+            f"{c['threshold']},{c['min_seed']},{c['sigma']}"
         )
     print(" | ".join(row), flush=True)

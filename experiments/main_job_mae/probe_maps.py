@@ -1,4 +1,5 @@
-"""Study (experiments/main_job_mae/README.md). Probe a checkpoint (or random seeds) and save probability maps for offline post-processing study."""
+"""Study (experiments/main_job_mae/README.md). Probe a checkpoint (or random seeds) and save
+probability maps for offline post-processing study."""
 
 import sys
 

@@ -2,7 +2,6 @@
 features (64-px windows, patch embedding + final tokens, as the main job) of a checkpoint's encoder
 ("pre") or of the same architecture at random init ("rnd0" = seed 1000, ...)."""
 
-
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
 from emfm.data.loader import Region, estimate_range

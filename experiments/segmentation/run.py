@@ -1,11 +1,15 @@
-"""Segmentation quality on real EM: random-init vs MAE-pretrained ViT at 10 % and 100 % of the labels.
+"""Segmentation quality on real EM: random-init vs MAE-pretrained ViT at 10 % and 100 % of the
+labels.
 
-Command (2-core CPU, about an hour for all 12 runs on a shared machine; results appended to results.jsonl):
-  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 60 --batch 4] [--only isbi,gala,cdeep3m]
-  PYTHONPATH=. python experiments/segmentation/run.py --table      (the README tables from results.jsonl)
-Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then blockwise
-`predict_volume` of the held-out data to /work/seg_outputs/<dataset>_<init>_<fraction>/probabilities.zarr,
-then scores read back from that zarr.
+Command (2-core CPU, about an hour for all 12 runs on a shared machine; results appended to
+results.jsonl):
+  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 60 --batch 4] [--only
+  isbi,gala,cdeep3m] PYTHONPATH=. python experiments/segmentation/run.py --table      (the README
+  tables from results.jsonl)
+Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then
+blockwise `predict_volume` of the held-out data to
+/work/seg_outputs/<dataset>_<init>_<fraction>/probabilities.zarr, then scores read back from that
+zarr.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def datasets() -> dict:
             over=["task=semantic", "loss.balance=true"],
             patch=128,
         ),
-        # gala: neuron instances (0 = boundary); boundary task per slice; train volume -> test volume
+        # gala: neuron instances (0 = boundary); boundary task per slice; train volume -> test
+        # volume
         "gala": dict(
             raw=to_zarr("gala_train_raw", gala["train_image"]),
             labels=to_zarr("gala_train_labels", gala["train_labels"].astype(np.uint32)),
@@ -210,7 +215,8 @@ def table() -> str:
             )
             out.append(
                 f"| {regime} | "
-                f"{'MAE' if r['init'] == 'mae' else 'random'} | {int(round(100 * r['label_fraction']))} % | "
+                f"{'MAE' if r['init'] == 'mae' else 'random'} | "
+                f"{int(round(100 * r['label_fraction']))} % | "
                 + " | ".join(vals)
                 + f" | {tuned} | {r['steps']} | {r['final_loss']:.3f} | {r['train_s']:.0f} |"
             )
@@ -397,7 +403,8 @@ def score_all(all_ds: dict) -> None:
 def train_one(
     name: str, ds: dict, init: str, frac: float, regime: str, steps: int, batch: int, seed: int = 0
 ) -> dict:
-    """`emfm finetune` (library call), then blended probabilities of the validation and test regions."""
+    """`emfm finetune` (library call), then blended probabilities of the validation and test
+    regions."""
     tag = (
         f"{name}_{init}_{int(round(frac * 100))}"
         + ("" if regime == "scratch" else f"_{regime}")

@@ -1,6 +1,5 @@
 """Every config composes against the typed schema; bad keys and values fail before any compute."""
 
-
 import pytest
 from conftest import CONFIGS, compose, run_cli
 from hydra.errors import ConfigCompositionException

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(
     not (ROOT / "em").is_dir(), reason="needs ../shared/data (EMFM_SHARED_DATA)"
 )
 
-# The bundled sample (the main job's probe and task sample_membranes) is cut from this file, sections 0-29.
+# The bundled sample (the main job's probe and task sample_membranes) is cut from this file,
+# sections 0-29.
 BUNDLED_SOURCE = "em/isbi2012/train_volume.tif"
 
 
@@ -35,22 +36,21 @@ def _rel(path_expr: str) -> str:
 
 
 def _held_out() -> list[tuple[str, range]]:
-    """(source file relative to ../shared/data, held-out sections) of every task and the main job."""
+    """(source file relative to ../shared/data, held-out sections) of every task and the main
+    job."""
     out = []
     for f in sorted((CONFIGS / "probe_task").glob("*.yaml")):
         t = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
         if t.get("test_image"):
-            out.append(
-                (_rel(t["test_image"]), range(0, 10**6))
-            )  # a separate test volume: none of it
+            # a separate test volume: none of it
+            out.append((_rel(t["test_image"]), range(0, 10**6)))
         else:
             out.append(
                 (_rel(t["image"]) if t.get("image") else BUNDLED_SOURCE, range(*t["test_slices"]))
             )
     probe = OmegaConf.load(CONFIGS / "main.yaml").get("probe", {})
-    out.append(
-        (BUNDLED_SOURCE, range(*probe.get("test_slices", [20, 30])))
-    )  # the main job's held-out sections
+    # the main job's held-out sections
+    out.append((BUNDLED_SOURCE, range(*probe.get("test_slices", [20, 30]))))
     return out
 
 

@@ -1,5 +1,5 @@
-"""Training engine: exact resume after SIGKILL, preemption signals (one or two processes), named runs,
-two processes equal one,
+"""Training engine: exact resume after SIGKILL, preemption signals (one or two processes), named
+runs, two processes equal one,
 non-finite handling, FSDP equals data parallel. Tiny model, real bundled EM."""
 
 import json
@@ -163,7 +163,8 @@ def _free_port() -> int:
 
 
 def test_a_named_run_resumes_and_resume_false_starts_afresh(tmp_path):
-    """`name=NAME` -> runs/<command>/NAME, resumed by the same command; resume=false leaves it as it is."""
+    """`name=NAME` -> runs/<command>/NAME, resumed by the same command; resume=false leaves it as it
+    is."""
     res = run_cli("pretrain", *TINY, "trainer.steps=2", "name=n1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     run = tmp_path / "runs" / "pretrain" / "n1"
@@ -283,8 +284,8 @@ def test_predict_and_instances_on_two_processes_equal_one_process(tmp_path):
 
 
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-    """Only process 1 gets the launcher's signal; both agree on the stop step, write one checkpoint of
-    it together and exit with the requeue status, without waiting on each other forever."""
+    """Only process 1 gets the launcher's signal; both agree on the stop step, write one checkpoint
+    of it together and exit with the requeue status, without waiting on each other forever."""
     args = TINY + ["trainer.steps=400", "data.batch_size=8"]
     run = tmp_path / "two"
     procs = two_processes("pretrain", *args, f"hydra.run.dir={run}")

@@ -1,4 +1,5 @@
-"""`emfm evaluate pred=... gt=...` end to end on label volumes (zarr written here, TIFF from the synthetic generator)."""
+"""`emfm evaluate pred=... gt=...` end to end on label volumes (zarr written here, TIFF from the
+synthetic generator)."""
 
 import json
 

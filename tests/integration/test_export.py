@@ -1,7 +1,7 @@
-"""Feature export and discovery on the bundled real EM: blockwise features equal a whole-image forward,
-layer choice / PCA-k / dtype, a SIGKILLed export resumed by two processes gives the same bytes as one
-uninterrupted run, bad input stops before any compute, k-means discovery recovers planted clusters,
-the discovery notebook runs in tiny form."""
+"""Feature export and discovery on the bundled real EM: blockwise features equal a whole-image
+forward, layer choice / PCA-k / dtype, a SIGKILLed export resumed by two processes gives the same
+bytes as one uninterrupted run, bad input stops before any compute, k-means discovery recovers
+planted clusters, the discovery notebook runs in tiny form."""
 
 import json
 import os
@@ -51,8 +51,9 @@ def sample(z=2, y=96, x=160) -> np.ndarray:
 
 
 def test_unet_blocks_equal_whole_image_forward_no_seams():
-    """With a per-pixel norm and a margin beyond the receptive field, tile-by-tile features (decoder output,
-    and encoder levels upsampled to a common grid) equal one forward pass over the mirrored whole image."""
+    """With a per-pixel norm and a margin beyond the receptive field, tile-by-tile features (decoder
+    output, and encoder levels upsampled to a common grid) equal one forward pass over the mirrored
+    whole image."""
     enc = build_encoder(
         ModelConfig(name="unet", patch_size=[1, 1], width=8, depth=2, norm="layer"), seed=3
     )
@@ -98,7 +99,8 @@ def test_layers_pca_and_dtype(tmp_path):
     )
     assert b["layers"] == c["layers"] == [0, 1]
     fa, fb, fc = (open_volume(tmp_path / n) for n in ("a.zarr", "b.zarr", "c.zarr"))
-    # an OME-Zarr image group (NGFF 0.5): channel axis first on disk, features on the token grid over the input
+    # an OME-Zarr image group (NGFF 0.5): channel axis first on disk, features on the token grid
+    # over the input
     ms = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["ome"][
         "multiscales"
     ][0]
@@ -128,9 +130,8 @@ def test_layers_pca_and_dtype(tmp_path):
     img = vol.read((slice(0, 1),)).astype(np.float32) / 255
     ref_final = F.encode_sections(enc, img, tile=128, margin=16)
     ref_blocks = F.encode_sections(enc, img, tile=128, margin=16, blocks=(0, 1))
-    np.testing.assert_allclose(
-        fa.read().astype(np.float32), ref_final, rtol=1e-3, atol=1e-3
-    )  # float16 rounding
+    # float16 rounding
+    np.testing.assert_allclose(fa.read().astype(np.float32), ref_final, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(fb.read(), ref_blocks)
     assert (
         np.abs(ref_final - ref_blocks[..., 32:]).max() > 0.1
@@ -149,8 +150,9 @@ def test_layers_pca_and_dtype(tmp_path):
 
 
 def test_blended_windows_remove_vit_seams(tmp_path):
-    """blend=cosine (the ViT default): features where one window covers a cell are that window's features,
-    where two overlap a convex mix of both, and the block seams of margin-dropped tiles are gone."""
+    """blend=cosine (the ViT default): features where one window covers a cell are that window's
+    features, where two overlap a convex mix of both, and the block seams of margin-dropped tiles
+    are gone."""
     sys.path.insert(0, str(REPO / "experiments" / "feature_export"))
     from seams import phase_profile, ratios
 
@@ -168,7 +170,8 @@ def test_blended_windows_remove_vit_seams(tmp_path):
     assert res["blend"] == "cosine" and res["shape"] == [2, 48, 48, 32]
     F.export_features(enc, vol, tmp_path / "n.zarr", blend="none", **kw)
     fb, fn = (open_volume(tmp_path / n).read() for n in ("b.zarr", "n.zarr"))
-    # windows of 128 pixels (16 cells) every 64 pixels (8 cells): cells 0-7 see only the first window along y
+    # windows of 128 pixels (16 cells) every 64 pixels (8 cells): cells 0-7 see only the first
+    # window along y
     img = vol.read((slice(0, 1), slice(0, 128), slice(0, 384))).astype(np.float32)[None] / 255
     w00, w08 = (
         F.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x : x + 128])
@@ -182,9 +185,8 @@ def test_blended_windows_remove_vit_seams(tmp_path):
     mix = fb[0, :8, 8:16]
     assert (mix >= lo - 1e-5).all() and (mix <= hi + 1e-5).all() and np.abs(mix - lo).max() > 1e-3
     r_none = [ratios(phase_profile(fn, 8, a))[0] for a in (1, 2)]
-    r_blend = [
-        ratios(phase_profile(fb, 8, a))[1] for a in (1, 2)
-    ]  # the worst phase, not just the boundary
+    # the worst phase, not just the boundary
+    r_blend = [ratios(phase_profile(fb, 8, a))[1] for a in (1, 2)]
     assert min(r_none) > 1.35 and max(r_blend) < 1.2, (
         r_none,
         r_blend,
@@ -301,8 +303,8 @@ def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
 
 
 def test_discover_recovers_planted_clusters(tmp_path):
-    """Features with three planted, well-separated clusters: the streamed k-means labels them exactly
-    (up to renaming), writes the label volume, one gallery per cluster and the overview."""
+    """Features with three planted, well-separated clusters: the streamed k-means labels them
+    exactly (up to renaming), writes the label volume, one gallery per cluster and the overview."""
     from emfm.export.discover import discover
 
     rng = np.random.default_rng(0)
@@ -339,7 +341,8 @@ def test_discover_recovers_planted_clusters(tmp_path):
 
 def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch):
     """A discover stopped mid-fit, then again mid-labelling, and restarted with the same arguments
-    continues from its saved k-means state, skips the labelled regions, and matches an uninterrupted run."""
+    continues from its saved k-means state, skips the labelled regions, and matches an uninterrupted
+    run."""
     from sklearn.cluster import MiniBatchKMeans
 
     from emfm.export.discover import discover
@@ -437,8 +440,8 @@ def test_discover_config_and_cli_errors(tmp_path):
 
 
 def test_3d_unet_blocks_equal_whole_volume_forward(tmp_path):
-    """A 3D encoder on 3D blocks (z margin too): the exported decoder features equal one forward pass
-    over the mirrored whole volume."""
+    """A 3D encoder on 3D blocks (z margin too): the exported decoder features equal one forward
+    pass over the mirrored whole volume."""
     enc = build_encoder(
         ModelConfig(name="unet", patch_size=[1, 1, 1], width=8, depth=2, norm="layer"), seed=1
     )

@@ -1,6 +1,6 @@
-"""`emfm export-model`: the shipped zoo encoder and a fine-tuned segmentation model leave emfm as ONNX
-(checked against the JAX forward pass on the bundled real EM sample) and as BioImage.IO packages that
-bioimageio.spec validates and bioimageio.core runs on their own test tensors."""
+"""`emfm export-model`: the shipped zoo encoder and a fine-tuned segmentation model leave emfm as
+ONNX (checked against the JAX forward pass on the bundled real EM sample) and as BioImage.IO
+packages that bioimageio.spec validates and bioimageio.core runs on their own test tensors."""
 
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ def assert_falls(run_dir):
 def _shared_crop(
     tmp_path_factory, dataset: str, image: str, labels: str, crop, label_dtype=None
 ) -> tuple[str, str]:
-    """A crop of a real ../shared/data/em volume and its labels, written as zarr (skips without ../shared)."""
+    """A crop of a real ../shared/data/em volume and its labels, written as zarr (skips without
+    ../shared)."""
     src = shared_data() / dataset
     if not src.is_dir():
         pytest.skip(f"needs the real EM of ../shared/data/em ({src} not found)")
@@ -115,8 +116,9 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
         f"predict.out={tmp_path / 'p.zarr'}",
         "trainer.progress=false",
     ]
-    # probabilities, then instance labels from the membrane channel in stitched blocks, in one command
-    # with the watershed level chosen on section 20's ground-truth cells (labels in source coordinates)
+    # probabilities, then instance labels from the membrane channel in stitched blocks, in one
+    # command with the watershed level chosen on section 20's ground-truth cells (labels in source
+    # coordinates)
     from emfm.data import bundled
     from emfm.eval.probe import gt_cells
 

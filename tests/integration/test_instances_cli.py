@@ -1,4 +1,5 @@
-"""`emfm instances input=... out=... method=...` end to end on zarr volumes (boundary maps and affinities)."""
+"""`emfm instances input=... out=... method=...` end to end on zarr volumes (boundary maps and
+affinities)."""
 
 import json
 
@@ -15,12 +16,10 @@ def test_instances_cli_boundaries_and_affinities(tmp_path):
     s = synthetic_em((16, 64, 64), seed=1, cell_size=24.0)
     rng = np.random.default_rng(0)
     b = np.clip(boundaries_from_labels(s.cells) + rng.normal(0, 0.05, s.cells.shape), 0, 1)
-    write_array(
-        tmp_path / "b.zarr", (b * 255).astype(np.uint8)
-    )  # integer probabilities are scaled to [0, 1]
-    affs = np.moveaxis(affinities_from_labels(s.cells), 0, -1).astype(
-        np.float16
-    )  # on disk: z y x c
+    # integer probabilities are scaled to [0, 1]
+    write_array(tmp_path / "b.zarr", (b * 255).astype(np.uint8))
+    # on disk: z y x c
+    affs = np.moveaxis(affinities_from_labels(s.cells), 0, -1).astype(np.float16)
     write_array(tmp_path / "a.zarr", affs)
     blocks = ["block=[8,32,32]", "halo=[4,8,8]"]
     res = run_cli(
@@ -117,8 +116,9 @@ def test_instances_yaml_composes_against_the_schema():
 
 
 def test_instances_cli_tunes_on_validation_labels(tmp_path):
-    """instances.tune=true: a boundary map whose membranes a model scores only 0.4 merges everything at
-    the default level 0.5; the level chosen on a labelled region separates the cells everywhere."""
+    """instances.tune=true: a boundary map whose membranes a model scores only 0.4 merges everything
+    at the default level 0.5; the level chosen on a labelled region separates the cells
+    everywhere."""
     s = synthetic_em((8, 48, 48), seed=2, cell_size=20.0)
     b = np.clip(0.05 + 0.35 * boundaries_from_labels(s.cells), 0, 1).astype(np.float32)
     write_array(tmp_path / "b.zarr", b)

@@ -1,15 +1,16 @@
-"""Every pretraining objective trains through the library entry point (`emfm.train.pretrain.pretrain`)
-on the bundled real EM sample with `debug=tiny`, and its loss falls; the 3D models run a few steps."""
+"""Every pretraining objective trains through the library entry point
+(`emfm.train.pretrain.pretrain`) on the bundled real EM sample with `debug=tiny`, and its loss
+falls; the 3D models run a few steps."""
 
 import json
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 from emfm.config.schema import compose
 from emfm.train.pretrain import pretrain
+
+pytestmark = pytest.mark.slow
 
 # tiny heads and a short schedule: the whole file stays within a couple of minutes on a 2-core CPU
 FAST = [

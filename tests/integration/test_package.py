@@ -58,7 +58,8 @@ def test_an_installed_wheel_runs_the_main_job_from_another_directory(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    # the installed copy comes first on the path (the repository's editable install is only a fallback)
+    # the installed copy comes first on the path (the repository's editable install is only a
+    # fallback)
     env = {k: v for k, v in os.environ.items() if k != "EMFM_CONFIG_DIR"}
     env.update(PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
     where = subprocess.run(

@@ -62,7 +62,8 @@ def test_benchmark_table_and_cache_over_checkpoints(tiny_main_run: Path, tmp_pat
     for f in ("label_efficiency_tiny_membranes.png", "overlay_tiny_membranes.png"):
         assert (tmp_path / "b" / "figures" / f).stat().st_size > 1000
 
-    # a sweep directory expands to its runs; a copied run has the same content hash (same cache entries)
+    # a sweep directory expands to its runs; a copied run has the same content hash (same cache
+    # entries)
     from emfm.config.schema import ModelConfig
     from emfm.eval.benchmark import expand_checkpoints
 

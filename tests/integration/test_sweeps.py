@@ -1,4 +1,5 @@
-"""Local sweeps (Hydra multirun), the runs summary, and the Slurm launcher config up to its sbatch script."""
+"""Local sweeps (Hydra multirun), the runs summary, and the Slurm launcher config up to its sbatch
+script."""
 
 import csv
 import json

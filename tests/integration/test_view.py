@@ -1,9 +1,11 @@
-"""`emfm view`: volumes and run directories served in neuroglancer, streamed chunk by chunk from the files.
+"""`emfm view`: volumes and run directories served in neuroglancer, streamed chunk by chunk from the
+files.
 
 Tiny synthetic volumes: a raw grey volume, an instance label volume, exported-style features and a
 probability map made of part of the raw volume. The layers' kinds, names and voxel sizes are checked
-from the viewer's state, data is fetched over HTTP from the local server and compared with the files,
-and (where a Chromium / Chrome is installed) the page is rendered headless and saved as a PNG.
+from the viewer's state, data is fetched over HTTP from the local server and compared with the
+files, and (where a Chromium / Chrome is installed) the page is rendered headless and saved as a
+PNG.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def _chunk(url: str, layer: dict, start, stop) -> np.ndarray:
     key = layer["url"].removeprefix("python://volume/")
     base = url.split("/v/")[0]
     ones = ",".join("1" * len(start))
-    q = f"{base}/neuroglancer/npz/{key}/{ones}/{','.join(map(str, start))}/{','.join(map(str, stop))}"
+    box = f"{','.join(map(str, start))}/{','.join(map(str, stop))}"
+    q = f"{base}/neuroglancer/npz/{key}/{ones}/{box}"
     return np.load(io.BytesIO(zlib.decompress(_get(q))))
 
 
@@ -171,14 +174,15 @@ def test_run_directory_shows_products_and_their_raw_input(vols):
     src = viewer.state.layers["predictions:membrane"].source[0]
     assert np.allclose(np.asarray(src.transform.matrix)[:, -1], [1.0, 0.0, 0.0])  # one section down
     assert "colormapJet" in viewer.state.layers["predictions:membrane"].shader
-    # one channel of the probabilities shows (the last, the foreground class); the others can be switched on
+    # one channel of the probabilities shows (the last, the foreground class); the others can be
+    # switched on
     assert viewer.state.layers["predictions:membrane"].visible is not False
     assert viewer.state.layers["predictions:background"].visible is False
 
 
 def test_feature_grid_is_placed_on_the_raw_volume(vols, tmp_path):
-    """A strided feature grid of part of the raw volume (OME-Zarr scale and translation, as `emfm export`
-    writes them) lands on the raw voxels it was computed from."""
+    """A strided feature grid of part of the raw volume (OME-Zarr scale and translation, as `emfm
+    export` writes them) lands on the raw voxels it was computed from."""
     from emfm.data.volume import create_ome_zarr, open_volume
     from emfm.export.features import feature_grid_transform
 

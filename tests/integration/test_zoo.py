@@ -65,8 +65,11 @@ def test_publish_round_trip(tiny_main_run: Path, tmp_path):
     b, meta = load_encoder(str(d))
     la, lb = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
     assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
     # slimmer than the training checkpoint: no optimiser state
-    size = lambda p: sum(f.stat().st_size for f in (p / "checkpoints").rglob("*") if f.is_file())  # noqa: E731
+    def size(p):
+        return sum(f.stat().st_size for f in (p / "checkpoints").rglob("*") if f.is_file())
+
     assert size(d) < size(tiny_main_run) / 2
     with pytest.raises(zoo.ZooError, match="exists"):
         publish(tiny_main_run, "tiny_test", description="", card="", root=tmp_path)

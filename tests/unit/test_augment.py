@@ -1,4 +1,5 @@
-"""Augmentation invariants: seeded, labels move with images, identity at zero strength, artefact semantics."""
+"""Augmentation invariants: seeded, labels move with images, identity at zero strength, artefact
+semantics."""
 
 from __future__ import annotations
 
@@ -95,9 +96,8 @@ def test_section_artefacts():
     d = augment.sections(
         np.random.default_rng(0), x, p_missing=0, p_duplicate=1, p_shift=0, p_contrast=0
     )
-    np.testing.assert_array_equal(
-        d[:, 1:], x[:, :-1]
-    )  # every section but the first copies the one before
+    # every section but the first copies the one before
+    np.testing.assert_array_equal(d[:, 1:], x[:, :-1])
     s = augment.sections(
         np.random.default_rng(0),
         x,

@@ -16,7 +16,8 @@ from emfm.eval import benchmark, probes, tasks
 
 
 def _separable(seed=0, n=6, g=16, cell=4, d=16):
-    """Token features that cluster by the class of the token's pixels (first channel +-2 plus noise)."""
+    """Token features that cluster by the class of the token's pixels (first channel +-2 plus
+    noise)."""
     rng = np.random.default_rng(seed)
     cls = rng.random((n, g, g)) < 0.3
     f = (0.5 * rng.normal(size=(n, g, g, d))).astype(np.float32)

@@ -48,7 +48,8 @@ def test_preemption_exit_status_and_the_scheduler_hook(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         task(OmegaConf.create({}))
     assert e.value.code == 128 + signal.SIGUSR2
-    # the handler installed before (a scheduler's, e.g. submitit's requeue) runs after the checkpoint
+    # the handler installed before (a scheduler's, e.g. submitit's requeue) runs after the
+    # checkpoint
     seen = []
     old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(("scheduler", s)))
     try:
@@ -98,9 +99,8 @@ def test_slurm_auto_start_only_in_a_step_of_several_tasks(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert slurm_step_tasks() == 1  # not in Slurm
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv(
-        "SLURM_NTASKS", "4"
-    )  # an allocation of 4 tasks, this process started by hand
+    # an allocation of 4 tasks, this process started by hand
+    monkeypatch.setenv("SLURM_NTASKS", "4")
     assert slurm_step_tasks() == 1
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun: a step of 4 tasks
     assert slurm_step_tasks() == 4

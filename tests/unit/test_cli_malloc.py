@@ -45,9 +45,8 @@ def probe(cmd: str, **env) -> tuple[str, int]:
 )
 def test_blockwise_commands_cap_malloc_arenas():
     assert probe("instances") == ("1", 1)  # default: one arena, whatever the threads do
-    cap, heaps = probe(
-        "instances", EMFM_MALLOC_ARENA_MAX="0"
-    )  # glibc's default: an arena per thread
+    # glibc's default: an arena per thread
+    cap, heaps = probe("instances", EMFM_MALLOC_ARENA_MAX="0")
     assert cap == "None" and heaps > 1
     assert probe("predict", EMFM_MALLOC_ARENA_MAX="2")[0] == "2"
     assert probe("finetune")[0] == "None"  # training keeps glibc's default

@@ -1,4 +1,5 @@
-"""`emfm data import` / `emfm data info`: TIFF (real ISBI + synthetic) to OME-Zarr, levels, labels, errors."""
+"""`emfm data import` / `emfm data info`: TIFF (real ISBI + synthetic) to OME-Zarr, levels, labels,
+errors."""
 
 from __future__ import annotations
 
@@ -156,9 +157,8 @@ def test_hdf5_import(tmp_path, monkeypatch):
     np.testing.assert_array_equal(v.read(), x)
     np.testing.assert_array_equal(open_volume(tmp_path / "b.zarr", level=1).read(), downsample2(x))
     import_volume(tmp_path / "a.h5", tmp_path / "c.zarr", dataset="other", levels=1, progress=False)
-    np.testing.assert_array_equal(
-        open_volume(tmp_path / "c.zarr").read(), x[:1]
-    )  # 2D dataset: one section
+    # 2D dataset: one section
+    np.testing.assert_array_equal(open_volume(tmp_path / "c.zarr").read(), x[:1])
 
 
 @pytest.mark.skipif(

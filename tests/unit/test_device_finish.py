@@ -75,9 +75,8 @@ def test_device_noise_is_seeded_per_example():
     fa, fb = device.finish_host(a)["image"], device.finish_host(b)["image"]
     np.testing.assert_array_equal(fa[2:], fb)  # an example's noise does not depend on its batch
     sd = (fa - 128 / 255.0).reshape(4, -1).std(1)
-    np.testing.assert_allclose(
-        sd, a["image_grey"][:, 3], rtol=0.15
-    )  # the drawn sigma of each example
+    # the drawn sigma of each example
+    np.testing.assert_allclose(sd, a["image_grey"][:, 3], rtol=0.15)
     assert len(set(a["image_seed"].tolist())) == 4
     # two views: seeded, different from each other, and from the same uint8 patches
     v1, v2 = augment.two_views_deferred(

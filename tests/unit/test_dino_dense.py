@@ -64,7 +64,6 @@ def test_dino_dense_trains_on_real_em(tmp_path):
         assert all(1.0 <= r["prototypes_used"] <= 32.0 + 1e-3 for r in rows)
         from emfm.train.state import load_encoder
 
-        enc, _ = load_encoder(
-            str(d)
-        )  # the teacher / centre state does not get in the way of loading
+        # the teacher / centre state does not get in the way of loading
+        enc, _ = load_encoder(str(d))
         assert enc is not None

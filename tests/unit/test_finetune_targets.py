@@ -1,4 +1,5 @@
-"""Segmentation targets, losses, matching and blockwise blending, on exact ground truth (synthetic EM)."""
+"""Segmentation targets, losses, matching and blockwise blending, on exact ground truth (synthetic
+EM)."""
 
 from __future__ import annotations
 
@@ -182,9 +183,8 @@ def test_task_loss_for_every_kind_is_finite_and_lower_for_the_truth():
             parts.append(r[..., 1:])
         good = jnp.concatenate(parts, -1)
         assert good.shape[-1] == lay.channels
-        f = jax.jit(
-            lambda o, tg, lay=lay: losses.task_loss(o, tg, lay, cfg)[0]
-        )  # one program, not op by op
+        # one program, not op by op
+        f = jax.jit(lambda o, tg, lay=lay: losses.task_loss(o, tg, lay, cfg)[0])
         lg, lb = f(good, tg), f(jnp.zeros_like(good), tg)
         assert np.isfinite(float(lg)) and float(lg) < 0.1 < float(lb), t.kind
 

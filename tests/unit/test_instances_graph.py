@@ -1,4 +1,5 @@
-"""Graph post-processing on cases solved by hand: affinities, RAG, agglomeration, GAEC, mutex watershed."""
+"""Graph post-processing on cases solved by hand: affinities, RAG, agglomeration, GAEC, mutex
+watershed."""
 
 import itertools
 
@@ -66,10 +67,12 @@ def test_rag_from_boundaries_by_hand():
 
 def test_agglomeration_updates_means_when_regions_merge():
     edges = np.array([[1, 2], [1, 3], [2, 3]])
-    # merge 1-2 first (0.1); then {1,2}-3 pools 1 face at 0.6 and 3 faces at 0.2: mean 0.3 < 0.5 -> one region
+    # merge 1-2 first (0.1); then {1,2}-3 pools 1 face at 0.6 and 3 faces at 0.2: mean 0.3 < 0.5 ->
+    # one region
     rag = graph.Rag(4, edges, np.array([0.1, 0.6, 0.2]), np.array([1, 1, 3]))
     assert _partition(graph.agglomerate(rag, 0.5)[1:]) == {frozenset({0, 1, 2})}
-    # with one face at 0.45 instead the pooled mean is (0.6 + 0.45) / 2 = 0.525 >= 0.5: 3 stays apart
+    # with one face at 0.45 instead the pooled mean is (0.6 + 0.45) / 2 = 0.525 >= 0.5: 3 stays
+    # apart
     rag = graph.Rag(4, edges, np.array([0.1, 0.6, 0.45]), np.array([1, 1, 1]))
     seg = graph.agglomerate(rag, 0.5)
     assert seg[0] == 0 and _partition(seg[1:]) == {frozenset({0, 1}), frozenset({2})}

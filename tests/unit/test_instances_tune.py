@@ -1,4 +1,5 @@
-"""Instance parameters chosen on validation labels (emfm.instances.tune), on exact synthetic ground truth."""
+"""Instance parameters chosen on validation labels (emfm.instances.tune), on exact synthetic ground
+truth."""
 
 from dataclasses import replace
 
@@ -93,9 +94,8 @@ def test_tune_link2d_grid_of_switches_and_names():
         grid={"link_mutual_best": [True, "false"], "link_criterion": ["fraction", "iou"]},
     )
     assert len(trials) == 4 and best.link_mutual_best is True and best.link_criterion == "fraction"
-    voi = {
-        (t["link_mutual_best"], t["link_criterion"]): t["voi"] for t in trials
-    }  # IoU >= 0.3: F links neither
+    # IoU >= 0.3: F links neither
+    voi = {(t["link_mutual_best"], t["link_criterion"]): t["voi"] for t in trials}
     assert (
         voi["false", "fraction"] == pytest.approx(1.0)
         and max(voi[True, "fraction"], voi["false", "iou"]) < 1e-9

@@ -62,9 +62,8 @@ def test_link2d_relinks_real_gala_labels():
     gt = tifffile.imread(path)[:, :64]  # real dense neuron labels, 50 sections
     # the objects as 3D-connected pieces: cropping cut some neurons into pieces no linking can join
     gt3d = cc_label(gt, connectivity=1)
-    per_section = np.stack(
-        [cc_label(z, connectivity=1) for z in gt]
-    )  # every section numbered on its own
+    # every section numbered on its own
+    per_section = np.stack([cc_label(z, connectivity=1) for z in gt])
     assert region_scores(per_section, gt3d)["adapted_rand_error"] > 0.5  # unlinked: badly split
     # exact sections: linking every pair over the level also joins branches (a neuron in two pieces)
     linked = link_sections(per_section, threshold=0.5, criterion="fraction", mutual_best=False)
@@ -76,7 +75,8 @@ def test_link2d_relinks_real_gala_labels():
 
 
 def test_link2d_by_hand():
-    # section 0: ids 1 | 2; section 1: one id over both halves (a branch) ; section 2: 5 inside the left half
+    # section 0: ids 1 | 2; section 1: one id over both halves (a branch) ; section 2: 5 inside the
+    # left half
     sec = np.zeros((3, 2, 4), np.uint32)
     sec[0, :, :2], sec[0, :, 2:] = 1, 2
     sec[1] = 7
@@ -99,11 +99,11 @@ def test_link2d_straddling_fragment_does_not_chain():
     sec = np.zeros((3, 2, 6), np.uint32)
     sec[[0, 2], :, :3], sec[[0, 2], :, 3:] = 1, 2
     sec[1, :, :2], sec[1, :, 2:4], sec[1, :, 4:] = 1, 2, 3
-    # F overlaps A and B by 2 of its 4 voxels (fraction 0.5 of the smaller): any-pair linking joins all
+    # F overlaps A and B by 2 of its 4 voxels (fraction 0.5 of the smaller): any-pair linking joins
+    # all
     assert len(np.unique(link_sections(sec, threshold=0.5, mutual_best=False))) == 1
-    out = link_sections(
-        sec, threshold=0.5
-    )  # F is neither A's nor B's best overlap: it links nothing
+    # F is neither A's nor B's best overlap: it links nothing
+    out = link_sections(sec, threshold=0.5)
     a, f, b = out[0, 0, 0], out[1, 0, 2], out[0, 0, 5]
     assert len({a, f, b}) == 3 and 0 not in (a, f, b)
     assert (

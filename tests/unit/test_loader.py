@@ -1,4 +1,5 @@
-"""Patch sampling and loading: validation, determinism, resume, per-process streams, rejection, retries."""
+"""Patch sampling and loading: validation, determinism, resume, per-process streams, rejection,
+retries."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Contrastive / distillation / MIM objectives: each loss against an independent numpy computation on
-fixed inputs, exact view correspondence for the dense loss, and gradient flow (student yes, teacher no)."""
+"""Contrastive / distillation / MIM objectives: each loss against an independent numpy computation
+on fixed inputs, exact view correspondence for the dense loss, and gradient flow (student yes,
+teacher no)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ def _logsumexp(a, axis=-1):
 
 
 def np_nt_xent(z1, z2, t):
-    """Chen et al. 2020, Alg. 1, written as loops: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t)."""
+    """Chen et al. 2020, Alg. 1, written as loops: l(i, j) = -log exp(s_ij/t) / sum_{k != i}
+    exp(s_ik/t)."""
     z = _norm(np.concatenate([z1, z2]).astype(np.float64))
     n, b = len(z), len(z1)
     total = 0.0

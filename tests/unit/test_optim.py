@@ -1,4 +1,5 @@
-"""Optimizer pieces: weight-decay mask, freezing, layer-wise lr decay, accumulation, half-written checkpoints."""
+"""Optimizer pieces: weight-decay mask, freezing, layer-wise lr decay, accumulation, half-written
+checkpoints."""
 
 import jax
 import jax.numpy as jnp

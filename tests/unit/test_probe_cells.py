@@ -1,4 +1,5 @@
-"""Cells from predicted membranes, and the choice of their watershed parameters on training sections."""
+"""Cells from predicted membranes, and the choice of their watershed parameters on training
+sections."""
 
 import numpy as np
 
@@ -7,7 +8,8 @@ from emfm.eval import probe
 
 def _two_cells_with_weak_wall():
     """One section, two cells split by a vertical membrane whose middle third is weak (p = 0.45):
-    a seed threshold of 0.5 lets the two interiors (p = 0.35) touch through the weak part, 0.4 does not."""
+    a seed threshold of 0.5 lets the two interiors (p = 0.35) touch through the weak part, 0.4 does
+    not."""
     p = np.full((48, 48), 0.35, np.float32)
     gt = np.zeros((48, 48), bool)
     gt[:, 23:25] = True

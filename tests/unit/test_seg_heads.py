@@ -1,4 +1,5 @@
-"""Dense heads give per-pixel outputs at the input resolution, 2D and 3D (abstract evaluation: no compile)."""
+"""Dense heads give per-pixel outputs at the input resolution, 2D and 3D (abstract evaluation: no
+compile)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Mixtures of volumes from the config: weights, masks, class balancing, augmentation options, errors,
-and determinism across resume and 1 vs 2 processes."""
+"""Mixtures of volumes from the config: weights, masks, class balancing, augmentation options,
+errors, and determinism across resume and 1 vs 2 processes."""
 
 from __future__ import annotations
 
@@ -201,9 +201,8 @@ def test_augmentation_options_reach_the_batches(vols):
     srcs = open_sources(plain)
     (a,), (b,) = _loaders(off, srcs), _loaders(plain, srcs)
     a.close(), b.close()
-    np.testing.assert_allclose(
-        a.load(2)["image"], b.load(2)["image"], atol=1e-6
-    )  # no ops = identity
+    # no ops = identity
+    np.testing.assert_allclose(a.load(2)["image"], b.load(2)["image"], atol=1e-6)
     miss = _data(vols, aug=AugmentConfig(ops=["sections"], p_missing=1.0))
     (c,) = _loaders(miss, srcs)
     c.close()

@@ -14,7 +14,8 @@ from emfm.models.vit import count_params
 
 
 def resblock_params(cin, cout, k):
-    """Pre-activation residual block: 2 norms (scale + bias), 2 convs with bias, 1x1 skip on width change."""
+    """Pre-activation residual block: 2 norms (scale + bias), 2 convs with bias, 1x1 skip on width
+    change."""
     n = 2 * cin + k * cin * cout + cout + 2 * cout + k * cout * cout + cout
     return n + (cin * cout + cout if cin != cout else 0)
 

@@ -15,7 +15,8 @@ from emfm.models.vit import SIZES, ViT, ViTSpec, count_params
 
 
 def vit_param_count(width, depth, patch_pixels, mlp_ratio=4.0):
-    """Independent count: patch embedding, cls token, per block (2 LN, qkv, proj, 2 MLP), final LN."""
+    """Independent count: patch embedding, cls token, per block (2 LN, qkv, proj, 2 MLP), final
+    LN."""
     hidden = int(width * mlp_ratio)
     embed = patch_pixels * width + width
     block = (

@@ -160,7 +160,8 @@ def test_create_volume_exist_ok_checks_shape(tmp_path):
 
 
 class Flaky:
-    """A tensorstore stand-in whose reads fail `fails` times with a transient error, then succeed."""
+    """A tensorstore stand-in whose reads fail `fails` times with a transient error, then
+    succeed."""
 
     def __init__(self, data, fails, error="UNAVAILABLE: connection reset by peer"):
         self.data, self.fails, self.error, self.calls = data, fails, error, 0
