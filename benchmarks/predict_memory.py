@@ -218,11 +218,11 @@ def main() -> None:
             write_tiled_volume(vol, shape)
             gen_s = time.perf_counter() - t0
             load = (
-                "import numpy as np,sys;sys.path.insert(0,%r);from emfm.data.volume import "
-                "open_volume;"
-                "x=open_volume(%r).read();p=np.empty(x.shape+(2,),np.float32);p[...]=1.0;"
+                f"import numpy as np,sys;sys.path.insert(0,{str(REPO)!r});"
+                "from emfm.data.volume import open_volume;"
+                f"x=open_volume({str(vol)!r}).read();p=np.empty(x.shape+(2,),np.float32);p[...]=1.0;"
                 "print('loaded',x.nbytes+p.nbytes)"
-            ) % (str(REPO), str(vol))
+            )
             control = cg.run(rss_wrapper([sys.executable, "-c", load]), env=env)
             control.update(parse_peak(control["output_tail"]))
             out = work / f"pred_{'x'.join(map(str, shape))}.zarr"

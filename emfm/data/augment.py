@@ -329,7 +329,10 @@ def elastic(
             x0 = np.minimum(np.floor(xx).astype(int), w - 2 if w > 1 else 0)
             fy, fx = (yy - y0)[:, None], (xx - x0)[:, None]
             y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-            g = lambda ya, xa: a[bi, zi, ya[:, None], xa[:, None]]  # noqa: E731
+
+            def g(ya, xa, a=a):
+                return a[bi, zi, ya[:, None], xa[:, None]]
+
             r = (
                 (1 - fy) * (1 - fx) * g(y0, x0)
                 + (1 - fy) * fx * g(y0, x1)

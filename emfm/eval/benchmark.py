@@ -142,7 +142,7 @@ def expand_checkpoints(
         archs = {json.dumps(c.model, sort_keys=True): c.model for c in out} or {
             "": dataclasses.asdict(model)
         }
-        for i, m in enumerate(archs.values()):
+        for m in archs.values():
             name = (
                 RANDOM
                 if len(archs) == 1

@@ -114,7 +114,7 @@ def task_loss(out, targets: dict, lay, loss_cfg):
     total = 0.0
     c0 = lay.classes
     if lay.classes:
-        l, parts = softmax_terms(
+        term, parts = softmax_terms(
             out[..., :c0],
             targets["classes"],
             terms,
@@ -123,11 +123,11 @@ def task_loss(out, targets: dict, lay, loss_cfg):
             balance=loss_cfg.balance,
             gamma=loss_cfg.focal_gamma,
         )
-        total += l
+        total += term
         metrics.update({f"loss_{k}": v for k, v in parts.items()})
     if lay.sigmoid:
         sl = out[..., c0 : c0 + lay.sigmoid]
-        l, parts = sigmoid_terms(
+        term, parts = sigmoid_terms(
             sl,
             targets["sigmoid"],
             targets["sigmoid_mask"],
@@ -136,7 +136,7 @@ def task_loss(out, targets: dict, lay, loss_cfg):
             gamma=loss_cfg.focal_gamma,
             balance=loss_cfg.balance,
         )
-        total += l
+        total += term
         metrics.update({f"loss_aff_{k}": v for k, v in parts.items()})
     if lay.regress:
         r = out[..., c0 + lay.sigmoid :]

@@ -455,7 +455,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     state, start = loop.restore_or_init(
         mngr, abstract, lambda: meshlib.put_global(state0, state_sh), run_dir
     )
-    del state0, model
+    state0 = model = None  # the host copies are no longer needed
 
     batches = Batches(cfg, img, lab, grey, ndim, start, process_index=pid, process_count=pcount)
     ex = batches.example()  # this process's share; the step sees the global batch of all processes

@@ -125,8 +125,8 @@ def _plot(runs, root, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         if r["curve"]:
-            s, l = zip(*r["curve"])
-            ax.plot(s, l, label=f"{Path(r['run']).name} ({r['status']})")
+            steps, losses = zip(*r["curve"])
+            ax.plot(steps, losses, label=f"{Path(r['run']).name} ({r['status']})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -30,7 +30,7 @@ for n in ["pre", "rnd0", "rnd1", "rnd2"]:
     tr = m[f"{n}_B_tr"].astype(np.float32)
     te = m[f"{n}_B_te"].astype(np.float32)
     best, _ = grid_search(
-        lambda c: cells(tr, **c),
+        lambda c, tr=tr: cells(tr, **c),
         gt_tr,
         grid,
         "adapted_rand_error",
@@ -46,7 +46,7 @@ for n in ["pre", "rnd0", "rnd1", "rnd2"]:
     print(
         n,
         best,
-        "ARE %.3f VOI %.3f (%.3f + %.3f)"
-        % (s["adapted_rand_error"], s["voi"], s["voi_split"], s["voi_merge"]),
+        f"ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} "
+        f"({s['voi_split']:.3f} + {s['voi_merge']:.3f})",
         flush=True,
     )

@@ -16,7 +16,7 @@ for n in ["pre", "rnd0", "rnd1", "rnd2"]:
     kb = ((idx % 8) == 7) & ~tb
     print(
         n,
-        "tile-seam/token-edge dy %.3f dx %.3f"
-        % (dy[tb].mean() / dy[kb].mean(), dx[tb].mean() / dx[kb].mean()),
+        f"tile-seam/token-edge dy {dy[tb].mean() / dy[kb].mean():.3f} "
+        f"dx {dx[tb].mean() / dx[kb].mean():.3f}",
         "token-edge/inner %.3f" % (dy[kb].mean() / dy[~tb & ~kb].mean()),
     )

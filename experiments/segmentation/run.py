@@ -321,7 +321,7 @@ def rescore_link2d(all_ds: dict) -> None:
     for ln in (HERE / "results.jsonl").read_text().splitlines():
         r = json.loads(ln)
         last[r["run"]] = r
-    for tag, rec in last.items():
+    for rec in last.values():
         if rec["dataset"] != "gala":
             continue
         t0 = time.time()

@@ -105,10 +105,10 @@ def test_built_corpus_holds_only_the_kept_sections_and_the_sampler_stays_inside(
     small = replace(data, sources=[isbi[0]], prefetch=0, augment=False, min_std=0.0)
     loader = make_loader(small, open_sources(small), batch_size=8, seed=0)
     for step in range(200):
-        for v, (z, y, x) in loader.sampler.origins(step):
+        for v, (z, _y, _x) in loader.sampler.origins(step):
             assert v == 0 and 0 <= z < 20, (step, z)
     picks, image, _ = loader.sample(3)
-    for (v, (z, y, x)), patch in zip(picks, image):
+    for (_v, (z, y, x)), patch in zip(picks, image):
         assert np.array_equal(patch[0], src[z, y : y + 64, x : x + 64])
     loader.close()
     # a corpus volume built from other sections is not silently reused

@@ -196,7 +196,7 @@ def test_two_processes_equal_one_process(tmp_path):
     two = tmp_path / "two"
     procs = two_processes("pretrain", *args, f"hydra.run.dir={two}")
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     summary = json.loads((two / "pretrain_summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2
@@ -224,7 +224,7 @@ def test_finetune_on_two_processes_equals_one_process(tmp_path):
     two = tmp_path / "two"
     procs = two_processes("finetune", *args, f"hydra.run.dir={two}")
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     assert "process 1 of 2" in outs[1][1] or "process 1 of 2" in (two / "finetune.log").read_text()
     l1, l2 = losses(one), losses(two)
@@ -273,7 +273,7 @@ def test_predict_and_instances_on_two_processes_equal_one_process(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     procs = two_processes("predict", *args("two"))
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     np.testing.assert_array_equal(
         open_volume(tmp_path / "two.zarr").read(), open_volume(tmp_path / "one.zarr").read()

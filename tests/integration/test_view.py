@@ -112,7 +112,7 @@ def _chunk(url: str, layer: dict, start, stop) -> np.ndarray:
 
 def test_layers_kinds_names_and_voxel_sizes(served):
     viewer, url = served
-    layers = {l["name"]: l for l in view.layer_summary(viewer)}
+    layers = {layer["name"]: layer for layer in view.layer_summary(viewer)}
     assert list(layers) == [
         "raw",
         "features (PCA RGB)",
@@ -120,8 +120,8 @@ def test_layers_kinds_names_and_voxel_sizes(served):
     ]  # raw below, features, labels on top
     assert layers["raw"]["type"] == "image" and layers["features (PCA RGB)"]["type"] == "image"
     assert layers["cells"]["type"] == "segmentation"
-    for l in layers.values():
-        assert l["voxel_size"] == list(VS)
+    for layer in layers.values():
+        assert layer["voxel_size"] == list(VS)
     assert layers["features (PCA RGB)"]["shape"] == list(SHAPE) + [3]
     state = viewer.state.to_json()
     assert state["dimensions"] == {"x": [4e-9, "m"], "y": [4e-9, "m"], "z": [5e-8, "m"]}
@@ -132,7 +132,7 @@ def test_served_over_http_matches_the_files(served):
     viewer, url = served
     page = _get(url).decode()
     assert "<html" in page.lower()
-    layers = {l["name"]: l for l in view.layer_summary(viewer)}
+    layers = {layer["name"]: layer for layer in view.layer_summary(viewer)}
     base = url.split("/v/")[0]
     info = json.loads(
         _get(f"{base}/neuroglancer/info/{layers['cells']['url'].removeprefix('python://volume/')}")
@@ -164,7 +164,7 @@ def test_run_directory_shows_products_and_their_raw_input(vols):
         inst.offset_nm == pred.offset_nm
     )  # instances share the grid of the prediction they came from
     viewer = view.build_viewer(p)
-    layers = {l["name"]: l for l in view.layer_summary(viewer)}
+    layers = {layer["name"]: layer for layer in view.layer_summary(viewer)}
     assert set(layers) == {
         "raw",
         "predictions:background",
@@ -198,7 +198,7 @@ def test_feature_grid_is_placed_on_the_raw_volume(vols, tmp_path):
     )
     out.array.write(np.random.default_rng(1).normal(size=(4, 8, 8, 6)).astype(np.float16)).result()
     viewer, _ = view.serve([str(vols["raw"]), str(tmp_path / "strided.zarr")])
-    layers = {l["name"]: l for l in view.layer_summary(viewer)}
+    layers = {layer["name"]: layer for layer in view.layer_summary(viewer)}
     assert layers["strided (PCA RGB)"]["voxel_size"] == [50.0, 16.0, 16.0]
     m = np.asarray(viewer.state.layers["strided (PCA RGB)"].source[0].transform.matrix)
     assert np.allclose(

@@ -71,7 +71,7 @@ def test_mixture_weights_must_be_positive(vol):
 def test_origins_in_bounds_and_deterministic(vol):
     r = Region.of(vol, [[2, 6], [10, 40], [0, 64]])
     s = PatchSampler([r], (2, 16, 16), 32, seed=3)
-    for v, (z, y, x) in s.origins(5):
+    for _v, (z, y, x) in s.origins(5):
         assert 2 <= z <= 4 and 10 <= y <= 24 and 0 <= x <= 48
     assert s.origins(5) == PatchSampler([r], (2, 16, 16), 32, seed=3).origins(5)
     assert s.origins(5) != s.origins(6)
