@@ -3,9 +3,8 @@ size, in one run.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export.py --out experiments/benchmarks/export.json
 
-1. Writes two zarr v3 uint8 volumes (zstd, 1 x 512 x 512 chunks, EM-like texture plus noise) under
---path:
-   a small one (--small-gb) and a large one (--large-gb, several GB).
+1. Writes two zarr v3 uint8 volumes (zstd, 1 x 512 x 512 chunks, EM-like texture plus noise)
+   under --path: a small one (--small-gb) and a large one (--large-gb, several GB).
 2. Forward-only: the export's own compiled encoder program on batches of in-memory windows (tile + 2
    margin, already normalised): voxels/s of block interiors. Measured before and after the exports
    and averaged, since the machine may be shared.
@@ -16,9 +15,8 @@ size, in one run.
    the same ROI of the large volume, and an ROI --roi-factor times larger of the large volume. On a
    2-core CPU exporting a whole several-GB volume takes hours, so the runs export ROIs (context is
    still read from the surrounding volume); the volume is never loaded whole.
-4. Records ratio = export / forward-only (target >= 0.8) and the RSS of the three runs, then deletes
-the
-   volumes (--keep keeps them).
+4. Records ratio = export / forward-only (target >= 0.8) and the RSS of the three runs, then
+   deletes the volumes (--keep keeps them).
 """
 
 from __future__ import annotations

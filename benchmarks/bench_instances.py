@@ -3,8 +3,8 @@ volume grows with the block fixed. Each size runs in its own process (peak RSS i
 boundary-probability zarr made by tiling the boundaries of one synthetic block (exact labels, so the
 objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
 
-Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512] [--method
-watershed]
+Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512]
+         [--method watershed]
        EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py --out instances_nocache.json
 (the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by
 default, which fills up to that limit as the volume grows)

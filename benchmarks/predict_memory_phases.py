@@ -6,8 +6,8 @@ Per volume:
   1. `emfm predict ... predict.instances=""`: probabilities only;
   2. `emfm instances input=PROB out=LABELS method=watershed channel=1 block=B halo=H`: instances of
      those probabilities, block by block with stitching (the instance phase of 1+2 below);
-  3. `emfm predict ... predict.instances=watershed`: both in one process (what predict_memory.py
-  caps).
+  3. `emfm predict ... predict.instances=watershed`: both in one process (what
+     predict_memory.py caps).
 The instance blocks are the same for every volume (`--instance-block`, halo z 0 so that a block with
 its halo never depends on the volume's depth), so only what scales with the volume differs.
 Records go to experiments/benchmarks/predict_memory_phases_cache{MB}[_arena{N}].json.

@@ -11,10 +11,9 @@ comes from its dtype, shape and attributes (`classify`):
             read, projected and scaled to uint8 on the fly (`PCAProjection`), nothing is written;
 - probabilities  `emfm predict` output (z, y, x, c, "content": "probabilities"): one image layer per
             channel with a heat shader whose opacity is the probability;
-- labels  integer label volumes (instances, `emfm discover` clusters, ground truth): segmentation
-layers;
-          32/64-bit integers always, 8/16-bit ones when their attributes or name say they are
-          labels.
+- labels  integer label volumes (instances, `emfm discover` clusters, ground truth):
+          segmentation layers; 32/64-bit integers always, 8/16-bit ones when their attributes or
+          name say they are labels.
 
 A run directory shows every volume the run wrote plus the raw volume it read (found from the
 products' "source" attribute, or from its config.yaml; an empty path there is the bundled sample).

@@ -11,9 +11,8 @@ same shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, valid
   membrane map, per section (emfm.eval.probe.cells_from_membranes), averaged over sections.
 - `neuron_boundaries` (gala): foreground = `labels == positive_label` (0 = boundary); the label
   values are the ground-truth instances (0 ignored). Same metrics as membranes.
-- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 / IoU
-and
-  the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
+- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 /
+  IoU and the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
 
 The decision threshold is 0.5, or, when the task has validation sections, the one of
 0.3, 0.4, ..., 0.7 with the best pixel F1 on them. With `split="val"` (model selection) the
