@@ -1028,7 +1028,8 @@ class RegimeConfig:
     # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
     reinit_decoder: bool = False
     # shrink and perturb (Ash & Adams 2020) of a pretrained start: every encoder parameter becomes
-    # shrink * pretrained + perturb * fresh init (trainer.seed); 1.0 / 0.0 = the checkpoint as is
+    # shrink * pretrained + perturb * fresh init (trainer.seed); 1.0 / 0.0 = the checkpoint as is.
+    # With init=scratch a second random network stands in for the pretrained one (the control).
     shrink: float = 1.0
     perturb: float = 0.0
     semi: str = "none"
@@ -1175,11 +1176,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(f"regime.unlabelled_ratio={r.unlabelled_ratio}: at least 1")
     if not 0.0 < r.layer_decay <= 1.0:
         raise ConfigError(f"regime.layer_decay={r.layer_decay}: must be in (0, 1]")
-    if (r.shrink != 1.0 or r.perturb != 0.0) and r.init != "pretrained":
-        raise ConfigError(
-            f"regime.shrink={r.shrink} / regime.perturb={r.perturb} act on a pretrained start: "
-            "set regime.init=pretrained (e.g. regime=finetune) or leave them at 1.0 / 0.0"
-        )
     if not (0.0 < r.shrink <= 1.0 and 0.0 <= r.perturb <= 1.0):
         raise ConfigError(
             f"regime.shrink={r.shrink} must be in (0, 1] and regime.perturb={r.perturb} in [0, 1]"

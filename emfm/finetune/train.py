@@ -104,7 +104,26 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
                 cfg.regime.perturb,
             )
         return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
-    return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
+    enc = None
+    if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
+        # the control of a shrink-and-perturb start: the same mix with a second random network
+        # standing in for the pretrained one (same parameter scales, no pretraining)
+        enc = shrink_perturb(
+            build_encoder(cfg.model, seed=cfg.trainer.seed + 10007),
+            build_encoder(cfg.model, seed=cfg.trainer.seed),
+            cfg.regime.shrink,
+            cfg.regime.perturb,
+        )
+        log.info(
+            "encoder: shrink %.2f x random + perturb %.2f x random (control of a pretrained start)",
+            cfg.regime.shrink,
+            cfg.regime.perturb,
+        )
+    return (
+        build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc),
+        cfg.model,
+        None,
+    )
 
 
 def shrink_perturb(

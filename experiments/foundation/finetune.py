@@ -59,6 +59,7 @@ TAG = ""  # run-name suffix of a recipe variant (--tag)
 REGIME = "finetune"  # the regime of a pretrained start (--regime)
 LR = None  # optim.lr override (--lr); None = configs/finetune.yaml's
 EXTRA: list[str] = []  # further overrides of a pretrained start's fine-tuning (--set KEY=VALUE ...)
+CONTROL = False  # --set applies to random init too (--control)
 
 
 def load(name: str, shared: Path, tmp: Path) -> dict:
@@ -126,7 +127,7 @@ def finetune_config(
         [f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"]
     )
     over += [f"optim.lr={LR}"] if LR else []
-    over += EXTRA if init != "random" else []
+    over += EXTRA if init != "random" or CONTROL else []
     repo = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
         c = compose("finetune", overrides=over)
@@ -364,9 +365,14 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="further overrides of a pretrained start's fine-tuning, e.g. regime.shrink=0.5",
     )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="apply --set to random init too (e.g. the shrink-and-perturb control)",
+    )
     a = ap.parse_args()
-    global REGIME, LR, TAG, EXTRA
-    REGIME, LR, TAG, EXTRA = a.regime, a.lr, a.tag, list(a.set)
+    global REGIME, LR, TAG, EXTRA, CONTROL
+    REGIME, LR, TAG, EXTRA, CONTROL = a.regime, a.lr, a.tag, list(a.set), a.control
     out = Path(a.out)
     if a.table:
         print(table(out))

@@ -210,6 +210,45 @@ def test_partial_freeze_affinities_on_isbi(tmp_path, tiny_main_run):
     )
 
 
+def test_shrink_perturb_start_mixes_the_checkpoint_with_a_fresh_network(tmp_path, tiny_main_run):
+    from emfm.train.state import build_encoder
+
+    cfg = finetune_cfg(
+        tmp_path,
+        "regime=finetune",
+        f"checkpoint={tiny_main_run}",
+        "regime.shrink=0.25",
+        "regime.perturb=0.5",
+        "trainer.seed=3",
+    )
+    model, mcfg, _ = train.init_model(cfg)
+    pre, _ = load_encoder(str(tiny_main_run))
+    fresh = build_encoder(mcfg, seed=3)
+    want = jax.tree.map(
+        lambda a, b: 0.25 * a + 0.5 * b, nnx.state(pre, nnx.Param), nnx.state(fresh, nnx.Param)
+    )
+    got = nnx.state(model.encoder, nnx.Param)
+    assert all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.allclose(a, b, atol=1e-6)), got, want))
+    )
+    # the control: the same mix of two random networks, no checkpoint
+    ccfg = finetune_cfg(
+        tmp_path / "c", "regime.shrink=0.25", "regime.perturb=0.5", "trainer.seed=3"
+    )
+    ctl, _, _ = train.init_model(ccfg)
+    want = jax.tree.map(
+        lambda a, b: 0.25 * a + 0.5 * b,
+        nnx.state(build_encoder(ccfg.model, seed=3 + 10007), nnx.Param),
+        nnx.state(build_encoder(ccfg.model, seed=3), nnx.Param),
+    )
+    got = nnx.state(ctl.encoder, nnx.Param)
+    assert all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.allclose(a, b, atol=1e-6)), got, want))
+    )
+    with pytest.raises(schema.ConfigError, match="regime.shrink"):
+        finetune_cfg(tmp_path / "bad", "regime.shrink=0")
+
+
 def test_layer_decay_finetune_centre_head_on_mitochondria(tmp_path, mito, tiny_main_run):
     cfg = finetune_cfg(
         tmp_path,
