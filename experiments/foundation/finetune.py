@@ -289,8 +289,13 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
 METRICS = {"isbi": ["f1", "adapted_rand_error", "voi"], "cdeep3m": ["iou", "instance_f1", "f1"]}
 
 
-def table(out: Path) -> str:
-    recs = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+def table(out: Path, recipes: set[str] | None = None) -> str:
+    """Markdown tables of the records in `out` (a results.jsonl or the directory holding it); with
+    `recipes`, only those fine-tuning recipes (and every probe row)."""
+    path = out if out.suffix == ".jsonl" else out / "results.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    if recipes is not None:
+        recs = [r for r in recs if r["kind"] != "finetune" or r.get("recipe", "default") in recipes]
     lines = []
     for name, ms in METRICS.items():
         rows = [r for r in recs if r["dataset"] == name]

@@ -1,11 +1,12 @@
 """Publish a pretraining run as a zoo checkpoint (emfm/zoo_models/NAME) with its model card.
 
     python experiments/foundation/publish.py RUN_DIR NAME [--benchmark BENCH_DIR] [--overwrite]
-    [--card-only]
+    [--card-only] [--finetune FINETUNE_RESULTS_JSONL]
 
 The card names the data (with licences), the recipe and the exact command, the compute (steps,
 images, wall time, hardware), the commit, and the benchmark table of BENCH_DIR (benchmark.md of
-`emfm probe checkpoints=[random,zoo:NAME] benchmark=em`, test sections) when given.
+`emfm probe checkpoints=[random,zoo:NAME] benchmark=em`, test sections) when given, and the
+fine-tuning table of experiments/foundation/finetune.py's records when given.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _git_rev() -> str:
         return "unknown"
 
 
-def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
+def card(
+    run: Path, name: str, bench: Path | None, finetune: Path | None = None
+) -> tuple[str, dict]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     prov = (
@@ -147,6 +150,22 @@ def card(run: Path, name: str, bench: Path | None) -> tuple[str, dict]:
             "",
             (bench / "benchmark.md").read_text(),
         ]
+    if finetune is not None:
+        from finetune import table as finetune_table  # experiments/foundation/finetune.py
+
+        lines += [
+            "## Fine-tuning (test sections)",
+            "",
+            "Fine-tune from this checkpoint with `regime=finetune_sp` (each parameter 0.2 x the "
+            "checkpoint + 0.8 x a fresh initialisation, shrink and perturb; chosen on the "
+            "validation sections of ISBI and CDeep3M): started from the checkpoint as is "
+            "(`regime=finetune`), 400 steps end below random init. The same mix of two random "
+            "networks (`random (lr3e-3_sp28)`) is the control: it shows how much of the gain is "
+            "the smaller initial weights rather than pretraining. Command and protocol: "
+            "experiments/foundation/README.md.",
+            "",
+            finetune_table(finetune, recipes={"lr3e-3", "lr3e-3_sp28"}),
+        ]
     recipe = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("recipe=")), None)
     extra = {
         "data": "configs/data/corpus.yaml",
@@ -163,6 +182,9 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("name")
     ap.add_argument("--benchmark")
+    ap.add_argument(
+        "--finetune", help="fine-tuning records (experiments/foundation/finetune_results.jsonl)"
+    )
     ap.add_argument("--description", default="")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument(
@@ -173,7 +195,12 @@ def main() -> None:
     from emfm.train.publish import publish
 
     run = Path(a.run_dir)
-    text, extra = card(run, a.name, Path(a.benchmark) if a.benchmark else None)
+    text, extra = card(
+        run,
+        a.name,
+        Path(a.benchmark) if a.benchmark else None,
+        Path(a.finetune) if a.finetune else None,
+    )
     if a.card_only:
         d = Path(zoo.path_of(a.name))
         (d / "MODEL_CARD.md").write_text(text)
