@@ -930,7 +930,7 @@ def compose(
     *,
     run_dir: str | None = None,
     config_dir: str | None = None,
-) -> EmfmConfig:
+) -> EmfmConfig | FinetuneConfig:
     """Compose `configs/<config_name>.yaml` with overrides, as the CLI does, for notebooks and
     tests."""
 
@@ -945,7 +945,10 @@ def compose(
     extra = [f"run_dir={run_dir}"] if run_dir else ["run_dir=runs/notebook"]
     with initialize_config_dir(config_dir=cdir, version_base=None, job_name="compose"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []) + extra)
-    return validate(OmegaConf.to_object(cfg))
+    obj = OmegaConf.to_object(cfg)
+    if isinstance(obj, FinetuneConfig):  # finetune / predict
+        return validate_finetune(obj, command=config_name)
+    return validate(obj)
 
 
 # ---------------------------------------------------------------------------------------------

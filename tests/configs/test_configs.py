@@ -27,6 +27,17 @@ def test_every_recipe_composes(recipe):
 
 
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+REGIMES = sorted(p.stem for p in (CONFIGS / "regime").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_every_regime_composes_and_validates(regime):
+    cfg = compose(
+        "finetune", [f"regime={regime}", "checkpoint=zoo:em_unet16", "model=unet2d", "head=unet"]
+    )
+    assert cfg.regime.name == regime
+    if regime == "finetune_sp":  # shrink and perturb of a pretrained start
+        assert (cfg.regime.init, cfg.regime.shrink, cfg.regime.perturb) == ("pretrained", 0.2, 0.8)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
