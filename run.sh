@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # emfm quickstart: sets up .venv (the exact versions of requirements.lock) on first use, then
 #   bash run.sh              -> the main job on the bundled real EM sample (pretrain, probe, export)
-#   bash run.sh test         -> the test suite (what CI runs)
+#   bash run.sh test         -> ruff (lint, formatting), then the test suite (what CI runs)
 #   bash run.sh emfm ARGS... -> any emfm command inside the environment, e.g. bash run.sh emfm pretrain debug=tiny
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,6 +38,15 @@ case "$cmd" in
     exec .venv/bin/emfm main "$@" ;;
   test)
     shift
+    # Lint and formatting first, failing fast (outputs and data are excluded in pyproject.toml).
+    if ! .venv/bin/ruff check .; then
+      echo "[emfm] ruff check failed: fix the findings above (many: .venv/bin/ruff check --fix .)" >&2
+      exit 1
+    fi
+    if ! .venv/bin/ruff format --check .; then
+      echo "[emfm] ruff format --check failed: run .venv/bin/ruff format ." >&2
+      exit 1
+    fi
     # pytest exits 5 when it collects no test: that is a failure here, never a silent pass.
     set +e
     .venv/bin/python -m pytest -x -q "$@"

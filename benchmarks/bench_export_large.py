@@ -1,30 +1,34 @@
-"""`emfm export` + `emfm discover` on generated volumes whose feature arrays exceed the memory cap they run
-under (and, for the larger one, this machine's RAM): peak RSS and voxels/s for two volume sizes.
+"""`emfm export` + `emfm discover` on generated volumes whose feature arrays exceed the memory cap
+they run under (and, for the larger one, this machine's RAM): peak RSS and voxels/s for two volume
+sizes.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export_large.py --sections 4 15 --cap-gb 4 \
-        --out experiments/benchmarks/export_large.json --merge-into experiments/benchmarks/export.json
+        --out experiments/benchmarks/export_large.json --merge-into
+        experiments/benchmarks/export.json
 
-For each size: writes a zarr v3 uint8 volume of `sections` x side x side (benchmarks/bench_export.py's
-EM-like texture), then runs, each as its own process under `prlimit --as` (a hard address-space cap,
-which JAX on CPU runs under) and `/usr/bin/time` (peak RSS):
+For each size: writes a zarr v3 uint8 volume of `sections` x side x side
+(benchmarks/bench_export.py's EM-like texture), then runs, each as its own process under `prlimit
+--as` (a hard address-space cap, which JAX on CPU runs under) and `/usr/bin/time` (peak RSS):
 
-  emfm export model=unet2d objective=mim_unet model.width=8 model.depth=2 export.layers=[0,1] export.dtype=float32 ...
-  emfm discover features=.../features.zarr k=8 sample_fraction=0.02
+  emfm export model=unet2d objective=mim_unet model.width=8 model.depth=2 export.layers=[0,1]
+  export.dtype=float32 ... emfm discover features=.../features.zarr k=8 sample_fraction=0.02
 
-The encoder is a random-init 2D U-Net (levels of 8 and 16 channels, both kept and concatenated at full
-resolution: 24 float32 channels = 96 bytes of features per voxel), cheap enough that several GB of
-features take minutes on a 2-core CPU. Volumes and outputs are deleted after each size (--keep keeps them).
+The encoder is a random-init 2D U-Net (levels of 8 and 16 channels, both kept and concatenated at
+full resolution: 24 float32 channels = 96 bytes of features per voxel), cheap enough that several GB
+of features take minutes on a 2-core CPU. Volumes and outputs are deleted after each size (--keep
+keeps them).
 """
+
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import math
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +43,14 @@ def du(path: Path) -> int:
 
 def capped(cmd: list[str], cap_gb: float) -> dict:
     """Run `cmd` under an address-space cap; its peak RSS (MB), wall time (s) and return code."""
-    full = ["prlimit", f"--as={int(cap_gb * 2**30)}", "/usr/bin/time", "-f", "EMFM_TIME %M %e", *cmd]
+    full = [
+        "prlimit",
+        f"--as={int(cap_gb * 2**30)}",
+        "/usr/bin/time",
+        "-f",
+        "EMFM_TIME %M %e",
+        *cmd,
+    ]
     p = subprocess.run(full, cwd=REPO, capture_output=True, text=True)
     line = [ln for ln in p.stderr.splitlines() if ln.startswith("EMFM_TIME")]
     if p.returncode != 0 or not line:
@@ -56,45 +67,95 @@ def main() -> None:
     ap.add_argument("--path", default=str(Path(tempfile.gettempdir()) / "emfm_bench_large"))
     ap.add_argument("--sections", type=int, nargs="+", default=[4, 15])
     ap.add_argument("--side", type=int, default=4096)
-    ap.add_argument("--cap-gb", type=float, default=4.0, help="prlimit --as for each export / discover process")
+    ap.add_argument(
+        "--cap-gb", type=float, default=4.0, help="prlimit --as for each export / discover process"
+    )
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--sample-fraction", type=float, default=0.02)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out")
-    ap.add_argument("--merge-into", help="also store the record under 'larger_than_memory' in this JSON file")
+    ap.add_argument(
+        "--merge-into", help="also store the record under 'larger_than_memory' in this JSON file"
+    )
     args = ap.parse_args()
     root = Path(args.path)
     root.mkdir(parents=True, exist_ok=True)
-    rec = {"benchmark": "export_large", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
-           "ram_gb": round(_ram_gb(), 1), "cap_gb": args.cap_gb, "model": " ".join(MODEL),
-           "layers": [0, 1], "channels": 24, "dtype": "float32", "tile": args.tile, "margin": args.margin,
-           "k": args.k, "sample_fraction": args.sample_fraction, "runs": []}
+    rec = {
+        "benchmark": "export_large",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.machine(),
+        "ram_gb": round(_ram_gb(), 1),
+        "cap_gb": args.cap_gb,
+        "model": " ".join(MODEL),
+        "layers": [0, 1],
+        "channels": 24,
+        "dtype": "float32",
+        "tile": args.tile,
+        "margin": args.margin,
+        "k": args.k,
+        "sample_fraction": args.sample_fraction,
+        "runs": [],
+    }
     for n in args.sections:
         vol = root / f"vol_{n}.zarr"
         t0 = time.perf_counter()
-        shape = make_volume(vol, n * args.side ** 2 / 1e9, args.side)
+        shape = make_volume(vol, n * args.side**2 / 1e9, args.side)
         gen_s = time.perf_counter() - t0
         run = root / f"run_{n}"
-        exp_cmd = [EMFM, "export", *MODEL, f"export.path={vol}", "export.layers=[0,1]", "export.dtype=float32",
-                   f"export.tile={args.tile}", f"export.margin={args.margin}", "trainer.progress=false",
-                   f"hydra.run.dir={run / 'export'}"]
+        exp_cmd = [
+            EMFM,
+            "export",
+            *MODEL,
+            f"export.path={vol}",
+            "export.layers=[0,1]",
+            "export.dtype=float32",
+            f"export.tile={args.tile}",
+            f"export.margin={args.margin}",
+            "trainer.progress=false",
+            f"hydra.run.dir={run / 'export'}",
+        ]
         exp = capped(exp_cmd, args.cap_gb)
         er = json.loads((run / "export" / "export.json").read_text())
         feats = run / "export" / "features.zarr"
-        disc_cmd = [EMFM, "discover", f"features={feats}", f"k={args.k}", f"sample_fraction={args.sample_fraction}",
-                    "progress=false", f"hydra.run.dir={run / 'discover'}"]
+        disc_cmd = [
+            EMFM,
+            "discover",
+            f"features={feats}",
+            f"k={args.k}",
+            f"sample_fraction={args.sample_fraction}",
+            "progress=false",
+            f"hydra.run.dir={run / 'discover'}",
+        ]
         disc = capped(disc_cmd, args.cap_gb)
         dr = json.loads((run / "discover" / "discover.json").read_text())
         fbytes = math.prod(er["shape"]) * 4
-        r = {"volume_shape": list(shape), "volume_gb": math.prod(shape) / 1e9, "volume_generation_s": gen_s,
-             "features_shape": er["shape"], "features_gb": fbytes / 1e9, "features_on_disk_gb": du(feats) / 1e9,
-             "export": {**exp, "voxels": er["voxels"], "voxels_per_s": er["voxels_per_s"], "blend": er["blend"]},
-             "discover": {**disc, "vectors": dr["vectors"], "fit_vectors": dr["fit_vectors"],
-                          "vectors_per_s": dr["vectors"] / disc["wall_s"], "fractions": dr["fractions"]},
-             "commands": [" ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
-                          for cmd in (exp_cmd, disc_cmd)]}
+        r = {
+            "volume_shape": list(shape),
+            "volume_gb": math.prod(shape) / 1e9,
+            "volume_generation_s": gen_s,
+            "features_shape": er["shape"],
+            "features_gb": fbytes / 1e9,
+            "features_on_disk_gb": du(feats) / 1e9,
+            "export": {
+                **exp,
+                "voxels": er["voxels"],
+                "voxels_per_s": er["voxels_per_s"],
+                "blend": er["blend"],
+            },
+            "discover": {
+                **disc,
+                "vectors": dr["vectors"],
+                "fit_vectors": dr["fit_vectors"],
+                "vectors_per_s": dr["vectors"] / disc["wall_s"],
+                "fractions": dr["fractions"],
+            },
+            "commands": [
+                " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
+                for cmd in (exp_cmd, disc_cmd)
+            ],
+        }
         rec["runs"].append(r)
         print(json.dumps(r, indent=1), flush=True)
         if not args.keep:
@@ -102,7 +163,9 @@ def main() -> None:
             shutil.rmtree(run)
         if args.out:
             Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
-        if args.merge_into and Path(args.merge_into).exists():  # e.g. experiments/benchmarks/export.json
+        if (
+            args.merge_into and Path(args.merge_into).exists()
+        ):  # e.g. experiments/benchmarks/export.json
             whole = json.loads(Path(args.merge_into).read_text())
             whole["larger_than_memory"] = rec
             Path(args.merge_into).write_text(json.dumps(whole, indent=1) + "\n")

@@ -1,13 +1,15 @@
-"""Blockwise instance segmentation (`emfm.postproc.instances`): peak memory and throughput as the
+"""Blockwise instance segmentation (`emfm.instances.instances`): peak memory and throughput as the
 volume grows with the block fixed. Each size runs in its own process (peak RSS is per process) on a
 boundary-probability zarr made by tiling the boundaries of one synthetic block (exact labels, so the
 objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
 
-Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512] [--method watershed]
+Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512]
+         [--method watershed]
        EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py --out instances_nocache.json
-(the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by default,
-which fills up to that limit as the volume grows)
+(the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by
+default, which fills up to that limit as the volume grows)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,27 +22,31 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 from emfm.data.volume import create_volume
 from emfm.data.synthetic import synthetic_em
-from emfm.postproc import SegmentParams, boundaries_from_labels, instances
+from emfm.instances import SegmentParams, boundaries_from_labels, instances
 a = json.loads(sys.argv[1])
 shape, tile = a["shape"], (32, 128, 128)
-b = (boundaries_from_labels(synthetic_em(tile, seed=0, cell_size=24.0).cells) * 255).astype(np.uint8)
+cells = synthetic_em(tile, seed=0, cell_size=24.0).cells
+b = (boundaries_from_labels(cells) * 255).astype(np.uint8)
 vol = create_volume(a["input"], shape, np.uint8, chunks=[32, 128, 128])
-for z in range(0, shape[0], tile[0]):  # written slab by slab: tiles of one block, no whole-volume array
+# written slab by slab: tiles of one block, no whole-volume array
+for z in range(0, shape[0], tile[0]):
     slab = np.tile(b, (1, shape[1] // tile[1], shape[2] // tile[2]))[: min(tile[0], shape[0] - z)]
     vol.array[z:z + len(slab)].write(slab).result()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-res = instances(a["input"], a["out"], SegmentParams(method=a["method"]), block=a["block"], halo=a["halo"])
+res = instances(a["input"], a["out"], SegmentParams(method=a["method"]), block=a["block"],
+                halo=a["halo"])
 dt = time.perf_counter() - t
 print(json.dumps({"shape": shape, "voxels": int(np.prod(shape)), "seconds": dt,
-                  "mvoxels_per_s": np.prod(shape) / dt / 1e6, "segments": res["segments"], "blocks": res["blocks"],
-                  "peak_rss_mb_before": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
+                  "mvoxels_per_s": np.prod(shape) / dt / 1e6, "segments": res["segments"],
+                  "blocks": res["blocks"], "peak_rss_mb_before": rss0 / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 
 def main() -> None:
@@ -49,23 +55,42 @@ def main() -> None:
     ap.add_argument("--method", default="watershed")
     ap.add_argument("--block", default="32x128x128")
     ap.add_argument("--halo", default="8x16x16")
-    ap.add_argument("--out", default="instances.json", help="record name under experiments/benchmarks/")
+    ap.add_argument(
+        "--out", default="instances.json", help="record name under experiments/benchmarks/"
+    )
     args = ap.parse_args()
     block = [int(v) for v in args.block.split("x")]
     halo = [int(v) for v in args.halo.split("x")]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for i, size in enumerate(args.sizes):
-            spec = {"shape": [int(v) for v in size.split("x")], "input": f"{d}/in{i}.zarr", "out": f"{d}/out{i}.zarr",
-                    "method": args.method, "block": block, "halo": halo}
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                               cwd=REPO, check=True)
+            spec = {
+                "shape": [int(v) for v in size.split("x")],
+                "input": f"{d}/in{i}.zarr",
+                "out": f"{d}/out{i}.zarr",
+                "method": args.method,
+                "block": block,
+                "halo": halo,
+            }
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                check=True,
+            )
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    rec = {"benchmark": "instances_blockwise", "method": args.method,
-           "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")), "block": block, "halo": halo, "runs": rows,
-           "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
-           "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
+    rec = {
+        "benchmark": "instances_blockwise",
+        "method": args.method,
+        "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")),
+        "block": block,
+        "halo": halo,
+        "runs": rows,
+        "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
+        "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
+    }
     out = REPO / "experiments" / "benchmarks" / args.out
     out.write_text(json.dumps(rec, indent=1))
     print(json.dumps({k: v for k, v in rec.items() if k != "runs"}))

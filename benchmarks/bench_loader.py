@@ -1,8 +1,10 @@
-"""Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one run.
+"""Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one
+run.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out experiments/benchmarks/loader.json
-    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 8192 --out experiments/benchmarks/loader.json
-    rm -r $TMPDIR/emfm_bench_loader                                       # the volumes are kept between runs
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out
+    experiments/benchmarks/loader.json nice -n 10 .venv/bin/python benchmarks/bench_loader.py
+    --size-mb 8192 --out experiments/benchmarks/loader.json rm -r $TMPDIR/emfm_bench_loader
+    # the volumes are kept between runs
 
 Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
@@ -11,20 +13,21 @@ normalisation constants; the float32 conversion runs in the jitted step, emfm.da
 whose time per batch on the default device is reported beside it) and
 of the same patch list read with raw tensorstore futures (each with its own chunk cache of the same
 size; batches alternate which goes first), the ratios loader / raw in wall and CPU time, numpy crops
-of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the streaming
-part of this process, and of a fresh process that streams augmented batches through the loader's
-prefetching iterator as training does.
+of an in-memory copy (volumes up to --memory-limit-mb, measured last), and peak RSS: of the
+streaming part of this process, and of a fresh process that streams augmented batches through the
+loader's prefetching iterator as training does.
 """
+
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,15 +45,18 @@ def make_volume(path: Path, size_mb: int) -> tuple[int, int, int]:
     vol = create_volume(path, shape, np.uint8, chunks=(64, 64, 64), voxel_size=(8, 8, 8))
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[: shape[1], : shape[2]]
-    base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(np.float32)  # EM-like texture, compressible
-    slab = np.empty((64,) + shape[1:], np.uint8)  # one chunk-deep slab at a time: creation memory is bounded too
+    # EM-like texture, compressible
+    base = (96 + 60 * np.sin(yy / 11.0) * np.cos(xx / 13.0)).astype(np.float32)
+    slab = np.empty(
+        (64,) + shape[1:], np.uint8
+    )  # one chunk-deep slab at a time: creation memory is bounded too
     for z0 in range(0, shape[0], 64):
         n = min(64, shape[0] - z0)
         for k in range(n):
             noisy = base + rng.standard_normal(shape[1:], dtype=np.float32) * 20
             np.clip(noisy, 0, 255, out=noisy)
             slab[k] = noisy
-        vol.array[z0:z0 + n].write(slab[:n]).result()
+        vol.array[z0 : z0 + n].write(slab[:n]).result()
     return shape
 
 
@@ -60,9 +66,18 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--path", default=str(Path(tempfile.gettempdir()) / "emfm_bench_loader"))
-    ap.add_argument("--memory-limit-mb", type=int, default=4096, help="load into RAM for the numpy baseline up to this")
+    ap.add_argument(
+        "--memory-limit-mb",
+        type=int,
+        default=4096,
+        help="load into RAM for the numpy baseline up to this",
+    )
     ap.add_argument("--out")
-    ap.add_argument("--rss-only", action="store_true", help="(internal) stream through the loader, print peak RSS")
+    ap.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="(internal) stream through the loader, print peak RSS",
+    )
     args = ap.parse_args()
     if args.rss_only:
         return rss_only(Path(args.path) / f"vol_{args.size_mb}mb.zarr", args.batches, args.batch)
@@ -76,12 +91,24 @@ def main() -> None:
     # neither is served from chunks the other decoded; batches alternate which of the two goes first
     cache_mb = int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256"))
     vol_loader, vol_raw = open_volume(path, cache_mb=cache_mb), open_volume(path, cache_mb=cache_mb)
-    results = {"volume": {"path": str(path), "shape": list(shape), "mb": float(np.prod(shape)) / 1e6,
-                          "disk_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6,
-                          "chunks": list(vol_loader.chunks), "codec": "zstd", "create_s": make_s},
-               "batch": args.batch, "batches": args.batches, "host": platform.node(), "cpus": os.cpu_count(),
-               "chunk_cache_mb": cache_mb,
-               "load_average_before": list(os.getloadavg()), "cases": {}}
+    results = {
+        "volume": {
+            "path": str(path),
+            "shape": list(shape),
+            "mb": float(np.prod(shape)) / 1e6,
+            "disk_mb": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6,
+            "chunks": list(vol_loader.chunks),
+            "codec": "zstd",
+            "create_s": make_s,
+        },
+        "batch": args.batch,
+        "batches": args.batches,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "chunk_cache_mb": cache_mb,
+        "load_average_before": list(os.getloadavg()),
+        "cases": {},
+    }
     patches = [(1, 256, 256), (32, 128, 128)]
     samplers = {}
     for patch in patches:
@@ -91,7 +118,9 @@ def main() -> None:
         samplers[patch] = sampler
 
         def raw(step, patch=patch, sampler=sampler):
-            boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in sampler.origins(step)]
+            boxes = [
+                tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in sampler.origins(step)
+            ]
             futures = [vol_raw.array[b].read() for b in boxes]
             return [f.result() for f in futures]
 
@@ -101,26 +130,47 @@ def main() -> None:
         for f in fns.values():
             f(10**6)  # warm-up (thread pools, metadata), on a batch outside the measured ones
         for step in range(1, args.batches + 1):
-            for name in (list(fns) if step % 2 else list(fns)[::-1]):
+            for name in list(fns) if step % 2 else list(fns)[::-1]:
                 t, c = time.perf_counter(), time.process_time()
                 fns[name](step)
                 times[name].append(time.perf_counter() - t)
                 cpu[name].append(time.process_time() - c)  # all threads: tensorstore's decoders too
         patch_bytes = int(np.prod(patch))
-        case = {k: {**summarise(v, args.batch, patch_bytes), "cpu_s_per_batch": float(np.mean(cpu[k]))}
-                for k, v in times.items()}
-        case["loader_over_raw"] = case["loader"]["patches_per_s"] / case["tensorstore_raw"]["patches_per_s"]
+        case = {
+            k: {**summarise(v, args.batch, patch_bytes), "cpu_s_per_batch": float(np.mean(cpu[k]))}
+            for k, v in times.items()
+        }
+        case["loader_over_raw"] = (
+            case["loader"]["patches_per_s"] / case["tensorstore_raw"]["patches_per_s"]
+        )
         # the same ratio in CPU time: what throughput on a machine busy with other work follows
-        case["loader_over_raw_cpu"] = case["tensorstore_raw"]["cpu_s_per_batch"] / case["loader"]["cpu_s_per_batch"]
+        case["loader_over_raw_cpu"] = (
+            case["tensorstore_raw"]["cpu_s_per_batch"] / case["loader"]["cpu_s_per_batch"]
+        )
         case["device_finish_s_per_batch"] = time_finish(loader.load(1), args.batches)
         results["cases"]["x".join(map(str, patch))] = case
     # peak RSS: of this process so far (loader + raw reads, two caches), and of a fresh process that
     # only streams through the loader as training does; neither may grow with the volume's size
     results["peak_rss_mb_loader_and_raw"] = peak_rss_mb()
     results["peak_rss_mb_after_open"] = rss_open
-    child = subprocess.run([sys.executable, __file__, "--rss-only", "--size-mb", str(args.size_mb), "--path", args.path,
-                            "--batches", str(args.batches), "--batch", str(args.batch)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--rss-only",
+            "--size-mb",
+            str(args.size_mb),
+            "--path",
+            args.path,
+            "--batches",
+            str(args.batches),
+            "--batch",
+            str(args.batch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     results["loader_only"] = json.loads(child.stdout.strip().splitlines()[-1])
     if np.prod(shape) / 1e6 <= args.memory_limit_mb:
         in_memory = vol_raw.read()
@@ -128,8 +178,12 @@ def main() -> None:
             sampler = samplers[patch]
 
             def crop(step, patch=patch, sampler=sampler):
-                return np.stack([in_memory[tuple(slice(a, a + p) for a, p in zip(o, patch))]
-                                 for _, o in sampler.origins(step)])
+                return np.stack(
+                    [
+                        in_memory[tuple(slice(a, a + p) for a, p in zip(o, patch))]
+                        for _, o in sampler.origins(step)
+                    ]
+                )
 
             crop(10**6)
             times = []
@@ -137,12 +191,21 @@ def main() -> None:
                 t = time.perf_counter()
                 crop(step)
                 times.append(time.perf_counter() - t)
-            results["cases"]["x".join(map(str, patch))]["numpy_in_memory"] = summarise(times, args.batch, int(np.prod(patch)))
+            results["cases"]["x".join(map(str, patch))]["numpy_in_memory"] = summarise(
+                times, args.batch, int(np.prod(patch))
+            )
         results["peak_rss_mb_with_in_memory_copy"] = peak_rss_mb()
     results["load_average_after"] = list(os.getloadavg())
     for name, case in results["cases"].items():
-        print(name, {k: (round(v["patches_per_s"], 1), round(v["mb_per_s"], 1)) if isinstance(v, dict) else round(v, 3)
-                     for k, v in case.items()})
+        print(
+            name,
+            {
+                k: (round(v["patches_per_s"], 1), round(v["mb_per_s"], 1))
+                if isinstance(v, dict)
+                else round(v, 3)
+                for k, v in case.items()
+            },
+        )
     print(json.dumps(results, indent=1))
     if args.out:
         out = Path(args.out)
@@ -153,7 +216,8 @@ def main() -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's
+    peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -166,14 +230,25 @@ def rss_only(path: Path, batches: int, batch: int) -> None:
     vol = open_volume(path)
     t0 = time.perf_counter()
     for patch in [(1, 256, 256), (32, 128, 128)]:
-        loader = PatchLoader(PatchSampler([Region.of(vol)], patch, batch, seed=1), [(0.0, 255.0)], prefetch=4)
+        loader = PatchLoader(
+            PatchSampler([Region.of(vol)], patch, batch, seed=1), [(0.0, 255.0)], prefetch=4
+        )
         try:
             for _ in range(batches):
                 next(loader)
         finally:
             loader.close()
-    print(json.dumps({"batches_per_shape": batches, "augment": True, "prefetch": 4, "s": time.perf_counter() - t0,
-                      "peak_rss_mb": peak_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                "batches_per_shape": batches,
+                "augment": True,
+                "prefetch": 4,
+                "s": time.perf_counter() - t0,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
 
 
 def time_finish(batch: dict, n: int) -> float:
@@ -194,8 +269,12 @@ def time_finish(batch: dict, n: int) -> float:
 
 def summarise(times: list[float], batch: int, patch_bytes: int) -> dict:
     dt, n = sum(times), len(times) * batch
-    return {"patches_per_s": n / dt, "mb_per_s": n * patch_bytes / dt / 1e6, "s": dt,
-            "median_batch_s": float(np.median(times))}
+    return {
+        "patches_per_s": n / dt,
+        "mb_per_s": n * patch_bytes / dt / 1e6,
+        "s": dt,
+        "median_batch_s": float(np.median(times)),
+    }
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """emfm's MAE training step against the PyTorch reference, side by side in one run, on CPU.
 
-Same model and step as ../shared/bench/mae_torch.py: ViT-S/16 and ViT-B/16 encoders on 224x224 one-channel
-images, 75 % random masking, decoder 8 blocks x 512 (16 heads), norm-pixel MSE on masked patches, AdamW
-(lr 1.5e-4, betas 0.9 / 0.95, weight decay 0.05 on every parameter, no clipping), batch 32, fp32.
-Reports images/s of each and their ratio, and achieved FLOP/s (analytic count, ../shared/bench/mae_flops.py)
-over the fp32 matmul ceiling measured in the same run (../shared/bench/cpu_ceiling.py). The peer runs in
-its own environment (`.venv-peer`, torch==2.13.0; see ../shared/bench/README.md).
+Same model and step as ../shared/bench/mae_torch.py: ViT-S/16 and ViT-B/16 encoders on 224x224
+one-channel images, 75 % random masking, decoder 8 blocks x 512 (16 heads), norm-pixel MSE on masked
+patches, AdamW (lr 1.5e-4, betas 0.9 / 0.95, weight decay 0.05 on every parameter, no clipping),
+batch 32, fp32. Reports images/s of each and their ratio, and achieved FLOP/s (analytic count,
+../shared/bench/mae_flops.py) over the fp32 matmul ceiling measured in the same run
+(../shared/bench/cpu_ceiling.py). The peer runs in its own environment (`.venv-peer`, torch==2.13.0;
+see ../shared/bench/README.md).
 
 Command: .venv/bin/python benchmarks/bench_mae_cpu.py [--models vit_small,vit_base] [--steps 3]
 Hardware: the 2-core CPU box. Runtime: about 15 minutes. Output: experiments/benchmarks/mae_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +32,7 @@ SIZES = {"vit_small": "S", "vit_base": "B"}
 def run_json(cmd: list[str]) -> dict:
     """Run a peer script and parse the one JSON record it prints."""
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
@@ -44,16 +46,26 @@ def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
     from emfm.train.state import build_pretraining_model, init_state, make_train_step
 
     mcfg = ModelConfig(name="vit", size=SIZES[model], patch_size=[16, 16])
-    ocfg = ObjectiveConfig(name="mae", mask_ratio=0.75, decoder_width=512, decoder_depth=8, decoder_heads=16,
-                           norm_pix_loss=True)
+    ocfg = ObjectiveConfig(
+        name="mae",
+        mask_ratio=0.75,
+        decoder_width=512,
+        decoder_depth=8,
+        decoder_heads=16,
+        norm_pix_loss=True,
+    )
     net = build_pretraining_model(mcfg, ocfg)
     nparams = count_params(net)
     tx = optax.adamw(1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05)
     graphdef, state = init_state(net, tx, 0)
     del net
-    step = jax.jit(make_train_step(graphdef, lambda m, b, r, t: mae.loss(m, b, r, mask_ratio=0.75), tx),
-                   donate_argnums=0)
-    batch_arr = {"image": jax.random.normal(jax.random.PRNGKey(0), (batch, 224, 224, 1), jnp.float32)}
+    step = jax.jit(
+        make_train_step(graphdef, lambda m, b, r, t: mae.loss(m, b, r, mask_ratio=0.75), tx),
+        donate_argnums=0,
+    )
+    batch_arr = {
+        "image": jax.random.normal(jax.random.PRNGKey(0), (batch, 224, 224, 1), jnp.float32)
+    }
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arr).compile()
     compile_s = time.perf_counter() - t0
@@ -65,9 +77,19 @@ def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
         if i >= warmup:
             ts.append(time.perf_counter() - t0)
     med = statistics.median(ts)
-    return {"model": model, "batch": batch, "params_M": nparams / 1e6, "jax": jax.__version__,
-            "compile_s": compile_s, "median_s": med, "min_s": min(ts), "all_s": [round(t, 4) for t in ts],
-            "images_per_s": batch / med, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {
+        "model": model,
+        "batch": batch,
+        "params_M": nparams / 1e6,
+        "jax": jax.__version__,
+        "compile_s": compile_s,
+        "median_s": med,
+        "min_s": min(ts),
+        "all_s": [round(t, 4) for t in ts],
+        "images_per_s": batch / med,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
 def main() -> None:
@@ -82,27 +104,77 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from mae_flops import CONFIGS, mae_forward_flops
 
-    ceiling = run_json([sys.executable, str(BENCH / "cpu_ceiling.py"), "--n", "2048", "--repeats", "5",
-                        "--skip", "torch,torch_bf16,membw"])  # numpy and jax, in this environment
-    ceiling.update(run_json([str(PEER_PY), str(BENCH / "cpu_ceiling.py"), "--n", "2048", "--repeats", "5",
-                             "--skip", "numpy,jax,torch_bf16,membw"]))  # torch, in the peer's
+    ceiling = run_json(
+        [
+            sys.executable,
+            str(BENCH / "cpu_ceiling.py"),
+            "--n",
+            "2048",
+            "--repeats",
+            "5",
+            "--skip",
+            "torch,torch_bf16,membw",
+        ]
+    )  # numpy and jax, in this environment
+    ceiling.update(
+        run_json(
+            [
+                str(PEER_PY),
+                str(BENCH / "cpu_ceiling.py"),
+                "--n",
+                "2048",
+                "--repeats",
+                "5",
+                "--skip",
+                "numpy,jax,torch_bf16,membw",
+            ]
+        )
+    )  # torch, in the peer's
     # the ceiling is the best fp32 matmul rate any of the three libraries reached on this machine
     peak = max(ceiling[k]["gflops"] for k in ("numpy_f32", "jax_f32", "torch_f32") if k in ceiling)
-    record = {"bench": "mae_cpu", "command": " ".join(sys.argv), "ceiling_gflops": peak, "ceiling": ceiling, "runs": []}
+    record = {
+        "bench": "mae_cpu",
+        "command": " ".join(sys.argv),
+        "ceiling_gflops": peak,
+        "ceiling": ceiling,
+        "runs": [],
+    }
     for model in args.models.split(","):
-        torch_res = run_json([str(PEER_PY), str(BENCH / "mae_torch.py"), "--model", model, "--batch", str(args.batch),
-                              "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)])
+        torch_res = run_json(
+            [
+                str(PEER_PY),
+                str(BENCH / "mae_torch.py"),
+                "--model",
+                model,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+        )
         emfm_res = bench_emfm(model, args.batch, args.steps, args.warmup)
         flop_img = mae_forward_flops(CONFIGS[model])["train_step_approx"]
         emfm_res["achieved_GFLOPs"] = flop_img * args.batch / emfm_res["median_s"] / 1e9
-        run = {"model": model, "analytic_train_GFLOP_per_img": flop_img / 1e9,
-               "emfm_images_per_s": emfm_res["images_per_s"], "torch_images_per_s": torch_res["images_per_s"],
-               "speed_ratio_emfm_over_torch": emfm_res["images_per_s"] / torch_res["images_per_s"],
-               "emfm_fraction_of_ceiling": emfm_res["achieved_GFLOPs"] / peak if peak else None,
-               "torch_fraction_of_ceiling": torch_res["achieved_GFLOPs"] / peak if peak else None,
-               "emfm": emfm_res, "torch": torch_res}
+        run = {
+            "model": model,
+            "analytic_train_GFLOP_per_img": flop_img / 1e9,
+            "emfm_images_per_s": emfm_res["images_per_s"],
+            "torch_images_per_s": torch_res["images_per_s"],
+            "speed_ratio_emfm_over_torch": emfm_res["images_per_s"] / torch_res["images_per_s"],
+            "emfm_fraction_of_ceiling": emfm_res["achieved_GFLOPs"] / peak if peak else None,
+            "torch_fraction_of_ceiling": torch_res["achieved_GFLOPs"] / peak if peak else None,
+            "emfm": emfm_res,
+            "torch": torch_res,
+        }
         record["runs"].append(run)
-        print(json.dumps({k: v for k, v in run.items() if k not in ("emfm", "torch")}, indent=1), flush=True)
+        print(
+            json.dumps({k: v for k, v in run.items() if k not in ("emfm", "torch")}, indent=1),
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1, default=float))
     print(f"wrote {args.out}")

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_metrics.py [--shape 100,1024,1024] [--seeds 100000]
 
 Hardware the recorded figures came from: 2-core x86 CPU, 24 GB RAM (no GPU needed).
-Runtime: ~5-8 min at the default size (volume generation is cached under the system temp directory after the first run).
+Runtime: ~5-8 min at the default size (volume generation is cached under the system temp directory
+after the first run).
 
 Parts (each in its own subprocess, so peak-memory figures do not mix):
 1. region: emfm's adapted Rand error + VOI (one contingency table) vs skimage's
@@ -25,11 +26,11 @@ Prints one JSON record and writes it to experiments/benchmarks/metrics.json.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,8 +133,12 @@ def part_region_skimage(pred_p, gt_p):
     are = adapted_rand_error(gt, pred)[0]
     voi = variation_of_information(gt, pred)
     secs = time.perf_counter() - t
-    return {"seconds": secs, "peak_bytes": _peak_increase(base),
-            "are": float(are), "voi": [float(v) for v in voi]}
+    return {
+        "seconds": secs,
+        "peak_bytes": _peak_increase(base),
+        "are": float(are),
+        "voi": [float(v) for v in voi],
+    }
 
 
 def part_instance(pred_p, gt_p, n_slices):
@@ -147,10 +152,18 @@ def part_instance(pred_p, gt_p, n_slices):
     t = time.perf_counter()
     s = instance_scores(None, None, table=table)
     t_scores = time.perf_counter() - t
-    return {"shape": list(gt.shape), "n_gt": s["n_gt"], "n_pred": s["n_pred"],
-            "seconds_table": t_table, "seconds_scores": t_scores,
-            "ap_dsb": s["ap_dsb"], "ap_coco": s["ap_coco"], "pq": s["pq"], "aji": s["aji"],
-            "f1@0.5": s["f1@0.5"]}
+    return {
+        "shape": list(gt.shape),
+        "n_gt": s["n_gt"],
+        "n_pred": s["n_pred"],
+        "seconds_table": t_table,
+        "seconds_scores": t_scores,
+        "ap_dsb": s["ap_dsb"],
+        "ap_coco": s["ap_coco"],
+        "pq": s["pq"],
+        "aji": s["aji"],
+        "f1@0.5": s["f1@0.5"],
+    }
 
 
 def part_warping(pred_p, gt_p):
@@ -159,7 +172,7 @@ def part_warping(pred_p, gt_p):
     from emfm.eval.metrics import warping_error
 
     def membranes(lab):
-        return (ndimage.grey_dilation(lab, size=3) != ndimage.grey_erosion(lab, size=3))
+        return ndimage.grey_dilation(lab, size=3) != ndimage.grey_erosion(lab, size=3)
 
     gt = ~membranes(np.load(gt_p, mmap_mode="r")[0].astype(np.int64))  # True = cell interior
     rng = np.random.default_rng(0)
@@ -183,11 +196,20 @@ def part_blockwise(pred_p, gt_p, block_z):
         z = CACHE / (p.stem + ".zarr")
         if not (z / "zarr.json").exists():
             arr = np.load(p, mmap_mode="r")
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(z)},
-                    "create": True, "delete_existing": True,
-                    "metadata": {"shape": list(arr.shape), "data_type": "uint32",
-                                 "chunk_grid": {"name": "regular",
-                                                "configuration": {"chunk_shape": [8, 256, 256]}}}}
+            spec = {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(z)},
+                "create": True,
+                "delete_existing": True,
+                "metadata": {
+                    "shape": list(arr.shape),
+                    "data_type": "uint32",
+                    "chunk_grid": {
+                        "name": "regular",
+                        "configuration": {"chunk_shape": [8, 256, 256]},
+                    },
+                },
+            }
             store = ts.open(spec).result()
             for zz in range(0, arr.shape[0], 8):
                 stop = min(zz + 8, arr.shape[0])
@@ -195,15 +217,24 @@ def part_blockwise(pred_p, gt_p, block_z):
         paths[name] = z
     base = _reset_peak()
     t = time.perf_counter()
-    res = evaluate_paths(paths["pred"], paths["gt"], CACHE / f"eval_bz{block_z}",
-                         kinds=("region",), block_z=block_z)
-    return {"block_z": block_z, "seconds": time.perf_counter() - t,
-            "peak_bytes": _peak_increase(base),
-            "are": res["metrics"]["region"]["adapted_rand_error"]}
+    res = evaluate_paths(
+        paths["pred"], paths["gt"], CACHE / f"eval_bz{block_z}", kinds=("region",), block_z=block_z
+    )
+    return {
+        "block_z": block_z,
+        "seconds": time.perf_counter() - t,
+        "peak_bytes": _peak_increase(base),
+        "are": res["metrics"]["region"]["adapted_rand_error"],
+    }
 
 
-PARTS = {"region_emfm": part_region_emfm, "region_skimage": part_region_skimage,
-         "instance": part_instance, "warping": part_warping, "blockwise": part_blockwise}
+PARTS = {
+    "region_emfm": part_region_emfm,
+    "region_skimage": part_region_skimage,
+    "instance": part_instance,
+    "warping": part_warping,
+    "blockwise": part_blockwise,
+}
 
 
 def _run_part(name, *args, env=None):
@@ -253,8 +284,9 @@ def main():
             "emfm": emfm,
             "skimage": sk,
             "speedup": sk["seconds"] / emfm["seconds"],
-            "max_abs_diff": max(abs(emfm["are"] - sk["are"]),
-                                *(abs(x - y) for x, y in zip(emfm["voi"], sk["voi"]))),
+            "max_abs_diff": max(
+                abs(emfm["are"] - sk["are"]), *(abs(x - y) for x, y in zip(emfm["voi"], sk["voi"]))
+            ),
             "emfm_peak_over_inputs": emfm["peak_bytes"] / emfm["input_bytes"],
             "skimage_peak_over_inputs": sk["peak_bytes"] / emfm["input_bytes"],
         },

@@ -3,6 +3,7 @@
 `main_job(cfg)`: pretrain (MAE) -> linear probe of pretrained vs randomly initialised encoder ->
 dense feature export; everything lands in `cfg.run_dir`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,18 @@ from emfm.train.state import build_encoder, load_encoder
 
 log = logging.getLogger("emfm")
 
-PROBE_COLUMNS = ["encoder", "f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge",
-                 "precision", "recall", "pixel_error"]
+PROBE_COLUMNS = [
+    "encoder",
+    "f1",
+    "iou",
+    "adapted_rand_error",
+    "voi",
+    "voi_split",
+    "voi_merge",
+    "precision",
+    "recall",
+    "pixel_error",
+]
 
 
 def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
@@ -45,7 +56,11 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
         model = ModelConfig(**meta["model"])  # the checkpoint's architecture, freshly initialised
         if not pc.compare_random:
             return encs
-    seeds = [pc.seed + 1000 + i for i in range(pc.random_seeds)] if checkpoint else [pc.seed + i for i in range(pc.random_seeds)]
+    seeds = (
+        [pc.seed + 1000 + i for i in range(pc.random_seeds)]
+        if checkpoint
+        else [pc.seed + i for i in range(pc.random_seeds)]
+    )
     for s in seeds:
         name = "random_init" if pc.random_seeds == 1 else f"random_init_seed{s}"
         encs[name] = (build_encoder(model, seed=s), grey)
@@ -53,7 +68,8 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
 
 
 def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a figure.
+    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a
+    figure.
 
     Each encoder's probe is trained on the training sections; its decision threshold and its cell
     segmentation parameters (probe.cell_* grid) are chosen on the validation sections (the training
@@ -66,50 +82,95 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     img_vol = open_volume(bundled.resolve(pc.path, bundled.sample_raw()))
     lab_vol = open_volume(bundled.resolve(pc.labels, bundled.sample_membranes()))
     if img_vol.shape != lab_vol.shape:
-        raise VolumeError(f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has {img_vol.shape}")
+        raise VolumeError(
+            f"probe labels {lab_vol.path} have shape {lab_vol.shape}, image {img_vol.path} has "
+            f"{img_vol.shape}"
+        )
     tr, te = tuple(pc.train_slices), tuple(pc.test_slices)
     va = tuple(pc.val_slices) if pc.val_slices else tr
     x_tr, x_va, x_te = (probe.read_sections(img_vol, z) for z in (tr, va, te))
     y_tr, y_va, y_te = (probe.read_sections(lab_vol, z) == pc.positive_label for z in (tr, va, te))
     for y, z in ((y_tr, tr), (y_va, va)):
         if not y.any() or y.all():
-            raise VolumeError(f"probe labels {lab_vol.path}: sections {list(z)} hold no pixel of both classes "
-                              f"(positive_label={pc.positive_label})")
-    grey = estimate_range(Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]]))
-    grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds, sigmas=pc.cell_sigmas, rank=pc.cell_rank)
+            raise VolumeError(
+                f"probe labels {lab_vol.path}: sections {list(z)} hold no pixel of both classes "
+                f"(positive_label={pc.positive_label})"
+            )
+    grey = estimate_range(
+        Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]])
+    )
+    grid = dict(
+        thresholds=pc.cell_thresholds,
+        min_seeds=pc.cell_min_seeds,
+        sigmas=pc.cell_sigmas,
+        rank=pc.cell_rank,
+    )
     tuned = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1
     results, probs = {}, {}
     for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
         t0 = time.perf_counter()
-        kw = dict(tile=pc.tile, margin=pc.margin, batch_size=cfg.export.batch_size, blocks=tuple(pc.blocks),
-                  embed=pc.embed)
-        f_tr, f_va, f_te = (encode_sections(enc, probe.normalise(x, rng), **kw) for x in (x_tr, x_va, x_te))
-        lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=pc.steps, lr=pc.lr,
-                                      weight_decay=pc.weight_decay, seed=pc.seed, upsample=pc.upsample,
-                                      class_balance=pc.class_balance)
+        kw = dict(
+            tile=pc.tile,
+            margin=pc.margin,
+            batch_size=cfg.export.batch_size,
+            blocks=tuple(pc.blocks),
+            embed=pc.embed,
+        )
+        f_tr, f_va, f_te = (
+            encode_sections(enc, probe.normalise(x, rng), **kw) for x in (x_tr, x_va, x_te)
+        )
+        lp = probe.train_linear_probe(
+            f_tr,
+            y_tr.astype(np.int32),
+            steps=pc.steps,
+            lr=pc.lr,
+            weight_decay=pc.weight_decay,
+            seed=pc.seed,
+            upsample=pc.upsample,
+            class_balance=pc.class_balance,
+        )
         p_va = lp.predict(f_va, y_va.shape[1:])[..., 1]
         threshold = choose_threshold(p_va, y_va)  # chosen on the validation sections
-        cells = {"threshold": pc.cell_thresholds[0], "min_seed": pc.cell_min_seeds[0], "sigma": pc.cell_sigmas[0],
-                 "rank": pc.cell_rank}
-        if tuned:  # post-processing chosen on the validation sections, by this encoder's own predictions
+        cells = {
+            "threshold": pc.cell_thresholds[0],
+            "min_seed": pc.cell_min_seeds[0],
+            "sigma": pc.cell_sigmas[0],
+            "rank": pc.cell_rank,
+        }
+        if (
+            tuned
+        ):  # post-processing chosen on the validation sections, by this encoder's own predictions
             cells = probe.tune_cells(p_va, y_va, **grid)
         p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
         scores = probe.membrane_scores(p_te, y_te, pixel_threshold=threshold, **cells)
         scores["cells"], scores["threshold"] = cells, threshold
         scores["seconds"] = time.perf_counter() - t0
         results[name], probs[name] = scores, p_te
-        log.info("probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (threshold %.1f, cells %s)", name, scores["f1"],
-                 scores["iou"], scores["adapted_rand_error"], scores["voi"], threshold, cells)
+        log.info(
+            "probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (threshold %.1f, cells %s)",
+            name,
+            scores["f1"],
+            scores["iou"],
+            scores["adapted_rand_error"],
+            scores["voi"],
+            threshold,
+            cells,
+        )
     rnd = [n for n in results if n.startswith("random_init_seed")]
     if rnd:  # the mean (and spread, ddof 1) of the random-init encoders
-        results["random_init"] = {"seeds": len(rnd), **{c: float(np.mean([results[n][c] for n in rnd]))
-                                                         for c in PROBE_COLUMNS[1:]},
-                                  **{c + "_std": float(np.std([results[n][c] for n in rnd], ddof=1))
-                                     for c in PROBE_COLUMNS[1:]}}
+        results["random_init"] = {
+            "seeds": len(rnd),
+            **{c: float(np.mean([results[n][c] for n in rnd])) for c in PROBE_COLUMNS[1:]},
+            **{
+                c + "_std": float(np.std([results[n][c] for n in rnd], ddof=1))
+                for c in PROBE_COLUMNS[1:]
+            },
+        }
     _write_probe_tables(run_dir, results, tr, te, va)
     k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
     cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
-    shown = [n for n in probs if not n.startswith("random_init")] + rnd[:1]  # one random-init map is enough
+    # one random-init map is enough
+    shown = [n for n in probs if not n.startswith("random_init")] + rnd[:1]
     cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in shown]
     figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
     return results
@@ -122,38 +183,62 @@ def _fmt(r: dict, c: str) -> str:
 def _write_probe_tables(run_dir: Path, results: dict, tr, te, va=None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     std_cols = [c + "_std" for c in PROBE_COLUMNS[1:]]
-    rows = [{"encoder": n, **{c: results[n].get(c, "") for c in PROBE_COLUMNS[1:] + std_cols + ["cells"]}}
-            for n in results]
+    rows = [
+        {
+            "encoder": n,
+            **{c: results[n].get(c, "") for c in PROBE_COLUMNS[1:] + std_cols + ["cells"]},
+        }
+        for n in results
+    ]
     with open(run_dir / "probe.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS + std_cols + ["cells"])
         w.writeheader()
         w.writerows(rows)
-    (run_dir / "probe.json").write_text(json.dumps({"train_sections": list(tr), "val_sections": list(va or tr),
-                                                    "test_sections": list(te), "results": results}, indent=1))
+    (run_dir / "probe.json").write_text(
+        json.dumps(
+            {
+                "train_sections": list(tr),
+                "val_sections": list(va or tr),
+                "test_sections": list(te),
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     va = va or tr
-    lines = [f"Linear probe, membranes, test sections {te[0]}..{te[1] - 1} (trained on {tr[0]}..{tr[1] - 1}; "
-             f"threshold and cell parameters chosen on {va[0]}..{va[1] - 1})", "",
-             "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |", "|---|---|---|---|---|"]
+    lines = [
+        f"Linear probe, membranes, test sections {te[0]}..{te[1] - 1} (trained on "
+        f"{tr[0]}..{tr[1] - 1}; "
+        f"threshold and cell parameters chosen on {va[0]}..{va[1] - 1})",
+        "",
+        "| encoder | F1 | IoU | adapted Rand error | VOI (split + merge) |",
+        "|---|---|---|---|---|",
+    ]
     for n, r in results.items():
         label = f"{n} (mean ± std of {r['seeds']} seeds, ddof 1)" if "seeds" in r else n
-        lines.append(f"| {label} | {_fmt(r, 'f1')} | {_fmt(r, 'iou')} | {_fmt(r, 'adapted_rand_error')} | "
-                     f"{_fmt(r, 'voi')} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |")
+        lines.append(
+            f"| {label} | {_fmt(r, 'f1')} | {_fmt(r, 'iou')} | {_fmt(r, 'adapted_rand_error')} | "
+            f"{_fmt(r, 'voi')} ({r['voi_split']:.3f} + {r['voi_merge']:.3f}) |"
+        )
     if "random_init" in results:
         b = results["random_init"]
         lines.append("")
         for n in (n for n in results if not n.startswith("random_init")):
             a = results[n]
-            lines.append(f"{n} - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
-                         f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, "
-                         f"VOI {a['voi'] - b['voi']:+.4f} (lower ARE and VOI are better)")
+            lines.append(
+                f"{n} - random: F1 {a['f1'] - b['f1']:+.4f}, IoU {a['iou'] - b['iou']:+.4f}, "
+                f"ARE {a['adapted_rand_error'] - b['adapted_rand_error']:+.4f}, "
+                f"VOI {a['voi'] - b['voi']:+.4f} (lower ARE and VOI are better)"
+            )
     (run_dir / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Dense features of a volume (or its ROI) to zarr, plus a PCA-RGB preview PNG of its middle section.
-    Bad input (checkpoint of another model, output of another export, wrong dimensions) stops it before
-    any compute; under several JAX processes each writes its share and process 0 the summary."""
+    """Dense features of a volume (or its ROI) to zarr, plus a PCA-RGB preview PNG of its middle
+    section. Bad input (checkpoint of another model, output of another export, wrong dimensions)
+    stops it before any compute; under several JAX processes each writes its share and process 0 the
+    summary."""
     import jax
 
     from emfm.export.features import load_export_encoder
@@ -162,8 +247,10 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     ec = cfg.export
     vol = open_volume(bundled.resolve(ec.path, bundled.sample_raw()))
     if vol.ndim != 3:
-        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
-                          "single-channel z, y, x volumes (store a 2D image as [1, y, x])")
+        raise VolumeError(
+            f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
+            "single-channel z, y, x volumes (store a 2D image as [1, y, x])"
+        )
     region = Region.of(vol, ec.roi)
     model_cfg = cfg.model
     from emfm import zoo
@@ -176,14 +263,33 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     enc, meta = load_export_encoder(model_cfg, checkpoint or "", seed=cfg.trainer.seed)
     grey = tuple(meta.get("grey_range") or estimate_range(region))
     out = ec.out or str(run_dir / "features.zarr")
-    res = export_features(enc, vol, out, grey_range=grey, tile=ec.tile, margin=ec.margin, block_z=ec.block_z,
-                          margin_z=ec.margin_z, layers=tuple(ec.layers), dtype=ec.dtype, pca_k=ec.pca_k,
-                          pca_sample_blocks=ec.pca_sample_blocks, roi=ec.roi, batch_size=ec.batch_size,
-                          prefetch=ec.prefetch, resume=ec.resume, checkpoint=checkpoint or "",
-                          seed=cfg.trainer.seed, blend=ec.blend, show_progress=cfg.trainer.progress)
+    res = export_features(
+        enc,
+        vol,
+        out,
+        grey_range=grey,
+        tile=ec.tile,
+        margin=ec.margin,
+        block_z=ec.block_z,
+        margin_z=ec.margin_z,
+        layers=tuple(ec.layers),
+        dtype=ec.dtype,
+        pca_k=ec.pca_k,
+        pca_sample_blocks=ec.pca_sample_blocks,
+        roi=ec.roi,
+        batch_size=ec.batch_size,
+        prefetch=ec.prefetch,
+        resume=ec.resume,
+        checkpoint=checkpoint or "",
+        seed=cfg.trainer.seed,
+        blend=ec.blend,
+        show_progress=cfg.trainer.progress,
+    )
     if jax.process_index() != 0:  # its own share's record; process 0 writes the summary and preview
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"export_process{jax.process_index()}.json").write_text(json.dumps(res, indent=1))
+        (run_dir / f"export_process{jax.process_index()}.json").write_text(
+            json.dumps(res, indent=1)
+        )
         return res
     feats_vol = open_volume(out)
     z = feats_vol.shape[0] // 2
@@ -194,8 +300,10 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     st = res["stride"]
     zi = z0 + z * st[0] + st[0] // 2
     img = vol.read((slice(zi, zi + 1), slice(y0, y0 + cy * st[1]), slice(x0, x0 + cx * st[2])))[0]
-    figures.image_grid(run_dir / "figures" / "features_pca.png",
-                       [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])])
+    figures.image_grid(
+        run_dir / "figures" / "features_pca.png",
+        [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])],
+    )
     res["pca_explained_variance"] = [float(v) for v in evr]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "export.json").write_text(json.dumps(res, indent=1))
@@ -210,23 +318,30 @@ def main_job(cfg: EmfmConfig) -> dict:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     print(f"[emfm] main job -> {run_dir}")
-    print(f"[emfm] 1/3 pretraining ({cfg.objective.name}, {cfg.model.name}) on",
-          bundled.resolve(cfg.data.path, "the bundled ISBI 2012 sample"))
+    print(
+        f"[emfm] 1/3 pretraining ({cfg.objective.name}, {cfg.model.name}) on",
+        bundled.resolve(cfg.data.path, "the bundled ISBI 2012 sample"),
+    )
     pre = pretrain(cfg)
     t1 = time.perf_counter()
     zoo = f"{cfg.probe.zoo}, " if cfg.probe.zoo else ""
     print(f"[emfm] 2/3 linear probe of membranes: {zoo}the pretrained and random-init encoders")
     prb = run_probe(cfg, checkpoint=str(run_dir))
     t2 = time.perf_counter()
-    # the features a user would take: the zoo checkpoint's when one is probed, else the one just pretrained
+    # the features a user would take: the zoo checkpoint's when one is probed, else the one just
+    # pretrained
     from emfm.config.schema import resolve_zoo
 
     source = resolve_zoo(cfg.probe.zoo, "probe.zoo") if cfg.probe.zoo else str(run_dir)
     print(f"[emfm] 3/3 exporting dense features ({cfg.probe.zoo or 'the pretrained encoder'})")
     exp = run_export(cfg, checkpoint=source)
     t3 = time.perf_counter()
-    summary = {"pretrain": pre, "probe": prb, "export": exp,
-               "seconds": {"pretrain": t1 - t0, "probe": t2 - t1, "export": t3 - t2, "total": t3 - t0}}
+    summary = {
+        "pretrain": pre,
+        "probe": prb,
+        "export": exp,
+        "seconds": {"pretrain": t1 - t0, "probe": t2 - t1, "export": t3 - t2, "total": t3 - t0},
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(f"[emfm] done in {t3 - t0:.0f} s; results, figures and checkpoint in {run_dir}")
     return summary

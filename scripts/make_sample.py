@@ -6,6 +6,7 @@ tensorstore, with OME-style attributes (axes, voxel size) and the citation in at
 
 Usage: python scripts/make_sample.py [--src ../shared/data/em/isbi2012]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,30 @@ def main() -> None:
     args = ap.parse_args()
     raw = tifffile.imread(Path(args.src) / "train_volume.tif")[CROP]
     lab = tifffile.imread(Path(args.src) / "train_labels.tif")[CROP]
-    # Store labels as 1 = membrane, 0 = cell interior (the ISBI files use 0 = membrane, 255 = interior).
+    # Store labels as 1 = membrane, 0 = cell interior (the ISBI files use 0 = membrane, 255 =
+    # interior).
     membrane = (lab == 0).astype(np.uint8)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    attrs = {"source": "ISBI 2012 train_volume.tif / train_labels.tif", "crop_zyx": [[0, 30], [64, 448], [64, 448]],
-             "citation": CITATION}
-    volume.write_array(out / "raw", raw, voxel_size=(50.0, 4.0, 4.0), chunks=(1, 384, 384),
-                       attributes={**attrs, "content": "raw uint8 grey values"})
-    volume.write_array(out / "membranes", membrane, voxel_size=(50.0, 4.0, 4.0), chunks=(1, 384, 384),
-                       attributes={**attrs, "content": "1 = membrane, 0 = cell interior"})
+    attrs = {
+        "source": "ISBI 2012 train_volume.tif / train_labels.tif",
+        "crop_zyx": [[0, 30], [64, 448], [64, 448]],
+        "citation": CITATION,
+    }
+    volume.write_array(
+        out / "raw",
+        raw,
+        voxel_size=(50.0, 4.0, 4.0),
+        chunks=(1, 384, 384),
+        attributes={**attrs, "content": "raw uint8 grey values"},
+    )
+    volume.write_array(
+        out / "membranes",
+        membrane,
+        voxel_size=(50.0, 4.0, 4.0),
+        chunks=(1, 384, 384),
+        attributes={**attrs, "content": "1 = membrane, 0 = cell interior"},
+    )
     print(f"wrote {out}: raw {raw.shape} {raw.dtype}, membrane fraction {membrane.mean():.3f}")
 
 

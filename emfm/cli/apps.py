@@ -1,4 +1,5 @@
 """Hydra apps, one per command: compose, convert to typed dataclasses once, call the library."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
-# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too); anything
-# else is a bug and is shown with its traceback.
+# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too);
+# anything else is a bug and is shown with its traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, UserError, FloatingPointError)
 
 
@@ -46,22 +47,51 @@ def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[2], timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parents[2], timeout=5).stdout.strip() != ""
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            timeout=5,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+                timeout=5,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "", False
     from importlib.metadata import PackageNotFoundError, version
 
     pkgs = {}
-    for p in ("emfm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "numpy", "hydra-core"):
+    for p in (
+        "emfm",
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorstore",
+        "numpy",
+        "hydra-core",
+    ):
         try:
             pkgs[p] = version(p)
         except PackageNotFoundError:
             pass
-    info = {"git_revision": rev, "git_dirty": dirty, "packages": pkgs, "python": sys.version.split()[0],
-            "devices": [str(d) for d in jax.devices()], "argv": sys.argv}
+    info = {
+        "git_revision": rev,
+        "git_dirty": dirty,
+        "packages": pkgs,
+        "python": sys.version.split()[0],
+        "devices": [str(d) for d in jax.devices()],
+        "argv": sys.argv,
+    }
     (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
 
 
@@ -70,37 +100,58 @@ def _evaluate(cfg: DictConfig) -> None:
 
     c = schema.validate_evaluate(OmegaConf.to_object(cfg))
     _save_provenance(Path(c.run_dir), cfg)
-    res = evaluate_paths(c.pred, c.gt, c.run_dir, kinds=tuple(c.kinds), ignore_gt=tuple(c.ignore_gt),
-                         ignore_pred=tuple(c.ignore_pred), background=c.background, num_classes=c.num_classes,
-                         ignore_index=c.ignore_index, block_z=c.block_z)
+    res = evaluate_paths(
+        c.pred,
+        c.gt,
+        c.run_dir,
+        kinds=tuple(c.kinds),
+        ignore_gt=tuple(c.ignore_gt),
+        ignore_pred=tuple(c.ignore_pred),
+        background=c.background,
+        num_classes=c.num_classes,
+        ignore_index=c.ignore_index,
+        block_z=c.block_z,
+    )
     md = Path(c.run_dir) / "metrics.md"
     print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
 
 
 def _instances(cfg: DictConfig) -> None:
-    from emfm.postproc.blockwise import instances
-    from emfm.train.logging import progress
-
+    from emfm.instances.blockwise import instances
     from emfm.train import distributed
+    from emfm.train.logging import progress
 
     c = schema.validate_instances(OmegaConf.to_object(cfg))
     distributed.initialize(c.distributed)  # several processes split the blocks; process 0 stitches
     _save_provenance(Path(c.run_dir), cfg)
     bars = []
 
-    def tick(i: int, n: int) -> None:  # blocks segmented in this run (a resumed run counts the rest)
+    def tick(
+        i: int, n: int
+    ) -> None:  # blocks segmented in this run (a resumed run counts the rest)
         if not bars:
             bars.append(progress(total=n, desc="instances: blocks"))
         bars[0].update(1)
 
     params, tuned = schema.segment_params(c), None
     if c.tune:
-        from emfm.postproc.tune import tune_from_volumes_cfg
+        from emfm.instances.tune import tune_from_volumes_cfg
 
-        params, tuned = tune_from_volumes_cfg(c, c.input)
-    res = instances(c.input, c.out, params, block=c.block, halo=c.halo, kind=c.kind,
-                    channel=c.channel, invert=c.invert, stitch_threshold=c.stitch_threshold,
-                    work_dir=c.work_dir or None, keep_work=c.keep_work, progress=tick)
+        params, tuned = tune_from_volumes_cfg(c, c.input, params)
+    res = instances(
+        c.input,
+        c.out,
+        params,
+        block=c.block,
+        halo=c.halo,
+        kind=c.kind,
+        channel=c.channel,
+        invert=c.invert,
+        stitch_threshold=c.stitch_threshold,
+        work_dir=c.work_dir or None,
+        keep_work=c.keep_work,
+        progress=tick,
+    )
     if tuned is not None:
         res["tuned"] = tuned
     for b in bars:
@@ -114,20 +165,34 @@ def _discover(cfg: DictConfig) -> None:
 
     c = schema.validate_discover(OmegaConf.to_object(cfg))
     _save_provenance(Path(c.run_dir), cfg)
-    res = discover(c.features, c.run_dir, image=c.image, k=c.k, batch_size=c.batch_size, epochs=c.epochs,
-                   sample_fraction=c.sample_fraction, examples=c.examples, crop=c.crop, seed=c.seed, out=c.out,
-                   resume=c.resume, show_progress=c.progress)
-    print(f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
-          f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}")
+    res = discover(
+        c.features,
+        c.run_dir,
+        image=c.image,
+        k=c.k,
+        batch_size=c.batch_size,
+        epochs=c.epochs,
+        sample_fraction=c.sample_fraction,
+        examples=c.examples,
+        crop=c.crop,
+        seed=c.seed,
+        out=c.out,
+        resume=c.resume,
+        show_progress=c.progress,
+    )
+    print(
+        f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
+        f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}"
+    )
 
 
-def _segment(cmd: str, cfg: DictConfig) -> None:
-    from emfm.segment import train
-
+def _finetune(cmd: str, cfg: DictConfig) -> None:
+    from emfm.finetune import train
     from emfm.train import distributed
 
     c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
-    distributed.initialize(c.distributed)  # finetune: data parallel; predict: processes split the chunks
+    # finetune: data parallel; predict: processes split the chunks
+    distributed.initialize(c.distributed)
     _save_provenance(Path(c.run_dir), cfg)
     res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
     print(json.dumps(res.get("test", res), indent=1, default=float))
@@ -153,7 +218,7 @@ def _task(cmd: str):
                 _discover(cfg)
                 return
             if cmd in ("finetune", "predict"):
-                _segment(cmd, cfg)
+                _finetune(cmd, cfg)
                 return
             c = to_config(cfg)
             from emfm.train import distributed
@@ -169,9 +234,11 @@ def _task(cmd: str):
                 from emfm.train.pretrain import pretrain
 
                 pretrain(c)
-            elif cmd == "probe" and c.checkpoints:  # the benchmark: tasks x probes x fractions x checkpoints
-                from emfm.config.paths import config_dir
+            elif (
+                cmd == "probe" and c.checkpoints
+            ):  # the benchmark: tasks x probes x fractions x checkpoints
                 from emfm.cli import probe as probe_cli
+                from emfm.config.paths import config_dir
 
                 probe_cli.run_benchmark(c, config_dir())
             elif cmd == "probe":
@@ -195,8 +262,12 @@ def _task(cmd: str):
 
             log.error("internal error %s: %s", type(e).__name__, e, exc_info=True)
             traceback.print_exc(file=sys.stderr)
-            print(f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your input; "
-                  "please report it with the traceback above", file=sys.stderr)
+            print(
+                f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your "
+                "input; "
+                "please report it with the traceback above",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
 
     return task

@@ -3,6 +3,7 @@
 Bad input (missing file, unsupported format or dtype) ends with one line `emfm: error: ...` and exit
 status 2, as the Hydra commands do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,18 +16,32 @@ from emfm.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="emfm data", description="volume utilities")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="TIFF stack / HDF5 dataset -> OME-Zarr (zarr v3, zstd) multiscale group")
+    imp = sub.add_parser(
+        "import", help="TIFF stack / HDF5 dataset -> OME-Zarr (zarr v3, zstd) multiscale group"
+    )
     imp.add_argument("src")
     imp.add_argument("dst")
-    imp.add_argument("--voxel-size", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("Z", "Y", "X"),
-                     help="nanometres")
+    imp.add_argument(
+        "--voxel-size",
+        type=float,
+        nargs=3,
+        default=[1.0, 1.0, 1.0],
+        metavar=("Z", "Y", "X"),
+        help="nanometres",
+    )
     imp.add_argument("--chunks", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"))
-    imp.add_argument("--levels", type=int, default=3, help="scale levels, each 2x smaller in y and x")
-    imp.add_argument("--labels", action="store_true", help="integer label volume: downsample by mode, not mean")
+    imp.add_argument(
+        "--levels", type=int, default=3, help="scale levels, each 2x smaller in y and x"
+    )
+    imp.add_argument(
+        "--labels", action="store_true", help="integer label volume: downsample by mode, not mean"
+    )
     imp.add_argument("--dataset", help="HDF5 dataset name")
     imp.add_argument("--overwrite", action="store_true")
     imp.add_argument("--no-progress", action="store_true")
-    info = sub.add_parser("info", help="shape, dtype, chunks, voxel size, scales and value range of a volume")
+    info = sub.add_parser(
+        "info", help="shape, dtype, chunks, voxel size, scales and value range of a volume"
+    )
     info.add_argument("path")
     info.add_argument("--level", type=int)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -39,18 +54,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "import":
             from emfm.data.importer import import_volume
 
-            out = import_volume(args.src, args.dst, voxel_size=args.voxel_size, chunks=args.chunks,
-                                levels=args.levels, labels=args.labels, dataset=args.dataset,
-                                progress=not args.no_progress, overwrite=args.overwrite)
+            out = import_volume(
+                args.src,
+                args.dst,
+                voxel_size=args.voxel_size,
+                chunks=args.chunks,
+                levels=args.levels,
+                labels=args.labels,
+                dataset=args.dataset,
+                progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
             print(f"wrote {out['path']} ({out['dtype']})")
             for k, lv in enumerate(out["levels"]):
-                print(f"  level {k}: shape {tuple(lv['shape'])}  voxel size {tuple(lv['voxel_size'])} nm")
+                print(
+                    f"  level {k}: shape {tuple(lv['shape'])}  voxel size "
+                    f"{tuple(lv['voxel_size'])} nm"
+                )
         else:
             from emfm.data import info
 
             d = info.volume_info(args.path, level=args.level)
             print(info.to_json(d) if args.json else info.format_table(d))
-    except (FileNotFoundError, UserError) as e:  # VolumeError is a UserError; anything else: traceback
+    except (
+        FileNotFoundError,
+        UserError,
+    ) as e:  # VolumeError is a UserError; anything else: traceback
         if os.environ.get("EMFM_DEBUG"):
             raise
         print(f"emfm: error: {e}", file=sys.stderr)

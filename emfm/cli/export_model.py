@@ -1,7 +1,9 @@
-"""`emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] [shape=1,1,256,256]
-[license=SPDX-ID] [authors="A. Name;B. Name"] [opset=23] [validate=true] [overwrite=false]`: the model of a
-checkpoint as one ONNX file or a BioImage.IO model package (emfm.export.model). key=value arguments like the
-Hydra commands, parsed here without Hydra. Bad input ends with one line `emfm: error: ...`, exit status 2."""
+"""`emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH]
+[shape=1,1,256,256] [license=SPDX-ID] [authors="A. Name;B. Name"] [opset=23] [validate=true]
+[overwrite=false]`: the model of a checkpoint as one ONNX file or a BioImage.IO model package
+(emfm.export.model). key=value arguments like the Hydra commands, parsed here without Hydra. Bad
+input ends with one line `emfm: error: ...`, exit status 2."""
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +12,8 @@ import sys
 
 from emfm.errors import UserError
 
-USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [key=value ...]
+USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio \
+[key=value ...]
 
   checkpoint=  a pretraining run or zoo:NAME (the encoder's dense features), or an emfm finetune run
                (the segmentation model's probabilities)
@@ -22,16 +25,28 @@ USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioi
                axis of the export is dynamic, the spatial tile fixed
   opset=       ONNX opset (default 23)
   bioimageio only:
-  license=     SPDX id (default: CC-BY-NC-4.0 for zoo entries and runs trained on the bundled ISBI sample)
+  license=     SPDX id (default: CC-BY-NC-4.0 for zoo entries and runs trained on the bundled \
+ISBI sample)
   authors=     names separated by ';' (default "emfm contributors")
   validate=    true|false (default true)
   overwrite=   true|false: replace an existing package (default false)
 
 examples:
   emfm export-model checkpoint=zoo:em_unet16 format=onnx
-  emfm export-model checkpoint=runs/finetune/2026-01-01_00-00-00 format=bioimageio out=membranes.bioimageio"""
+  emfm export-model checkpoint=runs/finetune/2026-01-01_00-00-00 format=bioimageio \
+out=membranes.bioimageio"""
 
-KEYS = ("checkpoint", "format", "out", "shape", "opset", "license", "authors", "validate", "overwrite")
+KEYS = (
+    "checkpoint",
+    "format",
+    "out",
+    "shape",
+    "opset",
+    "license",
+    "authors",
+    "validate",
+    "overwrite",
+)
 
 
 def _bool(key: str, v: str) -> bool:
@@ -48,7 +63,9 @@ def parse(argv: list[str]) -> dict:
     for a in argv:
         key, eq, val = a.partition("=")
         if not eq:
-            raise UserError(f"argument {a!r}: give key=value ({', '.join(KEYS)}); emfm export-model --help")
+            raise UserError(
+                f"argument {a!r}: give key=value ({', '.join(KEYS)}); emfm export-model --help"
+            )
         if key not in KEYS:
             raise UserError(f"unknown key {key!r}: use {', '.join(KEYS)}")
         if key in got:
@@ -58,8 +75,12 @@ def parse(argv: list[str]) -> dict:
         raise UserError("export-model needs checkpoint=RUN_DIR or checkpoint=zoo:NAME")
     if not got.get("format"):
         raise UserError("export-model needs format=onnx or format=bioimageio")
-    kw: dict = {"checkpoint": got["checkpoint"], "fmt": got["format"], "out": got.get("out") or None,
-                "shape": got.get("shape") or None}
+    kw: dict = {
+        "checkpoint": got["checkpoint"],
+        "fmt": got["format"],
+        "out": got.get("out") or None,
+        "shape": got.get("shape") or None,
+    }
     if "opset" in got:
         try:
             kw["opset"] = int(got["opset"])
@@ -89,18 +110,31 @@ def main(argv: list[str] | None = None) -> None:
         kw = parse(argv)
         from emfm.export.model import export_model
 
-        report = export_model(kw.pop("checkpoint"), kw.pop("fmt"), kw.pop("out"), shape=kw.pop("shape"), **kw)
-    except (FileNotFoundError, UserError) as e:  # CheckpointError, ZooError are UserErrors; else: traceback
+        report = export_model(
+            kw.pop("checkpoint"), kw.pop("fmt"), kw.pop("out"), shape=kw.pop("shape"), **kw
+        )
+    except (
+        FileNotFoundError,
+        UserError,
+    ) as e:  # CheckpointError, ZooError are UserErrors; else: traceback
         if os.environ.get("EMFM_DEBUG"):
             raise
         print(f"emfm: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     chk = report["check_vs_jax"]
     print(f"wrote {report['path']}" + (f" and {report['zip']}" if "zip" in report else ""))
-    print(f"  {report['kind']} ({report['architecture']}): input raw {report['input']['shape']} float32 -> "
-          f"{report['output']['name']} {report['output']['shape']}")
-    print(f"  ONNX vs JAX on the bundled sample: max abs difference {chk['max_abs_diff']:.3g} "
-          f"(limit {report['tolerance']:g})")
+    print(
+        f"  {report['kind']} ({report['architecture']}): input raw {report['input']['shape']} "
+        "float32 -> "
+        f"{report['output']['name']} {report['output']['shape']}"
+    )
+    print(
+        f"  ONNX vs JAX on the bundled sample: max abs difference {chk['max_abs_diff']:.3g} "
+        f"(limit {report['tolerance']:g})"
+    )
     if "validation" in report:
         v = report["validation"]["zip"]
-        print(f"  bioimageio.spec: {v['spec']}; bioimageio.core test: {v['core_test']}; licence {report['license']}")
+        print(
+            f"  bioimageio.spec: {v['spec']}; bioimageio.core test: {v['core_test']}; licence "
+            f"{report['license']}"
+        )

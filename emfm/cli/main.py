@@ -2,26 +2,32 @@
 
 Each command composes `configs/<command>.yaml` against the typed schema (emfm.config.schema), so an
 unknown key or a wrong type stops the run before any compute with Hydra's message naming the key.
-Known bad input (missing path, wrong dtype or shape, bad value) ends with one line `emfm: error: ...`
-and exit status 2, never a traceback.
+Known bad input (missing path, wrong dtype or shape, bad value) ends with one line `emfm: error:
+...` and exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
 
 COMMANDS = {
-    "main": "the main job: pretrain + probe (pretrained vs random) + export on the bundled EM sample",
+    "main": "the main job: pretrain + probe (pretrained vs random) + export on the bundled EM "
+    "sample",
     "pretrain": "self-supervised pretraining of an encoder",
-    "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random init); benchmark: checkpoints=[...]",
+    "probe": "linear probe of a checkpoint's frozen features (checkpoint=RUN_DIR; none = random "
+    "init); benchmark: checkpoints=[...]",
     "export": "dense features of a volume to zarr (checkpoint=RUN_DIR)",
-    "discover": "k-means clusters of exported features: label volume, galleries (discover features=PATH k=8)",
-    "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH [kinds=[region,instance,warping]]",
-    "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR method=watershed|link2d|agglomeration|multicut|mws",
-    "finetune": "train a segmentation model: finetune [regime=frozen checkpoint=RUN] [task=affinity] [head=progressive]",
-    "predict": "blockwise probabilities of a volume to zarr: predict checkpoint=FINETUNE_RUN predict.path=VOL",
+    "discover": "k-means clusters of exported features: label volume, galleries (discover "
+    "features=PATH k=8)",
+    "evaluate": "segmentation metrics: evaluate pred=PATH gt=PATH "
+    "[kinds=[region,instance,warping]]",
+    "instances": "instance labels from probabilities/affinities: instances input=ZARR out=ZARR "
+    "method=watershed|link2d|agglomeration|multicut|mws",
+    "finetune": "train a segmentation model: finetune [regime=frozen checkpoint=RUN] "
+    "[task=affinity] [head=progressive]",
+    "predict": "blockwise probabilities of a volume to zarr: predict checkpoint=FINETUNE_RUN "
+    "predict.path=VOL",
 }
 
 
@@ -32,18 +38,35 @@ def config_dir() -> str:
 
 
 def _usage() -> str:
-    lines = ["usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]", "", "commands:"]
+    lines = [
+        "usage: emfm <command> [key=value ...] [-m for sweeps] [--cfg job to print the config]",
+        "",
+        "commands:",
+    ]
     lines += [f"  {k:<10} {v}" for k, v in COMMANDS.items()]
-    lines += [f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
-              f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
-              f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as checkpoint=zoo:NAME)",
-              f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in neuroglancer",
-              f"  {'export-model':<10} export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio [out=PATH] "
-              "[shape=1,1,256,256]: the model as ONNX or a BioImage.IO package (export-model --help)"]
-    lines += ["", "examples:", "  emfm main", "  emfm main debug=tiny", "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
-              "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
-              "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75   (a local sweep)",
-              "  emfm pretrain -m hydra/launcher=slurm hydra.launcher.partition=gpu ...   (a Slurm sweep)"]
+    lines += [
+        f"  {'data':<10} data import SRC DST (TIFF/HDF5 -> OME-Zarr) | data info PATH",
+        f"  {'runs':<10} runs summarize DIR: table and loss curves over a sweep's runs",
+        f"  {'zoo':<10} zoo list: the pretrained checkpoints shipped with emfm (use as "
+        "checkpoint=zoo:NAME)",
+        f"  {'view':<10} view PATH... [--port N] [--bind ADDR]: volumes and run directories in "
+        "neuroglancer",
+        f"  {'export-model':<10} export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio "
+        "[out=PATH] "
+        "[shape=1,1,256,256]: the model as ONNX or a BioImage.IO package (export-model --help)",
+    ]
+    lines += [
+        "",
+        "examples:",
+        "  emfm main",
+        "  emfm main debug=tiny",
+        "  emfm pretrain trainer.steps=2000 data.path=/data/vol.zarr",
+        "  emfm probe checkpoint=runs/pretrain/2026-01-01_00-00-00",
+        "  emfm pretrain -m model=vit_ti_p8,vit_s16 objective.mask_ratio=0.6,0.75"
+        "   (a local sweep)",
+        "  emfm pretrain -m hydra/launcher=slurm hydra.launcher.partition=gpu ..."
+        "   (a Slurm sweep)",
+    ]
     return "\n".join(lines)
 
 
@@ -51,20 +74,26 @@ BLOCKWISE = ("predict", "instances")  # commands whose memory must not grow with
 
 
 def limit_malloc_arenas(cmd: str) -> int | None:
-    """Cap glibc's malloc arenas for the blockwise commands, before any thread starts; returns the cap
-    set (None: left alone). glibc gives threads that allocate under contention arenas of their own and
-    keeps freed memory in them, so tensorstore's I/O threads raised the peak RSS of `emfm instances`
-    with the number of blocks (4 -> 16 x 1024^2 at identical blocks: 289 -> 358 MB; capped at 1
-    arena: 259 -> 259 MB, same speed; experiments/segmentation/README.md). EMFM_MALLOC_ARENA_MAX
-    (default 1; 0 = glibc's default) sets the cap; MALLOC_ARENA_MAX in the environment is glibc's own
-    setting and is left to it."""
-    if cmd not in BLOCKWISE or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+    """Cap glibc's malloc arenas for the blockwise commands, before any thread starts; returns the
+    cap set (None: left alone). glibc gives threads that allocate under contention arenas of their
+    own and keeps freed memory in them, so tensorstore's I/O threads raised the peak RSS of `emfm
+    instances` with the number of blocks (4 -> 16 x 1024^2 at identical blocks: 289 -> 358 MB;
+    capped at 1 arena: 259 -> 259 MB, same speed; experiments/segmentation/README.md).
+    EMFM_MALLOC_ARENA_MAX (default 1; 0 = glibc's default) sets the cap; MALLOC_ARENA_MAX in the
+    environment is glibc's own setting and is left to it."""
+    if (
+        cmd not in BLOCKWISE
+        or "MALLOC_ARENA_MAX" in os.environ
+        or not sys.platform.startswith("linux")
+    ):
         return None
     raw = os.environ.get("EMFM_MALLOC_ARENA_MAX", "1")
     try:
         n = int(raw)
     except ValueError:
-        raise SystemExit(f"emfm: error: EMFM_MALLOC_ARENA_MAX={raw!r}: give a whole number (0 = glibc's default)") from None
+        raise SystemExit(
+            f"emfm: error: EMFM_MALLOC_ARENA_MAX={raw!r}: give a whole number (0 = glibc's default)"
+        ) from None
     if n <= 0:
         return None
     import ctypes
@@ -97,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
 
         view.main(rest)
         return
-    if cmd == "export-model":  # `emfm export-model checkpoint=... format=onnx|bioimageio`: key=value, no Hydra
+    if (
+        cmd == "export-model"
+    ):  # `emfm export-model checkpoint=... format=onnx|bioimageio`: key=value, no Hydra
         from emfm.cli import export_model
 
         export_model.main(rest)

@@ -1,8 +1,10 @@
 """`emfm probe checkpoints=[...]`: resolve the benchmark's task files, then call the library.
 
-A task is named by a file `configs/probe_task/NAME.yaml` or given as a path to a YAML file; it is merged
-onto the typed `TaskConfig`, so an unknown key or a wrong type is an error naming the file and key.
+A task is named by a file `configs/probe_task/NAME.yaml` or given as a path to a YAML file; it is
+merged onto the typed `TaskConfig`, so an unknown key or a wrong type is an error naming the file
+and key.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +25,10 @@ def load_task(name: str, config_dir: str) -> TaskConfig:
         p = task_dir(config_dir) / f"{name}.yaml"
         if not p.exists():
             known = sorted(f.stem for f in task_dir(config_dir).glob("*.yaml"))
-            raise ConfigError(f"benchmark.tasks: unknown task {name!r}; known tasks are {', '.join(known)} "
-                              "(or give the path of a task YAML file)")
+            raise ConfigError(
+                f"benchmark.tasks: unknown task {name!r}; known tasks are {', '.join(known)} "
+                "(or give the path of a task YAML file)"
+            )
     elif not p.exists():
         raise FileNotFoundError(f"task file not found: {p}")
     try:

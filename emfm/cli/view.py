@@ -1,5 +1,7 @@
 """`emfm view PATH... [--bind ADDR] [--port N] [--browser]`: serve volumes and run directories in
-neuroglancer (emfm.view) until Ctrl-C. Bad input ends with one line `emfm: error: ...`, exit status 2."""
+neuroglancer (emfm.view) until Ctrl-C. Bad input ends with one line `emfm: error: ...`, exit status
+2."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +16,36 @@ from emfm.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="emfm view",
-        description="show volumes (raw, features, probabilities, labels) and run directories in neuroglancer")
-    ap.add_argument("paths", nargs="+", metavar="PATH", help="a volume (zarr, N5, precomputed) or a run directory")
-    ap.add_argument("--bind", default="127.0.0.1",
-                    help="address to serve on (default 127.0.0.1; 0.0.0.0 to reach it from other machines)")
-    ap.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port)")
-    ap.add_argument("--no-browser", dest="open_browser", action="store_false", default=False,
-                    help="do not open a browser (the default)")
-    ap.add_argument("--browser", dest="open_browser", action="store_true", help="open the viewer in a web browser")
+        description="show volumes (raw, features, probabilities, labels) and run directories in "
+        "neuroglancer",
+    )
+    ap.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a volume (zarr, N5, precomputed) or a run directory",
+    )
+    ap.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1; 0.0.0.0 to reach it from other machines)",
+    )
+    ap.add_argument(
+        "--port", type=int, default=0, help="port to serve on (default 0: any free port)"
+    )
+    ap.add_argument(
+        "--no-browser",
+        dest="open_browser",
+        action="store_false",
+        default=False,
+        help="do not open a browser (the default)",
+    )
+    ap.add_argument(
+        "--browser",
+        dest="open_browser",
+        action="store_true",
+        help="open the viewer in a web browser",
+    )
     return ap
 
 
@@ -31,15 +55,22 @@ def main(argv: list[str] | None = None) -> None:
     from emfm import view
 
     try:
-        viewer, url = view.serve(args.paths, bind=args.bind, port=args.port, open_browser=args.open_browser)
-    except (FileNotFoundError, UserError) as e:  # VolumeError is a UserError; anything else: traceback
+        viewer, url = view.serve(
+            args.paths, bind=args.bind, port=args.port, open_browser=args.open_browser
+        )
+    except (
+        FileNotFoundError,
+        UserError,
+    ) as e:  # VolumeError is a UserError; anything else: traceback
         if os.environ.get("EMFM_DEBUG"):
             raise
         print(f"emfm: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for layer in view.layer_summary(viewer):
-        print(f"  {layer['type']:<12} {layer['name']}  shape {tuple(layer['shape'])}  "
-              f"voxel size {tuple(layer['voxel_size'])} nm")
+        print(
+            f"  {layer['type']:<12} {layer['name']}  shape {tuple(layer['shape'])}  "
+            f"voxel size {tuple(layer['voxel_size'])} nm"
+        )
     print(f"neuroglancer: {url}", flush=True)
     print("serving; Ctrl-C to stop", flush=True)
     try:

@@ -1,6 +1,7 @@
 """Where the Hydra configs are: `EMFM_CONFIG_DIR`, else the ones shipped inside the package
-(`emfm/configs`; in a clone a link to the repository's `configs/`), else `configs/` beside the package.
-`--config-dir DIR` on any command adds a directory searched first (Hydra)."""
+(`emfm/configs`; in a clone a link to the repository's `configs/`), else `configs/` beside the
+package. `--config-dir DIR` on any command adds a directory searched first (Hydra)."""
+
 from __future__ import annotations
 
 import os

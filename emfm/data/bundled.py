@@ -6,13 +6,14 @@ stored as zarr v3 (zstd). Cite: Cardona et al. (2010) PLoS Biol 8(10): e1000502;
 et al. (2015) Front. Neuroanat. 9:142. Research / non-commercial use with citation.
 Rebuilt by `scripts/make_sample.py` from ../shared/data/em/isbi2012.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "isbi2012_sample"
-# What pretraining reads of the sample when `data.roi` is unset: sections 0..19, the probe's training
-# (0..15) and validation (16..19) sections; 20..29 stay unseen until the probe's test.
+# What pretraining reads of the sample when `data.roi` is unset: sections 0..19, the probe's
+# training (0..15) and validation (16..19) sections; 20..29 stay unseen until the probe's test.
 PRETRAIN_ROI = [[0, 20], [0, 384], [0, 384]]
 
 

@@ -10,6 +10,7 @@ seed). `finish` turns such a batch into float32 images in one fused pass; on an 
 transfer is 4x smaller too. It works on any image layout with the batch first (`[b, z, y, x]` or
 channel-last model input).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ import jax.numpy as jnp
 SUFFIXES = ("_norm", "_grey", "_seed")
 
 
-def image(x: jax.Array, norm: jax.Array, grey: jax.Array | None = None, seed: jax.Array | None = None) -> jax.Array:
+def image(
+    x: jax.Array, norm: jax.Array, grey: jax.Array | None = None, seed: jax.Array | None = None
+) -> jax.Array:
     """One image entry: `[b, ...]` native dtype -> float32, normalised, grey values jittered
     (as emfm.data.augment.per_example: contrast about the example's mean, brightness, clip, gamma,
     additive Gaussian noise)."""
@@ -30,7 +33,9 @@ def image(x: jax.Array, norm: jax.Array, grey: jax.Array | None = None, seed: ja
     if grey is None:
         return y
     mean = y.mean(axis=tuple(range(1, y.ndim)), keepdims=True)
-    y = jnp.clip((y - mean) * (1.0 + col(grey, 0)) + mean + col(grey, 1), 0.0, 1.0) ** jnp.exp(col(grey, 2))
+    y = jnp.clip((y - mean) * (1.0 + col(grey, 0)) + mean + col(grey, 1), 0.0, 1.0) ** jnp.exp(
+        col(grey, 2)
+    )
     if seed is not None:
         # drawn flat and reshaped: the same numbers, and XLA compiles a multi-dimensional draw
         # under vmap about 10x slower on CPU

@@ -6,12 +6,13 @@ are usually thicker than the in-plane pixels) by the mean for images and by the 
 block for label volumes. The group's `zarr.json` carries OME-NGFF 0.5 `ome.multiscales` attributes
 with one scale transform per level, which `open_volume(path, level=..., voxel_size=...)` reads.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -58,7 +59,9 @@ class _Tiff(_Source):
         self.pages = series.pages
         page = self.pages[0]
         if len(page.shape) != 2:
-            raise VolumeError(f"TIFF {path}: pages of shape {page.shape}; expected 2D grey-value sections")
+            raise VolumeError(
+                f"TIFF {path}: pages of shape {page.shape}; expected 2D grey-value sections"
+            )
         self.shape = (len(self.pages),) + tuple(page.shape)
         self.dtype = np.dtype(page.dtype)
 
@@ -77,7 +80,9 @@ class _Sections(_Source):
     def __init__(self, inner: _Source, z0: int, z1: int, path: str):
         if not 0 <= z0 < z1 <= inner.shape[0]:
             inner.close()
-            raise VolumeError(f"import source {path}: sections [{z0}, {z1}) outside its {inner.shape[0]} sections")
+            raise VolumeError(
+                f"import source {path}: sections [{z0}, {z1}) outside its {inner.shape[0]} sections"
+            )
         self.inner, self.z0, self.z1 = inner, z0, z1
         self.shape, self.dtype = (z1 - z0,) + tuple(inner.shape[1:]), inner.dtype
 
@@ -125,7 +130,9 @@ class _Hdf5(_Source):
         self.f.close()
 
 
-def open_source(path: str, dataset: str | None = None, sections: Sequence[int] | None = None) -> _Source:
+def open_source(
+    path: str, dataset: str | None = None, sections: Sequence[int] | None = None
+) -> _Source:
     src = _open_source(path, dataset)
     return src if sections is None else _Sections(src, int(sections[0]), int(sections[1]), path)
 
@@ -139,13 +146,25 @@ def _open_source(path: str, dataset: str | None = None) -> _Source:
         return _Tiff(path)
     if suffix in (".h5", ".hdf5", ".hdf"):
         return _Hdf5(path, dataset)
-    raise VolumeError(f"import source {path}: unknown format {suffix!r}; give a .tif/.tiff stack or .h5/.hdf5 file")
+    raise VolumeError(
+        f"import source {path}: unknown format {suffix!r}; give a .tif/.tiff stack or .h5/.hdf5 "
+        "file"
+    )
 
 
-def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-                  chunks: Sequence[int] = (64, 64, 64), levels: int = 3, labels: bool = False,
-                  dataset: str | None = None, progress: bool = True, overwrite: bool = False,
-                  sections: Sequence[int] | None = None) -> dict:
+def import_volume(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    chunks: Sequence[int] = (64, 64, 64),
+    levels: int = 3,
+    labels: bool = False,
+    dataset: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    sections: Sequence[int] | None = None,
+) -> dict:
     """Convert `src` (TIFF stack or HDF5 dataset) into an OME-Zarr multiscale group at `dst`.
     `sections`: only source sections [start, stop) are read and written (renumbered from 0); the
     group's attributes record them (`emfm.source_sections`).
@@ -164,7 +183,9 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
         if source.dtype.name not in SUPPORTED_DTYPES:
             raise VolumeError(f"import source {src}: dtype {source.dtype} is not supported")
         if labels and not np.issubdtype(source.dtype, np.integer):
-            raise VolumeError(f"import source {src}: --labels needs an integer dtype, found {source.dtype}")
+            raise VolumeError(
+                f"import source {src}: --labels needs an integer dtype, found {source.dtype}"
+            )
         Path(dst).mkdir(parents=True, exist_ok=overwrite)
         shapes, scales, vols = [], [], []
         for k in range(levels):
@@ -172,34 +193,61 @@ def import_volume(src: str | os.PathLike, dst: str | os.PathLike, *, voxel_size:
             shape = (source.shape[0], -(-source.shape[1] // f), -(-source.shape[2] // f))
             scale = [float(voxel_size[0]), float(voxel_size[1]) * f, float(voxel_size[2]) * f]
             ch = [min(c, s) for c, s in zip(chunks, shape)]
-            vols.append(create_volume(Path(dst) / str(k), shape, source.dtype, chunks=ch, voxel_size=scale,
-                                      attributes={"source": src, "level": k}, exist_ok=False))
+            vols.append(
+                create_volume(
+                    Path(dst) / str(k),
+                    shape,
+                    source.dtype,
+                    chunks=ch,
+                    voxel_size=scale,
+                    attributes={"source": src, "level": k},
+                    exist_ok=False,
+                )
+            )
             shapes.append(shape)
             scales.append(scale)
-        _write_group(dst, scales, name=Path(src).stem, labels=labels,
-                      emfm={"source": Path(src).name, "source_shape": list(getattr(source, "inner", source).shape),
-                            "source_sections": [int(v) for v in sections] if sections is not None else None})
+        _write_group(
+            dst,
+            scales,
+            name=Path(src).stem,
+            labels=labels,
+            emfm={
+                "source": Path(src).name,
+                "source_shape": list(getattr(source, "inner", source).shape),
+                "source_sections": [int(v) for v in sections] if sections is not None else None,
+            },
+        )
         depth = int(chunks[0])
-        bar = _progress(source.shape[0], desc=f"import {Path(src).name}", enabled=progress, unit="section")
+        bar = _progress(
+            source.shape[0], desc=f"import {Path(src).name}", enabled=progress, unit="section"
+        )
         for z0, slab in source.slabs(depth):
             for k, vol in enumerate(vols):
                 if k:
                     slab = downsample2(slab, labels)
-                vol.array[z0:z0 + slab.shape[0]].write(slab).result()
+                vol.array[z0 : z0 + slab.shape[0]].write(slab).result()
             bar.update(slab.shape[0])
         bar.close()
     finally:
         source.close()
-    return {"path": dst, "dtype": str(source.dtype), "levels": [{"path": str(k), "shape": list(s), "voxel_size": v}
-                                                                for k, (s, v) in enumerate(zip(shapes, scales))]}
+    return {
+        "path": dst,
+        "dtype": str(source.dtype),
+        "levels": [
+            {"path": str(k), "shape": list(s), "voxel_size": v}
+            for k, (s, v) in enumerate(zip(shapes, scales))
+        ],
+    }
 
 
 def _write_group(dst: str, scales, *, name: str, labels: bool, emfm: dict | None = None) -> None:
     multiscale = {
         "name": name,
         "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": s}]}
-                     for k, s in enumerate(scales)],
+        "datasets": [
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": s}]}
+            for k, s in enumerate(scales)
+        ],
         "type": "mode" if labels else "mean",
     }
     attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}

@@ -8,12 +8,13 @@ each patch's normalisation constants (its source's estimated grey-value range) b
 conversion to float32 in [0, 1] and the grey-value augmentations run on the device inside the
 jitted step (emfm.data.device.finish), so the host thread makes no float32 copy of a batch.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -29,18 +30,22 @@ class Region:
     box: tuple[tuple[int, int], ...]
 
     @classmethod
-    def of(cls, volume: Volume, roi: Sequence[Sequence[int]] | None = None) -> "Region":
+    def of(cls, volume: Volume, roi: Sequence[Sequence[int]] | None = None) -> Region:
         shape = volume.spatial_shape
         if len(shape) == 2:
             raise VolumeError(f"volume {volume.path} is 2D {shape}; store it as z, y, x with z = 1")
         if roi is None:
             return cls(volume, tuple((0, s) for s in shape))
         if len(roi) != 3 or any(len(r) != 2 for r in roi):
-            raise VolumeError(f"roi {roi} for volume {volume.path}: give [[z0, z1], [y0, y1], [x0, x1]]")
+            raise VolumeError(
+                f"roi {roi} for volume {volume.path}: give [[z0, z1], [y0, y1], [x0, x1]]"
+            )
         box = tuple((int(a), int(b)) for a, b in roi)
         for (a, b), s, ax in zip(box, shape, "zyx"):
             if not 0 <= a < b <= s:
-                raise VolumeError(f"roi {roi} lies outside volume {volume.path} of shape {shape} (axis {ax})")
+                raise VolumeError(
+                    f"roi {roi} lies outside volume {volume.path} of shape {shape} (axis {ax})"
+                )
         return cls(volume, box)
 
     @property
@@ -54,13 +59,20 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
     crop = [min(s, c) for s, c in zip(region.shape, (1, 128, 128))]
     boxes = []
     for _ in range(samples):
-        o = [a + int(rng.integers(0, s - c + 1)) for (a, _), s, c in zip(region.box, region.shape, crop)]
+        o = [
+            a + int(rng.integers(0, s - c + 1))
+            for (a, _), s, c in zip(region.box, region.shape, crop)
+        ]
         boxes.append(tuple(slice(x, x + c) for x, c in zip(o, crop)))
     futures = [region.volume.read_async(b) for b in boxes]
-    vals = np.concatenate([region.volume.result(f, b).ravel() for f, b in zip(futures, boxes)]).astype(np.float32)
+    vals = np.concatenate(
+        [region.volume.result(f, b).ravel() for f, b in zip(futures, boxes)]
+    ).astype(np.float32)
     lo, hi = np.percentile(vals, [0.5, 99.5])
     if hi <= lo:
-        raise VolumeError(f"volume {region.volume.path}: constant grey values ({lo}) in the sampled region")
+        raise VolumeError(
+            f"volume {region.volume.path}: constant grey values ({lo}) in the sampled region"
+        )
     return float(lo), float(hi)
 
 
@@ -78,13 +90,21 @@ class PatchSampler:
     """Random patch origins as a pure function of `(seed, step)`.
 
     The global batch of a step (`batch_size * process_count` patches) is drawn identically on every
-    JAX process, and process `i` takes its own disjoint slice `[i * batch_size, (i + 1) * batch_size)`,
-    so a run on 2 processes sees exactly the global batches of a run on 1 process.
+    JAX process, and process `i` takes its own disjoint slice `[i * batch_size, (i + 1) *
+    batch_size)`, so a run on 2 processes sees exactly the global batches of a run on 1 process.
     """
 
-    def __init__(self, regions: Sequence[Region], patch_shape: Sequence[int], batch_size: int, *,
-                 weights: Sequence[float] | None = None, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+    def __init__(
+        self,
+        regions: Sequence[Region],
+        patch_shape: Sequence[int],
+        batch_size: int,
+        *,
+        weights: Sequence[float] | None = None,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         self.regions = list(regions)
         self.patch = tuple(int(p) for p in patch_shape)
         self.batch_size = int(batch_size)
@@ -95,34 +115,53 @@ class PatchSampler:
             raise VolumeError(f"process_index {process_index} outside [0, {process_count})")
         w = np.ones(len(self.regions)) if weights is None else np.asarray(weights, float)
         if len(w) != len(self.regions) or (w < 0).any() or w.sum() <= 0:
-            raise VolumeError(f"mixture weights {list(w)} must be {len(self.regions)} non-negative numbers with a positive sum")
+            raise VolumeError(
+                f"mixture weights {list(w)} must be {len(self.regions)} non-negative numbers with "
+                "a positive sum"
+            )
         self.p = w / w.sum()
         for r in self.regions:
             if any(p > s for p, s in zip(self.patch, r.shape)):
-                raise VolumeError(f"patch shape {self.patch} is larger than volume {r.volume.path} "
-                                  f"(region shape {r.shape})")
+                raise VolumeError(
+                    f"patch shape {self.patch} is larger than volume {r.volume.path} "
+                    f"(region shape {r.shape})"
+                )
 
     def global_index(self, i: int) -> int:
         """Position in the global batch of this process's `i`-th patch."""
         return self.process_index * self.batch_size + int(i)
 
     def origins(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
-        allp = self._draw(np.random.default_rng([self.seed, int(step)]), self.batch_size * self.process_count)
+        allp = self._draw(
+            np.random.default_rng([self.seed, int(step)]), self.batch_size * self.process_count
+        )
         lo = self.process_index * self.batch_size
-        return allp[lo:lo + self.batch_size]
+        return allp[lo : lo + self.batch_size]
 
-    def redraw(self, step: int, attempt: int, local_indices: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+    def redraw(
+        self, step: int, attempt: int, local_indices: Sequence[int]
+    ) -> list[tuple[int, tuple[int, ...]]]:
         """Replacement origins for the rejected patches `local_indices` of batch `step` (attempt 1,
         2, ...); each a pure function of `(seed, step, attempt, its global index)`."""
-        return [self._draw(np.random.default_rng([self.seed, int(step), 2, int(attempt), self.global_index(i)]), 1)[0]
-                for i in local_indices]
+        return [
+            self._draw(
+                np.random.default_rng(
+                    [self.seed, int(step), 2, int(attempt), self.global_index(i)]
+                ),
+                1,
+            )[0]
+            for i in local_indices
+        ]
 
     def _draw(self, rng: np.random.Generator, n: int) -> list[tuple[int, tuple[int, ...]]]:
         which = rng.choice(len(self.regions), size=n, p=self.p)
         out = []
         for v in which:
             r = self.regions[v]
-            o = tuple(a + int(rng.integers(0, s - p + 1)) for (a, _), s, p in zip(r.box, r.shape, self.patch))
+            o = tuple(
+                a + int(rng.integers(0, s - p + 1))
+                for (a, _), s, p in zip(r.box, r.shape, self.patch)
+            )
             out.append((int(v), o))
         return out
 
@@ -149,33 +188,55 @@ class PatchLoader:
     float32), grey values and noise on the device.
     """
 
-    def __init__(self, sampler: PatchSampler, ranges: Sequence[tuple[float, float]], *, augment_batches: bool = True,
-                 prefetch: int = 4, start_step: int = 0, labels: Sequence[Volume | None] | None = None,
-                 min_std: float = 0.0, min_foreground: float = 0.0, max_redraws: int = 8, views: int = 1,
-                 masks: Sequence[Volume | None] | None = None, min_mask: float = 0.5,
-                 balance_classes: Sequence[int] = (), return_labels: bool = True, aug: dict | None = None):
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        ranges: Sequence[tuple[float, float]],
+        *,
+        augment_batches: bool = True,
+        prefetch: int = 4,
+        start_step: int = 0,
+        labels: Sequence[Volume | None] | None = None,
+        min_std: float = 0.0,
+        min_foreground: float = 0.0,
+        max_redraws: int = 8,
+        views: int = 1,
+        masks: Sequence[Volume | None] | None = None,
+        min_mask: float = 0.5,
+        balance_classes: Sequence[int] = (),
+        return_labels: bool = True,
+        aug: dict | None = None,
+    ):
         self.sampler = sampler
         if views not in (1, 2):
             raise VolumeError(f"views={views}: the loader makes 1 or 2 augmented views per patch")
         self.return_labels = bool(return_labels) and labels is not None
         if views == 2 and self.return_labels:
-            raise VolumeError("two-view batches are for self-supervised objectives; give no label volumes")
+            raise VolumeError(
+                "two-view batches are for self-supervised objectives; give no label volumes"
+            )
         self.views = views
         self.ranges = list(ranges)
         if len(self.ranges) != len(sampler.regions):
             raise VolumeError(f"{len(self.ranges)} grey ranges for {len(sampler.regions)} regions")
         # per region: lo and scale as normalise_into uses them (float32), so the device's
         # clip((x - lo) * scale, 0, 1) equals the host normalisation
-        self._norm = np.array([(np.float32(lo), np.float32(1.0 / (hi - lo))) for lo, hi in self.ranges], np.float32)
+        self._norm = np.array(
+            [(np.float32(lo), np.float32(1.0 / (hi - lo))) for lo, hi in self.ranges], np.float32
+        )
         self.dtype = np.result_type(*[r.volume.dtype for r in sampler.regions])
         self.labels = None if labels is None else list(labels)
         if self.labels is not None:
             if len(self.labels) != len(sampler.regions):
-                raise VolumeError(f"{len(self.labels)} label volumes for {len(sampler.regions)} regions")
+                raise VolumeError(
+                    f"{len(self.labels)} label volumes for {len(sampler.regions)} regions"
+                )
             for r, lab in zip(sampler.regions, self.labels):
                 if lab is not None and lab.spatial_shape != r.volume.spatial_shape:
-                    raise VolumeError(f"labels {lab.path} of shape {lab.spatial_shape} do not match volume "
-                                      f"{r.volume.path} of shape {r.volume.spatial_shape}")
+                    raise VolumeError(
+                        f"labels {lab.path} of shape {lab.spatial_shape} do not match volume "
+                        f"{r.volume.path} of shape {r.volume.spatial_shape}"
+                    )
         if (min_foreground > 0 or balance_classes) and self.labels is None:
             what = "balance_classes" if balance_classes else "min_foreground"
             raise VolumeError(f"{what} needs label volumes (labels=...)")
@@ -184,14 +245,20 @@ class PatchLoader:
         self._mask_factor: list[tuple[int, ...] | None] = []
         if self.masks is not None:
             if len(self.masks) != len(sampler.regions):
-                raise VolumeError(f"{len(self.masks)} mask volumes for {len(sampler.regions)} regions")
+                raise VolumeError(
+                    f"{len(self.masks)} mask volumes for {len(sampler.regions)} regions"
+                )
             for r, m in zip(sampler.regions, self.masks):
                 f = None
                 if m is not None:
                     vs, ms = r.volume.spatial_shape, m.spatial_shape
                     if len(ms) != 3 or any(a % b or a < b for a, b in zip(vs, ms)):
-                        raise VolumeError(f"mask {m.path} of shape {ms} does not match volume {r.volume.path} of shape "
-                                          f"{vs} (it must have the volume's shape or divide it by an integer per axis)")
+                        raise VolumeError(
+                            f"mask {m.path} of shape {ms} does not match volume {r.volume.path} of "
+                            "shape "
+                            f"{vs} (it must have the volume's shape or divide it by an integer per "
+                            "axis)"
+                        )
                     f = tuple(a // b for a, b in zip(vs, ms))
                 self._mask_factor.append(f)
         if not 0.0 < min_mask <= 1.0:
@@ -219,12 +286,16 @@ class PatchLoader:
         boxes = [tuple(slice(a, a + p) for a, p in zip(o, patch)) for _, o in picks]
         vols = [self.sampler.regions[v].volume for v, _ in picks]
         futures = [vol.read_async(b) for vol, b in zip(vols, boxes)]
-        lab_vols = [None] * len(picks) if self.labels is None else [self.labels[v] for v, _ in picks]
+        lab_vols = (
+            [None] * len(picks) if self.labels is None else [self.labels[v] for v, _ in picks]
+        )
         lab_futures = [None if lv is None else lv.read_async(b) for lv, b in zip(lab_vols, boxes)]
         mask_futures = [None] * len(picks)
         if self.masks is not None:
-            mask_futures = [None if self.masks[v] is None else self.masks[v].read_async(self._mask_box(v, b))
-                            for (v, _), b in zip(picks, boxes)]
+            mask_futures = [
+                None if self.masks[v] is None else self.masks[v].read_async(self._mask_box(v, b))
+                for (v, _), b in zip(picks, boxes)
+            ]
         out = np.empty((len(picks),) + patch, self.dtype)
         for i, f in enumerate(futures):
             out[i] = vols[i].result(f, boxes[i])
@@ -244,22 +315,36 @@ class PatchLoader:
 
     def _mask_box(self, v: int, box) -> tuple[slice, ...]:
         """The mask voxels covering a patch box of region `v` (mask coordinates)."""
-        return tuple(slice(b.start // f, -(-b.stop // f)) for b, f in zip(box, self._mask_factor[v]))
+        return tuple(
+            slice(b.start // f, -(-b.stop // f)) for b, f in zip(box, self._mask_factor[v])
+        )
 
-    def _keep(self, picks, image: np.ndarray, label: np.ndarray | None, inside: np.ndarray,
-              local: Sequence[int]) -> np.ndarray:
+    def _keep(
+        self,
+        picks,
+        image: np.ndarray,
+        label: np.ndarray | None,
+        inside: np.ndarray,
+        local: Sequence[int],
+    ) -> np.ndarray:
         ok = np.ones(len(image), bool)
         if self.min_std > 0:  # on the normalised grey values, one patch at a time
             tmp = np.empty(image.shape[1:], np.float32)
-            ok &= np.array([normalise_into(x, *self.ranges[v], tmp).std() >= self.min_std
-                            for x, (v, _) in zip(image, picks)])
+            ok &= np.array(
+                [
+                    normalise_into(x, *self.ranges[v], tmp).std() >= self.min_std
+                    for x, (v, _) in zip(image, picks)
+                ]
+            )
         if self.masks is not None:
             ok &= inside >= self.min_mask
         if (self.min_foreground > 0 or self.balance) and label is not None:
             has = np.array([self.labels[v] is not None for v, _ in picks])
             flat = label.reshape(len(label), -1)
             if self.balance:
-                cls = np.array([self.balance[self.sampler.global_index(i) % len(self.balance)] for i in local])
+                cls = np.array(
+                    [self.balance[self.sampler.global_index(i) % len(self.balance)] for i in local]
+                )
                 frac = (flat == cls[:, None].astype(flat.dtype)).mean(axis=1)
                 good = frac >= self.min_foreground if self.min_foreground > 0 else frac > 0
             else:
@@ -269,7 +354,12 @@ class PatchLoader:
 
     @property
     def rejecting(self) -> bool:
-        return self.min_std > 0 or self.min_foreground > 0 or bool(self.balance) or self.masks is not None
+        return (
+            self.min_std > 0
+            or self.min_foreground > 0
+            or bool(self.balance)
+            or self.masks is not None
+        )
 
     def sample(self, step: int) -> tuple[list, np.ndarray, np.ndarray | None]:
         """The origins `(region, (z, y, x))` batch `step` keeps after rejection, with their
@@ -306,19 +396,28 @@ class PatchLoader:
             return batch if lab is None else {**batch, "label": lab}
         # one generator per patch, keyed by its global index: the same patch is augmented the
         # same way whatever the number of processes
-        rngs = [np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
-                for i in range(len(out))]
+        rngs = [
+            np.random.default_rng([self.sampler.seed, int(step), 1, self.sampler.global_index(i)])
+            for i in range(len(out))
+        ]
         if self.views == 2:
             kw = {k: v for k, v in self.aug.items() if k != "ops"}
             kw["ops"] = kw.pop("view_ops", augment.DEFAULT_VIEW_OPS)
-            views = [augment.two_views_deferred(r, out[i:i + 1], norm[i:i + 1], **kw) for i, r in enumerate(rngs)]
-            return {k: np.concatenate([v[j][k] for v in views]) for j in (0, 1) for k in views[0][j]}
-        batch, moved = augment.per_example_deferred(rngs, out, norm, *([] if lab is None else [lab]),
-                                                    **self._single_aug())
+            views = [
+                augment.two_views_deferred(r, out[i : i + 1], norm[i : i + 1], **kw)
+                for i, r in enumerate(rngs)
+            ]
+            return {
+                k: np.concatenate([v[j][k] for v in views]) for j in (0, 1) for k in views[0][j]
+            }
+        batch, moved = augment.per_example_deferred(
+            rngs, out, norm, *([] if lab is None else [lab]), **self._single_aug()
+        )
         return batch if lab is None else {**batch, "label": moved[0]}
 
     def finished(self, step: int) -> dict:
-        """`load(step)` made float32 by emfm.data.device.finish (on the default device), as numpy."""
+        """`load(step)` made float32 by emfm.data.device.finish (on the default device), as
+        numpy."""
         from emfm.data import device
 
         return device.finish_host(self.load(step))

@@ -15,17 +15,19 @@ Coordinates: pixel index `i` along an axis sits at physical position `i * spacin
 the organelle radii are physical; `membrane_width` and `blur` are in pixels of the last (x) axis and
 are scaled by the spacing along the others, so `spacing=(4, 1, 1)` gives thinner membranes in z.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage import measure
+
 from emfm.errors import UserError
 
 # Intensities in [0, 1] before blur and noise.
@@ -36,8 +38,7 @@ _GAUSS_TRUNCATE = 4.0  # scipy's default; the halo of a blurred slab depends on 
 # Independent random streams, each drawn from default_rng([seed, stream, ...]).
 _SEEDS, _WARP, _TEXTURE_STREAM, _ORGANELLES, _NOISE = 1, 2, 3, 4, 5
 
-_IMAGE_DTYPES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
-                 np.dtype(np.float32): 1.0}
+_IMAGE_DTYPES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0}
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,8 +90,19 @@ class _Params:
         return tuple(self.blur * self.spacing[-1] / s for s in self.spacing)
 
 
-def _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organelle_radius,
-            noise, blur, warp, dtype) -> _Params:
+def _params(
+    shape,
+    seed,
+    spacing,
+    cell_size,
+    membrane_width,
+    n_organelles,
+    organelle_radius,
+    noise,
+    blur,
+    warp,
+    dtype,
+) -> _Params:
     """Validate the arguments, fail fast naming the bad one, and fill in the defaults."""
     if not isinstance(shape, (tuple, list)) or len(shape) not in (2, 3):
         raise UserError(f"shape must be (y, x) or (z, y, x), got {shape!r}")
@@ -117,22 +129,34 @@ def _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organ
         organelle_radius = (lo, max(0.15 * cell_size, 1.25 * lo))
     organelle_radius = tuple(float(r) for r in organelle_radius)
     if len(organelle_radius) != 2 or not 0 < organelle_radius[0] <= organelle_radius[1]:
-        raise UserError(f"organelle_radius must be (low, high) with 0 < low <= high, "
-                         f"got {organelle_radius!r}")
+        raise UserError(
+            f"organelle_radius must be (low, high) with 0 < low <= high, got {organelle_radius!r}"
+        )
     for name, value in (("noise", noise), ("blur", blur), ("warp", warp)):
         if not value >= 0:
             raise UserError(f"{name} must be non-negative, got {value!r}")
     dtype = np.dtype(dtype)
     if dtype not in _IMAGE_DTYPES:
         raise UserError(f"dtype must be one of {sorted(map(str, _IMAGE_DTYPES))}, got {dtype}")
-    return _Params(shape, int(seed), spacing, float(cell_size), int(membrane_width),
-                   int(n_organelles), organelle_radius, float(noise), float(blur), float(warp),
-                   dtype)
+    return _Params(
+        shape,
+        int(seed),
+        spacing,
+        float(cell_size),
+        int(membrane_width),
+        int(n_organelles),
+        organelle_radius,
+        float(noise),
+        float(blur),
+        float(warp),
+        dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Smooth random fields and the cell tessellation
 # ------------------------------------------------------------------------------------------------
+
 
 class _SplineField:
     """Cubic B-spline through random control points every `scale` physical units, about unit std.
@@ -153,8 +177,12 @@ class _SplineField:
             t = np.arange(sl.start, sl.stop) * s / self.scale + 1.0
             i = np.floor(t).astype(np.int64)
             f = t - i
-            weights = ((1 - f) ** 3 / 6, (3 * f**3 - 6 * f**2 + 4) / 6,
-                       (-3 * f**3 + 3 * f**2 + 3 * f + 1) / 6, f**3 / 6)
+            weights = (
+                (1 - f) ** 3 / 6,
+                (3 * f**3 - 6 * f**2 + 4) / 6,
+                (-3 * f**3 + 3 * f**2 + 3 * f + 1) / 6,
+                f**3 / 6,
+            )
             bshape = [1] * out.ndim
             bshape[axis] = -1
             acc = 0.0
@@ -179,10 +207,12 @@ class _Scene:
         corners = (corners.reshape(-1, p.ndim) - 1) * p.cell_size
         jitter = 0.5 + 0.8 * (rng.random(corners.shape) - 0.5)
         self.tree = cKDTree(corners + jitter * p.cell_size)
-        self.warp = _SplineField(np.random.default_rng([p.seed, _WARP]), p.shape, p.spacing,
-                                 p.cell_size, p.ndim)
-        self.texture = _SplineField(np.random.default_rng([p.seed, _TEXTURE_STREAM]), p.shape,
-                                    p.spacing, p.cell_size / 4, 1)
+        self.warp = _SplineField(
+            np.random.default_rng([p.seed, _WARP]), p.shape, p.spacing, p.cell_size, p.ndim
+        )
+        self.texture = _SplineField(
+            np.random.default_rng([p.seed, _TEXTURE_STREAM]), p.shape, p.spacing, p.cell_size / 4, 1
+        )
 
     def raw_cells(self, region: tuple[slice, ...]) -> np.ndarray:
         """Warped-Voronoi ids (seed index + 1) on a region; not yet split into connected pieces."""
@@ -218,14 +248,16 @@ def _connected(raw: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     keep = np.zeros(n + 1, bool)
     keep[order[np.r_[True, piece_id[order][1:] != piece_id[order][:-1]]]] = True
     cells = np.where(keep[pieces], raw, 0)
-    nearest = ndimage.distance_transform_edt(cells == 0, sampling=spacing,
-                                             return_distances=False, return_indices=True)
+    nearest = ndimage.distance_transform_edt(
+        cells == 0, sampling=spacing, return_distances=False, return_indices=True
+    )
     return measure.label(cells[tuple(nearest)], connectivity=1).astype(np.uint32)
 
 
 # ------------------------------------------------------------------------------------------------
 # Organelles
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class _Organelle:
@@ -253,10 +285,13 @@ def _rotation(rng: np.random.Generator, ndim: int) -> np.ndarray:
         a = rng.uniform(0, 2 * np.pi)
         return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     w, x, y, z = (q := rng.standard_normal(4)) / np.linalg.norm(q)  # unit quaternion
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 Lookup = Callable[[tuple[slice, ...]], tuple[np.ndarray, np.ndarray]]
@@ -326,6 +361,7 @@ def _paint(organelles: Sequence[_Organelle], region: tuple[slice, ...]):
 # The image
 # ------------------------------------------------------------------------------------------------
 
+
 def _draw(scene: _Scene, region: tuple[slice, ...], core: tuple[slice, ...], membranes, ids, rim):
     """Image on `core` (a sub-box of `region`, in global pixels) from labels given on `region`."""
     p = scene.p
@@ -334,17 +370,22 @@ def _draw(scene: _Scene, region: tuple[slice, ...], core: tuple[slice, ...], mem
     image[ids > 0] = _ORGANELLE
     image[rim] = _RIM
     if p.blur > 0:
-        image = ndimage.gaussian_filter(image, p.blur_sigma, mode="nearest",
-                                        truncate=_GAUSS_TRUNCATE)
+        image = ndimage.gaussian_filter(
+            image, p.blur_sigma, mode="nearest", truncate=_GAUSS_TRUNCATE
+        )
     image = image[tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(core, region))]
     if p.noise > 0:  # one stream per z slice, so slabs of any thickness see the same noise
         if p.ndim == 2:
             image = image + p.noise * np.random.default_rng([p.seed, _NOISE]).standard_normal(
-                image.shape)
+                image.shape
+            )
         else:
-            image = image + p.noise * np.stack([
-                np.random.default_rng([p.seed, _NOISE, z]).standard_normal(image.shape[1:])
-                for z in range(core[0].start, core[0].stop)])
+            image = image + p.noise * np.stack(
+                [
+                    np.random.default_rng([p.seed, _NOISE, z]).standard_normal(image.shape[1:])
+                    for z in range(core[0].start, core[0].stop)
+                ]
+            )
     scale = _IMAGE_DTYPES[p.dtype]
     image = np.clip(image, 0.0, 1.0) * scale
     if p.dtype.kind == "u":
@@ -358,11 +399,20 @@ def _semantic(membranes, ids) -> np.ndarray:
     return semantic
 
 
-def synthetic_em(shape: Sequence[int], seed: int = 0, *, spacing: Sequence[float] | None = None,
-                 cell_size: float = 32.0, membrane_width: int = 2,
-                 n_organelles: int | None = None,
-                 organelle_radius: tuple[float, float] | None = None, noise: float = 0.06,
-                 blur: float = 1.0, warp: float = 0.3, dtype=np.uint8) -> SyntheticEM:
+def synthetic_em(
+    shape: Sequence[int],
+    seed: int = 0,
+    *,
+    spacing: Sequence[float] | None = None,
+    cell_size: float = 32.0,
+    membrane_width: int = 2,
+    n_organelles: int | None = None,
+    organelle_radius: tuple[float, float] | None = None,
+    noise: float = 0.06,
+    blur: float = 1.0,
+    warp: float = 0.3,
+    dtype=np.uint8,
+) -> SyntheticEM:
     """An EM-like image (`shape` = (y, x)) or volume ((z, y, x)) with exact ground truth.
 
     spacing: physical pixel size per axis, e.g. (4, 1, 1) for anisotropic EM (default all 1).
@@ -378,30 +428,57 @@ def synthetic_em(shape: Sequence[int], seed: int = 0, *, spacing: Sequence[float
     dtype: of the image: uint8, uint16, or float32 in [0, 1].
     Raises ValueError naming the argument on bad input.
     """
-    p = _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organelle_radius,
-                noise, blur, warp, dtype)
+    p = _params(
+        shape,
+        seed,
+        spacing,
+        cell_size,
+        membrane_width,
+        n_organelles,
+        organelle_radius,
+        noise,
+        blur,
+        warp,
+        dtype,
+    )
     scene = _Scene(p)
     full = tuple(slice(0, n) for n in p.shape)
     cells = _connected(scene.raw_cells(full), p.spacing)
     membranes = _membranes(cells, p.membrane_window)
     organelles = _place_organelles(p, lambda r: (cells[r], membranes[r]))
     ids, rim = _paint(organelles, full)
-    return SyntheticEM(image=_draw(scene, full, full, membranes, ids, rim), cells=cells,
-                       membranes=membranes, organelles=ids, semantic=_semantic(membranes, ids),
-                       spacing=p.spacing)
+    return SyntheticEM(
+        image=_draw(scene, full, full, membranes, ids, rim),
+        cells=cells,
+        membranes=membranes,
+        organelles=ids,
+        semantic=_semantic(membranes, ids),
+        spacing=p.spacing,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Large volumes on disk
 # ------------------------------------------------------------------------------------------------
 
-def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
-                          chunks: Sequence[int] = (32, 128, 128), seed: int = 0, *,
-                          spacing: Sequence[float] | None = None, cell_size: float = 32.0,
-                          membrane_width: int = 2, n_organelles: int | None = None,
-                          organelle_radius: tuple[float, float] | None = None,
-                          noise: float = 0.06, blur: float = 1.0, warp: float = 0.3,
-                          dtype=np.uint8, overwrite: bool = False) -> dict[str, Path]:
+
+def synthetic_volume_zarr(
+    path: str | Path,
+    shape: Sequence[int],
+    chunks: Sequence[int] = (32, 128, 128),
+    seed: int = 0,
+    *,
+    spacing: Sequence[float] | None = None,
+    cell_size: float = 32.0,
+    membrane_width: int = 2,
+    n_organelles: int | None = None,
+    organelle_radius: tuple[float, float] | None = None,
+    noise: float = 0.06,
+    blur: float = 1.0,
+    warp: float = 0.3,
+    dtype=np.uint8,
+    overwrite: bool = False,
+) -> dict[str, Path]:
     """Write a synthetic (z, y, x) volume to a zarr v3 group, one z slab of chunks at a time.
 
     The group at `path` holds sibling arrays `image`, `cells` (uint32), `organelles` (uint32) and
@@ -414,8 +491,19 @@ def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
     """
     import tensorstore as ts  # only this writer needs it
 
-    p = _params(shape, seed, spacing, cell_size, membrane_width, n_organelles, organelle_radius,
-                noise, blur, warp, dtype)
+    p = _params(
+        shape,
+        seed,
+        spacing,
+        cell_size,
+        membrane_width,
+        n_organelles,
+        organelle_radius,
+        noise,
+        blur,
+        warp,
+        dtype,
+    )
     if p.ndim != 3:
         raise UserError(f"shape must be (z, y, x) for a zarr volume, got {tuple(shape)!r}")
     if len(chunks) != 3 or not all(isinstance(c, (int, np.integer)) and c > 0 for c in chunks):
@@ -426,20 +514,35 @@ def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
         raise UserError(f"path {root} exists; pass overwrite=True to replace it")
     root.mkdir(parents=True, exist_ok=True)
     attrs = {"voxel_size": list(p.spacing), "generator": "emfm.data.synthetic", "seed": p.seed}
-    (root / "zarr.json").write_text(json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": attrs}))
+    (root / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    )
     dtypes = {"image": p.dtype, "cells": np.uint32, "organelles": np.uint32, "semantic": np.uint8}
     arrays = {}
     for name, dt in dtypes.items():
-        arrays[name] = ts.open({
-            "driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)},
-            "metadata": {
-                "shape": list(p.shape), "data_type": np.dtype(dt).name,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                           {"name": "zstd", "configuration": {"level": 3}}],
-                "dimension_names": ["z", "y", "x"], "fill_value": 0, "attributes": attrs},
-        }, create=True, delete_existing=overwrite).result()
+        arrays[name] = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(root / name)},
+                "metadata": {
+                    "shape": list(p.shape),
+                    "data_type": np.dtype(dt).name,
+                    "chunk_grid": {
+                        "name": "regular",
+                        "configuration": {"chunk_shape": list(chunks)},
+                    },
+                    "codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "zstd", "configuration": {"level": 3}},
+                    ],
+                    "dimension_names": ["z", "y", "x"],
+                    "fill_value": 0,
+                    "attributes": attrs,
+                },
+            },
+            create=True,
+            delete_existing=overwrite,
+        ).result()
 
     scene = _Scene(p)
     depth, window = p.shape[0], p.membrane_window
@@ -447,8 +550,10 @@ def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
 
     def labels(region):
         """Raw cells and membranes on a region, computed with a halo so borders are exact."""
-        ext = tuple(slice(max(0, sl.start - h), min(n, sl.stop + h))
-                    for sl, h, n in zip(region, halo_m, p.shape))
+        ext = tuple(
+            slice(max(0, sl.start - h), min(n, sl.stop + h))
+            for sl, h, n in zip(region, halo_m, p.shape)
+        )
         cells = scene.raw_cells(ext)
         inner = tuple(slice(sl.start - e.start, sl.stop - e.start) for sl, e in zip(region, ext))
         return cells[inner], _membranes(cells, window)[inner]
@@ -462,9 +567,12 @@ def synthetic_volume_zarr(path: str | Path, shape: Sequence[int],
         cells, membranes = labels(region)
         ids, rim = _paint(organelles, region)
         inner = (slice(core[0].start - region[0].start, core[0].stop - region[0].start),)
-        out = {"image": _draw(scene, region, core, membranes, ids, rim),
-               "cells": cells[inner], "organelles": ids[inner],
-               "semantic": _semantic(membranes[inner], ids[inner])}
+        out = {
+            "image": _draw(scene, region, core, membranes, ids, rim),
+            "cells": cells[inner],
+            "organelles": ids[inner],
+            "semantic": _semantic(membranes[inner], ids[inner]),
+        }
         writes = [arrays[k][core[0]].write(v) for k, v in out.items()]
         for w in writes:
             w.result()

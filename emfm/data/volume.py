@@ -7,22 +7,36 @@ nanometres. Nothing is loaded into memory until `read` is called on a region.
 Supported: zarr v3 and v2 (including OME-Zarr multiscale groups: pick a level), N5, neuroglancer
 precomputed, on local paths or tensorstore kvstore URLs (gs://, s3://, http(s)://).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from emfm.errors import UserError
 
-SUPPORTED_DTYPES = ("uint8", "uint16", "int8", "int16", "int32", "uint32", "int64", "uint64",
-                    "float16", "bfloat16", "float32", "float64")
+SUPPORTED_DTYPES = (
+    "uint8",
+    "uint16",
+    "int8",
+    "int16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+)
 
 
 class VolumeError(UserError):
@@ -34,7 +48,14 @@ class VolumeError(UserError):
 # (FAILED_PRECONDITION, DATA_LOSS) or a bad request fails at once.
 READ_TRIES = 4
 BACKOFF_S = 0.05
-_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+_TRANSIENT_CODES = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "INTERNAL",
+    "UNKNOWN",
+)
 
 
 def is_transient(e: BaseException) -> bool:
@@ -66,7 +87,8 @@ class Volume:
     voxel_size: tuple[float, ...]
     axes: tuple[str, ...]
     attributes: dict = field(default_factory=dict, compare=False)
-    translation: tuple[float, ...] = ()  # physical position of voxel 0 (OME-Zarr translation), () = origin
+    # physical position of voxel 0 (OME-Zarr translation), () = origin
+    translation: tuple[float, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -101,14 +123,22 @@ class Volume:
         on transient errors; any failure is a VolumeError naming the volume and the region."""
         sub = self.array if region is None else self.array[tuple(region)]
         try:
-            return np.asarray(with_retries(lambda: sub.read().result(),
-                                           first=None if future is None else future.result))
+            return np.asarray(
+                with_retries(
+                    lambda: sub.read().result(), first=None if future is None else future.result
+                )
+            )
         except Exception as e:  # noqa: BLE001
-            raise VolumeError(f"reading {_region_str(region)} of volume {self.path} failed: {e}") from e
+            raise VolumeError(
+                f"reading {_region_str(region)} of volume {self.path} failed: {e}"
+            ) from e
 
     def __repr__(self) -> str:
-        return (f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, axes={''.join(self.axes)}, "
-                f"voxel_size={self.voxel_size}, chunks={self.chunks})")
+        return (
+            f"Volume({self.path!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"axes={''.join(self.axes)}, "
+            f"voxel_size={self.voxel_size}, chunks={self.chunks})"
+        )
 
 
 def _region_str(region) -> str:
@@ -139,12 +169,16 @@ def _detect_driver(path: str) -> str:
         return "neuroglancer_precomputed"
     raise VolumeError(
         f"volume {path}: no zarr.json, .zarray, attributes.json or info file there; "
-        "is it a zarr (v2/v3), N5 or neuroglancer precomputed volume?")
+        "is it a zarr (v2/v3), N5 or neuroglancer precomputed volume?"
+    )
 
 
-def _ome_level(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None) -> dict | None:
-    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array path, the
-    spatial scale and translation (z, y, x), the axis names, and the group's attributes."""
+def _ome_level(
+    path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None
+) -> dict | None:
+    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array
+    path, the spatial scale and translation (z, y, x), the axis names, and the group's
+    attributes."""
     meta_file = Path(path) / ("zarr.json" if driver == "zarr3" else ".zattrs")
     if not meta_file.exists():
         return None
@@ -156,7 +190,9 @@ def _ome_level(path: str, driver: str, level: int | None, voxel_size: Sequence[f
     datasets = ms[0]["datasets"]
     axes = ms[0].get("axes") or []
     names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
-    space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"] or None
+    space = [
+        i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"
+    ] or None
     scales, shifts = [], []
     for d in datasets:
         scale, shift = None, None
@@ -165,7 +201,11 @@ def _ome_level(path: str, driver: str, level: int | None, voxel_size: Sequence[f
                 scale = [float(v) for v in t["scale"]]
             elif t.get("type") == "translation":
                 shift = [float(v) for v in t["translation"]]
-        pick = (lambda v: [v[i] for i in space]) if space and scale and len(scale) == len(axes) else (lambda v: v[-3:])
+        pick = (
+            (lambda v: [v[i] for i in space])
+            if space and scale and len(scale) == len(axes)
+            else (lambda v: v[-3:])
+        )
         scales.append(pick(scale) if scale else [1.0] * 3)
         shifts.append(pick(shift) if shift else [0.0] * len(scales[-1]))
     if voxel_size is not None:
@@ -173,9 +213,16 @@ def _ome_level(path: str, driver: str, level: int | None, voxel_size: Sequence[f
         level = int(np.argmin([np.abs(np.log(np.asarray(s) / want)).sum() for s in scales]))
     level = 0 if level is None else level
     if not 0 <= level < len(datasets):
-        raise VolumeError(f"volume {path}: scale level {level} requested, the group has {len(datasets)}")
-    return {"path": str(Path(path) / datasets[level]["path"]), "scale": tuple(scales[level]),
-            "translation": tuple(shifts[level]), "axes": names, "group_attributes": attrs}
+        raise VolumeError(
+            f"volume {path}: scale level {level} requested, the group has {len(datasets)}"
+        )
+    return {
+        "path": str(Path(path) / datasets[level]["path"]),
+        "scale": tuple(scales[level]),
+        "translation": tuple(shifts[level]),
+        "axes": names,
+        "group_attributes": attrs,
+    }
 
 
 def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None):
@@ -211,9 +258,15 @@ def chunk_cache(cache_mb: int | None = None):
     return _SHARED_CONTEXT[0]
 
 
-def open_volume(path: str | os.PathLike, *, level: int | None = None,
-                voxel_size: Sequence[float] | None = None, driver: str | None = None,
-                write: bool = False, cache_mb: int | None = None) -> Volume:
+def open_volume(
+    path: str | os.PathLike,
+    *,
+    level: int | None = None,
+    voxel_size: Sequence[float] | None = None,
+    driver: str | None = None,
+    write: bool = False,
+    cache_mb: int | None = None,
+) -> Volume:
     """Open a volume by path or URL. `level`/`voxel_size` choose an OME-Zarr scale; `cache_mb`
     gives the volume a private chunk cache instead of the shared one (see `chunk_cache`).
 
@@ -227,7 +280,10 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
     local = path.removeprefix("file://")
     if driver is None:
         if remote:
-            raise VolumeError(f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for remote stores")
+            raise VolumeError(
+                f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for "
+                "remote stores"
+            )
         driver = _detect_driver(local)
     scale, ome = None, None
     if not remote and driver in ("zarr3", "zarr"):
@@ -241,22 +297,35 @@ def open_volume(path: str | os.PathLike, *, level: int | None = None,
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot open volume {path} as {driver}: {e}") from e
     if arr.dtype.name not in SUPPORTED_DTYPES:
-        raise VolumeError(f"volume {path}: dtype {arr.dtype.name} is not supported ({', '.join(SUPPORTED_DTYPES)})")
+        raise VolumeError(
+            f"volume {path}: dtype {arr.dtype.name} is not supported "
+            f"({', '.join(SUPPORTED_DTYPES)})"
+        )
     if arr.rank not in (2, 3, 4):
-        raise VolumeError(f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)")
+        raise VolumeError(
+            f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)"
+        )
     attrs = _read_attributes(local, driver) if not remote else {}
-    if ome is not None:  # the group's metadata (emfm's own under "emfm") with the level's attributes
+    if (
+        ome is not None
+    ):  # the group's metadata (emfm's own under "emfm") with the level's attributes
         arr = _emfm_order(arr, ome["axes"])
         group = ome["group_attributes"]
         attrs = {**group, **(group.get("emfm") or {}), **attrs}
-    axes = ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
+    axes = (
+        ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
+    )
     vs = scale or attrs.get("voxel_size") or attrs.get("resolution") or _units_voxel_size(arr)
     n_sp = 2 if arr.rank == 2 else 3
     vs = tuple(float(v) for v in (vs or [1.0] * n_sp))[-n_sp:]
     if voxel_size is not None and scale is None:
         vs = tuple(float(v) for v in voxel_size)  # explicit override for stores lacking metadata
-    shift = tuple(float(v) for v in ome["translation"])[-n_sp:] if ome is not None else (0.0,) * n_sp
-    return Volume(path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift)
+    shift = (
+        tuple(float(v) for v in ome["translation"])[-n_sp:] if ome is not None else (0.0,) * n_sp
+    )
+    return Volume(
+        path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift
+    )
 
 
 def _units_voxel_size(arr) -> list[float] | None:
@@ -283,9 +352,17 @@ def _read_attributes(path: str, driver: str) -> dict:
     return {}
 
 
-def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunks: Sequence[int],
-                  voxel_size: Sequence[float] | None = None, attributes: dict | None = None,
-                  compression_level: int = 3, exist_ok: bool = False) -> Volume:
+def create_volume(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    dtype,
+    *,
+    chunks: Sequence[int],
+    voxel_size: Sequence[float] | None = None,
+    attributes: dict | None = None,
+    compression_level: int = 3,
+    exist_ok: bool = False,
+) -> Volume:
     """Create a zarr v3 array (zstd) ready for block-wise writes.
 
     With `exist_ok`, an existing array of the same shape and dtype is opened as it is (so an
@@ -296,8 +373,11 @@ def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunk
     if exist_ok and (Path(path) / "zarr.json").exists():
         vol = open_volume(path, write=True)
         if vol.shape != tuple(shape) or vol.dtype != dtype:
-            raise VolumeError(f"output {path} exists with shape {vol.shape} dtype {vol.dtype}; "
-                              f"this job writes shape {tuple(shape)} dtype {dtype}. Remove it or choose another path.")
+            raise VolumeError(
+                f"output {path} exists with shape {vol.shape} dtype {vol.dtype}; "
+                f"this job writes shape {tuple(shape)} dtype {dtype}. Remove it or choose another "
+                "path."
+            )
         return vol
     names = ["z", "y", "x", "c"][: len(shape)] if len(shape) != 2 else ["y", "x"]
     attrs = dict(attributes or {})
@@ -308,8 +388,10 @@ def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunk
         "shape": list(map(int, shape)),
         "data_type": dtype.name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(map(int, chunks))}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                   {"name": "zstd", "configuration": {"level": compression_level}}],
+        "codecs": [
+            {"name": "bytes", "configuration": {"endian": "little"}},
+            {"name": "zstd", "configuration": {"level": compression_level}},
+        ],
         "dimension_names": names,
         "attributes": attrs,
     }
@@ -325,73 +407,132 @@ def create_volume(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunk
 OME_VERSION = "0.5"
 
 
-def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], dtype, *, chunks: Sequence[int],
-                    voxel_size: Sequence[float], translation: Sequence[float] | None = None,
-                    attributes: dict | None = None, name: str = "", unit: str = "nanometer",
-                    compression_level: int = 3) -> Volume:
+def create_ome_zarr(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    dtype,
+    *,
+    chunks: Sequence[int],
+    voxel_size: Sequence[float],
+    translation: Sequence[float] | None = None,
+    attributes: dict | None = None,
+    name: str = "",
+    unit: str = "nanometer",
+    compression_level: int = 3,
+) -> Volume:
     """Create an OME-Zarr (NGFF 0.5, zarr v3) image group with one scale level, array "0".
 
-    `shape`, `chunks` in emfm's order (z, y, x[, c]); the array is stored in NGFF's order (c, z, y, x),
-    with axes metadata (channel axis, z / y / x in `unit`), the level's scale (`voxel_size`, physical
-    size of one array cell) and `translation` (physical position of cell 0's centre). `attributes` go
-    into the group's attributes under "emfm". Whatever was at `path` before is deleted. Returns the
-    level opened for writing in emfm's axis order (what `open_volume(path, write=True)` gives).
+    `shape`, `chunks` in emfm's order (z, y, x[, c]); the array is stored in NGFF's order (c, z, y,
+    x), with axes metadata (channel axis, z / y / x in `unit`), the level's scale (`voxel_size`,
+    physical size of one array cell) and `translation` (physical position of cell 0's centre).
+    `attributes` go into the group's attributes under "emfm". Whatever was at `path` before is
+    deleted. Returns the level opened for writing in emfm's axis order (what `open_volume(path,
+    write=True)` gives).
     """
     path = str(path)
     dtype = np.dtype(dtype)
     if len(shape) not in (3, 4) or len(chunks) != len(shape):
-        raise VolumeError(f"OME-Zarr output {path}: shape {tuple(shape)} / chunks {tuple(chunks)} must both be "
-                          "(z, y, x) or (z, y, x, c)")
+        raise VolumeError(
+            f"OME-Zarr output {path}: shape {tuple(shape)} / chunks {tuple(chunks)} must both be "
+            "(z, y, x) or (z, y, x, c)"
+        )
     has_c = len(shape) == 4
     order = [3, 0, 1, 2] if has_c else [0, 1, 2]
     names = [("c", "z", "y", "x") if has_c else ("z", "y", "x")][0]
     vs = [float(v) for v in voxel_size]
     shift = [float(v) for v in (translation if translation is not None else (0.0, 0.0, 0.0))]
-    axes = ([{"name": "c", "type": "channel"}] if has_c else []) + \
-        [{"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")]
-    group = {"zarr_format": 3, "node_type": "group", "attributes": {
-        "ome": {"version": OME_VERSION, "multiscales": [{
-            "name": name or Path(path).name, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": ([1.0] if has_c else []) + vs},
-                {"type": "translation", "translation": ([0.0] if has_c else []) + shift}]}]}]},
-        "emfm": dict(attributes or {})}}
+    axes = ([{"name": "c", "type": "channel"}] if has_c else []) + [
+        {"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")
+    ]
+    group = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {
+            "ome": {
+                "version": OME_VERSION,
+                "multiscales": [
+                    {
+                        "name": name or Path(path).name,
+                        "axes": axes,
+                        "datasets": [
+                            {
+                                "path": "0",
+                                "coordinateTransformations": [
+                                    {"type": "scale", "scale": ([1.0] if has_c else []) + vs},
+                                    {
+                                        "type": "translation",
+                                        "translation": ([0.0] if has_c else []) + shift,
+                                    },
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+            "emfm": dict(attributes or {}),
+        },
+    }
     meta = {
         "shape": [int(shape[i]) for i in order],
         "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [int(chunks[i]) for i in order]}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                   {"name": "zstd", "configuration": {"level": compression_level}}],
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": [int(chunks[i]) for i in order]},
+        },
+        "codecs": [
+            {"name": "bytes", "configuration": {"endian": "little"}},
+            {"name": "zstd", "configuration": {"level": compression_level}},
+        ],
         "dimension_names": list(names),
     }
     try:
         spec = _kvstore(path)
-        spec = {**spec, "path": spec["path"].rstrip("/") + "/"} if isinstance(spec, dict) else spec.rstrip("/") + "/"
+        spec = (
+            {**spec, "path": spec["path"].rstrip("/") + "/"}
+            if isinstance(spec, dict)
+            else spec.rstrip("/") + "/"
+        )
         kv = ts.KvStore.open(spec).result()
         kv.delete_range(ts.KvStore.KeyRange()).result()
-        ts.open({"driver": "zarr3", "kvstore": _kvstore(path.rstrip("/") + "/0"), "metadata": meta},
-                create=True).result()
+        ts.open(
+            {"driver": "zarr3", "kvstore": _kvstore(path.rstrip("/") + "/0"), "metadata": meta},
+            create=True,
+        ).result()
         kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot create OME-Zarr {path}: {e}") from e
     return open_volume(path, write=True)
 
 
-def write_array(path: str | os.PathLike, data: np.ndarray, *, chunks: Sequence[int] | None = None,
-                voxel_size: Sequence[float] | None = None, attributes: dict | None = None) -> Volume:
+def write_array(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    *,
+    chunks: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    attributes: dict | None = None,
+) -> Volume:
     """Write an in-memory array as a new zarr v3 volume (small arrays: samples, previews, tests)."""
     chunks = chunks or tuple(min(s, 64) for s in data.shape)
-    vol = create_volume(path, data.shape, data.dtype, chunks=chunks, voxel_size=voxel_size,
-                        attributes=attributes, compression_level=19)
+    vol = create_volume(
+        path,
+        data.shape,
+        data.dtype,
+        chunks=chunks,
+        voxel_size=voxel_size,
+        attributes=attributes,
+        compression_level=19,
+    )
     vol.array.write(data).result()
     return vol
 
 
 def written_chunks(vol: Volume) -> set[tuple[int, int, int]]:
-    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are `[z, y, x]`
-    or `[z, y, x, c]` with one chunk along c (in emfm's axis order, also when the store keeps NGFF's
-    c, z, y, x): resumable writers (export, predict, discover) skip these."""
-    out_dims = [o.input_dimension for o in vol.array.spec().transform.output]  # stored dim -> view dim
+    """Chunk grid indices (z, y, x) of the chunks present in a zarr v3 store whose arrays are `[z,
+    y, x]` or `[z, y, x, c]` with one chunk along c (in emfm's axis order, also when the store keeps
+    NGFF's c, z, y, x): resumable writers (export, predict, discover) skip these."""
+    # stored dim -> view dim
+    out_dims = [o.input_dimension for o in vol.array.spec().transform.output]
     done = set()
     for key in vol.array.kvstore.list().result():
         k = key.decode() if isinstance(key, bytes) else key

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
 from emfm.errors import UserError
+from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
 
 __all__ = ["evaluate_paths", "open_label_volume", "write_markdown"]
 
@@ -75,7 +75,8 @@ def open_label_volume(path, name: str = "volume"):
     from emfm.data.volume import VolumeError, open_volume
 
     try:
-        return _VolumeArray(open_volume(path))  # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
+        # zarr v3 / v2 / N5 / precomputed, as everywhere in emfm
+        return _VolumeArray(open_volume(path))
     except VolumeError as e:
         raise UserError(f"{name}: {e}; point at the array, not its group") from None
 
@@ -132,8 +133,10 @@ def write_markdown(results: dict, path, title: str = "Segmentation metrics") -> 
         if "per_threshold" in scores:
             per = scores["per_threshold"]
             cols = list(next(iter(per.values())).keys())
-            lines += ["| IoU threshold | " + " | ".join(cols) + " |",
-                      "|---" * (len(cols) + 1) + "|"]
+            lines += [
+                "| IoU threshold | " + " | ".join(cols) + " |",
+                "|---" * (len(cols) + 1) + "|",
+            ]
             for t, row in per.items():
                 lines.append(f"| {t} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
             lines.append("")
@@ -175,9 +178,15 @@ def evaluate_paths(
 
     t0 = time.perf_counter()
     metrics = evaluate_volumes(
-        pred, gt, kinds,
-        ignore_gt=ignore_gt, ignore_pred=ignore_pred, background=background,
-        iou_thresholds=iou_thresholds, num_classes=num_classes, ignore_index=ignore_index,
+        pred,
+        gt,
+        kinds,
+        ignore_gt=ignore_gt,
+        ignore_pred=ignore_pred,
+        background=background,
+        iou_thresholds=iou_thresholds,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
         block_z=block_z,
     )
     results = {

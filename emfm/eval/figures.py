@@ -1,8 +1,9 @@
 """PNG figures (matplotlib, Agg backend): image grids, probe overlays, feature previews."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -16,7 +17,9 @@ def _plt():
     return plt
 
 
-def image_grid(path: str | Path, columns: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray") -> None:
+def image_grid(
+    path: str | Path, columns: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray"
+) -> None:
     """One column per (title, [n, y, x] or [n, y, x, 3]) entry, one row per example."""
     plt = _plt()
     n = len(columns[0][1])

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from emfm.errors import UserError
 from emfm.eval.metrics_instance import (  # noqa: F401
     IOU_THRESHOLDS,
     Overlaps,
@@ -39,7 +40,6 @@ from emfm.eval.metrics_region import (  # noqa: F401
     variation_of_information,
 )
 from emfm.eval.metrics_topology import simple_points, warp_binary, warping_error  # noqa: F401
-from emfm.errors import UserError
 
 KINDS = ("semantic", "binary", "region", "instance", "warping")
 
@@ -63,8 +63,7 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = None
     for name, a in (("pred", pred), ("gt", gt)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
             raise UserError(
-                f"{name} holds class ids outside [0, {num_classes}): "
-                f"min {a.min()}, max {a.max()}"
+                f"{name} holds class ids outside [0, {num_classes}): min {a.min()}, max {a.max()}"
             )
     idx = gt.astype(np.int64) * num_classes + pred
     return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
@@ -96,8 +95,7 @@ def scores_from_confusion(cm: np.ndarray) -> dict:
         "recall": _safe_div(tp, tp + fn),
     }
     total = cm.sum()
-    out = {"pixel_error": float(1.0 - tp.sum() / total) if total else 0.0,
-           "num_voxels": int(total)}
+    out = {"pixel_error": float(1.0 - tp.sum() / total) if total else 0.0, "num_voxels": int(total)}
     for k, v in per.items():
         out[f"mean_{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
         out[f"per_class_{k}"] = [None if np.isnan(x) else float(x) for x in v]

@@ -269,12 +269,17 @@ def instance_scores(
         if t in per:
             for k in ("precision", "recall", "f1", "ap_dsb"):
                 out[f"{k}@{t}"] = per[t][k]
-    out.update({k: v for k, v in panoptic_quality(None, None, overlaps=ov).items()
-                if k in ("pq", "sq", "rq")})
+    out.update(
+        {
+            k: v
+            for k, v in panoptic_quality(None, None, overlaps=ov).items()
+            if k in ("pq", "sq", "rq")
+        }
+    )
     out["aji"] = aggregated_jaccard_index(None, None, overlaps=ov)
     if coco:
-        out["ap_coco"] = coco_average_precision(
-            None, None, thresholds, pred_scores, overlaps=ov
-        )["ap_coco"]
+        out["ap_coco"] = coco_average_precision(None, None, thresholds, pred_scores, overlaps=ov)[
+            "ap_coco"
+        ]
     out["per_threshold"] = per
     return out

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+
 from emfm.errors import UserError
 
 __all__ = [
@@ -160,7 +161,7 @@ class ContingencyTable:
         self.num_voxels = 0
 
     # -- building ------------------------------------------------------------------------------
-    def add(self, pred, gt) -> "ContingencyTable":
+    def add(self, pred, gt) -> ContingencyTable:
         """Count the voxels of one co-registered block pair; returns self for chaining."""
         pred = check_label_array(pred, "pred")
         gt = check_label_array(gt, "gt")
@@ -184,7 +185,7 @@ class ContingencyTable:
                 self.compact()
         return self
 
-    def merge(self, other: "ContingencyTable") -> "ContingencyTable":
+    def merge(self, other: ContingencyTable) -> ContingencyTable:
         """Add the counts of another table (e.g. one built by a different worker)."""
         other.compact()
         self._g.append(other.gt_ids)
@@ -194,7 +195,7 @@ class ContingencyTable:
         self.num_voxels += other.num_voxels
         return self
 
-    def compact(self) -> "ContingencyTable":
+    def compact(self) -> ContingencyTable:
         """Merge all pending blocks into one sorted (gt, pred, count) list."""
         if len(self._g) == 1 and self._pending == 0:
             return self
@@ -210,7 +211,7 @@ class ContingencyTable:
         return self
 
     @classmethod
-    def from_arrays(cls, pred, gt) -> "ContingencyTable":
+    def from_arrays(cls, pred, gt) -> ContingencyTable:
         """Table of a whole pair of label arrays."""
         return cls().add(pred, gt).compact()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from emfm.errors import UserError
 
 __all__ = ["simple_points", "warp_binary", "warping_error"]
@@ -245,11 +246,19 @@ def warping_error(
     else:
         pred_b, priority = pred != 0, None
     if per_slice and pred.ndim == 3:
-        warped = np.stack([
-            _warp_one(pred_b[z], gt_b[z], None if priority is None else priority[z],
-                      connectivity, warp, levels)
-            for z in range(pred.shape[0])
-        ])
+        warped = np.stack(
+            [
+                _warp_one(
+                    pred_b[z],
+                    gt_b[z],
+                    None if priority is None else priority[z],
+                    connectivity,
+                    warp,
+                    levels,
+                )
+                for z in range(pred.shape[0])
+            ]
+        )
     else:
         warped = _warp_one(pred_b, gt_b, priority, connectivity, warp, levels)
     other = pred_b if warp == "gt" else gt_b

@@ -13,6 +13,7 @@ regions, membrane pixels ignored), averaged over sections. The watershed's seed 
 seed size and smoothing can be chosen per encoder on the training sections (`tune_cells`), so that
 each encoder's region scores come from its own best post-processing, not from one fixed threshold.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from einops import rearrange
-from flax import nnx
 
 from emfm.data.volume import Volume, VolumeError
 from emfm.errors import UserError
@@ -58,13 +58,24 @@ class LinearProbe:
 
     def logits(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
         f = (feats - self.mean) / self.std
-        return np.asarray(_pixel_logits({"w": self.w, "b": self.b}, jnp.asarray(f), out_shape, self.upsample,
-                                        self.num_classes))
+        return np.asarray(
+            _pixel_logits(
+                {"w": self.w, "b": self.b},
+                jnp.asarray(f),
+                out_shape,
+                self.upsample,
+                self.num_classes,
+            )
+        )
 
     def predict(self, feats: np.ndarray, out_shape: tuple[int, int], batch: int = 8) -> np.ndarray:
         """Per-pixel class probabilities `[n, y, x, k]`."""
-        return np.concatenate([np.asarray(jax.nn.softmax(self.logits(feats[i:i + batch], out_shape), axis=-1))
-                               for i in range(0, len(feats), batch)])
+        return np.concatenate(
+            [
+                np.asarray(jax.nn.softmax(self.logits(feats[i : i + batch], out_shape), axis=-1))
+                for i in range(0, len(feats), batch)
+            ]
+        )
 
 
 def _pixel_logits(p, f, out_shape, upsample: str, k: int):
@@ -76,24 +87,40 @@ def _pixel_logits(p, f, out_shape, upsample: str, k: int):
     return full[:, : out_shape[0], : out_shape[1]]
 
 
-def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: int = 2, steps: int = 300,
-                       lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
-                       ignore: np.ndarray | None = None, class_balance: bool = True,
-                       upsample: str = "bilinear", sections_per_step: int = 4) -> LinearProbe:
+def train_linear_probe(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int = 2,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    ignore: np.ndarray | None = None,
+    class_balance: bool = True,
+    upsample: str = "bilinear",
+    sections_per_step: int = 4,
+) -> LinearProbe:
     """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
     AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
     if upsample not in UPSAMPLING:
         raise UserError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
     if labels.size == 0 or len(np.unique(labels)) < 2:
-        raise VolumeError(f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
-                          "a probe needs at least two")
+        raise VolumeError(
+            f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
+            "a probe needs at least two"
+        )
     mean = feats.mean(axis=(0, 1, 2))
     std = feats.std(axis=(0, 1, 2)) + 1e-6
     f = jnp.asarray((feats - mean) / std)
     y = jnp.asarray(labels.astype(np.int32))
     valid = np.ones(labels.shape, np.float32) if ignore is None else (~ignore).astype(np.float32)
-    if class_balance:  # weight each class by 1 / its frequency, so thin membranes count as much as interiors
-        freq = np.bincount(labels.ravel(), weights=valid.ravel(), minlength=num_classes) / valid.sum()
+    if (
+        class_balance
+    ):  # weight each class by 1 / its frequency, so thin membranes count as much as interiors
+        freq = (
+            np.bincount(labels.ravel(), weights=valid.ravel(), minlength=num_classes) / valid.sum()
+        )
         valid = valid * (1.0 / (num_classes * np.maximum(freq, 1e-6)))[labels]
     valid = jnp.asarray(valid)
     d = feats.shape[-1]
@@ -108,7 +135,9 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
     nb = min(sections_per_step, len(feats))
 
     @jax.jit
-    def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays become slow-to-fold constants
+    def step(
+        p, opt, f, y, valid, key
+    ):  # data as arguments: closed-over arrays become slow-to-fold constants
         idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
 
         def loss_fn(p):
@@ -123,12 +152,24 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, *, num_classes: in
     for i in range(steps):
         p, opt, loss = step(p, opt, f, y, valid, jax.random.fold_in(key, i))
     log.debug("probe final training loss %.4f", float(loss))
-    return LinearProbe(w=np.asarray(p["w"]), b=np.asarray(p["b"]), mean=mean, std=std, upsample=upsample,
-                       num_classes=num_classes)
+    return LinearProbe(
+        w=np.asarray(p["w"]),
+        b=np.asarray(p["b"]),
+        mean=mean,
+        std=std,
+        upsample=upsample,
+        num_classes=num_classes,
+    )
 
 
-def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
-                         sigma: float = 0.0, rank: bool = False) -> np.ndarray:
+def cells_from_membranes(
+    p_membrane: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_seed: int = 16,
+    sigma: float = 0.0,
+    rank: bool = False,
+) -> np.ndarray:
     """Cell instances of one section from a membrane probability map: the map is optionally smoothed
     (Gaussian, `sigma` pixels), seeds are connected regions of confident interior (p < threshold, at
     least `min_seed` pixels), grown by watershed over the (smoothed) map.
@@ -140,7 +181,7 @@ def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_
     it was fitted to (experiments/main_job_mae/README.md)."""
     from scipy import ndimage
 
-    from emfm.postproc.watershed import seeded_watershed, threshold_seeds
+    from emfm.instances.watershed import seeded_watershed, threshold_seeds
 
     p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
     t = float(np.quantile(p, threshold)) if rank else threshold
@@ -148,7 +189,8 @@ def cells_from_membranes(p_membrane: np.ndarray, *, threshold: float = 0.5, min_
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
-    """Ground-truth cells of one section: connected cell-interior regions; membranes = 0 (ignored)."""
+    """Ground-truth cells of one section: connected cell-interior regions; membranes = 0
+    (ignored)."""
     from scipy import ndimage
 
     lab, _ = ndimage.label(~membrane)
@@ -157,46 +199,83 @@ def gt_cells(membrane: np.ndarray) -> np.ndarray:
 
 def cell_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, **cells) -> dict:
     """Adapted Rand error and VOI (split, merge) of the cells derived from `p_membrane` `[n, y, x]`
-    (`cells`: cells_from_membranes parameters) against the ground-truth cells, averaged over sections."""
+    (`cells`: cells_from_membranes parameters) against the ground-truth cells, averaged over
+    sections."""
     from emfm.eval import metrics
 
-    per = [metrics.region_scores(cells_from_membranes(p_membrane[k], **cells), gt_cells(membrane_gt[k]),
-                                 ignore_gt=(0,)) for k in range(len(p_membrane))]
-    return {k: float(np.mean([s[k] for s in per])) for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")}
+    per = [
+        metrics.region_scores(
+            cells_from_membranes(p_membrane[k], **cells), gt_cells(membrane_gt[k]), ignore_gt=(0,)
+        )
+        for k in range(len(p_membrane))
+    ]
+    return {
+        k: float(np.mean([s[k] for s in per]))
+        for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")
+    }
 
 
-def tune_cells(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, thresholds=(0.5,), min_seeds=(16,),
-               sigmas=(0.0,), rank: bool = False) -> dict:
+def tune_cells(
+    p_membrane: np.ndarray,
+    membrane_gt: np.ndarray,
+    *,
+    thresholds=(0.5,),
+    min_seeds=(16,),
+    sigmas=(0.0,),
+    rank: bool = False,
+) -> dict:
     """The cells_from_membranes parameters with the lowest adapted Rand error (averaged per section)
     on these (training) sections, searched over thresholds x min_seeds x sigmas by
-    emfm.postproc.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
-    from emfm.postproc.tune import grid_search
+    emfm.instances.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
+    from emfm.instances.tune import grid_search
 
     gt = np.stack([gt_cells(m) for m in membrane_gt])
-    grid = {"threshold": [float(t) for t in thresholds], "min_seed": [int(m) for m in min_seeds],
-            "sigma": [float(s) for s in sigmas], "rank": [bool(rank)]}
+    grid = {
+        "threshold": [float(t) for t in thresholds],
+        "min_seed": [int(m) for m in min_seeds],
+        "sigma": [float(s) for s in sigmas],
+        "rank": [bool(rank)],
+    }
     try:
-        best, _ = grid_search(lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]), gt, grid,
-                              "adapted_rand_error", per_section=True, ignore_gt=(0,))
+        best, _ = grid_search(
+            lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]),
+            gt,
+            grid,
+            "adapted_rand_error",
+            per_section=True,
+            ignore_gt=(0,),
+        )
     except ValueError as e:  # an empty grid
-        raise UserError(f"probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas): {e}") from None
+        raise UserError(
+            f"probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas): {e}"
+        ) from None
     return best
 
 
-def membrane_scores(p_membrane: np.ndarray, membrane_gt: np.ndarray, *, pixel_threshold: float = 0.5,
-                    **cells) -> dict:
-    """Pixel scores (membrane = p >= pixel_threshold) and region scores of the derived cells (`cells`:
-    cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per section."""
+def membrane_scores(
+    p_membrane: np.ndarray, membrane_gt: np.ndarray, *, pixel_threshold: float = 0.5, **cells
+) -> dict:
+    """Pixel scores (membrane = p >= pixel_threshold) and region scores of the derived cells
+    (`cells`: cells_from_membranes parameters) over sections `[n, y, x]`; region scores averaged per
+    section."""
     from emfm.eval import metrics
 
     px = metrics.binary_scores(p_membrane >= pixel_threshold, membrane_gt)
-    return {"f1": px["f1"], "iou": px["iou"], "precision": px["precision"], "recall": px["recall"],
-            "pixel_error": px["pixel_error"], **cell_scores(p_membrane, membrane_gt, **cells)}
+    return {
+        "f1": px["f1"],
+        "iou": px["iou"],
+        "precision": px["precision"],
+        "recall": px["recall"],
+        "pixel_error": px["pixel_error"],
+        **cell_scores(p_membrane, membrane_gt, **cells),
+    }
 
 
 def read_sections(vol: Volume, z: tuple[int, int]) -> np.ndarray:
     if vol.ndim != 3:
         raise VolumeError(f"probe volume {vol.path} has {vol.ndim} dimensions; expected z, y, x")
     if not 0 <= z[0] < z[1] <= vol.shape[0]:
-        raise VolumeError(f"sections {list(z)} are outside volume {vol.path} with {vol.shape[0]} sections")
+        raise VolumeError(
+            f"sections {list(z)} are outside volume {vol.path} with {vol.shape[0]} sections"
+        )
     return vol.read((slice(*z), slice(None), slice(None)))

@@ -15,6 +15,7 @@ Features are standardised with the training sections' mean/std; losses and votes
 by the inverse of its frequency among the labelled pixels. Compiled steps are cached per shape, so
 the many fits of a benchmark compile once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,19 +46,34 @@ class ProbeSettings:
     def identity(self, kind: str) -> dict:
         """The settings that change a probe of this kind (its cache key)."""
         if kind == "knn":
-            return {"kind": kind, "k": self.knn_k, "references": self.knn_references, "stride": self.knn_stride}
-        d = {"kind": kind, "steps": self.steps, "batch_tokens": self.batch_tokens, "lr": self.lr,
-             "weight_decay": self.weight_decay}
+            return {
+                "kind": kind,
+                "k": self.knn_k,
+                "references": self.knn_references,
+                "stride": self.knn_stride,
+            }
+        d = {
+            "kind": kind,
+            "steps": self.steps,
+            "batch_tokens": self.batch_tokens,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+        }
         return d | ({"hidden": self.hidden} if kind == "mlp" else {})
 
 
 def check_kind(kind: str) -> None:
     if kind not in PROBES:
-        raise ConfigError(f"benchmark.probes: unknown probe {kind!r}; known probes are {', '.join(PROBES)}")
+        raise ConfigError(
+            f"benchmark.probes: unknown probe {kind!r}; known probes are {', '.join(PROBES)}"
+        )
 
 
-def label_mask(shape: tuple[int, ...], fraction: float, seed: int, fg: np.ndarray | None = None) -> np.ndarray:
-    """A seeded random subset of `fraction` of the pixels (at least one of each class when `fg` is given)."""
+def label_mask(
+    shape: tuple[int, ...], fraction: float, seed: int, fg: np.ndarray | None = None
+) -> np.ndarray:
+    """A seeded random subset of `fraction` of the pixels (at least one of each class when `fg` is
+    given)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"label fraction {fraction}: must be in (0, 1]")
     if fraction >= 1.0:
@@ -83,12 +99,17 @@ def _standardise(train: np.ndarray):
 
 # ---- linear and MLP heads on tokens -------------------------------------------------------------
 
+
 def _init(kind: str, d: int, out: int, hidden: int, seed: int) -> dict:
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     if kind == "linear":
         return {"w": jax.random.normal(k1, (d, out)) * 0.01, "b": jnp.zeros(out)}
-    return {"w1": jax.random.normal(k1, (d, hidden)) * np.sqrt(2.0 / d), "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k2, (hidden, out)) * 0.01, "b2": jnp.zeros(out)}
+    return {
+        "w1": jax.random.normal(k1, (d, hidden)) * np.sqrt(2.0 / d),
+        "b1": jnp.zeros(hidden),
+        "w2": jax.random.normal(k2, (hidden, out)) * 0.01,
+        "b2": jnp.zeros(out),
+    }
 
 
 def _head(kind: str, p: dict, f):
@@ -132,7 +153,9 @@ def _tokens(feats, fg, mask, cell):
     n, gy, gx, _ = feats.shape
     sy, sx = cell
     pad = ((0, 0), (0, gy * sy - fg.shape[1]), (0, gx * sx - fg.shape[2]))
-    y = rearrange(np.pad(fg, pad), "n (gy sy) (gx sx) -> (n gy gx) (sy sx)", sy=sy, sx=sx).astype(np.int32)
+    y = rearrange(np.pad(fg, pad), "n (gy sy) (gx sx) -> (n gy gx) (sy sx)", sy=sy, sx=sx).astype(
+        np.int32
+    )
     m = rearrange(np.pad(mask, pad), "n (gy sy) (gx sx) -> (n gy gx) (sy sx)", sy=sy, sx=sx)
     keep = m.any(axis=1)
     freq = np.array([(m & (y == c)).sum() for c in (0, 1)], float)
@@ -141,8 +164,16 @@ def _tokens(feats, fg, mask, cell):
     return feats.reshape(-1, feats.shape[-1])[keep], y[keep], w[keep]
 
 
-def fit_predict_head(kind: str, s: ProbeSettings, train: np.ndarray, fg: np.ndarray, mask: np.ndarray,
-                     evals: list[np.ndarray], out_yx: tuple[int, int], seed: int) -> list[np.ndarray]:
+def fit_predict_head(
+    kind: str,
+    s: ProbeSettings,
+    train: np.ndarray,
+    fg: np.ndarray,
+    mask: np.ndarray,
+    evals: list[np.ndarray],
+    out_yx: tuple[int, int],
+    seed: int,
+) -> list[np.ndarray]:
     """Train a linear / MLP token head and return foreground probabilities of each `evals` map."""
     cell = _cell(train, fg.shape[1:])
     mean, std = _standardise(train)
@@ -155,19 +186,29 @@ def fit_predict_head(kind: str, s: ProbeSettings, train: np.ndarray, fg: np.ndar
     b = s.batch_tokens
     for _ in range(s.steps):
         idx = rng.integers(0, len(f), b)
-        p, opt, _ = _step(p, opt, jnp.asarray(f[idx]), jnp.asarray(y[idx]), jnp.asarray(w[idx]), kind=kind, tx=tx)
+        p, opt, _ = _step(
+            p, opt, jnp.asarray(f[idx]), jnp.asarray(y[idx]), jnp.asarray(w[idx]), kind=kind, tx=tx
+        )
     res = []
     for fe in evals:
-        probs = np.concatenate([np.asarray(_prob(p, jnp.asarray((fe[i:i + 1] - mean) / std), kind=kind))
-                                for i in range(len(fe))])
+        probs = np.concatenate(
+            [
+                np.asarray(_prob(p, jnp.asarray((fe[i : i + 1] - mean) / std), kind=kind))
+                for i in range(len(fe))
+            ]
+        )
         full = rearrange(probs, "n gy gx (sy sx) -> n (gy sy) (gx sx)", sy=cell[0], sx=cell[1])
         res.append(full[:, : out_yx[0], : out_yx[1]])
     return res
 
 
-# ---- k nearest neighbours -------------------------------------------------------------------------
+# ---- k nearest neighbours
+# -------------------------------------------------------------------------
 
-def interpolate(fmap: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
+
+def interpolate(
+    fmap: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell: tuple[int, int]
+) -> np.ndarray:
     """Bilinear interpolation of a token map `[gy, gx, d]` at pixel positions (token centres at
     pixel (i + 0.5) * cell - 0.5)."""
     gy, gx = fmap.shape[:2]
@@ -176,32 +217,50 @@ def interpolate(fmap: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell: tuple[in
     y0, x0 = np.floor(ty).astype(int), np.floor(tx).astype(int)
     y1, x1 = np.minimum(y0 + 1, gy - 1), np.minimum(x0 + 1, gx - 1)
     wy, wx = (ty - y0)[:, None], (tx - x0)[:, None]
-    return ((1 - wy) * (1 - wx) * fmap[y0, x0] + (1 - wy) * wx * fmap[y0, x1]
-            + wy * (1 - wx) * fmap[y1, x0] + wy * wx * fmap[y1, x1])
+    return (
+        (1 - wy) * (1 - wx) * fmap[y0, x0]
+        + (1 - wy) * wx * fmap[y0, x1]
+        + wy * (1 - wx) * fmap[y1, x0]
+        + wy * wx * fmap[y1, x1]
+    )
 
 
 @partial(jax.jit, static_argnames=("k",))
 def _knn_vote(q, ref, vote, *, k):
-    """q `[m, d]`, ref `[r, d]` unit vectors; vote `[r, 2]` class-weighted one-hot -> p(fg) `[m]`."""
+    """q `[m, d]`, ref `[r, d]` unit vectors; vote `[r, 2]` class-weighted one-hot -> p(fg)
+    `[m]`."""
     sim = q @ ref.T
     _, idx = jax.lax.top_k(sim, k)
     v = vote[idx].sum(axis=1)
     return v[:, 1] / jnp.maximum(v.sum(axis=1), 1e-12)
 
 
-def fit_predict_knn(s: ProbeSettings, train: np.ndarray, fg: np.ndarray, mask: np.ndarray,
-                    evals: list[np.ndarray], out_yx: tuple[int, int], seed: int) -> list[np.ndarray]:
+def fit_predict_knn(
+    s: ProbeSettings,
+    train: np.ndarray,
+    fg: np.ndarray,
+    mask: np.ndarray,
+    evals: list[np.ndarray],
+    out_yx: tuple[int, int],
+    seed: int,
+) -> list[np.ndarray]:
     cell = _cell(train, fg.shape[1:])
     mean, std = _standardise(train)
     rng = np.random.default_rng(seed)
     zs, ys, xs = np.nonzero(mask)
     pick = rng.choice(len(zs), size=min(s.knn_references, len(zs)), replace=False)
     zs, ys, xs = zs[pick], ys[pick], xs[pick]
-    ref = np.concatenate([interpolate((train[z] - mean) / std, ys[zs == z], xs[zs == z], cell)
-                          for z in np.unique(zs)])
+    ref = np.concatenate(
+        [
+            interpolate((train[z] - mean) / std, ys[zs == z], xs[zs == z], cell)
+            for z in np.unique(zs)
+        ]
+    )
     lab = np.concatenate([fg[z, ys[zs == z], xs[zs == z]] for z in np.unique(zs)]).astype(int)
     freq = np.bincount(lab, minlength=2).astype(float)
-    vote = np.eye(2, dtype=np.float32)[lab] * (1.0 / np.maximum(freq, 1.0))[lab, None].astype(np.float32)
+    vote = np.eye(2, dtype=np.float32)[lab] * (1.0 / np.maximum(freq, 1.0))[lab, None].astype(
+        np.float32
+    )
     ref = ref / (np.linalg.norm(ref, axis=1, keepdims=True) + 1e-6)
     k = min(s.knn_k, len(ref))
     st = s.knn_stride
@@ -214,15 +273,31 @@ def fit_predict_knn(s: ProbeSettings, train: np.ndarray, fg: np.ndarray, mask: n
         for sec in fe:
             q = interpolate((sec - mean) / std, gyy.ravel(), gxx.ravel(), cell)
             q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-6)
-            p = np.asarray(_knn_vote(jnp.asarray(q, jnp.float32), ref_j, vote_j, k=k)).reshape(len(qy), len(qx))
-            maps.append(np.clip(np.asarray(jax.image.resize(jnp.asarray(p), out_yx, method="bilinear")), 0.0, 1.0))
+            p = np.asarray(_knn_vote(jnp.asarray(q, jnp.float32), ref_j, vote_j, k=k)).reshape(
+                len(qy), len(qx)
+            )
+            maps.append(
+                np.clip(
+                    np.asarray(jax.image.resize(jnp.asarray(p), out_yx, method="bilinear")),
+                    0.0,
+                    1.0,
+                )
+            )
         res.append(np.stack(maps))
     return res
 
 
-def fit_predict(kind: str, s: ProbeSettings, train: np.ndarray, fg: np.ndarray, mask: np.ndarray,
-                evals: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """Foreground probabilities `[n, y, x]` of each feature map in `evals` (same pixel size as `fg`)."""
+def fit_predict(
+    kind: str,
+    s: ProbeSettings,
+    train: np.ndarray,
+    fg: np.ndarray,
+    mask: np.ndarray,
+    evals: list[np.ndarray],
+    seed: int,
+) -> list[np.ndarray]:
+    """Foreground probabilities `[n, y, x]` of each feature map in `evals` (same pixel size as
+    `fg`)."""
     check_kind(kind)
     out_yx = fg.shape[1:]
     if kind == "knn":

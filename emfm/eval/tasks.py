@@ -1,8 +1,9 @@
-"""Tasks of the probing benchmark: a labelled volume, its split, its target and the target's metrics.
+"""Tasks of the probing benchmark: a labelled volume, its split, its target and the target's
+metrics.
 
-A task (`TaskConfig`, one YAML file in configs/probe_task/) names an image and a label volume of the same
-shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, validation and testing (or a
-separate test volume), an optional in-plane crop and downsampling, and a target:
+A task (`TaskConfig`, one YAML file in configs/probe_task/) names an image and a label volume of the
+same shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, validation and testing
+(or a separate test volume), an optional in-plane crop and downsampling, and a target:
 
 - `membranes` (ISBI 2012): foreground = `labels == positive_label`; ground-truth cells are the
   connected non-membrane regions of each section. Metrics: pixel F1 / IoU of the foreground, and the
@@ -10,14 +11,15 @@ separate test volume), an optional in-plane crop and downsampling, and a target:
   membrane map, per section (emfm.eval.probe.cells_from_membranes), averaged over sections.
 - `neuron_boundaries` (gala): foreground = `labels == positive_label` (0 = boundary); the label
   values are the ground-truth instances (0 ignored). Same metrics as membranes.
-- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 / IoU and
-  the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
+- `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 /
+  IoU and the instance F1 at IoU 0.5 of the 3D connected components of prediction and ground truth.
 
 The decision threshold is 0.5, or, when the task has validation sections, the one of
 0.3, 0.4, ..., 0.7 with the best pixel F1 on them. With `split="val"` (model selection) the
-validation sections are the evaluated sections, the threshold is chosen on them, and the test sections
-are not read at all.
+validation sections are the evaluated sections, the threshold is chosen on them, and the test
+sections are not read at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +39,10 @@ TARGETS = {
     "neuron_boundaries": {"kind": "boundary", "instances": "labels", "primary": "f1"},
     "mitochondria": {"kind": "foreground", "instances": "components", "primary": "iou"},
 }
-METRICS = {"boundary": ("f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge", "threshold"),
-           "foreground": ("f1", "iou", "instance_f1", "n_pred", "n_gt", "threshold")}
+METRICS = {
+    "boundary": ("f1", "iou", "adapted_rand_error", "voi", "voi_split", "voi_merge", "threshold"),
+    "foreground": ("f1", "iou", "instance_f1", "n_pred", "n_gt", "threshold"),
+}
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SPLITS = ("test", "val")
 
@@ -62,14 +66,20 @@ class TaskData:
 
 def validate(tc: TaskConfig) -> TaskConfig:
     if tc.target not in TARGETS:
-        raise ConfigError(f"task {tc.name!r}: target={tc.target!r}; known targets are {', '.join(TARGETS)}")
+        raise ConfigError(
+            f"task {tc.name!r}: target={tc.target!r}; known targets are {', '.join(TARGETS)}"
+        )
     for key in ("train_slices", "test_slices") + (("val_slices",) if tc.val_slices else ()):
         s = getattr(tc, key)
         if len(s) != 2 or not 0 <= s[0] < s[1]:
-            raise ConfigError(f"task {tc.name!r}: {key}={s}; give [start, stop) with 0 <= start < stop")
+            raise ConfigError(
+                f"task {tc.name!r}: {key}={s}; give [start, stop) with 0 <= start < stop"
+            )
     if tc.downsample < 1 or tc.downsample & (tc.downsample - 1):
         raise ConfigError(f"task {tc.name!r}: downsample={tc.downsample}; use 1, 2, 4, ...")
-    if tc.crop is not None and (len(tc.crop) != 2 or any(len(c) != 2 or not 0 <= c[0] < c[1] for c in tc.crop)):
+    if tc.crop is not None and (
+        len(tc.crop) != 2 or any(len(c) != 2 or not 0 <= c[0] < c[1] for c in tc.crop)
+    ):
         raise ConfigError(f"task {tc.name!r}: crop={tc.crop}; give [[y0, y1], [x0, x1]]")
     if bool(tc.test_image) != bool(tc.test_labels):
         raise ConfigError(f"task {tc.name!r}: give both test_image and test_labels, or neither")
@@ -77,7 +87,10 @@ def validate(tc: TaskConfig) -> TaskConfig:
 
 
 def _paths(tc: TaskConfig) -> list[str]:
-    p = [bundled.resolve(tc.image, bundled.sample_raw()), bundled.resolve(tc.labels, bundled.sample_membranes())]
+    p = [
+        bundled.resolve(tc.image, bundled.sample_raw()),
+        bundled.resolve(tc.labels, bundled.sample_membranes()),
+    ]
     return p + ([tc.test_image, tc.test_labels] if tc.test_image else [])
 
 
@@ -87,8 +100,14 @@ def identity(tc: TaskConfig) -> str:
     for p in _paths(tc):
         path = Path(p)
         files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())[:64]
-        stats = [(str(f.relative_to(path)) if f != path else "", os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                 for f in files]
+        stats = [
+            (
+                str(f.relative_to(path)) if f != path else "",
+                os.stat(f).st_size,
+                os.stat(f).st_mtime_ns,
+            )
+            for f in files
+        ]
         h.update(json.dumps([str(path.resolve()), stats]).encode())
     return h.hexdigest()[:16]
 
@@ -102,19 +121,27 @@ def _open(path: str, what: str):
 def _pair(tc: TaskConfig, image: str, labels: str):
     img, lab = _open(image, f"task {tc.name!r} image"), _open(labels, f"task {tc.name!r} labels")
     if len(img.shape) != 3:
-        raise VolumeError(f"task {tc.name!r}: image {image} has shape {img.shape}; expected z, y, x")
+        raise VolumeError(
+            f"task {tc.name!r}: image {image} has shape {img.shape}; expected z, y, x"
+        )
     if tuple(img.shape) != tuple(lab.shape):
-        raise VolumeError(f"task {tc.name!r}: labels {labels} have shape {tuple(lab.shape)}, "
-                          f"image {image} has {tuple(img.shape)}")
+        raise VolumeError(
+            f"task {tc.name!r}: labels {labels} have shape {tuple(lab.shape)}, "
+            f"image {image} has {tuple(img.shape)}"
+        )
     return img, lab
 
 
 def _read(tc: TaskConfig, img, lab, z: list[int], key: str) -> Split:
     if z[1] > img.shape[0]:
-        raise VolumeError(f"task {tc.name!r}: {key}={list(z)} lies outside the volume's {img.shape[0]} sections")
+        raise VolumeError(
+            f"task {tc.name!r}: {key}={list(z)} lies outside the volume's {img.shape[0]} sections"
+        )
     ys, xs = (slice(*tc.crop[0]), slice(*tc.crop[1])) if tc.crop else (slice(None), slice(None))
     if tc.crop and (tc.crop[0][1] > img.shape[1] or tc.crop[1][1] > img.shape[2]):
-        raise VolumeError(f"task {tc.name!r}: crop={tc.crop} lies outside sections of {img.shape[1:]} pixels")
+        raise VolumeError(
+            f"task {tc.name!r}: crop={tc.crop} lies outside sections of {img.shape[1:]} pixels"
+        )
     x = np.asarray(img[slice(*z), ys, xs])
     y = np.asarray(lab[slice(*z), ys, xs])
     if tc.downsample > 1:
@@ -135,26 +162,34 @@ def load(tc: TaskConfig, split: str = "test") -> TaskData:
     if split not in SPLITS:
         raise ConfigError(f"benchmark.split={split!r}: use one of {', '.join(SPLITS)}")
     if split == "val" and not tc.val_slices:
-        raise ConfigError(f"task {tc.name!r}: benchmark.split=val needs val_slices in the task file")
+        raise ConfigError(
+            f"task {tc.name!r}: benchmark.split=val needs val_slices in the task file"
+        )
     img, lab = _pair(tc, *_paths(tc)[:2])
     train = _read(tc, img, lab, tc.train_slices, "train_slices")
     val = _read(tc, img, lab, tc.val_slices, "val_slices") if tc.val_slices else None
     if split == "val":
-        return _checked(TaskData(name=tc.name, target=tc.target, train=train, val=None, test=val, config=tc),
-                        "val_slices")
+        return _checked(
+            TaskData(name=tc.name, target=tc.target, train=train, val=None, test=val, config=tc),
+            "val_slices",
+        )
     if tc.test_image:
         img, lab = _pair(tc, tc.test_image, tc.test_labels)
     test = _read(tc, img, lab, tc.test_slices, "test_slices")
-    return _checked(TaskData(name=tc.name, target=tc.target, train=train, val=val, test=test, config=tc),
-                    "test_slices")
+    return _checked(
+        TaskData(name=tc.name, target=tc.target, train=train, val=val, test=test, config=tc),
+        "test_slices",
+    )
 
 
 def _checked(task: TaskData, eval_key: str) -> TaskData:
     tc = task.config
     for split, key in ((task.train, "train_slices"), (task.test, eval_key)):
         if not split.fg.any() or split.fg.all():
-            raise VolumeError(f"task {tc.name!r}: {key} hold no pixel of both classes "
-                              f"(positive_label={tc.positive_label})")
+            raise VolumeError(
+                f"task {tc.name!r}: {key} hold no pixel of both classes "
+                f"(positive_label={tc.positive_label})"
+            )
     return task
 
 
@@ -190,8 +225,12 @@ def scores(task: TaskData, p_fg: np.ndarray, split: Split, threshold: float = 0.
     out = {"f1": px["f1"], "iou": px["iou"], "threshold": threshold}
     gt = gt_instances(task, split)
     if TARGETS[task.target]["kind"] == "boundary":
-        per = [metrics.region_scores(cells_from_membranes(p_fg[k], threshold=threshold), gt[k], ignore_gt=(0,))
-               for k in range(len(p_fg))]
+        per = [
+            metrics.region_scores(
+                cells_from_membranes(p_fg[k], threshold=threshold), gt[k], ignore_gt=(0,)
+            )
+            for k in range(len(p_fg))
+        ]
         for key in ("adapted_rand_error", "voi", "voi_split", "voi_merge"):
             out[key] = float(np.mean([s[key] for s in per]))
         return out
@@ -202,6 +241,9 @@ def scores(task: TaskData, p_fg: np.ndarray, split: Split, threshold: float = 0.
         inst[small[inst]] = 0
     m = match_instances(inst, gt, threshold=0.5)
     tp = len(m["iou"])
-    out.update(instance_f1=2 * tp / (m["n_pred"] + m["n_gt"]) if m["n_pred"] + m["n_gt"] else 1.0,
-               n_pred=int(m["n_pred"]), n_gt=int(m["n_gt"]))
+    out.update(
+        instance_f1=2 * tp / (m["n_pred"] + m["n_gt"]) if m["n_pred"] + m["n_gt"] else 1.0,
+        n_pred=int(m["n_pred"]),
+        n_gt=int(m["n_gt"]),
+    )
     return out

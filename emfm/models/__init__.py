@@ -1,9 +1,11 @@
 """Encoder families, one file each, registered by `model.name`."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flax import nnx
+
 from emfm.errors import UserError
 
 
@@ -28,5 +30,7 @@ ENCODERS: dict[str, Callable] = {
 def build_encoder(cfg, *, seed: int = 0):
     """The encoder named by `cfg.name` (a ModelConfig), initialised from `seed`."""
     if cfg.name not in ENCODERS:
-        raise UserError(f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}")
+        raise UserError(
+            f"model.name={cfg.name!r}: known encoders are {', '.join(sorted(ENCODERS))}"
+        )
     return ENCODERS[cfg.name](cfg, nnx.Rngs(seed))

@@ -1,8 +1,10 @@
-"""Small heads on encoder features: projection MLPs (SimCLR, MoCo v3, dense) and DINO's prototype head.
+"""Small heads on encoder features: projection MLPs (SimCLR, MoCo v3, dense) and DINO's prototype
+head.
 
 Heads act on the last axis, so the same head maps pooled features `[b, d]` and feature maps
 `[b, (z,) y, x, d]` alike.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,7 +16,8 @@ from emfm.models.layers import dense, layer_norm
 
 
 def global_feature(aux: dict) -> Float[Array, "b d"]:
-    """One vector per example: the cls token of a ViT, else the spatial mean of the feature map (U-Net)."""
+    """One vector per example: the cls token of a ViT, else the spatial mean of the feature map
+    (U-Net)."""
     if "cls" in aux:
         return aux["cls"]
     fmap = aux["patch_map"]
@@ -27,7 +30,9 @@ class MLP(nnx.Module):
 
     def __init__(self, din: int, hidden: int, dout: int, *, layers: int = 2, rngs: nnx.Rngs):
         dims = [din] + [hidden] * (layers - 1) + [dout]
-        self.linears = nnx.List([dense(a, b, dtype=jnp.float32, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.linears = nnx.List(
+            [dense(a, b, dtype=jnp.float32, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])]
+        )
         self.norms = nnx.List([layer_norm(d, dtype=jnp.float32, rngs=rngs) for d in dims[1:-1]])
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... o"]:
@@ -44,7 +49,9 @@ class DINOHead(nnx.Module):
 
     def __init__(self, din: int, hidden: int, bottleneck: int, prototypes: int, *, rngs: nnx.Rngs):
         self.mlp = MLP(din, hidden, bottleneck, layers=3, rngs=rngs)
-        self.prototypes = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (bottleneck, prototypes), jnp.float32))
+        self.prototypes = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (bottleneck, prototypes), jnp.float32)
+        )
 
     def __call__(self, x: Float[Array, "b d"]) -> Float[Array, "b k"]:
         h = self.mlp(x)

@@ -1,4 +1,5 @@
 """Transformer building blocks shared by encoders and decoders (pre-norm, as in ViT / MAE)."""
+
 from __future__ import annotations
 
 import jax
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float
+
 from emfm.errors import UserError
 
 xavier = nnx.initializers.xavier_uniform()
@@ -14,8 +16,15 @@ zeros = nnx.initializers.zeros_init()
 
 def dense(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     # MAE / timm init: xavier-uniform weights, zero bias; parameters always float32.
-    return nnx.Linear(din, dout, kernel_init=xavier, bias_init=zeros, dtype=dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        kernel_init=xavier,
+        bias_init=zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -51,7 +60,9 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn = Attention(dim, heads, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)

@@ -5,11 +5,13 @@ embedding (each token keeps the meaning "this far from the origin"), which is wh
 inference over large tiles wants. `ref_grid` instead resamples positions onto a reference grid
 (the usual "interpolate" behaviour when changing resolution).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
 from emfm.errors import UserError
 
 
@@ -19,7 +21,9 @@ def _axis_embed(pos: np.ndarray, dim: int) -> np.ndarray:
     return np.concatenate([np.sin(o), np.cos(o)], axis=1)
 
 
-def sincos_embedding(dim: int, grid: Sequence[int], ref_grid: Sequence[int] | None = None) -> np.ndarray:
+def sincos_embedding(
+    dim: int, grid: Sequence[int], ref_grid: Sequence[int] | None = None
+) -> np.ndarray:
     """Embedding of shape `(prod(grid), dim)` in raster order (first axis slowest).
 
     2D: half the channels encode y, half x (as `shared/bench/sincos.py` and MAE). 3D: a third for

@@ -11,24 +11,27 @@ All heads return per-pixel logits `[b, (z,) y, x, out]` at the input's resolutio
 Parameter paths are `encoder/...` and `head/...`, so the optimizer's freeze regexes and layer-wise
 lr decay (emfm.train.optim) address the encoder.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from emfm.errors import UserError
 from emfm.models import conv3d
 from emfm.models.unet import he_uniform, upsample
-from emfm.errors import UserError
 
 
 def _conv(nd: int, cin: int, cout: int, k: int, rngs: nnx.Rngs) -> nnx.Conv:
     extra = {"conv_general_dilated": conv3d.conv_general_dilated} if nd == 3 else {}
-    return nnx.Conv(cin, cout, (k,) * nd, padding="SAME", kernel_init=he_uniform, rngs=rngs, **extra)
+    return nnx.Conv(
+        cin, cout, (k,) * nd, padding="SAME", kernel_init=he_uniform, rngs=rngs, **extra
+    )
 
 
 class ConvNormAct(nnx.Module):
@@ -78,8 +81,18 @@ def default_blocks(depth: int, n: int) -> list[int]:
 
 
 class UNETRHead(nnx.Module):
-    def __init__(self, *, patch: Sequence[int], enc_width: int, enc_depth: int, in_channels: int, width: int,
-                 out: int, blocks: Sequence[int] = (), rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        patch: Sequence[int],
+        enc_width: int,
+        enc_depth: int,
+        in_channels: int,
+        width: int,
+        out: int,
+        blocks: Sequence[int] = (),
+        rngs: nnx.Rngs,
+    ):
         nd = len(patch)
         self.factors = up_factors(patch)
         s = len(self.factors)
@@ -90,11 +103,23 @@ class UNETRHead(nnx.Module):
         self.bottom = ConvNormAct(nd, enc_width, width, 3, rngs=rngs)
         self.ups = nnx.List([UpConv(width, width, f, rngs=rngs) for f in self.factors])
         # skip of stage k (k < s - 1): block tokens upsampled by stages 0..k
-        self.skip_ups = nnx.List([
-            nnx.List([UpConv(enc_width if j == 0 else width, width, self.factors[j], rngs=rngs) for j in range(k + 1)])
-            for k in range(s - 1)])
-        self.stem = nnx.List([ConvNormAct(nd, in_channels, width, 3, rngs=rngs),
-                              ConvNormAct(nd, width, width, 3, rngs=rngs)])
+        self.skip_ups = nnx.List(
+            [
+                nnx.List(
+                    [
+                        UpConv(enc_width if j == 0 else width, width, self.factors[j], rngs=rngs)
+                        for j in range(k + 1)
+                    ]
+                )
+                for k in range(s - 1)
+            ]
+        )
+        self.stem = nnx.List(
+            [
+                ConvNormAct(nd, in_channels, width, 3, rngs=rngs),
+                ConvNormAct(nd, width, width, 3, rngs=rngs),
+            ]
+        )
         self.fuse = nnx.List([ConvNormAct(nd, 2 * width, width, 3, rngs=rngs) for _ in range(s)])
         self.out = _conv(nd, width, out, 1, rngs)
 
@@ -114,11 +139,17 @@ class UNETRHead(nnx.Module):
 
 
 class ProgressiveHead(nnx.Module):
-    def __init__(self, *, patch: Sequence[int], enc_width: int, width: int, out: int, rngs: nnx.Rngs):
+    def __init__(
+        self, *, patch: Sequence[int], enc_width: int, width: int, out: int, rngs: nnx.Rngs
+    ):
         nd = len(patch)
         self.factors = up_factors(patch)
-        self.convs = nnx.List([ConvNormAct(nd, enc_width if i == 0 else width, width, 3, rngs=rngs)
-                               for i in range(len(self.factors))])
+        self.convs = nnx.List(
+            [
+                ConvNormAct(nd, enc_width if i == 0 else width, width, 3, rngs=rngs)
+                for i in range(len(self.factors))
+            ]
+        )
         self.out = _conv(nd, width, out, 1, rngs)
 
     def __call__(self, aux: dict, x) -> Float[Array, "b *sp o"]:
@@ -141,7 +172,9 @@ class PixelHead(nnx.Module):
 HEADS = ("unetr", "progressive", "unet")
 
 
-def build_head(name: str, encoder, *, out: int, width: int = 32, blocks: Sequence[int] = (), seed: int = 0):
+def build_head(
+    name: str, encoder, *, out: int, width: int = 32, blocks: Sequence[int] = (), seed: int = 0
+):
     """The head `name` for `encoder` (a ViT or U-Net) with `out` output channels."""
     spec = encoder.spec
     rngs = nnx.Rngs(seed + 7)
@@ -149,14 +182,26 @@ def build_head(name: str, encoder, *, out: int, width: int = 32, blocks: Sequenc
     if name not in HEADS:
         raise UserError(f"head.name={name!r}: known heads are {', '.join(HEADS)}")
     if is_unet != (name == "unet"):
-        raise UserError(f"head.name={name!r} does not fit a {type(encoder).__name__} encoder: "
-                         "use head=unet for the U-Net and head=unetr or head=progressive for a ViT")
+        raise UserError(
+            f"head.name={name!r} does not fit a {type(encoder).__name__} encoder: "
+            "use head=unet for the U-Net and head=unetr or head=progressive for a ViT"
+        )
     if name == "unet":
         return PixelHead(nd=spec.ndim, enc_width=spec.width, out=out, rngs=rngs)
     if name == "progressive":
-        return ProgressiveHead(patch=spec.patch_size, enc_width=spec.width, width=width, out=out, rngs=rngs)
-    return UNETRHead(patch=spec.patch_size, enc_width=spec.width, enc_depth=spec.depth, in_channels=spec.in_channels,
-                     width=width, out=out, blocks=blocks, rngs=rngs)
+        return ProgressiveHead(
+            patch=spec.patch_size, enc_width=spec.width, width=width, out=out, rngs=rngs
+        )
+    return UNETRHead(
+        patch=spec.patch_size,
+        enc_width=spec.width,
+        enc_depth=spec.depth,
+        in_channels=spec.in_channels,
+        width=width,
+        out=out,
+        blocks=blocks,
+        rngs=rngs,
+    )
 
 
 class SegModel(nnx.Module):
@@ -167,7 +212,9 @@ class SegModel(nnx.Module):
         self.encoder = encoder
         self.head = head
 
-    def __call__(self, x: Float[Array, "b *sp c"], *, frozen_encoder: bool = False) -> Float[Array, "b *sp o"]:
+    def __call__(
+        self, x: Float[Array, "b *sp c"], *, frozen_encoder: bool = False
+    ) -> Float[Array, "b *sp o"]:
         blocks = getattr(self.head, "blocks", ())
         _, aux = self.encoder(x, return_blocks=tuple(blocks))
         if frozen_encoder:

@@ -8,20 +8,21 @@ anisotropic allowed, e.g. 4x16x16 for thick sections). The encoder can run on a 
         "patch_map": [b, *grid, d] (only when all tokens are kept),
         "blocks": {i: [b, n, d] patch tokens after block i} for the requested blocks}.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from emfm.errors import UserError
 from emfm.models.layers import Block, gather_tokens, layer_norm, run_blocks
 from emfm.models.patch_embed import PatchEmbed, grid_shape
 from emfm.models.pos_embed import sincos_embedding
-from emfm.errors import UserError
 
 # Width, depth, heads of the ViT family: B, L, H from Dosovitskiy et al. 2021 ("An image is worth
 # 16x16 words", Table 1); Ti and S from Touvron et al. 2021 (DeiT, Table 1).
@@ -51,15 +52,22 @@ class ViTSpec:
     remat: bool = False
 
     @classmethod
-    def from_config(cls, cfg) -> "ViTSpec":
+    def from_config(cls, cfg) -> ViTSpec:
         if cfg.size not in SIZES:
             raise UserError(f"model.size={cfg.size!r}: known sizes are {', '.join(SIZES)}")
         base = dict(SIZES[cfg.size])
         for k in ("width", "depth", "heads"):
             if getattr(cfg, k) is not None:
                 base[k] = int(getattr(cfg, k))
-        return cls(patch_size=tuple(cfg.patch_size), in_channels=cfg.in_channels, mlp_ratio=cfg.mlp_ratio,
-                   num_registers=cfg.num_registers, dtype=cfg.dtype, remat=cfg.remat, **base)
+        return cls(
+            patch_size=tuple(cfg.patch_size),
+            in_channels=cfg.in_channels,
+            mlp_ratio=cfg.mlp_ratio,
+            num_registers=cfg.num_registers,
+            dtype=cfg.dtype,
+            remat=cfg.remat,
+            **base,
+        )
 
     @property
     def ndim(self) -> int:
@@ -70,13 +78,22 @@ class ViT(nnx.Module):
     def __init__(self, spec: ViTSpec, *, rngs: nnx.Rngs):
         self.spec = spec
         dt = DTYPES[spec.dtype]
-        self.patch_embed = PatchEmbed(spec.patch_size, spec.in_channels, spec.width, dtype=dt, rngs=rngs)
+        self.patch_embed = PatchEmbed(
+            spec.patch_size, spec.in_channels, spec.width, dtype=dt, rngs=rngs
+        )
         init = nnx.initializers.normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, spec.width), jnp.float32))
-        self.registers = (nnx.Param(init(rngs.params(), (1, spec.num_registers, spec.width), jnp.float32))
-                          if spec.num_registers else None)
-        self.blocks = nnx.List([Block(spec.width, spec.heads, spec.mlp_ratio, dtype=dt, rngs=rngs)
-                                for _ in range(spec.depth)])
+        self.registers = (
+            nnx.Param(init(rngs.params(), (1, spec.num_registers, spec.width), jnp.float32))
+            if spec.num_registers
+            else None
+        )
+        self.blocks = nnx.List(
+            [
+                Block(spec.width, spec.heads, spec.mlp_ratio, dtype=dt, rngs=rngs)
+                for _ in range(spec.depth)
+            ]
+        )
         self.norm = layer_norm(spec.width, dtype=dt, rngs=rngs)
 
     @property
@@ -88,10 +105,15 @@ class ViT(nnx.Module):
 
     def _check(self, x) -> None:
         if x.ndim != self.spec.ndim + 2:
-            raise UserError(f"ViT with patch size {self.spec.patch_size} takes [b, {'z, ' * (self.spec.ndim == 3)}y, x, c] "
-                             f"input; got shape {x.shape}")
+            raise UserError(
+                f"ViT with patch size {self.spec.patch_size} takes [b, "
+                f"{'z, ' * (self.spec.ndim == 3)}y, x, c] "
+                f"input; got shape {x.shape}"
+            )
         if x.shape[-1] != self.spec.in_channels:
-            raise UserError(f"ViT expects {self.spec.in_channels} channel(s); input has {x.shape[-1]}")
+            raise UserError(
+                f"ViT expects {self.spec.in_channels} channel(s); input has {x.shape[-1]}"
+            )
 
     def embed(self, x: Float[Array, "b *sp c"]) -> Float[Array, "b n d"]:
         """Patch embedding plus fixed position embedding for this input's grid."""
@@ -99,8 +121,13 @@ class ViT(nnx.Module):
         pos = jnp.asarray(sincos_embedding(self.spec.width, self.grid(x.shape[1:-1])))
         return self.patch_embed(x) + pos[None].astype(self.patch_embed.proj.dtype)
 
-    def __call__(self, x: Float[Array, "b *sp c"], *, ids_keep: Int[Array, "b k"] | None = None,
-                 return_blocks: Sequence[int] = ()) -> tuple[Float[Array, "b t d"], dict]:
+    def __call__(
+        self,
+        x: Float[Array, "b *sp c"],
+        *,
+        ids_keep: Int[Array, "b k"] | None = None,
+        return_blocks: Sequence[int] = (),
+    ) -> tuple[Float[Array, "b t d"], dict]:
         self._check(x)
         b = x.shape[0]
         grid = self.grid(x.shape[1:-1])
@@ -109,7 +136,9 @@ class ViT(nnx.Module):
             t = gather_tokens(t, ids_keep)
         prefix = [jnp.broadcast_to(self.cls_token[...], (b, 1, self.spec.width))]
         if self.registers is not None:
-            prefix.append(jnp.broadcast_to(self.registers[...], (b, self.spec.num_registers, self.spec.width)))
+            prefix.append(
+                jnp.broadcast_to(self.registers[...], (b, self.spec.num_registers, self.spec.width))
+            )
         t = jnp.concatenate([p.astype(t.dtype) for p in prefix] + [t], axis=1)
         t, outs = run_blocks(self.blocks, t, remat=self.spec.remat, collect=tuple(return_blocks))
         t = self.norm(t).astype(jnp.float32)
@@ -124,10 +153,6 @@ class ViT(nnx.Module):
             aux["patch_map"] = t[:, npre:].reshape(b, *grid, self.spec.width)
             aux["embed_map"] = embedded.astype(jnp.float32).reshape(b, *grid, self.spec.width)
         return t, aux
-
-
-def build_vit(cfg, *, seed: int = 0) -> ViT:
-    return ViT(ViTSpec.from_config(cfg), rngs=nnx.Rngs(seed))
 
 
 def count_params(module: nnx.Module) -> int:

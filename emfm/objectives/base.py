@@ -1,8 +1,10 @@
 """What an objective is: how it wraps an encoder into a pretraining model, and its pure loss."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,11 @@ class ObjectiveDef:
     build(encoder, cfg, rngs) -> nnx.Module: the pretraining model; it must expose the encoder as
         `.encoder` (what is kept, probed and fine-tuned afterwards).
     loss(model, batch, rng, cfg, teacher) -> (loss, metrics): pure; `batch["image"]` is the
-        channel-last model input `[b, y, x, c]` / `[b, z, y, x, c]`, plus `batch["image2"]` (a second
-        augmented view of the same patches) when `views == 2`; `teacher` is the EMA copy of the
-        model (same structure) when `teacher` is True, else None. Non-parameter state (e.g. DINO's
-        centre, an `nnx.Variable` that is not an `nnx.Param`) may be updated in place on `model`.
+        channel-last model input `[b, y, x, c]` / `[b, z, y, x, c]`, plus `batch["image2"]` (a
+        second augmented view of the same patches) when `views == 2`; `teacher` is the EMA copy of
+        the model (same structure) when `teacher` is True, else None. Non-parameter state (e.g.
+        DINO's centre, an `nnx.Variable` that is not an `nnx.Param`) may be updated in place on
+        `model`.
     views: 1 or 2 augmented views per patch.
     teacher: keep an exponential moving average of the parameters (momentum from
         `cfg.ema_momentum`, raised to 1 on a cosine schedule) as part of the training state.

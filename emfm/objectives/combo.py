@@ -1,7 +1,8 @@
-"""MAE plus a contrastive loss in one run: `w_mae * MAE(batch["image"]) + w_c * contrastive(image, image2)`
-(weights `combo_weights`). One ViT encoder is shared; the MAE decoder and the contrastive heads sit
-beside it. The model is called like an MAE model, so `mae.reconstruct` draws its figure.
+"""MAE plus a contrastive loss in one run: `w_mae * MAE(batch["image"]) + w_c * contrastive(image,
+image2)` (weights `combo_weights`). One ViT encoder is shared; the MAE decoder and the contrastive
+heads sit beside it. The model is called like an MAE model, so `mae.reconstruct` draws its figure.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,12 +10,12 @@ import math
 import jax
 from flax import nnx
 
-from emfm.objectives import dino, moco, simclr
+from emfm.objectives import dino, simclr
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.mae import MAEDecoder, masked_mse, patch_targets
 from emfm.objectives.masking import Masking, random_masking
 
-CONTRASTIVE = {"simclr": simclr, "moco": moco, "dino": dino}
+CONTRASTIVE = {"simclr": simclr, "dino": dino}
 
 
 class ComboModel(nnx.Module):
@@ -35,16 +36,29 @@ def make(name: str) -> ObjectiveDef:
 
     def build(encoder, cfg, rngs: nnx.Rngs) -> ComboModel:
         spec = encoder.spec
-        decoder = MAEDecoder(enc_width=spec.width, width=cfg.decoder_width, depth=cfg.decoder_depth,
-                             heads=cfg.decoder_heads, patch_dim=math.prod(spec.patch_size) * spec.in_channels,
-                             num_prefix=encoder.num_prefix, mlp_ratio=spec.mlp_ratio, dtype=spec.dtype, rngs=rngs)
+        decoder = MAEDecoder(
+            enc_width=spec.width,
+            width=cfg.decoder_width,
+            depth=cfg.decoder_depth,
+            heads=cfg.decoder_heads,
+            patch_dim=math.prod(spec.patch_size) * spec.in_channels,
+            num_prefix=encoder.num_prefix,
+            mlp_ratio=spec.mlp_ratio,
+            dtype=spec.dtype,
+            rngs=rngs,
+        )
         return ComboModel(encoder, decoder, part.build_heads(encoder, cfg, rngs))
 
     def loss(model: ComboModel, batch: dict, rng, cfg, teacher=None):
         k_mae, k_c = jax.random.split(rng)
         images = batch["image"]
-        masking = random_masking(k_mae, images.shape[0], model.encoder.grid(images.shape[1:-1]), cfg.mask_ratio,
-                                 tube=cfg.tube_masking)
+        masking = random_masking(
+            k_mae,
+            images.shape[0],
+            model.encoder.grid(images.shape[1:-1]),
+            cfg.mask_ratio,
+            tube=cfg.tube_masking,
+        )
         norm = cfg.target_norm or ("patch" if cfg.norm_pix_loss else "none")
         target = patch_targets(images, model.encoder.spec.patch_size, norm)
         l_mae = masked_mse(model(images, masking), target, masking.mask)
@@ -55,4 +69,6 @@ def make(name: str) -> ObjectiveDef:
         extra = {f"{name}_{k}": v for k, v in m_c.items() if k != "loss"}
         return value, {"loss": value, "mae_loss": l_mae, f"{name}_loss": l_c, **extra}
 
-    return ObjectiveDef(name=f"mae_{name}", build=build, loss=loss, views=2, teacher=part.DEFINITION.teacher)
+    return ObjectiveDef(
+        name=f"mae_{name}", build=build, loss=loss, views=2, teacher=part.DEFINITION.teacher
+    )

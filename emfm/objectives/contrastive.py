@@ -5,17 +5,18 @@ Each objective file (simclr.py, moco.py, dino.py, dense.py) defines its heads an
 `pair_loss(encoder, heads, x1, x2, rng, cfg, teacher)` on two views, so the same loss runs alone
 (`batch["image"]`, `batch["image2"]`) or inside a combination with MAE (combo.py).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-
-# ---------------------------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------------------------
+# losses
 
 
 def l2_normalize(x, eps: float = 1e-6):
@@ -41,7 +42,8 @@ def nt_xent(z1: Float[Array, "b d"], z2: Float[Array, "b d"], temperature: float
     return -jnp.mean(jnp.take_along_axis(logp, pos[:, None], axis=1))
 
 
-# ------------------------------------------------------------------------------------------ the model
+# ------------------------------------------------------------------------------------------ the
+# model
 
 
 class ContrastiveModel(nnx.Module):
@@ -65,9 +67,17 @@ def two_view_loss(pair_loss: Callable) -> Callable:
 # ---------------------------------------------------------------------------------- on-device views
 
 
-def photometric(rng, x: Float[Array, "b *sp c"], *, brightness: float = 0.1, contrast: float = 0.2,
-                gamma: float = 0.2, noise: float = 0.03) -> Float[Array, "b *sp c"]:
-    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0, 1])."""
+def photometric(
+    rng,
+    x: Float[Array, "b *sp c"],
+    *,
+    brightness: float = 0.1,
+    contrast: float = 0.2,
+    gamma: float = 0.2,
+    noise: float = 0.03,
+) -> Float[Array, "b *sp c"]:
+    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0,
+    1])."""
     kc, kb, kg, kn, ks = jax.random.split(rng, 5)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     c = 1.0 + jax.random.uniform(kc, shape, minval=-contrast, maxval=contrast)
@@ -88,23 +98,30 @@ def _dihedral(a, k, flip: bool, inverse: bool):
     return jnp.flip(a, axis=-3) if flip else a
 
 
-def dihedral(x: Float[Array, "b *sp c"], code: jax.Array, *, inverse: bool = False) -> Float[Array, "b *sp c"]:
-    """Per-example flip / rot90 chosen by `code[b]` in 0..7 (bit 0 = y-flip, bits 1-2 = quarter turns)."""
+def dihedral(
+    x: Float[Array, "b *sp c"], code: jax.Array, *, inverse: bool = False
+) -> Float[Array, "b *sp c"]:
+    """Per-example flip / rot90 chosen by `code[b]` in 0..7 (bit 0 = y-flip, bits 1-2 = quarter
+    turns)."""
     square = x.shape[-3] == x.shape[-2]
     turns = range(4) if square else (0, 2)  # switch branches must agree in shape
-    branches = [lambda a, k=k, f=f: _dihedral(a, k, f, inverse) for k in turns for f in (False, True)]
+    branches = [
+        lambda a, k=k, f=f: _dihedral(a, k, f, inverse) for k in turns for f in (False, True)
+    ]
     index = code if square else code % 2 + 2 * (code // 4)
     return jax.vmap(lambda a, c: jax.lax.switch(c, branches, a))(x, index)
 
 
 def dihedral_codes(rng, batch: int, square: bool) -> jax.Array:
-    """Random codes for `dihedral`; non-square planes keep their shape only under 0 / 180 degree turns."""
+    """Random codes for `dihedral`; non-square planes keep their shape only under 0 / 180 degree
+    turns."""
     code = jax.random.randint(rng, (batch,), 0, 8)
     return code if square else code % 2 + 4 * (code // 4)
 
 
-def random_resized_crops(rng, x: Float[Array, "b *sp c"], out_plane: int, scale: tuple[float, float]
-                         ) -> Float[Array, "b *sp2 c"]:
+def random_resized_crops(
+    rng, x: Float[Array, "b *sp c"], out_plane: int, scale: tuple[float, float]
+) -> Float[Array, "b *sp2 c"]:
     """Per example, a random square in-plane crop of side `s * min(y, x)` with s ~ U(scale), resized
     (bilinear, antialiased) to `out_plane x out_plane`; z (3D) is kept whole. DINO's local crops."""
     b, sp = x.shape[0], x.shape[1:-1]
@@ -120,7 +137,8 @@ def random_resized_crops(rng, x: Float[Array, "b *sp c"], out_plane: int, scale:
         f = out_plane / s
         scale_v = jnp.concatenate([jnp.ones((nd - 2,)), jnp.stack([f, f])])
         trans_v = jnp.concatenate([jnp.zeros((nd - 2,)), jnp.stack([-y0 * f, -x0 * f])])
-        return jax.image.scale_and_translate(img, out_shape, tuple(range(nd)), scale_v, trans_v,
-                                             method="linear", antialias=True)
+        return jax.image.scale_and_translate(
+            img, out_shape, tuple(range(nd)), scale_v, trans_v, method="linear", antialias=True
+        )
 
     return jax.vmap(one)(x, side, oy, ox)

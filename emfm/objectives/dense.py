@@ -1,5 +1,5 @@
-"""Dense contrastive learning: InfoNCE between corresponding locations of two views (in the spirit of
-DenseCL, Wang et al. 2021, and PixPro, Xie et al. 2021, but with exact correspondence).
+"""Dense contrastive learning: InfoNCE between corresponding locations of two views (in the spirit
+of DenseCL, Wang et al. 2021, and PixPro, Xie et al. 2021, but with exact correspondence).
 
 Both views are made on-device from `batch["image"]`: independent grey-value jitter, and for the
 second a random in-plane flip / rot90 that is known, so its feature map is turned back exactly onto
@@ -7,6 +7,7 @@ the first's grid (ViT patch tokens: patches map onto patches; U-Net: pixels onto
 `dense_samples` random locations per example the projected features of the two views are positives;
 every other sampled location of the batch is a negative. Symmetric in the two views.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,13 @@ from flax import nnx
 
 from emfm.models.heads import MLP
 from emfm.objectives.base import ObjectiveDef
-from emfm.objectives.contrastive import (ContrastiveModel, dihedral, dihedral_codes, info_nce,
-                                         photometric)
+from emfm.objectives.contrastive import (
+    ContrastiveModel,
+    dihedral,
+    dihedral_codes,
+    info_nce,
+    photometric,
+)
 
 
 class Heads(nnx.Module):
@@ -27,7 +33,8 @@ class Heads(nnx.Module):
 
 
 def aligned_views(rng, x):
-    """(view 1, view 2, codes): view 2 = dihedral(jitter(x), codes); view 1 = jitter(x) untransformed."""
+    """(view 1, view 2, codes): view 2 = dihedral(jitter(x), codes); view 1 = jitter(x)
+    untransformed."""
     kc, k1, k2 = jax.random.split(rng, 3)
     code = dihedral_codes(kc, x.shape[0], square=x.shape[-3] == x.shape[-2])
     return photometric(k1, x), dihedral(photometric(k2, x), code), code

@@ -7,16 +7,17 @@ running mean kept in `heads.center`, an `nnx.Variable` that is not a parameter, 
 and sharpened with `teacher_temp`; the student's with `student_temp`. The loss is the cross-entropy
 between teacher and student distributions over all pairs of different views, averaged.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import DINOHead, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, random_resized_crops, two_view_loss
-from emfm.errors import UserError
 
 
 class Center(nnx.Variable):
@@ -29,9 +30,12 @@ class Heads(nnx.Module):
         self.center = Center(jnp.zeros((1, cfg.prototypes), jnp.float32))
 
 
-def dino_cross_entropy(student: list, teacher: list, center, student_temp: float, teacher_temp: float):
-    """Mean over pairs (teacher view i, student view v != i) of H(softmax((t_i - c)/T_t), softmax(s_v/T_s));
-    teacher view i is student view i (the first len(teacher) student views are the global ones)."""
+def dino_cross_entropy(
+    student: list, teacher: list, center, student_temp: float, teacher_temp: float
+):
+    """Mean over pairs (teacher view i, student view v != i) of H(softmax((t_i - c)/T_t),
+    softmax(s_v/T_s)); teacher view i is student view i (the first len(teacher) student views are
+    the global ones)."""
     t_probs = [jax.nn.softmax((t - center) / teacher_temp, axis=-1) for t in teacher]
     s_logp = [jax.nn.log_softmax(s / student_temp, axis=-1) for s in student]
     total, pairs = 0.0, 0
@@ -45,11 +49,14 @@ def dino_cross_entropy(student: list, teacher: list, center, student_temp: float
 
 
 def local_views(rng, x1, x2, cfg, multiple: int):
-    """`cfg.local_crops` local crops, alternately from each global view; side a multiple of `multiple`."""
+    """`cfg.local_crops` local crops, alternately from each global view; side a multiple of
+    `multiple`."""
     side = max(multiple, int(round(x1.shape[-2] * cfg.local_crop_size / multiple)) * multiple)
     keys = jax.random.split(rng, max(cfg.local_crops, 1))
-    return [random_resized_crops(keys[i], (x1, x2)[i % 2], side, tuple(cfg.local_crop_scale))
-            for i in range(cfg.local_crops)]
+    return [
+        random_resized_crops(keys[i], (x1, x2)[i % 2], side, tuple(cfg.local_crop_scale))
+        for i in range(cfg.local_crops)
+    ]
 
 
 def _logits(encoder, heads: Heads, x):
@@ -85,4 +92,6 @@ def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
     return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
 
 
-DEFINITION = ObjectiveDef(name="dino", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True)
+DEFINITION = ObjectiveDef(
+    name="dino", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True
+)

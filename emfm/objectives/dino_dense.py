@@ -19,17 +19,18 @@ the same assignment to the prototypes as the teacher gives from the plain view: 
 must depend on what is at that location in its context (membrane, organelle, cytoplasm), not on
 grey values, orientation, scale or the exact pixels. Works for ViT patch tokens and U-Net pixels.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import DINOHead
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
 from emfm.objectives.dino import Center
-from emfm.errors import UserError
 
 
 class Heads(nnx.Module):
@@ -40,7 +41,8 @@ class Heads(nnx.Module):
 
 def zoom_crops(rng, x, scale: tuple[float, float]):
     """Per example a random square crop of side `s * H` (s ~ U(scale)) of `[b, H, W, c]` (H == W),
-    resized (linear, antialiased) back to `H x W`; returns the views and the crops' (y0, x0, side)."""
+    resized (linear, antialiased) back to `H x W`; returns the views and the crops' (y0, x0,
+    side)."""
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
     ks, ky, kx = jax.random.split(rng, 3)
     side = jax.random.uniform(ks, (b,), minval=scale[0], maxval=scale[1]) * min(h, w)
@@ -49,14 +51,22 @@ def zoom_crops(rng, x, scale: tuple[float, float]):
 
     def one(img, s, oy, ox):
         f = h / s
-        return jax.image.scale_and_translate(img, img.shape, (0, 1), jnp.stack([f, f]),
-                                             jnp.stack([-oy * f, -ox * f]), method="linear", antialias=True)
+        return jax.image.scale_and_translate(
+            img,
+            img.shape,
+            (0, 1),
+            jnp.stack([f, f]),
+            jnp.stack([-oy * f, -ox * f]),
+            method="linear",
+            antialias=True,
+        )
 
     return jax.vmap(one)(x, side, y0, x0), (y0, x0, side)
 
 
 def mask_squares(rng, x, ratio: float, side: int):
-    """Replace a `ratio` fraction of the `side x side` squares of `[b, H, W, c]` by each view's mean."""
+    """Replace a `ratio` fraction of the `side x side` squares of `[b, H, W, c]` by each view's
+    mean."""
     if ratio <= 0:
         return x
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
@@ -68,15 +78,20 @@ def mask_squares(rng, x, ratio: float, side: int):
 
 
 def bilinear(fmap, gy, gx):
-    """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s, d]`."""
+    """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s,
+    d]`."""
     gmax_y, gmax_x = fmap.shape[1] - 1, fmap.shape[2] - 1
     gy, gx = jnp.clip(gy, 0, gmax_y), jnp.clip(gx, 0, gmax_x)
     y0, x0 = jnp.floor(gy).astype(jnp.int32), jnp.floor(gx).astype(jnp.int32)
     y1, x1 = jnp.minimum(y0 + 1, gmax_y), jnp.minimum(x0 + 1, gmax_x)
     wy, wx = (gy - y0)[..., None], (gx - x0)[..., None]
     take = jax.vmap(lambda f, yy, xx: f[yy, xx])
-    return ((1 - wy) * (1 - wx) * take(fmap, y0, x0) + (1 - wy) * wx * take(fmap, y0, x1)
-            + wy * (1 - wx) * take(fmap, y1, x0) + wy * wx * take(fmap, y1, x1))
+    return (
+        (1 - wy) * (1 - wx) * take(fmap, y0, x0)
+        + (1 - wy) * wx * take(fmap, y0, x1)
+        + wy * (1 - wx) * take(fmap, y1, x0)
+        + wy * wx * take(fmap, y1, x1)
+    )
 
 
 def stride_of(encoder) -> int:
@@ -114,12 +129,21 @@ def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     t_logits = jax.lax.stop_gradient(t_heads.head(k.reshape(b * s, d)))
     center = heads.center[...]
     t_probs = jax.nn.softmax((t_logits - center) / cfg.teacher_temp, axis=-1)
-    value = jnp.mean(-jnp.sum(t_probs * jax.nn.log_softmax(s_logits / cfg.student_temp, axis=-1), axis=-1))
-    heads.center = Center(center * cfg.center_momentum + t_logits.mean(axis=0, keepdims=True) * (1 - cfg.center_momentum))
+    value = jnp.mean(
+        -jnp.sum(t_probs * jax.nn.log_softmax(s_logits / cfg.student_temp, axis=-1), axis=-1)
+    )
+    heads.center = Center(
+        center * cfg.center_momentum
+        + t_logits.mean(axis=0, keepdims=True) * (1 - cfg.center_momentum)
+    )
     entropy = -jnp.mean(jnp.sum(t_probs * jnp.log(t_probs + 1e-12), axis=-1))
     used = jnp.mean(t_probs, axis=0)
     # perplexity of the teacher's mean assignment: how many prototypes are in use (collapse -> 1)
-    metrics = {"loss": value, "teacher_entropy": entropy, "prototypes_used": jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12)))}
+    metrics = {
+        "loss": value,
+        "teacher_entropy": entropy,
+        "prototypes_used": jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12))),
+    }
     return value, metrics
 
 

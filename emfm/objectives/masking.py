@@ -1,8 +1,10 @@
 """Random token masking as a pure function of `(rng, batch, grid)` (MAE, He et al. 2022)."""
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,8 @@ from jaxtyping import Array, Float, Int
 
 class Masking(NamedTuple):
     ids_keep: Int[Array, "b k"]  # indices of visible tokens, in order of the random shuffle
-    ids_restore: Int[Array, "b n"]  # argsort of the shuffle: unshuffles [visible, masked] back to raster order
+    # argsort of the shuffle: unshuffles [visible, masked] back to raster order
+    ids_restore: Int[Array, "b n"]
     mask: Float[Array, "b n"]  # 1 = masked (to reconstruct), 0 = visible, in raster order
 
 
@@ -19,8 +22,9 @@ def num_visible(n: int, mask_ratio: float) -> int:
     return max(1, int(n * (1.0 - mask_ratio)))
 
 
-def random_masking(rng: jax.Array, batch: int, grid: Sequence[int], mask_ratio: float,
-                   *, tube: bool = False) -> Masking:
+def random_masking(
+    rng: jax.Array, batch: int, grid: Sequence[int], mask_ratio: float, *, tube: bool = False
+) -> Masking:
     """Keep `int(n * (1 - ratio))` tokens per example, chosen uniformly without replacement.
 
     `tube=True` (3D grids) draws one in-plane mask and repeats it along z, so a masked patch cannot
@@ -33,8 +37,12 @@ def random_masking(rng: jax.Array, batch: int, grid: Sequence[int], mask_ratio: 
         noise = jax.random.uniform(rng, (batch, plane))
         shuffle = jnp.argsort(noise, axis=1)
         # token index = z * plane + in-plane index; keep the same in-plane set for every z
-        keep = (jnp.arange(gz)[None, :, None] * plane + shuffle[:, None, :keep_plane]).reshape(batch, -1)
-        drop = (jnp.arange(gz)[None, :, None] * plane + shuffle[:, None, keep_plane:]).reshape(batch, -1)
+        keep = (jnp.arange(gz)[None, :, None] * plane + shuffle[:, None, :keep_plane]).reshape(
+            batch, -1
+        )
+        drop = (jnp.arange(gz)[None, :, None] * plane + shuffle[:, None, keep_plane:]).reshape(
+            batch, -1
+        )
         ids_shuffle = jnp.concatenate([keep, drop], axis=1)
         k = gz * keep_plane
     else:

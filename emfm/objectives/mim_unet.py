@@ -5,10 +5,9 @@ repeats the mask along z), a `mask_ratio` fraction of them is set to zero, and a
 the U-Net's full-resolution features predicts the pixels. The loss is the MSE on masked pixels only,
 against targets normalised as for MAE (`target_norm`: per mask patch, per image, or raw).
 """
+
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from emfm.models import conv3d

@@ -1,19 +1,21 @@
-"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers").
+"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers").
 
 The student encodes both views, projects (MLP) and predicts (MLP); the momentum teacher (the EMA
 copy the training state keeps, `ObjectiveDef.teacher=True`) encodes and projects them without
 gradient. Symmetric InfoNCE with in-batch negatives: ctr(q1, k2) + ctr(q2, k1), each scaled by
 2T as in the paper's code, so the gradient scale does not depend on the temperature.
 """
+
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
+from emfm.errors import UserError
 from emfm.models.heads import MLP, global_feature
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, info_nce, two_view_loss
-from emfm.errors import UserError
 
 
 class Heads(nnx.Module):
@@ -52,4 +54,6 @@ def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
     return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
 
 
-DEFINITION = ObjectiveDef(name="moco", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True)
+DEFINITION = ObjectiveDef(
+    name="moco", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True
+)

@@ -1,9 +1,11 @@
-"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations").
 
 Both augmented views go through the encoder; a projection MLP maps the pooled feature (cls token of
 a ViT, global average of the U-Net's feature map) to `proj_dim`, and NT-Xent with in-batch negatives
 pulls the two views of each patch together.
 """
+
 from __future__ import annotations
 
 from flax import nnx

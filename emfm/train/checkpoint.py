@@ -4,6 +4,7 @@ A checkpoint holds the training state pytree (model parameters, optimizer state,
 JSON record (model/objective config, data-iterator state), written atomically by orbax: a
 checkpoint is only listed once fully written, so a half-written one is never restored.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+
 from emfm.errors import UserError
 
 
@@ -18,25 +20,47 @@ class CheckpointError(UserError):
     pass
 
 
-def manager(run_dir: str | Path, *, keep: int = 2, interval: int = 1, create: bool = True) -> ocp.CheckpointManager:
+def manager(
+    run_dir: str | Path, *, keep: int = 2, interval: int = 1, create: bool = True
+) -> ocp.CheckpointManager:
     d = Path(run_dir).resolve() / "checkpoints"
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, interval), create=create,
-                                        enable_async_checkpointing=True)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=max(1, interval),
+        create=create,
+        enable_async_checkpointing=True,
+    )
     return ocp.CheckpointManager(d, options=opts, item_names=("state", "meta"))
 
 
 def best_manager(run_dir: str | Path, metric: str) -> ocp.CheckpointManager:
     """Keeps the single checkpoint with the lowest `metric`, in `<run_dir>/checkpoints_best`."""
     d = Path(run_dir).resolve() / "checkpoints_best"
-    opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric], best_mode="min", create=True,
-                                        enable_async_checkpointing=True)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda m: m[metric],
+        best_mode="min",
+        create=True,
+        enable_async_checkpointing=True,
+    )
     return ocp.CheckpointManager(d, options=opts, item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False,
-         metrics: dict | None = None) -> bool:
-    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=force, metrics=metrics)
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    meta: dict,
+    *,
+    force: bool = False,
+    metrics: dict | None = None,
+) -> bool:
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force,
+        metrics=metrics,
+    )
 
 
 def on_local_device(abstract: Any) -> Any:
@@ -50,18 +74,28 @@ def on_local_device(abstract: Any) -> Any:
 
 
 def params_restore_args(abstract_params: Any):
-    """Restore arguments of a checkpoint's `params` alone (partial restore), onto this process's device."""
+    """Restore arguments of a checkpoint's `params` alone (partial restore), onto this process's
+    device."""
     item = {"params": on_local_device(abstract_params)}
-    return ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
+    return ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+    )
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+def restore(
+    mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+) -> tuple[Any, dict]:
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {mngr.directory}")
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     meta=ocp.args.JsonRestore()))
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
     return out.state, dict(out.meta)
 
 
@@ -74,11 +108,14 @@ def find_checkpoint_dir(path: str | Path) -> Path:
         return p
     if p.name == "checkpoints":
         return p.parent
-    raise CheckpointError(f"{p} holds no checkpoints/ folder: give the run directory of a pretraining run")
+    raise CheckpointError(
+        f"{p} holds no checkpoints/ folder: give the run directory of a pretraining run"
+    )
 
 
 def read_meta(run_dir: str | Path) -> dict:
-    """The JSON record of the latest checkpoint of a run (model config etc.) without loading arrays."""
+    """The JSON record of the latest checkpoint of a run (model config etc.) without loading
+    arrays."""
     mngr = manager(run_dir, create=False)
     step = mngr.latest_step()
     if step is None:

@@ -1,4 +1,5 @@
 """Run-directory logging: metrics as JSONL and TensorBoard events, and a progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,8 @@ class MetricWriter:
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True, **kw):
-    """A progress bar; when stderr is not a terminal (a log file under a scheduler) it writes at most
-    one line every 30 s (EMFM_PROGRESS_INTERVAL seconds)."""
+    """A progress bar; when stderr is not a terminal (a log file under a scheduler) it writes at
+    most one line every 30 s (EMFM_PROGRESS_INTERVAL seconds)."""
     import os
     import sys
 
@@ -48,5 +49,14 @@ def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True,
 
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     interval = 1.0 if tty else float(os.environ.get("EMFM_PROGRESS_INTERVAL", 30.0))
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=interval, maxinterval=max(interval, 10.0), smoothing=0.1, **kw)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=interval,
+        maxinterval=max(interval, 10.0),
+        smoothing=0.1,
+        **kw,
+    )

@@ -9,6 +9,7 @@ time spent waiting for data); a non-finite loss stops the run naming the step (o
 best and periodic checkpoints with the data position; a progress bar; the final checkpoint; and
 `status.json` (running / preempted / finished / failed) whatever happens.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,15 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 
-from emfm.train import checkpoint, mesh as meshlib
+from emfm.train import checkpoint
+from emfm.train import mesh as meshlib
 from emfm.train.logging import MetricWriter, progress
 
 
@@ -42,8 +45,8 @@ class Preempted(RuntimeError):
 
 
 class Preemption:
-    """Catches the configured signals while the loop runs; `agreed(step)` is called by every process at
-    every step, so all processes see the same answer at the same step: one process that got the
+    """Catches the configured signals while the loop runs; `agreed(step)` is called by every process
+    at every step, so all processes see the same answer at the same step: one process that got the
     signal is enough to stop them all at one step, with no process left waiting in a collective the
     others never enter. With several processes the flags are all-gathered every `every` steps (the
     log interval), not at every step, to keep the host synchronisation off the hot path."""
@@ -64,8 +67,9 @@ class Preemption:
     def _catch(self, signum, frame) -> None:
         if self.received is None:
             self.received = int(signum)
-            logging.getLogger("emfm").warning("received %s: checkpointing at the next step",
-                                              signal.Signals(signum).name)
+            logging.getLogger("emfm").warning(
+                "received %s: checkpointing at the next step", signal.Signals(signum).name
+            )
 
     def agreed(self, step: int = 0) -> int | None:
         """The signal to stop for (the lowest number any process received), or None."""
@@ -96,11 +100,14 @@ class Preemption:
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
     if jax.process_index() == 0:
-        (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
+        (run_dir / "status.json").write_text(
+            json.dumps({"status": status, "time": time.time(), **extra})
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the restored step (written by a run that died before its next checkpoint)."""
+    """Drop records past the restored step (written by a run that died before its next
+    checkpoint)."""
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
@@ -128,10 +135,28 @@ class LoopResult:
     wait_s: float = 0.0  # of loop_s, time spent blocked on the data iterator
 
 
-def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: int, mesh, mngr, meta: dict,
-        run_dir: Path, trainer, sched: Callable, accumulate_steps: int = 1, batch_size: int, desc: str,
-        best=None, main_proc: bool = True, catch_signals: bool = True, log_first: bool = False,
-        throughput: bool = True) -> LoopResult:
+def run(
+    step_fn: Callable,
+    state,
+    data: Iterator[dict],
+    *,
+    start: int,
+    steps: int,
+    mesh,
+    mngr,
+    meta: dict,
+    run_dir: Path,
+    trainer,
+    sched: Callable,
+    accumulate_steps: int = 1,
+    batch_size: int,
+    desc: str,
+    best=None,
+    main_proc: bool = True,
+    catch_signals: bool = True,
+    log_first: bool = False,
+    throughput: bool = True,
+) -> LoopResult:
     """Run `state = step_fn(state, batch)` for steps `start .. steps - 1` on batches
     `meshlib.global_batch(next(data))`; `data` also has `state()` (saved with every checkpoint),
     `close()` and, for the data-wait fraction, `wait_s` (seconds its consumer spent blocked).
@@ -141,7 +166,9 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
     `log_first` also logs the first step run; `throughput` adds images/s, skipped batches and the
     data-wait fraction to the logged metrics. Closes `data`, `mngr` and `best` on the way out.
     """
-    preemption = Preemption(list(trainer.preempt_signals), enabled=catch_signals, every=trainer.log_every)
+    preemption = Preemption(
+        list(trainer.preempt_signals), enabled=catch_signals, every=trainer.log_every
+    )
     stopped_by: dict = {}
     writer = MetricWriter(run_dir, tensorboard=trainer.tensorboard) if main_proc else None
     write_status(run_dir, "running", step=start)
@@ -154,7 +181,8 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
     best_value = math.inf
     status = "failed"
     save = lambda mgr, step, extra=None, **kw: checkpoint.save(  # noqa: E731
-        mgr, step, out.state, {**meta, "data": data.state(), **(extra or {})}, **kw)
+        mgr, step, out.state, {**meta, "data": data.state(), **(extra or {})}, **kw
+    )
     try:
         for step in range(start, steps):
             signum = preemption.agreed(step)
@@ -164,8 +192,11 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
                 status = "preempted"
                 stopped_by["signal"] = signal.Signals(signum).name
                 preemption.hand_over(signum)
-                raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step} in "
-                                f"{mngr.directory}; run the same command to resume", signum)
+                raise Preempted(
+                    f"{signal.Signals(signum).name}: saved a checkpoint at step {step} in "
+                    f"{mngr.directory}; run the same command to resume",
+                    signum,
+                )
             batch = meshlib.global_batch(next(data), mesh)
             out.state, metrics = step_fn(out.state, batch)
             out.images += batch_size
@@ -174,9 +205,11 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
                 m = jax.device_get(metrics)
                 bad, first_bad = int(out.state.nonfinite), int(out.state.first_bad)
                 if bad and trainer.nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss or gradient at step {first_bad}; its update was not "
-                                        f"applied and the last good checkpoint in {mngr.directory} is kept "
-                                        "(trainer.nonfinite=skip skips such batches instead)")
+                    raise NonFiniteLoss(
+                        f"non-finite loss or gradient at step {first_bad}; its update was not "
+                        f"applied and the last good checkpoint in {mngr.directory} is kept "
+                        "(trainer.nonfinite=skip skips such batches instead)"
+                    )
                 loss = float(m["loss"])
                 out.losses.append(loss)
                 m.update(lr=sched(step // accumulate_steps))
@@ -191,12 +224,19 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
                     postfix["img_s"] = f"{rate:.1f}"
                 if writer is not None:
                     writer.write(step + 1, m)
-                bar.set_postfix(refresh=False, **postfix)  # drawn with the next update, rate-limited
+                # drawn with the next update, rate-limited
+                bar.set_postfix(refresh=False, **postfix)
                 if best is not None and trainer.best_metric in m:
                     v = float(m[trainer.best_metric])
                     if v < best_value:
                         best_value = v
-                        save(best, step + 1, {"best": v}, metrics={trainer.best_metric: v}, force=True)
+                        save(
+                            best,
+                            step + 1,
+                            {"best": v},
+                            metrics={trainer.best_metric: v},
+                            force=True,
+                        )
             bar.update(1)
             if trainer.checkpoint_every and (step + 1) % trainer.checkpoint_every == 0 and not last:
                 save(mngr, step + 1)
@@ -216,6 +256,10 @@ def run(step_fn: Callable, state, data: Iterator[dict], *, start: int, steps: in
         if best is not None:
             best.close()
         preemption.restore()
-        write_status(run_dir, status, step=int(jax.device_get(out.state.step)) if status != "failed" else None,
-                     **stopped_by)
+        write_status(
+            run_dir,
+            status,
+            step=int(jax.device_get(out.state.step)) if status != "failed" else None,
+            **stopped_by,
+        )
     return out

@@ -6,13 +6,16 @@ by the `fsdp` axis size; everything else is replicated. With `fsdp=1` this is pu
 raising `mesh.fsdp` shards parameters and optimizer state (ZeRO-3 / FSDP) without touching model
 code. Batches are split over both axes (`("data", "fsdp")`).
 """
+
 from __future__ import annotations
 
 import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from emfm.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
@@ -26,7 +29,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
-        raise UserError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
+        raise UserError(
+            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available"
+        )
     return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 
@@ -43,7 +48,10 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int, min_shard_size: int = 2**14) ->
 
 def state_shardings(abstract_state, mesh: Mesh, min_shard_size: int = 2**14):
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda a: NamedSharding(mesh, leaf_spec(tuple(a.shape), fsdp, min_shard_size)), abstract_state)
+    return jax.tree.map(
+        lambda a: NamedSharding(mesh, leaf_spec(tuple(a.shape), fsdp, min_shard_size)),
+        abstract_state,
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -57,8 +65,11 @@ def put_global(tree, shardings):
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
     host = jax.device_get(tree)
-    return jax.tree.map(lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
-                        host, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
+        host,
+        shardings,
+    )
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

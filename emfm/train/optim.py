@@ -1,11 +1,13 @@
 """Optimizers (optax): AdamW with linear warmup and cosine decay, weight-decay masks, gradient
 clipping, gradient accumulation, layer-wise learning-rate decay and frozen parameter groups."""
+
 from __future__ import annotations
 
 import re
 
 import jax
 import optax
+
 from emfm.errors import UserError
 
 NO_DECAY_NAMES = ("cls_token", "registers", "mask_token", "pos_embed", "bias", "scale")
@@ -21,6 +23,7 @@ def path_str(path) -> str:
 
 def decay_mask(params):
     """True where weight decay applies: matrices only; never norms, biases, tokens or embeddings."""
+
     def keep(path, x):
         names = _path_names(path)
         return x.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
@@ -30,7 +33,9 @@ def decay_mask(params):
 
 def schedule(lr: float, steps: int, warmup: int, min_ratio: float = 0.0) -> optax.Schedule:
     warmup = min(warmup, max(steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * min_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * min_ratio
+    )
 
 
 def update_scales(params, *, layer_decay: float = 1.0, freeze: list[str] | tuple[str, ...] = ()):
@@ -62,7 +67,9 @@ def update_scales(params, *, layer_decay: float = 1.0, freeze: list[str] | tuple
         d = depth_of(names)
         if d is not None:
             return layer_decay ** (n_blocks - d)
-        if "encoder" in names and any(k in names for k in ("patch_embed", "cls_token", "registers")):
+        if "encoder" in names and any(
+            k in names for k in ("patch_embed", "cls_token", "registers")
+        ):
             return layer_decay ** (n_blocks + 1)
         return 1.0
 
@@ -81,9 +88,11 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def build(cfg, *, steps: int, batch_size: int, params=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et al.).
-    `params` (or an abstract tree of them) is needed for layer decay and freezing."""
+def build(
+    cfg, *, steps: int, batch_size: int, params=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et
+    al.). `params` (or an abstract tree of them) is needed for layer decay and freezing."""
     if cfg.name != "adamw":
         raise UserError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
     lr = cfg.lr * batch_size / 256.0 if cfg.scale_lr_by_batch else cfg.lr
@@ -92,11 +101,15 @@ def build(cfg, *, steps: int, batch_size: int, params=None) -> tuple[optax.Gradi
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    )
     if cfg.layer_decay != 1.0 or cfg.freeze:
         if params is None:
             raise UserError("optim.layer_decay / optim.freeze need the parameter tree")
-        parts.append(scale_by_tree(update_scales(params, layer_decay=cfg.layer_decay, freeze=cfg.freeze)))
+        parts.append(
+            scale_by_tree(update_scales(params, layer_decay=cfg.layer_decay, freeze=cfg.freeze))
+        )
     tx = optax.chain(*parts)
     if cfg.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps)

@@ -1,4 +1,5 @@
 """Training state, model construction from configs, and loading encoders back from runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from emfm.config.schema import ModelConfig, ObjectiveConfig
-
 from emfm import objectives
+from emfm.config.schema import ModelConfig, ObjectiveConfig
 from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
 
@@ -26,7 +26,8 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; batch randomness is fold_in(rng, step)
     rest: Any = None  # non-parameter model state (e.g. DINO's centre); nnx.State, possibly empty
     ema: Any = None  # EMA teacher parameters (same structure as params) for teacher objectives
-    nonfinite: Any = None  # int32: steps whose loss or gradient was not finite (their update was skipped)
+    # int32: steps whose loss or gradient was not finite (their update was skipped)
+    nonfinite: Any = None
     first_bad: Any = None  # int32: the first such step (1-based), -1 if none
 
 
@@ -36,25 +37,42 @@ def build_encoder(model_cfg: ModelConfig, *, seed: int = 0):
     return models.build_encoder(model_cfg, seed=seed)
 
 
-def build_pretraining_model(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, *, seed: int = 0) -> nnx.Module:
+def build_pretraining_model(
+    model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, *, seed: int = 0
+) -> nnx.Module:
     """The encoder wrapped by its objective (registry entry `obj_cfg.name`); `.encoder` is kept."""
     definition = objectives.get(obj_cfg.name)
     return definition.build(build_encoder(model_cfg, seed=seed), obj_cfg, nnx.Rngs(seed + 1))
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, *,
-               teacher: bool = False) -> tuple[Any, TrainState]:
+def init_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int, *, teacher: bool = False
+) -> tuple[Any, TrainState]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ema = jax.tree.map(jnp.copy, params) if teacher else None
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed), rest=rest, ema=ema, nonfinite=jnp.zeros((), jnp.int32),
-                       first_bad=jnp.full((), -1, jnp.int32))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        rest=rest,
+        ema=ema,
+        nonfinite=jnp.zeros((), jnp.int32),
+        first_bad=jnp.full((), -1, jnp.int32),
+    )
     return graphdef, state
 
 
-def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_base: float = 0.996,
-                    total_steps: int = 1):
-    """A pure `(state, batch) -> (state, metrics)`; the caller jits it (with shardings and donation).
+def make_train_step(
+    graphdef,
+    loss_fn,
+    tx: optax.GradientTransformation,
+    *,
+    ema_base: float = 0.996,
+    total_steps: int = 1,
+):
+    """A pure `(state, batch) -> (state, metrics)`; the caller jits it (with shardings and
+    donation).
 
     `loss_fn(model, batch, rng, teacher)`; randomness is `fold_in(state.rng, state.step)`, so a
     resumed run draws the same numbers. With an EMA teacher, the teacher is the model merged with
@@ -82,13 +100,20 @@ def make_train_step(graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_
             m = ema_momentum(ema_base, state.step, total_steps)
             ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, params)
             metrics["ema_momentum"] = m
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         bad = (~finite).astype(jnp.int32)
         return state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            rest=keep(rest, state.rest), ema=None if ema is None else keep(ema, state.ema),
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rest=keep(rest, state.rest),
+            ema=None if ema is None else keep(ema, state.ema),
             nonfinite=state.nonfinite + bad,
-            first_bad=jnp.where((state.first_bad < 0) & (bad > 0), state.step + 1, state.first_bad)), metrics
+            first_bad=jnp.where((state.first_bad < 0) & (bad > 0), state.step + 1, state.first_bad),
+        ), metrics
 
     return step
 
@@ -98,22 +123,26 @@ def model_meta(model_cfg: ModelConfig, obj_cfg: ObjectiveConfig) -> dict:
 
 
 def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
-    """The pretrained encoder of a run (latest finished checkpoint) and the checkpoint's meta record."""
+    """The pretrained encoder of a run (latest finished checkpoint) and the checkpoint's meta
+    record."""
     run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
     meta = checkpoint.read_meta(run_dir)
     try:
         model_cfg = ModelConfig(**meta["model"])
         obj_cfg = ObjectiveConfig(**meta["objective"])
     except (KeyError, TypeError) as e:
-        raise checkpoint.CheckpointError(f"checkpoint in {run_dir} has no usable model record: {e}") from e
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {run_dir} has no usable model record: {e}"
+        ) from e
     abstract = nnx.eval_shape(lambda: build_pretraining_model(model_cfg, obj_cfg))
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     mngr = checkpoint.manager(run_dir, create=False)
     import orbax.checkpoint as ocp
 
     step = mngr.latest_step()
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=checkpoint.params_restore_args(abstract_params)))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=checkpoint.params_restore_args(abstract_params))
+    )
     mngr.close()
     model = nnx.merge(graphdef, restored.state["params"], rest_state(abstract))
     return model.encoder, meta

@@ -1,7 +1,8 @@
-"""Fine-tuning from a pretrained checkpoint vs random init, with a linear probe on each frozen encoder
-given the same labels, on ISBI 2012 membranes and CDeep3M mitochondria.
+"""Fine-tuning from a pretrained checkpoint vs random init, with a linear probe on each frozen
+encoder given the same labels, on ISBI 2012 membranes and CDeep3M mitochondria.
 
-    python experiments/foundation/finetune.py --shared ../shared/data/em --out runs/foundation/finetune \
+    python experiments/foundation/finetune.py --shared ../shared/data/em --out
+    runs/foundation/finetune \
         --checkpoint zoo:NAME [--datasets isbi,cdeep3m] [--inits zoo,random] [--fractions 0.1,1.0] \
         [--seeds 0,1,2] [--steps 400] [--probe]
     python experiments/foundation/finetune.py --table --out runs/foundation/finetune > table.md
@@ -20,6 +21,7 @@ Splits (the corpus of configs/data/corpus.yaml leaves out both test ranges):
 - CDeep3M: train 0-11, validation 12-13, test 14-19; 2x downsampled in plane (11.8 nm pixels, as the
   probing benchmark task), 512 x 512 per section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +34,24 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = {
-    "isbi": dict(image="isbi2012/train_volume.tif", labels="isbi2012/train_labels.tif", downsample=1,
-                 train=(0, 16), val=(16, 20), test=(20, 30), over=["task=semantic", "task.class_values=[255,0]"]),
-    "cdeep3m": dict(image="cdeep3m_sbem_mito/train_images.tif", labels="cdeep3m_sbem_mito/train_labels.tif",
-                    downsample=2, train=(0, 12), val=(12, 14), test=(14, 20),
-                    over=["task=semantic", "task.class_values=[0,1]", "loss.balance=true"]),
+    "isbi": dict(
+        image="isbi2012/train_volume.tif",
+        labels="isbi2012/train_labels.tif",
+        downsample=1,
+        train=(0, 16),
+        val=(16, 20),
+        test=(20, 30),
+        over=["task=semantic", "task.class_values=[255,0]"],
+    ),
+    "cdeep3m": dict(
+        image="cdeep3m_sbem_mito/train_images.tif",
+        labels="cdeep3m_sbem_mito/train_labels.tif",
+        downsample=2,
+        train=(0, 12),
+        val=(12, 14),
+        test=(14, 20),
+        over=["task=semantic", "task.class_values=[0,1]", "loss.balance=true"],
+    ),
 }
 
 
@@ -44,6 +59,7 @@ TAG = ""  # run-name suffix of a recipe variant (--tag)
 REGIME = "finetune"  # the regime of a pretrained start (--regime)
 LR = None  # optim.lr override (--lr); None = configs/finetune.yaml's
 EXTRA: list[str] = []  # further overrides of a pretrained start's fine-tuning (--set KEY=VALUE ...)
+CONTROL = False  # --set applies to random init too (--control)
 
 
 def load(name: str, shared: Path, tmp: Path) -> dict:
@@ -70,23 +86,48 @@ def fg(name: str, y: np.ndarray) -> np.ndarray:
     return y == 0 if name == "isbi" else y > 0
 
 
-def finetune_config(ds: dict, init: str, checkpoint: str, frac: float, steps: int, seed: int, run_dir: Path,
-                    batch: int, width: int):
+def finetune_config(
+    ds: dict,
+    init: str,
+    checkpoint: str,
+    frac: float,
+    steps: int,
+    seed: int,
+    run_dir: Path,
+    batch: int,
+    width: int,
+):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from emfm.config import schema
 
     ny, nx = ds["x"].shape[1:]
-    over = [f"data.path={ds['raw']}", f"data.labels={ds['labels_zarr']}", f"data.label_fraction={frac}",
-            "data.patch_shape=[1,128,128]", "data.test_roi=null",
-            f"data.train_roi=[[{ds['train'][0]},{ds['train'][1]}],[0,{ny}],[0,{nx}]]",
-            f"trainer.steps={steps}", f"data.batch_size={batch}", "optim.warmup_steps=20", "trainer.log_every=50",
-            "trainer.progress=false", "trainer.tensorboard=false", "model=unet2d", "head=unet",
-            f"model.width={width}", f"run_dir={run_dir}", f"trainer.seed={seed}", *ds["over"]]
-    over += ([f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"])
+    over = [
+        f"data.path={ds['raw']}",
+        f"data.labels={ds['labels_zarr']}",
+        f"data.label_fraction={frac}",
+        "data.patch_shape=[1,128,128]",
+        "data.test_roi=null",
+        f"data.train_roi=[[{ds['train'][0]},{ds['train'][1]}],[0,{ny}],[0,{nx}]]",
+        f"trainer.steps={steps}",
+        f"data.batch_size={batch}",
+        "optim.warmup_steps=20",
+        "trainer.log_every=50",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "model=unet2d",
+        "head=unet",
+        f"model.width={width}",
+        f"run_dir={run_dir}",
+        f"trainer.seed={seed}",
+        *ds["over"],
+    ]
+    over += (
+        [f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"]
+    )
     over += [f"optim.lr={LR}"] if LR else []
-    over += EXTRA if init != "random" else []
+    over += EXTRA if init != "random" or CONTROL else []
     repo = Path(__file__).resolve().parents[2]
     with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
         c = compose("finetune", overrides=over)
@@ -100,49 +141,82 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     from emfm.eval import metrics
     from emfm.eval.probe import gt_cells
     from emfm.eval.tasks import choose_threshold
-    from emfm.postproc import SegmentParams, segment
-    from emfm.postproc.tune import foreground_instances, score_instances, tune_foreground, tune_instances
+    from emfm.instances import SegmentParams, segment
+    from emfm.instances.tune import (
+        foreground_instances,
+        score_instances,
+        tune_foreground,
+        tune_instances,
+    )
 
     yv, yt = fg(name, ds["y"][slice(*ds["val"])]), fg(name, ds["y"][slice(*ds["test"])])
     thr = choose_threshold(p_val, yv)
     px = metrics.binary_scores(p_test >= thr, yt)
-    pv = metrics.binary_scores(p_val >= thr, yv)  # for choosing fine-tuning recipes: validation only
-    out = {"f1": px["f1"], "iou": px["iou"], "threshold": thr, "val_f1": pv["f1"], "val_iou": pv["iou"]}
+    # for choosing fine-tuning recipes: validation only
+    pv = metrics.binary_scores(p_val >= thr, yv)
+    out = {
+        "f1": px["f1"],
+        "iou": px["iou"],
+        "threshold": thr,
+        "val_f1": pv["f1"],
+        "val_iou": pv["iou"],
+    }
     if name == "isbi":
         vgt, tgt = np.stack([gt_cells(m) for m in yv]), np.stack([gt_cells(m) for m in yt])
-        best, _ = tune_instances(p_val, vgt, SegmentParams(method="watershed", two_d=True),
-                                 metric="adapted_rand_error", per_section=True)
+        best, _ = tune_instances(
+            p_val,
+            vgt,
+            SegmentParams(method="watershed", two_d=True),
+            metric="adapted_rand_error",
+            per_section=True,
+        )
         lab = segment(p_test, best)
         rs = [metrics.region_scores(a, b, ignore_gt=(0,)) for a, b in zip(lab, tgt)]
-        out.update({k: float(np.mean([r[k] for r in rs])) for k in ("adapted_rand_error", "voi", "voi_split",
-                                                                     "voi_merge")})
+        out.update(
+            {
+                k: float(np.mean([r[k] for r in rs]))
+                for k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")
+            }
+        )
         out["tuned"] = {"threshold": best.threshold, "min_seed": best.min_seed}
     else:
         vgt = np.stack([ndimage.label(m)[0] for m in yv])
         tgt = np.stack([ndimage.label(m)[0] for m in yt])
         best, _ = tune_foreground(p_val, vgt, metric="instance_f1")
-        out["instance_f1"] = score_instances(foreground_instances(p_test, **best), tgt, "instance_f1",
-                                             per_section=True)
+        out["instance_f1"] = score_instances(
+            foreground_instances(p_test, **best), tgt, "instance_f1", per_section=True
+        )
         out["tuned"] = best
     return out
 
 
 def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag: str) -> np.ndarray:
     from emfm.data.volume import open_volume
-    from emfm.segment import targets
-    from emfm.segment.predict import model_fn, predict_volume
+    from emfm.finetune import targets
+    from emfm.finetune.predict import model_fn, predict_volume
 
     lay = targets.layout(task_cfg, 2)
     ny, nx = ds["x"].shape[1:]
     out = tmp / "pred" / f"{tag}_{z[0]}_{z[1]}.zarr"
-    predict_volume(model_fn(model, lay, ndim=2, batch_size=4), lay.channels, open_volume(ds["raw"]), out,
-                   grey_range=meta["grey_range"], window=[1, 128, 128], overlap=[0, 32, 32], chunk=[1, 512, 512],
-                   roi=[list(z), [0, ny], [0, nx]], dtype="float32", resume=False, show_progress=False)
+    predict_volume(
+        model_fn(model, lay, ndim=2, batch_size=4),
+        lay.channels,
+        open_volume(ds["raw"]),
+        out,
+        grey_range=meta["grey_range"],
+        window=[1, 128, 128],
+        overlap=[0, 32, 32],
+        chunk=[1, 512, 512],
+        roi=[list(z), [0, ny], [0, nx]],
+        dtype="float32",
+        resume=False,
+        show_progress=False,
+    )
     return open_volume(out).read()[..., 1].astype(np.float32)
 
 
 def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch, width) -> dict:
-    from emfm.segment import train
+    from emfm.finetune import train
 
     tag = f"{name}_{init}_{int(round(100 * frac))}_seed{seed}{TAG}"
     run_dir = out / "runs" / tag
@@ -152,65 +226,108 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
     model, meta = train.load_seg_model(str(run_dir))
     p_val = predict(model, meta, cfg.task, ds, ds["val"], out, tag)
     p_test = predict(model, meta, cfg.task, ds, ds["test"], out, tag)
-    return {"kind": "finetune", "run": tag, "recipe": TAG.lstrip("_") or "default", "dataset": name, "init": init,
-            "fraction": frac, "seed": seed,
-            "steps": steps, "labelled_roi": summary["labelled_roi"], "final_loss": summary["final_loss"],
-            "train_s": summary["train_s"], "seconds": time.time() - t0, **score(name, ds, p_val, p_test)}
+    return {
+        "kind": "finetune",
+        "run": tag,
+        "recipe": TAG.lstrip("_") or "default",
+        "dataset": name,
+        "init": init,
+        "fraction": frac,
+        "seed": seed,
+        "steps": steps,
+        "labelled_roi": summary["labelled_roi"],
+        "final_loss": summary["final_loss"],
+        "train_s": summary["train_s"],
+        "seconds": time.time() - t0,
+        **score(name, ds, p_val, p_test),
+    }
 
 
 def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
-    """Linear probe (subpixel, emfm.eval.probes) on the frozen encoder of this initialisation, trained on
-    the same labelled sections as the fine-tuned model."""
-    from emfm.config.schema import ModelConfig, resolve_zoo
+    """Linear probe (subpixel, emfm.eval.probes) on the frozen encoder of this initialisation,
+    trained on the same labelled sections as the fine-tuned model."""
+    from emfm.config.schema import BenchmarkConfig, ModelConfig, resolve_zoo
     from emfm.eval import probes
     from emfm.eval.benchmark import encode
     from emfm.eval.probe import normalise
-    from emfm.config.schema import BenchmarkConfig
     from emfm.train.state import build_encoder, load_encoder
 
     t0 = time.time()
     if init == "random":
-        enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=width, depth=4), seed=seed)
+        enc = build_encoder(
+            ModelConfig(name="unet", patch_size=[1, 1], width=width, depth=4), seed=seed
+        )
     else:
         enc, _ = load_encoder(resolve_zoo(checkpoint, "checkpoint"))
     tr = ds["train"]
     n_lab = max(1, math.ceil(frac * (tr[1] - tr[0])))
-    lo, hi = np.percentile(ds["x"][tr[0]:tr[1]], [0.5, 99.5])
+    lo, hi = np.percentile(ds["x"][tr[0] : tr[1]], [0.5, 99.5])
     bench = BenchmarkConfig(tile=128, margin=32, batch_size=8)
-    f = {k: encode(enc, normalise(ds["x"][slice(*ds[k])], (lo, hi)), bench) for k in ("train", "val", "test")}
-    ytr = fg(name, ds["y"][tr[0]:tr[1]])
+    f = {
+        k: encode(enc, normalise(ds["x"][slice(*ds[k])], (lo, hi)), bench)
+        for k in ("train", "val", "test")
+    }
+    ytr = fg(name, ds["y"][tr[0] : tr[1]])
     mask = np.zeros(ytr.shape, bool)
     mask[:n_lab] = True
     s = probes.ProbeSettings(steps=300, batch_tokens=4096, lr=0.01)
-    p_test, p_val = probes.fit_predict("linear", s, f["train"], ytr, mask, [f["test"], f["val"]], seed)
-    return {"kind": "linear_probe", "run": f"{name}_{init}_{int(round(100 * frac))}_seed{seed}_probe",
-            "dataset": name, "init": init, "fraction": frac, "seed": seed, "seconds": time.time() - t0,
-            **score(name, ds, p_val, p_test)}
+    p_test, p_val = probes.fit_predict(
+        "linear", s, f["train"], ytr, mask, [f["test"], f["val"]], seed
+    )
+    return {
+        "kind": "linear_probe",
+        "run": f"{name}_{init}_{int(round(100 * frac))}_seed{seed}_probe",
+        "dataset": name,
+        "init": init,
+        "fraction": frac,
+        "seed": seed,
+        "seconds": time.time() - t0,
+        **score(name, ds, p_val, p_test),
+    }
 
 
 METRICS = {"isbi": ["f1", "adapted_rand_error", "voi"], "cdeep3m": ["iou", "instance_f1", "f1"]}
 
 
-def table(out: Path) -> str:
-    recs = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+def table(out: Path, recipes: set[str] | None = None) -> str:
+    """Markdown tables of the records in `out` (a results.jsonl or the directory holding it); with
+    `recipes`, only those fine-tuning recipes (and every probe row)."""
+    path = out if out.suffix == ".jsonl" else out / "results.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    if recipes is not None:
+        recs = [r for r in recs if r["kind"] != "finetune" or r.get("recipe", "default") in recipes]
     lines = []
     for name, ms in METRICS.items():
         rows = [r for r in recs if r["dataset"] == name]
         if not rows:
             continue
-        lines += [f"**{name}** (test sections; mean ± std over seeds, ddof 1)", "",
-                  "| model | init | labels | seeds | " + " | ".join(ms) + " |", "|---" * (4 + len(ms)) + "|"]
+        lines += [
+            f"**{name}** (test sections; mean ± std over seeds, ddof 1)",
+            "",
+            "| model | init | labels | seeds | " + " | ".join(ms) + " |",
+            "|---" * (4 + len(ms)) + "|",
+        ]
         groups = {}
         for r in rows:
             recipe = r.get("recipe", "default")
-            init = r["init"] if recipe == "default" or r["kind"] != "finetune" else f"{r['init']} ({recipe})"
+            init = (
+                r["init"]
+                if recipe == "default" or r["kind"] != "finetune"
+                else f"{r['init']} ({recipe})"
+            )
             groups.setdefault((r["kind"], init, r["fraction"]), []).append(r)
-        for (kind, init, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
+        for (kind, init, frac), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])
+        ):
             vals = []
             for m in ms:
                 v = np.array([r[m] for r in rs], float)
-                vals.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-            lines.append(f"| {kind} | {init} | {100 * frac:g} % | {len(rs)} | " + " | ".join(vals) + " |")
+                vals.append(
+                    f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+                )
+            lines.append(
+                f"| {kind} | {init} | {100 * frac:g} % | {len(rs)} | " + " | ".join(vals) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -226,18 +343,41 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--width", type=int, default=16, help="U-Net width of random init (the checkpoint's otherwise)")
-    ap.add_argument("--probe", action="store_true", help="also a linear probe on each frozen encoder")
+    ap.add_argument(
+        "--width",
+        type=int,
+        default=16,
+        help="U-Net width of random init (the checkpoint's otherwise)",
+    )
+    ap.add_argument(
+        "--probe", action="store_true", help="also a linear probe on each frozen encoder"
+    )
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)")
-    ap.add_argument("--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)")
-    ap.add_argument("--tag", default="", help="suffix of the run names and the recipe column (a variant)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="further overrides of a pretrained start's fine-tuning, e.g. regime.shrink=0.5")
+    ap.add_argument(
+        "--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)"
+    )
+    ap.add_argument(
+        "--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)"
+    )
+    ap.add_argument(
+        "--tag", default="", help="suffix of the run names and the recipe column (a variant)"
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further overrides of a pretrained start's fine-tuning, e.g. regime.shrink=0.5",
+    )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="apply --set to random init too (e.g. the shrink-and-perturb control)",
+    )
     a = ap.parse_args()
-    global REGIME, LR, TAG, EXTRA
-    REGIME, LR, TAG, EXTRA = a.regime, a.lr, a.tag, list(a.set)
+    global REGIME, LR, TAG, EXTRA, CONTROL
+    REGIME, LR, TAG, EXTRA, CONTROL = a.regime, a.lr, a.tag, list(a.set), a.control
     out = Path(a.out)
     if a.table:
         print(table(out))
@@ -254,8 +394,20 @@ def main() -> None:
                 for init in a.inits.split(","):
                     recs = []
                     if not a.no_finetune:
-                        recs.append(run_finetune(name, ds, init, a.checkpoint, frac, a.steps, seed, out, a.batch,
-                                                 a.width))
+                        recs.append(
+                            run_finetune(
+                                name,
+                                ds,
+                                init,
+                                a.checkpoint,
+                                frac,
+                                a.steps,
+                                seed,
+                                out,
+                                a.batch,
+                                a.width,
+                            )
+                        )
                     if a.probe:
                         recs.append(run_probe(name, ds, init, a.checkpoint, frac, seed, a.width))
                     for rec in recs:

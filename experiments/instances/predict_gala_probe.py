@@ -1,11 +1,14 @@
-"""Boundary probabilities of the gala FIB-SEM test volume from a linear probe on frozen ViT features.
+"""Boundary probabilities of the gala FIB-SEM test volume from a linear probe on frozen ViT
+features.
 
 The probe is trained on the gala *train* volume (boundary = label 0) and predicts the separate test
 volume; encoders: random init and the MAE checkpoint of the main job. Used by run_gala.py when no
 fine-tuned predictions exist in /work/seg_outputs.
 
-    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR [CHECKPOINT]
+    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR
+    [CHECKPOINT]
 """
+
 from __future__ import annotations
 
 import json
@@ -31,21 +34,29 @@ def main(out_dir: str, checkpoint: str = "/work/main/runs/main/2026-11-25_14-45-
     y_tr = tifffile.imread(GALA / "train_labels.tif") == 0
     x_te = tifffile.imread(GALA / "test_image.tif")
     y_te = tifffile.imread(GALA / "test_labels.tif") == 0
-    grey = tuple(float(v) for v in np.percentile(x_tr, [0.5, 99.5]))  # gala's own range, for both encoders
+    # gala's own range, for both encoders
+    grey = tuple(float(v) for v in np.percentile(x_tr, [0.5, 99.5]))
     enc_pre, meta = load_encoder(checkpoint)
-    encoders = {"pretrained": enc_pre, "random_init": build_encoder(ModelConfig(**meta["model"]), seed=1000)}
+    encoders = {
+        "pretrained": enc_pre,
+        "random_init": build_encoder(ModelConfig(**meta["model"]), seed=1000),
+    }
     record = {}
     for name, enc in encoders.items():
         t0 = time.perf_counter()
         f_tr = encode_sections(enc, probe.normalise(x_tr, grey), tile=128, margin=32)
         f_te = encode_sections(enc, probe.normalise(x_te, grey), tile=128, margin=32)
-        lp = probe.train_linear_probe(f_tr, y_tr.astype(np.int32), steps=300, lr=0.05, upsample="subpixel")
+        lp = probe.train_linear_probe(
+            f_tr, y_tr.astype(np.int32), steps=300, lr=0.05, upsample="subpixel"
+        )
         p = lp.predict(f_te, y_te.shape[1:])[..., 1].astype(np.float32)
         np.save(out / f"{name}.npy", p)
         s = probe.membrane_scores(p, y_te)
         record[name] = {"boundary_f1": s["f1"], "seconds": time.perf_counter() - t0}
         print(name, record[name], flush=True)
-    (out / "probe.json").write_text(json.dumps({"checkpoint": checkpoint, "grey_range": grey, **record}, indent=1))
+    (out / "probe.json").write_text(
+        json.dumps({"checkpoint": checkpoint, "grey_range": grey, **record}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Instance segmentation of the gala FIB-SEM neuron test volume from boundary probabilities:
-VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.postproc.
+VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.instances.
 
 Sources: predicted test probabilities from /work/seg_outputs/gala_* when they exist (fine-tuned
 models), else the linear-probe predictions of predict_gala_probe.py (random-init and MAE encoders),
@@ -7,6 +7,7 @@ and the upper bound with boundaries derived from the ground truth (label 0 and i
 
     PYTHONPATH=$PWD nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,14 +20,19 @@ import numpy as np
 import tifffile
 
 from emfm.eval.metrics import region_scores
-from emfm.postproc import SegmentParams, affinities_from_labels, boundaries_from_labels, segment
+from emfm.instances import SegmentParams, affinities_from_labels, boundaries_from_labels, segment
 
 GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
 
 ROUTES = {  # name: SegmentParams; all at the library defaults except what the name says
     "link2d (2D watershed, overlap/min >= 0.5)": SegmentParams(method="link2d"),
     "link2d (2D agglomeration, IoU >= 0.3, all voxels)": SegmentParams(
-        method="link2d", link_2d="agglomeration", link_criterion="iou", link_threshold=0.3, link_on_interior=False),
+        method="link2d",
+        link_2d="agglomeration",
+        link_criterion="iou",
+        link_threshold=0.3,
+        link_on_interior=False,
+    ),
     "watershed 3D": SegmentParams(method="watershed"),
     "agglomeration 3D (mean p < 0.5)": SegmentParams(method="agglomeration"),
     "multicut 3D (GAEC, beta 0.5)": SegmentParams(method="multicut"),
@@ -64,9 +70,17 @@ def main(probs_dir: str, out_json: str, only: str = "") -> None:
             t0 = time.perf_counter()
             lab = segment(b, params)
             s = region_scores(lab, gt, ignore_gt=(0,))
-            rows.append({"source": src, "route": route, "adapted_rand_error": s["adapted_rand_error"],
-                         "voi_split": s["voi_split"], "voi_merge": s["voi_merge"], "segments": int(lab.max()),
-                         "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "source": src,
+                    "route": route,
+                    "adapted_rand_error": s["adapted_rand_error"],
+                    "voi_split": s["voi_split"],
+                    "voi_merge": s["voi_merge"],
+                    "segments": int(lab.max()),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     Path(out_json).write_text(json.dumps(rows, indent=1))
     if only:
@@ -75,9 +89,17 @@ def main(probs_dir: str, out_json: str, only: str = "") -> None:
     t0 = time.perf_counter()
     lab = segment(a, SegmentParams(method="mws"))
     s = region_scores(lab, gt, ignore_gt=(0,))
-    rows.append({"source": "gt-derived affinities (upper bound)", "route": "mutex watershed", "adapted_rand_error":
-                 s["adapted_rand_error"], "voi_split": s["voi_split"], "voi_merge": s["voi_merge"],
-                 "segments": int(lab.max()), "seconds": time.perf_counter() - t0})
+    rows.append(
+        {
+            "source": "gt-derived affinities (upper bound)",
+            "route": "mutex watershed",
+            "adapted_rand_error": s["adapted_rand_error"],
+            "voi_split": s["voi_split"],
+            "voi_merge": s["voi_merge"],
+            "segments": int(lab.max()),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     Path(out_json).write_text(json.dumps(rows, indent=1))
 

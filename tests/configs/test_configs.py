@@ -1,11 +1,10 @@
 """Every config composes against the typed schema; bad keys and values fail before any compute."""
-import subprocess
 
 import pytest
+from conftest import CONFIGS, compose, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONFIGS, compose, run_cli
 from emfm.config.schema import ConfigError
 
 COMMANDS = ["main", "pretrain", "probe", "export"]
@@ -21,15 +20,32 @@ def test_every_recipe_composes(recipe):
     root = shared_data().parent  # ../shared/data: the corpus's sources
     if root.is_dir():
         os.environ.setdefault("EMFM_SHARED_DATA_ROOT", str(root))
-    cfg = compose("pretrain", ["data=corpus", f"recipe={recipe}"] if root.is_dir() else [f"recipe={recipe}"])
+    cfg = compose(
+        "pretrain", ["data=corpus", f"recipe={recipe}"] if root.is_dir() else [f"recipe={recipe}"]
+    )
     assert cfg.trainer.steps > 0 and cfg.model.name in ("vit", "unet")
+
+
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+REGIMES = sorted(p.stem for p in (CONFIGS / "regime").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_every_regime_composes_and_validates(regime):
+    cfg = compose(
+        "finetune", [f"regime={regime}", "checkpoint=zoo:em_unet16", "model=unet2d", "head=unet"]
+    )
+    assert cfg.regime.name == regime
+    if regime == "finetune_sp":  # shrink and perturb of a pretrained start
+        assert (cfg.regime.init, cfg.regime.shrink, cfg.regime.perturb) == ("pretrained", 0.2, 0.8)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_config_composes(cmd):
     cfg = compose(cmd)
-    assert cfg.model.name == ("unet" if cmd == "main" else "vit")  # the main job trains the zoo's U-Net
+    assert cfg.model.name == (
+        "unet" if cmd == "main" else "vit"
+    )  # the main job trains the zoo's U-Net
     tiny = compose(cmd, ["debug=tiny"])
     assert tiny.trainer.steps < 10 and tiny.model.depth == 2
 
@@ -44,7 +60,14 @@ def test_every_model_builds_abstractly(model):
     three_d = "3d" in model
     shape = [16, 64, 64] if three_d else [1, 64, 64]
     objective = "mim_unet" if model.startswith("unet") else "mae"
-    cfg = compose("pretrain", [f"model={model}", f"objective={objective}", f"data.patch_shape=[{','.join(map(str, shape))}]"])
+    cfg = compose(
+        "pretrain",
+        [
+            f"model={model}",
+            f"objective={objective}",
+            f"data.patch_shape=[{','.join(map(str, shape))}]",
+        ],
+    )
     abstract = nnx.eval_shape(lambda: build_pretraining_model(cfg.model, cfg.objective))
     spatial = tuple(shape) if three_d else tuple(shape[1:])
     x = jax.ShapeDtypeStruct((2, *spatial, 1), "float32")
@@ -63,6 +86,7 @@ def test_model_sizes_stay_with_their_family():
 
     schema.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+
         def ft(*over):
             c = hydra_compose("finetune", overrides=[*over, "run_dir=unused"])
             return schema.validate_finetune(OmegaConf.to_object(c)).model
@@ -85,16 +109,19 @@ def test_wrong_type_is_rejected_naming_it():
     assert "steps" in str(e.value) + str(e.value.__cause__)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("objective.mask_ratio=1.5", "objective.mask_ratio"),
-    ("data.patch_shape=[1,60,64]", "data.patch_shape"),
-    ("data.patch_shape=[4,64,64]", "data.patch_shape"),
-    ("probe.test_slices=[5,2]", "probe.test_slices"),
-    ("export.tile=100", "export.tile"),
-    ("probe.margin=12", "probe.margin"),
-    ("objective.target_blur=-1", "objective.target_blur"),
-    ("model.dtype=int8", "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("objective.mask_ratio=1.5", "objective.mask_ratio"),
+        ("data.patch_shape=[1,60,64]", "data.patch_shape"),
+        ("data.patch_shape=[4,64,64]", "data.patch_shape"),
+        ("probe.test_slices=[5,2]", "probe.test_slices"),
+        ("export.tile=100", "export.tile"),
+        ("probe.margin=12", "probe.margin"),
+        ("objective.target_blur=-1", "objective.target_blur"),
+        ("model.dtype=int8", "model.dtype"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose("main", [override])

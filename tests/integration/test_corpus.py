@@ -1,5 +1,6 @@
 """The pretraining corpus (`data=corpus`) leaves out every benchmark task's test sections: checked
 against each task file, and by building corpus volumes and sampling from them."""
+
 from __future__ import annotations
 
 import os
@@ -7,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFIGS, compose, shared_data
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, compose, shared_data
-
 ROOT = shared_data().parent  # ../shared/data
-pytestmark = pytest.mark.skipif(not (ROOT / "em").is_dir(), reason="needs ../shared/data (EMFM_SHARED_DATA)")
+pytestmark = pytest.mark.skipif(
+    not (ROOT / "em").is_dir(), reason="needs ../shared/data (EMFM_SHARED_DATA)"
+)
 
-# The bundled sample (the main job's probe and task sample_membranes) is cut from this file, sections 0-29.
+# The bundled sample (the main job's probe and task sample_membranes) is cut from this file,
+# sections 0-29.
 BUNDLED_SOURCE = "em/isbi2012/train_volume.tif"
 
 
@@ -33,16 +36,21 @@ def _rel(path_expr: str) -> str:
 
 
 def _held_out() -> list[tuple[str, range]]:
-    """(source file relative to ../shared/data, held-out sections) of every task and the main job."""
+    """(source file relative to ../shared/data, held-out sections) of every task and the main
+    job."""
     out = []
     for f in sorted((CONFIGS / "probe_task").glob("*.yaml")):
         t = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
         if t.get("test_image"):
-            out.append((_rel(t["test_image"]), range(0, 10**6)))  # a separate test volume: none of it
+            # a separate test volume: none of it
+            out.append((_rel(t["test_image"]), range(0, 10**6)))
         else:
-            out.append((_rel(t["image"]) if t.get("image") else BUNDLED_SOURCE, range(*t["test_slices"])))
+            out.append(
+                (_rel(t["image"]) if t.get("image") else BUNDLED_SOURCE, range(*t["test_slices"]))
+            )
     probe = OmegaConf.load(CONFIGS / "main.yaml").get("probe", {})
-    out.append((BUNDLED_SOURCE, range(*probe.get("test_slices", [20, 30]))))  # the main job's held-out sections
+    # the main job's held-out sections
+    out.append((BUNDLED_SOURCE, range(*probe.get("test_slices", [20, 30]))))
     return out
 
 
@@ -63,9 +71,14 @@ def test_corpus_leaves_out_every_test_section(tmp_path):
         overlap = used.get(rel, set()) & set(secs)
         assert not overlap, f"corpus uses held-out sections {sorted(overlap)[:5]}... of {rel}"
     # the corpus covers every unlabelled-usable volume in ../shared/data
-    assert {"em_unlabelled/hela_sbfsem.tif", "em_unlabelled/rat_spinalcord_sem_2d.tif",
-            "em/isbi2012/test_volume_unlabelled.tif", "em/cdeep3m_sbem_mito/train_images.tif",
-            "em/gala_fibsem/train_image.tif", BUNDLED_SOURCE} <= set(used)
+    assert {
+        "em_unlabelled/hela_sbfsem.tif",
+        "em_unlabelled/rat_spinalcord_sem_2d.tif",
+        "em/isbi2012/test_volume_unlabelled.tif",
+        "em/cdeep3m_sbem_mito/train_images.tif",
+        "em/gala_fibsem/train_image.tif",
+        BUNDLED_SOURCE,
+    } <= set(used)
 
 
 def test_built_corpus_holds_only_the_kept_sections_and_the_sampler_stays_inside(tmp_path):
@@ -92,11 +105,11 @@ def test_built_corpus_holds_only_the_kept_sections_and_the_sampler_stays_inside(
     small = replace(data, sources=[isbi[0]], prefetch=0, augment=False, min_std=0.0)
     loader = make_loader(small, open_sources(small), batch_size=8, seed=0)
     for step in range(200):
-        for v, (z, y, x) in loader.sampler.origins(step):
+        for v, (z, _y, _x) in loader.sampler.origins(step):
             assert v == 0 and 0 <= z < 20, (step, z)
     picks, image, _ = loader.sample(3)
-    for (v, (z, y, x)), patch in zip(picks, image):
-        assert np.array_equal(patch[0], src[z, y:y + 64, x:x + 64])
+    for (_v, (z, y, x)), patch in zip(picks, image):
+        assert np.array_equal(patch[0], src[z, y : y + 64, x : x + 64])
     loader.close()
     # a corpus volume built from other sections is not silently reused
     wrong = replace(isbi[0], source_sections=[0, 22])

@@ -1,7 +1,8 @@
-"""Feature export and discovery on the bundled real EM: blockwise features equal a whole-image forward,
-layer choice / PCA-k / dtype, a SIGKILLed export resumed by two processes gives the same bytes as one
-uninterrupted run, bad input stops before any compute, k-means discovery recovers planted clusters,
-the discovery notebook runs in tiny form."""
+"""Feature export and discovery on the bundled real EM: blockwise features equal a whole-image
+forward, layer choice / PCA-k / dtype, a SIGKILLed export resumed by two processes gives the same
+bytes as one uninterrupted run, bad input stops before any compute, k-means discovery recovers
+planted clusters, the discovery notebook runs in tiny form."""
+
 import json
 import os
 import pickle
@@ -12,12 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, compose
+
 from emfm import pipeline
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
@@ -27,21 +27,36 @@ from emfm.models import build_encoder
 from emfm.train.checkpoint import CheckpointError
 
 # 10 sections in 32-pixel tiles: 1440 small blocks, so a kill lands mid-way
-KILL_ARGS = ["debug=tiny", "export.tile=32", "export.roi=[[0,10],[0,384],[0,384]]", "trainer.progress=false"]
+KILL_ARGS = [
+    "debug=tiny",
+    "export.tile=32",
+    "export.roi=[[0,10],[0,384],[0,384]]",
+    "trainer.progress=false",
+]
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def sample(z=2, y=96, x=160) -> np.ndarray:
-    return open_volume(bundled.sample_raw()).read((slice(0, z), slice(0, y), slice(0, x))).astype(np.float32) / 255
+    return (
+        open_volume(bundled.sample_raw())
+        .read((slice(0, z), slice(0, y), slice(0, x)))
+        .astype(np.float32)
+        / 255
+    )
 
 
 def test_unet_blocks_equal_whole_image_forward_no_seams():
-    """With a per-pixel norm and a margin beyond the receptive field, tile-by-tile features (decoder output,
-    and encoder levels upsampled to a common grid) equal one forward pass over the mirrored whole image."""
-    enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=8, depth=2, norm="layer"), seed=3)
+    """With a per-pixel norm and a margin beyond the receptive field, tile-by-tile features (decoder
+    output, and encoder levels upsampled to a common grid) equal one forward pass over the mirrored
+    whole image."""
+    enc = build_encoder(
+        ModelConfig(name="unet", patch_size=[1, 1], width=8, depth=2, norm="layer"), seed=3
+    )
     img = sample()
     m = 16
     padded = jnp.asarray(np.pad(img, ((0, 0), (m, m), (m, m)), mode="reflect"))[..., None]
@@ -49,48 +64,85 @@ def test_unet_blocks_equal_whole_image_forward_no_seams():
     whole = np.asarray(aux["patch_map"])[:, m:-m, m:-m]
     tiled = F.encode_sections(enc, img, tile=32, margin=m, batch_size=4)
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=2e-5)
-    lv1 = np.repeat(np.repeat(np.asarray(aux["blocks"][1])[:, m // 2:-m // 2, m // 2:-m // 2], 2, 1), 2, 2)
+    lv1 = np.repeat(
+        np.repeat(np.asarray(aux["blocks"][1])[:, m // 2 : -m // 2, m // 2 : -m // 2], 2, 1), 2, 2
+    )
     both = np.concatenate([np.asarray(aux["blocks"][0])[:, m:-m, m:-m], lv1], -1)
-    np.testing.assert_allclose(F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(0, 1)), both,
-                               rtol=0, atol=2e-5)
+    np.testing.assert_allclose(
+        F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(0, 1)),
+        both,
+        rtol=0,
+        atol=2e-5,
+    )
 
 
 def test_layers_pca_and_dtype(tmp_path):
     vol = open_volume(bundled.sample_raw())
     enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
-    kw = dict(grey_range=(0.0, 255.0), roi=[[0, 1], [0, 384], [0, 384]], tile=128, margin=16, show_progress=False,
-              blend="none")
+    kw = dict(
+        grey_range=(0.0, 255.0),
+        roi=[[0, 1], [0, 384], [0, 384]],
+        tile=128,
+        margin=16,
+        show_progress=False,
+        blend="none",
+    )
     a = F.export_features(enc, vol, tmp_path / "a.zarr", **kw)
     b = F.export_features(enc, vol, tmp_path / "b.zarr", layers=(-2, -1), dtype="float32", **kw)
-    c = F.export_features(enc, vol, tmp_path / "c.zarr", layers=(0, 1), pca_k=5, dtype="bfloat16", **kw)
-    assert a["shape"] == [1, 48, 48, 32] and b["shape"] == [1, 48, 48, 64] and c["shape"] == [1, 48, 48, 5]
+    c = F.export_features(
+        enc, vol, tmp_path / "c.zarr", layers=(0, 1), pca_k=5, dtype="bfloat16", **kw
+    )
+    assert (
+        a["shape"] == [1, 48, 48, 32]
+        and b["shape"] == [1, 48, 48, 64]
+        and c["shape"] == [1, 48, 48, 5]
+    )
     assert b["layers"] == c["layers"] == [0, 1]
     fa, fb, fc = (open_volume(tmp_path / n) for n in ("a.zarr", "b.zarr", "c.zarr"))
-    # an OME-Zarr image group (NGFF 0.5): channel axis first on disk, features on the token grid over the input
-    ms = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    # an OME-Zarr image group (NGFF 0.5): channel axis first on disk, features on the token grid
+    # over the input
+    ms = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["ome"][
+        "multiscales"
+    ][0]
     assert [(a["name"], a["type"], a.get("unit")) for a in ms["axes"]] == [
-        ("c", "channel", None), ("z", "space", "nanometer"), ("y", "space", "nanometer"), ("x", "space", "nanometer")]
+        ("c", "channel", None),
+        ("z", "space", "nanometer"),
+        ("y", "space", "nanometer"),
+        ("x", "space", "nanometer"),
+    ]
     vz, vy, vx = vol.voxel_size
     assert ms["datasets"][0]["coordinateTransformations"] == [
         {"type": "scale", "scale": [1.0, vz, 8 * vy, 8 * vx]},
-        {"type": "translation", "translation": [0.0, 0.0, 3.5 * vy, 3.5 * vx]}]  # cell centres
+        {"type": "translation", "translation": [0.0, 0.0, 3.5 * vy, 3.5 * vx]},
+    ]  # cell centres
     arr = json.loads((tmp_path / "a.zarr" / "0" / "zarr.json").read_text())
     assert arr["dimension_names"] == ["c", "z", "y", "x"] and arr["shape"] == [32, 1, 48, 48]
     assert fa.axes == ("z", "y", "x", "c") and fa.voxel_size == (vz, 8 * vy, 8 * vx)
     assert fa.attributes["export"]["checkpoint"] == "" and fc.attributes["layers"] == [0, 1]
-    grid = F.feature_grid_transform(replace(vol, translation=(10.0, 20.0, 30.0)), (2, 16, 24), (1, 8, 8))
-    assert grid == {"voxel_size": (vz, 8 * vy, 8 * vx),
-                    "translation": (10 + 2 * vz, 20 + 19.5 * vy, 30 + 27.5 * vx)}
+    grid = F.feature_grid_transform(
+        replace(vol, translation=(10.0, 20.0, 30.0)), (2, 16, 24), (1, 8, 8)
+    )
+    assert grid == {
+        "voxel_size": (vz, 8 * vy, 8 * vx),
+        "translation": (10 + 2 * vz, 20 + 19.5 * vy, 30 + 27.5 * vx),
+    }
     assert (fa.dtype, fb.dtype, fc.dtype) == (np.float16, np.float32, np.dtype(jnp.bfloat16))
     img = vol.read((slice(0, 1),)).astype(np.float32) / 255
     ref_final = F.encode_sections(enc, img, tile=128, margin=16)
     ref_blocks = F.encode_sections(enc, img, tile=128, margin=16, blocks=(0, 1))
-    np.testing.assert_allclose(fa.read().astype(np.float32), ref_final, rtol=1e-3, atol=1e-3)  # float16 rounding
+    # float16 rounding
+    np.testing.assert_allclose(fa.read().astype(np.float32), ref_final, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(fb.read(), ref_blocks)
-    assert np.abs(ref_final - ref_blocks[..., 32:]).max() > 0.1  # final norm != last block's raw tokens
+    assert (
+        np.abs(ref_final - ref_blocks[..., 32:]).max() > 0.1
+    )  # final norm != last block's raw tokens
     pca = fc.attributes["pca"]
-    proj = (ref_blocks - np.asarray(pca["mean"], np.float32)) @ np.asarray(pca["components"], np.float32).T
-    np.testing.assert_allclose(fc.read().astype(np.float32), proj, rtol=2e-2, atol=2e-2 * np.abs(proj).max())
+    proj = (ref_blocks - np.asarray(pca["mean"], np.float32)) @ np.asarray(
+        pca["components"], np.float32
+    ).T
+    np.testing.assert_allclose(
+        fc.read().astype(np.float32), proj, rtol=2e-2, atol=2e-2 * np.abs(proj).max()
+    )
     evr = pca["explained_variance_ratio"]
     assert len(evr) == 5 and all(x >= y for x, y in zip(evr, evr[1:])) and 0 < sum(evr) <= 1
     comp = np.asarray(pca["components"])
@@ -98,29 +150,47 @@ def test_layers_pca_and_dtype(tmp_path):
 
 
 def test_blended_windows_remove_vit_seams(tmp_path):
-    """blend=cosine (the ViT default): features where one window covers a cell are that window's features,
-    where two overlap a convex mix of both, and the block seams of margin-dropped tiles are gone."""
+    """blend=cosine (the ViT default): features where one window covers a cell are that window's
+    features, where two overlap a convex mix of both, and the block seams of margin-dropped tiles
+    are gone."""
     sys.path.insert(0, str(REPO / "experiments" / "feature_export"))
     from seams import phase_profile, ratios
 
     vol = open_volume(bundled.sample_raw())
     enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
-    kw = dict(grey_range=(0.0, 255.0), roi=[[0, 2], [0, 384], [0, 384]], tile=64, margin=32, dtype="float32",
-              show_progress=False)
+    kw = dict(
+        grey_range=(0.0, 255.0),
+        roi=[[0, 2], [0, 384], [0, 384]],
+        tile=64,
+        margin=32,
+        dtype="float32",
+        show_progress=False,
+    )
     res = F.export_features(enc, vol, tmp_path / "b.zarr", **kw)  # blend=auto
     assert res["blend"] == "cosine" and res["shape"] == [2, 48, 48, 32]
     F.export_features(enc, vol, tmp_path / "n.zarr", blend="none", **kw)
     fb, fn = (open_volume(tmp_path / n).read() for n in ("b.zarr", "n.zarr"))
-    # windows of 128 pixels (16 cells) every 64 pixels (8 cells): cells 0-7 see only the first window along y
+    # windows of 128 pixels (16 cells) every 64 pixels (8 cells): cells 0-7 see only the first
+    # window along y
     img = vol.read((slice(0, 1), slice(0, 128), slice(0, 384))).astype(np.float32)[None] / 255
-    w00, w08 = (F.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x:x + 128]) for x in (0, 64))
+    w00, w08 = (
+        F.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x : x + 128])
+        for x in (0, 64)
+    )
     np.testing.assert_allclose(fb[0, :8, :8], w00[0, 0, :8, :8], rtol=1e-5, atol=1e-5)
-    lo, hi = np.minimum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8]), np.maximum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8])
+    lo, hi = (
+        np.minimum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8]),
+        np.maximum(w00[0, 0, :8, 8:16], w08[0, 0, :8, :8]),
+    )
     mix = fb[0, :8, 8:16]
     assert (mix >= lo - 1e-5).all() and (mix <= hi + 1e-5).all() and np.abs(mix - lo).max() > 1e-3
     r_none = [ratios(phase_profile(fn, 8, a))[0] for a in (1, 2)]
-    r_blend = [ratios(phase_profile(fb, 8, a))[1] for a in (1, 2)]  # the worst phase, not just the boundary
-    assert min(r_none) > 1.35 and max(r_blend) < 1.2, (r_none, r_blend)  # measured 1.41-1.49 and 1.07-1.14
+    # the worst phase, not just the boundary
+    r_blend = [ratios(phase_profile(fb, 8, a))[1] for a in (1, 2)]
+    assert min(r_none) > 1.35 and max(r_blend) < 1.2, (
+        r_none,
+        r_blend,
+    )  # measured 1.41-1.49 and 1.07-1.14
 
 
 def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch):
@@ -131,7 +201,9 @@ def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch
     # a checkpoint of another architecture
     cfg = compose("export", ["debug=tiny", "model.width=64"])
     cfg.run_dir = str(tmp_path / "r")
-    with pytest.raises(CheckpointError, match=r"model\.width=64 in the config but 32 in the checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.width=64 in the config but 32 in the checkpoint"
+    ):
         pipeline.run_export(cfg, checkpoint=str(tiny_main_run))
     # an output of another shape, and one of the same shape from another export (other layers)
     out = tmp_path / "f.zarr"
@@ -139,11 +211,19 @@ def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch
     before = store_files(out)
     cfg = compose("export", ["debug=tiny", f"export.out={out}"])
     cfg.run_dir = str(tmp_path / "r")
-    with pytest.raises(VolumeError, match=r"exists with shape \(30, 48, 48, 7\).*writes shape \(30, 48, 48, 32\)"):
+    with pytest.raises(
+        VolumeError, match=r"exists with shape \(30, 48, 48, 7\).*writes shape \(30, 48, 48, 32\)"
+    ):
         pipeline.run_export(cfg)
     assert store_files(out) == before
     other = tmp_path / "g.zarr"
-    create_volume(other, (30, 48, 48, 32), np.float16, chunks=(1, 16, 16, 32), attributes={"export": {"layers": [0]}})
+    create_volume(
+        other,
+        (30, 48, 48, 32),
+        np.float16,
+        chunks=(1, 16, 16, 32),
+        attributes={"export": {"layers": [0]}},
+    )
     cfg.export.out = str(other)
     with pytest.raises(VolumeError, match=r"holds another export \(differs in: .*layers"):
         pipeline.run_export(cfg)
@@ -159,8 +239,14 @@ def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch
 
 def _popen(*args):
     exe = Path(sys.executable).parent / "emfm"
-    return subprocess.Popen([str(exe), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        [str(exe), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
@@ -174,7 +260,9 @@ def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
     p = _popen("export", *KILL_ARGS, f"export.out={out}", f"hydra.run.dir={tmp_path / 'a'}")
     t0 = time.time()
     while p.poll() is None and time.time() - t0 < 300:
-        if (out / "0" / "c").exists() and sum(len(f) for _, _, f in os.walk(out / "0" / "c")) >= 200:
+        if (out / "0" / "c").exists() and sum(
+            len(f) for _, _, f in os.walk(out / "0" / "c")
+        ) >= 200:
             break
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
@@ -182,16 +270,31 @@ def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
     n_done = sum(len(f) for _, _, f in os.walk(out / "0" / "c"))
     assert 200 <= n_done < total, f"kill missed the export ({n_done} of {total} blocks written)"
     port = _free_port()
-    procs = [_popen("export", *KILL_ARGS, f"export.out={out}", f"hydra.run.dir={tmp_path / 'b'}",
-                    "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
-                    "distributed.num_processes=2", f"distributed.process_id={i}") for i in range(2)]
+    procs = [
+        _popen(
+            "export",
+            *KILL_ARGS,
+            f"export.out={out}",
+            f"hydra.run.dir={tmp_path / 'b'}",
+            "distributed.enabled=true",
+            f"distributed.coordinator_address=127.0.0.1:{port}",
+            "distributed.num_processes=2",
+            f"distributed.process_id={i}",
+        )
+        for i in range(2)
+    ]
     for q in procs:
         _, err = q.communicate(timeout=400)
         assert q.returncode == 0, err[-3000:]
-    recs = [json.loads((tmp_path / "b" / n).read_text()) for n in ("export.json", "export_process1.json")]
+    recs = [
+        json.loads((tmp_path / "b" / n).read_text())
+        for n in ("export.json", "export_process1.json")
+    ]
     assert [r["process"] for r in recs] == [0, 1] and all(r["processes"] == 2 for r in recs)
     assert all(r["tiles_written"] + r["tiles_skipped"] == total // 2 for r in recs)
-    assert sum(r["tiles_skipped"] for r in recs) >= n_done - 16  # blocks in flight at the kill may be redone
+    assert (
+        sum(r["tiles_skipped"] for r in recs) >= n_done - 16
+    )  # blocks in flight at the kill may be redone
     assert all(r["tiles_written"] > 0 for r in recs)
     assert store_files(out) == store_files(ref)  # every chunk and the metadata, byte for byte
     cfg.export.out = str(out)
@@ -200,8 +303,8 @@ def test_killed_export_resumed_by_two_processes_gives_identical_bytes(tmp_path):
 
 
 def test_discover_recovers_planted_clusters(tmp_path):
-    """Features with three planted, well-separated clusters: the streamed k-means labels them exactly
-    (up to renaming), writes the label volume, one gallery per cluster and the overview."""
+    """Features with three planted, well-separated clusters: the streamed k-means labels them
+    exactly (up to renaming), writes the label volume, one gallery per cluster and the overview."""
     from emfm.export.discover import discover
 
     rng = np.random.default_rng(0)
@@ -210,31 +313,51 @@ def test_discover_recovers_planted_clusters(tmp_path):
     truth[:, :, 20:] = 2
     centres = rng.normal(size=(3, 12)) * 4
     feats = (centres[truth] + rng.normal(size=truth.shape + (12,)) * 0.3).astype(np.float16)
-    write_array(tmp_path / "f.zarr", feats, chunks=(1, 8, 8, 12),
-                attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [4, 40, 60]})
-    res = discover(str(tmp_path / "f.zarr"), tmp_path / "d", k=3, batch_size=256, examples=4, crop=32,
-                   show_progress=False)
+    write_array(
+        tmp_path / "f.zarr",
+        feats,
+        chunks=(1, 8, 8, 12),
+        attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [4, 40, 60]},
+    )
+    res = discover(
+        str(tmp_path / "f.zarr"),
+        tmp_path / "d",
+        k=3,
+        batch_size=256,
+        examples=4,
+        crop=32,
+        show_progress=False,
+    )
     lab = open_volume(res["labels"]).read()
     assert lab.shape == truth.shape and lab.dtype == np.uint8
     pairs = set(zip(truth.ravel().tolist(), lab.ravel().tolist()))
     assert len(pairs) == 3 and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == 3
     assert sorted(res["counts"]) == sorted(np.bincount(truth.ravel()).tolist())
-    assert len(res["galleries"]) == 3 and all(Path(g).stat().st_size > 1000 for g in res["galleries"])
+    assert len(res["galleries"]) == 3 and all(
+        Path(g).stat().st_size > 1000 for g in res["galleries"]
+    )
     assert Path(res["overview"]).exists() and (tmp_path / "d" / "centroids.npy").exists()
 
 
 def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch):
     """A discover stopped mid-fit, then again mid-labelling, and restarted with the same arguments
-    continues from its saved k-means state, skips the labelled regions, and matches an uninterrupted run."""
+    continues from its saved k-means state, skips the labelled regions, and matches an uninterrupted
+    run."""
     from sklearn.cluster import MiniBatchKMeans
 
     from emfm.export.discover import discover
 
     rng = np.random.default_rng(1)
     truth = rng.integers(0, 3, (8, 24, 24)).repeat(2, 1).repeat(2, 2)[:, :40, :36]
-    feats = (rng.normal(size=(3, 6))[truth] * 3 + rng.normal(size=truth.shape + (6,))).astype(np.float16)
-    write_array(tmp_path / "f.zarr", feats, chunks=(1, 8, 8, 6),
-                attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [0, 0, 0]})
+    feats = (rng.normal(size=(3, 6))[truth] * 3 + rng.normal(size=truth.shape + (6,))).astype(
+        np.float16
+    )
+    write_array(
+        tmp_path / "f.zarr",
+        feats,
+        chunks=(1, 8, 8, 6),
+        attributes={"source": bundled.sample_raw(), "stride": [1, 8, 8], "roi_origin": [0, 0, 0]},
+    )
     kw = dict(k=3, batch_size=256, examples=3, crop=16, show_progress=False, state_every_s=0.0)
     ref = discover(str(tmp_path / "f.zarr"), tmp_path / "ref", **kw)  # 8 regions (one per section)
 
@@ -246,6 +369,7 @@ def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch)
             if len(calls) > n:
                 raise RuntimeError("injected interruption")
             return orig(self, *a, **k)
+
         monkeypatch.setattr(MiniBatchKMeans, name, f)
 
     run = tmp_path / "run"
@@ -261,7 +385,9 @@ def test_interrupted_discover_resumes_to_identical_output(tmp_path, monkeypatch)
     monkeypatch.undo()
     res = discover(str(tmp_path / "f.zarr"), run, **kw)
     assert res["fit_regions_skipped"] == 8 and res["label_regions_skipped"] == 5
-    assert store_files(Path(res["labels"])) == store_files(Path(ref["labels"]))  # label chunks, byte for byte
+    assert store_files(Path(res["labels"])) == store_files(
+        Path(ref["labels"])
+    )  # label chunks, byte for byte
     assert (run / "centroids.npy").read_bytes() == (tmp_path / "ref" / "centroids.npy").read_bytes()
     for key in ("counts", "fit_vectors", "inertia_per_vector", "examples"):
         assert res[key] == ref[key], key
@@ -277,7 +403,9 @@ def test_discovery_notebook_runs_tiny(tmp_path):
     env = {"EMFM_NOTEBOOK_TINY": "1", "EMFM_NOTEBOOK_RUN_DIR": str(tmp_path / "nb")}
     os.environ.update(env)
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         for k in env:
             os.environ.pop(k)
@@ -287,33 +415,59 @@ def test_discovery_notebook_runs_tiny(tmp_path):
 
 
 def test_discover_config_and_cli_errors(tmp_path):
+    from conftest import CONFIGS, run_cli
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from conftest import CONFIGS, run_cli
     from emfm.config import schema
 
     schema.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None, job_name="t"):
-        raw = hydra_compose(config_name="discover", overrides=["features=f.zarr", "k=1", "run_dir=x"])
+        raw = hydra_compose(
+            config_name="discover", overrides=["features=f.zarr", "k=1", "run_dir=x"]
+        )
     with pytest.raises(schema.ConfigError, match=r"k=1"):
         schema.validate_discover(OmegaConf.to_object(raw))
-    res = run_cli("discover", f"features={tmp_path / 'none.zarr'}", f"hydra.run.dir={tmp_path / 'd'}")
-    assert res.returncode == 2 and f"emfm: error: volume not found: {tmp_path / 'none.zarr'}" in res.stderr
+    res = run_cli(
+        "discover", f"features={tmp_path / 'none.zarr'}", f"hydra.run.dir={tmp_path / 'd'}"
+    )
+    assert (
+        res.returncode == 2
+        and f"emfm: error: volume not found: {tmp_path / 'none.zarr'}" in res.stderr
+    )
     assert "Traceback" not in res.stderr
 
 
 def test_3d_unet_blocks_equal_whole_volume_forward(tmp_path):
-    """A 3D encoder on 3D blocks (z margin too): the exported decoder features equal one forward pass
-    over the mirrored whole volume."""
-    enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1, 1], width=8, depth=2, norm="layer"), seed=1)
+    """A 3D encoder on 3D blocks (z margin too): the exported decoder features equal one forward
+    pass over the mirrored whole volume."""
+    enc = build_encoder(
+        ModelConfig(name="unet", patch_size=[1, 1, 1], width=8, depth=2, norm="layer"), seed=1
+    )
     raw = open_volume(bundled.sample_raw()).read((slice(0, 12), slice(0, 32), slice(0, 32)))
     vol = write_array(tmp_path / "v.zarr", raw)
-    res = F.export_features(enc, vol, tmp_path / "f.zarr", grey_range=(0.0, 255.0), tile=16, margin=12, block_z=4,
-                            margin_z=10, dtype="float32", batch_size=4, show_progress=False)
-    assert res["shape"] == [12, 32, 32, 8] and res["block"] == [4, 16, 16] and res["tiles_written"] == 12
+    res = F.export_features(
+        enc,
+        vol,
+        tmp_path / "f.zarr",
+        grey_range=(0.0, 255.0),
+        tile=16,
+        margin=12,
+        block_z=4,
+        margin_z=10,
+        dtype="float32",
+        batch_size=4,
+        show_progress=False,
+    )
+    assert (
+        res["shape"] == [12, 32, 32, 8]
+        and res["block"] == [4, 16, 16]
+        and res["tiles_written"] == 12
+    )
     m = (10, 12, 12)  # the receptive field (radius 10) fits in the margins
     x = np.pad(raw.astype(np.float32) / 255, [(p, p) for p in m], mode="reflect")
-    whole = np.asarray(enc(jnp.asarray(x)[None, ..., None])[1]["patch_map"])[0, 10:-10, 12:-12, 12:-12]
+    whole = np.asarray(enc(jnp.asarray(x)[None, ..., None])[1]["patch_map"])[
+        0, 10:-10, 12:-12, 12:-12
+    ]
     np.testing.assert_allclose(open_volume(tmp_path / "f.zarr").read(), whole, rtol=0, atol=2e-5)

@@ -1,6 +1,7 @@
 """`emfm probe checkpoints=[...]` through the CLI on the bundled real EM sample: one table over
 checkpoints, probes, label fractions and seeds; a re-run with an added checkpoint computes only the
 new entries; a sweep directory expands to its runs, identified by content."""
+
 import csv
 import json
 import shutil
@@ -11,16 +12,29 @@ from conftest import run_cli
 
 def _task(tmp_path: Path) -> Path:
     p = tmp_path / "tiny_membranes.yaml"
-    p.write_text("target: membranes\npositive_label: 1\ncrop: [[0, 128], [0, 128]]\n"
-                 "train_slices: [0, 4]\nval_slices: [4, 5]\ntest_slices: [5, 7]\n")
+    p.write_text(
+        "target: membranes\npositive_label: 1\ncrop: [[0, 128], [0, 128]]\n"
+        "train_slices: [0, 4]\nval_slices: [4, 5]\ntest_slices: [5, 7]\n"
+    )
     return p
 
 
 def _probe(tmp_path: Path, name: str, checkpoints: str, *extra: str):
-    args = ["probe", "debug=tiny", f"checkpoints=[{checkpoints}]", f"benchmark.tasks=[{_task(tmp_path)}]",
-            "benchmark.fractions=[0.1,1.0]", "benchmark.seeds=[0,1]", "benchmark.steps=20", "benchmark.batch_tokens=256",
-            "benchmark.knn_references=500", f"benchmark.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / name}", "trainer.progress=false", *extra]
+    args = [
+        "probe",
+        "debug=tiny",
+        f"checkpoints=[{checkpoints}]",
+        f"benchmark.tasks=[{_task(tmp_path)}]",
+        "benchmark.fractions=[0.1,1.0]",
+        "benchmark.seeds=[0,1]",
+        "benchmark.steps=20",
+        "benchmark.batch_tokens=256",
+        "benchmark.knn_references=500",
+        f"benchmark.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / name}",
+        "trainer.progress=false",
+        *extra,
+    ]
     return run_cli(*args)
 
 
@@ -36,7 +50,10 @@ def test_benchmark_table_and_cache_over_checkpoints(tiny_main_run: Path, tmp_pat
     second_ids = [(k, v["identity"]) for k, v in second["checkpoints"].items()]
     assert (second["computed"], second["from_cache"]) == (12, 12)  # only the added checkpoint ran
     rows = list(csv.DictReader(open(tmp_path / "b" / "benchmark.csv")))
-    assert len(rows) == 2 * 3 * 2 and {r["checkpoint"] for r in rows} == {"random", tiny_main_run.name}
+    assert len(rows) == 2 * 3 * 2 and {r["checkpoint"] for r in rows} == {
+        "random",
+        tiny_main_run.name,
+    }
     for row in rows:
         assert row["seeds"] == "2" and 0 <= float(row["f1_mean"]) <= 1 and float(row["f1_std"]) >= 0
         assert float(row["adapted_rand_error_mean"]) <= 1 and float(row["voi_mean"]) >= 0
@@ -45,7 +62,8 @@ def test_benchmark_table_and_cache_over_checkpoints(tiny_main_run: Path, tmp_pat
     for f in ("label_efficiency_tiny_membranes.png", "overlay_tiny_membranes.png"):
         assert (tmp_path / "b" / "figures" / f).stat().st_size > 1000
 
-    # a sweep directory expands to its runs; a copied run has the same content hash (same cache entries)
+    # a sweep directory expands to its runs; a copied run has the same content hash (same cache
+    # entries)
     from emfm.config.schema import ModelConfig
     from emfm.eval.benchmark import expand_checkpoints
 
@@ -78,9 +96,17 @@ def test_val_split_never_reads_test_sections(tmp_path, monkeypatch):
         return orig(tc, img, lab, z, key)
 
     monkeypatch.setattr(tasks, "_read", spy)
-    tc = TaskConfig(name="t", target="membranes", positive_label=1, crop=[[0, 64], [0, 64]],
-                    train_slices=[0, 4], val_slices=[4, 6], test_slices=[6, 8],
-                    test_image="/no/such/test_volume.tif", test_labels="/no/such/test_labels.tif")
+    tc = TaskConfig(
+        name="t",
+        target="membranes",
+        positive_label=1,
+        crop=[[0, 64], [0, 64]],
+        train_slices=[0, 4],
+        val_slices=[4, 6],
+        test_slices=[6, 8],
+        test_image="/no/such/test_volume.tif",
+        test_labels="/no/such/test_labels.tif",
+    )
     task = tasks.load(tc, "val")
     assert read == ["train_slices", "val_slices"] and task.val is None
     assert task.test.images.shape == (2, 64, 64)
@@ -90,17 +116,34 @@ def test_val_split_never_reads_test_sections(tmp_path, monkeypatch):
 
 
 def test_val_split_table_is_labelled(tiny_main_run, tmp_path):
-    r = _probe(tmp_path, "v", f"random,{tiny_main_run}", "benchmark.split=val", "benchmark.probes=[linear]",
-               "benchmark.fractions=[1.0]", "benchmark.seeds=[0]")
+    r = _probe(
+        tmp_path,
+        "v",
+        f"random,{tiny_main_run}",
+        "benchmark.split=val",
+        "benchmark.probes=[linear]",
+        "benchmark.fractions=[1.0]",
+        "benchmark.seeds=[0]",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "v" / "benchmark.json").read_text())
     assert out["split"] == "val"
-    assert "validation sections (model selection; test sections unread)" in (tmp_path / "v" / "benchmark.md").read_text()
+    assert (
+        "validation sections (model selection; test sections unread)"
+        in (tmp_path / "v" / "benchmark.md").read_text()
+    )
 
 
 def test_features_chosen_per_checkpoint_on_validation(tiny_main_run, tmp_path):
-    r = _probe(tmp_path, "s", f"random,{tiny_main_run}", "benchmark.blocks_choices=[[],[0]]",
-               "benchmark.probes=[linear]", "benchmark.fractions=[1.0]", "benchmark.seeds=[0,1]")
+    r = _probe(
+        tmp_path,
+        "s",
+        f"random,{tiny_main_run}",
+        "benchmark.blocks_choices=[[],[0]]",
+        "benchmark.probes=[linear]",
+        "benchmark.fractions=[1.0]",
+        "benchmark.seeds=[0,1]",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "s" / "benchmark.json").read_text())
     assert set(out["features"]) == {"random", tiny_main_run.name}
@@ -109,4 +152,7 @@ def test_features_chosen_per_checkpoint_on_validation(tiny_main_run, tmp_path):
         assert json.dumps(out["features"][name]) == max(sel, key=sel.get)  # the best on validation
     for rec in out["records"]:  # the test entries use each checkpoint's own choice only
         assert rec["blocks"] == out["features"][rec["checkpoint"]]
-    assert "Features chosen per checkpoint on the validation sections" in (tmp_path / "s" / "benchmark.md").read_text()
+    assert (
+        "Features chosen per checkpoint on the validation sections"
+        in (tmp_path / "s" / "benchmark.md").read_text()
+    )

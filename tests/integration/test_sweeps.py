@@ -1,15 +1,23 @@
-"""Local sweeps (Hydra multirun), the runs summary, and the Slurm launcher config up to its sbatch script."""
+"""Local sweeps (Hydra multirun), the runs summary, and the Slurm launcher config up to its sbatch
+script."""
+
 import csv
 import json
-from pathlib import Path
 
 from conftest import CONFIGS, run_cli
 
 
 def test_multirun_sweep_then_summarize(tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_cli("pretrain", "-m", "debug=tiny", "trainer.progress=false", "trainer.tensorboard=false",
-                  "objective.mask_ratio=0.5,0.75", f"hydra.sweep.dir={sweep}")
+    res = run_cli(
+        "pretrain",
+        "-m",
+        "debug=tiny",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "objective.mask_ratio=0.5,0.75",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "config.yaml").exists())
     assert len(runs) == 2
@@ -17,7 +25,9 @@ def test_multirun_sweep_then_summarize(tmp_path):
     # a third run that "died": status running, files old
     dead = sweep / "dead"
     dead.mkdir()
-    (dead / "config.yaml").write_text((runs[0] / "config.yaml").read_text().replace("mask_ratio: 0.5", "mask_ratio: 0.9"))
+    (dead / "config.yaml").write_text(
+        (runs[0] / "config.yaml").read_text().replace("mask_ratio: 0.5", "mask_ratio: 0.9")
+    )
     (dead / "status.json").write_text(json.dumps({"status": "running"}))
     res = run_cli("runs", "summarize", str(sweep), "--stale-after", "0")
     assert res.returncode == 0, res.stderr
@@ -41,16 +51,38 @@ def test_slurm_launcher_composes_and_writes_sbatch(tmp_path):
 
     schema.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None, job_name="pretrain"):
-        cfg = compose("pretrain", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                             "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4",
-                                             "hydra.launcher.nodes=2"], return_hydra_config=True)
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.tasks_per_node=4",
+                "hydra.launcher.nodes=2",
+            ],
+            return_hydra_config=True,
+        )
     la = cfg.hydra.launcher
     assert la._target_.endswith("SlurmLauncher")
-    text = _make_sbatch_string(command="emfm pretrain model=vit_b16", folder=tmp_path, job_name="pretrain",
-                               partition=la.partition, time=la.timeout_min, nodes=la.nodes,
-                               ntasks_per_node=la.tasks_per_node, gpus_per_node=la.gpus_per_node,
-                               cpus_per_task=la.cpus_per_task, mem=f"{la.mem_gb}GB", signal_delay_s=la.signal_delay_s)
-    for line in ["#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --gpus-per-node=4", "#SBATCH --time=1440"]:
+    text = _make_sbatch_string(
+        command="emfm pretrain model=vit_b16",
+        folder=tmp_path,
+        job_name="pretrain",
+        partition=la.partition,
+        time=la.timeout_min,
+        nodes=la.nodes,
+        ntasks_per_node=la.tasks_per_node,
+        gpus_per_node=la.gpus_per_node,
+        cpus_per_task=la.cpus_per_task,
+        mem=f"{la.mem_gb}GB",
+        signal_delay_s=la.signal_delay_s,
+    )
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=1440",
+    ]:
         assert line in text, line
     assert "emfm pretrain model=vit_b16" in text

@@ -1,5 +1,6 @@
 """The model zoo: checkpoints shipped in the package, used as `zoo:NAME` wherever a checkpoint is
 accepted; `emfm zoo list`; a wrong name is a one-line error listing the names."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import run_cli
 from flax import nnx
 
-from conftest import run_cli
 from emfm import zoo
+from emfm.train.publish import publish
 
 
 def test_shipped_zoo_lists_and_loads():
@@ -36,9 +38,12 @@ def test_shipped_zoo_lists_and_loads():
 
 
 def test_unknown_zoo_name_is_one_line_listing_the_names(tmp_path):
-    for args in (["probe", "checkpoint=zoo:no_such_model"], ["export", "checkpoint=zoo:no_such_model"],
-                 ["probe", "checkpoints=[random,zoo:no_such_model]"], ["finetune", "regime=frozen", "debug=seg_tiny",
-                                                                       "checkpoint=zoo:no_such_model"]):
+    for args in (
+        ["probe", "checkpoint=zoo:no_such_model"],
+        ["export", "checkpoint=zoo:no_such_model"],
+        ["probe", "checkpoints=[random,zoo:no_such_model]"],
+        ["finetune", "regime=frozen", "debug=seg_tiny", "checkpoint=zoo:no_such_model"],
+    ):
         debug = [] if any(a.startswith("debug=") for a in args) else ["debug=tiny"]
         r = run_cli(*args, *debug, f"hydra.run.dir={tmp_path / args[0]}")
         assert r.returncode == 2, (args, r.stderr[-1500:])
@@ -51,15 +56,20 @@ def test_unknown_zoo_name_is_one_line_listing_the_names(tmp_path):
 def test_publish_round_trip(tiny_main_run: Path, tmp_path):
     from emfm.train.state import load_encoder
 
-    d = zoo.publish(tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path)
+    d = publish(
+        tiny_main_run, "tiny_test", description="tiny test model", card="# tiny\n", root=tmp_path
+    )
     entry = json.loads((d / "entry.json").read_text())
     assert entry["name"] == "tiny_test" and entry["params_m"] > 0
     a, _ = load_encoder(str(tiny_main_run))
     b, meta = load_encoder(str(d))
     la, lb = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
     assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
     # slimmer than the training checkpoint: no optimiser state
-    size = lambda p: sum(f.stat().st_size for f in (p / "checkpoints").rglob("*") if f.is_file())  # noqa: E731
+    def size(p):
+        return sum(f.stat().st_size for f in (p / "checkpoints").rglob("*") if f.is_file())
+
     assert size(d) < size(tiny_main_run) / 2
     with pytest.raises(zoo.ZooError, match="exists"):
-        zoo.publish(tiny_main_run, "tiny_test", description="", card="", root=tmp_path)
+        publish(tiny_main_run, "tiny_test", description="", card="", root=tmp_path)

@@ -1,4 +1,6 @@
-"""Augmentation invariants: seeded, labels move with images, identity at zero strength, artefact semantics."""
+"""Augmentation invariants: seeded, labels move with images, identity at zero strength, artefact
+semantics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +23,9 @@ def test_geometric_moves_labels_with_images_and_is_seeded():
     for i in range(4):  # a flip / rotation per example: the same values, rearranged
         np.testing.assert_array_equal(np.sort(a[i].ravel()), np.sort(x[i].ravel()))
     assert not np.array_equal(a, x)
-    r, _ = augment.geometric(np.random.default_rng(0), _batch(shape=(8, 1, 8, 12)), _batch(shape=(8, 1, 8, 12)))
+    r, _ = augment.geometric(
+        np.random.default_rng(0), _batch(shape=(8, 1, 8, 12)), _batch(shape=(8, 1, 8, 12))
+    )
     assert r.shape == (8, 1, 8, 12)  # non-square patches keep their shape
 
 
@@ -30,7 +34,9 @@ def test_intensity_seeded_and_per_example():
     a = augment.intensity(np.random.default_rng(1), x)
     np.testing.assert_array_equal(a, augment.intensity(np.random.default_rng(1), x))
     assert a.dtype == np.float32 and a.shape == x.shape
-    same = augment.intensity(np.random.default_rng(1), x, brightness=0, contrast=0, gamma=0, noise=0)
+    same = augment.intensity(
+        np.random.default_rng(1), x, brightness=0, contrast=0, gamma=0, noise=0
+    )
     np.testing.assert_allclose(same, x, atol=1e-6)
 
 
@@ -42,7 +48,9 @@ def test_gaussian_blur():
     assert (y.std(axis=(1, 2, 3)) < 0.6 * x.std(axis=(1, 2, 3))).all()  # noise is smoothed
     np.testing.assert_allclose(y.mean(), x.mean(), atol=0.01)
     c = np.full((2, 1, 9, 9), 0.3, np.float32)
-    np.testing.assert_allclose(augment.gaussian_blur(np.random.default_rng(0), c, p=1.0), c, atol=1e-6)
+    np.testing.assert_allclose(
+        augment.gaussian_blur(np.random.default_rng(0), c, p=1.0), c, atol=1e-6
+    )
     d = np.zeros((1, 1, 9, 9), np.float32)
     d[0, 0, 4, 4] = 1  # an impulse becomes a symmetric, normalised blob
     k = augment.gaussian_blur(np.random.default_rng(0), d, sigma=(1.0, 1.0), p=1.0)[0, 0]
@@ -59,9 +67,13 @@ def test_elastic_same_field_for_images_and_labels():
     np.testing.assert_array_equal(la, lab)
     # a smooth ramp, warped as float (linear) and as integer (nearest) with the same field,
     # agrees to within the ramp's slope; labels keep their ids and dtype
-    ramp = np.broadcast_to(np.arange(32, dtype=np.float32)[None, None, None, :] * 10, (3, 2, 24, 32)).copy()
+    ramp = np.broadcast_to(
+        np.arange(32, dtype=np.float32)[None, None, None, :] * 10, (3, 2, 24, 32)
+    ).copy()
     ids = np.random.default_rng(3).integers(0, 5, ramp.shape).astype(np.uint16)
-    a, la, lb = augment.elastic(np.random.default_rng(1), ramp, ramp.astype(np.int64), ids, strength=3.0, p=1.0)
+    a, la, lb = augment.elastic(
+        np.random.default_rng(1), ramp, ramp.astype(np.int64), ids, strength=3.0, p=1.0
+    )
     assert np.abs(a - la).max() <= 5.0 + 1e-4 and np.abs(a - ramp).max() > 5
     assert la.dtype == np.int64 and lb.dtype == np.uint16 and set(np.unique(lb)) <= set(range(5))
     b = augment.elastic(np.random.default_rng(1), ramp, strength=3.0, p=1.0)[0]
@@ -72,22 +84,45 @@ def test_elastic_same_field_for_images_and_labels():
 def test_section_artefacts():
     x = _batch(shape=(6, 8, 16, 16))
     np.testing.assert_array_equal(
-        augment.sections(np.random.default_rng(0), x, p_missing=0, p_duplicate=0, p_shift=0, p_contrast=0), x)
-    m = augment.sections(np.random.default_rng(0), x, p_missing=1, p_duplicate=0, p_shift=0, p_contrast=0)
+        augment.sections(
+            np.random.default_rng(0), x, p_missing=0, p_duplicate=0, p_shift=0, p_contrast=0
+        ),
+        x,
+    )
+    m = augment.sections(
+        np.random.default_rng(0), x, p_missing=1, p_duplicate=0, p_shift=0, p_contrast=0
+    )
     assert (m == 0).all()
-    d = augment.sections(np.random.default_rng(0), x, p_missing=0, p_duplicate=1, p_shift=0, p_contrast=0)
-    np.testing.assert_array_equal(d[:, 1:], x[:, :-1])  # every section but the first copies the one before
-    s = augment.sections(np.random.default_rng(0), x, p_missing=0, p_duplicate=0, p_shift=1, max_shift=3,
-                         p_contrast=0)
+    d = augment.sections(
+        np.random.default_rng(0), x, p_missing=0, p_duplicate=1, p_shift=0, p_contrast=0
+    )
+    # every section but the first copies the one before
+    np.testing.assert_array_equal(d[:, 1:], x[:, :-1])
+    s = augment.sections(
+        np.random.default_rng(0),
+        x,
+        p_missing=0,
+        p_duplicate=0,
+        p_shift=1,
+        max_shift=3,
+        p_contrast=0,
+    )
     # a shift keeps the interior of each section, displaced by at most 3 px
     for i in range(2):
         for k in range(8):
-            assert any(np.array_equal(s[i, k, 3:-3, 3:-3], x[i, k, 3 - dy:13 - dy, 3 - dx:13 - dx])
-                       for dy in range(-3, 4) for dx in range(-3, 4))
-    c = augment.sections(np.random.default_rng(0), x, p_missing=0, p_duplicate=0, p_shift=0, p_contrast=1)
+            assert any(
+                np.array_equal(s[i, k, 3:-3, 3:-3], x[i, k, 3 - dy : 13 - dy, 3 - dx : 13 - dx])
+                for dy in range(-3, 4)
+                for dx in range(-3, 4)
+            )
+    c = augment.sections(
+        np.random.default_rng(0), x, p_missing=0, p_duplicate=0, p_shift=0, p_contrast=1
+    )
     ratio = c.sum(axis=(2, 3)) / x.sum(axis=(2, 3))
     assert ratio.std() > 0.05 and (c >= 0).all() and (c <= 1).all()
-    np.testing.assert_array_equal(augment.sections(np.random.default_rng(4), x), augment.sections(np.random.default_rng(4), x))
+    np.testing.assert_array_equal(
+        augment.sections(np.random.default_rng(4), x), augment.sections(np.random.default_rng(4), x)
+    )
 
 
 def test_two_views():
@@ -107,11 +142,19 @@ def test_per_example_ops_move_labels_and_reject_unknown_names():
     x = np.broadcast_to(ramp, (6, 2, 24, 24)).copy()
     lab = np.rint(x * 480).astype(np.int32)
     rngs = [np.random.default_rng([0, i]) for i in range(6)]
-    img, la = augment.per_example(rngs, x, lab, ops=["elastic", "flip_rot"], p_elastic=1.0, elastic_strength=2.0)
+    img, la = augment.per_example(
+        rngs, x, lab, ops=["elastic", "flip_rot"], p_elastic=1.0, elastic_strength=2.0
+    )
     assert la.dtype == np.int32 and np.abs(img * 480 - la).max() <= 20 + 1e-3
     assert np.abs(img - x).max() > 0.05  # something moved
-    again = augment.per_example([np.random.default_rng([0, i]) for i in range(6)], x, lab, ops=["flip_rot", "elastic"],
-                                p_elastic=1.0, elastic_strength=2.0)
+    again = augment.per_example(
+        [np.random.default_rng([0, i]) for i in range(6)],
+        x,
+        lab,
+        ops=["flip_rot", "elastic"],
+        p_elastic=1.0,
+        elastic_strength=2.0,
+    )
     np.testing.assert_array_equal(again[0], img)  # order of the names does not matter; seeded
     np.testing.assert_allclose(augment.per_example(rngs, x, ops=[])[0], x, atol=1e-6)
     with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['rotate'\]"):

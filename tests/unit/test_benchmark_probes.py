@@ -1,13 +1,14 @@
 """Probing benchmark library: probes on features with a known answer, exact metrics on synthetic
 ground truth, a 3D encoder end to end on a synthetic volume, and the errors for bad input."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-
 from conftest import CONFIGS
+
 from emfm.config.schema import BenchmarkConfig, ConfigError, ModelConfig, TaskConfig
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import VolumeError, write_array
@@ -15,7 +16,8 @@ from emfm.eval import benchmark, probes, tasks
 
 
 def _separable(seed=0, n=6, g=16, cell=4, d=16):
-    """Token features that cluster by the class of the token's pixels (first channel +-2 plus noise)."""
+    """Token features that cluster by the class of the token's pixels (first channel +-2 plus
+    noise)."""
     rng = np.random.default_rng(seed)
     cls = rng.random((n, g, g)) < 0.3
     f = (0.5 * rng.normal(size=(n, g, g, d))).astype(np.float32)
@@ -26,8 +28,9 @@ def _separable(seed=0, n=6, g=16, cell=4, d=16):
 @pytest.mark.parametrize("kind", probes.PROBES)
 def test_probes_learn_a_separable_task_from_few_labels(kind):
     f, fg = _separable()
-    s = probes.ProbeSettings(steps=60, batch_tokens=128, lr=0.05, hidden=32, knn_k=5, knn_references=400,
-                             knn_stride=2)
+    s = probes.ProbeSettings(
+        steps=60, batch_tokens=128, lr=0.05, hidden=32, knn_k=5, knn_references=400, knn_stride=2
+    )
     mask = probes.label_mask(fg.shape, 0.25, seed=0, fg=fg)
     (p,) = probes.fit_predict(kind, s, f[:5], fg[:5], mask[:5], [f[5:]], seed=0)
     assert p.shape == fg[5:].shape and p.min() >= 0 and p.max() <= 1
@@ -59,22 +62,46 @@ def _task_on(tmp_path, img, lab, **kw) -> TaskConfig:
 
 def test_exact_predictions_score_perfectly(tmp_path):
     em = synthetic_em((6, 64, 64), seed=3, cell_size=24.0)
-    tc = _task_on(tmp_path, em.image, em.membranes.astype(np.uint8), target="membranes", positive_label=1,
-                  train_slices=[0, 3], test_slices=[3, 6])
+    tc = _task_on(
+        tmp_path,
+        em.image,
+        em.membranes.astype(np.uint8),
+        target="membranes",
+        positive_label=1,
+        train_slices=[0, 3],
+        test_slices=[3, 6],
+    )
     t = tasks.load(tc)
     s = tasks.scores(t, t.test.fg.astype(float), t.test)
     assert s["f1"] == 1.0 and s["iou"] == 1.0 and s["adapted_rand_error"] < 0.02
     worse = tasks.scores(t, np.zeros_like(t.test.fg, float), t.test)
     assert worse["f1"] == 0.0 and worse["adapted_rand_error"] > 0.5
     # mitochondria: organelles as foreground, instance F1 of connected components
-    tm = tasks.load(_task_on(tmp_path / "m", em.image, (em.organelles > 0).astype(np.uint8), target="mitochondria",
-                             train_slices=[0, 3], test_slices=[3, 6]))
+    tm = tasks.load(
+        _task_on(
+            tmp_path / "m",
+            em.image,
+            (em.organelles > 0).astype(np.uint8),
+            target="mitochondria",
+            train_slices=[0, 3],
+            test_slices=[3, 6],
+        )
+    )
     sm = tasks.scores(tm, tm.test.fg.astype(float), tm.test)
     assert sm["iou"] == 1.0 and sm["instance_f1"] == 1.0 and sm["n_pred"] == sm["n_gt"] > 0
     # neuron boundaries: the label values are the instances, 0 = boundary
     cells = np.where(em.membranes, 0, em.cells).astype(np.uint32)
-    tb = tasks.load(_task_on(tmp_path / "b", em.image, cells, target="neuron_boundaries", positive_label=0,
-                             train_slices=[0, 3], test_slices=[3, 6]))
+    tb = tasks.load(
+        _task_on(
+            tmp_path / "b",
+            em.image,
+            cells,
+            target="neuron_boundaries",
+            positive_label=0,
+            train_slices=[0, 3],
+            test_slices=[3, 6],
+        )
+    )
     sb = tasks.scores(tb, tb.test.fg.astype(float), tb.test)
     assert sb["f1"] == 1.0 and sb["voi"] < 0.2
 
@@ -82,7 +109,15 @@ def test_exact_predictions_score_perfectly(tmp_path):
 def test_task_errors_name_the_culprit(tmp_path):
     img = np.zeros((4, 32, 32), np.uint8)
     with pytest.raises(VolumeError, match="labels .* have shape \\(4, 32, 16\\)"):
-        tasks.load(_task_on(tmp_path, img, np.zeros((4, 32, 16), np.uint8), train_slices=[0, 2], test_slices=[2, 4]))
+        tasks.load(
+            _task_on(
+                tmp_path,
+                img,
+                np.zeros((4, 32, 16), np.uint8),
+                train_slices=[0, 2],
+                test_slices=[2, 4],
+            )
+        )
     with pytest.raises(VolumeError, match="test_slices=\\[2, 9\\] lies outside"):
         tasks.load(_task_on(tmp_path / "b", img, img, train_slices=[0, 2], test_slices=[2, 9]))
     with pytest.raises(VolumeError, match="no pixel of both classes"):
@@ -117,16 +152,41 @@ def test_benchmark_and_checkpoint_errors(tmp_path):
 
 def test_3d_encoder_benchmark_on_a_synthetic_volume(tmp_path):
     em = synthetic_em((16, 64, 64), seed=1, cell_size=20.0, spacing=(2.0, 1.0, 1.0))
-    tc = _task_on(tmp_path, em.image, em.membranes.astype(np.uint8), target="membranes", positive_label=1,
-                  train_slices=[0, 8], val_slices=[8, 10], test_slices=[10, 16])
+    tc = _task_on(
+        tmp_path,
+        em.image,
+        em.membranes.astype(np.uint8),
+        target="membranes",
+        positive_label=1,
+        train_slices=[0, 8],
+        val_slices=[8, 10],
+        test_slices=[10, 16],
+    )
     model = ModelConfig(patch_size=[2, 8, 8], width=32, depth=1, heads=2)
     (ck,) = benchmark.expand_checkpoints(["random"], model)
-    feats = benchmark.encode(ck.encoder(), np.random.rand(5, 40, 48).astype(np.float32),
-                             BenchmarkConfig(tile=16, margin=8))
-    assert feats.shape == (5, 5, 6, 32) and np.array_equal(feats[0], feats[1]) and not np.array_equal(feats[1], feats[2])
-    bench = BenchmarkConfig(tasks=["t"], probes=["linear", "knn"], fractions=[0.5], seeds=[0, 1], steps=30,
-                            batch_tokens=128, knn_references=300, tile=32, margin=8,
-                            cache_dir=str(tmp_path / "cache"), figures=False)
+    feats = benchmark.encode(
+        ck.encoder(),
+        np.random.rand(5, 40, 48).astype(np.float32),
+        BenchmarkConfig(tile=16, margin=8),
+    )
+    assert (
+        feats.shape == (5, 5, 6, 32)
+        and np.array_equal(feats[0], feats[1])
+        and not np.array_equal(feats[1], feats[2])
+    )
+    bench = BenchmarkConfig(
+        tasks=["t"],
+        probes=["linear", "knn"],
+        fractions=[0.5],
+        seeds=[0, 1],
+        steps=30,
+        batch_tokens=128,
+        knn_references=300,
+        tile=32,
+        margin=8,
+        cache_dir=str(tmp_path / "cache"),
+        figures=False,
+    )
     out = benchmark.run_benchmark([tc], [ck], bench, tmp_path / "run")
     assert out["computed"] == 4 and out["from_cache"] == 0
     rows = json.loads((tmp_path / "run" / "benchmark.json").read_text())["rows"]
@@ -136,6 +196,7 @@ def test_3d_encoder_benchmark_on_a_synthetic_volume(tmp_path):
 
 def test_feature_cache_keeps_the_most_recently_used_files_under_its_size(tmp_path):
     import os
+
     paths = []
     for i in range(5):  # 5 files of 1 MB, oldest first
         p = tmp_path / f"f{i}.npz"
@@ -146,4 +207,6 @@ def test_feature_cache_keeps_the_most_recently_used_files_under_its_size(tmp_pat
     removed = benchmark.prune_cache(tmp_path, max_gb=0.0035, keep=paths[4])
     assert sorted(p.name for p in removed) == ["f1.npz", "f2.npz"]
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["f0.npz", "f3.npz", "f4.npz"]
-    assert benchmark.prune_cache(tmp_path, max_gb=0.0, keep=paths[4]) and [p.name for p in tmp_path.glob("*.npz")] == ["f4.npz"]
+    assert benchmark.prune_cache(tmp_path, max_gb=0.0, keep=paths[4]) and [
+        p.name for p in tmp_path.glob("*.npz")
+    ] == ["f4.npz"]

@@ -1,5 +1,6 @@
 """How the CLI reports failures: the user's input in one line (exit 2), a bug with its traceback
 (exit 1), a preemption with 128 + the signal; and progress bars that stay quiet in log files."""
+
 from __future__ import annotations
 
 import signal
@@ -47,7 +48,8 @@ def test_preemption_exit_status_and_the_scheduler_hook(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         task(OmegaConf.create({}))
     assert e.value.code == 128 + signal.SIGUSR2
-    # the handler installed before (a scheduler's, e.g. submitit's requeue) runs after the checkpoint
+    # the handler installed before (a scheduler's, e.g. submitit's requeue) runs after the
+    # checkpoint
     seen = []
     old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(("scheduler", s)))
     try:
@@ -85,7 +87,9 @@ def test_progress_is_rate_limited_without_a_terminal(monkeypatch):
         bar.set_postfix(refresh=False, loss="1.0")
         bar.update(1)
     bar.close()
-    assert out.getvalue().count("\r") <= 3, out.getvalue()  # the first draw and the final one, no more
+    assert out.getvalue().count("\r") <= 3, (
+        out.getvalue()
+    )  # the first draw and the final one, no more
 
 
 def test_slurm_auto_start_only_in_a_step_of_several_tasks(monkeypatch):
@@ -95,7 +99,8 @@ def test_slurm_auto_start_only_in_a_step_of_several_tasks(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert slurm_step_tasks() == 1  # not in Slurm
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv("SLURM_NTASKS", "4")  # an allocation of 4 tasks, this process started by hand
+    # an allocation of 4 tasks, this process started by hand
+    monkeypatch.setenv("SLURM_NTASKS", "4")
     assert slurm_step_tasks() == 1
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun: a step of 4 tasks
     assert slurm_step_tasks() == 4
@@ -109,8 +114,19 @@ def test_a_coordinator_that_never_answers_is_a_clear_error(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    res = run_cli("pretrain", "debug=tiny", "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
-                  "distributed.num_processes=2", "distributed.process_id=1", "distributed.timeout_s=2",
-                  f"hydra.run.dir={tmp_path / 'r'}", timeout=120)
+    res = run_cli(
+        "pretrain",
+        "debug=tiny",
+        "distributed.enabled=true",
+        f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+        "distributed.process_id=1",
+        "distributed.timeout_s=2",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert f"the coordinator 127.0.0.1:{port} did not answer within distributed.timeout_s=2" in res.stderr
+    assert (
+        f"the coordinator 127.0.0.1:{port} did not answer within distributed.timeout_s=2"
+        in res.stderr
+    )

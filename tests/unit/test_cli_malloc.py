@@ -1,5 +1,6 @@
 """`emfm predict|instances` cap glibc's malloc arenas before any thread starts (the peak memory of
 blockwise runs otherwise grows with the number of blocks: experiments/segmentation/README.md)."""
+
 import os
 import subprocess
 import sys
@@ -25,22 +26,35 @@ with tempfile.NamedTemporaryFile(suffix=".xml") as f:
 
 
 def probe(cmd: str, **env) -> tuple[str, int]:
-    e = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "EMFM_MALLOC_ARENA_MAX")}
-    r = subprocess.run([sys.executable, "-c", PROBE, cmd], env={**e, **env}, capture_output=True, text=True)
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MALLOC_ARENA_MAX", "EMFM_MALLOC_ARENA_MAX")
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, cmd], env={**e, **env}, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     cap, heaps = r.stdout.split()
     return cap, int(heaps)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="malloc arenas are glibc's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="malloc arenas are glibc's",
+)
 def test_blockwise_commands_cap_malloc_arenas():
     assert probe("instances") == ("1", 1)  # default: one arena, whatever the threads do
-    cap, heaps = probe("instances", EMFM_MALLOC_ARENA_MAX="0")  # glibc's default: an arena per thread
+    # glibc's default: an arena per thread
+    cap, heaps = probe("instances", EMFM_MALLOC_ARENA_MAX="0")
     assert cap == "None" and heaps > 1
     assert probe("predict", EMFM_MALLOC_ARENA_MAX="2")[0] == "2"
     assert probe("finetune")[0] == "None"  # training keeps glibc's default
     assert probe("predict", MALLOC_ARENA_MAX="3")[0] == "None"  # glibc's own setting is left to it
-    r = subprocess.run([sys.executable, "-c", "from emfm.cli.main import limit_malloc_arenas as f; f('predict')"],
-                       env={**os.environ, "EMFM_MALLOC_ARENA_MAX": "many"}, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "from emfm.cli.main import limit_malloc_arenas as f; f('predict')"],
+        env={**os.environ, "EMFM_MALLOC_ARENA_MAX": "many"},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "EMFM_MALLOC_ARENA_MAX='many'" in r.stderr

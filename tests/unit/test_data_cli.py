@@ -1,4 +1,6 @@
-"""`emfm data import` / `emfm data info`: TIFF (real ISBI + synthetic) to OME-Zarr, levels, labels, errors."""
+"""`emfm data import` / `emfm data info`: TIFF (real ISBI + synthetic) to OME-Zarr, levels, labels,
+errors."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +32,25 @@ def test_downsample_mean_and_mode():
 def test_import_synthetic_tif_levels_and_info(tmp_path, capsys):
     x = np.random.default_rng(1).integers(0, 4000, (5, 20, 18)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "s.tif", x)
-    main(["data", "import", str(tmp_path / "s.tif"), str(tmp_path / "s.zarr"), "--voxel-size", "30", "5", "5",
-          "--chunks", "2", "8", "8", "--levels", "3", "--no-progress"])
+    main(
+        [
+            "data",
+            "import",
+            str(tmp_path / "s.tif"),
+            str(tmp_path / "s.zarr"),
+            "--voxel-size",
+            "30",
+            "5",
+            "5",
+            "--chunks",
+            "2",
+            "8",
+            "8",
+            "--levels",
+            "3",
+            "--no-progress",
+        ]
+    )
     g = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
     assert g["node_type"] == "group" and g["attributes"]["ome"]["version"] == "0.5"
     v0 = open_volume(tmp_path / "s.zarr")
@@ -46,9 +65,15 @@ def test_import_synthetic_tif_levels_and_info(tmp_path, capsys):
     capsys.readouterr()
     main(["data", "info", str(tmp_path / "s.zarr"), "--json"])
     info = json.loads(capsys.readouterr().out)
-    assert info["shape"] == [5, 20, 18] and info["dtype"] == "uint16" and info["chunks"] == [2, 8, 8]
+    assert (
+        info["shape"] == [5, 20, 18] and info["dtype"] == "uint16" and info["chunks"] == [2, 8, 8]
+    )
     assert [s["shape"] for s in info["scales"]] == [[5, 20, 18], [5, 10, 9], [5, 5, 5]]
-    assert info["range"]["min"] == x.min() and info["range"]["max"] == x.max() and info["range"]["exact"]
+    assert (
+        info["range"]["min"] == x.min()
+        and info["range"]["max"] == x.max()
+        and info["range"]["exact"]
+    )
     main(["data", "info", str(tmp_path / "s.zarr"), "--level", "1"])
     table = capsys.readouterr().out
     assert "5 x 10 x 9 (zyx)" in table and "30 x 10 x 10 nm" in table and "level" in table
@@ -61,7 +86,10 @@ def test_import_labels_use_mode(tmp_path):
     tifffile.imwrite(tmp_path / "l.tif", lab)
     import_volume(tmp_path / "l.tif", tmp_path / "l.zarr", levels=2, labels=True, progress=False)
     v1 = open_volume(tmp_path / "l.zarr", level=1).read()
-    assert set(np.unique(v1)) <= {0, 70000}  # mode never invents ids; the mean would give e.g. 52500
+    assert set(np.unique(v1)) <= {
+        0,
+        70000,
+    }  # mode never invents ids; the mean would give e.g. 52500
     assert v1[0, 0, 0] == 70000
     with pytest.raises(VolumeError, match="integer dtype"):
         tifffile.imwrite(tmp_path / "f.tif", lab.astype(np.float32))
@@ -99,22 +127,48 @@ def test_hdf5_import(tmp_path, monkeypatch):
     # streamed: the source is read one slab of chunks[0] sections at a time, never whole
     reads = []
     getitem = h5py.Dataset.__getitem__
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, k: reads.append(k) or getitem(self, k))
-    main(["data", "import", str(tmp_path / "a.h5"), str(tmp_path / "b.zarr"), "--dataset", "volumes/raw",
-          "--chunks", "2", "8", "8", "--levels", "2", "--voxel-size", "40", "4", "4", "--no-progress"])
+    monkeypatch.setattr(
+        h5py.Dataset, "__getitem__", lambda self, k: reads.append(k) or getitem(self, k)
+    )
+    main(
+        [
+            "data",
+            "import",
+            str(tmp_path / "a.h5"),
+            str(tmp_path / "b.zarr"),
+            "--dataset",
+            "volumes/raw",
+            "--chunks",
+            "2",
+            "8",
+            "8",
+            "--levels",
+            "2",
+            "--voxel-size",
+            "40",
+            "4",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert reads == [slice(0, 2), slice(2, 4), slice(4, 5)]
     v = open_volume(tmp_path / "b.zarr")
     assert v.dtype == np.uint16 and v.voxel_size == (40.0, 4.0, 4.0)
     np.testing.assert_array_equal(v.read(), x)
     np.testing.assert_array_equal(open_volume(tmp_path / "b.zarr", level=1).read(), downsample2(x))
     import_volume(tmp_path / "a.h5", tmp_path / "c.zarr", dataset="other", levels=1, progress=False)
-    np.testing.assert_array_equal(open_volume(tmp_path / "c.zarr").read(), x[:1])  # 2D dataset: one section
+    # 2D dataset: one section
+    np.testing.assert_array_equal(open_volume(tmp_path / "c.zarr").read(), x[:1])
 
 
-@pytest.mark.skipif(not (SHARED / "isbi2012" / "train_volume.tif").exists(), reason="needs ../shared/data/em")
+@pytest.mark.skipif(
+    not (SHARED / "isbi2012" / "train_volume.tif").exists(), reason="needs ../shared/data/em"
+)
 def test_import_real_isbi(tmp_path):
     src = SHARED / "isbi2012" / "train_volume.tif"
-    out = import_volume(src, tmp_path / "isbi.zarr", voxel_size=(50, 4, 4), levels=3, progress=False)
+    out = import_volume(
+        src, tmp_path / "isbi.zarr", voxel_size=(50, 4, 4), levels=3, progress=False
+    )
     assert [lv["shape"] for lv in out["levels"]] == [[30, 512, 512], [30, 256, 256], [30, 128, 128]]
     x = tifffile.imread(src)
     v = open_volume(tmp_path / "isbi.zarr")

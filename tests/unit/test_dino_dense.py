@@ -1,5 +1,6 @@
 """Dense self-distillation: the student-to-teacher correspondence is exact (a zoomed, turned view's
 pixels land on the teacher's grid where they came from), and a few steps train on real EM."""
+
 import json
 
 import jax
@@ -30,7 +31,9 @@ def test_zoomed_view_maps_back_onto_the_teacher_grid():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-3)
     # and the turn: a turned view's map turned back is the view's map
     code = dihedral_codes(jax.random.PRNGKey(1), 3, square=True)
-    np.testing.assert_array_equal(np.asarray(dihedral(dihedral(view, code), code, inverse=True)), np.asarray(view))
+    np.testing.assert_array_equal(
+        np.asarray(dihedral(dihedral(view, code), code, inverse=True)), np.asarray(view)
+    )
 
 
 def test_dino_dense_trains_on_real_em(tmp_path):
@@ -39,15 +42,28 @@ def test_dino_dense_trains_on_real_em(tmp_path):
 
     for model in (["model=unet2d", "model.width=8"], ["model=vit_ti_p8"]):
         d = tmp_path / model[0].split("=")[1]
-        cfg = compose("pretrain", ["debug=tiny", *model, "objective=dino_dense", "trainer.steps=6",
-                                   "trainer.log_every=2", "trainer.progress=false", "objective.prototypes=32",
-                                   "objective.proj_hidden=32", "objective.proj_dim=16", "data.batch_size=4"],
-                      run_dir=str(d))
+        cfg = compose(
+            "pretrain",
+            [
+                "debug=tiny",
+                *model,
+                "objective=dino_dense",
+                "trainer.steps=6",
+                "trainer.log_every=2",
+                "trainer.progress=false",
+                "objective.prototypes=32",
+                "objective.proj_hidden=32",
+                "objective.proj_dim=16",
+                "data.batch_size=4",
+            ],
+            run_dir=str(d),
+        )
         pretrain(cfg)
         rows = [json.loads(ln) for ln in open(d / "metrics.jsonl")]
         assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
         assert all(1.0 <= r["prototypes_used"] <= 32.0 + 1e-3 for r in rows)
         from emfm.train.state import load_encoder
 
-        enc, _ = load_encoder(str(d))  # the teacher / centre state does not get in the way of loading
+        # the teacher / centre state does not get in the way of loading
+        enc, _ = load_encoder(str(d))
         assert enc is not None

@@ -1,4 +1,6 @@
-"""Patch sampling and loading: validation, determinism, resume, per-process streams, rejection, retries."""
+"""Patch sampling and loading: validation, determinism, resume, per-process streams, rejection,
+retries."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,14 +30,22 @@ def labels(vol):
 
 
 def _loader(vol, seed=0, process_index=0, patch=(2, 16, 16), batch=4, process_count=1, **kw):
-    sampler = PatchSampler([Region.of(vol)], patch, batch, seed=seed, process_index=process_index,
-                           process_count=process_count)
+    sampler = PatchSampler(
+        [Region.of(vol)],
+        patch,
+        batch,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return PatchLoader(sampler, [(0.0, 255.0)], prefetch=1, **kw)
 
 
 def test_region_roi_checks(vol):
     assert Region.of(vol, [[1, 5], [0, 32], [8, 40]]).shape == (4, 32, 32)
-    with pytest.raises(VolumeError, match=r"outside volume .*raw of shape \(8, 64, 64\) \(axis y\)"):
+    with pytest.raises(
+        VolumeError, match=r"outside volume .*raw of shape \(8, 64, 64\) \(axis y\)"
+    ):
         Region.of(vol, [[0, 4], [0, 65], [0, 8]])
     with pytest.raises(VolumeError, match="give"):
         Region.of(vol, [[0, 4], [0, 8]])
@@ -61,7 +71,7 @@ def test_mixture_weights_must_be_positive(vol):
 def test_origins_in_bounds_and_deterministic(vol):
     r = Region.of(vol, [[2, 6], [10, 40], [0, 64]])
     s = PatchSampler([r], (2, 16, 16), 32, seed=3)
-    for v, (z, y, x) in s.origins(5):
+    for _v, (z, y, x) in s.origins(5):
         assert 2 <= z <= 4 and 10 <= y <= 24 and 0 <= x <= 48
     assert s.origins(5) == PatchSampler([r], (2, 16, 16), 32, seed=3).origins(5)
     assert s.origins(5) != s.origins(6)
@@ -72,7 +82,9 @@ def test_processes_draw_different_streams(vol):
     r = Region.of(vol)
     a = PatchSampler([r], (1, 8, 8), 16, process_index=0, process_count=2).origins(0)
     b = PatchSampler([r], (1, 8, 8), 16, process_index=1, process_count=2).origins(0)
-    assert len(set(a) & set(b)) <= 1  # 8 * 57 * 57 origins: a collision is rare, identity impossible
+    assert (
+        len(set(a) & set(b)) <= 1
+    )  # 8 * 57 * 57 origins: a collision is rare, identity impossible
     # together they are exactly the global batch a single process draws
     assert a + b == PatchSampler([r], (1, 8, 8), 32).origins(0)
 
@@ -85,8 +97,12 @@ def test_two_processes_see_the_single_process_batch(vol):
         for k in whole:  # native-dtype patches, their normalisation, grey-value draws, noise seeds
             np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
         # flips on the host, grey values and noise on the device: the same images
-        np.testing.assert_allclose(one.finished(5)["image"], np.concatenate([h.finished(5)["image"] for h in halves]),
-                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            one.finished(5)["image"],
+            np.concatenate([h.finished(5)["image"] for h in halves]),
+            atol=1e-6,
+            rtol=0,
+        )
     finally:
         for ld in [one] + halves:
             ld.close()
@@ -113,7 +129,9 @@ def test_same_seed_and_step_same_batch_and_resume(vol):
     assert first[0]["image"].shape == (4, 2, 16, 16) and first[0]["image"].dtype == np.uint8
     assert first[0]["image_norm"].shape == (4, 2) and first[0]["image_seed"].dtype == np.uint32
     img = a.finished(3)["image"]
-    assert img.dtype == np.float32 and -0.2 <= img.min() and img.max() <= 1.2  # noise may leave [0, 1] a little
+    assert (
+        img.dtype == np.float32 and -0.2 <= img.min() and img.max() <= 1.2
+    )  # noise may leave [0, 1] a little
 
 
 def test_no_augmentation_gives_exact_crops(vol):
@@ -122,8 +140,8 @@ def test_no_augmentation_gives_exact_crops(vol):
     raw, batch = ld.load(7)["image"], ld.finished(7)["image"]
     x = vol.read()
     for r, img, (_, (z, y, xx)) in zip(raw, batch, ld.sampler.origins(7)):
-        np.testing.assert_array_equal(r, x[z:z + 2, y:y + 16, xx:xx + 16])
-        np.testing.assert_allclose(img, x[z:z + 2, y:y + 16, xx:xx + 16] / 255.0, rtol=1e-6)
+        np.testing.assert_array_equal(r, x[z : z + 2, y : y + 16, xx : xx + 16])
+        np.testing.assert_allclose(img, x[z : z + 2, y : y + 16, xx : xx + 16] / 255.0, rtol=1e-6)
 
 
 def test_labels_move_with_images(tmp_path):
@@ -136,7 +154,12 @@ def test_labels_move_with_images(tmp_path):
     ld.close()
     for step in range(3):
         b = ld.finished(step)
-        assert b["label"].dtype == np.uint8 and b["label"].shape == b["image"].shape == (4, 2, 16, 16)
+        assert b["label"].dtype == np.uint8 and b["label"].shape == b["image"].shape == (
+            4,
+            2,
+            16,
+            16,
+        )
         for img, lb in zip(b["image"], b["label"]):
             assert np.corrcoef(img.ravel(), lb.ravel().astype(float))[0, 1] > 0.8
     raw = _loader(v, labels=[lab], augment_batches=False)

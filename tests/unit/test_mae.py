@@ -1,4 +1,5 @@
 """MAE: masking exactness and the loss against an independent numpy computation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +42,9 @@ def test_norm_pix_masked_mse_against_numpy():
     target = (patches - mu) / np.sqrt(var + 1e-6)
     per = ((pred - target) ** 2).mean(-1)
     want = (per * mask).sum() / mask.sum()
-    got = mae.masked_mse(jnp.asarray(pred), mae.patch_targets(jnp.asarray(images), (8, 8), True), jnp.asarray(mask))
+    got = mae.masked_mse(
+        jnp.asarray(pred), mae.patch_targets(jnp.asarray(images), (8, 8), True), jnp.asarray(mask)
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -64,14 +67,23 @@ def test_blurred_targets_match_scipy_gaussian_filter():
 
     rng = np.random.default_rng(1)
     images = rng.random((2, 16, 24, 1)).astype(np.float32)
-    want = np.stack([gaussian_filter(im[..., 0], 1.5, mode="reflect", truncate=3.0) for im in images])[..., None]
-    np.testing.assert_allclose(np.asarray(mae.blur_in_plane(jnp.asarray(images), 1.5)), want, atol=1e-5)
+    want = np.stack(
+        [gaussian_filter(im[..., 0], 1.5, mode="reflect", truncate=3.0) for im in images]
+    )[..., None]
+    np.testing.assert_allclose(
+        np.asarray(mae.blur_in_plane(jnp.asarray(images), 1.5)), want, atol=1e-5
+    )
     # 3D crops are smoothed per section (in plane only)
     vol = rng.random((1, 3, 16, 16, 1)).astype(np.float32)
     got = np.asarray(mae.blur_in_plane(jnp.asarray(vol), 1.0))
     for z in range(3):
-        np.testing.assert_allclose(got[0, z, ..., 0], gaussian_filter(vol[0, z, ..., 0], 1.0, mode="reflect",
-                                                                      truncate=3.0), atol=1e-5)
+        np.testing.assert_allclose(
+            got[0, z, ..., 0],
+            gaussian_filter(vol[0, z, ..., 0], 1.0, mode="reflect", truncate=3.0),
+            atol=1e-5,
+        )
     # the target is the smoothed crop, patchified, then normalised as configured
     t = mae.patch_targets(jnp.asarray(images), (8, 8), "none", blur=1.5)
-    np.testing.assert_allclose(np.asarray(t), np.asarray(mae.patch_targets(jnp.asarray(want), (8, 8), "none")), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(t), np.asarray(mae.patch_targets(jnp.asarray(want), (8, 8), "none")), atol=1e-5
+    )

@@ -27,7 +27,7 @@ from emfm.eval.metrics import (
     thin_boundaries,
     warping_error,
 )
-from emfm.eval.metrics_topology import _CUBE, _RING2, _simple_3d, _yokoi_simple
+from emfm.eval.metrics_topology import _RING2, _simple_3d, _yokoi_simple
 
 
 def h(*p):
@@ -113,8 +113,12 @@ def test_region_perfect_relabel_and_swap():
     assert region_scores(pred, gt_big) == pytest.approx(region_scores(pred, gt_perm))
     # Swapping pred and gt swaps split and merge (no ignored labels).
     a, b = region_scores(pred, gt, ignore_gt=()), region_scores(gt, pred, ignore_gt=())
-    for split, merge in (("voi_split", "voi_merge"), ("vrand_split", "vrand_merge"),
-                         ("vinfo_split", "vinfo_merge"), ("rand_recall", "rand_precision")):
+    for split, merge in (
+        ("voi_split", "voi_merge"),
+        ("vrand_split", "vrand_merge"),
+        ("vinfo_split", "vinfo_merge"),
+        ("rand_recall", "rand_precision"),
+    ):
         assert a[split] == pytest.approx(b[merge])
         assert a[merge] == pytest.approx(b[split])
 
@@ -123,8 +127,9 @@ def test_region_dtypes_and_errors():
     gt = np.array([[1, 1, 2, 2]], np.int8)
     ref = region_scores(np.array([[1, 1, 1, 2]]), gt, ignore_gt=())
     for dt in (np.int8, np.uint16, np.int32, np.uint64, np.bool_):
-        pred = np.array([[1, 1, 1, 0]]).astype(dt) if dt == np.bool_ else \
-            np.array([[1, 1, 1, 2]], dt)
+        pred = (
+            np.array([[1, 1, 1, 0]]).astype(dt) if dt == np.bool_ else np.array([[1, 1, 1, 2]], dt)
+        )
         assert region_scores(pred, gt, ignore_gt=()) == pytest.approx(ref)
     neg = region_scores(np.array([[-1, -1, -1, 3]]), np.array([[-5, -5, 2, 2]]), ignore_gt=())
     assert neg == pytest.approx(ref)
@@ -359,8 +364,10 @@ def test_warping_error_preserves_topology_on_noise():
     s4, s8 = ndimage.generate_binary_structure(2, 1), ndimage.generate_binary_structure(2, 2)
     # Warped gt has the gt's objects (4-conn) and background components (8-conn, outside = bg).
     assert ndimage.label(warped, s4)[1] == ndimage.label(gt, s4)[1]
-    assert ndimage.label(np.pad(~warped, 1, constant_values=True), s8)[1] == \
-        ndimage.label(np.pad(~gt, 1, constant_values=True), s8)[1]
+    assert (
+        ndimage.label(np.pad(~warped, 1, constant_values=True), s8)[1]
+        == ndimage.label(np.pad(~gt, 1, constant_values=True), s8)[1]
+    )
     assert 0 <= err <= np.mean((prob > 0.5) != gt)
 
 
@@ -376,15 +383,32 @@ def test_evaluate_paths_tiff_zarr_and_errors(tmp_path):
     pred = _random_labels(rng, (5, 20, 30), 9).astype(np.uint16)
     tifffile.imwrite(tmp_path / "gt.tif", gt, compression="zlib")
     for driver, meta in (
-        ("zarr3", {"shape": list(pred.shape), "data_type": "uint16",
-                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 8, 8]}}}),
+        (
+            "zarr3",
+            {
+                "shape": list(pred.shape),
+                "data_type": "uint16",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 8, 8]}},
+            },
+        ),
         ("zarr", {"shape": list(pred.shape), "dtype": "<u2", "chunks": [2, 8, 8]}),
-        ("n5", {"dimensions": list(pred.shape), "dataType": "uint16", "blockSize": [8, 8, 2],
-                "compression": {"type": "raw"}}),
+        (
+            "n5",
+            {
+                "dimensions": list(pred.shape),
+                "dataType": "uint16",
+                "blockSize": [8, 8, 2],
+                "compression": {"type": "raw"},
+            },
+        ),
     ):
         path = tmp_path / f"pred_{driver}"
-        spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)},
-                "metadata": meta, "create": True}
+        spec = {
+            "driver": driver,
+            "kvstore": {"driver": "file", "path": str(path)},
+            "metadata": meta,
+            "create": True,
+        }
         ts.open(spec).result().write(pred).result()
         res = evaluate_paths(path, tmp_path / "gt.tif", tmp_path / driver, block_z=2)
         want = region_scores(pred, gt)

@@ -1,5 +1,7 @@
-"""Contrastive / distillation / MIM objectives: each loss against an independent numpy computation on
-fixed inputs, exact view correspondence for the dense loss, and gradient flow (student yes, teacher no)."""
+"""Contrastive / distillation / MIM objectives: each loss against an independent numpy computation
+on fixed inputs, exact view correspondence for the dense loss, and gradient flow (student yes,
+teacher no)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,8 @@ def _logsumexp(a, axis=-1):
 
 
 def np_nt_xent(z1, z2, t):
-    """Chen et al. 2020, Alg. 1, written as loops: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t)."""
+    """Chen et al. 2020, Alg. 1, written as loops: l(i, j) = -log exp(s_ij/t) / sum_{k != i}
+    exp(s_ik/t)."""
     z = _norm(np.concatenate([z1, z2]).astype(np.float64))
     n, b = len(z), len(z1)
     total = 0.0
@@ -61,8 +64,9 @@ RNG = np.random.default_rng(0)
 def test_nt_xent_matches_numpy():
     z1, z2 = RNG.normal(size=(5, 7)).astype(np.float32), RNG.normal(size=(5, 7)).astype(np.float32)
     for t in (0.1, 0.5):
-        np.testing.assert_allclose(float(nt_xent(jnp.asarray(z1), jnp.asarray(z2), t)), np_nt_xent(z1, z2, t),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            float(nt_xent(jnp.asarray(z1), jnp.asarray(z2), t)), np_nt_xent(z1, z2, t), rtol=1e-5
+        )
 
 
 def test_info_nce_and_moco_symmetric_loss_match_numpy():
@@ -76,8 +80,13 @@ def test_dino_cross_entropy_with_centering_matches_numpy():
     student = [RNG.normal(size=(4, 16)).astype(np.float32) for _ in range(4)]  # 2 global + 2 local
     teacher = [RNG.normal(size=(4, 16)).astype(np.float32) for _ in range(2)]
     center = RNG.normal(size=(1, 16)).astype(np.float32) * 0.1
-    got = dino.dino_cross_entropy([jnp.asarray(s) for s in student], [jnp.asarray(t) for t in teacher],
-                                  jnp.asarray(center), 0.1, 0.04)
+    got = dino.dino_cross_entropy(
+        [jnp.asarray(s) for s in student],
+        [jnp.asarray(t) for t in teacher],
+        jnp.asarray(center),
+        0.1,
+        0.04,
+    )
     np.testing.assert_allclose(float(got), np_dino(student, teacher, center, 0.1, 0.04), rtol=1e-5)
 
 
@@ -99,13 +108,24 @@ def test_random_resized_crops_full_crop_is_identity():
     x = jnp.asarray(RNG.random((2, 16, 16, 1)).astype(np.float32))
     out = random_resized_crops(jax.random.PRNGKey(0), x, 16, (1.0, 1.0))
     np.testing.assert_allclose(out, x, atol=1e-5)
-    assert random_resized_crops(jax.random.PRNGKey(0), jnp.ones((2, 4, 16, 16, 1)), 8, (0.3, 0.6)).shape == (2, 4, 8, 8, 1)
+    assert random_resized_crops(
+        jax.random.PRNGKey(0), jnp.ones((2, 4, 16, 16, 1)), 8, (0.3, 0.6)
+    ).shape == (2, 4, 8, 8, 1)
 
 
 TINY_VIT = ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8])
 TINY_UNET = ModelConfig(name="unet", width=8, depth=2, patch_size=[1, 1])
-OBJ = dict(decoder_width=32, decoder_depth=1, decoder_heads=2, proj_hidden=32, proj_dim=16, pred_hidden=32,
-           prototypes=32, dense_samples=8, local_crops=2)
+OBJ = dict(
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    proj_hidden=32,
+    proj_dim=16,
+    pred_hidden=32,
+    prototypes=32,
+    dense_samples=8,
+    local_crops=2,
+)
 
 
 def _batch(views, shape=(4, 32, 32, 1)):
@@ -117,9 +137,20 @@ def _leaf_norms(tree):
     return [float(jnp.abs(v).sum()) for v in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("name,model_cfg", [("simclr", TINY_VIT), ("simclr", TINY_UNET), ("moco", TINY_VIT),
-                                            ("dino", TINY_VIT), ("dense", TINY_VIT), ("dense", TINY_UNET),
-                                            ("mim_unet", TINY_UNET), ("mae_simclr", TINY_VIT), ("mae_dino", TINY_VIT)])
+@pytest.mark.parametrize(
+    "name,model_cfg",
+    [
+        ("simclr", TINY_VIT),
+        ("simclr", TINY_UNET),
+        ("moco", TINY_VIT),
+        ("dino", TINY_VIT),
+        ("dense", TINY_VIT),
+        ("dense", TINY_UNET),
+        ("mim_unet", TINY_UNET),
+        ("mae_simclr", TINY_VIT),
+        ("mae_dino", TINY_VIT),
+    ],
+)
 def test_student_gets_gradients_teacher_none(name, model_cfg):
     d = objectives.get(name)
     cfg = ObjectiveConfig(name=name, **OBJ)
@@ -136,7 +167,9 @@ def test_student_gets_gradients_teacher_none(name, model_cfg):
     value, (g, gt) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, teacher_params)
     assert np.isfinite(float(value))
     enc = nnx.state(nnx.merge(graphdef, g, rest).encoder, nnx.Param)
-    assert sum(n > 0 for n in _leaf_norms(enc)) >= 0.9 * len(jax.tree.leaves(enc))  # nearly every encoder tensor
+    assert sum(n > 0 for n in _leaf_norms(enc)) >= 0.9 * len(
+        jax.tree.leaves(enc)
+    )  # nearly every encoder tensor
     assert max(_leaf_norms(gt)) == 0.0  # stop-gradient: nothing reaches the teacher
 
 
@@ -146,7 +179,9 @@ def test_dino_center_is_state_updated_by_the_step():
     tx = optax.adamw(1e-3)
     graphdef, state = init_state(build_pretraining_model(TINY_VIT, cfg), tx, 0, teacher=True)
     c0 = np.asarray(state.rest["heads"]["center"][...])
-    assert not any("center" in str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
+    assert not any(
+        "center" in str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    )
     step = make_train_step(graphdef, lambda m, b, r, t: d.loss(m, b, r, cfg, t), tx, total_steps=4)
     state, metrics = jax.jit(step)(state, _batch(2))
     c1 = np.asarray(state.rest["heads"]["center"][...])
@@ -157,7 +192,9 @@ def test_dino_center_is_state_updated_by_the_step():
 def test_mim_unet_hides_masked_pixels_from_the_network():
     from emfm.objectives import mim_unet
 
-    cfg = ObjectiveConfig(name="mim_unet", mim_patch=8, mask_ratio=0.5, target_norm="none", norm_pix_loss=False)
+    cfg = ObjectiveConfig(
+        name="mim_unet", mim_patch=8, mask_ratio=0.5, target_norm="none", norm_pix_loss=False
+    )
     model = build_pretraining_model(TINY_UNET, cfg)
     seen = {}
     orig = mim_unet.MIMUNet.__call__

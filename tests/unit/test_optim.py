@@ -1,4 +1,6 @@
-"""Optimizer pieces: weight-decay mask, freezing, layer-wise lr decay, accumulation, half-written checkpoints."""
+"""Optimizer pieces: weight-decay mask, freezing, layer-wise lr decay, accumulation, half-written
+checkpoints."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,10 @@ from emfm.train.state import build_pretraining_model
 
 @pytest.fixture(scope="module")
 def params():
-    m = build_pretraining_model(ModelConfig(width=32, depth=3, heads=2), ObjectiveConfig(decoder_width=16, decoder_depth=1,
-                                                                                        decoder_heads=2))
+    m = build_pretraining_model(
+        ModelConfig(width=32, depth=3, heads=2),
+        ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2),
+    )
     return nnx.state(m, nnx.Param)
 
 
@@ -28,16 +32,20 @@ def by_path(tree):
 def test_decay_mask_spares_norms_biases_tokens(params):
     m = by_path(optim.decay_mask(params))
     assert m["encoder/blocks/0/attn/qkv/kernel"] and m["decoder/pred/kernel"]
-    for k in ["encoder/blocks/0/norm1/scale", "encoder/blocks/0/attn/qkv/bias", "encoder/cls_token",
-              "decoder/mask_token"]:
+    for k in [
+        "encoder/blocks/0/norm1/scale",
+        "encoder/blocks/0/attn/qkv/bias",
+        "encoder/cls_token",
+        "decoder/mask_token",
+    ]:
         assert not m[k], k
 
 
 def test_layer_decay_and_freeze_scales(params):
     s = by_path(optim.update_scales(params, layer_decay=0.5, freeze=[r"^encoder/patch_embed"]))
     assert s["encoder/patch_embed/proj/kernel"] == 0.0
-    assert s["encoder/cls_token"] == 0.5 ** 4
-    assert s["encoder/blocks/0/attn/qkv/kernel"] == 0.5 ** 3
+    assert s["encoder/cls_token"] == 0.5**4
+    assert s["encoder/blocks/0/attn/qkv/kernel"] == 0.5**3
     assert s["encoder/blocks/2/mlp/fc1/kernel"] == 0.5
     assert s["decoder/pred/kernel"] == 1.0
 
@@ -55,15 +63,26 @@ def test_frozen_parameters_do_not_move(params):
 
 def test_gradient_accumulation_averages_micro_batches():
     p = {"w": jnp.zeros(3)}
-    cfg = OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=None,
-                      accumulate_steps=2)
+    cfg = OptimConfig(
+        lr=1.0,
+        scale_lr_by_batch=False,
+        warmup_steps=0,
+        weight_decay=0.0,
+        clip_norm=None,
+        accumulate_steps=2,
+    )
     tx, _ = optim.build(cfg, steps=4, batch_size=1)
     st = tx.init(p)
     u1, st = tx.update({"w": jnp.array([1.0, 0, 0])}, st, p)
     assert np.all(np.asarray(u1["w"]) == 0)  # no update after the first micro-batch
     u2, st = tx.update({"w": jnp.array([3.0, 0, 0])}, st, p)
-    ref_tx, _ = optim.build(OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0,
-                                        clip_norm=None), steps=2, batch_size=1)
+    ref_tx, _ = optim.build(
+        OptimConfig(
+            lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=None
+        ),
+        steps=2,
+        batch_size=1,
+    )
     ref, _ = ref_tx.update({"w": jnp.array([2.0, 0, 0])}, ref_tx.init(p), p)
     np.testing.assert_allclose(u2["w"], ref["w"], rtol=1e-6)
 
@@ -86,10 +105,20 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
 
 def test_clipping_bounds_the_update_direction():
     p = {"w": jnp.zeros(2)}
-    cfg = OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.0, b2=0.0)
+    cfg = OptimConfig(
+        lr=1.0,
+        scale_lr_by_batch=False,
+        warmup_steps=0,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        b1=0.0,
+        b2=0.0,
+    )
     tx, _ = optim.build(cfg, steps=2, batch_size=1)
     clip = tx[0] if isinstance(tx, tuple) else None
-    clipped, _ = optax.clip_by_global_norm(1.0).update({"w": jnp.array([30.0, 40.0])}, optax.EmptyState())
+    clipped, _ = optax.clip_by_global_norm(1.0).update(
+        {"w": jnp.array([30.0, 40.0])}, optax.EmptyState()
+    )
     np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
     del clip
     # the built chain clips first: a huge gradient gives the same Adam step as its clipped version
@@ -99,8 +128,11 @@ def test_clipping_bounds_the_update_direction():
 
 
 def test_warmup_then_cosine_schedule():
-    _, sched = optim.build(OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=10, min_lr_ratio=0.1),
-                           steps=110, batch_size=1)
+    _, sched = optim.build(
+        OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=10, min_lr_ratio=0.1),
+        steps=110,
+        batch_size=1,
+    )
     assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
     assert abs(float(sched(60)) - (0.1 + 0.9 * 0.5)) < 1e-3 and abs(float(sched(110)) - 0.1) < 1e-6
 
@@ -109,7 +141,9 @@ def test_bf16_compute_keeps_fp32_master_weights():
     from emfm.objectives import mae
 
     cfg = ModelConfig(width=32, depth=1, heads=2, dtype="bfloat16")
-    m = build_pretraining_model(cfg, ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2))
+    m = build_pretraining_model(
+        cfg, ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2)
+    )
     assert {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype("float32")}
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 1))
     tokens, _ = m.encoder(x)

@@ -1,4 +1,6 @@
-"""Cells from predicted membranes, and the choice of their watershed parameters on training sections."""
+"""Cells from predicted membranes, and the choice of their watershed parameters on training
+sections."""
+
 import numpy as np
 
 from emfm.eval import probe
@@ -6,7 +8,8 @@ from emfm.eval import probe
 
 def _two_cells_with_weak_wall():
     """One section, two cells split by a vertical membrane whose middle third is weak (p = 0.45):
-    a seed threshold of 0.5 lets the two interiors (p = 0.35) touch through the weak part, 0.4 does not."""
+    a seed threshold of 0.5 lets the two interiors (p = 0.35) touch through the weak part, 0.4 does
+    not."""
     p = np.full((48, 48), 0.35, np.float32)
     gt = np.zeros((48, 48), bool)
     gt[:, 23:25] = True
@@ -19,7 +22,9 @@ def test_fixed_threshold_merges_through_a_weak_membrane():
     p, gt = _two_cells_with_weak_wall()
     cells = probe.cells_from_membranes(p[0], threshold=0.5)
     assert len(np.unique(cells)) == 1  # one merged cell
-    assert probe.cell_scores(p, gt, threshold=0.5)["adapted_rand_error"] > 0.3  # two equal cells merged: 1 - F(1/2, 1) = 1/3
+    assert (
+        probe.cell_scores(p, gt, threshold=0.5)["adapted_rand_error"] > 0.3
+    )  # two equal cells merged: 1 - F(1/2, 1) = 1/3
 
 
 def test_tuning_picks_the_threshold_that_separates_the_cells():
@@ -52,9 +57,18 @@ def test_rank_seeds_ignore_the_maps_calibration():
     p = np.clip(p + rng.normal(0, 0.02, p.shape).astype(np.float32), 0, 1)
     shifted = 0.5 + 0.3 * (p - 0.5) + 0.12  # monotone: interiors 0.575, the weak wall 0.605
     absolute = [probe.cells_from_membranes(q[0], threshold=0.4, min_seed=16) for q in (p, shifted)]
-    assert len(np.unique(absolute[0])) == 2 and len(np.unique(absolute[1])) == 1  # no seed below 0.4 any more
-    ranked = [probe.cells_from_membranes(q[0], threshold=0.9, min_seed=16, rank=True) for q in (p, shifted)]
+    assert (
+        len(np.unique(absolute[0])) == 2 and len(np.unique(absolute[1])) == 1
+    )  # no seed below 0.4 any more
+    ranked = [
+        probe.cells_from_membranes(q[0], threshold=0.9, min_seed=16, rank=True)
+        for q in (p, shifted)
+    ]
     np.testing.assert_array_equal(ranked[0], ranked[1])
     assert len(np.unique(ranked[0])) == 2
-    best = probe.tune_cells(shifted, gt, thresholds=(0.3, 0.9), min_seeds=(16,), sigmas=(0.0,), rank=True)
-    assert best["rank"] is True and probe.cell_scores(shifted, gt, **best)["adapted_rand_error"] < 0.05
+    best = probe.tune_cells(
+        shifted, gt, thresholds=(0.3, 0.9), min_seeds=(16,), sigmas=(0.0,), rank=True
+    )
+    assert (
+        best["rank"] is True and probe.cell_scores(shifted, gt, **best)["adapted_rand_error"] < 0.05
+    )

@@ -1,11 +1,12 @@
-"""Mixtures of volumes from the config: weights, masks, class balancing, augmentation options, errors,
-and determinism across resume and 1 vs 2 processes."""
+"""Mixtures of volumes from the config: weights, masks, class balancing, augmentation options,
+errors, and determinism across resume and 1 vs 2 processes."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import compose
+
 from emfm.config.schema import AugmentConfig, ConfigError, DataConfig, SourceConfig, validate_data
 from emfm.data.sources import make_loader, open_sources
 from emfm.data.volume import VolumeError, write_array
@@ -33,14 +34,34 @@ def vols(tmp_path_factory):
 
 
 def _data(d, **kw) -> DataConfig:
-    sources = kw.pop("sources", [SourceConfig(path=str(d / "a"), weight=3.0), SourceConfig(path=str(d / "b"), weight=1.0)])
-    cfg = DataConfig(patch_shape=[2, 16, 16], batch_size=8, intensity_samples=8, prefetch=1, sources=sources, **kw)
+    sources = kw.pop(
+        "sources",
+        [SourceConfig(path=str(d / "a"), weight=3.0), SourceConfig(path=str(d / "b"), weight=1.0)],
+    )
+    cfg = DataConfig(
+        patch_shape=[2, 16, 16],
+        batch_size=8,
+        intensity_samples=8,
+        prefetch=1,
+        sources=sources,
+        **kw,
+    )
     return validate_data(cfg)
 
 
 def _loaders(cfg, srcs, *, batch=8, processes=1, start=0):
-    return [make_loader(cfg, srcs, batch_size=batch // processes, seed=5, process_index=i, process_count=processes,
-                        start_step=start) for i in range(processes)]
+    return [
+        make_loader(
+            cfg,
+            srcs,
+            batch_size=batch // processes,
+            seed=5,
+            process_index=i,
+            process_count=processes,
+            start_step=start,
+        )
+        for i in range(processes)
+    ]
 
 
 def test_weights_pick_sources_and_each_has_its_grey_range(vols):
@@ -58,9 +79,17 @@ def test_weights_pick_sources_and_each_has_its_grey_range(vols):
 
 def test_mixture_deterministic_across_resume_and_processes(vols):
     aug = AugmentConfig(ops=["flip_rot", "elastic", "sections", "blur", "intensity", "noise"])
-    cfg = _data(vols, aug=aug, balance_classes=[0, 2], min_foreground=0.01, max_redraws=20,
-                sources=[SourceConfig(path=str(vols / "a"), weight=1.0, mask=str(vols / "mask")),
-                         SourceConfig(path=str(vols / "b"), weight=1.0, labels=str(vols / "lab"))])
+    cfg = _data(
+        vols,
+        aug=aug,
+        balance_classes=[0, 2],
+        min_foreground=0.01,
+        max_redraws=20,
+        sources=[
+            SourceConfig(path=str(vols / "a"), weight=1.0, mask=str(vols / "mask")),
+            SourceConfig(path=str(vols / "b"), weight=1.0, labels=str(vols / "lab")),
+        ],
+    )
     srcs = open_sources(cfg)
     (one,) = _loaders(cfg, srcs)
     try:
@@ -82,9 +111,18 @@ def test_mixture_deterministic_across_resume_and_processes(vols):
 
 
 def test_mask_and_class_balance(vols):
-    cfg = _data(vols, augment=False, min_mask=1.0, max_redraws=30, balance_classes=[0, 2], min_foreground=0.05,
-                sources=[SourceConfig(path=str(vols / "a"), mask=str(vols / "mask")),
-                         SourceConfig(path=str(vols / "b"), labels=str(vols / "lab"))])
+    cfg = _data(
+        vols,
+        augment=False,
+        min_mask=1.0,
+        max_redraws=30,
+        balance_classes=[0, 2],
+        min_foreground=0.05,
+        sources=[
+            SourceConfig(path=str(vols / "a"), mask=str(vols / "mask")),
+            SourceConfig(path=str(vols / "b"), labels=str(vols / "lab")),
+        ],
+    )
     srcs = open_sources(cfg)
     (ld,) = _loaders(cfg, srcs)
     ld.close()
@@ -100,10 +138,12 @@ def test_mask_and_class_balance(vols):
             if v == 0:  # the coarse mask covers x >= 32 of volume a: the whole patch lies there
                 assert x >= 32
             else:  # the i-th patch of the global batch holds class balance_classes[i % 2]
-                assert (lab[z:z + 2, y:y + 16, x:x + 16] == [0, 2][i % 2]).mean() >= 0.05
-        for v, (z, y, x) in plain.sample(step)[0]:  # without mask and balancing, both happen less often
+                assert (lab[z : z + 2, y : y + 16, x : x + 16] == [0, 2][i % 2]).mean() >= 0.05
+        for v, (z, y, x) in plain.sample(step)[
+            0
+        ]:  # without mask and balancing, both happen less often
             outside += v == 0 and x < 32
-            rare += v == 1 and (lab[z:z + 2, y:y + 16, x:x + 16] == 2).mean() >= 0.05
+            rare += v == 1 and (lab[z : z + 2, y : y + 16, x : x + 16] == 2).mean() >= 0.05
     assert set(picked) == {0, 1} and outside > 0 and rare < picked.count(1) / 2
 
 
@@ -114,14 +154,18 @@ def test_config_errors_name_the_key(vols, tmp_path):
     with pytest.raises(ConfigError, match=r"data.sources\[1\].weight=-1.0"):
         _data(vols, sources=[SourceConfig(path=a), SourceConfig(path=b, weight=-1.0)])
     with pytest.raises(ConfigError, match=r"data.sources\[1\].path='.*nothere.zarr': no such"):
-        _data(vols, sources=[SourceConfig(path=a), SourceConfig(path=str(tmp_path / "nothere.zarr"))])
+        _data(
+            vols, sources=[SourceConfig(path=a), SourceConfig(path=str(tmp_path / "nothere.zarr"))]
+        )
     with pytest.raises(ConfigError, match=r"data.sources\[0\].mask="):
         _data(vols, sources=[SourceConfig(path=a, mask=str(tmp_path / "nomask"))])
     with pytest.raises(ConfigError, match="leave data.path and data.roi unset"):
         _data(vols, path=a)
     with pytest.raises(ConfigError, match=r"data.aug.ops: unknown augmentation\(s\) \['flip'\]"):
         _data(vols, aug=AugmentConfig(ops=["flip", "noise"]))
-    with pytest.raises(ConfigError, match=r"data.aug.view_ops: unknown augmentation\(s\) \['cutout'\]"):
+    with pytest.raises(
+        ConfigError, match=r"data.aug.view_ops: unknown augmentation\(s\) \['cutout'\]"
+    ):
         _data(vols, aug=AugmentConfig(view_ops=["cutout"]))
     with pytest.raises(ConfigError, match="data.aug.p_blur=1.5"):
         _data(vols, aug=AugmentConfig(p_blur=1.5))
@@ -130,13 +174,24 @@ def test_config_errors_name_the_key(vols, tmp_path):
     # through Hydra, as the CLI composes: an unknown key inside a source is rejected by name
     with pytest.raises(Exception, match="nonsense"):
         compose("pretrain", ["data.roi=null", f"data.sources=[{{path: {a}, nonsense: 1}}]"])
-    cfg = compose("pretrain", ["data.roi=null", f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}}}]",
-                               "data.aug.ops=[flip_rot,sections]"])
-    assert [s.weight for s in cfg.data.sources] == [2.0, 1.0] and cfg.data.aug.ops == ["flip_rot", "sections"]
+    cfg = compose(
+        "pretrain",
+        [
+            "data.roi=null",
+            f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}}}]",
+            "data.aug.ops=[flip_rot,sections]",
+        ],
+    )
+    assert [s.weight for s in cfg.data.sources] == [2.0, 1.0] and cfg.data.aug.ops == [
+        "flip_rot",
+        "sections",
+    ]
     # a mask of another shape, found when the volumes are opened
     write_array(tmp_path / "m3", np.ones((4, 20, 64), np.uint8))
     cfg = _data(vols, sources=[SourceConfig(path=a, mask=str(tmp_path / "m3"))])
-    with pytest.raises(VolumeError, match="mask .*m3 of shape \\(4, 20, 64\\) does not match volume"):
+    with pytest.raises(
+        VolumeError, match="mask .*m3 of shape \\(4, 20, 64\\) does not match volume"
+    ):
         _loaders(cfg, open_sources(cfg))
 
 
@@ -146,7 +201,8 @@ def test_augmentation_options_reach_the_batches(vols):
     srcs = open_sources(plain)
     (a,), (b,) = _loaders(off, srcs), _loaders(plain, srcs)
     a.close(), b.close()
-    np.testing.assert_allclose(a.load(2)["image"], b.load(2)["image"], atol=1e-6)  # no ops = identity
+    # no ops = identity
+    np.testing.assert_allclose(a.load(2)["image"], b.load(2)["image"], atol=1e-6)
     miss = _data(vols, aug=AugmentConfig(ops=["sections"], p_missing=1.0))
     (c,) = _loaders(miss, srcs)
     c.close()
@@ -160,6 +216,7 @@ def test_bundled_roi_does_not_follow_a_users_path(vols):
 
     assert compose("pretrain", []).data.roi == PRETRAIN_ROI
     assert compose("pretrain", [f"data.path={vols / 'a'}"]).data.roi is None
-    assert compose("pretrain", [f"data.path={vols / 'a'}", "data.roi=[[0,2],[0,64],[0,64]]"]).data.roi == [
-        [0, 2], [0, 64], [0, 64]]
+    assert compose(
+        "pretrain", [f"data.path={vols / 'a'}", "data.roi=[[0,2],[0,64],[0,64]]"]
+    ).data.roi == [[0, 2], [0, 64], [0, 64]]
     assert compose("pretrain", [f"data.sources=[{{path: {vols / 'a'}}}]"]).data.roi is None

@@ -1,4 +1,5 @@
 """Synthetic EM generator: shapes, determinism, exact ground truth, contrast, zarr writer."""
+
 import itertools
 import json
 
@@ -42,6 +43,7 @@ def neighbour_differs(cells: np.ndarray, offsets: list[tuple[int, ...]]) -> np.n
 
 # ----------------------------------------------------------------------------- shapes and dtypes
 
+
 @pytest.mark.parametrize("name", ALL)
 def test_shapes_and_dtypes(name, request):
     em = request.getfixturevalue(name)
@@ -76,6 +78,7 @@ def test_deterministic_given_seed():
 
 # ----------------------------------------------------------------------------- exact ground truth
 
+
 @pytest.mark.parametrize("name", ALL)
 def test_cells_dense_consecutive_and_each_one_component(name, request):
     cells = request.getfixturevalue(name).cells
@@ -85,12 +88,15 @@ def test_cells_dense_consecutive_and_each_one_component(name, request):
     assert measure.label(cells, connectivity=1).max() == cells.max()
 
 
-@pytest.mark.parametrize("name, width, offsets", [
-    ("em2d", 2, [(-1, 0, 1)] * 2),
-    ("em3d", 2, [(-1, 0, 1)] * 3),
-    # z pixels are 4 times thicker: a width of 2 x pixels is one z pixel, the minimum
-    ("em3d_aniso", 2, [(-1, 0), (-1, 0, 1), (-1, 0, 1)]),
-])
+@pytest.mark.parametrize(
+    "name, width, offsets",
+    [
+        ("em2d", 2, [(-1, 0, 1)] * 2),
+        ("em3d", 2, [(-1, 0, 1)] * 3),
+        # z pixels are 4 times thicker: a width of 2 x pixels is one z pixel, the minimum
+        ("em3d_aniso", 2, [(-1, 0), (-1, 0, 1), (-1, 0, 1)]),
+    ],
+)
 def test_membranes_exactly_where_neighbouring_ids_differ(name, width, offsets, request):
     em = request.getfixturevalue(name)
     np.testing.assert_array_equal(em.membranes, neighbour_differs(em.cells, offsets))
@@ -138,6 +144,7 @@ def test_n_organelles_is_reached_when_room():
 
 # ----------------------------------------------------------------------------- the image
 
+
 @pytest.mark.parametrize("name", ALL)
 def test_image_darker_on_membranes_and_organelles(name, request):
     em = request.getfixturevalue(name)
@@ -155,16 +162,20 @@ def test_noise_and_blur_off_gives_piecewise_image():
 
 # ----------------------------------------------------------------------------- zarr writer
 
+
 def read(path) -> np.ndarray:
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                   open=True).result().read().result()
+    return (
+        ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, open=True)
+        .result()
+        .read()
+        .result()
+    )
 
 
 def test_zarr_round_trip_independent_of_slab_thickness(tmp_path):
     shape, spacing = (20, 56, 48), (2.0, 1.0, 1.0)
     thin = synthetic_volume_zarr(tmp_path / "thin", shape, (3, 32, 32), seed=9, spacing=spacing)
-    whole = synthetic_volume_zarr(tmp_path / "whole", shape, (20, 56, 48), seed=9,
-                                  spacing=spacing)
+    whole = synthetic_volume_zarr(tmp_path / "whole", shape, (20, 56, 48), seed=9, spacing=spacing)
     assert set(thin) == {"image", "cells", "organelles", "semantic"}
     arrays = {name: read(path) for name, path in thin.items()}
     for name, array in arrays.items():
@@ -198,36 +209,43 @@ def test_zarr_refuses_to_overwrite(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(shape=(64,)), "shape"),
-    (dict(shape=(2, 3, 4, 5)), "shape"),
-    (dict(shape=(0, 32)), "shape"),
-    (dict(shape=(-4, 32, 32)), "shape"),
-    (dict(shape=(32.5, 32)), "shape"),
-    (dict(cell_size=0), "cell_size"),
-    (dict(cell_size=-3.0), "cell_size"),
-    (dict(membrane_width=0), "membrane_width"),
-    (dict(spacing=(1.0, 1.0, 1.0)), "spacing"),
-    (dict(spacing=(0.0, 1.0)), "spacing"),
-    (dict(n_organelles=-1), "n_organelles"),
-    (dict(organelle_radius=(3.0, 1.0)), "organelle_radius"),
-    (dict(noise=-0.1), "noise"),
-    (dict(blur=-1.0), "blur"),
-    (dict(warp=-0.5), "warp"),
-    (dict(dtype=np.int64), "dtype"),
-    (dict(seed=-1), "seed"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(shape=(64,)), "shape"),
+        (dict(shape=(2, 3, 4, 5)), "shape"),
+        (dict(shape=(0, 32)), "shape"),
+        (dict(shape=(-4, 32, 32)), "shape"),
+        (dict(shape=(32.5, 32)), "shape"),
+        (dict(cell_size=0), "cell_size"),
+        (dict(cell_size=-3.0), "cell_size"),
+        (dict(membrane_width=0), "membrane_width"),
+        (dict(spacing=(1.0, 1.0, 1.0)), "spacing"),
+        (dict(spacing=(0.0, 1.0)), "spacing"),
+        (dict(n_organelles=-1), "n_organelles"),
+        (dict(organelle_radius=(3.0, 1.0)), "organelle_radius"),
+        (dict(noise=-0.1), "noise"),
+        (dict(blur=-1.0), "blur"),
+        (dict(warp=-0.5), "warp"),
+        (dict(dtype=np.int64), "dtype"),
+        (dict(seed=-1), "seed"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, name):
     kwargs = {"shape": (32, 32), **kwargs}
     with pytest.raises(ValueError, match=name):
         synthetic_em(**kwargs)
 
 
-@pytest.mark.parametrize("shape, chunks, name", [
-    ((32, 32), (8, 8, 8), "shape"),
-    ((8, 32, 32), (8, 8), "chunks"),
-    ((8, 32, 32), (0, 8, 8), "chunks"),
-])
+@pytest.mark.parametrize(
+    "shape, chunks, name",
+    [
+        ((32, 32), (8, 8, 8), "shape"),
+        ((8, 32, 32), (8, 8), "chunks"),
+        ((8, 32, 32), (0, 8, 8), "chunks"),
+    ],
+)
 def test_zarr_bad_input_names_the_argument(tmp_path, shape, chunks, name):
     with pytest.raises(ValueError, match=name):
         synthetic_volume_zarr(tmp_path / "v", shape, chunks)

@@ -1,5 +1,6 @@
 """U-Net encoder-decoder: parameter counts from an independent formula, 2D / anisotropic 3D shapes,
 the encoder interface (tokens, aux) and the encoder half alone."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,24 +14,35 @@ from emfm.models.vit import count_params
 
 
 def resblock_params(cin, cout, k):
-    """Pre-activation residual block: 2 norms (scale + bias), 2 convs with bias, 1x1 skip on width change."""
+    """Pre-activation residual block: 2 norms (scale + bias), 2 convs with bias, 1x1 skip on width
+    change."""
     n = 2 * cin + k * cin * cout + cout + 2 * cout + k * cout * cout + cout
     return n + (cin * cout + cout if cin != cout else 0)
 
 
 def unet_param_count(widths, ndim=2, in_ch=1, blocks=1):
-    k = 3 ** ndim
+    k = 3**ndim
     n = k * in_ch * widths[0] + widths[0]  # stem
     for i, w in enumerate(widths):  # encoder stages
         n += resblock_params(widths[max(i - 1, 0)], w, k) + (blocks - 1) * resblock_params(w, w, k)
-    for i in range(len(widths) - 1):  # decoder: 1x1 projection of the level below, then a stage on the concat
+    for i in range(
+        len(widths) - 1
+    ):  # decoder: 1x1 projection of the level below, then a stage on the concat
         n += widths[i + 1] * widths[i] + widths[i]
-        n += resblock_params(2 * widths[i], widths[i], k) + (blocks - 1) * resblock_params(widths[i], widths[i], k)
+        n += resblock_params(2 * widths[i], widths[i], k) + (blocks - 1) * resblock_params(
+            widths[i], widths[i], k
+        )
     return n + 2 * widths[0]  # final norm
 
 
-@pytest.mark.parametrize("widths,ndim,blocks,norm", [((32, 64, 128, 256), 2, 1, "group"), ((16, 32, 64), 3, 2, "group"),
-                                                     ((32, 64, 128, 256, 512), 2, 2, "layer")])
+@pytest.mark.parametrize(
+    "widths,ndim,blocks,norm",
+    [
+        ((32, 64, 128, 256), 2, 1, "group"),
+        ((16, 32, 64), 3, 2, "group"),
+        ((32, 64, 128, 256, 512), 2, 2, "layer"),
+    ],
+)
 def test_param_count_matches_formula(widths, ndim, blocks, norm):
     spec = UNetSpec(ndim=ndim, widths=widths, blocks_per_level=blocks, norm=norm)
     model = nnx.eval_shape(lambda: UNet(spec, rngs=nnx.Rngs(0)))
@@ -39,11 +51,20 @@ def test_param_count_matches_formula(widths, ndim, blocks, norm):
 
 def test_config_sizes():
     # the shipped configs (configs/model/unet2d.yaml, unet3d.yaml): 4 levels of 32..256 channels
-    m2 = nnx.eval_shape(lambda: build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=32, depth=4)))
-    assert m2.spec.widths == (32, 64, 128, 256) and m2.spec.width == 32 and m2.spec.patch_size == (1, 1)
+    m2 = nnx.eval_shape(
+        lambda: build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=32, depth=4))
+    )
+    assert (
+        m2.spec.widths == (32, 64, 128, 256)
+        and m2.spec.width == 32
+        and m2.spec.patch_size == (1, 1)
+    )
     assert count_params(m2) == unet_param_count((32, 64, 128, 256)) == 1_894_784
-    m3 = nnx.eval_shape(lambda: build_encoder(ModelConfig(name="unet", patch_size=[1, 1, 1], width=16, depth=4,
-                                                          pool_z_from_level=3)))
+    m3 = nnx.eval_shape(
+        lambda: build_encoder(
+            ModelConfig(name="unet", patch_size=[1, 1, 1], width=16, depth=4, pool_z_from_level=3)
+        )
+    )
     assert count_params(m3) == unet_param_count((16, 32, 64, 128), ndim=3)
 
 
@@ -63,7 +84,12 @@ def test_3d_anisotropic_pooling():
     assert [spec.pool_window(i) for i in (1, 2, 3)] == [(1, 2, 2), (2, 2, 2), (2, 2, 2)]
     m = UNet(spec, rngs=nnx.Rngs(0))
     feats = m.encode(jnp.ones((1, 8, 32, 32, 1)))
-    assert [f.shape[1:] for f in feats] == [(8, 32, 32, 8), (8, 16, 16, 16), (4, 8, 8, 16), (2, 4, 4, 32)]
+    assert [f.shape[1:] for f in feats] == [
+        (8, 32, 32, 8),
+        (8, 16, 16, 16),
+        (4, 8, 8, 16),
+        (2, 4, 4, 32),
+    ]
     _, aux = m(jnp.ones((1, 8, 32, 32, 1)))
     assert aux["patch_map"].shape == (1, 8, 32, 32, 8)
 

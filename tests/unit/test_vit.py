@@ -1,4 +1,5 @@
 """ViT encoder: shapes, parameter counts from the size table, position embeddings, masking path."""
+
 import math
 
 import jax
@@ -14,11 +15,17 @@ from emfm.models.vit import SIZES, ViT, ViTSpec, count_params
 
 
 def vit_param_count(width, depth, patch_pixels, mlp_ratio=4.0):
-    """Independent count: patch embedding, cls token, per block (2 LN, qkv, proj, 2 MLP), final LN."""
+    """Independent count: patch embedding, cls token, per block (2 LN, qkv, proj, 2 MLP), final
+    LN."""
     hidden = int(width * mlp_ratio)
     embed = patch_pixels * width + width
-    block = 2 * 2 * width + (width * 3 * width + 3 * width) + (width * width + width) \
-        + (width * hidden + hidden) + (hidden * width + width)
+    block = (
+        2 * 2 * width
+        + (width * 3 * width + 3 * width)
+        + (width * width + width)
+        + (width * hidden + hidden)
+        + (hidden * width + width)
+    )
     return embed + width + depth * block + 2 * width
 
 
@@ -32,12 +39,17 @@ def test_param_count_matches_size_table(size):
 
 def test_vit_b16_is_85m():
     # ViT-B/16, one input channel: 85.25 M trainable (+0.15 M fixed sin-cos position embedding)
-    model = nnx.eval_shape(lambda: ViT(ViTSpec(patch_size=(16, 16), width=768, depth=12, heads=12), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: ViT(ViTSpec(patch_size=(16, 16), width=768, depth=12, heads=12), rngs=nnx.Rngs(0))
+    )
     assert abs(count_params(model) / 1e6 - 85.25) < 0.01
 
 
 def tiny(patch, registers=0):
-    return ViT(ViTSpec(patch_size=patch, width=32, depth=2, heads=2, num_registers=registers), rngs=nnx.Rngs(0))
+    return ViT(
+        ViTSpec(patch_size=patch, width=32, depth=2, heads=2, num_registers=registers),
+        rngs=nnx.Rngs(0),
+    )
 
 
 def test_2d_shapes_and_aux():
@@ -81,7 +93,9 @@ def test_sincos_2d_matches_definition():
     d4 = 4
     omega = 1.0 / 10000 ** (np.arange(d4) / d4)
     y, x = 2, 3
-    want = np.concatenate([np.sin(y * omega), np.cos(y * omega), np.sin(x * omega), np.cos(x * omega)])
+    want = np.concatenate(
+        [np.sin(y * omega), np.cos(y * omega), np.sin(x * omega), np.cos(x * omega)]
+    )
     np.testing.assert_allclose(emb[y * 5 + x], want, rtol=1e-6, atol=1e-6)
     assert sincos_embedding(18, (2, 3, 4)).shape == (24, 18)
 
@@ -116,4 +130,6 @@ def test_encode_sections_with_embedding_hypercolumn():
     _, aux = enc(jnp.asarray(x)[..., None])
     np.testing.assert_allclose(f[..., :32], want_embed, atol=1e-5)
     np.testing.assert_allclose(f[..., 32:], np.asarray(aux["patch_map"]), atol=1e-5)
-    np.testing.assert_allclose(encode_sections(enc, x, tile=32, margin=0, batch_size=2), f[..., 32:], atol=1e-6)
+    np.testing.assert_allclose(
+        encode_sections(enc, x, tile=32, margin=0, batch_size=2), f[..., 32:], atol=1e-6
+    )

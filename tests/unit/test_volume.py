@@ -1,4 +1,5 @@
 """Volumes: formats and metadata, OME-Zarr level choice, errors that name the path, read retries."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,20 @@ def _ts_create(path: Path, driver: str, data: np.ndarray, chunks, **meta):
     if driver == "zarr":
         md = {"shape": list(data.shape), "dtype": data.dtype.str, "chunks": list(chunks), **meta}
     elif driver == "n5":
-        md = {"dimensions": list(data.shape), "dataType": data.dtype.name, "blockSize": list(chunks),
-              "compression": {"type": "gzip"}, **meta}
+        md = {
+            "dimensions": list(data.shape),
+            "dataType": data.dtype.name,
+            "blockSize": list(chunks),
+            "compression": {"type": "gzip"},
+            **meta,
+        }
     else:
-        md = {"shape": list(data.shape), "data_type": data.dtype.name,
-              "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}, **meta}
+        md = {
+            "shape": list(data.shape),
+            "data_type": data.dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            **meta,
+        }
     arr = ts.open({"driver": driver, "kvstore": kv, "metadata": md, "create": True}).result()
     arr.write(data).result()
     return arr
@@ -40,7 +50,9 @@ def test_zarr3_roundtrip_axes_dtype_voxel_size(tmp_path, data):
     assert v.dtype == np.uint16 and v.axes == ("z", "y", "x") and v.chunks == (2, 8, 8)
     assert v.voxel_size == (40.0, 4.0, 5.0)
     np.testing.assert_array_equal(v.read(), data)
-    np.testing.assert_array_equal(v.read((slice(1, 3), slice(2, 9), slice(0, 4))), data[1:3, 2:9, 0:4])
+    np.testing.assert_array_equal(
+        v.read((slice(1, 3), slice(2, 9), slice(0, 4))), data[1:3, 2:9, 0:4]
+    )
 
 
 def test_zarr2_voxel_size_from_zattrs(tmp_path, data):
@@ -71,10 +83,20 @@ def _ome_group(root: Path, scales):
     for i, s in enumerate(scales):
         n = 16 // 2**i
         write_array(root / f"s{i}", np.full((2, n, n), i, np.uint8))
-        datasets.append({"path": f"s{i}", "coordinateTransformations": [{"type": "scale", "scale": s}]})
-    attrs = {"ome": {"version": "0.5", "multiscales": [{"axes": [{"name": a, "type": "space"} for a in "zyx"],
-                                                        "datasets": datasets}]}}
-    (root / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}))
+        datasets.append(
+            {"path": f"s{i}", "coordinateTransformations": [{"type": "scale", "scale": s}]}
+        )
+    attrs = {
+        "ome": {
+            "version": "0.5",
+            "multiscales": [
+                {"axes": [{"name": a, "type": "space"} for a in "zyx"], "datasets": datasets}
+            ],
+        }
+    }
+    (root / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    )
 
 
 def test_ome_zarr_level_by_index_and_by_voxel_size(tmp_path):
@@ -123,18 +145,23 @@ def test_corrupt_chunk_names_volume_and_region(tmp_path, data):
     v = open_volume(tmp_path / "v")
     with pytest.raises(VolumeError, match=r"reading \[0:2, 0:4, 0:4\] of volume .*v failed"):
         v.read((slice(0, 2), slice(0, 4), slice(0, 4)))
-    np.testing.assert_array_equal(v.read((slice(2, 4), slice(0, 4), slice(0, 4))), data[2:4, :4, :4])
+    np.testing.assert_array_equal(
+        v.read((slice(2, 4), slice(0, 4), slice(0, 4))), data[2:4, :4, :4]
+    )
 
 
 def test_create_volume_exist_ok_checks_shape(tmp_path):
     create_volume(tmp_path / "o", (4, 4, 4), np.uint8, chunks=(4, 4, 4))
-    assert create_volume(tmp_path / "o", (4, 4, 4), np.uint8, chunks=(4, 4, 4), exist_ok=True).shape == (4, 4, 4)
+    assert create_volume(
+        tmp_path / "o", (4, 4, 4), np.uint8, chunks=(4, 4, 4), exist_ok=True
+    ).shape == (4, 4, 4)
     with pytest.raises(VolumeError, match="exists with shape"):
         create_volume(tmp_path / "o", (4, 4, 8), np.uint8, chunks=(4, 4, 4), exist_ok=True)
 
 
 class Flaky:
-    """A tensorstore stand-in whose reads fail `fails` times with a transient error, then succeed."""
+    """A tensorstore stand-in whose reads fail `fails` times with a transient error, then
+    succeed."""
 
     def __init__(self, data, fails, error="UNAVAILABLE: connection reset by peer"):
         self.data, self.fails, self.error, self.calls = data, fails, error, 0
@@ -166,7 +193,9 @@ class _FlakyView:
 def _flaky_volume(fails, error="UNAVAILABLE: connection reset by peer"):
     data = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
     arr = Flaky(data, fails, error)
-    return volmod.Volume(path="gs://bucket/flaky", array=arr, voxel_size=(1.0, 1.0, 1.0), axes=("z", "y", "x")), arr
+    return volmod.Volume(
+        path="gs://bucket/flaky", array=arr, voxel_size=(1.0, 1.0, 1.0), axes=("z", "y", "x")
+    ), arr
 
 
 def test_transient_read_failures_are_retried(monkeypatch):
@@ -185,7 +214,9 @@ def test_transient_read_failures_are_retried(monkeypatch):
 def test_persistent_or_permanent_failures_raise(monkeypatch):
     monkeypatch.setattr(volmod.time, "sleep", lambda s: None)
     v, arr = _flaky_volume(fails=100)
-    with pytest.raises(VolumeError, match=r"\[0:1, 0:8, 0:8\] of volume gs://bucket/flaky failed: UNAVAILABLE"):
+    with pytest.raises(
+        VolumeError, match=r"\[0:1, 0:8, 0:8\] of volume gs://bucket/flaky failed: UNAVAILABLE"
+    ):
         v.read((slice(0, 1), slice(0, 8), slice(0, 8)))
     assert arr.calls == volmod.READ_TRIES
     v, arr = _flaky_volume(fails=100, error="FAILED_PRECONDITION: corrupt chunk")

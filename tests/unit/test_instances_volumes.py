@@ -1,33 +1,52 @@
 """Instance methods on volumes with exact ground truth: synthetic EM (boundaries / affinities from
 the labels plus noise), the 2D->3D linking on the real gala FIB-SEM labels, and blockwise
 processing (stitching equals the whole-volume result; an interrupted job resumes)."""
+
 import numpy as np
 import pytest
 import tifffile
+from conftest import shared_data
 from skimage.measure import label as cc_label
 
-from conftest import shared_data
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume
 from emfm.eval.metrics import region_scores
-from emfm.postproc import (BlockwiseJob, SegmentParams, affinities_from_labels, boundaries_from_labels,
-                           link_sections, segment)
+from emfm.instances import (
+    BlockwiseJob,
+    SegmentParams,
+    affinities_from_labels,
+    boundaries_from_labels,
+    link_sections,
+    segment,
+)
 
 
 @pytest.fixture(scope="module")
 def syn():
     s = synthetic_em((24, 64, 64), seed=2, cell_size=24.0)
     rng = np.random.default_rng(0)
-    b = np.clip(boundaries_from_labels(s.cells) + rng.normal(0, 0.1, s.cells.shape), 0, 1).astype(np.float32)
-    a = np.clip(affinities_from_labels(s.cells) + rng.normal(0, 0.1, (6, *s.cells.shape)), 0, 1).astype(np.float32)
+    b = np.clip(boundaries_from_labels(s.cells) + rng.normal(0, 0.1, s.cells.shape), 0, 1).astype(
+        np.float32
+    )
+    a = np.clip(
+        affinities_from_labels(s.cells) + rng.normal(0, 0.1, (6, *s.cells.shape)), 0, 1
+    ).astype(np.float32)
     return s.cells, b, a
 
 
 # Cells cut by the volume's faces can be too small to hold a seed or a fragment: they merge into
 # a neighbour, hence small but non-zero errors.
-@pytest.mark.parametrize("method,source,max_are", [
-    ("watershed", "boundary", 0.02), ("agglomeration", "boundary", 0.04), ("multicut", "boundary", 0.04),
-    ("agglomeration", "affinities", 0.04), ("multicut", "affinities", 0.04), ("mws", "affinities", 0.02)])
+@pytest.mark.parametrize(
+    "method,source,max_are",
+    [
+        ("watershed", "boundary", 0.02),
+        ("agglomeration", "boundary", 0.04),
+        ("multicut", "boundary", 0.04),
+        ("agglomeration", "affinities", 0.04),
+        ("multicut", "affinities", 0.04),
+        ("mws", "affinities", 0.02),
+    ],
+)
 def test_methods_recover_synthetic_cells(syn, method, source, max_are):
     cells, b, a = syn
     lab = segment(b if source == "boundary" else a, SegmentParams(method=method))
@@ -43,7 +62,8 @@ def test_link2d_relinks_real_gala_labels():
     gt = tifffile.imread(path)[:, :64]  # real dense neuron labels, 50 sections
     # the objects as 3D-connected pieces: cropping cut some neurons into pieces no linking can join
     gt3d = cc_label(gt, connectivity=1)
-    per_section = np.stack([cc_label(z, connectivity=1) for z in gt])  # every section numbered on its own
+    # every section numbered on its own
+    per_section = np.stack([cc_label(z, connectivity=1) for z in gt])
     assert region_scores(per_section, gt3d)["adapted_rand_error"] > 0.5  # unlinked: badly split
     # exact sections: linking every pair over the level also joins branches (a neuron in two pieces)
     linked = link_sections(per_section, threshold=0.5, criterion="fraction", mutual_best=False)
@@ -55,7 +75,8 @@ def test_link2d_relinks_real_gala_labels():
 
 
 def test_link2d_by_hand():
-    # section 0: ids 1 | 2; section 1: one id over both halves (a branch) ; section 2: 5 inside the left half
+    # section 0: ids 1 | 2; section 1: one id over both halves (a branch) ; section 2: 5 inside the
+    # left half
     sec = np.zeros((3, 2, 4), np.uint32)
     sec[0, :, :2], sec[0, :, 2:] = 1, 2
     sec[1] = 7
@@ -64,7 +85,9 @@ def test_link2d_by_hand():
     assert len(np.unique(out)) == 2  # everything linked; the empty right half of section 2 stays 0
     assert out[0, 0, 0] == out[0, 0, 3] == out[1, 0, 0] == out[2, 0, 0]
     # IoU is stricter: 1 vs 7 overlap 4 of union 8 = 0.5 passes, at 0.6 nothing links
-    assert len(np.unique(link_sections(sec, threshold=0.6, criterion="iou", mutual_best=False))) == 5
+    assert (
+        len(np.unique(link_sections(sec, threshold=0.6, criterion="iou", mutual_best=False))) == 5
+    )
     # one-to-one (the default): 7 ties between 1 and 2 and takes the first, so 2 stays on its own
     out = link_sections(sec, threshold=0.5)
     assert out[0, 0, 0] == out[1, 0, 0] == out[2, 0, 0] != out[0, 0, 3] and len(np.unique(out)) == 3
@@ -76,12 +99,18 @@ def test_link2d_straddling_fragment_does_not_chain():
     sec = np.zeros((3, 2, 6), np.uint32)
     sec[[0, 2], :, :3], sec[[0, 2], :, 3:] = 1, 2
     sec[1, :, :2], sec[1, :, 2:4], sec[1, :, 4:] = 1, 2, 3
-    # F overlaps A and B by 2 of its 4 voxels (fraction 0.5 of the smaller): any-pair linking joins all
+    # F overlaps A and B by 2 of its 4 voxels (fraction 0.5 of the smaller): any-pair linking joins
+    # all
     assert len(np.unique(link_sections(sec, threshold=0.5, mutual_best=False))) == 1
-    out = link_sections(sec, threshold=0.5)  # F is neither A's nor B's best overlap: it links nothing
+    # F is neither A's nor B's best overlap: it links nothing
+    out = link_sections(sec, threshold=0.5)
     a, f, b = out[0, 0, 0], out[1, 0, 2], out[0, 0, 5]
     assert len({a, f, b}) == 3 and 0 not in (a, f, b)
-    assert (out[:, :, :2] == a).all() and (out[[0, 2], :, 2] == a).all() and (out[1, :, 2:4] == f).all()
+    assert (
+        (out[:, :, :2] == a).all()
+        and (out[[0, 2], :, 2] == a).all()
+        and (out[1, :, 2:4] == f).all()
+    )
     assert (out[:, :, 4:] == b).all() and (out[[0, 2], :, 3] == b).all()
 
 
@@ -91,16 +120,28 @@ def test_blockwise_equals_whole_volume(syn, tmp_path, method):
     params = SegmentParams(method=method)
     whole = segment(b, params)
     # halo = block: each block sees the whole volume, so only the stitching can differ
-    job = BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "full.zarr", params, block=[12, 32, 32],
-                       halo=[12, 32, 32])
+    job = BlockwiseJob(
+        lambda box: b[box],
+        b.shape,
+        tmp_path / "full.zarr",
+        params,
+        block=[12, 32, 32],
+        halo=[12, 32, 32],
+    )
     assert job.run()["blocks"] == 8
     out = open_volume(tmp_path / "full.zarr").read()
     s = region_scores(out, whole, ignore_gt=())
     assert s["voi_split"] < 1e-9 and s["voi_merge"] < 1e-9
     assert out.max() == len(np.unique(out)) - (0 in out)  # consecutive ids
     # a realistic halo: the same objects up to a few voxels
-    job = BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "halo.zarr", params, block=[12, 32, 32],
-                       halo=[4, 12, 12])
+    job = BlockwiseJob(
+        lambda box: b[box],
+        b.shape,
+        tmp_path / "halo.zarr",
+        params,
+        block=[12, 32, 32],
+        halo=[4, 12, 12],
+    )
     job.run()
     s = region_scores(open_volume(tmp_path / "halo.zarr").read(), whole, ignore_gt=())
     assert s["adapted_rand_error"] < 0.02, s
@@ -123,20 +164,30 @@ def test_blockwise_resumes_after_interruption(syn, tmp_path):
     assert len(list((tmp_path / "work").glob("block_*.npz"))) == 3  # finished blocks are kept
     res = BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "out.zarr", params, **kw).run()
     assert res["segmented_now"] == 5
-    ref = BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "ref.zarr", params, block=[12, 32, 32],
-                       halo=[4, 12, 12]).run()
+    ref = BlockwiseJob(
+        lambda box: b[box],
+        b.shape,
+        tmp_path / "ref.zarr",
+        params,
+        block=[12, 32, 32],
+        halo=[4, 12, 12],
+    ).run()
     assert ref["segments"] == res["segments"]
-    np.testing.assert_array_equal(open_volume(tmp_path / "out.zarr").read(), open_volume(tmp_path / "ref.zarr").read())
+    np.testing.assert_array_equal(
+        open_volume(tmp_path / "out.zarr").read(), open_volume(tmp_path / "ref.zarr").read()
+    )
     # a different job must not reuse another job's blocks
     (tmp_path / "work").mkdir()
     BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "x.zarr", params, **kw)._prepare()
     with pytest.raises(ValueError, match="another job"):
-        BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "x.zarr", SegmentParams(method="multicut"), **kw)._prepare()
+        BlockwiseJob(
+            lambda box: b[box], b.shape, tmp_path / "x.zarr", SegmentParams(method="multicut"), **kw
+        )._prepare()
 
 
 def test_volume_reader_kinds_and_errors(tmp_path):
     from emfm.data.volume import VolumeError, write_array
-    from emfm.postproc.blockwise import volume_reader
+    from emfm.instances.blockwise import volume_reader
 
     probs = np.zeros((2, 4, 6, 2), np.float32)  # z y x c: [interior, boundary]
     probs[..., 1] = 0.25
@@ -160,25 +211,47 @@ def test_volume_reader_kinds_and_errors(tmp_path):
 def test_instances_reads_what_predict_records(syn, tmp_path):
     """`emfm predict` output: z y x c with channel names / offsets in the attributes."""
     from emfm.data.volume import VolumeError, write_array
-    from emfm.postproc import instances
+    from emfm.instances import instances
 
     cells, b, a = syn
     two = np.stack([1 - b, b], axis=-1)
-    write_array(tmp_path / "b.zarr", two, attributes={"channels": ["interior", "boundary"], "offsets": []})
-    res = instances(str(tmp_path / "b.zarr"), str(tmp_path / "b_out.zarr"), SegmentParams(method="watershed"),
-                    block=[24, 64, 64], halo=[0, 0, 0])
+    write_array(
+        tmp_path / "b.zarr", two, attributes={"channels": ["interior", "boundary"], "offsets": []}
+    )
+    res = instances(
+        str(tmp_path / "b.zarr"),
+        str(tmp_path / "b_out.zarr"),
+        SegmentParams(method="watershed"),
+        block=[24, 64, 64],
+        halo=[0, 0, 0],
+    )
     assert res["kind"] == "boundary"
-    np.testing.assert_array_equal(open_volume(tmp_path / "b_out.zarr").read(),
-                                  segment(b, SegmentParams(method="watershed")))
+    np.testing.assert_array_equal(
+        open_volume(tmp_path / "b_out.zarr").read(), segment(b, SegmentParams(method="watershed"))
+    )
     offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-2, 0, 0], [0, -4, 0], [0, 0, -4]]
     affs = affinities_from_labels(cells, offsets)
-    write_array(tmp_path / "a.zarr", np.moveaxis(affs, 0, -1).copy(), attributes={"offsets": offsets})
-    res = instances(str(tmp_path / "a.zarr"), str(tmp_path / "a_out.zarr"), SegmentParams(method="mws"),
-                    block=[24, 64, 64], halo=[0, 0, 0])  # the recorded offsets replace the default ones
+    write_array(
+        tmp_path / "a.zarr", np.moveaxis(affs, 0, -1).copy(), attributes={"offsets": offsets}
+    )
+    res = instances(
+        str(tmp_path / "a.zarr"),
+        str(tmp_path / "a_out.zarr"),
+        SegmentParams(method="mws"),
+        block=[24, 64, 64],
+        halo=[0, 0, 0],
+    )  # the recorded offsets replace the default ones
     assert res["kind"] == "affinities"
     # as in test_methods_recover_synthetic_cells: thin cell pieces at the faces may lack a mutex
-    assert region_scores(open_volume(tmp_path / "a_out.zarr").read(), cells)["adapted_rand_error"] < 0.02
+    assert (
+        region_scores(open_volume(tmp_path / "a_out.zarr").read(), cells)["adapted_rand_error"]
+        < 0.02
+    )
     with pytest.raises(VolumeError, match="offsets"):
-        instances(str(tmp_path / "a.zarr"), str(tmp_path / "x.zarr"),
-                  SegmentParams(method="mws", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1))), block=[24, 64, 64],
-                  halo=[0, 0, 0])
+        instances(
+            str(tmp_path / "a.zarr"),
+            str(tmp_path / "x.zarr"),
+            SegmentParams(method="mws", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1))),
+            block=[24, 64, 64],
+            halo=[0, 0, 0],
+        )

@@ -1,4 +1,5 @@
-"""Learning regimes of segmentation (configs/regime/): which parameters train, and the unlabelled terms.
+"""Learning regimes of segmentation (configs/regime/): which parameters train, and the unlabelled
+terms.
 
 Supervised: from scratch or a pretrained encoder, which is frozen, partially frozen (the first
 `frozen_blocks` ViT blocks or U-Net levels and the embeddings) or fine-tuned with layer-wise lr
@@ -12,12 +13,14 @@ align voxel by voxel) and differ in grey values, noise and cut-out:
 Unsupervised: k-means or a Gaussian mixture on frozen dense features, clusters matched to classes
 by the Hungarian method on the evaluation labels (for scoring only).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from emfm.errors import UserError
 
 
@@ -30,7 +33,9 @@ def freeze_patterns(regime, *, unet: bool) -> list[str]:
         idx = "|".join(str(i) for i in range(n))
         if unet:
             return ["^encoder/stem/"] + ([f"^encoder/down/({idx})/"] if n else [])
-        return ["^encoder/(patch_embed|cls_token|registers)"] + ([f"^encoder/blocks/({idx})/"] if n else [])
+        return ["^encoder/(patch_embed|cls_token|registers)"] + (
+            [f"^encoder/blocks/({idx})/"] if n else []
+        )
     return []
 
 
@@ -53,8 +58,12 @@ def photometric(rng, x, *, strength: float):
         ox = jax.random.randint(ks[5], (b,), 0, sp[-1] - w + 1)
         yy = jnp.arange(sp[-2])[None, :, None]
         xx = jnp.arange(sp[-1])[None, None, :]
-        box = ((yy >= oy[:, None, None]) & (yy < oy[:, None, None] + h) & (xx >= ox[:, None, None])
-               & (xx < ox[:, None, None] + w))
+        box = (
+            (yy >= oy[:, None, None])
+            & (yy < oy[:, None, None] + h)
+            & (xx >= ox[:, None, None])
+            & (xx < ox[:, None, None] + w)
+        )
         box = box.reshape((b,) + (1,) * (x.ndim - 4) + box.shape[1:] + (1,))
         y = jnp.where(box, mean, y)
     return y.astype(jnp.float32)
@@ -63,8 +72,8 @@ def photometric(rng, x, *, strength: float):
 def _probs(out, lay):
     """The classifying channels as probabilities: softmax classes or sigmoid affinities."""
     if lay.classes:
-        return jax.nn.softmax(out[..., :lay.classes])
-    return jax.nn.sigmoid(out[..., :lay.sigmoid])
+        return jax.nn.softmax(out[..., : lay.classes])
+    return jax.nn.sigmoid(out[..., : lay.sigmoid])
 
 
 def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: bool = False):
@@ -82,11 +91,11 @@ def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: boo
     if lay.classes:
         conf, pseudo = p.max(-1), p.argmax(-1)
         keep = (conf >= regime.threshold).astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(student[..., :lay.classes], pseudo)
+        ce = optax.softmax_cross_entropy_with_integer_labels(student[..., : lay.classes], pseudo)
     else:
         conf, pseudo = jnp.maximum(p, 1 - p), (p > 0.5).astype(jnp.float32)
         keep = (conf >= regime.threshold).astype(jnp.float32)
-        ce = optax.sigmoid_binary_cross_entropy(student[..., :lay.sigmoid], pseudo)
+        ce = optax.sigmoid_binary_cross_entropy(student[..., : lay.sigmoid], pseudo)
     loss = (ce * keep).sum() / ce.size  # FixMatch: mean over all unlabelled voxels, masked
     return loss, {"loss_pseudo": loss, "pseudo_fraction": keep.mean()}
 
@@ -97,7 +106,8 @@ def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: boo
 
 def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
     """Frozen features at pixel resolution, `[b, y, x, d]` per batch of 2D sections `[n, y, x]` in
-    [0, 1] (a generator: a ViT's token map upsampled bilinearly; a U-Net's decoder output as it is)."""
+    [0, 1] (a generator: a ViT's token map upsampled bilinearly; a U-Net's decoder output as it
+    is)."""
     from flax import nnx
 
     graphdef, state = nnx.split(encoder)
@@ -109,10 +119,12 @@ def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
         return jax.image.resize(f, (f.shape[0], x.shape[1], x.shape[2], f.shape[-1]), "bilinear")
 
     for i in range(0, len(images), batch):
-        yield np.asarray(fwd(state, jnp.asarray(images[i:i + batch], jnp.float32)))
+        yield np.asarray(fwd(state, jnp.asarray(images[i : i + batch], jnp.float32)))
 
 
-def fit_clusters(encoder, images: np.ndarray, method: str, k: int, *, samples: int = 20000, seed: int = 0):
+def fit_clusters(
+    encoder, images: np.ndarray, method: str, k: int, *, samples: int = 20000, seed: int = 0
+):
     """k-means (scikit-learn KMeans) or a diagonal Gaussian mixture on `samples` feature vectors
     drawn evenly from the sections `images`; returns `predict(images) -> cluster ids [n, y, x]`."""
     from sklearn.cluster import KMeans
@@ -130,13 +142,17 @@ def fit_clusters(encoder, images: np.ndarray, method: str, k: int, *, samples: i
     if method == "kmeans":
         model = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(s)
     elif method == "gmm":
-        model = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed, max_iter=200).fit(s)
+        model = GaussianMixture(
+            n_components=k, covariance_type="diag", random_state=seed, max_iter=200
+        ).fit(s)
     else:
         raise UserError(f"clustering {method!r}: use kmeans or gmm")
 
     def predict(x: np.ndarray) -> np.ndarray:
-        out = [model.predict(((f.reshape(-1, f.shape[-1]) - mean) / std)).reshape(f.shape[:-1])
-               for f in dense_features(encoder, x)]
+        out = [
+            model.predict((f.reshape(-1, f.shape[-1]) - mean) / std).reshape(f.shape[:-1])
+            for f in dense_features(encoder, x)
+        ]
         return np.concatenate(out)
 
     return predict
@@ -144,8 +160,8 @@ def fit_clusters(encoder, images: np.ndarray, method: str, k: int, *, samples: i
 
 def hungarian_match(clusters: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Class of each cluster: the one-to-one assignment maximising agreement (Hungarian method,
-    scipy.optimize.linear_sum_assignment); clusters left over (k > classes) take their majority class.
-    Labels < 0 are ignored."""
+    scipy.optimize.linear_sum_assignment); clusters left over (k > classes) take their majority
+    class. Labels < 0 are ignored."""
     from scipy.optimize import linear_sum_assignment
 
     valid = labels >= 0

@@ -1,13 +1,19 @@
-"""Graph post-processing on cases solved by hand: affinities, RAG, agglomeration, GAEC, mutex watershed."""
+"""Graph post-processing on cases solved by hand: affinities, RAG, agglomeration, GAEC, mutex
+watershed."""
+
 import itertools
 
 import numpy as np
 import pytest
 
-from emfm.postproc import graph
-from emfm.postproc.affinities import (affinities_from_labels, affinity_mask, boundaries_from_affinities,
-                                      boundaries_from_labels)
-from emfm.postproc.mws import mutex_watershed
+from emfm.instances import graph
+from emfm.instances.affinities import (
+    affinities_from_labels,
+    affinity_mask,
+    boundaries_from_affinities,
+    boundaries_from_labels,
+)
+from emfm.instances.mws import mutex_watershed
 
 
 def _partition(labels) -> set:
@@ -37,7 +43,9 @@ def test_affinities_from_labels_by_hand():
     # boundary: both voxels of the 1|2 face, the background voxel, and its neighbour
     np.testing.assert_array_equal(boundaries_from_labels(lab)[0, 0], [0, 1, 1, 1])
     nn = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
-    np.testing.assert_array_equal(boundaries_from_affinities(affinities_from_labels(lab, nn), nn)[0, 0], [0, 1, 1, 1])
+    np.testing.assert_array_equal(
+        boundaries_from_affinities(affinities_from_labels(lab, nn), nn)[0, 0], [0, 1, 1, 1]
+    )
     with pytest.raises(ValueError, match="offset"):
         affinities_from_labels(lab, [[0, 0]])
 
@@ -48,7 +56,9 @@ def test_rag_from_boundaries_by_hand():
     rag = graph.rag_from_boundaries(frag, b)
     np.testing.assert_array_equal(rag.edges, [[1, 2], [1, 3], [2, 3]])
     np.testing.assert_array_equal(rag.size, [1, 1, 2])
-    np.testing.assert_allclose(rag.prob, [(0.2 + 0.4) / 2, (0.6 + 0.8) / 2, ((0.4 + 0.8) / 2 + 0.0) / 2])
+    np.testing.assert_allclose(
+        rag.prob, [(0.2 + 0.4) / 2, (0.6 + 0.8) / 2, ((0.4 + 0.8) / 2 + 0.0) / 2]
+    )
     affs = np.ones((3, *frag.shape), np.float32)
     affs[2, 0, 0, 2] = 0.25  # x-face between voxels (0, 1) of fragment 1 and (0, 2) of fragment 2
     rag = graph.rag_from_affinities(frag, affs, [[-1, 0, 0], [0, -1, 0], [0, 0, -1]])
@@ -57,14 +67,20 @@ def test_rag_from_boundaries_by_hand():
 
 def test_agglomeration_updates_means_when_regions_merge():
     edges = np.array([[1, 2], [1, 3], [2, 3]])
-    # merge 1-2 first (0.1); then {1,2}-3 pools 1 face at 0.6 and 3 faces at 0.2: mean 0.3 < 0.5 -> one region
+    # merge 1-2 first (0.1); then {1,2}-3 pools 1 face at 0.6 and 3 faces at 0.2: mean 0.3 < 0.5 ->
+    # one region
     rag = graph.Rag(4, edges, np.array([0.1, 0.6, 0.2]), np.array([1, 1, 3]))
     assert _partition(graph.agglomerate(rag, 0.5)[1:]) == {frozenset({0, 1, 2})}
-    # with one face at 0.45 instead the pooled mean is (0.6 + 0.45) / 2 = 0.525 >= 0.5: 3 stays apart
+    # with one face at 0.45 instead the pooled mean is (0.6 + 0.45) / 2 = 0.525 >= 0.5: 3 stays
+    # apart
     rag = graph.Rag(4, edges, np.array([0.1, 0.6, 0.45]), np.array([1, 1, 1]))
     seg = graph.agglomerate(rag, 0.5)
     assert seg[0] == 0 and _partition(seg[1:]) == {frozenset({0, 1}), frozenset({2})}
-    assert _partition(graph.agglomerate(rag, 0.05)[1:]) == {frozenset({0}), frozenset({1}), frozenset({2})}
+    assert _partition(graph.agglomerate(rag, 0.05)[1:]) == {
+        frozenset({0}),
+        frozenset({1}),
+        frozenset({2}),
+    }
 
 
 def test_gaec_square_with_diagonal_is_optimal():
@@ -85,13 +101,17 @@ def test_gaec_respects_a_strong_repulsive_edge_that_thresholding_ignores():
     seg = graph.gaec(3, edges, costs)
     assert _partition(seg) == {frozenset({0, 1}), frozenset({2})}
     best, _ = _brute_force_multicut(3, edges, costs)
-    assert graph.multicut_objective(edges, costs, seg) == pytest.approx(best) == pytest.approx(-16.0)
+    assert (
+        graph.multicut_objective(edges, costs, seg) == pytest.approx(best) == pytest.approx(-16.0)
+    )
 
 
 def test_multicut_costs_sign_and_bias():
     c = graph.multicut_costs(np.array([0.1, 0.5, 0.9]))
     assert c[0] > 0 and c[1] == pytest.approx(0.0) and c[2] < 0
-    assert graph.multicut_costs(np.array([0.5]), beta=0.7)[0] < 0  # a higher boundary bias cuts more
+    assert (
+        graph.multicut_costs(np.array([0.5]), beta=0.7)[0] < 0
+    )  # a higher boundary bias cuts more
     with pytest.raises(ValueError, match="beta"):
         graph.multicut_costs(np.array([0.5]), beta=1.0)
 

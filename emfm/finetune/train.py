@@ -1,14 +1,15 @@
-"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step loop,
-emfm.train.loop).
+"""`emfm finetune`: segmentation training under every regime, on the pretraining engine (one step
+loop, emfm.train.loop).
 
 The same pieces as `emfm pretrain` (emfm.train): a `TrainState` (with an EMA teacher for the mean
 teacher) on a `data` x `fsdp` mesh, one pure jitted step (`make_train_step`), orbax checkpoints
 with the data position, resume from the run's own directory, SIGTERM -> checkpoint, metrics JSONL
 and TensorBoard. Batches: labelled patches (PatchLoader with label volumes) turned into the task's
-targets on the host (emfm.segment.targets), plus `unlabelled_ratio` times as many unlabelled patches
-for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters frozen
-features and scores them with Hungarian-matched classes.
+targets on the host (emfm.finetune.targets), plus `unlabelled_ratio` times as many unlabelled
+patches for the semi-supervised regimes. `regime.cluster` (kmeans | gmm) trains nothing: it clusters
+frozen features and scores them with Hungarian-matched classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +27,14 @@ from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskC
 from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
+from emfm.errors import UserError
+from emfm.finetune import losses, regimes, targets
+from emfm.finetune.predict import model_fn, predict_array, predict_volume
 from emfm.models.seg_heads import SegModel, build_head
 from emfm.models.vit import count_params
-from emfm.segment import losses, regimes, targets
-from emfm.segment.predict import model_fn, predict_array, predict_volume
-from emfm.train import checkpoint, loop, mesh as meshlib, optim
+from emfm.train import checkpoint, loop, optim
+from emfm.train import mesh as meshlib
 from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
 
@@ -40,10 +42,24 @@ log = logging.getLogger("emfm")
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(model_cfg: ModelConfig, head_cfg: HeadConfig, task: SegTaskConfig, *, seed: int = 0, encoder=None):
+def build_model(
+    model_cfg: ModelConfig,
+    head_cfg: HeadConfig,
+    task: SegTaskConfig,
+    *,
+    seed: int = 0,
+    encoder=None,
+):
     enc = encoder if encoder is not None else build_encoder(model_cfg, seed=seed)
     lay = targets.layout(task, enc.spec.ndim)
-    head = build_head(head_cfg.name, enc, out=lay.channels, width=head_cfg.width, blocks=head_cfg.blocks, seed=seed)
+    head = build_head(
+        head_cfg.name,
+        enc,
+        out=lay.channels,
+        width=head_cfg.width,
+        blocks=head_cfg.blocks,
+        seed=seed,
+    )
     return SegModel(enc, head)
 
 
@@ -55,28 +71,66 @@ def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None
         mcfg = ModelConfig(**meta["model"])
         log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
         # the pretraining normalisation where the data are the same, else the new data's own range
-        same = meta.get("grey_range") and meta.get("data_path") == open_volume(
-            bundled.resolve(cfg.data.path, bundled.sample_raw())).path
+        same = (
+            meta.get("grey_range")
+            and meta.get("data_path")
+            == open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw())).path
+        )
         grey = tuple(meta["grey_range"]) if same else None
         if cfg.regime.reinit_decoder:
             if type(enc).__name__ != "UNet":
-                raise UserError(f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds a "
-                                f"{mcfg.name} encoder")
-            fresh = build_encoder(mcfg, seed=cfg.trainer.seed)  # the same U-Net, freshly initialised
+                raise UserError(
+                    f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds "
+                    "a "
+                    f"{mcfg.name} encoder"
+                )
+            # the same U-Net, freshly initialised
+            fresh = build_encoder(mcfg, seed=cfg.trainer.seed)
             enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
-            log.info("encoder: pretrained U-Net levels, decoder initialised afresh (regime.reinit_decoder)")
+            log.info(
+                "encoder: pretrained U-Net levels, decoder initialised afresh "
+                "(regime.reinit_decoder)"
+            )
         if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
-            enc = shrink_perturb(enc, build_encoder(mcfg, seed=cfg.trainer.seed), cfg.regime.shrink,
-                                 cfg.regime.perturb)
-            log.info("encoder: shrink %.2f x pretrained + perturb %.2f x fresh init", cfg.regime.shrink,
-                     cfg.regime.perturb)
+            enc = shrink_perturb(
+                enc,
+                build_encoder(mcfg, seed=cfg.trainer.seed),
+                cfg.regime.shrink,
+                cfg.regime.perturb,
+            )
+            log.info(
+                "encoder: shrink %.2f x pretrained + perturb %.2f x fresh init",
+                cfg.regime.shrink,
+                cfg.regime.perturb,
+            )
         return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
-    return build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed), cfg.model, None
+    enc = None
+    if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
+        # the control of a shrink-and-perturb start: the same mix with a second random network
+        # standing in for the pretrained one (same parameter scales, no pretraining)
+        enc = shrink_perturb(
+            build_encoder(cfg.model, seed=cfg.trainer.seed + 10007),
+            build_encoder(cfg.model, seed=cfg.trainer.seed),
+            cfg.regime.shrink,
+            cfg.regime.perturb,
+        )
+        log.info(
+            "encoder: shrink %.2f x random + perturb %.2f x random (control of a pretrained start)",
+            cfg.regime.shrink,
+            cfg.regime.perturb,
+        )
+    return (
+        build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc),
+        cfg.model,
+        None,
+    )
 
 
-def shrink_perturb(pretrained: nnx.Module, fresh: nnx.Module, shrink: float, perturb: float) -> nnx.Module:
-    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On warm-starting
-    neural network training"); other state is the pretrained one's."""
+def shrink_perturb(
+    pretrained: nnx.Module, fresh: nnx.Module, shrink: float, perturb: float
+) -> nnx.Module:
+    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On
+    warm-starting neural network training"); other state is the pretrained one's."""
     graphdef, p_pre, rest = nnx.split(pretrained, nnx.Param, ...)
     p_new = nnx.state(fresh, nnx.Param)
     mixed = jax.tree.map(lambda a, b: shrink * a + perturb * b, p_pre, p_new)
@@ -90,13 +144,21 @@ def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
     run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
     meta = checkpoint.read_meta(run_dir)
     if "task" not in meta or "head" not in meta:
-        raise checkpoint.CheckpointError(f"checkpoint in {run_dir} is not a segmentation model (emfm finetune run)")
-    mcfg, hcfg, tcfg = ModelConfig(**meta["model"]), HeadConfig(**meta["head"]), SegTaskConfig(**meta["task"])
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {run_dir} is not a segmentation model (emfm finetune run)"
+        )
+    mcfg, hcfg, tcfg = (
+        ModelConfig(**meta["model"]),
+        HeadConfig(**meta["head"]),
+        SegTaskConfig(**meta["task"]),
+    )
     abstract = nnx.eval_shape(lambda: build_model(mcfg, hcfg, tcfg))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     mngr = checkpoint.manager(run_dir, create=False)
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=checkpoint.params_restore_args(abstract_params)))
+    restored = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(state=checkpoint.params_restore_args(abstract_params)),
+    )
     mngr.close()
     return nnx.merge(graphdef, restored.state["params"], rest_state(abstract)), meta
 
@@ -108,8 +170,10 @@ def _volumes(cfg: FinetuneConfig):
     img = open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw()))
     lab = open_volume(bundled.resolve(cfg.data.labels, bundled.sample_membranes()))
     if lab.spatial_shape != img.spatial_shape:
-        raise VolumeError(f"labels {lab.path} of shape {lab.spatial_shape} do not match volume {img.path} "
-                          f"of shape {img.spatial_shape}")
+        raise VolumeError(
+            f"labels {lab.path} of shape {lab.spatial_shape} do not match volume {img.path} "
+            f"of shape {img.spatial_shape}"
+        )
     return img, lab
 
 
@@ -121,10 +185,21 @@ def labelled_roi(region: Region, fraction: float, min_depth: int) -> list[list[i
 
 
 class Batches:
-    """Host batches for the step: image, targets, and unlabelled images for semi-supervised regimes."""
+    """Host batches for the step: image, targets, and unlabelled images for semi-supervised
+    regimes."""
 
-    def __init__(self, cfg: FinetuneConfig, img, lab, grey, ndim: int, start: int, *, process_index: int = 0,
-                 process_count: int = 1):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        img,
+        lab,
+        grey,
+        ndim: int,
+        start: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         d, r = cfg.data, cfg.regime
         train = Region.of(img, d.train_roi)
         self.labelled = Region.of(img, labelled_roi(train, d.label_fraction, d.patch_shape[0]))
@@ -132,12 +207,23 @@ class Batches:
         b = d.batch_size // process_count  # this process's share of the global batch
         procs = dict(process_index=process_index, process_count=process_count)
         s = PatchSampler([self.labelled], d.patch_shape, b, seed=cfg.trainer.seed, **procs)
-        self.lab = PatchLoader(s, [grey], labels=[lab], augment_batches=d.augment, prefetch=d.prefetch,
-                               start_step=start, min_foreground=d.min_foreground)
+        self.lab = PatchLoader(
+            s,
+            [grey],
+            labels=[lab],
+            augment_batches=d.augment,
+            prefetch=d.prefetch,
+            start_step=start,
+            min_foreground=d.min_foreground,
+        )
         self.unl = None
         if r.semi != "none":
-            su = PatchSampler([train], d.patch_shape, b * r.unlabelled_ratio, seed=cfg.trainer.seed + 1, **procs)
-            self.unl = PatchLoader(su, [grey], augment_batches=d.augment, prefetch=d.prefetch, start_step=start)
+            su = PatchSampler(
+                [train], d.patch_shape, b * r.unlabelled_ratio, seed=cfg.trainer.seed + 1, **procs
+            )
+            self.unl = PatchLoader(
+                su, [grey], augment_batches=d.augment, prefetch=d.prefetch, start_step=start
+            )
 
     def _img(self, x):
         return x[:, 0, ..., None] if self.ndim == 2 else x[..., None]
@@ -170,7 +256,9 @@ class Batches:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: int, *, window=None) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: int, *, window=None
+) -> tuple[dict, np.ndarray]:
     """Scores of the model on a held-out region, and its probabilities `[z, y, x, c]`."""
     from emfm.eval import metrics
     from emfm.eval.probe import membrane_scores
@@ -180,7 +268,9 @@ def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: in
     x = np.clip((img.read(box).astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)
     raw = lab.read(box)
     lay = targets.layout(cfg.task, ndim)
-    window = window or [1 if ndim == 2 else cfg.data.patch_shape[0]] + list(cfg.data.patch_shape[1:])
+    window = window or [1 if ndim == 2 else cfg.data.patch_shape[0]] + list(
+        cfg.data.patch_shape[1:]
+    )
     overlap = [0 if w == 1 else w // 4 for w in window]
     fn = model_fn(model, lay, ndim=ndim, batch_size=4)
     probs = predict_array(fn, lay.channels, x, window=window, overlap=overlap)
@@ -195,8 +285,13 @@ def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: in
         scores.update(f1=s["f1"], iou=s["iou"], accuracy=float((pred[valid] == cls[valid]).mean()))
         if ndim == 2 and t.num_classes == 2 and t.positive_class != t.instance_class:
             # the positive class separates instances (membranes): score the watershed cells it gives
-            scores.update({k: v for k, v in membrane_scores(probs[..., pos], cls == pos).items()
-                           if k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")})
+            scores.update(
+                {
+                    k: v
+                    for k, v in membrane_scores(probs[..., pos], cls == pos).items()
+                    if k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")
+                }
+            )
     else:
         tg = targets.make_targets(raw[None], t, ndim)
         if lay.classes:
@@ -206,13 +301,17 @@ def evaluate(model: SegModel, cfg: FinetuneConfig, img, lab, grey, roi, ndim: in
             scores.update(f1=s["f1"], iou=s["iou"])
         if lay.sigmoid:
             m = tg["sigmoid_mask"][0] > 0
-            s = metrics.binary_scores(probs[..., lay.classes:lay.classes + lay.sigmoid][m] >= 0.5, tg["sigmoid"][0][m] > 0.5)
+            s = metrics.binary_scores(
+                probs[..., lay.classes : lay.classes + lay.sigmoid][m] >= 0.5,
+                tg["sigmoid"][0][m] > 0.5,
+            )
             scores.update(affinity_f1=s["f1"])
     return scores, probs
 
 
 def cluster_run(cfg: FinetuneConfig) -> dict:
-    """Unsupervised regime: k-means / GMM on frozen dense features; Hungarian-matched classes, scored."""
+    """Unsupervised regime: k-means / GMM on frozen dense features; Hungarian-matched classes,
+    scored."""
     from emfm.eval import metrics
 
     run_dir = Path(cfg.run_dir)
@@ -226,14 +325,23 @@ def cluster_run(cfg: FinetuneConfig) -> dict:
         grey = estimate_range(Region.of(img, cfg.data.train_roi))
     if enc.spec.ndim != 2:
         raise VolumeError("regime.cluster works on 2D encoders (per-section features)")
-    norm = lambda a: np.clip((a.astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)  # noqa: E731
+
+    def norm(a):
+        return np.clip((a.astype(np.float32) - grey[0]) / (grey[1] - grey[0]), 0, 1)
+
     train = Region.of(img, cfg.data.train_roi)
     tbox = tuple(slice(a, b) for a, b in train.box)
     test_roi = cfg.data.test_roi or [list(b) for b in train.box]
     ebox = tuple(slice(a, b) for a, b in Region.of(img, test_roi).box)
     t0 = time.perf_counter()
-    predict = regimes.fit_clusters(enc, norm(img.read(tbox)), cfg.regime.cluster, cfg.regime.clusters,
-                                   samples=cfg.regime.cluster_samples, seed=cfg.trainer.seed)
+    predict = regimes.fit_clusters(
+        enc,
+        norm(img.read(tbox)),
+        cfg.regime.cluster,
+        cfg.regime.clusters,
+        samples=cfg.regime.cluster_samples,
+        seed=cfg.trainer.seed,
+    )
     clusters = predict(norm(img.read(ebox)))
     cls = targets.to_classes(lab.read(ebox), cfg.task)
     mapping = regimes.hungarian_match(clusters, cls, cfg.task.num_classes)
@@ -241,9 +349,16 @@ def cluster_run(cfg: FinetuneConfig) -> dict:
     valid = cls >= 0
     pos = cfg.task.positive_class
     s = metrics.binary_scores(pred[valid] == pos, cls[valid] == pos)
-    summary = {"regime": cfg.regime.cluster, "clusters": cfg.regime.clusters, "mapping": mapping.tolist(),
-               "f1": s["f1"], "iou": s["iou"], "accuracy": float((pred[valid] == cls[valid]).mean()),
-               "seconds": time.perf_counter() - t0, "test_roi": test_roi}
+    summary = {
+        "regime": cfg.regime.cluster,
+        "clusters": cfg.regime.clusters,
+        "mapping": mapping.tolist(),
+        "f1": s["f1"],
+        "iou": s["iou"],
+        "accuracy": float((pred[valid] == cls[valid]).mean()),
+        "seconds": time.perf_counter() - t0,
+        "test_roi": test_roi,
+    }
     (run_dir / "cluster_eval.json").write_text(json.dumps(summary, indent=1))
     log.info("cluster: %s", summary)
     return summary
@@ -263,77 +378,147 @@ def finetune(cfg: FinetuneConfig) -> dict:
     main_proc = pid == 0
     gbatch = cfg.data.batch_size
     if gbatch % pcount:
-        raise UserError(f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes")
+        raise UserError(
+            f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes"
+        )
     mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if gbatch % mesh.size:
-        raise UserError(f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh")
+        raise UserError(
+            f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh"
+        )
     img, lab = _volumes(cfg)
     model, mcfg, ckpt_grey = init_model(cfg)
     ndim = model.encoder.spec.ndim
     spatial = cfg.data.patch_shape[1:] if ndim == 2 else cfg.data.patch_shape
-    if ndim == 2 and cfg.data.patch_shape[0] != 1 or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size)):
-        raise UserError(f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
-                         f"{model.encoder.spec.patch_size}")
-    grey = ckpt_grey or estimate_range(Region.of(img, cfg.data.train_roi), samples=cfg.data.intensity_samples,
-                                       seed=cfg.trainer.seed)
+    if (
+        ndim == 2
+        and cfg.data.patch_shape[0] != 1
+        or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size))
+    ):
+        raise UserError(
+            f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
+            f"{model.encoder.spec.patch_size}"
+        )
+    grey = ckpt_grey or estimate_range(
+        Region.of(img, cfg.data.train_roi),
+        samples=cfg.data.intensity_samples,
+        seed=cfg.trainer.seed,
+    )
     lay = targets.layout(cfg.task, ndim)
     r = cfg.regime
     unet = type(model.encoder).__name__ == "UNet"
-    ocfg = dataclasses.replace(cfg.optim, freeze=list(cfg.optim.freeze) + regimes.freeze_patterns(r, unet=unet),
-                               layer_decay=r.layer_decay if r.layer_decay != 1.0 else cfg.optim.layer_decay)
+    ocfg = dataclasses.replace(
+        cfg.optim,
+        freeze=list(cfg.optim.freeze) + regimes.freeze_patterns(r, unet=unet),
+        layer_decay=r.layer_decay if r.layer_decay != 1.0 else cfg.optim.layer_decay,
+    )
     frozen = r.encoder == "frozen"
-    log.info("model: %s encoder + %s head, %.2f M parameters (encoder %.2f M, %s); regime %s", mcfg.name,
-             cfg.head.name, count_params(model) / 1e6, count_params(model.encoder) / 1e6, r.encoder, r.name)
-    tx, sched = optim.build(ocfg, steps=cfg.trainer.steps, batch_size=gbatch, params=nnx.state(model, nnx.Param))
+    log.info(
+        "model: %s encoder + %s head, %.2f M parameters (encoder %.2f M, %s); regime %s",
+        mcfg.name,
+        cfg.head.name,
+        count_params(model) / 1e6,
+        count_params(model.encoder) / 1e6,
+        r.encoder,
+        r.name,
+    )
+    tx, sched = optim.build(
+        ocfg, steps=cfg.trainer.steps, batch_size=gbatch, params=nnx.state(model, nnx.Param)
+    )
     teacher = r.semi == "mean_teacher"
     graphdef, state0 = init_state(model, tx, cfg.trainer.seed, teacher=teacher)
-    state_sh = meshlib.state_shardings(jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size)
+    state_sh = meshlib.state_shardings(
+        jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size
+    )
 
     def loss_fn(m, batch, rng, teach):
         batch = device.finish(batch)
         out = m(batch["image"], frozen_encoder=frozen)
         loss, metrics = losses.task_loss(out, batch, lay, cfg.loss)
         if r.semi != "none":
-            lu, mu = regimes.unlabelled_loss(m, teach, batch["uimage"], rng, lay, r, frozen_encoder=frozen)
+            lu, mu = regimes.unlabelled_loss(
+                m, teach, batch["uimage"], rng, lay, r, frozen_encoder=frozen
+            )
             loss = loss + r.consistency_weight * lu
             metrics.update(mu)
         metrics["loss"] = loss
         return loss, metrics
 
-    step_fn = make_train_step(graphdef, loss_fn, tx, ema_base=r.ema_momentum, total_steps=cfg.trainer.steps)
+    step_fn = make_train_step(
+        graphdef, loss_fn, tx, ema_base=r.ema_momentum, total_steps=cfg.trainer.steps
+    )
     batch_sh = meshlib.batch_sharding(mesh)
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    train_step = jax.jit(
+        step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
+    )
 
-    mngr = checkpoint.manager(run_dir, keep=cfg.trainer.keep_checkpoints,
-                              interval=cfg.trainer.checkpoint_every or cfg.trainer.steps)
-    meta = {"model": dataclasses.asdict(mcfg), "head": dataclasses.asdict(cfg.head),
-            "task": dataclasses.asdict(cfg.task), "regime": dataclasses.asdict(r), "grey_range": list(grey),
-            "data_path": img.path, "channels": targets.channel_names(cfg.task, ndim)}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(lambda: state0), state_sh)
-    state, start = loop.restore_or_init(mngr, abstract, lambda: meshlib.put_global(state0, state_sh), run_dir)
-    del state0, model
+    mngr = checkpoint.manager(
+        run_dir,
+        keep=cfg.trainer.keep_checkpoints,
+        interval=cfg.trainer.checkpoint_every or cfg.trainer.steps,
+    )
+    meta = {
+        "model": dataclasses.asdict(mcfg),
+        "head": dataclasses.asdict(cfg.head),
+        "task": dataclasses.asdict(cfg.task),
+        "regime": dataclasses.asdict(r),
+        "grey_range": list(grey),
+        "data_path": img.path,
+        "channels": targets.channel_names(cfg.task, ndim),
+    }
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(lambda: state0),
+        state_sh,
+    )
+    state, start = loop.restore_or_init(
+        mngr, abstract, lambda: meshlib.put_global(state0, state_sh), run_dir
+    )
+    state0 = model = None  # the host copies are no longer needed
 
     batches = Batches(cfg, img, lab, grey, ndim, start, process_index=pid, process_count=pcount)
     ex = batches.example()  # this process's share; the step sees the global batch of all processes
-    example = {k: jax.ShapeDtypeStruct((v.shape[0] * pcount,) + v.shape[1:], v.dtype, sharding=batch_sh)
-               for k, v in ex.items()}
+    example = {
+        k: jax.ShapeDtypeStruct((v.shape[0] * pcount,) + v.shape[1:], v.dtype, sharding=batch_sh)
+        for k, v in ex.items()
+    }
     t0 = time.perf_counter()
     compiled = train_step.lower(abstract, example).compile()
     compile_s = time.perf_counter() - t0
     log.info("compiled the %s step in %.1f s", r.name, compile_s)
 
-    result = loop.run(compiled, state, batches, start=start, steps=cfg.trainer.steps, mesh=mesh, mngr=mngr,
-                      meta=meta, run_dir=run_dir, trainer=cfg.trainer, sched=sched,
-                      accumulate_steps=cfg.optim.accumulate_steps, batch_size=gbatch, desc="finetune",
-                      main_proc=main_proc, log_first=True, throughput=False)
+    result = loop.run(
+        compiled,
+        state,
+        batches,
+        start=start,
+        steps=cfg.trainer.steps,
+        mesh=mesh,
+        mngr=mngr,
+        meta=meta,
+        run_dir=run_dir,
+        trainer=cfg.trainer,
+        sched=sched,
+        accumulate_steps=cfg.optim.accumulate_steps,
+        batch_size=gbatch,
+        desc="finetune",
+        main_proc=main_proc,
+        log_first=True,
+        throughput=False,
+    )
     state, losses_seen, loop_s = result.state, result.losses, result.loop_s
 
-    summary = {"regime": dataclasses.asdict(r), "steps": cfg.trainer.steps, "resumed_from": start,
-               "first_loss": losses_seen[0] if losses_seen else None,
-               "final_loss": losses_seen[-1] if losses_seen else None, "compile_s": compile_s,
-               "train_s": loop_s, "labelled_roi": [list(b) for b in batches.labelled.box],
-               "checkpoint": str(run_dir / "checkpoints")}
+    summary = {
+        "regime": dataclasses.asdict(r),
+        "steps": cfg.trainer.steps,
+        "resumed_from": start,
+        "first_loss": losses_seen[0] if losses_seen else None,
+        "final_loss": losses_seen[-1] if losses_seen else None,
+        "compile_s": compile_s,
+        "train_s": loop_s,
+        "labelled_roi": [list(b) for b in batches.labelled.box],
+        "checkpoint": str(run_dir / "checkpoints"),
+    }
     if pcount > 1:  # every process gathers the (possibly sharded) state; process 0 scores it
         from jax.experimental import multihost_utils
 
@@ -364,17 +549,38 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         raise UserError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
     spatial = p.window[1:] if ndim == 2 else p.window
     if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
-        raise UserError(f"predict.window={p.window} is not divisible by the model's patch size "
-                         f"{model.encoder.spec.patch_size}")
+        raise UserError(
+            f"predict.window={p.window} is not divisible by the model's patch size "
+            f"{model.encoder.spec.patch_size}"
+        )
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
     fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
-    attrs = {"content": "probabilities", "task": task.kind, "channels": targets.channel_names(task, ndim),
-             "offsets": task.offsets if task.kind == "affinity" else [], "checkpoint": str(cfg.checkpoint),
-             **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {})}
-    res = predict_volume(fn, lay.channels, vol, out, grey_range=meta["grey_range"], window=p.window,
-                         overlap=p.overlap, chunk=p.chunk, roi=p.roi, blend=p.blend, batch_size=p.batch_size,
-                         dtype=p.dtype, resume=p.resume, attributes=attrs, show_progress=cfg.trainer.progress)
+    attrs = {
+        "content": "probabilities",
+        "task": task.kind,
+        "channels": targets.channel_names(task, ndim),
+        "offsets": task.offsets if task.kind == "affinity" else [],
+        "checkpoint": str(cfg.checkpoint),
+        **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {}),
+    }
+    res = predict_volume(
+        fn,
+        lay.channels,
+        vol,
+        out,
+        grey_range=meta["grey_range"],
+        window=p.window,
+        overlap=p.overlap,
+        chunk=p.chunk,
+        roi=p.roi,
+        blend=p.blend,
+        batch_size=p.batch_size,
+        dtype=p.dtype,
+        resume=p.resume,
+        attributes=attrs,
+        show_progress=cfg.trainer.progress,
+    )
     if p.instances:
         res["instances"] = predict_instances(cfg, out)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -384,13 +590,14 @@ def run_predict(cfg: FinetuneConfig) -> dict:
 
 
 def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
-    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block by
-    block with stitching, to `instances.out` (default: beside the probabilities, `*_instances.zarr`).
-    A rerun after a finished segmentation keeps it; an interrupted one resumes from its work directory."""
+    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block
+    by block with stitching, to `instances.out` (default: beside the probabilities,
+    `*_instances.zarr`). A rerun after a finished segmentation keeps it; an interrupted one resumes
+    from its work directory."""
     from dataclasses import replace
 
     from emfm.config.schema import segment_params
-    from emfm.postproc.blockwise import instances
+    from emfm.instances.blockwise import instances
 
     ic = replace(cfg.instances, method=cfg.predict.instances)
     base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
@@ -401,10 +608,20 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
         return {"out": out, "method": ic.method, "reused": True}
     params, tuned = segment_params(ic), None
     if ic.tune:
-        from emfm.postproc.tune import tune_from_volumes_cfg
+        from emfm.instances.tune import tune_from_volumes_cfg
 
-        params, tuned = tune_from_volumes_cfg(ic, prob_path)
-    res = instances(prob_path, out, params, block=ic.block, halo=ic.halo, kind=ic.kind,
-                    channel=ic.channel, invert=ic.invert, stitch_threshold=ic.stitch_threshold,
-                    work_dir=ic.work_dir or None, keep_work=ic.keep_work)
+        params, tuned = tune_from_volumes_cfg(ic, prob_path, params)
+    res = instances(
+        prob_path,
+        out,
+        params,
+        block=ic.block,
+        halo=ic.halo,
+        kind=ic.kind,
+        channel=ic.channel,
+        invert=ic.invert,
+        stitch_threshold=ic.stitch_threshold,
+        work_dir=ic.work_dir or None,
+        keep_work=ic.keep_work,
+    )
     return {"out": out, "method": ic.method, **res, **({"tuned": tuned} if tuned else {})}

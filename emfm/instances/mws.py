@@ -6,15 +6,17 @@ two clusters unless a mutex (repulsive edge) lies between them, a repulsive edge
 unless they are already joined. `mwatershed` takes one signed array (positive = attractive,
 negative = repulsive, processed by magnitude), which is what `signed_weights` builds.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from skimage.segmentation import relabel_sequential
 
-from emfm.postproc.affinities import check_offsets, is_nearest
 from emfm.errors import UserError
+from emfm.instances.affinities import check_offsets, is_nearest
 
-_EPS = 1e-6  # keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
+# keep every weight's sign: a zero attractive affinity still joins if nothing forbids it
+_EPS = 1e-6
 
 
 def signed_weights(affs: np.ndarray, offsets) -> np.ndarray:
@@ -22,7 +24,9 @@ def signed_weights(affs: np.ndarray, offsets) -> np.ndarray:
     affs = np.clip(np.asarray(affs, np.float64), 0.0, 1.0)
     offsets = check_offsets(offsets, affs.ndim - 1)
     if len(offsets) != affs.shape[0]:
-        raise UserError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
+        raise UserError(
+            f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given"
+        )
     out = np.empty_like(affs)
     for c, o in enumerate(offsets):
         out[c] = np.maximum(affs[c], _EPS) if is_nearest(o) else -np.maximum(1.0 - affs[c], _EPS)

@@ -11,6 +11,7 @@ whole volumes into one object: on the gala FIB-SEM test volume with fine-tuned b
 every setting of threshold and link level then gave a single object (adapted Rand error 0.868,
 experiments/segmentation/README.md).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
-from emfm.postproc.watershed import watershed_segmentation
 from emfm.errors import UserError
+from emfm.instances.watershed import watershed_segmentation
 
 CRITERIA = ("fraction", "iou")
 
@@ -42,8 +43,15 @@ def _is_best(ids: np.ndarray, n: np.ndarray) -> np.ndarray:
     return best
 
 
-def overlap_links(a: np.ndarray, b: np.ndarray, *, threshold: float = 0.5, criterion: str = "fraction",
-                  min_overlap: int = 1, mutual_best: bool = False) -> np.ndarray:
+def overlap_links(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    criterion: str = "fraction",
+    min_overlap: int = 1,
+    mutual_best: bool = False,
+) -> np.ndarray:
     """Pairs `[k, 2]` (id in `a`, id in `b`) to link. `criterion`: "fraction" = overlap / size of
     the smaller of the two segments (within these arrays), "iou" = overlap / union. With
     `mutual_best`, a pair also has to be each one's largest overlap (one-to-one matching, so a
@@ -81,8 +89,15 @@ def merge_ids(labels: np.ndarray, links: np.ndarray) -> np.ndarray:
     return lut_vals[np.searchsorted(lut_keys, labels.astype(np.uint64))]
 
 
-def link_sections(labels2d: np.ndarray, *, threshold: float = 0.5, criterion: str = "fraction",
-                  min_overlap: int = 1, mask: np.ndarray | None = None, mutual_best: bool = True) -> np.ndarray:
+def link_sections(
+    labels2d: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    criterion: str = "fraction",
+    min_overlap: int = 1,
+    mask: np.ndarray | None = None,
+    mutual_best: bool = True,
+) -> np.ndarray:
     """3D objects from per-section labels `[z, y, x]` (ids may repeat between sections: they are
     made unique first). With `mask`, overlaps are counted on the voxels where it is True only
     (e.g. confident interior), so segments grown over boundaries do not link through them.
@@ -98,17 +113,36 @@ def link_sections(labels2d: np.ndarray, *, threshold: float = 0.5, criterion: st
         lab[z] = np.where(r > 0, r + nxt, 0)
         nxt += int(r.max())
     counted = lab if mask is None else np.where(mask, lab, 0)
-    links = [overlap_links(counted[z], counted[z + 1], threshold=threshold, criterion=criterion,
-                           min_overlap=min_overlap, mutual_best=mutual_best) for z in range(lab.shape[0] - 1)]
+    links = [
+        overlap_links(
+            counted[z],
+            counted[z + 1],
+            threshold=threshold,
+            criterion=criterion,
+            min_overlap=min_overlap,
+            mutual_best=mutual_best,
+        )
+        for z in range(lab.shape[0] - 1)
+    ]
     return merge_ids(lab, np.concatenate(links) if links else np.zeros((0, 2), np.uint64))
 
 
-def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed: int = 16,
-                       link_threshold: float = 0.5, criterion: str = "fraction", method_2d: str = "watershed",
-                       sigma: float = 2.0, agglomeration_threshold: float = 0.5,
-                       link_on_interior: bool = True, mutual_best: bool = True,
-                       min_overlap: int = 1) -> np.ndarray:
-    """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in 3D.
+def segment_2d_then_3d(
+    boundary: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_seed: int = 16,
+    link_threshold: float = 0.5,
+    criterion: str = "fraction",
+    method_2d: str = "watershed",
+    sigma: float = 2.0,
+    agglomeration_threshold: float = 0.5,
+    link_on_interior: bool = True,
+    mutual_best: bool = True,
+    min_overlap: int = 1,
+) -> np.ndarray:
+    """Segment each section of a boundary map `[z, y, x]` on its own, then link the 2D segments in
+    3D.
 
     `method_2d`: "watershed" (seeds = confident interior, grown over the map) or "agglomeration"
     (distance-transform fragments of the section merged by mean boundary probability, robust to
@@ -119,15 +153,22 @@ def segment_2d_then_3d(boundary: np.ndarray, *, threshold: float = 0.5, min_seed
     if method_2d == "watershed":
         lab2d = watershed_segmentation(boundary, threshold=threshold, min_seed=min_seed, two_d=True)
     elif method_2d == "agglomeration":
-        from emfm.postproc import graph
-        from emfm.postproc.watershed import fragments
+        from emfm.instances import graph
+        from emfm.instances.watershed import fragments
 
         lab2d = np.zeros(boundary.shape, np.uint64)
         for z, b in enumerate(boundary):
             frag = fragments(b, threshold=threshold, sigma=sigma)
             nodes = graph.agglomerate(graph.rag_from_boundaries(frag, b), agglomeration_threshold)
-            lab2d[z] = graph.apply_to_fragments(frag, nodes)  # made unique over sections by link_sections
+            # made unique over sections by link_sections
+            lab2d[z] = graph.apply_to_fragments(frag, nodes)
     else:
         raise UserError(f"method_2d={method_2d!r}: use watershed or agglomeration")
-    return link_sections(lab2d, threshold=link_threshold, criterion=criterion, min_overlap=min_overlap,
-                         mask=boundary < threshold if link_on_interior else None, mutual_best=mutual_best)
+    return link_sections(
+        lab2d,
+        threshold=link_threshold,
+        criterion=criterion,
+        min_overlap=min_overlap,
+        mask=boundary < threshold if link_on_interior else None,
+        mutual_best=mutual_best,
+    )

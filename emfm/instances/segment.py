@@ -11,18 +11,19 @@
 * `multicut`: the same fragments and graph, costs log((1-p)/p) + log((1-beta)/beta), solved by GAEC;
 * `mws`: mutex watershed on the affinities (needs affinities with long-range offsets).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from emfm.postproc import graph
-from emfm.postproc.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
-from emfm.postproc.link2d import CRITERIA, segment_2d_then_3d
-from emfm.postproc.mws import mutex_watershed
-from emfm.postproc.watershed import fragments, watershed_segmentation
 from emfm.errors import UserError
+from emfm.instances import graph
+from emfm.instances.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
+from emfm.instances.link2d import CRITERIA, segment_2d_then_3d
+from emfm.instances.mws import mutex_watershed
+from emfm.instances.watershed import fragments, watershed_segmentation
 
 METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")
 
@@ -47,11 +48,13 @@ class SegmentParams:
     link_min_overlap: int = 1  # voxels; link2d ignores smaller overlaps
     repulsive_stride: int = 1
 
-    def check(self) -> "SegmentParams":
+    def check(self) -> SegmentParams:
         if self.method not in METHODS:
             raise UserError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.link_criterion not in CRITERIA:
-            raise UserError(f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}")
+            raise UserError(
+                f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}"
+            )
         for k in ("threshold", "agglomeration_threshold", "link_threshold"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise UserError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
@@ -72,37 +75,63 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     data = np.asarray(data)
     affinities = data.ndim == 4
     if data.ndim not in (3, 4):
-        raise UserError(f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
-                         "or affinities (c, z, y, x)")
+        raise UserError(
+            f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
+            "or affinities (c, z, y, x)"
+        )
     if affinities:
         offsets = check_offsets(params.offsets, 3)
         if len(offsets) != data.shape[0]:
-            raise UserError(f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured")
+            raise UserError(
+                f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are "
+                "configured"
+            )
         boundary = boundaries_from_affinities(data, offsets)
     else:
         boundary = data.astype(np.float32)
     m = params.method
     if m == "mws":
         if not affinities:
-            raise UserError("method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary map")
+            raise UserError(
+                "method=mws needs affinities (z, y, x, c with long-range offsets), got a boundary "
+                "map"
+            )
         return mutex_watershed(data, params.offsets, repulsive_stride=params.repulsive_stride)
     if m == "watershed":
-        return watershed_segmentation(boundary, threshold=params.threshold, min_seed=params.min_seed,
-                                      two_d=params.two_d)
+        return watershed_segmentation(
+            boundary, threshold=params.threshold, min_seed=params.min_seed, two_d=params.two_d
+        )
     if m == "link2d":
-        return segment_2d_then_3d(boundary, threshold=params.threshold, min_seed=params.min_seed,
-                                  link_threshold=params.link_threshold, criterion=params.link_criterion,
-                                  method_2d=params.link_2d, sigma=params.sigma,
-                                  agglomeration_threshold=params.agglomeration_threshold,
-                                  link_on_interior=params.link_on_interior,
-                                  mutual_best=params.link_mutual_best, min_overlap=params.link_min_overlap)
-    frag = fragments(boundary, threshold=params.threshold, sigma=params.sigma, two_d=params.two_d,
-                     min_size=params.fragment_min_size)
-    rag = (graph.rag_from_affinities(frag, data, params.offsets) if affinities
-           else graph.rag_from_boundaries(frag, boundary))
+        return segment_2d_then_3d(
+            boundary,
+            threshold=params.threshold,
+            min_seed=params.min_seed,
+            link_threshold=params.link_threshold,
+            criterion=params.link_criterion,
+            method_2d=params.link_2d,
+            sigma=params.sigma,
+            agglomeration_threshold=params.agglomeration_threshold,
+            link_on_interior=params.link_on_interior,
+            mutual_best=params.link_mutual_best,
+            min_overlap=params.link_min_overlap,
+        )
+    frag = fragments(
+        boundary,
+        threshold=params.threshold,
+        sigma=params.sigma,
+        two_d=params.two_d,
+        min_size=params.fragment_min_size,
+    )
+    rag = (
+        graph.rag_from_affinities(frag, data, params.offsets)
+        if affinities
+        else graph.rag_from_boundaries(frag, boundary)
+    )
     if m == "agglomeration":
         nodes = graph.agglomerate(rag, params.agglomeration_threshold)
     else:
-        costs = graph.multicut_costs(rag.prob, rag.size if params.size_weighted else None, beta=params.beta)
+        costs = graph.multicut_costs(
+            rag.prob, rag.size if params.size_weighted else None, beta=params.beta
+        )
         nodes = graph.gaec(rag.n_nodes, rag.edges, costs)
     return graph.apply_to_fragments(frag, nodes)

@@ -6,6 +6,7 @@ boundary map (mean of the two voxels' values) or from affinities (mean cut proba
 of the nearest-neighbour affinities across the faces). Built with np.unique / bincount over all
 face pairs at once. Agglomeration and GAEC then work on the (much smaller) graph.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emfm.postproc.affinities import check_offsets, is_nearest, offset_slices
 from emfm.errors import UserError
+from emfm.instances.affinities import check_offsets, is_nearest, offset_slices
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,12 @@ def _build(n_nodes: int, u: np.ndarray, v: np.ndarray, val: np.ndarray) -> Rag:
     uniq, inv = np.unique(key, return_inverse=True)
     size = np.bincount(inv, minlength=uniq.size)
     prob = np.bincount(inv, weights=val, minlength=uniq.size) / np.maximum(size, 1)
-    edges = np.stack([uniq // np.uint64(n_nodes), uniq % np.uint64(n_nodes)], axis=1).astype(np.int64)
-    return Rag(n_nodes=n_nodes, edges=edges, prob=prob.astype(np.float64), size=size.astype(np.int64))
+    edges = np.stack([uniq // np.uint64(n_nodes), uniq % np.uint64(n_nodes)], axis=1).astype(
+        np.int64
+    )
+    return Rag(
+        n_nodes=n_nodes, edges=edges, prob=prob.astype(np.float64), size=size.astype(np.int64)
+    )
 
 
 def _check(fragments: np.ndarray, other_shape, what: str) -> np.ndarray:
@@ -49,7 +54,8 @@ def _check(fragments: np.ndarray, other_shape, what: str) -> np.ndarray:
 
 
 def rag_from_boundaries(fragments: np.ndarray, boundary: np.ndarray) -> Rag:
-    """RAG whose edge weight is the mean of `(b[p] + b[q]) / 2` over the faces (p, q) between two fragments."""
+    """RAG whose edge weight is the mean of `(b[p] + b[q]) / 2` over the faces (p, q) between two
+    fragments."""
     frag = _check(fragments, np.shape(boundary), "boundary map")
     b = np.asarray(boundary, np.float64)
     us, vs, vals = [], [], []
@@ -68,7 +74,9 @@ def rag_from_affinities(fragments: np.ndarray, affs: np.ndarray, offsets) -> Rag
     frag = _check(fragments, affs.shape[1:], "affinity volume (without channels)")
     offsets = check_offsets(offsets, frag.ndim)
     if len(offsets) != affs.shape[0]:
-        raise UserError(f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given")
+        raise UserError(
+            f"affinity volume has {affs.shape[0]} channels but {len(offsets)} offsets are given"
+        )
     us, vs, vals = [], [], []
     for c, o in enumerate(offsets):
         if not is_nearest(o):
@@ -78,7 +86,9 @@ def rag_from_affinities(fragments: np.ndarray, affs: np.ndarray, offsets) -> Rag
         vs.append(frag[dst].ravel())
         vals.append(1.0 - affs[c][src].astype(np.float64).ravel())
     if not us:
-        raise UserError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset for the graph")
+        raise UserError(
+            f"offsets {offsets.tolist()} hold no nearest-neighbour offset for the graph"
+        )
     return _build(int(frag.max()) + 1, np.concatenate(us), np.concatenate(vs), np.concatenate(vals))
 
 
@@ -102,7 +112,8 @@ def agglomerate(rag: Rag, threshold: float = 0.5) -> np.ndarray:
     heap = []
     for (u, v), p, s in zip(rag.edges.tolist(), rag.prob.tolist(), rag.size.tolist()):
         e = adj[u][v] = adj[v][u] = [p * s, s]
-        heap.append((e[0] / e[1], u, v))  # the mean exactly as recomputed when checking for staleness
+        # the mean exactly as recomputed when checking for staleness
+        heap.append((e[0] / e[1], u, v))
     heapq.heapify(heap)
     while heap:
         p, u, v = heapq.heappop(heap)
@@ -129,8 +140,9 @@ def agglomerate(rag: Rag, threshold: float = 0.5) -> np.ndarray:
     return _consecutive(_roots(parent))
 
 
-def multicut_costs(prob: np.ndarray, size: np.ndarray | None = None, *, beta: float = 0.5,
-                   eps: float = 1e-4) -> np.ndarray:
+def multicut_costs(
+    prob: np.ndarray, size: np.ndarray | None = None, *, beta: float = 0.5, eps: float = 1e-4
+) -> np.ndarray:
     """Edge costs from boundary probabilities: `log((1-p)/p) + log((1-beta)/beta)`, positive =
     attractive (join), negative = repulsive (cut). `beta` is the boundary bias: above 0.5 cuts more.
     With `size`, costs are weighted by the face count relative to the largest edge."""

@@ -5,11 +5,13 @@ logits and targets `[..., k]` with a validity mask of the same shape. Every term
 valid voxels, so sparsely labelled patches (mostly ignored) train with the right scale; a batch
 with no valid voxel contributes 0.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+
 from emfm.errors import UserError
 
 EPS = 1e-6
@@ -57,7 +59,9 @@ def soft_dice(probs, onehot, mask):
     return 1.0 - jnp.mean((2 * inter + EPS) / (denom + EPS))
 
 
-def softmax_terms(logits, labels, terms, term_weights, *, class_weights=None, balance=False, gamma=2.0):
+def softmax_terms(
+    logits, labels, terms, term_weights, *, class_weights=None, balance=False, gamma=2.0
+):
     """Weighted sum of the named softmax terms and each term's value."""
     k = logits.shape[-1]
     w = class_weight_map(labels, k, class_weights, balance)
@@ -69,7 +73,9 @@ def softmax_terms(logits, labels, terms, term_weights, *, class_weights=None, ba
             out[t] = focal(logits, labels, w, gamma)
         elif t == "dice":
             valid = (labels >= 0).astype(jnp.float32)
-            out[t] = soft_dice(jax.nn.softmax(logits), jax.nn.one_hot(jnp.where(labels >= 0, labels, 0), k), valid)
+            out[t] = soft_dice(
+                jax.nn.softmax(logits), jax.nn.one_hot(jnp.where(labels >= 0, labels, 0), k), valid
+            )
         else:
             raise UserError(f"loss term {t!r}: use ce, dice or focal")
     total = sum(wt * out[t] for t, wt in zip(terms, term_weights))
@@ -82,7 +88,9 @@ def sigmoid_terms(logits, targets, mask, terms, term_weights, *, gamma=2.0, bala
     if balance:  # per channel: positives and negatives weigh alike
         axes = tuple(range(targets.ndim - 1))
         pos = (targets * mask).sum(axes) / jnp.maximum(mask.sum(axes), 1)
-        w = mask * jnp.where(targets > 0.5, 0.5 / jnp.maximum(pos, EPS), 0.5 / jnp.maximum(1 - pos, EPS))
+        w = mask * jnp.where(
+            targets > 0.5, 0.5 / jnp.maximum(pos, EPS), 0.5 / jnp.maximum(1 - pos, EPS)
+        )
     out = {}
     for t in terms:
         if t == "ce":
@@ -106,24 +114,40 @@ def task_loss(out, targets: dict, lay, loss_cfg):
     total = 0.0
     c0 = lay.classes
     if lay.classes:
-        l, parts = softmax_terms(out[..., :c0], targets["classes"], terms, tw, class_weights=loss_cfg.class_weights,
-                                 balance=loss_cfg.balance, gamma=loss_cfg.focal_gamma)
-        total += l
+        term, parts = softmax_terms(
+            out[..., :c0],
+            targets["classes"],
+            terms,
+            tw,
+            class_weights=loss_cfg.class_weights,
+            balance=loss_cfg.balance,
+            gamma=loss_cfg.focal_gamma,
+        )
+        total += term
         metrics.update({f"loss_{k}": v for k, v in parts.items()})
     if lay.sigmoid:
-        sl = out[..., c0:c0 + lay.sigmoid]
-        l, parts = sigmoid_terms(sl, targets["sigmoid"], targets["sigmoid_mask"], terms, tw,
-                                 gamma=loss_cfg.focal_gamma, balance=loss_cfg.balance)
-        total += l
+        sl = out[..., c0 : c0 + lay.sigmoid]
+        term, parts = sigmoid_terms(
+            sl,
+            targets["sigmoid"],
+            targets["sigmoid_mask"],
+            terms,
+            tw,
+            gamma=loss_cfg.focal_gamma,
+            balance=loss_cfg.balance,
+        )
+        total += term
         metrics.update({f"loss_aff_{k}": v for k, v in parts.items()})
     if lay.regress:
-        r = out[..., c0 + lay.sigmoid:]
+        r = out[..., c0 + lay.sigmoid :]
         # distance / heatmap in [0, 1] through a sigmoid; offsets (voxels) linear, smooth-L1
         first = jax.nn.sigmoid(r[..., :1])
         reg = _mean((first - targets["regress"][..., :1]) ** 2, targets["regress_mask"][..., :1])
         if lay.regress > 1:
             d = r[..., 1:] - targets["regress"][..., 1:]
-            reg = reg + 0.01 * _mean(optax.huber_loss(d, delta=1.0), targets["regress_mask"][..., 1:])
+            reg = reg + 0.01 * _mean(
+                optax.huber_loss(d, delta=1.0), targets["regress_mask"][..., 1:]
+            )
         total += loss_cfg.aux_weight * reg
         metrics["loss_regress"] = reg
     metrics["loss_supervised"] = total
@@ -138,9 +162,9 @@ def probabilities(out, lay):
     if lay.classes:
         parts.append(jax.nn.softmax(out[..., :c0]))
     if lay.sigmoid:
-        parts.append(jax.nn.sigmoid(out[..., c0:c0 + lay.sigmoid]))
+        parts.append(jax.nn.sigmoid(out[..., c0 : c0 + lay.sigmoid]))
     if lay.regress:
-        r = out[..., c0 + lay.sigmoid:]
+        r = out[..., c0 + lay.sigmoid :]
         parts.append(jax.nn.sigmoid(r[..., :1]))
         if lay.regress > 1:
             parts.append(r[..., 1:])

@@ -1,4 +1,6 @@
-"""Instance parameters chosen on validation labels (emfm.postproc.tune), on exact synthetic ground truth."""
+"""Instance parameters chosen on validation labels (emfm.instances.tune), on exact synthetic ground
+truth."""
+
 from dataclasses import replace
 
 import numpy as np
@@ -6,8 +8,14 @@ import pytest
 from scipy import ndimage
 
 from emfm.data.synthetic import synthetic_em
-from emfm.postproc import SegmentParams, boundaries_from_labels, segment
-from emfm.postproc.tune import foreground_instances, grid_search, score_instances, tune_foreground, tune_instances
+from emfm.instances import SegmentParams, boundaries_from_labels, segment
+from emfm.instances.tune import (
+    foreground_instances,
+    grid_search,
+    score_instances,
+    tune_foreground,
+    tune_instances,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +32,9 @@ def test_tune_instances_finds_the_level_the_default_misses(faint):
     b, cells = faint
     p = SegmentParams(method="watershed", two_d=False)
     default = score_instances(segment(b, p), cells, "voi")
-    best, trials = tune_instances(b, cells, p, metric="voi", grid={"threshold": [0.2, 0.5], "min_seed": [4, 16]})
+    best, trials = tune_instances(
+        b, cells, p, metric="voi", grid={"threshold": [0.2, 0.5], "min_seed": [4, 16]}
+    )
     assert len(trials) == 4 and all("voi" in t for t in trials)
     assert best.threshold == 0.2 and isinstance(best.min_seed, int)
     tuned = score_instances(segment(b, best), cells, "voi")
@@ -76,11 +86,20 @@ def test_tune_link2d_grid_of_switches_and_names():
     p = SegmentParams(method="link2d", threshold=0.5, min_seed=1, link_threshold=0.3)
     assert segment(bnd, replace(p, link_mutual_best=False)).max() == 1  # F chains A and B
     # values as they come from the CLI (instances.tune_grid is a list of any): strings and booleans
-    best, trials = tune_instances(bnd, gt, p, metric="voi", grid={"link_mutual_best": [True, "false"],
-                                                                  "link_criterion": ["fraction", "iou"]})
+    best, trials = tune_instances(
+        bnd,
+        gt,
+        p,
+        metric="voi",
+        grid={"link_mutual_best": [True, "false"], "link_criterion": ["fraction", "iou"]},
+    )
     assert len(trials) == 4 and best.link_mutual_best is True and best.link_criterion == "fraction"
-    voi = {(t["link_mutual_best"], t["link_criterion"]): t["voi"] for t in trials}  # IoU >= 0.3: F links neither
-    assert voi["false", "fraction"] == pytest.approx(1.0) and max(voi[True, "fraction"], voi["false", "iou"]) < 1e-9
+    # IoU >= 0.3: F links neither
+    voi = {(t["link_mutual_best"], t["link_criterion"]): t["voi"] for t in trials}
+    assert (
+        voi["false", "fraction"] == pytest.approx(1.0)
+        and max(voi[True, "fraction"], voi["false", "iou"]) < 1e-9
+    )
     with pytest.raises(ValueError, match="link_mutual_best='maybe'"):
         tune_instances(bnd, gt, p, grid={"link_mutual_best": ["maybe"]})
     with pytest.raises(ValueError, match="min_seed=.abc.: expected a int"):

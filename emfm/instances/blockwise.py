@@ -12,6 +12,7 @@
 
 Memory is bounded by one block (with halo) plus one integer per segment of the volume.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,9 +20,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -29,10 +30,10 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import relabel_sequential
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
-from emfm.postproc.affinities import DEFAULT_OFFSETS
-from emfm.postproc.link2d import overlap_links
-from emfm.postproc.segment import SegmentParams, segment
 from emfm.errors import UserError
+from emfm.instances.affinities import DEFAULT_OFFSETS
+from emfm.instances.link2d import overlap_links
+from emfm.instances.segment import SegmentParams, segment
 
 log = logging.getLogger("emfm")
 
@@ -48,7 +49,9 @@ def block_grid(shape: Sequence[int], block: Sequence[int]) -> list[Box]:
 
 
 def grow(box: Box, halo: Sequence[int], shape: Sequence[int]) -> Box:
-    return tuple(slice(max(0, s.start - h), min(n, s.stop + h)) for s, h, n in zip(box, halo, shape))
+    return tuple(
+        slice(max(0, s.start - h), min(n, s.stop + h)) for s, h, n in zip(box, halo, shape)
+    )
 
 
 def _rel(inner: Box, outer: Box) -> Box:
@@ -63,9 +66,12 @@ def _halo_slabs(core: Box, ext: Box) -> list[tuple[int, int, Box]]:
     for d in range(len(core)):
         w_lo = -(-(core[d].start - ext[d].start) // 2)
         w_hi = -(-(ext[d].stop - core[d].stop) // 2)
-        for side, (a, b) in ((-1, (core[d].start - w_lo, core[d].start)), (1, (core[d].stop, core[d].stop + w_hi))):
+        for side, (a, b) in (
+            (-1, (core[d].start - w_lo, core[d].start)),
+            (1, (core[d].stop, core[d].stop + w_hi)),
+        ):
             if b > a:
-                out.append((d, side, core[:d] + (slice(a, b),) + core[d + 1:]))
+                out.append((d, side, core[:d] + (slice(a, b),) + core[d + 1 :]))
     return out
 
 
@@ -77,22 +83,40 @@ class BlockwiseJob:
     """One blockwise segmentation: `read(box) -> data` (boundary `[z,y,x]` or affinities
     `[c,z,y,x]` of the box), `shape` spatial, output at `out`, scratch at `work_dir`."""
 
-    def __init__(self, read: Callable[[Box], np.ndarray], shape: Sequence[int], out: str | Path,
-                 params: SegmentParams, *, block: Sequence[int], halo: Sequence[int],
-                 work_dir: str | Path | None = None, stitch_threshold: float = 0.5,
-                 voxel_size: Sequence[float] | None = None, job_id: dict | None = None):
+    def __init__(
+        self,
+        read: Callable[[Box], np.ndarray],
+        shape: Sequence[int],
+        out: str | Path,
+        params: SegmentParams,
+        *,
+        block: Sequence[int],
+        halo: Sequence[int],
+        work_dir: str | Path | None = None,
+        stitch_threshold: float = 0.5,
+        voxel_size: Sequence[float] | None = None,
+        job_id: dict | None = None,
+    ):
         self.read, self.shape, self.params = read, tuple(int(s) for s in shape), params.check()
         self.blocks = block_grid(self.shape, block)
         if len(halo) != len(self.shape) or any(not 0 <= h <= b for h, b in zip(halo, block)):
-            raise UserError(f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] (block={list(block)})")
+            raise UserError(
+                f"halo={list(halo)}: give {len(self.shape)} sizes in [0, block] "
+                f"(block={list(block)})"
+            )
         self.block, self.halo = tuple(block), tuple(halo)
         self.out = Path(out)
         self.work = Path(work_dir) if work_dir else self.out.with_name(self.out.name + ".work")
         self.stitch_threshold = stitch_threshold
         self.voxel_size = voxel_size
-        self.record = {"shape": list(self.shape), "block": list(self.block), "halo": list(self.halo),
-                       "stitch_threshold": stitch_threshold,
-                       "params": asdict(params), **(job_id or {})}
+        self.record = {
+            "shape": list(self.shape),
+            "block": list(self.block),
+            "halo": list(self.halo),
+            "stitch_threshold": stitch_threshold,
+            "params": asdict(params),
+            **(job_id or {}),
+        }
         self.record = json.loads(json.dumps(self.record))  # tuples -> lists, as read back from disk
 
     # --------------------------------------------------------------------------------- setup
@@ -102,13 +126,19 @@ class BlockwiseJob:
         if rec.exists():
             old = json.loads(rec.read_text())
             if old != self.record:
-                diff = sorted(k for k in set(old) | set(self.record) if old.get(k) != self.record.get(k))
-                raise UserError(f"work directory {self.work} holds blocks of another job (differs in {diff}); "
-                                 "remove it or choose another out=")
+                diff = sorted(
+                    k for k in set(old) | set(self.record) if old.get(k) != self.record.get(k)
+                )
+                raise UserError(
+                    f"work directory {self.work} holds blocks of another job (differs in {diff}); "
+                    "remove it or choose another out="
+                )
         else:
             rec.write_text(json.dumps(self.record, indent=1))
         chunks = [min(b, n) for b, n in zip(self.block, self.shape)]
-        return create_volume(self.work / "provisional.zarr", self.shape, np.uint32, chunks=chunks, exist_ok=True)
+        return create_volume(
+            self.work / "provisional.zarr", self.shape, np.uint32, chunks=chunks, exist_ok=True
+        )
 
     def _block_file(self, i: int) -> Path:
         return self.work / f"block_{i:06d}.npz"
@@ -124,8 +154,10 @@ class BlockwiseJob:
             raise VolumeError(f"block {_box_key(core)} holds {n} segments; use smaller blocks")
         core_lab = lab[_rel(core, ext)].astype(np.uint32)
         prov.array[core].write(core_lab).result()
-        slabs = {f"slab_{k}": lab[_rel(box, ext)].astype(np.uint32)
-                 for k, (_, _, box) in enumerate(_halo_slabs(core, ext))}
+        slabs = {
+            f"slab_{k}": lab[_rel(box, ext)].astype(np.uint32)
+            for k, (_, _, box) in enumerate(_halo_slabs(core, ext))
+        }
         tmp = self.work / f".tmp_block_{i:06d}.npz"
         with open(tmp, "wb") as f:
             np.savez_compressed(f, n=np.int64(n), core_ids=np.unique(core_lab), **slabs)
@@ -145,11 +177,14 @@ class BlockwiseJob:
                 counts.append(int(z["n"]))
                 present.append(z["core_ids"].astype(np.uint64))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
-        present = np.concatenate([np.where(p > 0, p + offsets[i], 0) for i, p in enumerate(present)])
+        present = np.concatenate(
+            [np.where(p > 0, p + offsets[i], 0) for i, p in enumerate(present)]
+        )
         return offsets, np.unique(present)
 
     def stitch(self, prov: Volume) -> np.ndarray:
-        """`global id -> final id` (0 -> 0), final ids consecutive over the segments in the output."""
+        """`global id -> final id` (0 -> 0), final ids consecutive over the segments in the
+        output."""
         offsets, present = self._offsets()
         links = []
         for i, core in enumerate(self.blocks):
@@ -157,16 +192,20 @@ class BlockwiseJob:
             with np.load(self._block_file(i)) as z:
                 for k, (_, _, box) in enumerate(_halo_slabs(core, ext)):
                     mine = z[f"slab_{k}"].astype(np.uint64)
-                    j = self._index([s.start for s in box])  # the face neighbour whose core holds the slab
+                    # the face neighbour whose core holds the slab
+                    j = self._index([s.start for s in box])
                     theirs = prov.read(box).astype(np.uint64)
                     a = np.where(mine > 0, mine + offsets[i], 0)
                     b = np.where(theirs > 0, theirs + offsets[j], 0)
-                    links.append(overlap_links(a, b, threshold=self.stitch_threshold, mutual_best=True))
+                    links.append(
+                        overlap_links(a, b, threshold=self.stitch_threshold, mutual_best=True)
+                    )
         total = int(offsets[-1]) + 1
         links = np.concatenate(links).astype(np.int64) if links else np.zeros((0, 2), np.int64)
         g = coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(total, total))
         _, comp = connected_components(g, directed=False)
-        # number the objects that occur in the output 1..K; background (global 0) has no links, stays 0
+        # number the objects that occur in the output 1..K; background (global 0) has no links,
+        # stays 0
         rank = np.zeros(comp.max() + 1, np.uint64)
         used = np.unique(comp[present[present > 0].astype(np.int64)])
         rank[used] = np.arange(1, used.size + 1, dtype=np.uint64)
@@ -179,12 +218,21 @@ class BlockwiseJob:
         n = int(mapping.max())
         dtype = np.uint32 if n < 2**32 else np.uint64
         chunks = [min(b, s) for b, s in zip(self.block, self.shape)]
-        out = create_volume(self.out, self.shape, dtype, chunks=chunks, voxel_size=self.voxel_size,
-                            attributes={"instances": {**self.record, "segments": n}}, exist_ok=False)
+        out = create_volume(
+            self.out,
+            self.shape,
+            dtype,
+            chunks=chunks,
+            voxel_size=self.voxel_size,
+            attributes={"instances": {**self.record, "segments": n}},
+            exist_ok=False,
+        )
         offsets, _ = self._offsets()
         for i, core in enumerate(self.blocks):
             loc = prov.read(core).astype(np.uint64)
-            out.array[core].write(mapping[np.where(loc > 0, loc + offsets[i], 0)].astype(dtype)).result()
+            out.array[core].write(
+                mapping[np.where(loc > 0, loc + offsets[i], 0)].astype(dtype)
+            ).result()
         return out
 
     def run(self, *, keep_work: bool = False, progress: Callable | None = None) -> dict:
@@ -192,12 +240,17 @@ class BlockwiseJob:
         from emfm.train import distributed
 
         pid, nproc = distributed.process()
-        prov = self._prepare() if pid == 0 else None  # several processes: 0 creates, the others open
+        # several processes: 0 creates, the others open
+        prov = self._prepare() if pid == 0 else None
         distributed.barrier("instances: work directory ready")
         prov = prov if prov is not None else self._prepare()
         todo = [i for i in range(len(self.blocks)) if not self._block_file(i).exists()]
-        log.info("instances: %d blocks, %d to do (%d done before)", len(self.blocks), len(todo),
-                 len(self.blocks) - len(todo))
+        log.info(
+            "instances: %d blocks, %d to do (%d done before)",
+            len(self.blocks),
+            len(todo),
+            len(self.blocks) - len(todo),
+        )
         distributed.barrier("instances: blocks to do listed")  # before any process finishes one
         mine = todo[pid::nproc]
         for n_done, i in enumerate(mine):
@@ -207,12 +260,22 @@ class BlockwiseJob:
         distributed.barrier("instances: blocks segmented")
         if pid != 0:  # process 0 stitches and relabels
             distributed.barrier("instances: relabelled")
-            return {"out": str(self.out), "blocks": len(self.blocks), "segmented_now": len(todo),
-                    "process": pid}
+            return {
+                "out": str(self.out),
+                "blocks": len(self.blocks),
+                "segmented_now": len(todo),
+                "process": pid,
+            }
         mapping = self.stitch(prov)
         out = self.relabel(prov, mapping)
-        summary = {"out": str(self.out), "blocks": len(self.blocks), "segmented_now": len(todo),
-                   "segments": int(mapping.max()), "shape": list(self.shape), "dtype": str(out.dtype)}
+        summary = {
+            "out": str(self.out),
+            "blocks": len(self.blocks),
+            "segmented_now": len(todo),
+            "segments": int(mapping.max()),
+            "shape": list(self.shape),
+            "dtype": str(out.dtype),
+        }
         (self.work / "done.json").write_text(json.dumps(summary, indent=1))
         if not keep_work:
             shutil.rmtree(self.work)
@@ -220,8 +283,14 @@ class BlockwiseJob:
         return summary
 
 
-def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None, invert: bool = False,
-                  n_offsets: int | None = None) -> tuple[Callable[[Box], np.ndarray], str]:
+def volume_reader(
+    vol: Volume,
+    *,
+    kind: str = "auto",
+    channel: int | None = None,
+    invert: bool = False,
+    n_offsets: int | None = None,
+) -> tuple[Callable[[Box], np.ndarray], str]:
     """`read(box)` giving float32 boundary maps `[z,y,x]` or affinities `[c,z,y,x]` from a
     probability volume (`z y x` or `z y x c`; integer dtypes are scaled to [0, 1]), and the kind.
 
@@ -231,20 +300,37 @@ def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None
     if kind not in ("auto", "boundary", "affinities"):
         raise UserError(f"kind={kind!r}: use auto, boundary or affinities")
     if vol.ndim not in (3, 4):
-        raise VolumeError(f"instance input {vol.path} has shape {vol.shape}; expected z, y, x or z, y, x, c")
+        raise VolumeError(
+            f"instance input {vol.path} has shape {vol.shape}; expected z, y, x or z, y, x, c"
+        )
     if kind == "auto":
         kind = "affinities" if vol.ndim == 4 and channel is None else "boundary"
     if kind == "affinities" and (vol.ndim != 4 or channel is not None):
-        raise VolumeError(f"instance input {vol.path}: affinities need a z, y, x, c volume and no channel=")
+        raise VolumeError(
+            f"instance input {vol.path}: affinities need a z, y, x, c volume and no channel="
+        )
     if kind == "affinities" and n_offsets is not None and vol.shape[3] != n_offsets:
-        raise VolumeError(f"instance input {vol.path} has {vol.shape[3]} channels but {n_offsets} offsets are configured")
-    if kind == "boundary" and vol.ndim == 4 and (channel is None or not 0 <= channel < vol.shape[3]):
-        raise VolumeError(f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K (0..{vol.shape[3] - 1}) "
-                          "for the boundary class, or kind=affinities")
+        raise VolumeError(
+            f"instance input {vol.path} has {vol.shape[3]} channels but {n_offsets} offsets are "
+            "configured"
+        )
+    if (
+        kind == "boundary"
+        and vol.ndim == 4
+        and (channel is None or not 0 <= channel < vol.shape[3])
+    ):
+        raise VolumeError(
+            f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K "
+            f"(0..{vol.shape[3] - 1}) "
+            "for the boundary class, or kind=affinities"
+        )
     scale = 1.0 / np.iinfo(vol.dtype).max if np.issubdtype(vol.dtype, np.integer) else 1.0
 
     def read(box: Box) -> np.ndarray:
-        x = vol.read(tuple(box) + ((slice(channel, channel + 1),) if vol.ndim == 4 and kind == "boundary" else ()))
+        x = vol.read(
+            tuple(box)
+            + ((slice(channel, channel + 1),) if vol.ndim == 4 and kind == "boundary" else ())
+        )
         x = x.astype(np.float32) * scale
         if kind == "boundary":
             x = x[..., 0] if x.ndim == 4 else x
@@ -255,7 +341,9 @@ def volume_reader(vol: Volume, *, kind: str = "auto", channel: int | None = None
     return read, kind
 
 
-def _from_attributes(vol: Volume, kind: str, channel: int | None, invert: bool, params: SegmentParams):
+def _from_attributes(
+    vol: Volume, kind: str, channel: int | None, invert: bool, params: SegmentParams
+):
     """What `emfm predict` records in its output's attributes decides how it is read when the user
     gave no `channel`: a "boundary" channel by name; else, for a semantic model, 1 - the probability
     of the class whose connected regions are the instances (`instance_class`: cell interiors between
@@ -270,8 +358,11 @@ def _from_attributes(vol: Volume, kind: str, channel: int | None, invert: bool, 
             log.info("instances: boundary probabilities from channel %d of %s", channel, vol.path)
         elif ic is not None and 0 <= int(ic) < vol.shape[3]:
             channel, invert = int(ic), True
-            log.info("instances: boundaries = 1 - p(%s), the instance class of %s", names[channel] if names else
-                     channel, vol.path)
+            log.info(
+                "instances: boundaries = 1 - p(%s), the instance class of %s",
+                names[channel] if names else channel,
+                vol.path,
+            )
         elif "foreground" in names:
             channel, invert = names.index("foreground"), True
             log.info("instances: boundaries = 1 - p(foreground) of %s", vol.path)
@@ -279,27 +370,60 @@ def _from_attributes(vol: Volume, kind: str, channel: int | None, invert: bool, 
     if recorded and channel is None:
         configured = [tuple(o) for o in params.offsets]
         if configured != recorded and configured != [tuple(o) for o in DEFAULT_OFFSETS]:
-            raise VolumeError(f"instance input {vol.path} holds affinities for offsets {[list(o) for o in recorded]}, "
-                              f"but offsets={[list(o) for o in configured]} were given")
+            raise VolumeError(
+                f"instance input {vol.path} holds affinities for offsets "
+                f"{[list(o) for o in recorded]}, "
+                f"but offsets={[list(o) for o in configured]} were given"
+            )
         params = replace(params, offsets=tuple(recorded))
     return channel, invert, params
 
 
-def instances(input_path: str, out: str, params: SegmentParams, *, block: Sequence[int], halo: Sequence[int],
-              kind: str = "auto", channel: int | None = None, invert: bool = False,
-              stitch_threshold: float = 0.5, work_dir: str | None = None, keep_work: bool = False,
-              progress: Callable | None = None) -> dict:
-    """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr v3)."""
+def instances(
+    input_path: str,
+    out: str,
+    params: SegmentParams,
+    *,
+    block: Sequence[int],
+    halo: Sequence[int],
+    kind: str = "auto",
+    channel: int | None = None,
+    invert: bool = False,
+    stitch_threshold: float = 0.5,
+    work_dir: str | None = None,
+    keep_work: bool = False,
+    progress: Callable | None = None,
+) -> dict:
+    """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr
+    v3)."""
     vol = open_volume(input_path)
     channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
-    read, kind = volume_reader(vol, kind=kind, channel=channel, invert=invert,
-                               n_offsets=len(params.offsets))
+    read, kind = volume_reader(
+        vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets)
+    )
     if params.method == "mws" and kind != "affinities":
-        raise VolumeError(f"method=mws needs affinities (z, y, x, c); {input_path} is read as a boundary map")
-    job = BlockwiseJob(read, vol.spatial_shape, out, params, block=block, halo=halo, work_dir=work_dir,
-                       stitch_threshold=stitch_threshold, voxel_size=vol.voxel_size,
-                       job_id={"input": str(Path(input_path).resolve()), "kind": kind, "channel": channel,
-                               "invert": invert})
-    if Path(out).exists() and not job.work.exists():  # a finished job or foreign data; a resumed job rewrites it
+        raise VolumeError(
+            f"method=mws needs affinities (z, y, x, c); {input_path} is read as a boundary map"
+        )
+    job = BlockwiseJob(
+        read,
+        vol.spatial_shape,
+        out,
+        params,
+        block=block,
+        halo=halo,
+        work_dir=work_dir,
+        stitch_threshold=stitch_threshold,
+        voxel_size=vol.voxel_size,
+        job_id={
+            "input": str(Path(input_path).resolve()),
+            "kind": kind,
+            "channel": channel,
+            "invert": invert,
+        },
+    )
+    if (
+        Path(out).exists() and not job.work.exists()
+    ):  # a finished job or foreign data; a resumed job rewrites it
         raise VolumeError(f"output {out} exists; remove it or choose another out=")
     return {"kind": kind, **job.run(keep_work=keep_work, progress=progress)}

@@ -10,8 +10,10 @@ Label batches are `[b, z, y, x]` as the loader gives them; 2D models see each se
       negative offsets = "to the previous voxel"); masked where v + o leaves the patch or either
       voxel is ignored.
   center: foreground classes, a heatmap of unit Gaussians at instance centres of mass, and
-      the offset from each foreground voxel to its instance centre (Panoptic-DeepLab, Cheng et al. 2020).
+      the offset from each foreground voxel to its instance centre (Panoptic-DeepLab, Cheng et al.
+      2020).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +53,9 @@ def channel_names(task, ndim: int) -> list[str]:
         return ["interior", "boundary"] + (["distance"] if task.distance else [])
     if task.kind == "affinity":
         return [f"affinity_{'_'.join(str(v) for v in o)}" for o in task.offsets]
-    return ["background", "foreground", "center_heatmap"] + [f"offset_{a}" for a in "zyx"[3 - ndim:]]
+    return ["background", "foreground", "center_heatmap"] + [
+        f"offset_{a}" for a in "zyx"[3 - ndim :]
+    ]
 
 
 def to_classes(raw: np.ndarray, task) -> np.ndarray:
@@ -69,7 +73,8 @@ def to_classes(raw: np.ndarray, task) -> np.ndarray:
 
 
 def _sections(a: np.ndarray, ndim: int) -> np.ndarray:
-    """`[b, z, y, x]` -> the units targets are computed on: `[b*z, y, x]` (2D) or `[b, z, y, x]` (3D)."""
+    """`[b, z, y, x]` -> the units targets are computed on: `[b*z, y, x]` (2D) or `[b, z, y, x]`
+    (3D)."""
     return a.reshape(-1, *a.shape[2:]) if ndim == 2 else a
 
 
@@ -96,12 +101,15 @@ def instances(raw: np.ndarray, task, ndim: int) -> tuple[np.ndarray, np.ndarray]
 def boundaries(lab: np.ndarray, ndim: int, *, background_is_boundary: bool = True) -> np.ndarray:
     """True where a voxel is background or has another id in its 3^ndim neighbourhood."""
     size = (1, 1, 3, 3) if ndim == 2 else (1, 3, 3, 3)
-    diff = ndimage.maximum_filter(lab, size=size, mode="nearest") != ndimage.minimum_filter(lab, size=size, mode="nearest")
+    diff = ndimage.maximum_filter(lab, size=size, mode="nearest") != ndimage.minimum_filter(
+        lab, size=size, mode="nearest"
+    )
     return diff | (lab == 0) if background_is_boundary else diff & (lab != 0)
 
 
 def distance(lab: np.ndarray, boundary: np.ndarray, ndim: int) -> np.ndarray:
-    """Distance to the nearest boundary voxel, divided by its instance's maximum (0 on boundaries)."""
+    """Distance to the nearest boundary voxel, divided by its instance's maximum (0 on
+    boundaries)."""
     out = np.zeros(lab.shape, np.float32)
     inside = _sections(~boundary, ndim)
     ids = _sections(lab, ndim)
@@ -117,7 +125,9 @@ def distance(lab: np.ndarray, boundary: np.ndarray, ndim: int) -> np.ndarray:
     return out
 
 
-def affinities(lab: np.ndarray, ignore: np.ndarray, offsets, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def affinities(
+    lab: np.ndarray, ignore: np.ndarray, offsets, ndim: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`[b, z, y, x, k]` affinities and validity masks for offsets `[dz, dy, dx]`."""
     k = len(offsets)
     aff = np.zeros(lab.shape + (k,), np.float32)
@@ -144,19 +154,25 @@ def centers(lab: np.ndarray, ndim: int, sigma: float) -> tuple[np.ndarray, np.nd
     units = _sections(lab, ndim)
     heat = np.zeros(units.shape, np.float32)
     off = np.zeros(units.shape + (units.ndim - 1,), np.float32)
-    coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in units.shape[1:]], indexing="ij"), -1)
+    coords = np.stack(
+        np.meshgrid(*[np.arange(n, dtype=np.float32) for n in units.shape[1:]], indexing="ij"), -1
+    )
     for i, u in enumerate(units):
         ids = np.unique(u[u > 0])
         if not len(ids):
             continue
-        com = np.asarray(ndimage.center_of_mass(np.ones(u.shape), u, ids), np.float32).reshape(len(ids), -1)
+        com = np.asarray(ndimage.center_of_mass(np.ones(u.shape), u, ids), np.float32).reshape(
+            len(ids), -1
+        )
         table = np.zeros((int(ids.max()) + 1, com.shape[1]), np.float32)
         table[ids] = com
         off[i] = np.where((u > 0)[..., None], table[u] - coords, 0.0)
         delta = np.zeros(u.shape, np.float32)
         pos = np.clip(np.rint(com).astype(int), 0, np.array(u.shape) - 1)
         delta[tuple(pos.T)] = 1.0
-        heat[i] = np.minimum(1.0, ndimage.gaussian_filter(delta, sigma) * (2 * np.pi * sigma ** 2) ** (u.ndim / 2))
+        heat[i] = np.minimum(
+            1.0, ndimage.gaussian_filter(delta, sigma) * (2 * np.pi * sigma**2) ** (u.ndim / 2)
+        )
     return heat.reshape(lab.shape), off.reshape(lab.shape + (units.ndim - 1,))
 
 
@@ -179,22 +195,32 @@ def make_targets(raw: np.ndarray, task, ndim: int) -> dict[str, np.ndarray]:
             out["regress_mask"] = (~ignore).astype(np.float32)[..., None]
         return out
     heat, off = centers(lab, ndim, task.sigma)
-    fg = (lab > 0)
+    fg = lab > 0
     cls = np.where(ignore, -1, fg.astype(np.int32))
     regress = np.concatenate([heat[..., None], off], axis=-1)
-    rmask = np.concatenate([(~ignore)[..., None], np.repeat((fg & ~ignore)[..., None], off.shape[-1], -1)], -1)
+    rmask = np.concatenate(
+        [(~ignore)[..., None], np.repeat((fg & ~ignore)[..., None], off.shape[-1], -1)], -1
+    )
     return {"classes": cls, "regress": regress, "regress_mask": rmask.astype(np.float32)}
 
 
-def group_centers(fg: np.ndarray, heat: np.ndarray, offsets: np.ndarray, *, threshold: float = 0.3,
-                  min_distance: int = 3) -> np.ndarray:
+def group_centers(
+    fg: np.ndarray,
+    heat: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    threshold: float = 0.3,
+    min_distance: int = 3,
+) -> np.ndarray:
     """Instances of one image / volume from centre-head outputs (Panoptic-DeepLab grouping): centres
     are heatmap peaks above `threshold`; each foreground voxel joins the centre nearest to the
     position its offset points at."""
     from scipy.spatial import cKDTree
     from skimage.feature import peak_local_max
 
-    peaks = peak_local_max(heat, min_distance=min_distance, threshold_abs=threshold, exclude_border=False)
+    peaks = peak_local_max(
+        heat, min_distance=min_distance, threshold_abs=threshold, exclude_border=False
+    )
     out = np.zeros(fg.shape, np.uint32)
     if not len(peaks) or not fg.any():
         return out

@@ -6,13 +6,15 @@ object. Offsets are usually negative (each voxel looks back), e.g. `DEFAULT_OFFS
 nearest neighbours, then long-range offsets of 3 sections and 9 pixels. Where `v + o_c` falls
 outside the volume the affinity is undefined (`affinity_mask` is False there; the value is 0).
 On disk (zarr) the channel axis is last (`z y x c`, see emfm.data.volume); the blockwise reader
-(emfm.postproc.blockwise.volume_reader) moves it first.
+(emfm.instances.blockwise.volume_reader) moves it first.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
 from emfm.errors import UserError
 
 DEFAULT_OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-3, 0, 0), (0, -9, 0), (0, 0, -9))
@@ -36,7 +38,9 @@ def is_nearest(offset: Sequence[int]) -> bool:
     return int(np.abs(np.asarray(offset)).sum()) == 1
 
 
-def offset_slices(shape: Sequence[int], offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+def offset_slices(
+    shape: Sequence[int], offset: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """(src, dst) slices with `dst` voxel = `src` voxel + offset, both inside `shape`."""
     src, dst = [], []
     for n, o in zip(shape, offset):
@@ -55,7 +59,9 @@ def affinity_mask(shape: Sequence[int], offsets) -> np.ndarray:
     return mask
 
 
-def affinities_from_labels(labels: np.ndarray, offsets=DEFAULT_OFFSETS, *, background: int | None = 0) -> np.ndarray:
+def affinities_from_labels(
+    labels: np.ndarray, offsets=DEFAULT_OFFSETS, *, background: int | None = 0
+) -> np.ndarray:
     """float32 `[c, *labels.shape]`: 1 where `labels[v] == labels[v + o_c]`, else 0.
 
     Voxels labelled `background` (boundary / unassigned) have affinity 0 to everything, so they
@@ -74,8 +80,9 @@ def affinities_from_labels(labels: np.ndarray, offsets=DEFAULT_OFFSETS, *, backg
     return affs
 
 
-def boundaries_from_labels(labels: np.ndarray, *, background: int | None = 0,
-                           axes: Sequence[int] | None = None) -> np.ndarray:
+def boundaries_from_labels(
+    labels: np.ndarray, *, background: int | None = 0, axes: Sequence[int] | None = None
+) -> np.ndarray:
     """float32 boundary map of a label volume: 1 on `background` voxels and on both voxels of each
     face between two different labels, 0 inside objects. `axes` limits the faces considered, e.g.
     (1, 2) for in-plane boundaries of each section (what a 2D network predicts)."""
@@ -90,7 +97,9 @@ def boundaries_from_labels(labels: np.ndarray, *, background: int | None = 0,
     return out.astype(np.float32)
 
 
-def boundaries_from_affinities(affs: np.ndarray, offsets, *, mask: np.ndarray | None = None) -> np.ndarray:
+def boundaries_from_affinities(
+    affs: np.ndarray, offsets, *, mask: np.ndarray | None = None
+) -> np.ndarray:
     """float32 boundary probability per voxel from the nearest-neighbour channels of `affs`: the
     largest cut probability `1 - a` of the nearest-neighbour edges touching the voxel (edges with
     `mask` False, e.g. out of the volume, are left out)."""
@@ -99,7 +108,9 @@ def boundaries_from_affinities(affs: np.ndarray, offsets, *, mask: np.ndarray | 
     shape = affs.shape[1:]
     nn = [c for c, o in enumerate(offsets) if is_nearest(o)]
     if not nn:
-        raise UserError(f"offsets {offsets.tolist()} hold no nearest-neighbour offset to derive boundaries from")
+        raise UserError(
+            f"offsets {offsets.tolist()} hold no nearest-neighbour offset to derive boundaries from"
+        )
     if mask is None:
         mask = affinity_mask(shape, offsets)
     out = np.zeros(shape, np.float32)

@@ -1,4 +1,6 @@
-"""Segmentation targets, losses, matching and blockwise blending, on exact ground truth (synthetic EM)."""
+"""Segmentation targets, losses, matching and blockwise blending, on exact ground truth (synthetic
+EM)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,13 +13,22 @@ import pytest
 
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume, write_array
-from emfm.segment import losses, regimes, targets
-from emfm.segment.predict import Blender, blend_weights, predict_volume, ramp
+from emfm.finetune import losses, regimes, targets
+from emfm.finetune.predict import Blender, blend_weights, predict_volume, ramp
 
 
 def task(**kw):
-    base = dict(kind="semantic", num_classes=2, label_type="instances", class_values=[], instance_class=1,
-                ignore_label=-1, distance=False, offsets=[[0, -1, 0], [0, 0, -1]], sigma=2.0)
+    base = dict(
+        kind="semantic",
+        num_classes=2,
+        label_type="instances",
+        class_values=[],
+        instance_class=1,
+        ignore_label=-1,
+        distance=False,
+        offsets=[[0, -1, 0], [0, 0, -1]],
+        sigma=2.0,
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -44,7 +55,9 @@ def test_affinities_2d_and_3d_follow_the_ids_and_mask_the_border():
     assert not mask[0, 0, :, :, 0].any() and mask[0, 1:, :, :, 0].all()  # v + o outside the patch
     assert not mask[0, :, :, -7:, 4].any()
     # a voxel with a cut in-plane nearest-neighbour affinity lies on a boundary
-    a2, m2 = targets.affinities(lab, np.zeros(lab.shape, bool), [[0, -1, 0], [0, 0, -1], [0, 1, 0], [0, 0, 1]], 3)
+    a2, m2 = targets.affinities(
+        lab, np.zeros(lab.shape, bool), [[0, -1, 0], [0, 0, -1], [0, 1, 0], [0, 0, 1]], 3
+    )
     cut = ((a2 == 0) & (m2 > 0)).any(-1)[0]
     b = targets.boundaries(lab, 3)  # 3x3x3 box
     assert (cut <= b[0]).all()
@@ -72,7 +85,9 @@ def test_centre_targets_regroup_the_organelles_exactly():
     com = np.asarray(ndimage.center_of_mass(np.ones(org.shape), org, ids))
     coords = np.stack(np.nonzero(fg), -1)
     np.testing.assert_allclose(coords + off[fg], com[org[fg] - 1], atol=1e-4)
-    assert heat.max() == pytest.approx(1.0) and (heat[tuple(np.rint(com).astype(int).T)] > 0.99).all()
+    assert (
+        heat.max() == pytest.approx(1.0) and (heat[tuple(np.rint(com).astype(int).T)] > 0.99).all()
+    )
     np.testing.assert_array_equal(t["classes"][0, 0], fg.astype(np.int32))
     # Panoptic-DeepLab grouping of the exact targets gives back the instances
     inst = targets.group_centers(fg, heat, off, threshold=0.5, min_distance=2)
@@ -84,7 +99,9 @@ def test_centre_targets_regroup_the_organelles_exactly():
 
 def test_boundary_distance_and_component_instances(em2d):
     raw = (~em2d.membranes).astype(np.uint8)[None, None]  # class 1 = interior, 0 = membrane
-    t = targets.make_targets(raw, task(kind="boundary", label_type="classes", instance_class=1, distance=True), 2)
+    t = targets.make_targets(
+        raw, task(kind="boundary", label_type="classes", instance_class=1, distance=True), 2
+    )
     d = t["regress"][0, 0, ..., 0]
     lab, _ = targets.instances(raw, task(label_type="classes", instance_class=1), 2)
     # connected interiors: each lies in exactly one cell (cells thinner than a membrane vanish)
@@ -111,7 +128,9 @@ def test_losses_known_values_and_ignore_mask():
     w = losses.class_weight_map(labels, 3)
     ce = losses.cross_entropy(logits, labels, w)
     valid = np.asarray(labels) >= 0
-    ref = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))[valid].mean()
+    ref = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))[
+        valid
+    ].mean()
     assert float(ce) == pytest.approx(float(ref), rel=1e-5)
     assert float(losses.focal(logits, labels, w, gamma=0.0)) == pytest.approx(float(ce), rel=1e-5)
     assert float(losses.focal(logits, labels, w, gamma=2.0)) < float(ce)
@@ -127,13 +146,23 @@ def test_losses_known_values_and_ignore_mask():
     # Dice: perfect prediction -> 0, complementary -> 1
     onehot = jax.nn.one_hot(jnp.array([[0, 1], [1, 0]]), 2)
     assert float(losses.soft_dice(onehot, onehot, jnp.ones((2, 2)))) == pytest.approx(0.0, abs=1e-6)
-    assert float(losses.soft_dice(1 - onehot, onehot, jnp.ones((2, 2)))) == pytest.approx(1.0, abs=1e-6)
+    assert float(losses.soft_dice(1 - onehot, onehot, jnp.ones((2, 2)))) == pytest.approx(
+        1.0, abs=1e-6
+    )
 
 
 def test_task_loss_for_every_kind_is_finite_and_lower_for_the_truth():
-    lab = synthetic_em((32, 32), seed=2, n_organelles=4, organelle_radius=(3.0, 5.0)).organelles.astype(np.int64)
-    cfg = SimpleNamespace(terms=["ce", "dice"], weights=[], class_weights=[], balance=False, focal_gamma=2.0,
-                          aux_weight=1.0)
+    lab = synthetic_em(
+        (32, 32), seed=2, n_organelles=4, organelle_radius=(3.0, 5.0)
+    ).organelles.astype(np.int64)
+    cfg = SimpleNamespace(
+        terms=["ce", "dice"],
+        weights=[],
+        class_weights=[],
+        balance=False,
+        focal_gamma=2.0,
+        aux_weight=1.0,
+    )
     for t in (task(kind="boundary", distance=True), task(kind="affinity"), task(kind="center")):
         tg = targets.make_targets(lab[None, None], t, 2)
         tg = {k: jnp.asarray(v[:, 0]) for k, v in tg.items()}
@@ -145,11 +174,17 @@ def test_task_loss_for_every_kind_is_finite_and_lower_for_the_truth():
             parts.append(20.0 * (tg["sigmoid"] - 0.5))
         if lay.regress:
             r = tg["regress"]
-            parts.append(jnp.log(jnp.clip(r[..., :1], 1e-4, 1 - 1e-4) / (1 - jnp.clip(r[..., :1], 1e-4, 1 - 1e-4))))
+            parts.append(
+                jnp.log(
+                    jnp.clip(r[..., :1], 1e-4, 1 - 1e-4)
+                    / (1 - jnp.clip(r[..., :1], 1e-4, 1 - 1e-4))
+                )
+            )
             parts.append(r[..., 1:])
         good = jnp.concatenate(parts, -1)
         assert good.shape[-1] == lay.channels
-        f = jax.jit(lambda o, tg, lay=lay: losses.task_loss(o, tg, lay, cfg)[0])  # one program, not op by op
+        # one program, not op by op
+        f = jax.jit(lambda o, tg, lay=lay: losses.task_loss(o, tg, lay, cfg)[0])
         lg, lb = f(good, tg), f(jnp.zeros_like(good), tg)
         assert np.isfinite(float(lg)) and float(lg) < 0.1 < float(lb), t.kind
 
@@ -180,7 +215,7 @@ def test_freeze_patterns_and_photometric_views():
 def test_cosine_ramps_sum_to_one_where_windows_meet():
     w, o = 32, 8
     r = ramp(w, o, "cosine")
-    np.testing.assert_allclose(r[w - o:] + r[:o], 1.0, atol=1e-6)
+    np.testing.assert_allclose(r[w - o :] + r[:o], 1.0, atol=1e-6)
     assert blend_weights([1, w, w], [0, o, o], "gaussian").shape == (1, w, w)
 
 
@@ -205,7 +240,9 @@ def test_blending_is_exact_for_identity_and_removes_seams():
     jumps = {}
     for kind in ("constant", "cosine"):
         state["i"] = 0
-        b = Blender(biased, 1, flat.shape, window=[1, 32, 32], overlap=[0, 8, 8], blend=kind, batch_size=64)
+        b = Blender(
+            biased, 1, flat.shape, window=[1, 32, 32], overlap=[0, 8, 8], blend=kind, batch_size=64
+        )
         o = b.chunk(lambda s: flat[s], tuple(slice(0, n) for n in flat.shape))[0, ..., 0]
         jumps[kind] = max(np.abs(np.diff(o, axis=0)).max(), np.abs(np.diff(o, axis=1)).max())
     assert jumps["cosine"] < 0.5 * jumps["constant"]
@@ -216,9 +253,15 @@ def test_predict_volume_chunking_invariant_and_resumes(tmp_path):
     vol = write_array(tmp_path / "img.zarr", img, chunks=(1, 32, 32))
 
     def fn(x):  # a smooth non-linear "model" with two channels
-        return np.stack([np.tanh(x), x ** 2], -1)
+        return np.stack([np.tanh(x), x**2], -1)
 
-    kw = dict(grey_range=(0.0, 255.0), window=[1, 32, 32], overlap=[0, 8, 8], dtype="float32", show_progress=False)
+    kw = dict(
+        grey_range=(0.0, 255.0),
+        window=[1, 32, 32],
+        overlap=[0, 8, 8],
+        dtype="float32",
+        show_progress=False,
+    )
     big = predict_volume(fn, 2, vol, tmp_path / "a.zarr", chunk=[3, 70, 90], **kw)
     assert big["chunks_written"] == 1
     part = predict_volume(fn, 2, vol, tmp_path / "b.zarr", chunk=[1, 32, 32], stop_after=5, **kw)
