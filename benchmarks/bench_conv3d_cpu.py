@@ -18,7 +18,7 @@ the native and once with the folded convolution.
 
 Command: .venv/bin/python benchmarks/bench_conv3d_cpu.py [--bench-dir ../shared/bench]
     [--rounds 3] [--repeats 5] [--threads 2] [--combos 16x64x64:16:3x3x3,...]
-Hardware: the 2-core CPU box. Runtime: about 20 minutes.
+Hardware: the 2-core CPU box. Runtime: about 10 minutes.
 Output: experiments/benchmarks/conv3d_cpu.json and conv3d_cpu.md
 """
 

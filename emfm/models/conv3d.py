@@ -1,17 +1,18 @@
 """3D convolutions through XLA's 2D convolution on CPU.
 
-XLA's CPU backend runs 2D convolutions at about the speed of PyTorch, but its 3D convolution is
-several times slower (a 3x3x3 training step on 2 x 16 x 64 x 64 x 16 voxels: about 560 ms against
-80-120 ms in PyTorch on a 2-core CPU). So on CPU a stride-1 'SAME' 3D convolution with kernel
-(kz, ky, kx) is computed depth-folded, over the b * z sections as 2D images:
+XLA's CPU backend runs 3D convolutions far slower than 2D ones: a 3x3x3 training step on
+2 x 16 x 64 x 64 x 16 voxels takes about 250-480 ms on a 2-core CPU, the same step folded onto 2D
+convolutions 60-90 ms. So on CPU a stride-1 'SAME' 3D convolution with kernel (kz, ky, kx) is
+computed depth-folded, over the b * z sections as 2D images:
   "fold": the kz depth-shifted copies of the zero-padded input stacked along channels, one 2D
       convolution with kernel (ky, kx, kz * cin, cout);
   "fold_sum": the sum of kz 2D convolutions of the depth-shifted sections.
 With kz == 1 both are one 2D convolution over the sections. Measured on a 2-core CPU
-(benchmarks/bench_conv3d_cpu.py), both are 3-8x faster than the native 3D convolution; "fold" is
-the faster of the two below 32 input channels (its longer contraction keeps the matrix products
-efficient), "fold_sum" from 32 on (no stacked copy to write and read), so "auto" picks by `cin`.
-The result is the same convolution (fp32 rounding aside); gradients flow through the same
+(benchmarks/bench_conv3d_cpu.py, experiments/benchmarks/conv3d_cpu.md) both are 2-9x faster than
+the native 3D convolution. "fold" is the faster below 32 input channels (its longer contraction
+keeps the matrix products efficient); from 32 on "fold_sum" was faster on a busy machine and
+level or slower on a quieter one, and "auto" takes it from `FOLD_SUM_FROM` channels on. The
+result is the same convolution (fp32 rounding aside); gradients flow through the same
 formulation. Other backends keep the native convolution (`jax.lax.conv_general_dilated`).
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated` and is handed to
@@ -147,8 +148,8 @@ def conv3d(x, kernel, *, impl: str | None = None, precision=None, preferred_elem
 def conv3d_transpose_blocks(x, kernel, bias=None) -> jax.Array:
     """`nnx.ConvTranspose` with kernel size = stride (no overlap), 'VALID', NDHWC, as one einsum:
     each voxel becomes a kz x ky x kx block, `out[f * i + a] = x[i] @ kernel[f - 1 - a]`
-    (`lax.conv_transpose` flips the kernel). XLA's CPU transposed 3D convolution is over ten
-    times slower than this."""
+    (`lax.conv_transpose` flips the kernel). XLA's CPU transposed 3D convolution took about 15x
+    as long in a training step (2 x 8 x 32 x 32 x 32 voxels, factor 2, 2-core CPU)."""
     b, d, h, w, _ = x.shape
     kz, ky, kx, _, cout = kernel.shape
     y = jnp.einsum("bzyxc,pqrco->bzpyqxro", x, kernel[::-1, ::-1, ::-1])
