@@ -103,16 +103,23 @@ def validate_model(m: ModelConfig) -> None:
     """Checks of the encoder config alone: a known encoder, its patch size and compute dtype."""
     from emfm import models
 
-    if m.name not in models.ENCODERS:
-        raise ConfigError(
-            f"model.name={m.name!r}: known encoders are {', '.join(sorted(models.ENCODERS))}"
-        )
+    check_choice(m.name, sorted(models.ENCODERS), "model.name")
     if len(m.patch_size) not in (2, 3):
         raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
     if any(p <= 0 for p in m.patch_size):
         raise ConfigError(f"model.patch_size={m.patch_size}: sizes must be positive")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+    check_choice(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+
+
+def check_choice(value: str, allowed, key: str, *, element: bool = False) -> None:
+    """A string option outside its fixed set of values is a ConfigError naming the key and the
+    allowed values (`element`: `value` is one entry of the list option `key`)."""
+    if value in allowed:
+        return
+    allowed = [str(a) for a in allowed]
+    listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+    given = f"{key} has {value!r}" if element else f"{key}={value!r}"
+    raise ConfigError(f"{given}: use {listed}")
 
 
 def resolve_zoo(spec: str, key: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, unet_pool
+from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, check_choice, unet_pool
 
 
 @dataclass
@@ -46,8 +46,7 @@ def validate_export(e: ExportConfig, m: ModelConfig) -> None:
             f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size "
             f"or U-Net pooling {p}"
         )
-    if e.dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"export.dtype={e.dtype!r}: use float16, bfloat16 or float32")
+    check_choice(e.dtype, ("float16", "bfloat16", "float32"), "export.dtype")
     if e.block_z <= 0 or e.margin_z < 0 or e.batch_size <= 0 or e.prefetch < 0:
         raise ConfigError(
             f"export.block_z={e.block_z}, margin_z={e.margin_z}, batch_size={e.batch_size}, "

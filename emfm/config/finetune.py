@@ -15,6 +15,7 @@ from emfm.config.common import (
     OptimConfig,
     TrainerConfig,
     _check_fresh,
+    check_choice,
     resolve_zoo,
     validate_signals,
 )
@@ -194,10 +195,8 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
             raise ConfigError(
                 f"predict.instances={cfg.predict.instances!r} / instances.*: {e}"
             ) from None
-    if t.kind not in TASK_KINDS:
-        raise ConfigError(f"task.kind={t.kind!r}: use one of {', '.join(TASK_KINDS)}")
-    if t.label_type not in ("classes", "instances"):
-        raise ConfigError(f"task.label_type={t.label_type!r}: use classes or instances")
+    check_choice(t.kind, TASK_KINDS, "task.kind")
+    check_choice(t.label_type, ("classes", "instances"), "task.label_type")
     if t.num_classes < 2:
         raise ConfigError(f"task.num_classes={t.num_classes}: at least 2")
     if t.class_values and len(t.class_values) != t.num_classes:
@@ -213,16 +212,14 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         )
     if t.kind == "affinity" and not t.offsets:
         raise ConfigError("task.kind=affinity needs task.offsets")
-    if h.name not in ("unetr", "progressive", "unet"):
-        raise ConfigError(f"head.name={h.name!r}: use unetr, progressive or unet")
+    check_choice(h.name, ("unetr", "progressive", "unet"), "head.name")
     if (cfg.model.name == "unet") != (h.name == "unet"):
         raise ConfigError(
             f"head.name={h.name!r} does not fit model.name={cfg.model.name!r}: "
             "head=unet for the U-Net, head=unetr or progressive for a ViT"
         )
     for term in lo.terms:
-        if term not in ("ce", "dice", "focal"):
-            raise ConfigError(f"loss.terms has {term!r}: use ce, dice, focal")
+        check_choice(term, ("ce", "dice", "focal"), "loss.terms", element=True)
     if lo.weights and len(lo.weights) != len(lo.terms):
         raise ConfigError(
             f"loss.weights={lo.weights}: one weight per term of loss.terms={lo.terms}"
@@ -231,16 +228,12 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"loss.class_weights={lo.class_weights}: one weight per class ({t.num_classes})"
         )
-    if r.init not in ("scratch", "pretrained"):
-        raise ConfigError(f"regime.init={r.init!r}: scratch or pretrained")
+    check_choice(r.init, ("scratch", "pretrained"), "regime.init")
     if r.init == "pretrained" and not cfg.checkpoint and command == "finetune":
         raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
-    if r.encoder not in ("finetune", "frozen", "partial"):
-        raise ConfigError(f"regime.encoder={r.encoder!r}: finetune, frozen or partial")
-    if r.semi not in ("none", "mean_teacher", "fixmatch"):
-        raise ConfigError(f"regime.semi={r.semi!r}: none, mean_teacher or fixmatch")
-    if r.cluster not in ("none", "kmeans", "gmm"):
-        raise ConfigError(f"regime.cluster={r.cluster!r}: none, kmeans or gmm")
+    check_choice(r.encoder, ("finetune", "frozen", "partial"), "regime.encoder")
+    check_choice(r.semi, ("none", "mean_teacher", "fixmatch"), "regime.semi")
+    check_choice(r.cluster, ("none", "kmeans", "gmm"), "regime.cluster")
     if r.unlabelled_ratio < 1:
         raise ConfigError(f"regime.unlabelled_ratio={r.unlabelled_ratio}: at least 1")
     if not 0.0 < r.layer_decay <= 1.0:
@@ -261,8 +254,7 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
                 f"model.patch_size={cfg.model.patch_size}"
             )
     pr = cfg.predict
-    if pr.blend not in ("cosine", "gaussian", "constant"):
-        raise ConfigError(f"predict.blend={pr.blend!r}: cosine, gaussian or constant")
+    check_choice(pr.blend, ("cosine", "gaussian", "constant"), "predict.blend")
     if len(pr.window) != 3 or len(pr.overlap) != 3 or len(pr.chunk) != 3:
         raise ConfigError(
             "predict.window, predict.overlap and predict.chunk take 3 sizes (z, y, x)"
@@ -273,8 +265,7 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"predict.overlap={pr.overlap}: each in [0, window/2) (window {pr.window})"
         )
-    if pr.dtype not in ("float16", "float32"):
-        raise ConfigError(f"predict.dtype={pr.dtype!r}: float16 or float32")
+    check_choice(pr.dtype, ("float16", "float32"), "predict.dtype")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
     validate_signals(cfg.trainer.preempt_signals)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from emfm.config.common import ConfigError, DistributedConfig
+from emfm.config.common import ConfigError, DistributedConfig, check_choice
 
 
 @dataclass
@@ -118,8 +118,7 @@ def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
         raise ConfigError(
             "instances needs input=PATH (probability or affinity zarr) and out=PATH (label zarr)"
         )
-    if cfg.kind not in ("auto", "boundary", "affinities"):
-        raise ConfigError(f"kind={cfg.kind!r}: use auto, boundary or affinities")
+    check_choice(cfg.kind, ("auto", "boundary", "affinities"), "kind")
     for key in ("block", "halo"):
         v = getattr(cfg, key)
         if len(v) != 3 or any(x < 0 for x in v) or (key == "block" and any(x == 0 for x in v)):
@@ -150,8 +149,7 @@ def validate_tune(cfg: InstancesConfig) -> None:
             "instances.tune=true needs tune_labels=LABELS (zarr) and "
             "tune_roi=[[z0,z1],[y0,y1],[x0,x1]]"
         )
-    if cfg.tune_metric not in METRICS:
-        raise ConfigError(f"tune_metric={cfg.tune_metric!r}: choose one of {', '.join(METRICS)}")
+    check_choice(cfg.tune_metric, METRICS, "tune_metric")
     known = {f.name for f in fields(segment_params(cfg))}
     grid = cfg.tune_grid or {}
     bad = sorted(set(grid) - known)

@@ -16,6 +16,7 @@ from emfm.config.common import (
     OptimConfig,
     TrainerConfig,
     _check_fresh,
+    check_choice,
     resolve_zoo,
     unet_pool,
     validate_model,
@@ -93,8 +94,8 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
         )
     if o.temperature <= 0 or o.teacher_temp <= 0 or o.student_temp <= 0:
         raise ConfigError("objective.temperature, teacher_temp and student_temp must be positive")
-    if o.target_norm not in ("", "patch", "image", "none"):
-        raise ConfigError(f"objective.target_norm={o.target_norm!r}: use patch, image or none")
+    if o.target_norm:  # "" = from norm_pix_loss
+        check_choice(o.target_norm, ("patch", "image", "none"), "objective.target_norm")
     if o.target_blur < 0:
         raise ConfigError(
             f"objective.target_blur={o.target_blur}: a Gaussian sigma in pixels, >= 0"
@@ -328,8 +329,7 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
     validate_data(d)
     validate_objective(cfg.objective, m)
-    if cfg.trainer.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"trainer.nonfinite={cfg.trainer.nonfinite!r}: use stop or skip")
+    check_choice(cfg.trainer.nonfinite, ("stop", "skip"), "trainer.nonfinite")
     if cfg.optim.accumulate_steps < 1:
         raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
     if not 0.0 < cfg.optim.layer_decay <= 1.0:

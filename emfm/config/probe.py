@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, resolve_zoo, unet_pool
+from emfm.config.common import (
+    MISSING_PATH,
+    ConfigError,
+    ModelConfig,
+    check_choice,
+    resolve_zoo,
+    unet_pool,
+)
 
 
 @dataclass
@@ -52,8 +59,7 @@ class ProbeConfig:
 
 def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
     """Checks of the main job's probe (`probe.*`) for the encoder `m`; raises ConfigError."""
-    if pc.upsample not in ("bilinear", "subpixel"):
-        raise ConfigError(f"probe.upsample={pc.upsample!r}: use bilinear or subpixel")
+    check_choice(pc.upsample, ("bilinear", "subpixel"), "probe.upsample")
     if pc.zoo:  # checked here; the probe resolves it and labels its row with the name given
         resolve_zoo(pc.zoo, "probe.zoo")
     for key in ("train_slices", "test_slices") + (("val_slices",) if pc.val_slices else ()):
