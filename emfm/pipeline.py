@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.config.schema import EmfmConfig
+from emfm.config.pretrain import EmfmConfig
 from emfm.data import bundled
 from emfm.data.loader import Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
@@ -42,7 +42,7 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
     """{name: (encoder, grey range)}: the zoo checkpoint `probe.zoo` (if set), the checkpoint's
     encoder, and `probe.random_seeds` random ones of the checkpoint's architecture (all normalised
     alike), or only random ones when no checkpoint is given."""
-    from emfm.config.schema import ModelConfig, resolve_zoo
+    from emfm.config.common import ModelConfig, resolve_zoo
 
     pc = cfg.probe
     model, grey, encs = cfg.model, grey_range, {}
@@ -256,7 +256,7 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     from emfm import zoo
 
     if checkpoint and zoo.is_packaged(checkpoint):  # a zoo checkpoint brings its own architecture
-        from emfm.config.schema import ModelConfig
+        from emfm.config.common import ModelConfig
         from emfm.train import checkpoint as ckpt
 
         model_cfg = ModelConfig(**ckpt.read_meta(checkpoint)["model"])
@@ -330,7 +330,7 @@ def main_job(cfg: EmfmConfig) -> dict:
     t2 = time.perf_counter()
     # the features a user would take: the zoo checkpoint's when one is probed, else the one just
     # pretrained
-    from emfm.config.schema import resolve_zoo
+    from emfm.config.common import resolve_zoo
 
     source = resolve_zoo(cfg.probe.zoo, "probe.zoo") if cfg.probe.zoo else str(run_dir)
     print(f"[emfm] 3/3 exporting dense features ({cfg.probe.zoo or 'the pretrained encoder'})")

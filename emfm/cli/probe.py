@@ -12,7 +12,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from emfm.config.schema import ConfigError, EmfmConfig, TaskConfig
+from emfm.config.common import ConfigError
+from emfm.config.pretrain import EmfmConfig
+from emfm.config.probe import TaskConfig
 
 
 def task_dir(config_dir: str) -> Path:

@@ -1,7 +1,7 @@
 """The pretraining data of a config: one volume (`data.path`) or a weighted mixture
 (`data.sources`), opened, range-estimated and wrapped in a deterministic PatchLoader.
 
-Library code: it receives a `DataConfig` (emfm.config.schema), never a Hydra object.
+Library code: it receives a `DataConfig` (emfm.config.pretrain), never a Hydra object.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def open_sources(data, *, seed: int = 0) -> list[Source]:
 
 
 def _single(data):
-    from emfm.config.schema import SourceConfig
+    from emfm.config.pretrain import SourceConfig
 
     return SourceConfig(path=data.path, roi=data.roi)
 

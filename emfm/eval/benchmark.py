@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.config.schema import BenchmarkConfig, ConfigError, ModelConfig
+from emfm.config.common import ConfigError, ModelConfig
+from emfm.config.probe import BenchmarkConfig
 from emfm.eval import probes as probes_mod
 from emfm.eval import tasks as tasks_mod
 from emfm.eval.probe import normalise

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from einops import rearrange
 
-from emfm.config.schema import ConfigError
+from emfm.config.common import ConfigError
 
 PROBES = ("linear", "mlp", "knn")
 

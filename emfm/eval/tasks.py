@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.config.schema import ConfigError, TaskConfig
+from emfm.config.common import ConfigError
+from emfm.config.probe import TaskConfig
 from emfm.data import bundled
 from emfm.data.volume import VolumeError
 

@@ -74,7 +74,7 @@ def load_export_encoder(model_cfg, checkpoint: str = "", *, seed: int = 0):
     the checkpoint's encoder, whose recorded architecture must be `model_cfg`'s (checked from the
     meta record before any array is loaded; a mismatch is a CheckpointError naming the differing
     keys)."""
-    from emfm.config.schema import ModelConfig
+    from emfm.config.common import ModelConfig
     from emfm.train import checkpoint as ckpt
     from emfm.train.state import build_encoder, load_encoder
 

@@ -162,7 +162,7 @@ def load_exportable(checkpoint: str, *, shape: str | Sequence[int] | None = None
     meta = ckpt.read_meta(str(run))
     seg = "task" in meta and "head" in meta
     if seg:
-        from emfm.config.schema import SegTaskConfig
+        from emfm.config.finetune import SegTaskConfig
         from emfm.finetune import targets
         from emfm.finetune.losses import probabilities
         from emfm.finetune.train import load_seg_model

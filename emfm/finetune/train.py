@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emfm.config.schema import FinetuneConfig, HeadConfig, ModelConfig, SegTaskConfig
+from emfm.config.common import ModelConfig
+from emfm.config.finetune import FinetuneConfig, HeadConfig, SegTaskConfig
 from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
@@ -596,7 +597,7 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     from its work directory."""
     from dataclasses import replace
 
-    from emfm.config.schema import segment_params
+    from emfm.config.instances import segment_params
     from emfm.instances.blockwise import instances
 
     ic = replace(cfg.instances, method=cfg.predict.instances)

@@ -262,8 +262,8 @@ def tune_from_volumes_cfg(
     cfg, input_path: str, params: SegmentParams
 ) -> tuple[SegmentParams, dict]:
     """`tune_from_volumes` with the `instances.tune_*` settings of a validated InstancesConfig
-    (emfm.config.schema.validate_instances) starting from its `params`
-    (emfm.config.schema.segment_params); returns the chosen parameters and a record of the search
+    (emfm.config.instances.validate_instances) starting from its `params`
+    (emfm.config.instances.segment_params); returns the chosen parameters and a record of the search
     (for the run's JSON)."""
     grid = {k: list(v) for k, v in (cfg.tune_grid or {}).items()} or None
     best, trials = tune_from_volumes(

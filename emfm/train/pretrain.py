@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from emfm import objectives
-from emfm.config.schema import EmfmConfig
+from emfm.config.pretrain import EmfmConfig
 from emfm.data import device
 from emfm.data.loader import PatchLoader
 from emfm.data.sources import make_loader, open_sources

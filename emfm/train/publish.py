@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from emfm.config.schema import ModelConfig, ObjectiveConfig
+from emfm.config.common import ModelConfig
+from emfm.config.pretrain import ObjectiveConfig
 from emfm.train import checkpoint as ckpt
 from emfm.train.state import build_pretraining_model, load_encoder
 from emfm.zoo import ROOT, ZooError

@@ -11,7 +11,8 @@ import optax
 from flax import nnx, struct
 
 from emfm import objectives
-from emfm.config.schema import ModelConfig, ObjectiveConfig
+from emfm.config.common import ModelConfig
+from emfm.config.pretrain import ObjectiveConfig
 from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
 

@@ -142,3 +142,20 @@ def test_cli_help_and_unknown_command():
     assert res.returncode == 0 and "pretrain" in res.stdout
     res = run_cli("frobnicate", timeout=60)
     assert res.returncode == 2 and "unknown command" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "config,override,message",
+    [
+        ("main", "trainer.nonfinite=maybe", "trainer.nonfinite='maybe': use stop or skip"),
+        ("main", "model.dtype=int8", "model.dtype='int8': use float32, bfloat16 or float16"),
+        ("main", "probe.upsample=nearest", "probe.upsample='nearest': use bilinear or subpixel"),
+        ("finetune", "regime.semi=foo", "regime.semi='foo': use none, mean_teacher or fixmatch"),
+        ("finetune", "loss.terms=[ce,lovasz]", "loss.terms has 'lovasz': use ce, dice or focal"),
+    ],
+)
+def test_option_outside_its_set_names_the_key_and_the_allowed_values(config, override, message):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose(config, [override])

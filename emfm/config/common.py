@@ -1,0 +1,189 @@
+"""Blocks and helpers shared by the configs of several commands: ConfigError, the encoder
+(`ModelConfig`), optimiser, trainer, device mesh and multi-process settings, and the checks and
+run-directory helpers the commands' `validate*` functions share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emfm.errors import UserError
+
+MISSING_PATH = ""  # empty path = the bundled real EM sample
+
+
+class ConfigError(UserError):
+    """A config value that is well-typed but unusable; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Vision Transformer encoder. `size` picks width/depth/heads from the ViT table
+    (emfm.models.vit.SIZES); `width`, `depth`, `heads` override it for custom small models."""
+
+    name: str = "vit"
+    size: str = "Ti"
+    patch_size: list[int] = field(default_factory=lambda: [8, 8])
+    in_channels: int = 1
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float = 4.0
+    num_registers: int = 0
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False
+    # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per
+    # level, else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
+    # l >= pool_z_from_level (anisotropic sections are pooled in-plane first).
+    widths: list[int] | None = None
+    blocks_per_level: int = 1
+    pool_z_from_level: int = 1
+    norm: str = "group"  # group | layer
+    norm_groups: int = 8
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1.5e-4  # base rate for batch 256, scaled by batch/256 (MAE's rule)
+    scale_lr_by_batch: bool = True
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    clip_norm: float | None = 1.0
+    accumulate_steps: int = 1  # gradient accumulation: one optimizer update every N micro-batches
+    # <1: layer-wise lr decay for fine-tuning (block i of L gets decay^(L-i))
+    layer_decay: float = 1.0
+    freeze: list[str] = field(default_factory=list)  # regexes of parameter paths not to train
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
+    best_metric: str = ""
+    progress: bool = True
+    # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip"
+    # the batch
+    nonfinite: str = "stop"
+    tensorboard: bool = True
+    # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before
+    # the time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh: `data` x `fsdp` devices (data=-1: all devices not used by fsdp)."""
+
+    data: int = -1
+    fsdp: int = 1
+    min_shard_size: int = 16384  # smaller parameters stay replicated
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process runs through jax.distributed (auto-detected on Slurm)."""
+
+    enabled: bool = False
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
+    cpu_devices: int = 0  # >0: simulate this many CPU devices per process (tests, benchmarks)
+    timeout_s: int = 300  # start-up: seconds to wait for every process before a clear error
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks of the encoder config alone: a known encoder, its patch size and compute dtype."""
+    from emfm import models
+
+    check_choice(m.name, sorted(models.ENCODERS), "model.name")
+    if len(m.patch_size) not in (2, 3):
+        raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
+    if any(p <= 0 for p in m.patch_size):
+        raise ConfigError(f"model.patch_size={m.patch_size}: sizes must be positive")
+    check_choice(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+
+
+def check_choice(value: str, allowed, key: str, *, element: bool = False) -> None:
+    """A string option outside its fixed set of values is a ConfigError naming the key and the
+    allowed values (`element`: `value` is one entry of the list option `key`)."""
+    if value in allowed:
+        return
+    allowed = [str(a) for a in allowed]
+    listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+    given = f"{key} has {value!r}" if element else f"{key}={value!r}"
+    raise ConfigError(f"{given}: use {listed}")
+
+
+def resolve_zoo(spec: str, key: str) -> str:
+    """`zoo:NAME` -> the packaged checkpoint's run directory (emfm.zoo); an unknown name is a
+    ConfigError naming the key and listing the zoo."""
+    from emfm import zoo
+
+    try:
+        return zoo.resolve(spec)
+    except zoo.ZooError as e:
+        raise ConfigError(f"{key}={spec}: {e}") from None
+
+
+def unet_pool(m: ModelConfig) -> int:
+    """In-plane pooling of a U-Net config (2^(levels - 1)); 1 for other encoders."""
+    if m.name != "unet":
+        return 1
+    return 2 ** ((len(m.widths) if m.widths else (m.depth or 4)) - 1)
+
+
+def _check_fresh(cfg) -> None:
+    """resume=false with an explicit run directory that already holds checkpoints: say so rather
+    than resume (or overwrite) it."""
+    from pathlib import Path
+
+    ck = Path(cfg.run_dir) / "checkpoints"
+    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+        raise ConfigError(
+            f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
+            "hydra.run.dir (or name=), or drop resume=false to continue that run"
+        )
+
+
+def validate_signals(names: list[str]) -> None:
+    import signal
+
+    for n in names:
+        if not isinstance(getattr(signal, str(n), None), signal.Signals) or str(n).startswith(
+            "SIG_"
+        ):
+            raise ConfigError(
+                f"trainer.preempt_signals: {n!r} is not a signal name of this system "
+                "(e.g. SIGUSR1, SIGUSR2, SIGTERM)"
+            )
+        if n in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"trainer.preempt_signals: {n} cannot be caught")
+
+
+def run_dir_for(root: str, command: str, name: str = "", resume: bool | str = True) -> str:
+    """The run directory of a command (`hydra.run.dir` / `hydra.sweep.dir` through the
+    `emfm_run_dir` resolver): `ROOT/COMMAND/<date>_<time>` for an unnamed run; `ROOT/COMMAND/NAME`
+    for a named one, so that running the same command again resumes it; with resume=false a named
+    directory that already holds a run is left as it is and the new run starts in
+    `ROOT/COMMAND/NAME_<date>_<time>`."""
+    import datetime
+    from pathlib import Path
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    name = str(name or "").strip()
+    if not name:
+        return f"{root}/{command}/{stamp}"
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"name={name!r}: a run name is one directory name (no '/')")
+    d = Path(root) / command / name
+    if str(resume).lower() in ("false", "0", "no") and d.is_dir() and any(d.iterdir()):
+        return f"{d}_{stamp}"
+    return str(d)

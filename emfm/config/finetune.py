@@ -1,0 +1,273 @@
+"""Configs of segmentation: `emfm finetune` (labelled data, heads, targets, losses, learning
+regimes) and `emfm predict` (blockwise inference, optional instance labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emfm.config.common import (
+    MISSING_PATH,
+    ConfigError,
+    DistributedConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    _check_fresh,
+    check_choice,
+    resolve_zoo,
+    validate_signals,
+)
+from emfm.config.instances import InstancesConfig, validate_instances
+
+
+@dataclass
+class SegDataConfig:
+    """Labelled volume(s) for fine-tuning. Empty paths = the bundled ISBI sample and its membranes.
+    `train_roi` bounds the training patches; `label_fraction` < 1 keeps labels on only the first
+    fraction of its sections (the rest count as unlabelled: semi-supervised regimes use them)."""
+
+    path: str = MISSING_PATH
+    labels: str = MISSING_PATH
+    train_roi: list[list[int]] | None = None  # [[z0, z1], [y0, y1], [x0, x1]]; None = whole volume
+    # held-out region for the end-of-run evaluation; None = none
+    test_roi: list[list[int]] | None = None
+    label_fraction: float = 1.0
+    patch_shape: list[int] = field(default_factory=lambda: [1, 128, 128])
+    batch_size: int = 8
+    augment: bool = True
+    prefetch: int = 2
+    intensity_samples: int = 32
+    min_foreground: float = 0.0
+
+
+@dataclass
+class SegTaskConfig:
+    """What the network predicts (emfm.finetune.targets). `kind`: semantic (classes), boundary
+    (instance boundaries, + optional distance transform), affinity (`offsets`), center (foreground +
+    centre heatmap + offsets to the centre, for blob-like organelles). `label_type`: the label
+    volume holds classes (`class_values[i]` = raw value of class i; [] = raw values are class ids)
+    or instances (0 = background / boundary). Instances of class labels are the connected components
+    of class `instance_class`. `ignore_label` (raw value) marks unlabelled voxels."""
+
+    kind: str = "semantic"
+    num_classes: int = 2
+    label_type: str = "classes"
+    class_values: list[int] = field(default_factory=list)
+    instance_class: int = 1
+    ignore_label: int = -1
+    distance: bool = False
+    offsets: list[list[int]] = field(
+        default_factory=lambda: [[0, -1, 0], [0, 0, -1], [0, -4, 0], [0, 0, -4]]
+    )
+    sigma: float = 4.0
+    positive_class: int = 1  # class scored as foreground (F1 / IoU) at evaluation
+
+
+@dataclass
+class HeadConfig:
+    name: str = "unetr"  # unetr | progressive (ViT), unet (U-Net's own decoder)
+    width: int = 32
+    blocks: list[int] = field(default_factory=list)  # ViT blocks fused by UNETR; [] = evenly spaced
+
+
+@dataclass
+class LossConfig:
+    terms: list[str] = field(default_factory=lambda: ["ce", "dice"])  # ce | dice | focal
+    weights: list[float] = field(default_factory=list)  # per term; [] = all 1
+    class_weights: list[float] = field(default_factory=list)  # per class; [] = none
+    balance: bool = False  # weight classes by inverse frequency in each batch
+    focal_gamma: float = 2.0
+    aux_weight: float = 1.0  # distance / centre / offset regression terms
+
+
+@dataclass
+class RegimeConfig:
+    """Learning regime (configs/regime/). init: scratch | pretrained (`checkpoint=RUN_DIR`);
+    encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
+    `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
+    mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
+    gmm (unsupervised: no training)."""
+
+    name: str = "supervised"
+    init: str = "scratch"
+    encoder: str = "finetune"
+    frozen_blocks: int = 2
+    layer_decay: float = 1.0
+    # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
+    reinit_decoder: bool = False
+    # shrink and perturb (Ash & Adams 2020) of a pretrained start: every encoder parameter becomes
+    # shrink * pretrained + perturb * fresh init (trainer.seed); 1.0 / 0.0 = the checkpoint as is.
+    # With init=scratch a second random network stands in for the pretrained one (the control).
+    shrink: float = 1.0
+    perturb: float = 0.0
+    semi: str = "none"
+    unlabelled_ratio: int = 1
+    consistency_weight: float = 1.0
+    ema_momentum: float = 0.99
+    threshold: float = 0.9
+    cluster: str = "none"
+    clusters: int = 2
+    cluster_samples: int = 20000
+
+
+@dataclass
+class PredictConfig:
+    """Blockwise inference: windows of `window` voxels (z, y, x) overlapping by `overlap`, blended
+    with a `blend` window (cosine | gaussian | constant); output written and resumed per `chunk`."""
+
+    path: str = MISSING_PATH
+    out: str = ""  # zarr; empty = <run_dir>/predictions.zarr
+    roi: list[list[int]] | None = None
+    window: list[int] = field(default_factory=lambda: [1, 128, 128])
+    overlap: list[int] = field(default_factory=lambda: [0, 32, 32])
+    chunk: list[int] = field(default_factory=lambda: [1, 256, 256])
+    blend: str = "cosine"
+    batch_size: int = 4
+    dtype: str = "float16"
+    resume: bool = True
+    # instance labels from the written probabilities, block by block with stitching
+    # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
+    # | mws; the method's parameters, block, halo and boundary channel are `instances.*` (as in
+    # `emfm instances`)
+    instances: str = ""
+
+
+@dataclass
+class FinetuneConfig:
+    """Top-level config of `emfm finetune` and `emfm predict`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    task: SegTaskConfig = field(default_factory=SegTaskConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    # predict.instances' parameters
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run_dir: str = "runs/finetune"
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
+    # finetune: pretrained encoder run (regime.init=pretrained); predict: the finetune run
+    checkpoint: str = ""
+
+
+TASK_KINDS = ("semantic", "boundary", "affinity", "center")
+
+
+def r_init_pretrained(cfg) -> bool:
+    return cfg.regime.init == "pretrained"
+
+
+def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
+    """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
+    t, r, h, d, lo = cfg.task, cfg.regime, cfg.head, cfg.data, cfg.loss
+    cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
+    if command == "finetune" and r_init_pretrained(cfg) and cfg.checkpoint:
+        # a pretrained encoder brings its architecture: model=... need not repeat it
+        from emfm.train import checkpoint as ckpt
+
+        try:
+            cfg.model = ModelConfig(
+                **ckpt.read_meta(ckpt.find_checkpoint_dir(cfg.checkpoint))["model"]
+            )
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"checkpoint={cfg.checkpoint}: no usable model record ({e})"
+            ) from None
+    if command == "predict" and cfg.predict.instances:
+        from dataclasses import replace
+
+        ic = replace(
+            cfg.instances, method=cfg.predict.instances, input="predictions", out="instances"
+        )
+        try:
+            validate_instances(ic)
+        except ConfigError as e:
+            raise ConfigError(
+                f"predict.instances={cfg.predict.instances!r} / instances.*: {e}"
+            ) from None
+    check_choice(t.kind, TASK_KINDS, "task.kind")
+    check_choice(t.label_type, ("classes", "instances"), "task.label_type")
+    if t.num_classes < 2:
+        raise ConfigError(f"task.num_classes={t.num_classes}: at least 2")
+    if t.class_values and len(t.class_values) != t.num_classes:
+        raise ConfigError(
+            f"task.class_values={t.class_values}: give one raw value per class ({t.num_classes})"
+        )
+    if t.kind == "semantic" and t.label_type != "classes":
+        raise ConfigError("task.kind=semantic needs task.label_type=classes")
+    nd = len(cfg.model.patch_size)
+    if any(len(o) != 3 for o in t.offsets) or any(o[0] != 0 for o in t.offsets if nd == 2):
+        raise ConfigError(
+            f"task.offsets={t.offsets}: give [dz, dy, dx] per offset (dz = 0 for 2D models)"
+        )
+    if t.kind == "affinity" and not t.offsets:
+        raise ConfigError("task.kind=affinity needs task.offsets")
+    check_choice(h.name, ("unetr", "progressive", "unet"), "head.name")
+    if (cfg.model.name == "unet") != (h.name == "unet"):
+        raise ConfigError(
+            f"head.name={h.name!r} does not fit model.name={cfg.model.name!r}: "
+            "head=unet for the U-Net, head=unetr or progressive for a ViT"
+        )
+    for term in lo.terms:
+        check_choice(term, ("ce", "dice", "focal"), "loss.terms", element=True)
+    if lo.weights and len(lo.weights) != len(lo.terms):
+        raise ConfigError(
+            f"loss.weights={lo.weights}: one weight per term of loss.terms={lo.terms}"
+        )
+    if lo.class_weights and len(lo.class_weights) != t.num_classes:
+        raise ConfigError(
+            f"loss.class_weights={lo.class_weights}: one weight per class ({t.num_classes})"
+        )
+    check_choice(r.init, ("scratch", "pretrained"), "regime.init")
+    if r.init == "pretrained" and not cfg.checkpoint and command == "finetune":
+        raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
+    check_choice(r.encoder, ("finetune", "frozen", "partial"), "regime.encoder")
+    check_choice(r.semi, ("none", "mean_teacher", "fixmatch"), "regime.semi")
+    check_choice(r.cluster, ("none", "kmeans", "gmm"), "regime.cluster")
+    if r.unlabelled_ratio < 1:
+        raise ConfigError(f"regime.unlabelled_ratio={r.unlabelled_ratio}: at least 1")
+    if not 0.0 < r.layer_decay <= 1.0:
+        raise ConfigError(f"regime.layer_decay={r.layer_decay}: must be in (0, 1]")
+    if not (0.0 < r.shrink <= 1.0 and 0.0 <= r.perturb <= 1.0):
+        raise ConfigError(
+            f"regime.shrink={r.shrink} must be in (0, 1] and regime.perturb={r.perturb} in [0, 1]"
+        )
+    if not 0.0 < d.label_fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction={d.label_fraction}: must be in (0, 1]")
+    if len(d.patch_shape) != 3 or (nd == 2 and d.patch_shape[0] != 1):
+        raise ConfigError(f"data.patch_shape={d.patch_shape}: give z, y, x (z = 1 for a 2D model)")
+    spatial = d.patch_shape[1:] if nd == 2 else d.patch_shape
+    for s, p in zip(spatial, cfg.model.patch_size):
+        if s % p:
+            raise ConfigError(
+                f"data.patch_shape={d.patch_shape} is not divisible by "
+                f"model.patch_size={cfg.model.patch_size}"
+            )
+    pr = cfg.predict
+    check_choice(pr.blend, ("cosine", "gaussian", "constant"), "predict.blend")
+    if len(pr.window) != 3 or len(pr.overlap) != 3 or len(pr.chunk) != 3:
+        raise ConfigError(
+            "predict.window, predict.overlap and predict.chunk take 3 sizes (z, y, x)"
+        )
+    if any(o < 0 or 2 * o >= w for o, w in zip(pr.overlap, pr.window) if w > 1) or any(
+        o != 0 for o, w in zip(pr.overlap, pr.window) if w == 1
+    ):
+        raise ConfigError(
+            f"predict.overlap={pr.overlap}: each in [0, window/2) (window {pr.window})"
+        )
+    check_choice(pr.dtype, ("float16", "float32"), "predict.dtype")
+    if cfg.trainer.steps <= 0:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    validate_signals(cfg.trainer.preempt_signals)
+    _check_fresh(cfg)
+    return cfg
