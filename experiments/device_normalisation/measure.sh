@@ -3,7 +3,7 @@
 # optim, data) before (BASE: a checkout of the commit before the change) and after (AFTER, default
 # this tree). The machine is shared and its load swings by 10x within minutes, so each repeat runs
 # the two side by side, at the same moment (STEPS steps each, REPEATS pairs, one after the other).
-# Usage: BASE=/tmp/base [AFTER=/tmp/after] [STEPS=150] [REPEATS=2] bash experiments/device_normalisation/measure.sh OUT_DIR
+# Usage: BASE=CHECKOUT_BEFORE [AFTER=CHECKOUT_AFTER] [STEPS=150] [REPEATS=2] bash experiments/device_normalisation/measure.sh OUT_DIR
 set -euo pipefail
 out=${1:?out dir}; base=${BASE:?checkout of the commit before}; repeats=${REPEATS:-2}; steps=${STEPS:-150}
 here=${AFTER:-$(cd "$(dirname "$0")/../.." && pwd)}
@@ -18,7 +18,7 @@ for i in $(seq 1 "$repeats"); do
   for which in before after; do
     src=$here; [ "$which" = before ] && src=$base
     dir="$out/${which}_$i"; rm -rf "$dir"
-    (cd "$src" && PYTHONPATH=$src nice -n 10 /work/main/.venv/bin/emfm pretrain "${recipe[@]}" "hydra.run.dir=$dir" \
+    (cd "$src" && PYTHONPATH=$src nice -n 10 "$here/.venv/bin/emfm" pretrain "${recipe[@]}" "hydra.run.dir=$dir" \
        > "$dir.log" 2>&1) &
     pids+=($!)
   done

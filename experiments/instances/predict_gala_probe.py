@@ -3,7 +3,7 @@ features.
 
 The probe is trained on the gala *train* volume (boundary = label 0) and predicts the separate test
 volume; encoders: random init and the MAE checkpoint of the main job. Used by run_gala.py when no
-fine-tuned predictions exist in /work/seg_outputs.
+fine-tuned predictions exist in runs/seg_outputs (experiments/segmentation/run.py).
 
     PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR
     [CHECKPOINT]
@@ -27,7 +27,7 @@ from emfm.train.state import build_encoder, load_encoder
 GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
 
 
-def main(out_dir: str, checkpoint: str = "/work/main/runs/main/2026-11-25_14-45-37") -> None:
+def main(out_dir: str, checkpoint: str = "runs/main/2026-11-25_14-45-37") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_tr = tifffile.imread(GALA / "train_image.tif")

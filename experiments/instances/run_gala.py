@@ -1,9 +1,9 @@
 """Instance segmentation of the gala FIB-SEM neuron test volume from boundary probabilities:
 VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.instances.
 
-Sources: predicted test probabilities from /work/seg_outputs/gala_* when they exist (fine-tuned
-models), else the linear-probe predictions of predict_gala_probe.py (random-init and MAE encoders),
-and the upper bound with boundaries derived from the ground truth (label 0 and in-plane faces).
+Sources: predicted test probabilities from $EMFM_SEG_OUTPUTS/gala_* (default runs/seg_outputs)
+when they exist (fine-tuned models), else the linear-probe predictions of predict_gala_probe.py
+(random-init and MAE encoders), and the upper bound with boundaries derived from the ground truth (label 0 and in-plane faces).
 
     PYTHONPATH=$PWD nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def sources(probs_dir: str, gt: np.ndarray) -> dict:
     out = {"gt-derived boundaries (upper bound)": boundaries_from_labels(gt, axes=(1, 2))}
     from emfm.data.volume import open_volume
 
-    for f in sorted(glob.glob("/work/seg_outputs/gala_*/probabilities.zarr")):
+    outputs = os.environ.get("EMFM_SEG_OUTPUTS", "runs/seg_outputs")
+    for f in sorted(glob.glob(os.path.join(outputs, "gala_*", "probabilities.zarr"))):
         vol = open_volume(f)  # z y x c, channel names in the attributes (emfm predict)
         n_chunks = sum(1 for c in Path(f, "c").rglob("*") if c.is_file())
         if n_chunks < vol.shape[0]:

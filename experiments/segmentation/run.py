@@ -8,8 +8,10 @@ results.jsonl):
   tables from results.jsonl)
 Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then
 blockwise `predict_volume` of the held-out data to
-/work/seg_outputs/<dataset>_<init>_<fraction>/probabilities.zarr, then scores read back from that
-zarr.
+$EMFM_SEG_OUT/<dataset>_<init>_<fraction>/probabilities.zarr, then scores read back from that
+zarr. Paths come from the environment: EMFM_SEG_CHECKPOINT (the MAE run, default
+runs/main/final_s2), EMFM_SEG_OUT (default runs/seg_outputs/v2), EMFM_SEG_SCRATCH (converted data
+and run directories, default the system temp directory).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +41,11 @@ from emfm.finetune import targets, train  # noqa: E402
 from emfm.finetune.predict import model_fn, predict_volume  # noqa: E402
 
 EM = REPO.parent / "shared" / "data" / "em"
-MAE = "/work/main/runs/main/final_s2"  # the main job MAE run: 1500 steps on ISBI sections 0-19
-OUT = Path("/work/seg_outputs/v2")
-DATA = Path("/tmp/emfm_seg_data")
+# the main job MAE run: 1500 steps on ISBI sections 0-19
+MAE = os.environ.get("EMFM_SEG_CHECKPOINT", "runs/main/final_s2")
+OUT = Path(os.environ.get("EMFM_SEG_OUT", "runs/seg_outputs/v2"))
+SCRATCH = Path(os.environ.get("EMFM_SEG_SCRATCH", tempfile.gettempdir()))
+DATA = SCRATCH / "emfm_seg_data"
 HERE = Path(__file__).resolve().parent
 T0 = time.time()  # one fresh run directory per launch: never resume an older run
 
@@ -410,7 +416,7 @@ def train_one(
         + ("" if regime == "scratch" else f"_{regime}")
         + (f"_seed{seed}" if seed else "")
     )
-    run_dir = Path("/tmp/emfm_seg_runs") / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
+    run_dir = SCRATCH / "emfm_seg_runs" / time.strftime("%Y%m%d_%H%M%S", time.localtime(T0)) / tag
     t0 = time.time()
     cfg = config(ds, init, frac, steps, run_dir, batch, regime, seed)
     summary = train.finetune(cfg)
