@@ -3,7 +3,8 @@ VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emf
 
 Sources: predicted test probabilities from $EMFM_SEG_OUTPUTS/gala_* (default runs/seg_outputs)
 when they exist (fine-tuned models), else the linear-probe predictions of predict_gala_probe.py
-(random-init and MAE encoders), and the upper bound with boundaries derived from the ground truth (label 0 and in-plane faces).
+(random-init and MAE encoders), and the upper bound with boundaries derived from the ground truth
+(label 0 and in-plane faces).
 
     PYTHONPATH=$PWD nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON
 """
