@@ -74,7 +74,7 @@ def make_volume(path: Path, gb: float, side: int) -> tuple[int, int, int]:
 
 def forward_only(args) -> dict:
     """Voxels/s of the compiled export forward on in-memory normalised windows."""
-    from emfm.export.features import BlockEncoder
+    from emfm.export.encode import BlockEncoder
     from emfm.models import build_encoder
 
     enc = BlockEncoder(

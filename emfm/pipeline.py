@@ -19,7 +19,9 @@ from emfm.data import bundled
 from emfm.data.loader import Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.eval import figures, probe
-from emfm.export.features import encode_sections, export_features, pca_rgb
+from emfm.export.encode import encode, normalise
+from emfm.export.features import export_features
+from emfm.export.pca import pca_rgb
 from emfm.train.state import build_encoder, load_encoder
 
 log = logging.getLogger("emfm")
@@ -113,12 +115,10 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
             tile=pc.tile,
             margin=pc.margin,
             batch_size=cfg.export.batch_size,
-            blocks=tuple(pc.blocks),
+            layers=tuple(pc.blocks),
             embed=pc.embed,
         )
-        f_tr, f_va, f_te = (
-            encode_sections(enc, probe.normalise(x, rng), **kw) for x in (x_tr, x_va, x_te)
-        )
+        f_tr, f_va, f_te = (encode(enc, normalise(x, rng), **kw) for x in (x_tr, x_va, x_te))
         lp = probe.train_linear_probe(
             f_tr,
             y_tr.astype(np.int32),

@@ -31,7 +31,8 @@ from emfm.config.common import ConfigError, ModelConfig
 from emfm.config.probe import BenchmarkConfig
 from emfm.eval import probes as probes_mod
 from emfm.eval import tasks as tasks_mod
-from emfm.eval.probe import normalise
+from emfm.export.encode import alignment, normalise
+from emfm.export.encode import encode as encode_windows
 from emfm.train import checkpoint as ckpt
 
 log = logging.getLogger("emfm")
@@ -161,88 +162,45 @@ def expand_checkpoints(
 # -------------------------------------------------------------------------------------
 
 
-def encode_3d(
-    encoder,
-    images: np.ndarray,
-    *,
-    tile: int,
-    margin: int,
-    batch_size: int = 4,
-    blocks: tuple[int, ...] = (),
-) -> np.ndarray:
-    """Per-section features `[n, gy, gx, d]` of a 3D encoder: the stack is encoded in 3D blocks of
-    4 token layers x `tile`^2 pixels with one token layer / `margin` pixels of mirrored context;
-    section z takes the features of the token layer that contains it."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    spec = encoder.spec
-    pz, py, px = spec.patch_size
-    if tile % py or margin % py or tile % px or margin % px:
-        raise ConfigError(
-            f"benchmark.tile={tile}, margin={margin}: must be multiples of the patch size "
-            f"{spec.patch_size}"
-        )
-    core, ctx = (4 * pz, tile, tile), (pz, margin, margin)
-    n, ny, nx = images.shape
-    grid = [-(-s // c) * c for s, c in zip((n, ny, nx), core)]
-    pad = [(c, g - s + c) for s, g, c in zip((n, ny, nx), grid, ctx)]
-    vol = np.pad(images, pad, mode="symmetric")
-    blocks = tuple(b % spec.depth for b in blocks)
-    graphdef, params = nnx.split(encoder)
-    t0 = [c // p for c, p in zip(ctx, (pz, py, px))]
-    tn = [c // p for c, p in zip(core, (pz, py, px))]
-
-    @jax.jit
-    def fwd(prm, x):
-        _, aux = nnx.merge(graphdef, prm)(x[..., None], return_blocks=blocks)
-        m = aux["patch_map"]
-        if blocks:
-            m = jnp.concatenate(
-                [aux["blocks"][b].reshape(m.shape[:-1] + (-1,)) for b in blocks], axis=-1
-            )
-        return m[:, t0[0] : t0[0] + tn[0], t0[1] : t0[1] + tn[1], t0[2] : t0[2] + tn[2]]
-
-    origins = [
-        (z, y, x)
-        for z in range(0, grid[0], core[0])
-        for y in range(0, grid[1], core[1])
-        for x in range(0, grid[2], core[2])
-    ]
-    width = spec.width * max(1, len(blocks))
-    out = np.zeros((grid[0] // pz, grid[1] // py, grid[2] // px, width), np.float32)
-    win = [c + 2 * m for c, m in zip(core, ctx)]
-    for i in range(0, len(origins), batch_size):
-        chunk = origins[i : i + batch_size]
-        w = np.stack([vol[z : z + win[0], y : y + win[1], x : x + win[2]] for z, y, x in chunk])
-        if len(w) < batch_size:
-            w = np.concatenate([w, np.zeros((batch_size - len(w),) + w.shape[1:], w.dtype)])
-        f = np.asarray(fwd(params, jnp.asarray(w, jnp.float32)))
-        for (z, y, x), fz in zip(chunk, f):
-            out[z // pz : z // pz + tn[0], y // py : y // py + tn[1], x // px : x // px + tn[2]] = (
-                fz
-            )
-    gy, gx = -(-ny // py), -(-nx // px)
-    return out[np.arange(n) // pz, :gy, :gx]
-
-
 def encode(encoder, images: np.ndarray, bench: BenchmarkConfig) -> np.ndarray:
-    """Dense features `[n, gy, gx, d]` of sections `[n, y, x]` in [0, 1] (2D or 3D encoder)."""
-    from emfm.export.features import encode_sections
-
-    if encoder.spec.ndim == 3:
-        return encode_3d(
-            encoder, images, tile=bench.tile, margin=bench.margin, blocks=tuple(bench.blocks)
+    """Dense features `[n, gy, gx, d]` of sections `[n, y, x]` in [0, 1], encoded by
+    emfm.export.encode in `bench.tile` tiles with `bench.margin` context. A 3D encoder sees the
+    stack in blocks of 4 token layers (or 4 x its pooling) with one of context, the stack mirrored
+    once (symmetric) around its ends; section z takes the features of the token layer that contains
+    it."""
+    layers = tuple(bench.blocks)
+    if encoder.spec.ndim == 2:
+        return encode_windows(
+            encoder,
+            images,
+            tile=bench.tile,
+            margin=bench.margin,
+            batch_size=bench.batch_size,
+            layers=layers,
         )
-    return encode_sections(
+    az, ay, ax = alignment(encoder)
+    if bench.tile % ay or bench.margin % ay or bench.tile % ax or bench.margin % ax:
+        raise ConfigError(
+            f"benchmark.tile={bench.tile}, margin={bench.margin}: must be multiples of the patch "
+            f"size {encoder.spec.patch_size}"
+        )
+    core, ctx = (4 * az, bench.tile, bench.tile), (az, bench.margin, bench.margin)
+    grid = [-(-s // c) * c for s, c in zip(images.shape, core)]
+    pad = [(c, g - s + c) for s, g, c in zip(images.shape, grid, ctx)]
+    f = encode_windows(
         encoder,
-        images,
+        np.pad(images, pad, mode="symmetric"),
         tile=bench.tile,
         margin=bench.margin,
+        tile_z=core[0],
+        margin_z=ctx[0],
+        roi=[(c, c + g) for c, g in zip(ctx, grid)],
+        layers=layers,
         batch_size=bench.batch_size,
-        blocks=tuple(bench.blocks),
     )
+    n, ny, nx = images.shape
+    stride = [g // s for g, s in zip(grid, f.shape)]
+    return f[np.arange(n) // stride[0], : -(-ny // stride[1]), : -(-nx // stride[2])]
 
 
 def grey_range(task: tasks_mod.TaskData) -> tuple[float, float]:

@@ -479,7 +479,7 @@ def _overview(img, fv, lv, stride, origin, k: int, path: Path) -> Path:
     """Middle section of the feature grid (at most 512 x 512 cells): image, PCA-RGB features,
     cluster map."""
     from emfm.eval.figures import _plt, image_grid
-    from emfm.export.features import pca_rgb
+    from emfm.export.pca import pca_rgb
 
     z = fv.shape[0] // 2
     cy, cx = (min(n, 512) for n in fv.shape[1:3])

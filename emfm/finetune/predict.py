@@ -12,140 +12,21 @@ affinities / distance / heatmap; offsets in voxels), channel names and offsets i
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
-from emfm.errors import UserError
+from emfm.export.encode import normalise
+from emfm.export.windows import Blender, pad_batch
 from emfm.train import distributed
 from emfm.train.logging import progress
 
 log = logging.getLogger("emfm")
-
-FLOOR = 1e-4  # smallest blend weight: voxels at the volume edge are covered by one window's rim
-
-
-def ramp(n: int, overlap: int, kind: str) -> np.ndarray:
-    """1D blend weights of a window of `n` voxels."""
-    t = np.arange(n, dtype=np.float64)
-    if kind == "constant" or n == 1:
-        w = np.ones(n)
-    elif kind == "cosine":
-        w = np.ones(n)
-        if overlap > 0:
-            r = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
-            w[:overlap] = r
-            w[n - overlap :] = r[::-1]
-    elif kind == "gaussian":
-        w = np.exp(-0.5 * ((t - (n - 1) / 2) / (n / 4)) ** 2)
-    else:
-        raise UserError(f"blend {kind!r}: use cosine, gaussian or constant")
-    return np.maximum(w, FLOOR).astype(np.float32)
-
-
-def blend_weights(window: Sequence[int], overlap: Sequence[int], kind: str) -> np.ndarray:
-    ws = [ramp(n, o, kind) for n, o in zip(window, overlap)]
-    return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
-
-
-def starts(n: int, w: int, stride: int) -> list[int]:
-    """Window origins along an axis of `n` voxels: every `stride`, the last flush with the end."""
-    if n <= w:
-        return [0]
-    s = list(range(0, n - w + 1, stride))
-    if s[-1] != n - w:
-        s.append(n - w)
-    return s
-
-
-def _read_padded(
-    read: Callable, shape: Sequence[int], origin: Sequence[int], window: Sequence[int]
-) -> np.ndarray:
-    """The window at `origin` of a region of `shape`, mirrored where it runs past the end."""
-    box = tuple(slice(o, min(o + w, n)) for o, w, n in zip(origin, window, shape))
-    a = read(box)
-    pad = [(0, w - (b.stop - b.start)) for w, b in zip(window, box)]
-    if any(p[1] for p in pad):
-        mode = "reflect" if all(s > p[1] for s, p in zip(a.shape, pad)) else "symmetric"
-        a = np.pad(a, pad, mode=mode)
-    return a
-
-
-class Blender:
-    """Blockwise prediction of a region `shape` (z, y, x) with `fn(windows [b, *window]) -> [b,
-    *window, c]`."""
-
-    def __init__(
-        self,
-        fn: Callable,
-        channels: int,
-        shape: Sequence[int],
-        *,
-        window: Sequence[int],
-        overlap: Sequence[int],
-        blend: str = "cosine",
-        batch_size: int = 4,
-    ):
-        self.fn, self.c, self.shape = fn, channels, tuple(int(s) for s in shape)
-        self.window, self.overlap = tuple(window), tuple(overlap)
-        self.batch_size = batch_size
-        self.weight = blend_weights(window, overlap, blend)
-        self.grid = [starts(n, w, w - o) for n, w, o in zip(self.shape, window, overlap)]
-
-    def windows_touching(self, box: Sequence[slice]) -> list[tuple[int, ...]]:
-        per_axis = [
-            [s for s in g if s < b.stop and s + w > b.start]
-            for g, b, w in zip(self.grid, box, self.window)
-        ]
-        return list(itertools.product(*per_axis))
-
-    def chunk(self, read: Callable, box: Sequence[slice]) -> np.ndarray:
-        """Blended prediction `[*box shape, c]` of the output box, from the windows that touch
-        it."""
-        size = tuple(b.stop - b.start for b in box)
-        acc = np.zeros(size + (self.c,), np.float32)
-        wsum = np.zeros(size, np.float32)
-        origins = self.windows_touching(box)
-        for i in range(0, len(origins), self.batch_size):
-            part = origins[i : i + self.batch_size]
-            x = np.stack([_read_padded(read, self.shape, o, self.window) for o in part])
-            for o, p in zip(part, self.fn(x)):
-                self.add(acc, wsum, box, o, p)
-        return acc / wsum[..., None]
-
-    def add(
-        self,
-        acc: np.ndarray,
-        wsum: np.ndarray,
-        box: Sequence[slice],
-        origin: Sequence[int],
-        pred: np.ndarray,
-    ) -> None:
-        """Add the window at `origin`'s prediction `[*window, c]`, weighted, to the accumulators
-        `acc` `[*box shape, c]` and `wsum` `[*box shape]` of the output box (the blend is acc /
-        wsum)."""
-        src, dst = [], []
-        for oa, w, n, b in zip(origin, self.window, self.shape, box):
-            # overlap of window [o, o + w) (clipped to the region) with the box
-            lo, hi = max(oa, b.start), min(oa + w, n, b.stop)
-            src.append(slice(lo - oa, hi - oa))
-            dst.append(slice(lo - b.start, hi - b.start))
-        wt = self.weight[tuple(src)]
-        acc[tuple(dst)] += pred[tuple(src)] * wt[..., None]
-        wsum[tuple(dst)] += wt
-
-    def chunks(self, chunk: Sequence[int]) -> list[tuple[slice, ...]]:
-        ranges = [range(0, n, c) for n, c in zip(self.shape, chunk)]
-        return [
-            tuple(slice(a, min(a + c, n)) for a, c, n in zip(o, chunk, self.shape))
-            for o in itertools.product(*ranges)
-        ]
 
 
 def model_fn(model, lay, *, ndim: int, batch_size: int) -> Callable:
@@ -167,17 +48,9 @@ def model_fn(model, lay, *, ndim: int, batch_size: int) -> Callable:
         return p[:, None] if ndim == 2 else p
 
     def fn(x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        if n < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-        return np.asarray(fwd(state, jnp.asarray(x, jnp.float32)))[:n]
+        return np.asarray(fwd(state, jnp.asarray(pad_batch(x, batch_size), jnp.float32)))[: len(x)]
 
     return fn
-
-
-def normaliser(grey_range) -> Callable:
-    lo, hi = grey_range
-    return lambda a: np.clip((a.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
 def predict_array(
@@ -229,7 +102,6 @@ def predict_volume(
             )
     shape = tuple(b - a for a, b in box)
     chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
-    norm = normaliser(grey_range)
     origin = [a for a, _ in box]
     attrs = {
         "source": vol.path,
@@ -262,7 +134,8 @@ def predict_volume(
     )
 
     def read(b):
-        return norm(vol.read(tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin))))
+        box = tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin))
+        return normalise(vol.read(box), grey_range)
 
     done = written_chunks(out) if resume else set()
     todo = [

@@ -106,20 +106,15 @@ def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: boo
 
 def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
     """Frozen features at pixel resolution, `[b, y, x, d]` per batch of 2D sections `[n, y, x]` in
-    [0, 1] (a generator: a ViT's token map upsampled bilinearly; a U-Net's decoder output as it
-    is)."""
-    from flax import nnx
+    [0, 1] (a generator): each section encoded whole in one window by emfm.export.encode (a ViT's
+    token map then upsampled bilinearly; a U-Net's decoder output as it is)."""
+    from emfm.export.encode import encode
 
-    graphdef, state = nnx.split(encoder)
-
-    @jax.jit
-    def fwd(st, x):
-        _, aux = nnx.merge(graphdef, st)(x[..., None])
-        f = aux["patch_map"]
-        return jax.image.resize(f, (f.shape[0], x.shape[1], x.shape[2], f.shape[-1]), "bilinear")
-
+    f = encode(encoder, images, tile=None, margin=0, batch_size=batch)
+    size = images.shape[1:]
+    up = jax.jit(lambda f: jax.image.resize(f, (f.shape[0], *size, f.shape[-1]), "bilinear"))
     for i in range(0, len(images), batch):
-        yield np.asarray(fwd(state, jnp.asarray(images[i : i + batch], jnp.float32)))
+        yield np.asarray(up(jnp.asarray(f[i : i + batch])))
 
 
 def fit_clusters(

@@ -22,6 +22,7 @@ from emfm import pipeline
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
 from emfm.data.volume import VolumeError, create_volume, open_volume, write_array
+from emfm.export import encode as E
 from emfm.export import features as F
 from emfm.models import build_encoder
 from emfm.train.checkpoint import CheckpointError
@@ -62,14 +63,14 @@ def test_unet_blocks_equal_whole_image_forward_no_seams():
     padded = jnp.asarray(np.pad(img, ((0, 0), (m, m), (m, m)), mode="reflect"))[..., None]
     _, aux = enc(padded, return_blocks=(0, 1))
     whole = np.asarray(aux["patch_map"])[:, m:-m, m:-m]
-    tiled = F.encode_sections(enc, img, tile=32, margin=m, batch_size=4)
+    tiled = E.encode(enc, img, tile=32, margin=m, batch_size=4)
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=2e-5)
     lv1 = np.repeat(
         np.repeat(np.asarray(aux["blocks"][1])[:, m // 2 : -m // 2, m // 2 : -m // 2], 2, 1), 2, 2
     )
     both = np.concatenate([np.asarray(aux["blocks"][0])[:, m:-m, m:-m], lv1], -1)
     np.testing.assert_allclose(
-        F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(0, 1)),
+        E.encode(enc, img, tile=32, margin=m, batch_size=4, layers=(0, 1)),
         both,
         rtol=0,
         atol=2e-5,
@@ -128,8 +129,8 @@ def test_layers_pca_and_dtype(tmp_path):
     }
     assert (fa.dtype, fb.dtype, fc.dtype) == (np.float16, np.float32, np.dtype(jnp.bfloat16))
     img = vol.read((slice(0, 1),)).astype(np.float32) / 255
-    ref_final = F.encode_sections(enc, img, tile=128, margin=16)
-    ref_blocks = F.encode_sections(enc, img, tile=128, margin=16, blocks=(0, 1))
+    ref_final = E.encode(enc, img, tile=128, margin=16)
+    ref_blocks = E.encode(enc, img, tile=128, margin=16, layers=(0, 1))
     # float16 rounding
     np.testing.assert_allclose(fa.read().astype(np.float32), ref_final, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(fb.read(), ref_blocks)
@@ -174,7 +175,7 @@ def test_blended_windows_remove_vit_seams(tmp_path):
     # window along y
     img = vol.read((slice(0, 1), slice(0, 128), slice(0, 384))).astype(np.float32)[None] / 255
     w00, w08 = (
-        F.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x : x + 128])
+        E.BlockEncoder(enc, block=(1, 128, 128), margin=(0, 0, 0))(img[..., x : x + 128])
         for x in (0, 64)
     )
     np.testing.assert_allclose(fb[0, :8, :8], w00[0, 0, :8, :8], rtol=1e-5, atol=1e-5)
@@ -197,7 +198,7 @@ def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch
     def no_compute(self, *a, **k):
         raise AssertionError("encoder ran before the input was checked")
 
-    monkeypatch.setattr(F.BlockEncoder, "__call__", no_compute)
+    monkeypatch.setattr(E.BlockEncoder, "__call__", no_compute)
     # a checkpoint of another architecture
     cfg = compose("export", ["debug=tiny", "model.width=64"])
     cfg.run_dir = str(tmp_path / "r")

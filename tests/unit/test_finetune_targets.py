@@ -13,8 +13,9 @@ import pytest
 
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import open_volume, write_array
+from emfm.export.windows import Blender, blend_weights, ramp
 from emfm.finetune import losses, regimes, targets
-from emfm.finetune.predict import Blender, blend_weights, predict_volume, ramp
+from emfm.finetune.predict import predict_volume
 
 
 def task(**kw):

@@ -117,19 +117,19 @@ def test_config_overrides_size_table():
     assert math.prod(spec.patch_size) == 64
 
 
-def test_encode_sections_with_embedding_hypercolumn():
+def test_encode_with_embedding_hypercolumn():
     """probe.embed: the patch embedding (tokens before the first block) comes first, then the final
     tokens; with one window covering the section both equal a direct forward pass."""
-    from emfm.export.features import encode_sections
+    from emfm.export.encode import encode
 
     enc = ViT(ViTSpec(patch_size=(8, 8), width=32, depth=1, heads=2), rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
-    f = encode_sections(enc, x, tile=32, margin=0, batch_size=2, embed=True)
+    f = encode(enc, x, tile=32, margin=0, batch_size=2, embed=True)
     assert f.shape == (2, 4, 4, 64)
     want_embed = np.asarray(enc.embed(jnp.asarray(x)[..., None])).reshape(2, 4, 4, 32)
     _, aux = enc(jnp.asarray(x)[..., None])
     np.testing.assert_allclose(f[..., :32], want_embed, atol=1e-5)
     np.testing.assert_allclose(f[..., 32:], np.asarray(aux["patch_map"]), atol=1e-5)
     np.testing.assert_allclose(
-        encode_sections(enc, x, tile=32, margin=0, batch_size=2), f[..., 32:], atol=1e-6
+        encode(enc, x, tile=32, margin=0, batch_size=2), f[..., 32:], atol=1e-6
     )
