@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,11 @@ import numpy as np
 from emfm.config.pretrain import EmfmConfig
 from emfm.data import bundled
 from emfm.data.loader import Region, estimate_range
-from emfm.data.volume import VolumeError, open_volume
-from emfm.eval import figures, probe
+from emfm.data.volume import Volume, VolumeError, open_volume
+from emfm.eval import figures
+from emfm.eval.cells import membrane_scores, tune_cells
+from emfm.eval.probes import train_linear_probe
+from emfm.eval.tasks import choose_threshold
 from emfm.export.encode import encode, normalise
 from emfm.export.features import export_features
 from emfm.export.pca import pca_rgb
@@ -69,18 +73,31 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
     return encs
 
 
-def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
-    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a
-    figure.
+def read_sections(vol: Volume, z: tuple[int, int]) -> np.ndarray:
+    """Sections `[z0, z1)` of a z, y, x volume."""
+    if vol.ndim != 3:
+        raise VolumeError(f"probe volume {vol.path} has {vol.ndim} dimensions; expected z, y, x")
+    if not 0 <= z[0] < z[1] <= vol.shape[0]:
+        raise VolumeError(
+            f"sections {list(z)} are outside volume {vol.path} with {vol.shape[0]} sections"
+        )
+    return vol.read((slice(*z), slice(None), slice(None)))
 
-    Each encoder's probe is trained on the training sections; its decision threshold and its cell
-    segmentation parameters (probe.cell_* grid) are chosen on the validation sections (the training
-    sections when there are none), then everything is scored once on the test sections. With several
-    random-init encoders, "random_init" holds their mean and standard deviation (ddof 1)."""
-    from emfm.eval.tasks import choose_threshold
 
-    run_dir = Path(cfg.run_dir)
-    pc = cfg.probe
+@dataclass
+class ProbeData:
+    """Sections (grey values) and membrane labels of the probe's train / validation / test split."""
+
+    tr: tuple[int, int]
+    va: tuple[int, int]  # the training sections when there is no validation split
+    te: tuple[int, int]
+    x: dict  # {"tr" | "va" | "te": images [n, y, x]}
+    y: dict  # {"tr" | "va" | "te": membranes [n, y, x] bool}
+    grey: tuple[float, float]  # grey range of the training sections
+
+
+def probe_data(pc) -> ProbeData:
+    """Read the probe's sections (`probe.*`); labels of both classes in training and validation."""
     img_vol = open_volume(bundled.resolve(pc.path, bundled.sample_raw()))
     lab_vol = open_volume(bundled.resolve(pc.labels, bundled.sample_membranes()))
     if img_vol.shape != lab_vol.shape:
@@ -90,71 +107,44 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         )
     tr, te = tuple(pc.train_slices), tuple(pc.test_slices)
     va = tuple(pc.val_slices) if pc.val_slices else tr
-    x_tr, x_va, x_te = (probe.read_sections(img_vol, z) for z in (tr, va, te))
-    y_tr, y_va, y_te = (probe.read_sections(lab_vol, z) == pc.positive_label for z in (tr, va, te))
-    for y, z in ((y_tr, tr), (y_va, va)):
-        if not y.any() or y.all():
+    z = {"tr": tr, "va": va, "te": te}
+    x = {k: read_sections(img_vol, s) for k, s in z.items()}
+    y = {k: read_sections(lab_vol, s) == pc.positive_label for k, s in z.items()}
+    for k in ("tr", "va"):
+        if not y[k].any() or y[k].all():
             raise VolumeError(
-                f"probe labels {lab_vol.path}: sections {list(z)} hold no pixel of both classes "
+                f"probe labels {lab_vol.path}: sections {list(z[k])} hold no pixel of both classes "
                 f"(positive_label={pc.positive_label})"
             )
     grey = estimate_range(
         Region.of(img_vol, [list(tr), [0, img_vol.shape[1]], [0, img_vol.shape[2]]])
     )
-    grid = dict(
-        thresholds=pc.cell_thresholds,
-        min_seeds=pc.cell_min_seeds,
-        sigmas=pc.cell_sigmas,
-        rank=pc.cell_rank,
-    )
-    tuned = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1
+    return ProbeData(tr, va, te, x, y, grey)
+
+
+def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
+    """Linear probe of membranes; returns {encoder name: scores}, writes CSV/JSON/Markdown and a
+    figure.
+
+    Each encoder's probe is trained on the training sections; its decision threshold and its cell
+    segmentation parameters (probe.cell_* grid) are chosen on the validation sections (the training
+    sections when there are none), then everything is scored once on the test sections. With several
+    random-init encoders, "random_init" holds their mean and standard deviation (ddof 1)."""
+    run_dir = Path(cfg.run_dir)
+    d = probe_data(cfg.probe)
     results, probs = {}, {}
-    for name, (enc, rng) in _encoders(cfg, checkpoint, grey).items():
-        t0 = time.perf_counter()
-        kw = dict(
-            tile=pc.tile,
-            margin=pc.margin,
-            batch_size=cfg.export.batch_size,
-            layers=tuple(pc.blocks),
-            embed=pc.embed,
-        )
-        f_tr, f_va, f_te = (encode(enc, normalise(x, rng), **kw) for x in (x_tr, x_va, x_te))
-        lp = probe.train_linear_probe(
-            f_tr,
-            y_tr.astype(np.int32),
-            steps=pc.steps,
-            lr=pc.lr,
-            weight_decay=pc.weight_decay,
-            seed=pc.seed,
-            upsample=pc.upsample,
-            class_balance=pc.class_balance,
-        )
-        p_va = lp.predict(f_va, y_va.shape[1:])[..., 1]
-        threshold = choose_threshold(p_va, y_va)  # chosen on the validation sections
-        cells = {
-            "threshold": pc.cell_thresholds[0],
-            "min_seed": pc.cell_min_seeds[0],
-            "sigma": pc.cell_sigmas[0],
-            "rank": pc.cell_rank,
-        }
-        if (
-            tuned
-        ):  # post-processing chosen on the validation sections, by this encoder's own predictions
-            cells = probe.tune_cells(p_va, y_va, **grid)
-        p_te = lp.predict(f_te, y_te.shape[1:])[..., 1]
-        scores = probe.membrane_scores(p_te, y_te, pixel_threshold=threshold, **cells)
-        scores["cells"], scores["threshold"] = cells, threshold
-        scores["seconds"] = time.perf_counter() - t0
-        results[name], probs[name] = scores, p_te
+    for name, (enc, rng) in _encoders(cfg, checkpoint, d.grey).items():
+        results[name], probs[name] = probe_encoder(cfg, enc, rng, d)
+        r = results[name]
         log.info(
             "probe %-11s F1 %.4f IoU %.4f ARE %.4f VOI %.4f (threshold %.1f, cells %s)",
             name,
-            scores["f1"],
-            scores["iou"],
-            scores["adapted_rand_error"],
-            scores["voi"],
-            threshold,
-            cells,
+            r["f1"],
+            r["iou"],
+            r["adapted_rand_error"],
+            r["voi"],
+            r["threshold"],
+            r["cells"],
         )
     rnd = [n for n in results if n.startswith("random_init_seed")]
     if rnd:  # the mean (and spread, ddof 1) of the random-init encoders
@@ -166,14 +156,57 @@ def run_probe(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
                 for c in PROBE_COLUMNS[1:]
             },
         }
-    _write_probe_tables(run_dir, results, tr, te, va)
-    k = np.linspace(0, len(x_te) - 1, min(3, len(x_te))).astype(int)
-    cols = [("image", x_te[k]), ("membrane label", y_te[k].astype(float))]
+    _write_probe_tables(run_dir, results, d.tr, d.te, d.va)
+    k = np.linspace(0, len(d.x["te"]) - 1, min(3, len(d.x["te"]))).astype(int)
+    cols = [("image", d.x["te"][k]), ("membrane label", d.y["te"][k].astype(float))]
     # one random-init map is enough
     shown = [n for n in probs if not n.startswith("random_init")] + rnd[:1]
     cols += [(f"{n} (F1 {results[n]['f1']:.3f})", probs[n][k]) for n in shown]
     figures.image_grid(run_dir / "figures" / "probe_membranes.png", cols)
     return results
+
+
+def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.ndarray]:
+    """(scores on the test sections, membrane probabilities of the test sections) of one encoder:
+    its features encoded window by window, the linear probe trained on the training sections, the
+    threshold and cell parameters chosen on the validation sections."""
+    pc = cfg.probe
+    t0 = time.perf_counter()
+    kw = dict(
+        tile=pc.tile,
+        margin=pc.margin,
+        batch_size=cfg.export.batch_size,
+        layers=tuple(pc.blocks),
+        embed=pc.embed,
+    )
+    f = {k: encode(enc, normalise(x, grey), **kw) for k, x in d.x.items()}
+    lp = train_linear_probe(
+        f["tr"],
+        d.y["tr"].astype(np.int32),
+        steps=pc.steps,
+        lr=pc.lr,
+        weight_decay=pc.weight_decay,
+        seed=pc.seed,
+        upsample=pc.upsample,
+        class_balance=pc.class_balance,
+    )
+    p_va = lp.predict(f["va"], d.y["va"].shape[1:])[..., 1]
+    threshold = choose_threshold(p_va, d.y["va"])  # chosen on the validation sections
+    cells = {
+        "threshold": pc.cell_thresholds[0],
+        "min_seed": pc.cell_min_seeds[0],
+        "sigma": pc.cell_sigmas[0],
+        "rank": pc.cell_rank,
+    }
+    if len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1:
+        # post-processing chosen on the validation sections, by this encoder's own predictions
+        grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds)
+        cells = tune_cells(p_va, d.y["va"], sigmas=pc.cell_sigmas, rank=pc.cell_rank, **grid)
+    p_te = lp.predict(f["te"], d.y["te"].shape[1:])[..., 1]
+    scores = membrane_scores(p_te, d.y["te"], pixel_threshold=threshold, **cells)
+    scores["cells"], scores["threshold"] = cells, threshold
+    scores["seconds"] = time.perf_counter() - t0
+    return scores, p_te
 
 
 def _fmt(r: dict, c: str) -> str:

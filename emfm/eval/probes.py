@@ -1,23 +1,29 @@
-"""Probes of frozen dense features for the benchmark: per-pixel linear, one-hidden-layer MLP, kNN.
+"""Probes of frozen dense features: per-pixel linear, one-hidden-layer MLP and k-nearest
+neighbours, for the main job's membrane probe and the probing benchmark.
 
 Input: feature maps `[n, gy, gx, d]` of sections `[n, y, x]` (one token covers `sy x sx` pixels),
-foreground labels `[n, y, x]` and a mask of the training pixels whose labels may be used (a label
-fraction). Output: foreground probabilities `[n, y, x]` of other sections.
+standardised with the training sections' mean/std, and labels of the training sections. Output:
+per-pixel class probabilities of other sections.
 
-- `linear`: the subpixel linear probe of emfm.eval.probe (each token's linear map gives the logits
-  of every pixel it covers, `d -> sy*sx*2`), trained with AdamW on mini-batches of labelled tokens.
-- `mlp`: the same with one hidden ReLU layer (`d -> hidden -> sy*sx*2`).
-- `knn`: class-balanced k-nearest-neighbour vote (cosine similarity) between bilinearly
-  interpolated pixel features of sampled labelled pixels and queries on a grid of stride
-  `knn_stride`, upsampled bilinearly to pixels.
-
-Features are standardised with the training sections' mean/std; losses and votes weight each class
-by the inverse of its frequency among the labelled pixels. Compiled steps are cached per shape, so
-the many fits of a benchmark compile once.
+- `train_linear_probe` (the main job): one linear map per token, `d -> k` with its logits upsampled
+  bilinearly to pixels (a linear map commutes with bilinear upsampling, so this equals upsampling
+  the features to pixels first, at a fraction of the memory), or `d -> sy*sx*k` ("subpixel": the
+  logits of every pixel the token covers); trained with AdamW on random mini-batches of whole
+  sections, class-balanced.
+- `fit_predict` (the benchmark), given a mask of the training pixels whose labels may be used (a
+  label fraction):
+  - `linear`: the subpixel linear probe trained with AdamW on mini-batches of labelled tokens;
+  - `mlp`: the same with one hidden ReLU layer (`d -> hidden -> sy*sx*2`);
+  - `knn`: class-balanced k-nearest-neighbour vote (cosine similarity) between bilinearly
+    interpolated pixel features of sampled labelled pixels and queries on a grid of stride
+    `knn_stride`, upsampled bilinearly to pixels.
+  Losses and votes weight each class by the inverse of its frequency among the labelled pixels.
+  Compiled steps are cached per shape, so the many fits of a benchmark compile once.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,6 +34,10 @@ import optax
 from einops import rearrange
 
 from emfm.config.common import ConfigError
+from emfm.data.volume import VolumeError
+from emfm.errors import UserError
+
+log = logging.getLogger("emfm")
 
 PROBES = ("linear", "mlp", "knn")
 
@@ -97,6 +107,130 @@ def _standardise(train: np.ndarray):
     return f.mean(0), f.std(0) + 1e-6
 
 
+# ---- the main job's linear probe: whole sections ---------------------------------------------
+
+
+UPSAMPLING = ("bilinear", "subpixel")
+
+
+@dataclass
+class LinearProbe:
+    """Per-pixel class logits, linear in the standardised token features.
+
+    "bilinear": one logit vector per token, upsampled bilinearly to pixels (equal to upsampling
+    the features, since both maps are linear). "subpixel": each token's linear map gives the logits
+    of every pixel it covers (`d -> s*s*k`, s = pixels per token), so a membrane can be placed
+    inside a patch; still one linear classifier on the frozen features.
+    """
+
+    w: np.ndarray  # [d, k] or [d, s*s*k]
+    b: np.ndarray
+    mean: np.ndarray  # feature standardisation [d]
+    std: np.ndarray
+    upsample: str = "bilinear"
+    num_classes: int = 2
+
+    def logits(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+        f = (feats - self.mean) / self.std
+        return np.asarray(
+            _pixel_logits(
+                {"w": self.w, "b": self.b},
+                jnp.asarray(f),
+                out_shape,
+                self.upsample,
+                self.num_classes,
+            )
+        )
+
+    def predict(self, feats: np.ndarray, out_shape: tuple[int, int], batch: int = 8) -> np.ndarray:
+        """Per-pixel class probabilities `[n, y, x, k]`."""
+        return np.concatenate(
+            [
+                np.asarray(jax.nn.softmax(self.logits(feats[i : i + batch], out_shape), axis=-1))
+                for i in range(0, len(feats), batch)
+            ]
+        )
+
+
+def _pixel_logits(p, f, out_shape, upsample: str, k: int):
+    g = jnp.einsum("nhwd,dk->nhwk", f, p["w"]) + p["b"]
+    if upsample == "bilinear":
+        return jax.image.resize(g, (g.shape[0], *out_shape, k), method="bilinear")
+    sy, sx = -(-out_shape[0] // f.shape[1]), -(-out_shape[1] // f.shape[2])
+    full = rearrange(g, "n gy gx (sy sx k) -> n (gy sy) (gx sx) k", sy=sy, sx=sx, k=k)
+    return full[:, : out_shape[0], : out_shape[1]]
+
+
+def train_linear_probe(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int = 2,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    ignore: np.ndarray | None = None,
+    class_balance: bool = True,
+    upsample: str = "bilinear",
+    sections_per_step: int = 4,
+) -> LinearProbe:
+    """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
+    AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
+    if upsample not in UPSAMPLING:
+        raise UserError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
+    if labels.size == 0 or len(np.unique(labels)) < 2:
+        raise VolumeError(
+            f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
+            "a probe needs at least two"
+        )
+    mean = feats.mean(axis=(0, 1, 2))
+    std = feats.std(axis=(0, 1, 2)) + 1e-6
+    f = jnp.asarray((feats - mean) / std)
+    y = jnp.asarray(labels.astype(np.int32))
+    valid = jnp.asarray(_pixel_weights(labels, ignore, num_classes, class_balance))
+    out_shape = labels.shape[1:]
+    kout = num_classes
+    if upsample == "subpixel":
+        kout *= -(-out_shape[0] // feats.shape[1]) * -(-out_shape[1] // feats.shape[2])
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    p = {"w": jax.random.normal(sub, (feats.shape[-1], kout)) * 0.01, "b": jnp.zeros(kout)}
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+    opt = tx.init(p)
+    nb = min(sections_per_step, len(feats))
+
+    @jax.jit
+    def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays fold slowly
+        idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
+
+        def loss_fn(p):
+            lg = _pixel_logits(p, f[idx], out_shape, upsample, num_classes)
+            ce = optax.softmax_cross_entropy_with_integer_labels(lg, y[idx])
+            return (ce * valid[idx]).sum() / valid[idx].sum()
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, upd), opt, loss
+
+    for i in range(steps):
+        p, opt, loss = step(p, opt, f, y, valid, jax.random.fold_in(key, i))
+    log.debug("probe final training loss %.4f", float(loss))
+    w, b = np.asarray(p["w"]), np.asarray(p["b"])
+    return LinearProbe(w, b, mean, std, upsample=upsample, num_classes=num_classes)
+
+
+def _pixel_weights(labels, ignore, num_classes: int, class_balance: bool) -> np.ndarray:
+    """Loss weight of each pixel: 0 where ignored; with `class_balance` each class weighted by 1 /
+    its frequency, so thin membranes count as much as interiors."""
+    valid = np.ones(labels.shape, np.float32) if ignore is None else (~ignore).astype(np.float32)
+    if class_balance:
+        freq = (
+            np.bincount(labels.ravel(), weights=valid.ravel(), minlength=num_classes) / valid.sum()
+        )
+        valid = valid * (1.0 / (num_classes * np.maximum(freq, 1e-6)))[labels]
+    return valid
+
+
 # ---- linear and MLP heads on tokens -------------------------------------------------------------
 
 
@@ -164,20 +298,32 @@ def _tokens(feats, fg, mask, cell):
     return feats.reshape(-1, feats.shape[-1])[keep], y[keep], w[keep]
 
 
-def fit_predict_head(
-    kind: str,
-    s: ProbeSettings,
-    train: np.ndarray,
-    fg: np.ndarray,
-    mask: np.ndarray,
-    evals: list[np.ndarray],
-    out_yx: tuple[int, int],
-    seed: int,
-) -> list[np.ndarray]:
+@dataclass
+class _Fit:
+    """The training data of one benchmark probe and the standardisation of its features."""
+
+    train: np.ndarray  # token maps [n, gy, gx, d]
+    fg: np.ndarray  # foreground [n, y, x]
+    mask: np.ndarray  # labelled pixels [n, y, x]
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return _cell(self.train, self.fg.shape[1:])
+
+    @property
+    def out_yx(self) -> tuple[int, int]:
+        return self.fg.shape[1:]
+
+    def standard(self, f: np.ndarray) -> np.ndarray:
+        return (f - self.mean) / self.std
+
+
+def _fit_predict_head(kind: str, s: ProbeSettings, t: _Fit, evals, seed: int) -> list:
     """Train a linear / MLP token head and return foreground probabilities of each `evals` map."""
-    cell = _cell(train, fg.shape[1:])
-    mean, std = _standardise(train)
-    f, y, w = _tokens((train - mean) / std, fg, mask, cell)
+    cell, out_yx = t.cell, t.out_yx
+    f, y, w = _tokens(t.standard(t.train), t.fg, t.mask, cell)
     d, out = f.shape[1], cell[0] * cell[1] * 2
     p = _init(kind, d, out, s.hidden, seed)
     tx = _optimiser(s.steps, s.lr, s.weight_decay)
@@ -193,7 +339,7 @@ def fit_predict_head(
     for fe in evals:
         probs = np.concatenate(
             [
-                np.asarray(_prob(p, jnp.asarray((fe[i : i + 1] - mean) / std), kind=kind))
+                np.asarray(_prob(p, jnp.asarray(t.standard(fe[i : i + 1])), kind=kind))
                 for i in range(len(fe))
             ]
         )
@@ -235,26 +381,16 @@ def _knn_vote(q, ref, vote, *, k):
     return v[:, 1] / jnp.maximum(v.sum(axis=1), 1e-12)
 
 
-def fit_predict_knn(
-    s: ProbeSettings,
-    train: np.ndarray,
-    fg: np.ndarray,
-    mask: np.ndarray,
-    evals: list[np.ndarray],
-    out_yx: tuple[int, int],
-    seed: int,
-) -> list[np.ndarray]:
-    cell = _cell(train, fg.shape[1:])
-    mean, std = _standardise(train)
+def _fit_predict_knn(s: ProbeSettings, t: _Fit, evals, seed: int) -> list:
+    """kNN votes of the labelled reference pixels, at query pixels every `knn_stride`, upsampled
+    bilinearly: foreground probabilities of each `evals` map."""
+    cell, out_yx, fg = t.cell, t.out_yx, t.fg
     rng = np.random.default_rng(seed)
-    zs, ys, xs = np.nonzero(mask)
+    zs, ys, xs = np.nonzero(t.mask)
     pick = rng.choice(len(zs), size=min(s.knn_references, len(zs)), replace=False)
     zs, ys, xs = zs[pick], ys[pick], xs[pick]
     ref = np.concatenate(
-        [
-            interpolate((train[z] - mean) / std, ys[zs == z], xs[zs == z], cell)
-            for z in np.unique(zs)
-        ]
+        [interpolate(t.standard(t.train[z]), ys[zs == z], xs[zs == z], cell) for z in np.unique(zs)]
     )
     lab = np.concatenate([fg[z, ys[zs == z], xs[zs == z]] for z in np.unique(zs)]).astype(int)
     freq = np.bincount(lab, minlength=2).astype(float)
@@ -266,25 +402,16 @@ def fit_predict_knn(
     st = s.knn_stride
     qy, qx = np.arange(st // 2, out_yx[0], st), np.arange(st // 2, out_yx[1], st)
     gyy, gxx = np.meshgrid(qy, qx, indexing="ij")
-    res = []
     ref_j, vote_j = jnp.asarray(ref, jnp.float32), jnp.asarray(vote)
-    for fe in evals:
-        maps = []
-        for sec in fe:
-            q = interpolate((sec - mean) / std, gyy.ravel(), gxx.ravel(), cell)
-            q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-6)
-            p = np.asarray(_knn_vote(jnp.asarray(q, jnp.float32), ref_j, vote_j, k=k)).reshape(
-                len(qy), len(qx)
-            )
-            maps.append(
-                np.clip(
-                    np.asarray(jax.image.resize(jnp.asarray(p), out_yx, method="bilinear")),
-                    0.0,
-                    1.0,
-                )
-            )
-        res.append(np.stack(maps))
-    return res
+
+    def pmap(sec):  # one section's probabilities at pixel resolution
+        q = interpolate(t.standard(sec), gyy.ravel(), gxx.ravel(), cell)
+        q = q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-6)
+        p = np.asarray(_knn_vote(jnp.asarray(q, jnp.float32), ref_j, vote_j, k=k))
+        p = jax.image.resize(jnp.asarray(p.reshape(len(qy), len(qx))), out_yx, method="bilinear")
+        return np.clip(np.asarray(p), 0.0, 1.0)
+
+    return [np.stack([pmap(sec) for sec in fe]) for fe in evals]
 
 
 def fit_predict(
@@ -299,7 +426,7 @@ def fit_predict(
     """Foreground probabilities `[n, y, x]` of each feature map in `evals` (same pixel size as
     `fg`)."""
     check_kind(kind)
-    out_yx = fg.shape[1:]
+    t = _Fit(train, fg, mask, *_standardise(train))
     if kind == "knn":
-        return fit_predict_knn(s, train, fg, mask, evals, out_yx, seed)
-    return fit_predict_head(kind, s, train, fg, mask, evals, out_yx, seed)
+        return _fit_predict_knn(s, t, evals, seed)
+    return _fit_predict_head(kind, s, t, evals, seed)

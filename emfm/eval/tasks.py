@@ -8,7 +8,7 @@ same shape (TIFF stack, zarr v2/v3 or N5), the sections used for training, valid
 - `membranes` (ISBI 2012): foreground = `labels == positive_label`; ground-truth cells are the
   connected non-membrane regions of each section. Metrics: pixel F1 / IoU of the foreground, and the
   adapted Rand error and VOI (split + merge) of the cells grown by watershed from the predicted
-  membrane map, per section (emfm.eval.probe.cells_from_membranes), averaged over sections.
+  membrane map, per section (emfm.eval.cells.cells_from_membranes), averaged over sections.
 - `neuron_boundaries` (gala): foreground = `labels == positive_label` (0 = boundary); the label
   values are the ground-truth instances (0 ignored). Same metrics as membranes.
 - `mitochondria` (CDeep3M): foreground = `labels == positive_label`. Metrics: foreground F1 /
@@ -218,8 +218,8 @@ def scores(task: TaskData, p_fg: np.ndarray, split: Split, threshold: float = 0.
     from scipy import ndimage
 
     from emfm.eval import metrics
+    from emfm.eval.cells import cells_from_membranes
     from emfm.eval.metrics_instance import match_instances
-    from emfm.eval.probe import cells_from_membranes
 
     pred = p_fg >= threshold
     px = metrics.binary_scores(pred, split.fg)

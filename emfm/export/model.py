@@ -16,7 +16,7 @@ max pooling with symbolic spatial sizes (its output shape comes out unreduced), 
 exported and larger images are predicted tile by tile (BioImage.IO tools do the tiling).
 
 Normalisation is not part of the graph: emfm maps grey values linearly with the checkpoint's
-`grey_range` (lo, hi) to [0, 1] and clips (emfm.eval.probe.normalise). The BioImage.IO package
+`grey_range` (lo, hi) to [0, 1] and clips (emfm.export.encode.normalise). The BioImage.IO package
 states it as preprocessing `ensure_dtype(float32)`, `scale_linear(gain=1/(hi-lo),
 offset=-lo/(hi-lo))`, `clip(0, 1)`, so a consumer feeds raw grey values; a plain ONNX user applies
 it before the graph.
@@ -264,9 +264,9 @@ def sample_tiles(tile: Sequence[int], n: int = 1) -> np.ndarray:
 
 
 def normalise(raw: np.ndarray, grey_range: tuple[float, float]) -> np.ndarray:
-    """emfm's normalisation (emfm.eval.probe.normalise): linear to [0, 1] by the grey range,
+    """emfm's normalisation (emfm.export.encode.normalise): linear to [0, 1] by the grey range,
     clipped."""
-    from emfm.eval.probe import normalise as _normalise
+    from emfm.export.encode import normalise as _normalise
 
     return _normalise(raw, grey_range)
 

@@ -262,7 +262,7 @@ def evaluate(
 ) -> tuple[dict, np.ndarray]:
     """Scores of the model on a held-out region, and its probabilities `[z, y, x, c]`."""
     from emfm.eval import metrics
-    from emfm.eval.probe import membrane_scores
+    from emfm.eval.cells import membrane_scores
 
     region = Region.of(img, roi)
     box = tuple(slice(a, b) for a, b in region.box)

@@ -139,7 +139,7 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     from scipy import ndimage
 
     from emfm.eval import metrics
-    from emfm.eval.probe import gt_cells
+    from emfm.eval.cells import gt_cells
     from emfm.eval.tasks import choose_threshold
     from emfm.instances import SegmentParams, segment
     from emfm.instances.tune import (
@@ -249,7 +249,7 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
     from emfm.config.schema import BenchmarkConfig, ModelConfig, resolve_zoo
     from emfm.eval import probes
     from emfm.eval.benchmark import encode
-    from emfm.eval.probe import normalise
+    from emfm.export.encode import normalise
     from emfm.train.state import build_encoder, load_encoder
 
     t0 = time.time()

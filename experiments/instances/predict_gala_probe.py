@@ -20,8 +20,9 @@ import numpy as np
 import tifffile
 
 from emfm.config.schema import ModelConfig
-from emfm.eval import probe
-from emfm.export.features import encode_sections
+from emfm.eval.cells import membrane_scores
+from emfm.eval.probes import train_linear_probe
+from emfm.export.encode import encode, normalise
 from emfm.train.state import build_encoder, load_encoder
 
 GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
@@ -44,14 +45,14 @@ def main(out_dir: str, checkpoint: str = "runs/main/2026-11-25_14-45-37") -> Non
     record = {}
     for name, enc in encoders.items():
         t0 = time.perf_counter()
-        f_tr = encode_sections(enc, probe.normalise(x_tr, grey), tile=128, margin=32)
-        f_te = encode_sections(enc, probe.normalise(x_te, grey), tile=128, margin=32)
-        lp = probe.train_linear_probe(
+        f_tr = encode(enc, normalise(x_tr, grey), tile=128, margin=32)
+        f_te = encode(enc, normalise(x_te, grey), tile=128, margin=32)
+        lp = train_linear_probe(
             f_tr, y_tr.astype(np.int32), steps=300, lr=0.05, upsample="subpixel"
         )
         p = lp.predict(f_te, y_te.shape[1:])[..., 1].astype(np.float32)
         np.save(out / f"{name}.npy", p)
-        s = probe.membrane_scores(p, y_te)
+        s = membrane_scores(p, y_te)
         record[name] = {"boundary_f1": s["f1"], "seconds": time.perf_counter() - t0}
         print(name, record[name], flush=True)
     (out / "probe.json").write_text(

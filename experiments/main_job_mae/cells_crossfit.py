@@ -7,7 +7,7 @@ import time
 import numpy as np
 from study_features import load
 
-from emfm.eval import probe
+from emfm.eval.probes import train_linear_probe
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]
 x, y, features = load(ckpt)
@@ -20,7 +20,7 @@ for name in which.split(","):
     for k in range(4):
         tr = np.array([i for i in range(20) if i // 5 != k])
         va = np.arange(5 * k, 5 * k + 5)
-        lp = probe.train_linear_probe(
+        lp = train_linear_probe(
             f[tr], y[tr].astype(np.int32), steps=300, lr=0.05, seed=0, upsample="subpixel"
         )
         oof[va] = lp.predict(f[va], y.shape[1:])[..., 1]

@@ -2,7 +2,7 @@ import sys
 
 import numpy as np
 
-from emfm.eval import probe
+from emfm.eval.cells import cell_scores, tune_cells
 
 d = np.load(sys.argv[1])
 m = np.load(sys.argv[2])
@@ -13,8 +13,8 @@ if len(sys.argv) > 3:
         thresholds=[0.2, 0.3, 0.4, 0.5, 0.6], min_seeds=[16, 64, 256], sigmas=[0.0, 1.0, 2.0]
     )
 for n in ["pre", "rnd0", "rnd1", "rnd2"]:
-    c = probe.tune_cells(d[f"{n}_oof"].astype(np.float32), y[:20], **grid)
-    s = probe.cell_scores(m[f"{n}_B_te"].astype(np.float32), y[20:], **c)
+    c = tune_cells(d[f"{n}_oof"].astype(np.float32), y[:20], **grid)
+    s = cell_scores(m[f"{n}_B_te"].astype(np.float32), y[20:], **c)
     print(
         n,
         f"cross-fit: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} "

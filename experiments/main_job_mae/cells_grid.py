@@ -10,10 +10,12 @@ from scipy import ndimage
 
 from emfm.data import bundled
 from emfm.data.volume import open_volume
-from emfm.eval import metrics, probe
+from emfm.eval import metrics
+from emfm.eval.cells import cells_from_membranes, gt_cells
+from emfm.pipeline import read_sections
 
 lab = open_volume(bundled.sample_membranes())
-y_tr, y_te = probe.read_sections(lab, (0, 20)) == 1, probe.read_sections(lab, (20, 30)) == 1
+y_tr, y_te = read_sections(lab, (0, 20)) == 1, read_sections(lab, (20, 30)) == 1
 d = np.load(sys.argv[1])
 
 
@@ -22,8 +24,8 @@ def region(p, y, th, ms, sg):
     for k in range(len(p)):
         pk = ndimage.gaussian_filter(p[k].astype(np.float32), sg) if sg else p[k].astype(np.float32)
         s = metrics.region_scores(
-            probe.cells_from_membranes(pk, threshold=th, min_seed=ms),
-            probe.gt_cells(y[k]),
+            cells_from_membranes(pk, threshold=th, min_seed=ms),
+            gt_cells(y[k]),
             ignore_gt=(0,),
         )
         out.append((s["adapted_rand_error"], s["voi"]))

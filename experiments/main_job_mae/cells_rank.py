@@ -7,7 +7,8 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-from emfm.eval import metrics, probe
+from emfm.eval import metrics
+from emfm.eval.cells import cells_from_membranes, gt_cells
 from emfm.instances.tune import grid_search
 
 m = np.load(sys.argv[1])
@@ -17,15 +18,15 @@ grid = {"q": [0.3, 0.4, 0.5, 0.6, 0.7], "min_seed": [16, 64, 256], "sigma": [0.0
 
 def one(p, q, min_seed, sigma):
     p = ndimage.gaussian_filter(p, sigma) if sigma > 0 else p
-    return probe.cells_from_membranes(p, threshold=float(np.quantile(p, q)), min_seed=min_seed)
+    return cells_from_membranes(p, threshold=float(np.quantile(p, q)), min_seed=min_seed)
 
 
 def cells(maps, **c):
     return np.stack([one(p, **c) for p in maps])
 
 
-gt_tr = np.stack([probe.gt_cells(s) for s in y[:20]])
-gt_te = np.stack([probe.gt_cells(s) for s in y[20:]])
+gt_tr = np.stack([gt_cells(s) for s in y[:20]])
+gt_te = np.stack([gt_cells(s) for s in y[20:]])
 for n in ["pre", "rnd0", "rnd1", "rnd2"]:
     tr = m[f"{n}_B_tr"].astype(np.float32)
     te = m[f"{n}_B_te"].astype(np.float32)

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from emfm.eval import probe
+from emfm.eval.cells import cell_scores, tune_cells
 
 d = np.load(sys.argv[1])
 y = d["y"]
@@ -22,8 +22,8 @@ for n in names:
         ("val", d[f"{n}_A_val"], y[15:20]),
         ("oracle", te, y[20:]),
     ]:
-        c = probe.tune_cells(maps.astype(np.float32), gt, **grid)
-        s = probe.cell_scores(te, y[20:], **c)
+        c = tune_cells(maps.astype(np.float32), gt, **grid)
+        s = cell_scores(te, y[20:], **c)
         row.append(
             f"{how}: ARE {s['adapted_rand_error']:.3f} VOI {s['voi']:.3f} "
             f"({s['voi_split']:.2f}+{s['voi_merge']:.2f}) "

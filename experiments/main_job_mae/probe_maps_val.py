@@ -7,7 +7,8 @@ import time
 import numpy as np
 from study_features import load
 
-from emfm.eval import metrics, probe
+from emfm.eval import metrics
+from emfm.eval.probes import train_linear_probe
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]
 x, y, features = load(ckpt)
@@ -15,10 +16,10 @@ res = {}
 for name in which.split(","):
     t0 = time.time()
     f = features(name)
-    la = probe.train_linear_probe(
+    la = train_linear_probe(
         f[:15], y[:15].astype(np.int32), steps=300, lr=0.05, seed=0, upsample="subpixel"
     )
-    lb = probe.train_linear_probe(
+    lb = train_linear_probe(
         f[:20], y[:20].astype(np.int32), steps=300, lr=0.05, seed=0, upsample="subpixel"
     )
     res[f"{name}_A_val"] = la.predict(f[15:20], y.shape[1:])[..., 1].astype(np.float16)

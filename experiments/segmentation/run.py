@@ -244,7 +244,7 @@ def _instances_scores(lab: np.ndarray, gt: np.ndarray, per_section: bool) -> dic
 def score_run(name: str, ds: dict, rec: dict, routes: tuple = ("link2d", "multicut")) -> dict:
     """Scores of one trained run on the test region, with the instance parameters chosen on its
     validation region (emfm.instances.tune, the task's metric), and at the fixed defaults."""
-    from emfm.eval.probe import gt_cells
+    from emfm.eval.cells import gt_cells
     from emfm.instances import SegmentParams, segment
     from emfm.instances.tune import (
         DEFAULT_GRIDS,

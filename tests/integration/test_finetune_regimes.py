@@ -120,7 +120,7 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
     # command with the watershed level chosen on section 20's ground-truth cells (labels in source
     # coordinates)
     from emfm.data import bundled
-    from emfm.eval.probe import gt_cells
+    from emfm.eval.cells import gt_cells
 
     cells = np.stack([gt_cells(m) for m in open_volume(bundled.sample_membranes()).read() > 0])
     write_array(tmp_path / "cells.zarr", cells)

@@ -3,7 +3,7 @@ sections."""
 
 import numpy as np
 
-from emfm.eval import probe
+from emfm.eval.cells import cell_scores, cells_from_membranes, membrane_scores, tune_cells
 
 
 def _two_cells_with_weak_wall():
@@ -20,30 +20,30 @@ def _two_cells_with_weak_wall():
 
 def test_fixed_threshold_merges_through_a_weak_membrane():
     p, gt = _two_cells_with_weak_wall()
-    cells = probe.cells_from_membranes(p[0], threshold=0.5)
+    cells = cells_from_membranes(p[0], threshold=0.5)
     assert len(np.unique(cells)) == 1  # one merged cell
     assert (
-        probe.cell_scores(p, gt, threshold=0.5)["adapted_rand_error"] > 0.3
+        cell_scores(p, gt, threshold=0.5)["adapted_rand_error"] > 0.3
     )  # two equal cells merged: 1 - F(1/2, 1) = 1/3
 
 
 def test_tuning_picks_the_threshold_that_separates_the_cells():
     p, gt = _two_cells_with_weak_wall()
-    best = probe.tune_cells(p, gt, thresholds=(0.5, 0.4), min_seeds=(16,), sigmas=(0.0,))
+    best = tune_cells(p, gt, thresholds=(0.5, 0.4), min_seeds=(16,), sigmas=(0.0,))
     assert best == {"threshold": 0.4, "min_seed": 16, "sigma": 0.0, "rank": False}
-    s = probe.membrane_scores(p, gt, **best)
+    s = membrane_scores(p, gt, **best)
     assert s["adapted_rand_error"] < 1e-9 and s["voi"] < 1e-9
     # pixel scores do not depend on the cell parameters (membrane = p >= 0.5 misses the weak third)
-    assert s["f1"] == probe.membrane_scores(p, gt)["f1"] == 0.8
+    assert s["f1"] == membrane_scores(p, gt)["f1"] == 0.8
 
 
 def test_smoothing_and_min_seed_remove_spurious_seeds():
     rng = np.random.default_rng(0)
     p, gt = _two_cells_with_weak_wall()
     noisy = np.clip(p + rng.normal(0, 0.2, p.shape).astype(np.float32), 0, 1)
-    raw = probe.cell_scores(noisy, gt, threshold=0.4, min_seed=1)
-    best = probe.tune_cells(noisy, gt, thresholds=(0.4,), min_seeds=(1, 64), sigmas=(0.0, 2.0))
-    tuned = probe.cell_scores(noisy, gt, **best)
+    raw = cell_scores(noisy, gt, threshold=0.4, min_seed=1)
+    best = tune_cells(noisy, gt, thresholds=(0.4,), min_seeds=(1, 64), sigmas=(0.0, 2.0))
+    tuned = cell_scores(noisy, gt, **best)
     assert tuned["adapted_rand_error"] < raw["adapted_rand_error"]
     assert best["min_seed"] == 64 or best["sigma"] == 2.0
 
@@ -56,19 +56,14 @@ def test_rank_seeds_ignore_the_maps_calibration():
     p, gt = _two_cells_with_weak_wall()
     p = np.clip(p + rng.normal(0, 0.02, p.shape).astype(np.float32), 0, 1)
     shifted = 0.5 + 0.3 * (p - 0.5) + 0.12  # monotone: interiors 0.575, the weak wall 0.605
-    absolute = [probe.cells_from_membranes(q[0], threshold=0.4, min_seed=16) for q in (p, shifted)]
+    absolute = [cells_from_membranes(q[0], threshold=0.4, min_seed=16) for q in (p, shifted)]
     assert (
         len(np.unique(absolute[0])) == 2 and len(np.unique(absolute[1])) == 1
     )  # no seed below 0.4 any more
     ranked = [
-        probe.cells_from_membranes(q[0], threshold=0.9, min_seed=16, rank=True)
-        for q in (p, shifted)
+        cells_from_membranes(q[0], threshold=0.9, min_seed=16, rank=True) for q in (p, shifted)
     ]
     np.testing.assert_array_equal(ranked[0], ranked[1])
     assert len(np.unique(ranked[0])) == 2
-    best = probe.tune_cells(
-        shifted, gt, thresholds=(0.3, 0.9), min_seeds=(16,), sigmas=(0.0,), rank=True
-    )
-    assert (
-        best["rank"] is True and probe.cell_scores(shifted, gt, **best)["adapted_rand_error"] < 0.05
-    )
+    best = tune_cells(shifted, gt, thresholds=(0.3, 0.9), min_seeds=(16,), sigmas=(0.0,), rank=True)
+    assert best["rank"] is True and cell_scores(shifted, gt, **best)["adapted_rand_error"] < 0.05
