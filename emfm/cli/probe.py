@@ -46,8 +46,9 @@ def load_task(name: str, config_dir: str) -> TaskConfig:
 
 def run_benchmark(cfg: EmfmConfig, config_dir: str) -> dict:
     from emfm.eval import benchmark
+    from emfm.eval.checkpoints import expand_checkpoints
 
     benchmark.validate(cfg.benchmark)
     tasks = [load_task(t, config_dir) for t in cfg.benchmark.tasks]
-    cps = benchmark.expand_checkpoints(list(cfg.checkpoints), cfg.model, cfg.benchmark.random_seed)
+    cps = expand_checkpoints(list(cfg.checkpoints), cfg.model, cfg.benchmark.random_seed)
     return benchmark.run_benchmark(tasks, cps, cfg.benchmark, cfg.run_dir)

@@ -3,9 +3,9 @@
 `run_benchmark(tasks, checkpoints, bench, run_dir)` runs each task x probe x label fraction x seed x
 checkpoint (emfm.eval.tasks, emfm.eval.probes) and writes one table `benchmark.{csv,md,json}`
 (mean and standard deviation over seeds), label-efficiency curves and prediction overlays
-(`figures/`). Checkpoints: `random` (the other checkpoints' architecture(s), or `model` when there
-is none, freshly initialised), a run directory (its latest checkpoint), or a sweep directory (each
-run below it).
+(`figures/`, emfm.eval.benchmark_report). Checkpoints (emfm.eval.checkpoints): `random` (the other
+checkpoints' architecture(s), or `model` when there is none, freshly initialised), a run directory
+(its latest checkpoint), a sweep directory (each run below it) or a zoo name.
 
 Every result is cached in `bench.cache_dir` under a hash of (checkpoint content, task settings and
 files, probe settings, label fraction, seed), so a re-run with an added checkpoint computes only
@@ -15,148 +15,25 @@ per task (0.5 / 99.5 grey-value percentiles of the training sections), the same 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from emfm.config.common import ConfigError, ModelConfig
+from emfm.config.common import ConfigError
 from emfm.config.probe import BenchmarkConfig
 from emfm.eval import probes as probes_mod
 from emfm.eval import tasks as tasks_mod
+from emfm.eval.benchmark_report import aggregate, figures, preview_index, write_tables
+from emfm.eval.checkpoints import Checkpoint, key_hash, seeded_random
 from emfm.export.encode import alignment, normalise
 from emfm.export.encode import encode as encode_windows
-from emfm.train import checkpoint as ckpt
 
 log = logging.getLogger("emfm")
-
-RANDOM = "random"
-
-
-@dataclass
-class Checkpoint:
-    name: str
-    identity: str  # content hash
-    model: dict  # ModelConfig fields
-    run_dir: str = ""  # "" = random init
-    seed: int = 0
-    _encoder: object = field(default=None, repr=False)
-
-    def encoder(self):
-        if self._encoder is None:
-            from emfm.train.state import build_encoder, load_encoder
-
-            if self.run_dir:
-                self._encoder, _ = load_encoder(self.run_dir)
-            else:
-                self._encoder = build_encoder(ModelConfig(**self.model), seed=self.seed)
-        return self._encoder
-
-
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _latest_step_dir(run: Path) -> Path:
-    steps = sorted(
-        (int(p.name), p) for p in (run / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()
-    )
-    if not steps:
-        raise ckpt.CheckpointError(
-            f"checkpoint {run}: no finished checkpoint in {run / 'checkpoints'}"
-        )
-    return steps[-1][1]
-
-
-def content_hash(run: Path) -> str:
-    """sha256 of the files of a run's latest checkpoint (parameters, optimiser state, record)."""
-    d = _latest_step_dir(run)
-    h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != "commit_success.txt"):
-        h.update(str(f.relative_to(d)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:20]
-
-
-def _runs_below(p: Path) -> list[Path]:
-    return sorted({c.parent for c in p.rglob("checkpoints") if c.is_dir()})
-
-
-def expand_checkpoints(
-    entries: list[str], model: ModelConfig, random_seed: int = 1000
-) -> list[Checkpoint]:
-    """`random`, run directories and sweep directories -> checkpoints, each named uniquely."""
-    if not entries:
-        raise ConfigError("checkpoints=[]: give run directories, sweep directories and/or random")
-    from emfm import zoo
-
-    runs: list[tuple[str, Path]] = []
-    for e in entries:
-        if e == RANDOM:
-            continue
-        if zoo.is_zoo(e):  # a packaged checkpoint, named as given
-            try:
-                runs.append((e, Path(zoo.resolve(e))))
-            except zoo.ZooError as err:
-                raise ConfigError(f"checkpoints: {err}") from None
-            continue
-        p = Path(e)
-        if not p.exists():
-            raise FileNotFoundError(f"checkpoint path not found: {p}")
-        if (p / "checkpoints").is_dir() or p.name == "checkpoints":
-            p = p if (p / "checkpoints").is_dir() else p.parent
-            runs.append((p.name, p))
-            continue
-        below = _runs_below(p)
-        if not below:
-            raise ckpt.CheckpointError(
-                f"checkpoint {p} is not a run (no checkpoints/ folder) and no run lies below it"
-            )
-        runs += [(f"{p.name}/{r.relative_to(p)}", r) for r in below]
-    out, seen = [], set()
-    for name, run in runs:
-        meta = ckpt.read_meta(str(run))
-        if "model" not in meta:
-            raise ckpt.CheckpointError(f"checkpoint in {run} has no model record")
-        base, k = name, 1
-        while name in seen:
-            k += 1
-            name = f"{base}~{k}"
-        seen.add(name)
-        try:
-            # defaults filled in: comparable
-            model_dict = dataclasses.asdict(ModelConfig(**meta["model"]))
-        except TypeError as e:
-            raise ckpt.CheckpointError(
-                f"checkpoint in {run} has an unusable model record: {e}"
-            ) from None
-        out.append(
-            Checkpoint(name=name, identity=content_hash(run), model=model_dict, run_dir=str(run))
-        )
-    if RANDOM in entries:
-        archs = {json.dumps(c.model, sort_keys=True): c.model for c in out} or {
-            "": dataclasses.asdict(model)
-        }
-        for m in archs.values():
-            name = (
-                RANDOM
-                if len(archs) == 1
-                else f"{RANDOM}:{out[[c.model for c in out].index(m)].name}"
-            )
-            out.append(
-                Checkpoint(
-                    name=name, identity=_hash("random", m, random_seed), model=m, seed=random_seed
-                )
-            )
-    return out
-
 
 # ---- features
 # -------------------------------------------------------------------------------------
@@ -218,7 +95,7 @@ class FeatureStore:
         self, c: Checkpoint, task: tasks_mod.TaskData, task_id: str, blocks=None
     ) -> dict[str, np.ndarray]:
         blocks = list(self.bench.blocks if blocks is None else blocks)
-        key = _hash(c.identity, task_id, blocks, self.bench.tile, self.bench.margin)
+        key = key_hash(c.identity, task_id, blocks, self.bench.tile, self.bench.margin)
         if key in self.mem:
             return self.mem[key]
         path = self.root / f"{key}.npz" if self.root else None
@@ -331,11 +208,6 @@ def validate(bench: BenchmarkConfig) -> None:
             raise ConfigError(f"benchmark.{key}={getattr(bench, key)}: must be positive")
 
 
-def _preview_index(task: tasks_mod.TaskData) -> int:
-    fg = task.test.fg.reshape(len(task.test.fg), -1).mean(1)
-    return int(np.argmax(fg > 0) if task.target == "mitochondria" else len(fg) // 2)
-
-
 def run_benchmark(
     tasks: list, checkpoints: list[Checkpoint], bench: BenchmarkConfig, run_dir: str | Path
 ) -> dict:
@@ -404,7 +276,7 @@ def _entries(loaded, checkpoints, bench, store, cache, picks: dict, seeds) -> tu
                 c = seeded_random(c0, seed) if bench.random_per_seed else c0
                 for kind in bench.probes:
                     for frac in bench.fractions:
-                        key = _hash(
+                        key = key_hash(
                             c.identity,
                             ids[task.name],
                             s.identity(kind),
@@ -449,19 +321,6 @@ def _entries(loaded, checkpoints, bench, store, cache, picks: dict, seeds) -> tu
                             )
                         )
     return records, computed, cached
-
-
-def seeded_random(c: Checkpoint, seed: int) -> Checkpoint:
-    """Seed `seed`'s network of a random-init checkpoint (its own initialisation); others unchanged.
-    Seed 0 is the checkpoint itself, so the cache of a run with one network stays valid."""
-    if c.run_dir or seed == 0:
-        return c
-    return Checkpoint(
-        name=c.name,
-        identity=_hash("random", c.model, c.seed + seed),
-        model=c.model,
-        seed=c.seed + seed,
-    )
 
 
 def select_features(
@@ -525,7 +384,7 @@ def _compute(
     rec = tasks_mod.scores(task, preds[0], task.test, threshold=thr)
     rec["labelled_pixels"] = int(mask.sum())
     rec["seconds"] = time.perf_counter() - t0
-    k = _preview_index(task)
+    k = preview_index(task)
     np.save(cache / "results" / f"{key}.preview.npy", (preds[0][k] * 255).astype(np.uint8))
     log.info(
         "%s %s %s %.0f%% seed %d: %s (%.1f s)",
@@ -538,165 +397,3 @@ def _compute(
         rec["seconds"],
     )
     return rec
-
-
-def aggregate(records: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of every (task, probe, fraction, checkpoint)."""
-    groups: dict = {}
-    for r in records:
-        groups.setdefault((r["task"], r["probe"], r["fraction"], r["checkpoint"]), []).append(r)
-    rows = []
-    for (task, kind, frac, name), rs in groups.items():
-        row = {"task": task, "probe": kind, "fraction": frac, "checkpoint": name, "seeds": len(rs)}
-        for m in sorted(
-            {
-                k
-                for r in rs
-                for k, v in r.items()
-                if isinstance(v, (int, float))
-                and k not in ("fraction", "seed", "seconds", "labelled_pixels")
-            }
-        ):
-            v = np.array([r[m] for r in rs], float)
-            row[f"{m}_mean"], row[f"{m}_std"] = (
-                float(v.mean()),
-                float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            )
-        rows.append(row)
-    return rows
-
-
-def split_words(split: str) -> str:
-    return (
-        "test sections"
-        if split == "test"
-        else "validation sections (model selection; test sections unread)"
-    )
-
-
-def write_tables(
-    run_dir: Path, rows: list[dict], loaded: list, split: str = "test", picks: dict | None = None
-) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["task", "probe", "fraction", "checkpoint", "seeds"]
-    cols += sorted({k for r in rows for k in r} - set(cols))
-    with open(run_dir / "benchmark.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    lines = [
-        f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each "
-        "task.",
-        "",
-    ]
-    if picks:
-        lines += [
-            "Features chosen per checkpoint on the validation sections (blocks; [] = final "
-            "output): " + ", ".join(f"{n} {b}" for n, b in picks.items()),
-            "",
-        ]
-    for t in loaded:
-        ms = [
-            m
-            for m in tasks_mod.METRICS[tasks_mod.TARGETS[t.target]["kind"]]
-            if m not in ("threshold", "n_gt")
-        ]
-        lines += [
-            f"### {t.name} ({t.target})",
-            "",
-            "| probe | labels | checkpoint | " + " | ".join(ms) + " |",
-            "|---" * (3 + len(ms)) + "|",
-        ]
-        for r in (r for r in rows if r["task"] == t.name):
-            vals = [
-                f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" if m + "_mean" in r else ""
-                for m in ms
-            ]
-            lines.append(
-                f"| {r['probe']} | {100 * r['fraction']:g} % | {r['checkpoint']} | "
-                + " | ".join(vals)
-                + " |"
-            )
-        lines.append("")
-    (run_dir / "benchmark.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-
-
-def figures(
-    run_dir: Path, rows, loaded, checkpoints, bench: BenchmarkConfig, records, cache: Path
-) -> None:
-    from emfm.eval.figures import _plt
-
-    plt = _plt()
-    fig_dir = run_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for t in loaded:
-        metric = tasks_mod.TARGETS[t.target]["primary"]
-        fig, axes = plt.subplots(
-            1, len(bench.probes), figsize=(4 * len(bench.probes), 3.4), squeeze=False
-        )
-        for ax, kind in zip(axes[0], bench.probes):
-            for c in checkpoints:
-                rs = sorted(
-                    (
-                        r
-                        for r in rows
-                        if (r["task"], r["probe"], r["checkpoint"]) == (t.name, kind, c.name)
-                    ),
-                    key=lambda r: r["fraction"],
-                )
-                ax.errorbar(
-                    [100 * r["fraction"] for r in rs],
-                    [r[metric + "_mean"] for r in rs],
-                    yerr=[r[metric + "_std"] for r in rs],
-                    marker="o",
-                    capsize=3,
-                    label=c.name,
-                )
-            ax.set_xscale("log")
-            ax.set_xlabel("training labels (%)")
-            ax.set_ylabel(f"test {metric}")
-            ax.set_title(f"{t.name}: {kind}")
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"label_efficiency_{t.name}.png", dpi=90)
-        plt.close(fig)
-        # overlays: the largest label fraction, first seed, one test section
-        frac, seed = max(bench.fractions), bench.seeds[0]
-        k = _preview_index(t)
-        ny, nx = t.test.images.shape[1:]
-        y0, x0 = max(0, ny // 2 - 128), max(0, nx // 2 - 128)
-        win = (slice(y0, y0 + 256), slice(x0, x0 + 256))  # the central 256 x 256 pixels
-        cols = len(checkpoints) + 1
-        fig, axes = plt.subplots(
-            len(bench.probes), cols, figsize=(2.6 * cols, 2.6 * len(bench.probes)), squeeze=False
-        )
-        for i, kind in enumerate(bench.probes):
-            axes[i][0].imshow(t.test.images[k][win], cmap="gray")
-            axes[i][0].contour(t.test.fg[k][win], levels=[0.5], colors="lime", linewidths=0.5)
-            axes[i][0].set_title("image + label" if i == 0 else "", fontsize=9)
-            axes[i][0].set_ylabel(kind)
-            for j, c in enumerate(checkpoints, start=1):
-                rec = next(
-                    r
-                    for r in records
-                    if (r["task"], r["probe"], r["checkpoint"], r["fraction"], r["seed"])
-                    == (t.name, kind, c.name, frac, seed)
-                )
-                p = cache / "results" / f"{rec['key']}.preview.npy"
-                axes[i][j].imshow(t.test.images[k][win], cmap="gray")
-                if p.exists():
-                    axes[i][j].imshow(
-                        np.ma.masked_less(np.load(p)[win] / 255.0, rec["threshold"]),
-                        cmap="autumn",
-                        alpha=0.6,
-                        vmin=0,
-                        vmax=1,
-                    )
-                axes[i][j].set_title(f"{c.name}\nF1 {rec['f1']:.3f}", fontsize=8)
-        for ax in axes.ravel():
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"overlay_{t.name}.png", dpi=72)
-        plt.close(fig)

@@ -65,7 +65,7 @@ def test_benchmark_table_and_cache_over_checkpoints(tiny_main_run: Path, tmp_pat
     # a sweep directory expands to its runs; a copied run has the same content hash (same cache
     # entries)
     from emfm.config.schema import ModelConfig
-    from emfm.eval.benchmark import expand_checkpoints
+    from emfm.eval.checkpoints import expand_checkpoints
 
     sweep = tmp_path / "sweep"
     shutil.copytree(tiny_main_run / "checkpoints", sweep / "0" / "checkpoints")

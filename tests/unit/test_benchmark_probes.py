@@ -13,6 +13,7 @@ from emfm.config.schema import BenchmarkConfig, ConfigError, ModelConfig, TaskCo
 from emfm.data.synthetic import synthetic_em
 from emfm.data.volume import VolumeError, write_array
 from emfm.eval import benchmark, probes, tasks
+from emfm.eval.checkpoints import expand_checkpoints
 
 
 def _separable(seed=0, n=6, g=16, cell=4, d=16):
@@ -143,10 +144,10 @@ def test_benchmark_and_checkpoint_errors(tmp_path):
         benchmark.validate(BenchmarkConfig(tasks=["x"], fractions=[0.5, 2.0]))
     (tmp_path / "notarun" / "sub").mkdir(parents=True)
     with pytest.raises(ValueError, match="is not a run"):
-        benchmark.expand_checkpoints([str(tmp_path / "notarun")], ModelConfig())
+        expand_checkpoints([str(tmp_path / "notarun")], ModelConfig())
     with pytest.raises(FileNotFoundError, match="not found"):
-        benchmark.expand_checkpoints([str(tmp_path / "missing")], ModelConfig())
-    (c,) = benchmark.expand_checkpoints(["random"], ModelConfig(width=32, depth=1, heads=2))
+        expand_checkpoints([str(tmp_path / "missing")], ModelConfig())
+    (c,) = expand_checkpoints(["random"], ModelConfig(width=32, depth=1, heads=2))
     assert c.name == "random" and c.run_dir == "" and c.model["width"] == 32
 
 
@@ -163,7 +164,7 @@ def test_3d_encoder_benchmark_on_a_synthetic_volume(tmp_path):
         test_slices=[10, 16],
     )
     model = ModelConfig(patch_size=[2, 8, 8], width=32, depth=1, heads=2)
-    (ck,) = benchmark.expand_checkpoints(["random"], model)
+    (ck,) = expand_checkpoints(["random"], model)
     feats = benchmark.encode(
         ck.encoder(),
         np.random.rand(5, 40, 48).astype(np.float32),
