@@ -49,7 +49,8 @@ def main() -> None:
     from emfm.config.schema import ModelConfig
     from emfm.data import bundled
     from emfm.data.volume import open_volume
-    from emfm.export.features import export_features, load_export_encoder
+    from emfm.export.checkpoint import load_export_encoder
+    from emfm.export.features import export_features
 
     fields = {k: int(v) for k, v in (kv.split("=") for kv in args.model.split(",") if kv)}
     enc, meta = load_export_encoder(ModelConfig(**fields), args.checkpoint)

@@ -274,7 +274,7 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     summary."""
     import jax
 
-    from emfm.export.features import load_export_encoder
+    from emfm.export.checkpoint import load_export_encoder
 
     run_dir = Path(cfg.run_dir)
     ec = cfg.export
