@@ -24,7 +24,7 @@ from emfm.eval.cells import membrane_scores, tune_cells
 from emfm.eval.probes import train_linear_probe
 from emfm.eval.tasks import choose_threshold
 from emfm.export.encode import encode, normalise
-from emfm.export.features import export_features
+from emfm.export.features import check_volume, export_features
 from emfm.export.pca import pca_rgb
 from emfm.train.state import build_encoder, load_encoder
 
@@ -274,33 +274,18 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
     summary."""
     import jax
 
-    from emfm.export.checkpoint import load_export_encoder
-
     run_dir = Path(cfg.run_dir)
     ec = cfg.export
     vol = open_volume(bundled.resolve(ec.path, bundled.sample_raw()))
-    if vol.ndim != 3:
-        raise VolumeError(
-            f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
-            "single-channel z, y, x volumes (store a 2D image as [1, y, x])"
-        )
+    check_volume(vol)
     region = Region.of(vol, ec.roi)
-    model_cfg = cfg.model
-    from emfm import zoo
-
-    if checkpoint and zoo.is_packaged(checkpoint):  # a zoo checkpoint brings its own architecture
-        from emfm.config.common import ModelConfig
-        from emfm.train import checkpoint as ckpt
-
-        model_cfg = ModelConfig(**ckpt.read_meta(checkpoint)["model"])
-    enc, meta = load_export_encoder(model_cfg, checkpoint or "", seed=cfg.trainer.seed)
-    grey = tuple(meta.get("grey_range") or estimate_range(region))
+    enc, meta = _export_encoder(cfg, checkpoint)
     out = ec.out or str(run_dir / "features.zarr")
     res = export_features(
         enc,
         vol,
         out,
-        grey_range=grey,
+        grey_range=tuple(meta.get("grey_range") or estimate_range(region)),
         tile=ec.tile,
         margin=ec.margin,
         block_z=ec.block_z,
@@ -318,30 +303,50 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         blend=ec.blend,
         show_progress=cfg.trainer.progress,
     )
+    run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:  # its own share's record; process 0 writes the summary and preview
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / f"export_process{jax.process_index()}.json").write_text(
             json.dumps(res, indent=1)
         )
         return res
-    feats_vol = open_volume(out)
+    evr = _export_preview(run_dir / "figures" / "features_pca.png", vol, region, out, res["stride"])
+    res["pca_explained_variance"] = [float(v) for v in evr]
+    (run_dir / "export.json").write_text(json.dumps(res, indent=1))
+    log.info("export: %s", res)
+    return res
+
+
+def _export_encoder(cfg: EmfmConfig, checkpoint: str | None):
+    """(encoder, checkpoint meta) of the export: a zoo checkpoint brings its own architecture, any
+    other must match `cfg.model`."""
+    from emfm import zoo
+    from emfm.export.checkpoint import load_export_encoder
+
+    model_cfg = cfg.model
+    if checkpoint and zoo.is_packaged(checkpoint):
+        from emfm.config.common import ModelConfig
+        from emfm.train import checkpoint as ckpt
+
+        model_cfg = ModelConfig(**ckpt.read_meta(checkpoint)["model"])
+    return load_export_encoder(model_cfg, checkpoint or "", seed=cfg.trainer.seed)
+
+
+def _export_preview(path: Path, vol, region, features: str, stride) -> np.ndarray:
+    """The middle section of the export (at most 512 x 512 feature cells) beside its features'
+    first three principal components as RGB; returns their explained-variance ratios."""
+    feats_vol = open_volume(features)
     z = feats_vol.shape[0] // 2
     cy, cx = (min(n, 512) for n in feats_vol.shape[1:3])  # a bounded preview of a huge section
     feats = feats_vol.read((slice(z, z + 1), slice(0, cy), slice(0, cx)))[0].astype(np.float32)
     rgb, evr = pca_rgb(feats)
     (z0, _), (y0, _), (x0, _) = region.box
-    st = res["stride"]
+    st = stride
     zi = z0 + z * st[0] + st[0] // 2
     img = vol.read((slice(zi, zi + 1), slice(y0, y0 + cy * st[1]), slice(x0, x0 + cx * st[2])))[0]
     figures.image_grid(
-        run_dir / "figures" / "features_pca.png",
-        [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])],
+        path, [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])]
     )
-    res["pca_explained_variance"] = [float(v) for v in evr]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "export.json").write_text(json.dumps(res, indent=1))
-    log.info("export: %s", res)
-    return res
+    return evr
 
 
 def main_job(cfg: EmfmConfig) -> dict:

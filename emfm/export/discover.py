@@ -94,29 +94,7 @@ def discover(
     st, fit_skipped = _fit(src, regions, state, seed=seed, show_progress=show_progress, **params)
     km = st["km"]
     # ---- labelling pass: cluster map, counts, inertia, a random sample of cells per cluster
-    lv, done = _label_volume(src, state, out, k)
-    todo = [i for i in range(len(regions)) if i not in done]
-    bar = progress(
-        len(regions),
-        initial=len(regions) - len(todo),
-        desc="discover: label",
-        enabled=show_progress,
-    )
-    with state.open_labels() as log_f:
-        _label_regions(
-            fv,
-            lv,
-            km,
-            regions,
-            todo,
-            k=k,
-            seed=seed,
-            examples=examples,
-            label_dtype=lv.dtype,
-            on_done=lambda rec: state.add_label(rec, log_f),
-            bar=bar,
-        )
-    bar.close()
+    lv, label_skipped = _label_pass(src, state, out, km, regions, k, seed, examples, show_progress)
     counts, inertia, cells = _merge(state.labelled(), len(regions), k, examples)
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / "centroids.npy", km.cluster_centers_.astype(np.float32))
@@ -148,12 +126,12 @@ def discover(
         res["vectors"],
         res["counts"],
         fit_skipped,
-        len(regions) - len(todo),
+        label_skipped,
     )
     return {
         **res,
         "fit_regions_skipped": fit_skipped,
-        "label_regions_skipped": len(regions) - len(todo),
+        "label_regions_skipped": label_skipped,
     }
 
 
@@ -258,6 +236,35 @@ def _fit(
     state.save_fit(st, force=True)
     state.reset_labels()
     return st, fit_skipped
+
+
+def _label_pass(src, state, out, km, regions, k, seed, examples, show_progress):
+    """The cluster label volume with every region labelled, and how many regions an earlier run had
+    labelled already."""
+    lv, done = _label_volume(src, state, out, k)
+    todo = [i for i in range(len(regions)) if i not in done]
+    bar = progress(
+        len(regions),
+        initial=len(regions) - len(todo),
+        desc="discover: label",
+        enabled=show_progress,
+    )
+    with state.open_labels() as log_f:
+        _label_regions(
+            src.fv,
+            lv,
+            km,
+            regions,
+            todo,
+            k=k,
+            seed=seed,
+            examples=examples,
+            label_dtype=lv.dtype,
+            on_done=lambda rec: state.add_label(rec, log_f),
+            bar=bar,
+        )
+    bar.close()
+    return lv, len(regions) - len(todo)
 
 
 def _label_volume(src: _Sources, state: DiscoverState, out: str, k: int) -> tuple[Volume, dict]:

@@ -107,7 +107,9 @@ def export_features(
     Returns a summary dict."""
     from emfm.data.loader import Region
 
-    _check_input(vol, dtype)
+    check_volume(vol)
+    if dtype not in OUT_DTYPES:
+        raise UserError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
     box = Region.of(vol, roi).box
     size = tuple(b - a for a, b in box)
     enc, benc, blend = block_encoders(
@@ -128,10 +130,7 @@ def export_features(
         roi=[list(b) for b in box],
         encoder=asdict(encoder.spec),
         checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
-        layers=list(enc.layers),
-        block=list(enc.block),
-        margin=list(enc.margin),
-        stride=list(enc.stride),
+        **{k: list(getattr(enc, k)) for k in ("layers", "block", "margin", "stride")},
         grey_range=[float(v) for v in grey_range],
         dtype=dtype,
         pca_k=pca_k,
@@ -145,6 +144,9 @@ def export_features(
     )
     out = _output(job, resume)
     res = _write_blocks(job, out, show_progress)
+    res["voxels_per_s"] = (
+        res["voxels"] / res["seconds"] if res["seconds"] > 0 and res["voxels"] else None
+    )
     if pca_k:
         res["pca_explained_variance"] = out.attributes["pca"]["explained_variance_ratio"]
     return res
@@ -180,14 +182,13 @@ class _Job:
         return np.dtype(OUT_DTYPES[self.plan["dtype"]])
 
 
-def _check_input(vol: Volume, dtype: str) -> None:
+def check_volume(vol: Volume) -> None:
+    """An export reads single-channel z, y, x volumes."""
     if vol.ndim != 3:
         raise VolumeError(
             f"volume {vol.path} has {vol.ndim} dimensions (axes {''.join(vol.axes)}); export reads "
             "single-channel z, y, x volumes (store a 2D image as [1, y, x])"
         )
-    if dtype not in OUT_DTYPES:
-        raise UserError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
 
 
 def _output(job: _Job, resume: bool) -> Volume:
@@ -314,25 +315,22 @@ def _write_blocks(job: _Job, out: Volume, show_progress: bool) -> dict:
     bar.close()
     secs = time.perf_counter() - t0
     _barrier("emfm_export_done", nproc)
-    plan = job.plan
+    done = {"tiles_written": len(todo), "tiles_skipped": skipped, "voxels": voxels, "seconds": secs}
+    return _summary(job, nb) | done
+
+
+def _summary(job: _Job, blocks: int) -> dict:
+    enc, plan = job.enc, job.plan
     return {
         "path": job.out_path,
         "shape": list(job.shape),
         "dtype": plan["dtype"],
-        "layers": list(enc.layers),
-        "stride": list(enc.stride),
-        "block": list(enc.block),
-        "margin": list(enc.margin),
+        **{k: list(getattr(enc, k)) for k in ("layers", "stride", "block", "margin")},
         "blend": plan["blend"],
         "roi": plan["roi"],
-        "process": pid,
-        "processes": nproc,
-        "blocks": nb,
-        "tiles_written": len(todo),
-        "tiles_skipped": skipped,
-        "voxels": voxels,
-        "seconds": secs,
-        "voxels_per_s": voxels / secs if secs > 0 and voxels else None,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "blocks": blocks,
     }
 
 

@@ -92,17 +92,9 @@ def predict_volume(
     """Predict `vol` (or its `roi`) chunk by chunk into a zarr v3 `[z, y, x, c]` at `out_path`.
 
     `stop_after` ends after that many chunks (to simulate an interruption in tests)."""
-    if vol.ndim != 3:
-        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions; predict expects z, y, x")
-    box = [(0, s) for s in vol.shape] if roi is None else [tuple(int(v) for v in r) for r in roi]
-    for (a, b), s, ax in zip(box, vol.shape, "zyx"):
-        if not 0 <= a < b <= s:
-            raise VolumeError(
-                f"predict.roi {roi} lies outside volume {vol.path} of shape {vol.shape} (axis {ax})"
-            )
+    box = _roi_box(vol, roi)
     shape = tuple(b - a for a, b in box)
     chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
-    origin = [a for a, _ in box]
     attrs = {
         "source": vol.path,
         "roi": [list(b) for b in box],
@@ -113,35 +105,21 @@ def predict_volume(
         "grey_range": list(grey_range),
         **(attributes or {}),
     }
-    pid, nproc = distributed.process()
-
-    def make(ok):
-        return create_volume(
-            out_path,
-            shape + (channels,),
-            np.dtype(dtype),
-            chunks=chunk + (channels,),
-            voxel_size=vol.voxel_size,
-            attributes=attrs,
-            exist_ok=ok,
-        )
-
-    out = make(resume) if pid == 0 else None
-    distributed.barrier("predict: output created")
-    out = out if out is not None else make(True)
+    out = _output(out_path, shape + (channels,), dtype, chunk, vol.voxel_size, attrs, resume)
     bl = Blender(
         fn, channels, shape, window=window, overlap=overlap, blend=blend, batch_size=batch_size
     )
 
     def read(b):
-        box = tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, origin))
-        return normalise(vol.read(box), grey_range)
+        region = tuple(slice(s.start + a, s.stop + a) for s, (a, _) in zip(b, box))
+        return normalise(vol.read(region), grey_range)
 
     done = written_chunks(out) if resume else set()
     todo = [
         b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done
     ]
     distributed.barrier("predict: chunks to do listed")  # before any process writes one
+    pid, nproc = distributed.process()
     n_all = len(todo)
     todo = todo[pid::nproc]  # several processes: each writes its own chunks (disjoint zarr chunks)
     bar = progress(
@@ -149,9 +127,7 @@ def predict_volume(
     )
     t0 = time.perf_counter()
     voxels = 0
-    for i, b in enumerate(todo):
-        if stop_after is not None and i >= stop_after:
-            break
+    for b in todo[:stop_after]:
         pred = bl.chunk(read, b)
         out.array[tuple(b) + (slice(None),)].write(pred.astype(dtype)).result()
         voxels += math.prod(s.stop - s.start for s in b)
@@ -169,3 +145,36 @@ def predict_volume(
         "seconds": secs,
         "voxels_per_s": voxels / secs if secs > 0 else None,
     }
+
+
+def _roi_box(vol: Volume, roi) -> list[tuple[int, int]]:
+    """[(start, stop)] per axis of the predicted region: `roi`, or the whole volume."""
+    if vol.ndim != 3:
+        raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions; predict expects z, y, x")
+    box = [(0, s) for s in vol.shape] if roi is None else [tuple(int(v) for v in r) for r in roi]
+    for (a, b), s, ax in zip(box, vol.shape, "zyx"):
+        if not 0 <= a < b <= s:
+            raise VolumeError(
+                f"predict.roi {roi} lies outside volume {vol.path} of shape {vol.shape} (axis {ax})"
+            )
+    return box
+
+
+def _output(path, shape, dtype, chunk, voxel_size, attrs: dict, resume: bool) -> Volume:
+    """The output store: created by process 0 (kept as it is when resuming), then opened by the
+    others."""
+
+    def make(ok):
+        return create_volume(
+            path,
+            shape,
+            np.dtype(dtype),
+            chunks=chunk + (shape[-1],),
+            voxel_size=voxel_size,
+            attributes=attrs,
+            exist_ok=ok,
+        )
+
+    out = make(resume) if distributed.process()[0] == 0 else None
+    distributed.barrier("predict: output created")
+    return out if out is not None else make(True)
