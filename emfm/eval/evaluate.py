@@ -9,16 +9,17 @@ plus the sparse contingency table. The Hydra CLI (``emfm evaluate pred=... gt=..
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from emfm.errors import UserError
-from emfm.eval.metrics import IOU_THRESHOLDS, KINDS, evaluate_volumes
+from emfm.eval.metrics import check_kinds, evaluate_volumes
 
 __all__ = ["evaluate_paths", "open_label_volume", "write_markdown"]
 
@@ -149,46 +150,29 @@ def evaluate_paths(
     out_dir,
     kinds: Sequence[str] = ("region", "instance"),
     *,
-    ignore_gt: Iterable[int] = (0,),
-    ignore_pred: Iterable[int] = (),
-    background: int = 0,
-    iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
-    num_classes: int | None = None,
-    ignore_index: int | None = None,
     block_z: int | None = None,
+    **options,
 ) -> dict:
     """Evaluate ``pred_path`` against ``gt_path`` and write ``out_dir``/metrics.{json,md}.
 
     Paths: TIFF files or zarr v3 / zarr v2 / N5 array directories. ``kinds`` and the keyword
-    options are those of :func:`emfm.eval.metrics.evaluate_volumes`. ``block_z`` (slices per
-    block) defaults to what keeps one block of each input near 256 MB. Raises FileNotFoundError
-    for a missing path and ValueError (naming the file) for a shape mismatch or float labels where
+    ``options`` (ignore_gt, ignore_pred, background, iou_thresholds, num_classes, ignore_index, ...)
+    are those of :func:`emfm.eval.metrics.evaluate_volumes`. ``block_z`` (slices per block)
+    defaults to what keeps one block of each input near 256 MB. Raises FileNotFoundError for a
+    missing path and ValueError (naming the file) for a shape mismatch or float labels where
     integer ids are needed. Returns the dict written to metrics.json.
     """
     kinds = tuple(kinds)
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise UserError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
+    check_kinds(kinds)
     pred = open_label_volume(pred_path, "pred")
     gt = open_label_volume(gt_path, "gt")
     _check_pair(pred, gt, pred_path, gt_path, kinds)
     if block_z is None and len(pred.shape) == 3:
         slice_bytes = int(np.prod(pred.shape[1:])) * max(pred.dtype.itemsize, gt.dtype.itemsize)
         block_z = min(pred.shape[0], max(1, _BLOCK_BYTES // max(1, slice_bytes)))
-
+    opts = _VOLUME_OPTIONS | options
     t0 = time.perf_counter()
-    metrics = evaluate_volumes(
-        pred,
-        gt,
-        kinds,
-        ignore_gt=ignore_gt,
-        ignore_pred=ignore_pred,
-        background=background,
-        iou_thresholds=iou_thresholds,
-        num_classes=num_classes,
-        ignore_index=ignore_index,
-        block_z=block_z,
-    )
+    metrics = evaluate_volumes(pred, gt, kinds, block_z=block_z, **options)
     results = {
         "inputs": {
             "pred": str(pred_path),
@@ -197,8 +181,8 @@ def evaluate_paths(
             "pred_dtype": str(pred.dtype),
             "gt_dtype": str(gt.dtype),
             "kinds": list(kinds),
-            "ignore_gt": list(ignore_gt),
-            "ignore_pred": list(ignore_pred),
+            "ignore_gt": list(opts["ignore_gt"]),
+            "ignore_pred": list(opts["ignore_pred"]),
             "block_z": block_z,
             "seconds": round(time.perf_counter() - t0, 3),
         },
@@ -210,3 +194,11 @@ def evaluate_paths(
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, out / "metrics.md")
     return results
+
+
+# evaluate_volumes' keyword options and their defaults (recorded in metrics.json)
+_VOLUME_OPTIONS = {
+    k: p.default
+    for k, p in inspect.signature(evaluate_volumes).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}

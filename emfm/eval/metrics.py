@@ -155,6 +155,12 @@ def _blocks(shape: tuple, block_z: int | None):
         yield (slice(z, min(z + block_z, shape[0])),)
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise UserError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
+
+
 def evaluate_volumes(
     pred,
     gt,
@@ -184,45 +190,53 @@ def evaluate_volumes(
     ``ignore_gt``/``ignore_pred``), "instance" (:func:`instance_scores`), "warping"
     (:func:`warping_error`). Returns {kind: scores}.
     """
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise UserError(f"unknown metric kinds {sorted(unknown)}; choose from {KINDS}")
+    check_kinds(kinds)
     if tuple(pred.shape) != tuple(gt.shape):
         raise UserError(f"pred shape {tuple(pred.shape)} != gt shape {tuple(gt.shape)}")
     if "semantic" in kinds and num_classes is None:
         raise UserError("kind 'semantic' needs num_classes")
-
-    table = ContingencyTable() if {"region", "instance"} & set(kinds) else None
-    cm = np.zeros((num_classes, num_classes), np.int64) if "semantic" in kinds else None
-    bin_counts = np.zeros(4, np.int64)  # tp, fp, fn, n
-    warp_err, warp_n = 0.0, 0
+    acc = _Accumulators(kinds, num_classes)
     for sl in _blocks(tuple(pred.shape), block_z):
         p_blk, g_blk = np.asarray(pred[sl]), np.asarray(gt[sl])
-        if table is not None:
-            table.add(check_label_array(p_blk, "pred"), check_label_array(g_blk, "gt"))
-        if cm is not None:
-            cm += confusion_matrix(p_blk, g_blk, num_classes, ignore_index)
-        if "binary" in kinds:
-            s = binary_scores(p_blk, g_blk)
-            bin_counts += (s["tp"], s["fp"], s["fn"], p_blk.size)
-        if "warping" in kinds:
-            if p_blk.ndim == 3 and not warping_per_slice and block_z is not None:
-                raise UserError("3D warping error needs the whole volume: set block_z=None")
-            err = warping_error(p_blk, g_blk, warping_threshold, per_slice=warping_per_slice)
-            warp_err += err * p_blk.size
-            warp_n += p_blk.size
-
+        if "warping" in kinds and p_blk.ndim == 3 and not warping_per_slice and block_z is not None:
+            raise UserError("3D warping error needs the whole volume: set block_z=None")
+        acc.add(p_blk, g_blk, ignore_index, warping_threshold, warping_per_slice)
     out: dict = {}
     if "semantic" in kinds:
-        out["semantic"] = scores_from_confusion(cm)
+        out["semantic"] = scores_from_confusion(acc.cm)
     if "binary" in kinds:
-        out["binary"] = _binary_from_counts(*(int(x) for x in bin_counts))
+        out["binary"] = _binary_from_counts(*(int(x) for x in acc.bin_counts))
     if "region" in kinds:
-        out["region"] = table.scores(ignore_gt, ignore_pred)
+        out["region"] = acc.table.scores(ignore_gt, ignore_pred)
     if "instance" in kinds:
         out["instance"] = instance_scores(
-            None, None, iou_thresholds, background=background, table=table
+            None, None, iou_thresholds, background=background, table=acc.table
         )
     if "warping" in kinds:
-        out["warping"] = {"warping_error": warp_err / warp_n}
+        out["warping"] = {"warping_error": acc.warp_err / acc.warp_n}
     return out
+
+
+class _Accumulators:
+    """What the metric families of `kinds` accumulate block by block."""
+
+    def __init__(self, kinds: Sequence[str], num_classes: int | None):
+        self.kinds = kinds
+        self.table = ContingencyTable() if {"region", "instance"} & set(kinds) else None
+        self.cm = np.zeros((num_classes, num_classes), np.int64) if "semantic" in kinds else None
+        self.num_classes = num_classes
+        self.bin_counts = np.zeros(4, np.int64)  # tp, fp, fn, n
+        self.warp_err, self.warp_n = 0.0, 0
+
+    def add(self, p_blk, g_blk, ignore_index, warping_threshold, warping_per_slice) -> None:
+        if self.table is not None:
+            self.table.add(check_label_array(p_blk, "pred"), check_label_array(g_blk, "gt"))
+        if self.cm is not None:
+            self.cm += confusion_matrix(p_blk, g_blk, self.num_classes, ignore_index)
+        if "binary" in self.kinds:
+            s = binary_scores(p_blk, g_blk)
+            self.bin_counts += (s["tp"], s["fp"], s["fn"], p_blk.size)
+        if "warping" in self.kinds:
+            err = warping_error(p_blk, g_blk, warping_threshold, per_slice=warping_per_slice)
+            self.warp_err += err * p_blk.size
+            self.warp_n += p_blk.size
