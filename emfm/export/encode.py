@@ -18,7 +18,6 @@ their grids.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -364,8 +363,3 @@ def encode(
         cells = block_cells(o, enc.block, size, enc.stride)
         out[cells] = f[tuple(slice(0, c.stop - c.start) for c in cells)]
     return out
-
-
-def voxels(origin, block, size) -> int:
-    """Voxels of the block at `origin` inside a region of `size`."""
-    return math.prod(min(b, n - o) for o, b, n in zip(origin, block, size))
