@@ -50,6 +50,13 @@ def alignment(encoder) -> tuple[int, int, int]:
     return _pad3(spec.total_pool() if hasattr(encoder, "decode") else spec.patch_size)
 
 
+def layer_index(i: int, depth: int) -> int:
+    """A chosen layer's index in 0..depth: ViT blocks / U-Net encoder levels 0..depth-1 (negative
+    indices count from the last), and `depth` for the encoder's final output (a ViT's normed last
+    block, a U-Net's decoder output), so the final output can be concatenated with layers."""
+    return i if i == depth else i % depth
+
+
 class BlockEncoder:
     """Encodes batches of `[block + 2 margin]` windows `[b, wz, wy, wx]` (floats in [0, 1]) and
     returns the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis
@@ -94,32 +101,36 @@ class BlockEncoder:
         self.out_dtype = np.dtype(out_dtype)
         self.pca = None
         graphdef, self.params = nnx.split(encoder)
-        self._fwd = jax.jit(self._forward(graphdef), static_argnums=4)
+        self._fwd = jax.jit(self._forward(graphdef, spec.depth), static_argnums=4)
         self._compiled: dict = {}
         self.compile_seconds = 0.0
 
     def _chosen(self, layers, depth: int) -> tuple[int, ...]:
-        """The layers in the order given, negative indices resolved, repeats dropped."""
+        """The layers in the order given, indices resolved (layer_index), repeats dropped."""
         layers = tuple(int(i) for i in layers)
         for i in layers:
-            if not -depth <= i < depth:
+            if not -depth <= i <= depth:
                 raise UserError(
                     f"export.layers={list(layers)}: the encoder has {depth} "
-                    f"{'levels' if self.is_unet else 'blocks'} (indices {-depth}..{depth - 1})"
+                    f"{'levels' if self.is_unet else 'blocks'} (indices {-depth}..{depth - 1}, "
+                    f"and {depth} for its final output)"
                 )
-        return tuple(sorted({i % depth for i in layers}, key=[i % depth for i in layers].index))
+        norm = [layer_index(i, depth) for i in layers]
+        return tuple(sorted(set(norm), key=norm.index))
 
-    def _forward(self, graphdef) -> Callable:
+    def _forward(self, graphdef, depth: int) -> Callable:
         block = self.block
+        collect = tuple(i for i in self.layers if i != depth)
 
         def fwd(prm, x, mean, comp, out_dtype):
             b = x.shape[0]
             xin = (x[:, 0] if self.ndim == 2 else x)[..., None]
-            _, aux = nnx.merge(graphdef, prm)(xin, return_blocks=self.layers)
+            _, aux = nnx.merge(graphdef, prm)(xin, return_blocks=collect)
             maps = []
-            srcs = (
-                [aux["patch_map"]] if not self.layers else [aux["blocks"][i] for i in self.layers]
-            )
+            srcs = [
+                aux["patch_map"] if i == depth else aux["blocks"][i]
+                for i in self.layers or (depth,)
+            ]
             if self.embed:
                 srcs = [aux["embed_map"]] + srcs
             for f, s in zip(srcs, self.strides):
@@ -155,10 +166,10 @@ class BlockEncoder:
         grids = []
         for lvl in self.layers:
             tot = [1] * spec.ndim
-            for k in range(1, lvl + 1):
+            for k in range(1, lvl + 1 if lvl < spec.depth else 1):  # depth: the decoder output
                 tot = [t * w for t, w in zip(tot, spec.pool_window(k))]
             grids.append(_pad3(tot))
-        return grids, [spec.widths[lvl] for lvl in self.layers]
+        return grids, [spec.widths[lvl % spec.depth] for lvl in self.layers]
 
     @property
     def channels(self) -> int:
