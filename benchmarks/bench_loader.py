@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.data.loader import PatchLoader, PatchSampler, Region
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region
 from emfm.data.volume import create_volume, open_volume
 
 

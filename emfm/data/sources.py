@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 
 from emfm.data import bundled
-from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region, estimate_range
 from emfm.data.volume import Volume, VolumeError, open_volume
 
 log = logging.getLogger("emfm")

@@ -76,7 +76,7 @@ def photometric(
     gamma: float = 0.2,
     noise: float = 0.03,
 ) -> Float[Array, "b *sp c"]:
-    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0,
+    """Grey-value jitter per example (as emfm.data.augment_ops.intensity, for images in about [0,
     1])."""
     kc, kb, kg, kn, ks = jax.random.split(rng, 5)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)

@@ -4,7 +4,7 @@ features (64-px windows, patch embedding + final tokens, as the main job) of a c
 
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
-from emfm.data.loader import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.eval import probe
 from emfm.export.features import encode_sections
