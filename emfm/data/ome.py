@@ -91,36 +91,38 @@ def emfm_order(arr, names: Sequence[str]):
     return arr if order == list(range(arr.rank)) else arr[ts.d[tuple(order)].transpose[:]]
 
 
-def image_group(
+def multiscale_group(
     name: str,
-    voxel_size: Sequence[float],
-    translation: Sequence[float],
+    scales: Sequence[Sequence[float]],
+    translations: Sequence[Sequence[float]] | None = None,
     *,
-    channels: bool,
-    unit: str,
-    attributes: dict,
+    channels: bool = False,
+    unit: str = "nanometer",
+    kind: str | None = None,
+    attributes: dict | None = None,
 ) -> dict:
-    """The zarr.json of an OME-Zarr image group with one scale level, array "0": axes (an optional
-    channel axis, then z / y / x in `unit`), the level's scale and translation, and `attributes`
-    under "emfm"."""
+    """The zarr.json of an OME-Zarr image group whose level k is array "k": axes (an optional
+    channel axis, then z / y / x in `unit`), each level's scale (and translation, if given), the
+    downsampling `kind` ("mean", "mode") if given, and `attributes` under "emfm"."""
     c = [1.0] if channels else []
     axes = ([{"name": "c", "type": "channel"}] if channels else []) + [
         {"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")
     ]
-    transforms = [
-        {"type": "scale", "scale": c + [float(v) for v in voxel_size]},
-        {"type": "translation", "translation": [0.0] * len(c) + [float(v) for v in translation]},
-    ]
-    multiscale = {
-        "name": name,
-        "axes": axes,
-        "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-    }
+    datasets = []
+    for k, scale in enumerate(scales):
+        transforms = [{"type": "scale", "scale": c + [float(v) for v in scale]}]
+        if translations is not None:
+            shift = [0.0] * len(c) + [float(v) for v in translations[k]]
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
+    multiscale = {"name": name, "axes": axes, "datasets": datasets}
+    if kind is not None:
+        multiscale["type"] = kind
     return {
         "zarr_format": 3,
         "node_type": "group",
         "attributes": {
             "ome": {"version": OME_VERSION, "multiscales": [multiscale]},
-            "emfm": dict(attributes),
+            "emfm": dict(attributes or {}),
         },
     }

@@ -29,7 +29,7 @@ from emfm.data.formats import (
     units_voxel_size,
     zarr3_metadata,
 )
-from emfm.data.ome import emfm_order, image_group, ome_level
+from emfm.data.ome import emfm_order, multiscale_group, ome_level
 
 SUPPORTED_DTYPES = (
     "uint8",
@@ -323,13 +323,13 @@ def create_ome_zarr(
         )
     has_c = len(shape) == 4
     order = [3, 0, 1, 2] if has_c else [0, 1, 2]
-    group = image_group(
+    group = multiscale_group(
         name or Path(path).name,
-        voxel_size,
-        translation if translation is not None else (0.0, 0.0, 0.0),
+        [voxel_size],
+        [translation if translation is not None else (0.0, 0.0, 0.0)],
         channels=has_c,
         unit=unit,
-        attributes=attributes or {},
+        attributes=attributes,
     )
     meta = zarr3_metadata(
         [shape[i] for i in order],
