@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from emfm.errors import UserError
+from emfm.objectives.base import ObjectiveDef
+
 # ----------------------------------------------------------------------------------------------
 # losses
 
@@ -62,6 +65,29 @@ def two_view_loss(pair_loss: Callable) -> Callable:
         return pair_loss(model.encoder, model.heads, batch["image"], batch["image2"], rng, cfg, t)
 
     return loss
+
+
+def momentum_teacher(teacher, method: str) -> tuple:
+    """The momentum (EMA) teacher's `(encoder, heads)` a pair loss was given, or an error naming
+    the `method` that needs it when the objective runs without one."""
+    if teacher is None:
+        raise UserError(f"{method} needs the momentum teacher (ObjectiveDef.teacher=True)")
+    return teacher
+
+
+def two_view_definition(
+    name: str, heads: Callable, pair_loss: Callable, *, teacher: bool = False
+) -> ObjectiveDef:
+    """The registry entry of a two-view objective: its model is the encoder with
+    `heads(encoder width, cfg, rngs)`, its loss `two_view_loss(pair_loss)`; `teacher` keeps the
+    momentum (EMA) teacher in the training state."""
+
+    def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
+        return ContrastiveModel(encoder, heads(encoder.spec.width, cfg, rngs))
+
+    return ObjectiveDef(
+        name=name, build=build, loss=two_view_loss(pair_loss), views=2, teacher=teacher
+    )
 
 
 # ---------------------------------------------------------------------------------- on-device views
