@@ -99,9 +99,6 @@ def scene_params(
     for name, value in (("noise", noise), ("blur", blur), ("warp", warp)):
         if not value >= 0:
             raise UserError(f"{name} must be non-negative, got {value!r}")
-    dtype = np.dtype(dtype)
-    if dtype not in IMAGE_DTYPES:
-        raise UserError(f"dtype must be one of {sorted(map(str, IMAGE_DTYPES))}, got {dtype}")
     return SceneParams(
         shape,
         int(seed),
@@ -113,8 +110,15 @@ def scene_params(
         float(noise),
         float(blur),
         float(warp),
-        dtype,
+        _image_dtype(dtype),
     )
+
+
+def _image_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in IMAGE_DTYPES:
+        raise UserError(f"dtype must be one of {sorted(map(str, IMAGE_DTYPES))}, got {dtype}")
+    return dtype
 
 
 def _check_shape(shape) -> tuple[int, ...]:

@@ -339,22 +339,27 @@ def create_ome_zarr(
         compression_level=compression_level,
     )
     try:
-        spec = kvstore(path)
-        spec = (
-            {**spec, "path": spec["path"].rstrip("/") + "/"}
-            if isinstance(spec, dict)
-            else spec.rstrip("/") + "/"
-        )
-        kv = ts.KvStore.open(spec).result()
-        kv.delete_range(ts.KvStore.KeyRange()).result()
-        ts.open(
-            {"driver": "zarr3", "kvstore": kvstore(path.rstrip("/") + "/0"), "metadata": meta},
-            create=True,
-        ).result()
-        kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
+        _write_group(path, meta, group)
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot create OME-Zarr {path}: {e}") from e
     return open_volume(path, write=True)
+
+
+def _write_group(path: str, meta: dict, group: dict) -> None:
+    """Replace whatever is at `path` by an empty array "0" of `meta` and the group's zarr.json."""
+    spec = kvstore(path)
+    spec = (
+        {**spec, "path": spec["path"].rstrip("/") + "/"}
+        if isinstance(spec, dict)
+        else spec.rstrip("/") + "/"
+    )
+    kv = ts.KvStore.open(spec).result()
+    kv.delete_range(ts.KvStore.KeyRange()).result()
+    ts.open(
+        {"driver": "zarr3", "kvstore": kvstore(path.rstrip("/") + "/0"), "metadata": meta},
+        create=True,
+    ).result()
+    kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
 
 
 def write_array(
