@@ -65,6 +65,10 @@ class ObjectiveConfig:
     dense_samples: int = 64
     # mim_unet: side of the square in-plane mask patches (pixels)
     mim_patch: int = 8
+    # dino_dense: weight of a masked-image-modelling loss added to the distillation (0 = none), and
+    # the fraction of `mim_patch` squares it masks
+    mim_weight: float = 0.0
+    mim_mask_ratio: float = 0.75
     # combinations (mae_simclr, mae_dino): weights of [MAE loss, contrastive loss]
     combo_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
@@ -99,6 +103,16 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
     if o.target_blur < 0:
         raise ConfigError(
             f"objective.target_blur={o.target_blur}: a Gaussian sigma in pixels, >= 0"
+        )
+    if o.mim_weight < 0 or not 0.0 < o.mim_mask_ratio < 1.0:
+        raise ConfigError(
+            f"objective.mim_weight={o.mim_weight}, mim_mask_ratio={o.mim_mask_ratio}: "
+            "mim_weight >= 0, mim_mask_ratio in (0, 1)"
+        )
+    if o.mim_weight > 0 and (o.name != "dino_dense" or m.name != "unet"):
+        raise ConfigError(
+            f"objective.mim_weight={o.mim_weight}: the added masked image modelling exists for "
+            f"objective=dino_dense with a U-Net (got objective {o.name!r}, model {m.name!r})"
         )
     lo_ok = o.mask_ratio >= 0.0 if o.name == "dino_dense" else o.mask_ratio > 0.0
     if not (lo_ok and o.mask_ratio < 1.0):
