@@ -1,4 +1,4 @@
-"""Study helper: the bundled sample's 30 sections and membrane labels, and the probe
+"""Shared by the study scripts: the bundled sample's 30 sections and membrane labels, and the probe
 features (64-px windows, patch embedding + final tokens, as the main job) of a checkpoint's encoder
 ("pre") or of the same architecture at random init ("rnd0" = seed 1000, ...)."""
 
