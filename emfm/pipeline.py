@@ -17,7 +17,7 @@ import numpy as np
 
 from emfm.config.pretrain import EmfmConfig
 from emfm.data import bundled
-from emfm.data.loader import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import Volume, VolumeError, open_volume
 from emfm.eval import figures
 from emfm.eval.cells import membrane_scores, tune_cells

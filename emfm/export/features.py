@@ -105,7 +105,7 @@ def export_features(
     a whole-volume forward). Without blending this process writes blocks i with i mod process_count
     == process_index, with blending a contiguous run of blocks (neighbouring blocks share windows).
     Returns a summary dict."""
-    from emfm.data.loader import Region
+    from emfm.data.sampling import Region
 
     check_volume(vol)
     if dtype not in OUT_DTYPES:
