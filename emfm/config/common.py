@@ -5,6 +5,7 @@ run-directory helpers the commands' `validate*` functions share.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from emfm.errors import UserError
@@ -16,12 +17,48 @@ class ConfigError(UserError):
     """A config value that is well-typed but unusable; the message names the key."""
 
 
+class Choice(enum.StrEnum):
+    """The fixed set of values of a string option. A config field typed with a Choice is checked by
+    OmegaConf as the config is composed: a value outside the set stops the run before any compute,
+    naming the key, the value and the allowed values. Members are strings whose name is their value,
+    so code compares them with plain strings (`cfg.trainer.nonfinite == "stop"`) and they print and
+    serialise (JSON, checkpoint records) as that value."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Encoder(Choice):  # emfm.models.ENCODERS
+    vit = "vit"
+    unet = "unet"
+
+
+class ComputeDType(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Norm(Choice):
+    group = "group"
+    layer = "layer"
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+
+
+class NonFinite(Choice):
+    stop = "stop"  # name the step, keep the last good checkpoint
+    skip = "skip"  # skip the batch
+
+
 @dataclass
 class ModelConfig:
     """Vision Transformer encoder. `size` picks width/depth/heads from the ViT table
     (emfm.models.vit.SIZES); `width`, `depth`, `heads` override it for custom small models."""
 
-    name: str = "vit"
+    name: Encoder = Encoder.vit
     size: str = "Ti"
     patch_size: list[int] = field(default_factory=lambda: [8, 8])
     in_channels: int = 1
@@ -30,7 +67,7 @@ class ModelConfig:
     heads: int | None = None
     mlp_ratio: float = 4.0
     num_registers: int = 0
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: ComputeDType = ComputeDType.float32  # compute dtype; parameters stay float32
     remat: bool = False
     # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per
     # level, else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
@@ -38,13 +75,13 @@ class ModelConfig:
     widths: list[int] | None = None
     blocks_per_level: int = 1
     pool_z_from_level: int = 1
-    norm: str = "group"  # group | layer
+    norm: Norm = Norm.group
     norm_groups: int = 8
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Optimizer = Optimizer.adamw
     lr: float = 1.5e-4  # base rate for batch 256, scaled by batch/256 (MAE's rule)
     scale_lr_by_batch: bool = True
     weight_decay: float = 0.05
@@ -69,9 +106,7 @@ class TrainerConfig:
     # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
     best_metric: str = ""
     progress: bool = True
-    # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip"
-    # the batch
-    nonfinite: str = "stop"
+    nonfinite: NonFinite = NonFinite.stop  # what a non-finite loss or gradient does
     tensorboard: bool = True
     # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before
     # the time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
@@ -100,26 +135,11 @@ class DistributedConfig:
 
 
 def validate_model(m: ModelConfig) -> None:
-    """Checks of the encoder config alone: a known encoder, its patch size and compute dtype."""
-    from emfm import models
-
-    check_choice(m.name, sorted(models.ENCODERS), "model.name")
+    """Checks of the encoder config alone: its patch size."""
     if len(m.patch_size) not in (2, 3):
         raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
     if any(p <= 0 for p in m.patch_size):
         raise ConfigError(f"model.patch_size={m.patch_size}: sizes must be positive")
-    check_choice(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
-
-
-def check_choice(value: str, allowed, key: str, *, element: bool = False) -> None:
-    """A string option outside its fixed set of values is a ConfigError naming the key and the
-    allowed values (`element`: `value` is one entry of the list option `key`)."""
-    if value in allowed:
-        return
-    allowed = [str(a) for a in allowed]
-    listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
-    given = f"{key} has {value!r}" if element else f"{key}={value!r}"
-    raise ConfigError(f"{given}: use {listed}")
 
 
 def resolve_zoo(spec: str, key: str) -> str:

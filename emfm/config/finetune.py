@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from emfm.config.common import (
     MISSING_PATH,
+    Choice,
     ConfigError,
     DistributedConfig,
     MeshConfig,
@@ -15,11 +16,68 @@ from emfm.config.common import (
     OptimConfig,
     TrainerConfig,
     _check_fresh,
-    check_choice,
     resolve_zoo,
     validate_signals,
 )
 from emfm.config.instances import InstancesConfig, validate_instances
+
+
+class TaskKind(Choice):
+    semantic = "semantic"  # classes
+    boundary = "boundary"  # instance boundaries (+ optional distance transform)
+    affinity = "affinity"  # affinities at `offsets`
+    center = "center"  # foreground + centre heatmap + offsets to the centre
+
+
+class LabelType(Choice):
+    classes = "classes"
+    instances = "instances"
+
+
+class HeadName(Choice):
+    unetr = "unetr"  # ViT
+    progressive = "progressive"  # ViT
+    unet = "unet"  # the U-Net's own decoder
+
+
+class LossTerm(Choice):
+    ce = "ce"
+    dice = "dice"
+    focal = "focal"
+
+
+class Init(Choice):
+    scratch = "scratch"
+    pretrained = "pretrained"  # checkpoint=RUN_DIR
+
+
+class EncoderRegime(Choice):
+    finetune = "finetune"
+    frozen = "frozen"
+    partial = "partial"  # the first `frozen_blocks` blocks / levels frozen
+
+
+class Semi(Choice):
+    none = "none"
+    mean_teacher = "mean_teacher"
+    fixmatch = "fixmatch"
+
+
+class Cluster(Choice):
+    none = "none"
+    kmeans = "kmeans"
+    gmm = "gmm"
+
+
+class Blend(Choice):
+    cosine = "cosine"
+    gaussian = "gaussian"
+    constant = "constant"
+
+
+class ProbDType(Choice):
+    float16 = "float16"
+    float32 = "float32"
 
 
 @dataclass
@@ -51,9 +109,9 @@ class SegTaskConfig:
     or instances (0 = background / boundary). Instances of class labels are the connected components
     of class `instance_class`. `ignore_label` (raw value) marks unlabelled voxels."""
 
-    kind: str = "semantic"
+    kind: TaskKind = TaskKind.semantic
     num_classes: int = 2
-    label_type: str = "classes"
+    label_type: LabelType = LabelType.classes
     class_values: list[int] = field(default_factory=list)
     instance_class: int = 1
     ignore_label: int = -1
@@ -67,14 +125,14 @@ class SegTaskConfig:
 
 @dataclass
 class HeadConfig:
-    name: str = "unetr"  # unetr | progressive (ViT), unet (U-Net's own decoder)
+    name: HeadName = HeadName.unetr
     width: int = 32
     blocks: list[int] = field(default_factory=list)  # ViT blocks fused by UNETR; [] = evenly spaced
 
 
 @dataclass
 class LossConfig:
-    terms: list[str] = field(default_factory=lambda: ["ce", "dice"])  # ce | dice | focal
+    terms: list[LossTerm] = field(default_factory=lambda: [LossTerm.ce, LossTerm.dice])
     weights: list[float] = field(default_factory=list)  # per term; [] = all 1
     class_weights: list[float] = field(default_factory=list)  # per class; [] = none
     balance: bool = False  # weight classes by inverse frequency in each batch
@@ -91,8 +149,8 @@ class RegimeConfig:
     gmm (unsupervised: no training)."""
 
     name: str = "supervised"
-    init: str = "scratch"
-    encoder: str = "finetune"
+    init: Init = Init.scratch
+    encoder: EncoderRegime = EncoderRegime.finetune
     frozen_blocks: int = 2
     layer_decay: float = 1.0
     # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
@@ -102,12 +160,12 @@ class RegimeConfig:
     # With init=scratch a second random network stands in for the pretrained one (the control).
     shrink: float = 1.0
     perturb: float = 0.0
-    semi: str = "none"
+    semi: Semi = Semi.none
     unlabelled_ratio: int = 1
     consistency_weight: float = 1.0
     ema_momentum: float = 0.99
     threshold: float = 0.9
-    cluster: str = "none"
+    cluster: Cluster = Cluster.none
     clusters: int = 2
     cluster_samples: int = 20000
 
@@ -123,9 +181,9 @@ class PredictConfig:
     window: list[int] = field(default_factory=lambda: [1, 128, 128])
     overlap: list[int] = field(default_factory=lambda: [0, 32, 32])
     chunk: list[int] = field(default_factory=lambda: [1, 256, 256])
-    blend: str = "cosine"
+    blend: Blend = Blend.cosine
     batch_size: int = 4
-    dtype: str = "float16"
+    dtype: ProbDType = ProbDType.float16
     resume: bool = True
     # instance labels from the written probabilities, block by block with stitching
     # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
@@ -160,7 +218,7 @@ class FinetuneConfig:
     checkpoint: str = ""
 
 
-TASK_KINDS = ("semantic", "boundary", "affinity", "center")
+TASK_KINDS = tuple(TaskKind)
 
 
 def r_init_pretrained(cfg) -> bool:
@@ -195,8 +253,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
             raise ConfigError(
                 f"predict.instances={cfg.predict.instances!r} / instances.*: {e}"
             ) from None
-    check_choice(t.kind, TASK_KINDS, "task.kind")
-    check_choice(t.label_type, ("classes", "instances"), "task.label_type")
     if t.num_classes < 2:
         raise ConfigError(f"task.num_classes={t.num_classes}: at least 2")
     if t.class_values and len(t.class_values) != t.num_classes:
@@ -212,14 +268,11 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         )
     if t.kind == "affinity" and not t.offsets:
         raise ConfigError("task.kind=affinity needs task.offsets")
-    check_choice(h.name, ("unetr", "progressive", "unet"), "head.name")
     if (cfg.model.name == "unet") != (h.name == "unet"):
         raise ConfigError(
             f"head.name={h.name!r} does not fit model.name={cfg.model.name!r}: "
             "head=unet for the U-Net, head=unetr or progressive for a ViT"
         )
-    for term in lo.terms:
-        check_choice(term, ("ce", "dice", "focal"), "loss.terms", element=True)
     if lo.weights and len(lo.weights) != len(lo.terms):
         raise ConfigError(
             f"loss.weights={lo.weights}: one weight per term of loss.terms={lo.terms}"
@@ -228,12 +281,8 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"loss.class_weights={lo.class_weights}: one weight per class ({t.num_classes})"
         )
-    check_choice(r.init, ("scratch", "pretrained"), "regime.init")
     if r.init == "pretrained" and not cfg.checkpoint and command == "finetune":
         raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
-    check_choice(r.encoder, ("finetune", "frozen", "partial"), "regime.encoder")
-    check_choice(r.semi, ("none", "mean_teacher", "fixmatch"), "regime.semi")
-    check_choice(r.cluster, ("none", "kmeans", "gmm"), "regime.cluster")
     if r.unlabelled_ratio < 1:
         raise ConfigError(f"regime.unlabelled_ratio={r.unlabelled_ratio}: at least 1")
     if not 0.0 < r.layer_decay <= 1.0:
@@ -254,7 +303,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
                 f"model.patch_size={cfg.model.patch_size}"
             )
     pr = cfg.predict
-    check_choice(pr.blend, ("cosine", "gaussian", "constant"), "predict.blend")
     if len(pr.window) != 3 or len(pr.overlap) != 3 or len(pr.chunk) != 3:
         raise ConfigError(
             "predict.window, predict.overlap and predict.chunk take 3 sizes (z, y, x)"
@@ -265,7 +313,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"predict.overlap={pr.overlap}: each in [0, window/2) (window {pr.window})"
         )
-    check_choice(pr.dtype, ("float16", "float32"), "predict.dtype")
     if cfg.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
     validate_signals(cfg.trainer.preempt_signals)

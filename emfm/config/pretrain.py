@@ -1,6 +1,7 @@
-"""Configs of pretraining (`emfm main|pretrain`): the self-supervised objective, the unlabelled
-data (volumes, mixtures of sources, augmentation), and `EmfmConfig`, the top-level config that
-`emfm main|pretrain|probe|export` share, with `validate()`, its cross-field checks.
+"""Configs of pretraining (`emfm main|pretrain`): the unlabelled data (volumes, mixtures of
+sources, augmentation), and `EmfmConfig`, the top-level config that `emfm
+main|pretrain|probe|export` share, with `validate()`, its cross-field checks. The objectives'
+configs are in emfm.config.objective.
 """
 
 from __future__ import annotations
@@ -16,94 +17,14 @@ from emfm.config.common import (
     OptimConfig,
     TrainerConfig,
     _check_fresh,
-    check_choice,
     resolve_zoo,
     unet_pool,
     validate_model,
     validate_signals,
 )
 from emfm.config.export import ExportConfig, validate_export
+from emfm.config.objective import ObjectiveConfig, validate_objective
 from emfm.config.probe import BenchmarkConfig, ProbeConfig, validate_probe
-
-
-@dataclass
-class ObjectiveConfig:
-    """Self-supervised objective (emfm.objectives.OBJECTIVES). One schema for all objectives; each
-    reads the fields it needs. MAE (He et al. 2022): mask ratio, light decoder, norm-pixel loss.
-    Teacher-based objectives: `ema_momentum` is the EMA teacher's base momentum."""
-
-    name: str = "mae"
-    mask_ratio: float = 0.75
-    tube_masking: bool = False
-    decoder_width: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-    # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
-    target_norm: str = ""
-    # MAE: Gaussian sigma (pixels) smoothing the reconstruction target in plane; 0 = raw pixels
-    target_blur: float = 0.0
-    ema_momentum: float = 0.996
-    # Contrastive objectives (simclr, moco, dino, dense; emfm/objectives/): temperature of the
-    # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden
-    # width.
-    temperature: float = 0.2
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    pred_hidden: int = 512
-    # DINO (Caron et al. 2021): prototypes, teacher / student temperatures, centre momentum, and the
-    # local crops made on-device from the two global views (side = local_crop_size * global side,
-    # cut from a random square of side local_crop_scale * global side).
-    prototypes: int = 1024
-    teacher_temp: float = 0.04
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    local_crops: int = 2
-    local_crop_size: float = 0.5
-    local_crop_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
-    # dense: locations sampled per example for pixel / patch-level InfoNCE
-    dense_samples: int = 64
-    # mim_unet: side of the square in-plane mask patches (pixels)
-    mim_patch: int = 8
-    # combinations (mae_simclr, mae_dino): weights of [MAE loss, contrastive loss]
-    combo_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
-
-
-def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
-    """Checks of the objective and of its fit to the encoder; raises ConfigError."""
-    from emfm import objectives
-
-    try:
-        objectives.get(o.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if (o.name == "mae" or o.name.startswith("mae_")) and m.name != "vit":
-        raise ConfigError(
-            f"objective.name={o.name!r} masks ViT tokens: use a ViT model (model.name={m.name!r}); "
-            "for the U-Net use objective=mim_unet"
-        )
-    if o.name == "mim_unet" and m.name != "unet":
-        raise ConfigError(f"objective.name=mim_unet needs model.name=unet (got {m.name!r})")
-    if m.name == "unet" and any(p != 1 for p in m.patch_size):
-        raise ConfigError(
-            f"model.patch_size={m.patch_size}: the U-Net works per pixel, use [1, 1] or [1, 1, 1]"
-        )
-    if len(o.combo_weights) != 2:
-        raise ConfigError(
-            f"objective.combo_weights={o.combo_weights}: give [mae_weight, contrastive_weight]"
-        )
-    if o.temperature <= 0 or o.teacher_temp <= 0 or o.student_temp <= 0:
-        raise ConfigError("objective.temperature, teacher_temp and student_temp must be positive")
-    if o.target_norm:  # "" = from norm_pix_loss
-        check_choice(o.target_norm, ("patch", "image", "none"), "objective.target_norm")
-    if o.target_blur < 0:
-        raise ConfigError(
-            f"objective.target_blur={o.target_blur}: a Gaussian sigma in pixels, >= 0"
-        )
-    lo_ok = o.mask_ratio >= 0.0 if o.name == "dino_dense" else o.mask_ratio > 0.0
-    if not (lo_ok and o.mask_ratio < 1.0):
-        interval = "[0, 1)" if o.name == "dino_dense" else "(0, 1)"
-        raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: must be in {interval}")
 
 
 @dataclass
@@ -279,6 +200,7 @@ class EmfmConfig:
     """Top-level config shared by `emfm main|pretrain|probe|export`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the chosen objective's dataclass (objective=NAME; emfm.config.objective.OBJECTIVE_CONFIGS)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -329,7 +251,6 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
     validate_data(d)
     validate_objective(cfg.objective, m)
-    check_choice(cfg.trainer.nonfinite, ("stop", "skip"), "trainer.nonfinite")
     if cfg.optim.accumulate_steps < 1:
         raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
     if not 0.0 < cfg.optim.layer_decay <= 1.0:

@@ -8,12 +8,34 @@ from dataclasses import dataclass, field
 
 from emfm.config.common import (
     MISSING_PATH,
+    Choice,
     ConfigError,
     ModelConfig,
-    check_choice,
     resolve_zoo,
     unet_pool,
 )
+
+
+class Upsample(Choice):
+    bilinear = "bilinear"
+    subpixel = "subpixel"  # a logit per pixel of each token
+
+
+class ProbeTarget(Choice):  # emfm.eval.tasks.TARGETS
+    membranes = "membranes"
+    neuron_boundaries = "neuron_boundaries"
+    mitochondria = "mitochondria"
+
+
+class Probe(Choice):  # emfm.eval.probes.PROBES
+    linear = "linear"
+    mlp = "mlp"
+    knn = "knn"
+
+
+class Split(Choice):  # emfm.eval.tasks.SPLITS
+    test = "test"
+    val = "val"
 
 
 @dataclass
@@ -35,8 +57,7 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     compare_random: bool = True
     seed: int = 0
-    # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
-    upsample: str = "bilinear"
+    upsample: Upsample = Upsample.bilinear  # token logits to pixels
     # encoder blocks whose features are concatenated; [] = final output
     blocks: list[int] = field(default_factory=list)
     # ViT: also the patch embedding (tokens before the first block), concatenated first
@@ -59,7 +80,6 @@ class ProbeConfig:
 
 def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
     """Checks of the main job's probe (`probe.*`) for the encoder `m`; raises ConfigError."""
-    check_choice(pc.upsample, ("bilinear", "subpixel"), "probe.upsample")
     if pc.zoo:  # checked here; the probe resolves it and labels its row with the name given
         resolve_zoo(pc.zoo, "probe.zoo")
     for key in ("train_slices", "test_slices") + (("val_slices",) if pc.val_slices else ()):
@@ -103,8 +123,7 @@ class TaskConfig:
     reported."""
 
     name: str = ""  # defaults to the YAML file's name
-    # membranes | neuron_boundaries | mitochondria (emfm.eval.tasks.TARGETS)
-    target: str = "membranes"
+    target: ProbeTarget = ProbeTarget.membranes
     image: str = MISSING_PATH  # TIFF stack (z, y, x), zarr v2/v3 or N5; empty = bundled sample
     labels: str = MISSING_PATH  # same shape as image; empty = bundled sample membranes
     positive_label: int = 1  # label value of the probed class (membrane, boundary, mitochondrion)
@@ -127,7 +146,7 @@ class BenchmarkConfig:
 
     # names in configs/probe_task/ or paths of task YAML files
     tasks: list[str] = field(default_factory=list)
-    probes: list[str] = field(default_factory=lambda: ["linear", "mlp", "knn"])
+    probes: list[Probe] = field(default_factory=lambda: [Probe.linear, Probe.mlp, Probe.knn])
     # of the training pixels
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -157,7 +176,7 @@ class BenchmarkConfig:
     # "test": probes are scored on each task's test sections (a reported row); "val": on its
     # validation sections, for choosing settings and checkpoints (the test sections are then never
     # read)
-    split: str = "test"
+    split: Split = Split.test
     # Feature choices selected per checkpoint on the validation sections: each entry a `blocks` list
     # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise). With two or more,
     # every checkpoint is first probed on the validation sections with each (seed `seeds[0]`, all

@@ -127,9 +127,9 @@ def pretrain(cfg: EmfmConfig) -> dict:
     def loss_fn(model, batch, rng, teacher):
         return definition.loss(model, device.finish(batch), rng, cfg.objective, teacher)
 
-    step_fn = make_train_step(
-        graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum, total_steps=cfg.trainer.steps
-    )
+    # the EMA teacher's base momentum, for the objectives that have one
+    ema = {"ema_base": cfg.objective.ema_momentum} if definition.teacher else {}
+    step_fn = make_train_step(graphdef, loss_fn, tx, total_steps=cfg.trainer.steps, **ema)
     train_step = jax.jit(
         step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
     )
