@@ -37,7 +37,8 @@ class ExportConfig:
     # below
     block_z: int = 16
     margin_z: int = 4
-    # encoder blocks (ViT) / levels (U-Net), concatenated; [] = final output
+    # encoder blocks (ViT) / levels (U-Net), concatenated; index `depth` = the final output (e.g.
+    # [0, 1, 2, 3, 4]: a 4-level U-Net's hypercolumn and its decoder output); [] = final output
     layers: list[int] = field(default_factory=list)
     # >0: reduce the features to this many principal components (fitted on a sample of blocks)
     pca_k: int = 0

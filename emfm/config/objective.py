@@ -125,16 +125,20 @@ class DINOConfig(PrototypeFields):
 
 
 @dataclass
-class DINODenseConfig(PrototypeFields):
+class DINODenseConfig(PrototypeFields, MaskingFields):
     """Dense self-distillation (emfm.objectives.dino_dense): the student's view is zoomed in from a
     random square of side local_crop_scale * side and a mask_ratio of its mim_patch squares is
-    masked (0 = none); dense_samples locations per example are distilled."""
+    masked (0 = none); dense_samples locations per example are distilled. With mim_weight > 0 (a
+    U-Net) a masked-image-modelling loss of weight mim_weight is added: the student predicts the
+    pixels of a mim_mask_ratio of the mim_patch squares of the plain patch, zeroed (targets
+    normalised as MaskingFields say)."""
 
     name: str = "dino_dense"
     local_crop_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
-    mask_ratio: float = 0.75
     mim_patch: int = 8
     dense_samples: int = 64
+    mim_weight: float = 0.0
+    mim_mask_ratio: float = 0.75
 
 
 @dataclass
@@ -225,7 +229,19 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
         raise ConfigError(
             f"objective.target_blur={o.target_blur}: a Gaussian sigma in pixels, >= 0"
         )
-    if isinstance(o, DINODenseConfig) and not 0.0 <= o.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: must be in [0, 1)")
-    if isinstance(o, MaskingFields) and not 0.0 < o.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: must be in (0, 1)")
+    if isinstance(o, MaskingFields):
+        dense = isinstance(o, DINODenseConfig)  # mask_ratio 0: the student's view is not masked
+        if not ((o.mask_ratio >= 0.0 if dense else o.mask_ratio > 0.0) and o.mask_ratio < 1.0):
+            interval = "[0, 1)" if dense else "(0, 1)"
+            raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: must be in {interval}")
+    if isinstance(o, DINODenseConfig):
+        if o.mim_weight < 0 or not 0.0 < o.mim_mask_ratio < 1.0:
+            raise ConfigError(
+                f"objective.mim_weight={o.mim_weight}, mim_mask_ratio={o.mim_mask_ratio}: "
+                "mim_weight >= 0, mim_mask_ratio in (0, 1)"
+            )
+        if o.mim_weight > 0 and m.name != "unet":
+            raise ConfigError(
+                f"objective.mim_weight={o.mim_weight}: the added masked image modelling exists for "
+                f"a U-Net (got model {m.name!r})"
+            )

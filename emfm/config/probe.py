@@ -150,7 +150,9 @@ class BenchmarkConfig:
     # of the training pixels
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # encoder blocks concatenated as features; [] = final output
+    # encoder blocks (ViT) / levels (U-Net) concatenated as features, index `depth` = the final
+    # output (e.g. [0, 1, 2, 3, 4]: a 4-level U-Net's hypercolumn and its decoder output); [] =
+    # final output
     blocks: list[int] = field(default_factory=list)
     steps: int = 200  # linear / MLP optimiser steps
     batch_tokens: int = 1024  # tokens (each with its pixels' labels) per step
@@ -178,7 +180,8 @@ class BenchmarkConfig:
     # read)
     split: Split = Split.test
     # Feature choices selected per checkpoint on the validation sections: each entry a `blocks` list
-    # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise). With two or more,
+    # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise, `depth` = the final
+    # output). With two or more,
     # every checkpoint is first probed on the validation sections with each (seed `seeds[0]`, all
     # probes and fractions), the choice with the best mean primary metric is kept, and only it is
     # scored on the test sections. Empty = `blocks` for every checkpoint.

@@ -177,6 +177,8 @@ def encode_3d(
     import jax.numpy as jnp
     from flax import nnx
 
+    from emfm.export.features import layer_index
+
     spec = encoder.spec
     pz, py, px = spec.patch_size
     if tile % py or margin % py or tile % px or margin % px:
@@ -189,16 +191,18 @@ def encode_3d(
     grid = [-(-s // c) * c for s, c in zip((n, ny, nx), core)]
     pad = [(c, g - s + c) for s, g, c in zip((n, ny, nx), grid, ctx)]
     vol = np.pad(images, pad, mode="symmetric")
-    blocks = tuple(b % spec.depth for b in blocks)
+    blocks = tuple(layer_index(b, spec.depth) for b in blocks)
     graphdef, params = nnx.split(encoder)
     t0 = [c // p for c, p in zip(ctx, (pz, py, px))]
     tn = [c // p for c, p in zip(core, (pz, py, px))]
 
     @jax.jit
     def fwd(prm, x):
-        _, aux = nnx.merge(graphdef, prm)(x[..., None], return_blocks=blocks)
+        collect = tuple(b for b in blocks if b != spec.depth)
+        _, aux = nnx.merge(graphdef, prm)(x[..., None], return_blocks=collect)
         m = aux["patch_map"]
         if blocks:
+            aux["blocks"][spec.depth] = m
             m = jnp.concatenate(
                 [aux["blocks"][b].reshape(m.shape[:-1] + (-1,)) for b in blocks], axis=-1
             )

@@ -104,6 +104,13 @@ def load_export_encoder(model_cfg, checkpoint: str = "", *, seed: int = 0):
 
 
 # ---------------------------------------------------------------- encoder on blocks
+def layer_index(i: int, depth: int) -> int:
+    """A chosen layer's index in 0..depth: ViT blocks / U-Net encoder levels 0..depth-1 (negative
+    indices count from the last), and `depth` for the encoder's final output (a ViT's normed last
+    block, a U-Net's decoder output), so the final output can be concatenated with layers."""
+    return i if i == depth else i % depth
+
+
 class BlockEncoder:
     """Encodes batches of `[block + 2 margin]` windows `[b, wz, wy, wx]` (floats in [0, 1]) and
     returns the block interiors' features `[b, bz/sz, by/sy, bx/sx, c]` (c = pca_k when a PCA basis
@@ -128,15 +135,14 @@ class BlockEncoder:
         self.embed = embed
         layers = tuple(int(i) for i in layers)
         for i in layers:
-            if not -spec.depth <= i < spec.depth:
+            if not -spec.depth <= i <= spec.depth:
                 raise UserError(
                     f"export.layers={list(layers)}: the encoder has {spec.depth} "
                     f"{'levels' if self.is_unet else 'blocks'} (indices "
-                    f"{-spec.depth}..{spec.depth - 1})"
+                    f"{-spec.depth}..{spec.depth - 1}, and {spec.depth} for its final output)"
                 )
-        self.layers = tuple(
-            sorted({i % spec.depth for i in layers}, key=[i % spec.depth for i in layers].index)
-        )
+        norm = [layer_index(i, spec.depth) for i in layers]
+        self.layers = tuple(sorted(set(norm), key=norm.index))
         strides, widths = self._layer_grids(spec)
         if (
             embed
@@ -159,7 +165,7 @@ class BlockEncoder:
         self.out_dtype = np.dtype(out_dtype)
         self.pca = None
         graphdef, self.params = nnx.split(encoder)
-        collect = self.layers
+        collect = tuple(i for i in self.layers if i != spec.depth)
 
         def fwd(prm, x, mean, comp, out_dtype):
             b = x.shape[0]
@@ -167,7 +173,11 @@ class BlockEncoder:
             _, aux = nnx.merge(graphdef, prm)(xin, return_blocks=collect)
             maps = []
             srcs = (
-                [aux["patch_map"]] if not self.layers else [aux["blocks"][i] for i in self.layers]
+                [aux["patch_map"]]
+                if not self.layers
+                else [
+                    aux["patch_map"] if i == spec.depth else aux["blocks"][i] for i in self.layers
+                ]
             )
             if self.embed:
                 srcs = [aux["embed_map"]] + srcs
@@ -211,10 +221,10 @@ class BlockEncoder:
         grids = []
         for lvl in self.layers:
             tot = [1] * spec.ndim
-            for k in range(1, lvl + 1):
+            for k in range(1, lvl + 1 if lvl < spec.depth else 1):  # depth: the decoder output
                 tot = [t * w for t, w in zip(tot, spec.pool_window(k))]
             grids.append(self._pad3(tot))
-        return grids, [spec.widths[lvl] for lvl in self.layers]
+        return grids, [spec.widths[lvl % spec.depth] for lvl in self.layers]
 
     @property
     def channels(self) -> int:

@@ -14,6 +14,13 @@ bottleneck, `prototypes` weight-normalised logits); the teacher's logits are cen
 `center_momentum`) and sharpened (`teacher_temp`), the student's softened (`student_temp`), and the
 loss is their cross-entropy. The teacher is the EMA of the student.
 
+With `mim_weight` > 0 the student also does masked image modelling (emfm/objectives/mim_unet.py):
+in a second pass a `mim_mask_ratio` fraction of the plain patch's `mim_patch`-pixel squares is
+zeroed, and a 1x1 convolution on the student's features predicts the masked pixels (MSE, targets
+normalised by `target_norm`); the loss is the distillation loss plus `mim_weight` x that MSE. The
+distillation makes features invariant to grey values, orientation and scale; the reconstruction
+keeps in them the pixel detail a per-pixel probe of thin structures (membranes) needs.
+
 So the student must give, for a location it sees magnified, turned, re-contrasted and partly masked,
 the same assignment to the prototypes as the teacher gives from the plain view: the assignment
 must depend on what is at that location in its context (membrane, organelle, cytoplasm), not on
@@ -31,12 +38,15 @@ from emfm.models.heads import DINOHead
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
 from emfm.objectives.dino import Center
+from emfm.objectives.mim_unet import masked_pixel_loss, pixel_head
 
 
 class Heads(nnx.Module):
-    def __init__(self, width: int, cfg, rngs: nnx.Rngs):
+    def __init__(self, width: int, cfg, rngs: nnx.Rngs, *, spec=None):
         self.head = DINOHead(width, cfg.proj_hidden, cfg.proj_dim, cfg.prototypes, rngs=rngs)
         self.center = Center(jnp.zeros((1, cfg.prototypes), jnp.float32))
+        # masked image modelling (mim_weight > 0): 1x1 convolution from features to pixels
+        self.pred = nnx.data(pixel_head(spec, rngs) if cfg.mim_weight > 0 else None)
 
 
 def zoom_crops(rng, x, scale: tuple[float, float]):
@@ -149,11 +159,26 @@ def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
 
 def loss(model, batch: dict, rng, cfg, teacher=None):
     t = None if teacher is None else (teacher.encoder, teacher.heads)
-    return dense_dino_loss(model.encoder, model.heads, batch["image"], rng, cfg, t)
+    x = batch["image"]
+    value, metrics = dense_dino_loss(model.encoder, model.heads, x, rng, cfg, t)
+    if cfg.mim_weight > 0:
+        pred, k_mim = model.heads.pred, jax.random.fold_in(rng, 1)
+        l_mim, _ = masked_pixel_loss(
+            lambda v: pred(model.encoder(v)[1]["patch_map"]), x, k_mim, cfg, cfg.mim_mask_ratio
+        )
+        metrics = {**metrics, "dino_loss": value, "mim_loss": l_mim}
+        value = value + cfg.mim_weight * l_mim
+        metrics["loss"] = value
+    return value, metrics
 
 
 def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
-    return ContrastiveModel(encoder, Heads(encoder.spec.width, cfg, rngs))
+    if cfg.mim_weight > 0 and encoder.spec.patch_size[-1] != 1:
+        raise UserError(
+            f"objective.mim_weight={cfg.mim_weight}: masked image modelling here predicts pixels "
+            "from per-pixel features (a U-Net); use mim_weight=0 for a patch encoder"
+        )
+    return ContrastiveModel(encoder, Heads(encoder.spec.width, cfg, rngs, spec=encoder.spec))
 
 
 DEFINITION = ObjectiveDef(name="dino_dense", build=build, loss=loss, views=1, teacher=True)

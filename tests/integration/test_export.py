@@ -22,6 +22,7 @@ from emfm import pipeline
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
 from emfm.data.volume import VolumeError, create_volume, open_volume, write_array
+from emfm.errors import UserError
 from emfm.export import features as F
 from emfm.models import build_encoder
 from emfm.train.checkpoint import CheckpointError
@@ -74,6 +75,16 @@ def test_unet_blocks_equal_whole_image_forward_no_seams():
         rtol=0,
         atol=2e-5,
     )
+    # index `depth` names the decoder output, so it can be concatenated with the levels
+    depth = enc.spec.depth
+    np.testing.assert_allclose(
+        F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(0, 1, depth)),
+        np.concatenate([both, whole], -1),
+        rtol=0,
+        atol=2e-5,
+    )
+    with pytest.raises(UserError, match="final output"):
+        F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(depth + 1,))
 
 
 def test_layers_pca_and_dtype(tmp_path):

@@ -67,3 +67,38 @@ def test_dino_dense_trains_on_real_em(tmp_path):
         # the teacher / centre state does not get in the way of loading
         enc, _ = load_encoder(str(d))
         assert enc is not None
+
+
+def test_dino_dense_with_masked_image_modelling(tmp_path):
+    """mim_weight > 0 adds the masked-pixel MSE to the distillation loss (logged apart), the pixel
+    head is dropped with the other heads on loading, and a patch encoder is refused."""
+    import pytest
+
+    from emfm.config.schema import ConfigError, compose
+    from emfm.train.pretrain import pretrain
+    from emfm.train.state import load_encoder
+
+    args = [
+        "debug=tiny",
+        "objective=dino_dense",
+        "trainer.steps=4",
+        "trainer.log_every=2",
+        "trainer.progress=false",
+        "objective.prototypes=32",
+        "objective.proj_hidden=32",
+        "objective.proj_dim=16",
+        "objective.mim_weight=0.5",
+        "objective.target_norm=image",
+        "data.batch_size=4",
+    ]
+    cfg = compose("pretrain", ["model=unet2d", "model.width=8", *args], run_dir=str(tmp_path))
+    pretrain(cfg)
+    rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["mim_loss"] > 0 and np.isfinite(r["dino_loss"])
+        np.testing.assert_allclose(r["loss"], r["dino_loss"] + 0.5 * r["mim_loss"], rtol=1e-4)
+    enc, _ = load_encoder(str(tmp_path))
+    assert enc.spec.width == 8
+    with pytest.raises(ConfigError, match="mim_weight"):
+        compose("pretrain", ["model=vit_ti_p8", *args], run_dir=str(tmp_path / "vit"))
