@@ -183,12 +183,18 @@ def objective_from_record(record: dict) -> ObjectiveConfig:
     name = record.get("name", "")
     if name not in OBJECTIVE_CONFIGS:
         raise ConfigError(f"objective.name={name!r}: known objectives are {_known()}")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     cls = OBJECTIVE_CONFIGS[name]
     own = {f.name for f in fields(cls)}
     kw = {k: v for k, v in record.items() if k in own}
     if kw.get("target_norm") == "":
         kw["target_norm"] = None
-    return cls(**kw)
+    try:  # typed as when composed: Choices, lists, numbers
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), kw))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"objective record {record}: {str(e).splitlines()[0]}") from None
 
 
 def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:

@@ -118,6 +118,7 @@ __all__ = [
     "run_dir_for",
     "register",
     "compose",
+    "load_saved",
 ]
 
 
@@ -164,3 +165,34 @@ def compose(
     if isinstance(obj, FinetuneConfig):  # finetune / predict
         return validate_finetune(obj, command=config_name)
     return validate(obj)
+
+
+def load_saved(
+    path,
+) -> EmfmConfig | FinetuneConfig | InstancesConfig | EvaluateConfig | DiscoverConfig:
+    """The typed config a command saved in its run directory (`config.yaml`; `path` is the file or
+    the directory), checked against the schema as a composed config is, but not by `validate` (its
+    paths may be gone). The schema is the one whose fields hold every saved key. The `objective`
+    of configs saved before each objective had its own dataclass, which holds the fields of every
+    objective, is read by `objective_from_record`."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    p = Path(path)
+    p = p / "config.yaml" if p.is_dir() else p
+    saved = OmegaConf.to_container(OmegaConf.load(p))
+    kinds = (EmfmConfig, FinetuneConfig, InstancesConfig, EvaluateConfig, DiscoverConfig)
+    kind = next((k for k in kinds if set(saved) <= {f.name for f in fields(k)}), None)
+    if kind is None:
+        raise ConfigError(f"{p}: not a config saved by an emfm command (keys {sorted(saved)})")
+    objective = saved.pop("objective", None)
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), saved))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{p}: {e.full_key}: {str(e).splitlines()[0]}") from None
+    if objective is not None:
+        cfg.objective = objective_from_record(objective)
+    return cfg

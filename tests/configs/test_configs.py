@@ -255,3 +255,31 @@ def test_debug_tiny_shrinks_the_objectives_decoder_where_it_has_one():
     assert compose("pretrain", ["recipe=vit4_mae", "debug=tiny"]).objective.decoder_width == 32
     dino = compose("pretrain", ["objective=dino", "debug=tiny"]).objective
     assert not hasattr(dino, "decoder_width") and dino.prototypes == 1024
+
+
+def test_saved_configs_load(tmp_path):
+    """config.yaml of run directories and of the zoo, and checkpoint records, load into the typed
+    configs, also those written with the flat objective of every objective's fields."""
+    from omegaconf import OmegaConf
+
+    from emfm import zoo
+    from emfm.config.objective import DINODenseConfig
+    from emfm.config.schema import FinetuneConfig, load_saved, objective_from_record
+    from emfm.train import checkpoint
+
+    entry = zoo.path_of("em_unet16")
+    saved = load_saved(entry)
+    assert type(saved.objective) is DINODenseConfig and saved.model.name == "unet"
+    o = saved.objective
+    assert o.local_crop_scale == [1.0, 1.0] and o.target_norm is None and o.mim_weight == 0.0
+    meta = checkpoint.read_meta(checkpoint.find_checkpoint_dir(entry))
+    assert "decoder_width" in meta["objective"]  # a record of the flat objective
+    assert objective_from_record(meta["objective"]) == o
+    assert load_saved(CONFIGS.parent / "experiments/foundation/long_run").trainer.steps > 0
+    for cmd in ("main", "pretrain", "finetune", "predict"):
+        cfg = compose(cmd, ["predict.instances=watershed"] if cmd == "predict" else [])
+        (tmp_path / cmd).mkdir()
+        (tmp_path / cmd / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        back = load_saved(tmp_path / cmd)
+        assert back == cfg and type(back) is type(cfg)
+        assert isinstance(back, FinetuneConfig) == (cmd in ("finetune", "predict"))
