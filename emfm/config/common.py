@@ -28,29 +28,20 @@ class Choice(enum.StrEnum):
         return repr(self.value)
 
 
-class Encoder(Choice):  # emfm.models.ENCODERS
-    vit = "vit"
-    unet = "unet"
+def choice(name: str, *values: str) -> type[Choice]:
+    """The Choice `name` of `values` (each member named by its value), made in the caller's module
+    (where pickle finds it)."""
+    import sys
+
+    return Choice(name, [(v, v) for v in values], module=sys._getframe(1).f_globals["__name__"])
 
 
-class ComputeDType(Choice):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Norm(Choice):
-    group = "group"
-    layer = "layer"
-
-
-class Optimizer(Choice):
-    adamw = "adamw"
-
-
-class NonFinite(Choice):
-    stop = "stop"  # name the step, keep the last good checkpoint
-    skip = "skip"  # skip the batch
+# the names of emfm.models.ENCODERS
+Encoder = choice("Encoder", "vit", "unet")
+ComputeDType = choice("ComputeDType", "float32", "bfloat16", "float16")
+Norm = choice("Norm", "group", "layer")
+Optimizer = choice("Optimizer", "adamw")
+NonFinite = choice("NonFinite", "stop", "skip")
 
 
 @dataclass
@@ -106,7 +97,9 @@ class TrainerConfig:
     # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
     best_metric: str = ""
     progress: bool = True
-    nonfinite: NonFinite = NonFinite.stop  # what a non-finite loss or gradient does
+    # a non-finite loss or gradient: stop (name the step, keep the last good checkpoint) or skip the
+    # batch
+    nonfinite: NonFinite = NonFinite.stop
     tensorboard: bool = True
     # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before
     # the time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job

@@ -6,21 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emfm.config.common import MISSING_PATH, Choice, ConfigError, ModelConfig, unet_pool
+from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, choice, unet_pool
 
-
-class FeatureDType(Choice):  # emfm.export.features.OUT_DTYPES
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
-
-
-class ExportBlend(Choice):  # emfm.export.features.BLENDS
-    auto = "auto"  # cosine for a ViT, none for a U-Net
-    cosine = "cosine"
-    gaussian = "gaussian"
-    constant = "constant"
-    none = "none"  # the margin is dropped
+# the names of emfm.export.features.OUT_DTYPES
+FeatureDType = choice("FeatureDType", "float16", "bfloat16", "float32")
+# emfm.export.features.BLENDS
+ExportBlend = choice("ExportBlend", "auto", "cosine", "gaussian", "constant", "none")
 
 
 @dataclass
@@ -47,7 +38,8 @@ class ExportConfig:
     prefetch: int = 2  # batches of blocks read ahead of the encoder
     # skip blocks an earlier run of the same export finished; false = start over
     resume: bool = True
-    # windows of tile + 2 margin blended over their overlap (no ViT position seams) or not
+    # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT
+    # position seams) or none (margin dropped); auto = cosine for a ViT, none for a U-Net
     blend: ExportBlend = ExportBlend.auto
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from emfm.config.common import (
     MISSING_PATH,
-    Choice,
     ConfigError,
     DistributedConfig,
     MeshConfig,
@@ -16,68 +15,22 @@ from emfm.config.common import (
     OptimConfig,
     TrainerConfig,
     _check_fresh,
+    choice,
     resolve_zoo,
     validate_signals,
 )
 from emfm.config.instances import InstancesConfig, validate_instances
 
-
-class TaskKind(Choice):
-    semantic = "semantic"  # classes
-    boundary = "boundary"  # instance boundaries (+ optional distance transform)
-    affinity = "affinity"  # affinities at `offsets`
-    center = "center"  # foreground + centre heatmap + offsets to the centre
-
-
-class LabelType(Choice):
-    classes = "classes"
-    instances = "instances"
-
-
-class HeadName(Choice):
-    unetr = "unetr"  # ViT
-    progressive = "progressive"  # ViT
-    unet = "unet"  # the U-Net's own decoder
-
-
-class LossTerm(Choice):
-    ce = "ce"
-    dice = "dice"
-    focal = "focal"
-
-
-class Init(Choice):
-    scratch = "scratch"
-    pretrained = "pretrained"  # checkpoint=RUN_DIR
-
-
-class EncoderRegime(Choice):
-    finetune = "finetune"
-    frozen = "frozen"
-    partial = "partial"  # the first `frozen_blocks` blocks / levels frozen
-
-
-class Semi(Choice):
-    none = "none"
-    mean_teacher = "mean_teacher"
-    fixmatch = "fixmatch"
-
-
-class Cluster(Choice):
-    none = "none"
-    kmeans = "kmeans"
-    gmm = "gmm"
-
-
-class Blend(Choice):
-    cosine = "cosine"
-    gaussian = "gaussian"
-    constant = "constant"
-
-
-class ProbDType(Choice):
-    float16 = "float16"
-    float32 = "float32"
+TaskKind = choice("TaskKind", "semantic", "boundary", "affinity", "center")
+LabelType = choice("LabelType", "classes", "instances")
+HeadName = choice("HeadName", "unetr", "progressive", "unet")
+LossTerm = choice("LossTerm", "ce", "dice", "focal")
+Init = choice("Init", "scratch", "pretrained")
+EncoderRegime = choice("EncoderRegime", "finetune", "frozen", "partial")
+Semi = choice("Semi", "none", "mean_teacher", "fixmatch")
+Cluster = choice("Cluster", "none", "kmeans", "gmm")
+Blend = choice("Blend", "cosine", "gaussian", "constant")
+ProbDType = choice("ProbDType", "float16", "float32")
 
 
 @dataclass
@@ -125,7 +78,7 @@ class SegTaskConfig:
 
 @dataclass
 class HeadConfig:
-    name: HeadName = HeadName.unetr
+    name: HeadName = HeadName.unetr  # unetr | progressive (ViT), unet (U-Net's own decoder)
     width: int = 32
     blocks: list[int] = field(default_factory=list)  # ViT blocks fused by UNETR; [] = evenly spaced
 

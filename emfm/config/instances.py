@@ -7,30 +7,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from emfm.config.common import Choice, ConfigError, DistributedConfig
+from emfm.config.common import ConfigError, DistributedConfig, choice
 
-
-class EvaluateKind(Choice):  # metric families of emfm.eval.evaluate
-    semantic = "semantic"
-    binary = "binary"
-    region = "region"
-    instance = "instance"
-    warping = "warping"
-
-
-class InputKind(Choice):
-    auto = "auto"
-    boundary = "boundary"
-    affinities = "affinities"
-
-
-class TuneMetric(Choice):  # emfm.instances.tune.METRICS
-    adapted_rand_error = "adapted_rand_error"
-    voi = "voi"
-    voi_split = "voi_split"
-    voi_merge = "voi_merge"
-    cremi_score = "cremi_score"
-    instance_f1 = "instance_f1"
+# metric families of emfm.eval.evaluate
+EvaluateKind = choice("EvaluateKind", "semantic", "binary", "region", "instance", "warping")
+InputKind = choice("InputKind", "auto", "boundary", "affinities")
+# the names of emfm.instances.tune.METRICS
+TuneMetric = choice(
+    "TuneMetric",
+    "adapted_rand_error",
+    "voi",
+    "voi_split",
+    "voi_merge",
+    "cremi_score",
+    "instance_f1",
+)
 
 
 @dataclass

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from emfm.config.common import Choice, ConfigError, ModelConfig
+from emfm.config.common import ConfigError, ModelConfig, choice
 
-
-class TargetNorm(Choice):
-    patch = "patch"  # per masked patch (MAE's norm-pixel loss)
-    image = "image"  # per image
-    none = "none"  # raw pixels
+TargetNorm = choice("TargetNorm", "patch", "image", "none")
 
 
 @dataclass

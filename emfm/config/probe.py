@@ -8,34 +8,20 @@ from dataclasses import dataclass, field
 
 from emfm.config.common import (
     MISSING_PATH,
-    Choice,
     ConfigError,
     ModelConfig,
+    choice,
     resolve_zoo,
     unet_pool,
 )
 
-
-class Upsample(Choice):
-    bilinear = "bilinear"
-    subpixel = "subpixel"  # a logit per pixel of each token
-
-
-class ProbeTarget(Choice):  # emfm.eval.tasks.TARGETS
-    membranes = "membranes"
-    neuron_boundaries = "neuron_boundaries"
-    mitochondria = "mitochondria"
-
-
-class Probe(Choice):  # emfm.eval.probes.PROBES
-    linear = "linear"
-    mlp = "mlp"
-    knn = "knn"
-
-
-class Split(Choice):  # emfm.eval.tasks.SPLITS
-    test = "test"
-    val = "val"
+Upsample = choice("Upsample", "bilinear", "subpixel")
+# the names of emfm.eval.tasks.TARGETS
+ProbeTarget = choice("ProbeTarget", "membranes", "neuron_boundaries", "mitochondria")
+# emfm.eval.probes.PROBES
+Probe = choice("Probe", "linear", "mlp", "knn")
+# emfm.eval.tasks.SPLITS
+Split = choice("Split", "test", "val")
 
 
 @dataclass
@@ -57,7 +43,8 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     compare_random: bool = True
     seed: int = 0
-    upsample: Upsample = Upsample.bilinear  # token logits to pixels
+    # token logits to pixels: bilinear, or subpixel (a logit per pixel of each token)
+    upsample: Upsample = Upsample.bilinear
     # encoder blocks whose features are concatenated; [] = final output
     blocks: list[int] = field(default_factory=list)
     # ViT: also the patch embedding (tokens before the first block), concatenated first
