@@ -187,3 +187,31 @@ def segment_params(cfg: InstancesConfig):
         link_mutual_best=cfg.link_mutual_best,
         link_min_overlap=cfg.link_min_overlap,
     )
+
+
+def run_instances(cfg: InstancesConfig, input_path: str, out: str, progress=None) -> dict:
+    """Segment `input_path` into `out` block by block (emfm.instances.blockwise.instances) with the
+    method, parameters and blocks of a validated InstancesConfig, after choosing the parameters on
+    validation labels first when `cfg.tune` (the search's record is the result's "tuned")."""
+    from emfm.instances.blockwise import instances
+
+    params, tuned = segment_params(cfg), None
+    if cfg.tune:
+        from emfm.instances.tune import tune_from_volumes_cfg
+
+        params, tuned = tune_from_volumes_cfg(cfg, input_path, params)
+    res = instances(
+        input_path,
+        out,
+        params,
+        block=cfg.block,
+        halo=cfg.halo,
+        kind=cfg.kind,
+        channel=cfg.channel,
+        invert=cfg.invert,
+        stitch_threshold=cfg.stitch_threshold,
+        work_dir=cfg.work_dir or None,
+        keep_work=cfg.keep_work,
+        progress=progress,
+    )
+    return {**res, "tuned": tuned} if tuned is not None else res

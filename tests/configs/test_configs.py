@@ -283,3 +283,12 @@ def test_saved_configs_load(tmp_path):
         back = load_saved(tmp_path / cmd)
         assert back == cfg and type(back) is type(cfg)
         assert isinstance(back, FinetuneConfig) == (cmd in ("finetune", "predict"))
+
+
+def test_the_main_job_takes_another_objective():
+    """The main job's objective settings are its objective config (dino_dense_weak), so choosing
+    another objective leaves none of them behind."""
+    main = compose("main").objective
+    assert (main.name, main.local_crop_scale, main.mask_ratio) == ("dino_dense", [1.0, 1.0], 0.0)
+    mae = compose("main", ["debug=tiny", "model=vit_ti_p8", "objective=mae"]).objective
+    assert mae.name == "mae" and mae.decoder_width == 32
