@@ -127,6 +127,45 @@ class DistributedConfig:
     timeout_s: int = 300  # start-up: seconds to wait for every process before a clear error
 
 
+@dataclass
+class RunConfig:
+    """What the configs of the training and inference commands share (EmfmConfig, FinetuneConfig):
+    the encoder, optimiser, trainer, device mesh and processes, and the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run_dir: str = "runs/default"
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
+    # a run directory or checkpoint directory (or zoo:NAME) the command starts from
+    checkpoint: str = ""
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Checks of the shared part: the optimiser's accumulation and layer decay, the trainer's steps
+    and signals, and resume=false in a directory that already holds checkpoints."""
+    from pathlib import Path
+
+    if cfg.optim.accumulate_steps < 1:
+        raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
+    if cfg.trainer.steps <= 0:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    validate_signals(cfg.trainer.preempt_signals)
+    ck = Path(cfg.run_dir) / "checkpoints"
+    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+        raise ConfigError(
+            f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
+            "hydra.run.dir (or name=), or drop resume=false to continue that run"
+        )
+
+
 def validate_model(m: ModelConfig) -> None:
     """Checks of the encoder config alone: its patch size."""
     if len(m.patch_size) not in (2, 3):
@@ -153,16 +192,23 @@ def unet_pool(m: ModelConfig) -> int:
     return 2 ** ((len(m.widths) if m.widths else (m.depth or 4)) - 1)
 
 
-def _check_fresh(cfg) -> None:
-    """resume=false with an explicit run directory that already holds checkpoints: say so rather
-    than resume (or overwrite) it."""
-    from pathlib import Path
-
-    ck = Path(cfg.run_dir) / "checkpoints"
-    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+def validate_patch_shape(shape: list[int], m: ModelConfig, key: str = "data.patch_shape") -> None:
+    """Patches of `shape` (z, y, x) fit the encoder `m`: depth 1 for a 2D model, divisible by its
+    patch size, and in plane by a U-Net's pooling."""
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise ConfigError(f"{key}={shape}: give 3 positive sizes (z, y, x)")
+    if len(m.patch_size) == 2 and shape[0] != 1:
         raise ConfigError(
-            f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
-            "hydra.run.dir (or name=), or drop resume=false to continue that run"
+            f"{key}={shape}: a 2D model (model.patch_size={m.patch_size}) needs patches of depth 1"
+        )
+    spatial = shape[1:] if len(m.patch_size) == 2 else shape
+    if any(s % p for s, p in zip(spatial, m.patch_size)):
+        raise ConfigError(f"{key}={shape} is not divisible by model.patch_size={m.patch_size}")
+    pool = unet_pool(m)
+    if pool > 1 and any(s % pool for s in shape[1:]):
+        raise ConfigError(
+            f"{key}={shape}: the U-Net's {len(m.widths or []) or m.depth or 4} levels pool "
+            f"in-plane by {pool}; y and x must be multiples of it"
         )
 
 

@@ -356,18 +356,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return cluster_run(cfg)
     job = loop.start_job(cfg.run_dir, cfg.data.batch_size, cfg.mesh)
     img, lab = _volumes(cfg)
-    model, mcfg, ckpt_grey = init_model(cfg)
+    model, mcfg, ckpt_grey = init_model(cfg)  # data.patch_shape fits it (validate_finetune)
     ndim = model.encoder.spec.ndim
-    spatial = cfg.data.patch_shape[1:] if ndim == 2 else cfg.data.patch_shape
-    if (
-        ndim == 2
-        and cfg.data.patch_shape[0] != 1
-        or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size))
-    ):
-        raise UserError(
-            f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
-            f"{model.encoder.spec.patch_size}"
-        )
     grey = ckpt_grey or estimate_range(
         Region.of(img, cfg.data.train_roi),
         samples=cfg.data.intensity_samples,
@@ -407,18 +397,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
         log_first=True,
         throughput=False,
     )
+    scores = _test_scores(cfg, job, graphdef, result.state, img, lab, grey, ndim)
+    return _summary(cfg, job, result, batches.labelled, scores)
+
+
+def _summary(cfg: FinetuneConfig, job: loop.Job, result: loop.LoopResult, labelled, scores):
+    """The run's summary, written to finetune_summary.json (process 0) and logged."""
     summary = {
         "regime": dataclasses.asdict(cfg.regime),
         "steps": cfg.trainer.steps,
-        "resumed_from": start,
+        "resumed_from": result.start,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None,
         "compile_s": result.compile_s,
         "train_s": result.loop_s,
-        "labelled_roi": [list(b) for b in batches.labelled.box],
+        "labelled_roi": [list(b) for b in labelled.box],
         "checkpoint": str(job.dir / "checkpoints"),
     }
-    scores = _test_scores(cfg, job, graphdef, result.state, img, lab, grey, ndim)
     if scores is not None:
         summary["test"] = scores
     summary["total_s"] = time.perf_counter() - job.started

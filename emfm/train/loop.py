@@ -255,11 +255,10 @@ class Engine:
         compiled, out.compile_s = self.compile(data.example())
         t, job = self.trainer, self.job
         preemption = Preemption(list(t.preempt_signals), every=t.log_every)
-        stopped_by: dict = {}
         write_status(job.dir, "running", step=start)
         log = _StepLog(self, data, out, sched=sched, accumulate_steps=accumulate_steps)
         log.open(desc, start, throughput)
-        status = "failed"
+        ended = {"status": "failed"}  # what status.json says at the end
 
         def save(mgr, step, extra=None, **kw):
             record = {**meta, "data": data.state(), **(extra or {})}
@@ -269,7 +268,7 @@ class Engine:
             for step in range(start, t.steps):
                 signum = preemption.agreed(step)
                 if signum is not None:
-                    status, stopped_by["signal"] = "preempted", signal.Signals(signum).name
+                    ended.update(status="preempted", signal=signal.Signals(signum).name)
                     self._preempt(save, step, signum, preemption)
                 out.state, metrics = compiled(out.state, meshlib.global_batch(next(data), job.mesh))
                 out.images += job.batch_size
@@ -284,17 +283,21 @@ class Engine:
             log.finish()
             save(self.mngr, t.steps, force=True)
             self.mngr.wait_until_finished()
-            status = "finished"
+            ended["status"] = "finished"
         finally:
             log.close()
             data.close()
-            self.mngr.close()
-            if self.best is not None:
-                self.best.close()
-            preemption.restore()
-            step = int(jax.device_get(out.state.step)) if status != "failed" else None
-            write_status(job.dir, status, step=step, **stopped_by)
+            self._close(preemption, out, **ended)
         return out
+
+    def _close(self, preemption: Preemption, out: LoopResult, status: str, **stopped_by) -> None:
+        """Close the checkpoint managers, give the signals back and write status.json."""
+        self.mngr.close()
+        if self.best is not None:
+            self.best.close()
+        preemption.restore()
+        step = int(jax.device_get(out.state.step)) if status != "failed" else None
+        write_status(self.job.dir, status, step=step, **stopped_by)
 
     def _preempt(self, save: Callable, step: int, signum: int, preemption: Preemption) -> None:
         """Checkpoint `step`, let the scheduler's own handler run, and leave with Preempted."""

@@ -88,13 +88,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
 
     abstract_model = nnx.eval_shape(create_model)
     ndim = abstract_model.encoder.spec.ndim
-    n_enc, n_all = count_params(abstract_model.encoder), count_params(abstract_model)
-    log.info(
-        "model: %s encoder, %.2f M parameters (%.2f M with the objective's heads)",
-        cfg.model.name,
-        n_enc / 1e6,
-        n_all / 1e6,
-    )
+    n_enc = _log_size(cfg, abstract_model)
     tx, sched = optim.build(
         cfg.optim,
         steps=cfg.trainer.steps,
@@ -136,10 +130,21 @@ def pretrain(cfg: EmfmConfig) -> dict:
     fig = None
     if cfg.objective.name.startswith("mae") and job.main_proc:  # MAE and its combinations
         fig = job.dir / "figures" / "mae_reconstruction.png"
-        host_state = jax.device_get(result.state)
-        model = nnx.merge(graphdef, host_state.params, host_state.rest)
-        _reconstruction_figure(model, loader, ndim, cfg, fig)
+        host = jax.device_get(result.state)
+        _reconstruction_figure(nnx.merge(graphdef, host.params, host.rest), loader, ndim, cfg, fig)
     return _summary(cfg, job, result, n_enc, fig)
+
+
+def _log_size(cfg: EmfmConfig, model) -> int:
+    """Log the parameter count of the encoder and of the whole model; returns the encoder's."""
+    n_enc, n_all = count_params(model.encoder), count_params(model)
+    log.info(
+        "model: %s encoder, %.2f M parameters (%.2f M with the objective's heads)",
+        cfg.model.name,
+        n_enc / 1e6,
+        n_all / 1e6,
+    )
+    return n_enc
 
 
 def _train_step(cfg: EmfmConfig, definition: objectives.ObjectiveDef, graphdef, tx):
