@@ -32,29 +32,21 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _git(*args: str) -> str:
+    """The output of a git command in emfm's source tree."""
+    cwd = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, cwd=cwd, timeout=5
+    ).stdout.strip()
+
+
 def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     import jax
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
-            timeout=5,
-        ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "status", "--porcelain"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).resolve().parents[2],
-                timeout=5,
-            ).stdout.strip()
-            != ""
-        )
+        rev, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain") != ""
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "", False
     from importlib.metadata import PackageNotFoundError, version

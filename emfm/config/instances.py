@@ -200,18 +200,13 @@ def run_instances(cfg: InstancesConfig, input_path: str, out: str, progress=None
         from emfm.instances.tune import tune_from_volumes_cfg
 
         params, tuned = tune_from_volumes_cfg(cfg, input_path, params)
+    blocks = ("block", "halo", "kind", "channel", "invert", "stitch_threshold", "keep_work")
     res = instances(
         input_path,
         out,
         params,
-        block=cfg.block,
-        halo=cfg.halo,
-        kind=cfg.kind,
-        channel=cfg.channel,
-        invert=cfg.invert,
-        stitch_threshold=cfg.stitch_threshold,
         work_dir=cfg.work_dir or None,
-        keep_work=cfg.keep_work,
         progress=progress,
+        **{k: getattr(cfg, k) for k in blocks},
     )
     return {**res, "tuned": tuned} if tuned is not None else res
