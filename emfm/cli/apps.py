@@ -107,9 +107,9 @@ def _instances(c: schema.InstancesConfig) -> None:
 
     bars = []
 
-    def tick(
-        i: int, n: int
-    ) -> None:  # blocks segmented in this run (a resumed run counts the rest)
+    def tick(i: int, n: int) -> None:
+        """One more block segmented in this run (`n`: all this run does; a resumed run does the
+        rest)."""
         if not bars:
             bars.append(progress(total=n, desc="instances: blocks"))
         bars[0].update(1)
@@ -121,16 +121,8 @@ def _instances(c: schema.InstancesConfig) -> None:
     print(json.dumps(res, indent=1))
 
 
-DISCOVER_ARGS = (
-    "image",
-    "k",
-    "batch_size",
-    "epochs",
-    "sample_fraction",
-    "examples",
-    "crop",
-    "seed",
-)
+# the fields of DiscoverConfig that are arguments of emfm.export.discover.discover by their name
+DISCOVER_ARGS = ("image", "k", "batch_size", "epochs", "sample_fraction", "examples", "crop")
 
 
 def _discover(c: schema.DiscoverConfig) -> None:
@@ -138,7 +130,13 @@ def _discover(c: schema.DiscoverConfig) -> None:
 
     kw = {k: getattr(c, k) for k in DISCOVER_ARGS}
     res = discover(
-        c.features, c.run_dir, out=c.out, resume=c.resume, show_progress=c.progress, **kw
+        c.features,
+        c.run_dir,
+        seed=c.seed,
+        out=c.out,
+        resume=c.resume,
+        show_progress=c.progress,
+        **kw,
     )
     print(
         f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "

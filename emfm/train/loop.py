@@ -54,12 +54,10 @@ class Preemption:
     others never enter. With several processes the flags are all-gathered every `every` steps (the
     log interval), not at every step, to keep the host synchronisation off the hot path."""
 
-    def __init__(self, names: list[str], enabled: bool = True, every: int = 1):
+    def __init__(self, names: list[str], every: int = 1):
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
         self.every = max(1, int(every))
-        if not enabled:
-            return
         for n in names:
             signum = getattr(signal, n)
             try:
