@@ -122,22 +122,14 @@ def _instances(c: schema.InstancesConfig) -> None:
 
 
 # the fields of DiscoverConfig that are arguments of emfm.export.discover.discover by their name
-DISCOVER_ARGS = ("image", "k", "batch_size", "epochs", "sample_fraction", "examples", "crop")
+DISCOVER_ARGS = "image k batch_size epochs sample_fraction examples crop seed out resume".split()
 
 
 def _discover(c: schema.DiscoverConfig) -> None:
     from emfm.export.discover import discover
 
     kw = {k: getattr(c, k) for k in DISCOVER_ARGS}
-    res = discover(
-        c.features,
-        c.run_dir,
-        seed=c.seed,
-        out=c.out,
-        resume=c.resume,
-        show_progress=c.progress,
-        **kw,
-    )
+    res = discover(c.features, c.run_dir, show_progress=c.progress, **kw)
     print(
         f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
         f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}"
