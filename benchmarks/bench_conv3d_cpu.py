@@ -16,10 +16,13 @@ level 2) with the 1x1 `unet` head onto 6 affinity channels, sigmoid cross-entrop
 targets and AdamW (emfm.train.state.make_train_step), batch 2 x 16 x 64 x 64, traced once with
 the native and once with the folded convolution.
 
-Command: .venv/bin/python benchmarks/bench_conv3d_cpu.py [--bench-dir ../shared/bench]
-    [--rounds 3] [--repeats 5] [--threads 2] [--combos 16x64x64:16:3x3x3,...]
+Command: .venv/bin/python benchmarks/bench_conv3d_cpu.py --variant NAME
+    [--bench-dir ../shared/bench] [--rounds 3] [--repeats 5] [--threads 2]
+    [--combos 16x64x64:16:3x3x3,...] [--md FILE]
 Hardware: the 2-core CPU box. Runtime: about 10 minutes.
-Output: experiments/benchmarks/conv3d_cpu.json and conv3d_cpu.md
+Output: the record under key NAME (e.g. `quiet`, `loaded`: the machine's load) of
+experiments/benchmarks/conv3d_cpu.json, the other keys kept; with `--md FILE` also its Markdown
+table (experiments/benchmarks/conv3d_cpu.md is that table for `quiet` plus a reading of both runs).
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ def _name(r: dict) -> str:
     return f"{'x'.join(map(str, r['shape']))} C{r['channels']} {'x'.join(map(str, r['kernel']))}"
 
 
-def write_md(record: dict, path: Path) -> None:
+def write_md(record: dict, path: Path, json_path: Path, variant: str) -> None:
     env, nan = record["env"], float("nan")
     lines = [
         "# 3D convolution on CPU: XLA native vs depth-folded (emfm.models.conv3d) vs PyTorch",
@@ -235,7 +238,7 @@ def write_md(record: dict, path: Path) -> None:
     if e:
         parts = [f"{k} {e[k]['round_ms']}" for k in ("native", "auto")]
         lines.append("- U-Net step: " + "; ".join(parts))
-    lines += ["", f"Every step's time: `{path.with_suffix('.json').name}`."]
+    lines += ["", f"Every step's time: `{json_path.name}`, key `{variant}`."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -252,6 +255,10 @@ def main() -> None:
     ap.add_argument("--unet-shape", default="16x64x64", help="'' skips the U-Net step")
     ap.add_argument("--note", default="", help="a sentence for the report (e.g. machine load)")
     ap.add_argument("--out", default=str(REPO / "experiments" / "benchmarks" / "conv3d_cpu.json"))
+    ap.add_argument(
+        "--variant", required=True, help="key of this run's record in --out (e.g. quiet, loaded)"
+    )
+    ap.add_argument("--md", default="", help="also write this run's Markdown table to this file")
     args = ap.parse_args()
     if args.threads < (os.cpu_count() or 1):
         os.sched_setaffinity(0, range(args.threads))  # before jax starts its thread pool
@@ -264,9 +271,9 @@ def main() -> None:
     for a in sys.argv[1:]:
         if skip:
             skip = False
-        elif a in ("--note", "--bench-dir", "--peer-python", "--out"):
+        elif a in ("--note", "--bench-dir", "--peer-python", "--out", "--md"):
             skip = True
-        elif not a.startswith(("--note=", "--bench-dir=", "--peer-python=", "--out=")):
+        elif not a.startswith(("--note=", "--bench-dir=", "--peer-python=", "--out=", "--md=")):
             argv.append(a)
     bench = Path(args.bench_dir)
     sys.path.insert(0, str(bench))
@@ -368,8 +375,11 @@ def main() -> None:
         print(json.dumps({k: e[k]["round_ms"] for k in ("native", "auto")}), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=float))
-    write_md(record, out.with_suffix(".md"))
+    whole = json.loads(out.read_text()) if out.exists() else {}
+    whole[args.variant] = record
+    out.write_text(json.dumps(whole, indent=1, default=float) + "\n")
+    if args.md:
+        write_md(record, Path(args.md), out, args.variant)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

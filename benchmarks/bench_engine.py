@@ -1,9 +1,9 @@
 """Training-engine benchmark, one run: (1) step time with and without asynchronous checkpointing
 every 50 steps; (2) on 8 simulated CPU devices, the same model under data parallelism and under FSDP
 (parameter + optimizer bytes per device, step time). Prints one JSON record and writes it to
-experiments/benchmarks/engine.json.
+--out (default experiments/benchmarks/engine.json).
 
-Usage: python benchmarks/bench_engine.py [--steps 150] [--width 192 --depth 6]
+Usage: python benchmarks/bench_engine.py [--steps 150] [--width 192 --depth 6] [--out JSON]
 Each configuration runs `emfm pretrain` in its own process (the device count is fixed per process).
 """
 
@@ -68,6 +68,11 @@ def main():
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument(
+        "--out",
+        default="experiments/benchmarks/engine.json",
+        help="where the record goes (relative to the repo root)",
+    )
     args = ap.parse_args()
     base = [
         f"trainer.steps={args.steps}",
@@ -118,9 +123,9 @@ def main():
         d["step_time_ratio_fsdp_over_dp"] = d["fsdp"]["step_s"] / d["dp"]["step_s"]
     text = json.dumps(res, indent=1)
     print(text)
-    out = REPO / "experiments" / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(text)
+    out = REPO / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ they run under (and, for the larger one, this machine's RAM): peak RSS and voxel
 sizes.
 
     nice -n 10 .venv/bin/python benchmarks/bench_export_large.py --sections 4 15 --cap-gb 4 \
-        --out experiments/benchmarks/export_large.json --merge-into
-        experiments/benchmarks/export.json
+        --out experiments/benchmarks/export.json
+
+The record is stored under the key `larger_than_memory` of `--out` (bench_export.py's record, whose
+other keys are kept), after each size.
 
 For each size: writes a zarr v3 uint8 volume of `sections` x side x side
 (benchmarks/bench_export.py's EM-like texture), then runs, each as its own process under `prlimit
@@ -75,9 +77,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--sample-fraction", type=float, default=0.02)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--out")
     ap.add_argument(
-        "--merge-into", help="also store the record under 'larger_than_memory' in this JSON file"
+        "--out", help="store the record under 'larger_than_memory' in this JSON file (kept whole)"
     )
     args = ap.parse_args()
     root = Path(args.path)
@@ -161,14 +162,12 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(vol)
             shutil.rmtree(run)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
-        if (
-            args.merge_into and Path(args.merge_into).exists()
-        ):  # e.g. experiments/benchmarks/export.json
-            whole = json.loads(Path(args.merge_into).read_text())
+        if args.out:  # e.g. experiments/benchmarks/export.json
+            out = Path(args.out)
+            whole = json.loads(out.read_text()) if out.exists() else {}
             whole["larger_than_memory"] = rec
-            Path(args.merge_into).write_text(json.dumps(whole, indent=1) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(whole, indent=1) + "\n")
 
 
 def _ram_gb() -> float:

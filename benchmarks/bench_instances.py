@@ -1,11 +1,13 @@
 """Blockwise instance segmentation (`emfm.instances.instances`): peak memory and throughput as the
 volume grows with the block fixed. Each size runs in its own process (peak RSS is per process) on a
 boundary-probability zarr made by tiling the boundaries of one synthetic block (exact labels, so the
-objects' count is known). Prints one JSON record and writes experiments/benchmarks/instances.json.
+objects' count is known). Prints one JSON record and stores it in
+experiments/benchmarks/instances.json (`--out`) under a variant key (`--variant`, default
+cache{MB}: the chunk cache the run had), keeping the other variants in the file.
 
 Usage: python benchmarks/bench_instances.py [--sizes 64x256x256 64x512x512 128x512x512]
-         [--method watershed]
-       EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py --out instances_nocache.json
+         [--method watershed]                                   # variant cache256
+       EMFM_CHUNK_CACHE_MB=0 python benchmarks/bench_instances.py  # variant cache0
 (the input is read through tensorstore's decoded-chunk cache, EMFM_CHUNK_CACHE_MB, 256 MB by
 default, which fills up to that limit as the volume grows)
 """
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +59,13 @@ def main() -> None:
     ap.add_argument("--block", default="32x128x128")
     ap.add_argument("--halo", default="8x16x16")
     ap.add_argument(
-        "--out", default="instances.json", help="record name under experiments/benchmarks/"
+        "--out",
+        default="experiments/benchmarks/instances.json",
+        help="the JSON file (relative to the repo root) that holds the record under --variant",
     )
+    ap.add_argument("--variant", default="", help="key of the record in --out (default: cache{MB})")
     args = ap.parse_args()
+    cache_mb = int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256"))
     block = [int(v) for v in args.block.split("x")]
     halo = [int(v) for v in args.halo.split("x")]
     rows = []
@@ -84,16 +91,39 @@ def main() -> None:
     rec = {
         "benchmark": "instances_blockwise",
         "method": args.method,
-        "chunk_cache_mb": int(os.environ.get("EMFM_CHUNK_CACHE_MB", "256")),
+        "chunk_cache_mb": cache_mb,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(),
         "block": block,
         "halo": halo,
         "runs": rows,
         "voxel_ratio_last_first": rows[-1]["voxels"] / rows[0]["voxels"],
         "peak_rss_ratio_last_first": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
     }
-    out = REPO / "experiments" / "benchmarks" / args.out
-    out.write_text(json.dumps(rec, indent=1))
-    print(json.dumps({k: v for k, v in rec.items() if k != "runs"}))
+    variant = args.variant or f"cache{cache_mb}"
+    out = REPO / args.out
+    whole = json.loads(out.read_text()) if out.exists() else {}
+    whole[variant] = rec
+    out.write_text(json.dumps(whole, indent=1) + "\n")
+    print(json.dumps({"variant": variant, **{k: v for k, v in rec.items() if k != "runs"}}))
+
+
+def git_commit() -> str:
+    """Short commit of this checkout, "+dirty" with uncommitted changes; "unknown" without git."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Loader throughput vs raw tensorstore reads vs in-memory numpy crops of the same patches, in one
 run.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 --out
-    experiments/benchmarks/loader.json nice -n 10 .venv/bin/python benchmarks/bench_loader.py
-    --size-mb 8192 --out experiments/benchmarks/loader.json rm -r $TMPDIR/emfm_bench_loader
-    # the volumes are kept between runs
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 2048 \
+        --out experiments/benchmarks/loader.json
+    nice -n 10 .venv/bin/python benchmarks/bench_loader.py --size-mb 8192 \
+        --out experiments/benchmarks/loader.json
+
+Each run stores its record under the key "<size>mb" of --out, keeping the other keys. The volumes
+are kept between runs under --path (default: emfm_bench_loader in the system temp directory);
+delete that directory afterwards.
 
 Writes a zarr v3 uint8 volume (zstd, 64^3 chunks) of at least the given size under --path, then for
 1x256x256 and 32x128x128 patches at batch 32 reports patches/s and MB/s (uint8 voxels delivered) and
@@ -33,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.data.loader import PatchLoader, PatchSampler, Region
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region
 from emfm.data.volume import create_volume, open_volume
 
 

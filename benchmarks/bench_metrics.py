@@ -20,7 +20,7 @@ Blockwise figures: peak memory should be one block of each input plus the sparse
 
 Peak memory = peak RSS increase over the process's RSS after its inputs are loaded (the kernel's
 peak counter is reset via /proc/self/clear_refs), read from /proc/self/status.
-Prints one JSON record and writes it to experiments/benchmarks/metrics.json.
+Prints one JSON record and writes it to --out (default experiments/benchmarks/metrics.json).
 """
 
 from __future__ import annotations
@@ -254,6 +254,11 @@ def main():
     ap.add_argument("--instance-slices", type=int, default=10)
     ap.add_argument("--part")
     ap.add_argument("--args")
+    ap.add_argument(
+        "--out",
+        default="experiments/benchmarks/metrics.json",
+        help="where the record goes (relative to the repo root)",
+    )
     a = ap.parse_args()
     if a.part:
         args = json.loads(a.args)
@@ -294,7 +299,7 @@ def main():
         "warping": warp,
         "blockwise_zarr": blocks,
     }
-    out = REPO / "experiments/benchmarks/metrics.json"
+    out = REPO / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2))
     print(json.dumps(rec))

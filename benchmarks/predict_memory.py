@@ -10,10 +10,13 @@ over each section, one section in memory at a time), then, in a memory cgroup ca
      cgroup's high-water mark (memory.max_usage_in_bytes, page cache included).
 The cap is a cgroup (v1 memory controller, or v2 memory.max), which bounds resident memory; an
 address-space limit (`prlimit --as` / `ulimit -v`) cannot be used with JAX, which reserves far more
-virtual memory than it touches. Records go to experiments/benchmarks/predict_memory.json.
+virtual memory than it touches. The record goes into experiments/benchmarks/predict_memory.json
+under a variant key (`--variant`; default from the malloc arena settings of the environment:
+`cli_arena_cap` with the CLI's own cap, `glibc_default_arenas` with EMFM_MALLOC_ARENA_MAX=0,
+`arenaN` with MALLOC_ARENA_MAX=N); the other variants in the file are kept.
 
   PYTHONPATH=. python benchmarks/predict_memory.py --checkpoint FINETUNE_RUN \
-      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work DIR] [--out JSON]
+      [--sizes 6,2048,2048:24,2048,2048] [--cap-mb 800] [--work DIR] [--out JSON] [--variant NAME]
 
 `--checkpoint` is any `emfm finetune` run of a 2D model with a 2-class semantic task (channel 1 =
 membrane); empty = train a tiny one first (width 32, depth 1, 150 steps on the bundled sample).
@@ -119,6 +122,44 @@ def rss_wrapper(cmd: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *cmd]
 
 
+def provenance() -> dict:
+    """Date (UTC) and commit of this checkout ("+dirty" with uncommitted changes), for records."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit}
+
+
+def write_variant(dst: Path, variant: str, record: dict) -> None:
+    """Store `record` under `variant` in the JSON file `dst`, keeping its other variants."""
+    whole = json.loads(dst.read_text()) if dst.exists() else {}
+    whole[variant] = record
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(whole, indent=1) + "\n")
+
+
+def default_variant() -> str:
+    """The variant key that describes this environment's malloc arena settings."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return f"arena{os.environ['MALLOC_ARENA_MAX']}"
+    if os.environ.get("EMFM_MALLOC_ARENA_MAX") == "0":
+        return "glibc_default_arenas"
+    return "cli_arena_cap"
+
+
 def parse_peak(out: str) -> dict:
     for ln in reversed(out.splitlines()):
         if ln.startswith("PEAK_RSS_MB "):
@@ -182,7 +223,12 @@ def main() -> None:
     ap.add_argument(
         "--out",
         default="experiments/benchmarks/predict_memory.json",
-        help="where the JSON record goes (relative to the repo root)",
+        help="the JSON file (relative to the repo root) that holds the record under --variant",
+    )
+    ap.add_argument(
+        "--variant",
+        default=default_variant(),
+        help="key of this run's record in --out (default: from the malloc arena settings)",
     )
     ap.add_argument(
         "--from-log", help="rewrite the JSON from the records a run printed (one JSON per line)"
@@ -194,7 +240,8 @@ def main() -> None:
         ]
         recs = [r for r in lines if "volume" in r]
         keys = ("cap_mb", "checkpoint", "window", "chunk", "chunk_cache_mb", "instance_block")
-        write_summary(recs, {k: v for k, v in lines[-1].items() if k in keys}, REPO / a.out)
+        settings = {k: v for k, v in lines[-1].items() if k in keys}
+        write_summary(recs, settings, REPO / a.out, a.variant)
         return
     sys.path.insert(0, str(REPO))
     work = Path(a.work)
@@ -205,6 +252,7 @@ def main() -> None:
         ckpt = str(work / "tiny_model")
         if not (Path(ckpt) / "finetune_summary.json").exists():
             train_tiny(Path(ckpt), env)
+    started = provenance()
     cg = MemoryCgroup(f"emfm_predict_memory_{os.getpid()}", a.cap_mb)
     records = []
     try:
@@ -295,15 +343,17 @@ def main() -> None:
             "chunk": a.chunk,
             "chunk_cache_mb": a.cache_mb,
             "instance_block": a.instance_block,
+            **started,
         },
         REPO / a.out,
+        a.variant,
     )
 
 
-def write_summary(records: list[dict], settings: dict, dst: Path) -> None:
-    """The JSON record at `dst` (default experiments/benchmarks/predict_memory.json); the RSS ratio
-    only when every run finished (a run the cap killed is recorded with its exit status -9 and the
-    RSS it had reached)."""
+def write_summary(records: list[dict], settings: dict, dst: Path, variant: str) -> None:
+    """The record, stored under `variant` in `dst` (experiments/benchmarks/predict_memory.json by
+    default); the RSS ratio only when every run finished (a run the cap killed is recorded with its
+    exit status -9 and the RSS it had reached)."""
     ok = all(r["predict"]["exit"] == 0 for r in records)
     rss = [r["predict"]["peak_rss_mb"] for r in records]
     summary = {
@@ -313,8 +363,8 @@ def write_summary(records: list[dict], settings: dict, dst: Path) -> None:
         "voxel_ratio": records[-1]["voxels"] / records[0]["voxels"],
         "peak_rss_ratio": rss[-1] / rss[0] if ok else None,
     }
-    dst.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+    write_variant(dst, variant, summary)
+    print(json.dumps({"variant": variant, **{k: v for k, v in summary.items() if k != "records"}}))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ Per volume:
      predict_memory.py caps).
 The instance blocks are the same for every volume (`--instance-block`, halo z 0 so that a block with
 its halo never depends on the volume's depth), so only what scales with the volume differs.
-Records go to experiments/benchmarks/predict_memory_phases_cache{MB}[_arena{N}].json.
+The record goes into experiments/benchmarks/predict_memory_phases.json (`--out`) under a variant key
+(`--variant`), by default named after the settings: cache{MB}[_arena{N}]{_cli | _emfmarena{M}}
+(chunk cache MB; MALLOC_ARENA_MAX N; `_cli` = the CLI's own arena cap, `_emfmarena{M}` =
+EMFM_MALLOC_ARENA_MAX=M); the other variants in the file are kept.
 
-  PYTHONPATH=. python benchmarks/predict_memory_phases.py --checkpoint FINETUNE_RUN [--sizes
-  4,1024,1024:16,1024,1024]
+  PYTHONPATH=. python benchmarks/predict_memory_phases.py --checkpoint FINETUNE_RUN \
+      [--sizes 4,1024,1024:16,1024,1024] [--cache-mb 64|0] [--malloc-arena-max N] \
+      [--emfm-arena-max M] [--out JSON] [--variant NAME]
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from predict_memory import (  # noqa: E402
     EMFM,
     parse_peak,
+    provenance,
     rss_wrapper,
     train_tiny,
     write_tiled_volume,
+    write_variant,
 )
 
 
@@ -77,7 +83,16 @@ def main() -> None:
         help="EMFM_MALLOC_ARENA_MAX of every process (the CLI's cap, default 1; 0 = glibc's "
         "default)",
     )
+    ap.add_argument(
+        "--out",
+        default="experiments/benchmarks/predict_memory_phases.json",
+        help="the JSON file (relative to the repo root) that holds the record under --variant",
+    )
+    ap.add_argument(
+        "--variant", default="", help="key of this run's record in --out (default: the settings)"
+    )
     a = ap.parse_args()
+    started = provenance()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "EMFM_CHUNK_CACHE_MB": str(a.cache_mb)}
@@ -164,14 +179,15 @@ def main() -> None:
         "chunk_cache_mb": a.cache_mb,
         "malloc_arena_max": a.malloc_arena_max or None,
         "emfm_malloc_arena_max": a.emfm_arena_max or "1 (CLI default)",
+        **started,
         "records": records,
     }
-    name = (
-        f"predict_memory_phases_cache{a.cache_mb}"
+    variant = a.variant or (
+        f"cache{a.cache_mb}"
         + (f"_arena{a.malloc_arena_max}" if a.malloc_arena_max else "")
         + (f"_emfmarena{a.emfm_arena_max}" if a.emfm_arena_max else "_cli")
     )
-    (REPO / "experiments" / "benchmarks" / f"{name}.json").write_text(json.dumps(out, indent=1))
+    write_variant(REPO / a.out, variant, out)
 
 
 if __name__ == "__main__":

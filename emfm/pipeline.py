@@ -16,7 +16,7 @@ import numpy as np
 
 from emfm.config.pretrain import EmfmConfig
 from emfm.data import bundled
-from emfm.data.loader import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.eval import figures, probe
 from emfm.export.features import encode_sections, export_features, pca_rgb

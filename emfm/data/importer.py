@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emfm.data.ome import multiscale_group
 from emfm.data.volume import SUPPORTED_DTYPES, VolumeError, create_volume
 
 
@@ -171,8 +172,6 @@ def import_volume(
 
     Returns a summary: shape, dtype and voxel size per level.
     """
-    from emfm.train.logging import progress as _progress
-
     src, dst = str(src), str(dst)
     if Path(dst).exists() and not overwrite:
         raise VolumeError(f"import destination {dst} exists; remove it or pass --overwrite")
@@ -187,71 +186,62 @@ def import_volume(
                 f"import source {src}: --labels needs an integer dtype, found {source.dtype}"
             )
         Path(dst).mkdir(parents=True, exist_ok=overwrite)
-        shapes, scales, vols = [], [], []
-        for k in range(levels):
-            f = 2**k
-            shape = (source.shape[0], -(-source.shape[1] // f), -(-source.shape[2] // f))
-            scale = [float(voxel_size[0]), float(voxel_size[1]) * f, float(voxel_size[2]) * f]
-            ch = [min(c, s) for c, s in zip(chunks, shape)]
-            vols.append(
-                create_volume(
-                    Path(dst) / str(k),
-                    shape,
-                    source.dtype,
-                    chunks=ch,
-                    voxel_size=scale,
-                    attributes={"source": src, "level": k},
-                    exist_ok=False,
-                )
-            )
-            shapes.append(shape)
-            scales.append(scale)
-        _write_group(
-            dst,
+        vols = _create_levels(src, dst, source, voxel_size, chunks, levels)
+        scales = [list(v.voxel_size) for v in vols]
+        group = multiscale_group(
+            Path(src).stem,
             scales,
-            name=Path(src).stem,
-            labels=labels,
-            emfm={
+            kind="mode" if labels else "mean",
+            attributes={
                 "source": Path(src).name,
                 "source_shape": list(getattr(source, "inner", source).shape),
                 "source_sections": [int(v) for v in sections] if sections is not None else None,
             },
         )
-        depth = int(chunks[0])
-        bar = _progress(
-            source.shape[0], desc=f"import {Path(src).name}", enabled=progress, unit="section"
-        )
-        for z0, slab in source.slabs(depth):
-            for k, vol in enumerate(vols):
-                if k:
-                    slab = downsample2(slab, labels)
-                vol.array[z0 : z0 + slab.shape[0]].write(slab).result()
-            bar.update(slab.shape[0])
-        bar.close()
+        (Path(dst) / "zarr.json").write_text(json.dumps(group, indent=1))
+        _copy(source, vols, int(chunks[0]), labels, f"import {Path(src).name}", progress)
     finally:
         source.close()
     return {
         "path": dst,
         "dtype": str(source.dtype),
         "levels": [
-            {"path": str(k), "shape": list(s), "voxel_size": v}
-            for k, (s, v) in enumerate(zip(shapes, scales))
+            {"path": str(k), "shape": list(v.shape), "voxel_size": scale}
+            for k, (v, scale) in enumerate(zip(vols, scales))
         ],
     }
 
 
-def _write_group(dst: str, scales, *, name: str, labels: bool, emfm: dict | None = None) -> None:
-    multiscale = {
-        "name": name,
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-        "datasets": [
-            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": s}]}
-            for k, s in enumerate(scales)
-        ],
-        "type": "mode" if labels else "mean",
-    }
-    attrs = {"ome": {"version": "0.5", "multiscales": [multiscale]}}
-    if emfm:
-        attrs["emfm"] = emfm
-    meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-    (Path(dst) / "zarr.json").write_text(json.dumps(meta, indent=1))
+def _create_levels(src: str, dst: str, source: _Source, voxel_size, chunks, levels: int) -> list:
+    """The empty level arrays "0", "1", ... of `dst`: level k is 2**k times coarser in y and x."""
+    vols = []
+    for k in range(levels):
+        f = 2**k
+        shape = (source.shape[0], -(-source.shape[1] // f), -(-source.shape[2] // f))
+        scale = [float(voxel_size[0]), float(voxel_size[1]) * f, float(voxel_size[2]) * f]
+        vols.append(
+            create_volume(
+                Path(dst) / str(k),
+                shape,
+                source.dtype,
+                chunks=[min(c, s) for c, s in zip(chunks, shape)],
+                voxel_size=scale,
+                attributes={"source": src, "level": k},
+                exist_ok=False,
+            )
+        )
+    return vols
+
+
+def _copy(source: _Source, vols: list, depth: int, labels: bool, desc: str, progress: bool):
+    """Every slab of `depth` sections into every level, downsampled level by level."""
+    from emfm.train.logging import progress as _progress
+
+    bar = _progress(source.shape[0], desc=desc, enabled=progress, unit="section")
+    for z0, slab in source.slabs(depth):
+        for k, vol in enumerate(vols):
+            if k:
+                slab = downsample2(slab, labels)
+            vol.array[z0 : z0 + slab.shape[0]].write(slab).result()
+        bar.update(slab.shape[0])
+    bar.close()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emfm.data.volume import Volume, _detect_driver, _ome_level_path, open_volume
+from emfm.data.formats import detect_driver
+from emfm.data.ome import ome_level_path
+from emfm.data.volume import Volume, open_volume
 
 
 def _scales(path: str) -> list[dict]:
@@ -16,8 +18,8 @@ def _scales(path: str) -> list[dict]:
     p = Path(path)
     if "://" in path or not p.is_dir():
         return []
-    driver = _detect_driver(path)
-    if driver not in ("zarr3", "zarr") or _ome_level_path(path, driver, 0, None) is None:
+    driver = detect_driver(path)
+    if driver not in ("zarr3", "zarr") or ome_level_path(path, driver, 0, None) is None:
         return []
     out = []
     level = 0

@@ -7,11 +7,16 @@ Library code: it receives a `DataConfig` (emfm.config.pretrain), never a Hydra o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from emfm.data import bundled
-from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region, estimate_range
 from emfm.data.volume import Volume, VolumeError, open_volume
 
 log = logging.getLogger("emfm")
@@ -55,56 +60,58 @@ def ensure_built(s, what: str = "data.sources[i]") -> None:
     """Import `s.source` (sections `s.source_sections`) into the OME-Zarr `s.path` unless a volume
     built from the same file and sections is there. The import writes to a temporary folder renamed
     into place when complete, so an interrupted build leaves nothing half-written at `path`."""
-    import json
-    import os
-    import shutil
-    from pathlib import Path
-
-    from emfm.data.importer import import_volume
-
     if not s.source:
         return
     dst = Path(s.path)
-    want = {
-        "source": Path(s.source).name,
-        "source_sections": [int(v) for v in s.source_sections]
-        if s.source_sections is not None
-        else None,
-    }
     meta = dst / "zarr.json"
     if meta.exists():
-        got = json.loads(meta.read_text()).get("attributes", {}).get("emfm", {})
-        have = {k: got.get(k) for k in want}
-        if have != want:
-            raise VolumeError(
-                f"{what}: {dst} was built from {have}, the config asks for {want}; "
-                "remove it to rebuild"
-            )
-        levels = len(
-            json.loads(meta.read_text())["attributes"]["ome"]["multiscales"][0]["datasets"]
-        )
-        if levels < s.source_levels:
-            raise VolumeError(
-                f"{what}: {dst} has {levels} scale levels, the config asks for {s.source_levels}; "
-                "remove it to rebuild"
-            )
+        _check_built(s, json.loads(meta.read_text()), dst, what)
         return
     if dst.exists():
         raise VolumeError(
             f"{what}: {dst} exists but is not an OME-Zarr group (no zarr.json); remove it to "
             "rebuild"
         )
+    _build(s, dst, what)
+
+
+def _check_built(s, group: dict, dst: Path, what: str) -> None:
+    """An error unless the group at `dst` was built from the source file and sections that `s`
+    asks for, with at least its number of scale levels."""
+    want = {
+        "source": Path(s.source).name,
+        "source_sections": [int(v) for v in s.source_sections]
+        if s.source_sections is not None
+        else None,
+    }
+    got = group.get("attributes", {}).get("emfm", {})
+    have = {k: got.get(k) for k in want}
+    if have != want:
+        raise VolumeError(
+            f"{what}: {dst} was built from {have}, the config asks for {want}; remove it to rebuild"
+        )
+    levels = len(group["attributes"]["ome"]["multiscales"][0]["datasets"])
+    if levels < s.source_levels:
+        raise VolumeError(
+            f"{what}: {dst} has {levels} scale levels, the config asks for {s.source_levels}; "
+            "remove it to rebuild"
+        )
+
+
+def _build(s, dst: Path, what: str) -> None:
+    """Import into a temporary folder beside `dst`, then rename it into place."""
+    from emfm.data.importer import import_volume
+
     tmp = dst.with_name(f"{dst.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    vs = s.source_voxel_size or [1.0, 1.0, 1.0]
     log.info(
         "%s: importing %s sections %s into %s", what, s.source, s.source_sections or "all", dst
     )
     import_volume(
         s.source,
         tmp,
-        voxel_size=vs,
+        voxel_size=s.source_voxel_size or [1.0, 1.0, 1.0],
         chunks=(1, 256, 256),
         levels=s.source_levels,
         progress=False,
@@ -114,7 +121,7 @@ def ensure_built(s, what: str = "data.sources[i]") -> None:
         tmp.rename(dst)
     except OSError:  # another process finished the same build first
         shutil.rmtree(tmp, ignore_errors=True)
-        if not meta.exists():
+        if not (dst / "zarr.json").exists():
             raise
 
 

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from emfm.errors import UserError
+from emfm.data.formats import (
+    VolumeError,
+    detect_driver,
+    kvstore,
+    read_attributes,
+    units_voxel_size,
+    zarr3_metadata,
+)
+from emfm.data.ome import emfm_order, multiscale_group, ome_level
 
 SUPPORTED_DTYPES = (
     "uint8",
@@ -37,10 +45,6 @@ SUPPORTED_DTYPES = (
     "float32",
     "float64",
 )
-
-
-class VolumeError(UserError):
-    """Bad volume input; the message names the volume (and chunk or region, where known)."""
 
 
 # Object stores and network file systems fail now and then; a read is retried a few times with
@@ -147,100 +151,6 @@ def _region_str(region) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
 
 
-def _kvstore(path: str) -> dict | str:
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        if scheme == "file":
-            return {"driver": "file", "path": rest}
-        return path  # tensorstore parses gs://, s3://, http(s):// URLs itself
-    return {"driver": "file", "path": os.path.abspath(path)}
-
-
-def _detect_driver(path: str) -> str:
-    """Guess the tensorstore driver of a local path from its metadata files."""
-    p = Path(path)
-    if (p / "zarr.json").exists():
-        return "zarr3"
-    if (p / ".zarray").exists() or (p / ".zgroup").exists():
-        return "zarr"
-    if (p / "attributes.json").exists():
-        return "n5"
-    if (p / "info").exists():
-        return "neuroglancer_precomputed"
-    raise VolumeError(
-        f"volume {path}: no zarr.json, .zarray, attributes.json or info file there; "
-        "is it a zarr (v2/v3), N5 or neuroglancer precomputed volume?"
-    )
-
-
-def _ome_level(
-    path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None
-) -> dict | None:
-    """If `path` is an OME-Zarr multiscale group (NGFF 0.4 or 0.5), the chosen level: its array
-    path, the spatial scale and translation (z, y, x), the axis names, and the group's
-    attributes."""
-    meta_file = Path(path) / ("zarr.json" if driver == "zarr3" else ".zattrs")
-    if not meta_file.exists():
-        return None
-    meta = json.loads(meta_file.read_text())
-    attrs = meta.get("attributes", meta) if driver == "zarr3" else meta
-    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
-    if not ms or (driver == "zarr3" and meta.get("node_type") != "group"):
-        return None
-    datasets = ms[0]["datasets"]
-    axes = ms[0].get("axes") or []
-    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
-    space = [
-        i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"
-    ] or None
-    scales, shifts = [], []
-    for d in datasets:
-        scale, shift = None, None
-        for t in d.get("coordinateTransformations", []):
-            if t.get("type") == "scale":
-                scale = [float(v) for v in t["scale"]]
-            elif t.get("type") == "translation":
-                shift = [float(v) for v in t["translation"]]
-        pick = (
-            (lambda v: [v[i] for i in space])
-            if space and scale and len(scale) == len(axes)
-            else (lambda v: v[-3:])
-        )
-        scales.append(pick(scale) if scale else [1.0] * 3)
-        shifts.append(pick(shift) if shift else [0.0] * len(scales[-1]))
-    if voxel_size is not None:
-        want = np.asarray(voxel_size, float)
-        level = int(np.argmin([np.abs(np.log(np.asarray(s) / want)).sum() for s in scales]))
-    level = 0 if level is None else level
-    if not 0 <= level < len(datasets):
-        raise VolumeError(
-            f"volume {path}: scale level {level} requested, the group has {len(datasets)}"
-        )
-    return {
-        "path": str(Path(path) / datasets[level]["path"]),
-        "scale": tuple(scales[level]),
-        "translation": tuple(shifts[level]),
-        "axes": names,
-        "group_attributes": attrs,
-    }
-
-
-def _ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequence[float] | None):
-    """If `path` is an OME-Zarr multiscale group, return (array path, scale) of the chosen level."""
-    lv = _ome_level(path, driver, level, voxel_size)
-    return None if lv is None else (lv["path"], lv["scale"])
-
-
-def _emfm_order(arr, names: Sequence[str]):
-    """A view of an OME-Zarr level in emfm's axis order: the spatial axes (z, y, x) first, then a
-    channel axis (NGFF stores channels before space)."""
-    if len(names) != arr.rank:
-        return arr
-    space = [i for i, n in enumerate(names) if n in ("z", "y", "x")]
-    order = space + [i for i in range(arr.rank) if i not in space]
-    return arr if order == list(range(arr.rank)) else arr[ts.d[tuple(order)].transpose[:]]
-
-
 _SHARED_CONTEXT: list = []
 
 
@@ -284,14 +194,30 @@ def open_volume(
                 f"volume {path}: give driver= (zarr3, zarr, n5, neuroglancer_precomputed) for "
                 "remote stores"
             )
-        driver = _detect_driver(local)
-    scale, ome = None, None
+        driver = detect_driver(local)
+    ome = None
     if not remote and driver in ("zarr3", "zarr"):
-        ome = _ome_level(local, driver, level, voxel_size)
+        ome = ome_level(local, driver, level, voxel_size)
         if ome is not None:
-            local, scale = ome["path"], ome["scale"]
-            path = local
-    spec = {"driver": driver, "kvstore": _kvstore(local if not remote else path)}
+            local = path = ome["path"]
+    arr = _open_array(path, driver, kvstore(local if not remote else path), write, cache_mb)
+    attrs = read_attributes(local, driver) if not remote else {}
+    if ome is not None:  # the group's metadata (emfm's own under "emfm") with the level's
+        arr = emfm_order(arr, ome["axes"])
+        group = ome["group_attributes"]
+        attrs = {**group, **(group.get("emfm") or {}), **attrs}
+    axes = (
+        ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
+    )
+    vs, shift = _placement(arr, attrs, ome, voxel_size)
+    return Volume(
+        path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift
+    )
+
+
+def _open_array(path: str, driver: str, kv, write: bool, cache_mb: int | None):
+    """The tensorstore array, checked for a supported dtype and rank."""
+    spec = {"driver": driver, "kvstore": kv}
     try:
         arr = ts.open(spec, read=True, write=write, context=chunk_cache(cache_mb)).result()
     except Exception as e:  # noqa: BLE001
@@ -305,51 +231,22 @@ def open_volume(
         raise VolumeError(
             f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)"
         )
-    attrs = _read_attributes(local, driver) if not remote else {}
-    if (
-        ome is not None
-    ):  # the group's metadata (emfm's own under "emfm") with the level's attributes
-        arr = _emfm_order(arr, ome["axes"])
-        group = ome["group_attributes"]
-        attrs = {**group, **(group.get("emfm") or {}), **attrs}
-    axes = (
-        ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
-    )
-    vs = scale or attrs.get("voxel_size") or attrs.get("resolution") or _units_voxel_size(arr)
+    return arr
+
+
+def _placement(arr, attrs: dict, ome: dict | None, voxel_size) -> tuple[tuple, tuple]:
+    """Voxel size and translation of the spatial axes: the OME-Zarr level's, else the attributes'
+    or the dimension units' (or `voxel_size`, an override for stores lacking metadata), else 1."""
+    scale = None if ome is None else ome["scale"]
+    vs = scale or attrs.get("voxel_size") or attrs.get("resolution") or units_voxel_size(arr)
     n_sp = 2 if arr.rank == 2 else 3
     vs = tuple(float(v) for v in (vs or [1.0] * n_sp))[-n_sp:]
     if voxel_size is not None and scale is None:
-        vs = tuple(float(v) for v in voxel_size)  # explicit override for stores lacking metadata
+        vs = tuple(float(v) for v in voxel_size)
     shift = (
         tuple(float(v) for v in ome["translation"])[-n_sp:] if ome is not None else (0.0,) * n_sp
     )
-    return Volume(
-        path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift
-    )
-
-
-def _units_voxel_size(arr) -> list[float] | None:
-    try:
-        units = arr.dimension_units
-    except Exception:  # noqa: BLE001
-        return None
-    if not units or any(u is None for u in units):
-        return None
-    return [float(u.multiplier) for u in units]
-
-
-def _read_attributes(path: str, driver: str) -> dict:
-    p = Path(path)
-    try:
-        if driver == "zarr3":
-            return json.loads((p / "zarr.json").read_text()).get("attributes", {})
-        if driver == "zarr" and (p / ".zattrs").exists():
-            return json.loads((p / ".zattrs").read_text())
-        if driver == "n5":
-            return json.loads((p / "attributes.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise VolumeError(f"volume {path}: unreadable metadata: {e}") from e
-    return {}
+    return vs, shift
 
 
 def create_volume(
@@ -384,27 +281,16 @@ def create_volume(
     if voxel_size is not None:
         attrs["voxel_size"] = [float(v) for v in voxel_size]
         attrs["unit"] = "nanometer"
-    meta = {
-        "shape": list(map(int, shape)),
-        "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(map(int, chunks))}},
-        "codecs": [
-            {"name": "bytes", "configuration": {"endian": "little"}},
-            {"name": "zstd", "configuration": {"level": compression_level}},
-        ],
-        "dimension_names": names,
-        "attributes": attrs,
-    }
-    spec = {"driver": "zarr3", "kvstore": _kvstore(path), "metadata": meta}
+    meta = zarr3_metadata(
+        shape, dtype, chunks, names, compression_level=compression_level, attributes=attrs
+    )
+    spec = {"driver": "zarr3", "kvstore": kvstore(path), "metadata": meta}
     try:
         arr = ts.open(spec, create=True, delete_existing=not exist_ok).result()
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot create volume {path}: {e}") from e
     vs = tuple(attrs.get("voxel_size", [1.0] * min(3, len(shape))))
     return Volume(path=path, array=arr, voxel_size=vs, axes=tuple(names), attributes=attrs)
-
-
-OME_VERSION = "0.5"
 
 
 def create_ome_zarr(
@@ -430,7 +316,6 @@ def create_ome_zarr(
     write=True)` gives).
     """
     path = str(path)
-    dtype = np.dtype(dtype)
     if len(shape) not in (3, 4) or len(chunks) != len(shape):
         raise VolumeError(
             f"OME-Zarr output {path}: shape {tuple(shape)} / chunks {tuple(chunks)} must both be "
@@ -438,70 +323,43 @@ def create_ome_zarr(
         )
     has_c = len(shape) == 4
     order = [3, 0, 1, 2] if has_c else [0, 1, 2]
-    names = [("c", "z", "y", "x") if has_c else ("z", "y", "x")][0]
-    vs = [float(v) for v in voxel_size]
-    shift = [float(v) for v in (translation if translation is not None else (0.0, 0.0, 0.0))]
-    axes = ([{"name": "c", "type": "channel"}] if has_c else []) + [
-        {"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")
-    ]
-    group = {
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": {
-            "ome": {
-                "version": OME_VERSION,
-                "multiscales": [
-                    {
-                        "name": name or Path(path).name,
-                        "axes": axes,
-                        "datasets": [
-                            {
-                                "path": "0",
-                                "coordinateTransformations": [
-                                    {"type": "scale", "scale": ([1.0] if has_c else []) + vs},
-                                    {
-                                        "type": "translation",
-                                        "translation": ([0.0] if has_c else []) + shift,
-                                    },
-                                ],
-                            }
-                        ],
-                    }
-                ],
-            },
-            "emfm": dict(attributes or {}),
-        },
-    }
-    meta = {
-        "shape": [int(shape[i]) for i in order],
-        "data_type": dtype.name,
-        "chunk_grid": {
-            "name": "regular",
-            "configuration": {"chunk_shape": [int(chunks[i]) for i in order]},
-        },
-        "codecs": [
-            {"name": "bytes", "configuration": {"endian": "little"}},
-            {"name": "zstd", "configuration": {"level": compression_level}},
-        ],
-        "dimension_names": list(names),
-    }
+    group = multiscale_group(
+        name or Path(path).name,
+        [voxel_size],
+        [translation if translation is not None else (0.0, 0.0, 0.0)],
+        channels=has_c,
+        unit=unit,
+        attributes=attributes,
+    )
+    meta = zarr3_metadata(
+        [shape[i] for i in order],
+        dtype,
+        [chunks[i] for i in order],
+        ("c", "z", "y", "x") if has_c else ("z", "y", "x"),
+        compression_level=compression_level,
+    )
     try:
-        spec = _kvstore(path)
-        spec = (
-            {**spec, "path": spec["path"].rstrip("/") + "/"}
-            if isinstance(spec, dict)
-            else spec.rstrip("/") + "/"
-        )
-        kv = ts.KvStore.open(spec).result()
-        kv.delete_range(ts.KvStore.KeyRange()).result()
-        ts.open(
-            {"driver": "zarr3", "kvstore": _kvstore(path.rstrip("/") + "/0"), "metadata": meta},
-            create=True,
-        ).result()
-        kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
+        _write_group(path, meta, group)
     except Exception as e:  # noqa: BLE001
         raise VolumeError(f"cannot create OME-Zarr {path}: {e}") from e
     return open_volume(path, write=True)
+
+
+def _write_group(path: str, meta: dict, group: dict) -> None:
+    """Replace whatever is at `path` by an empty array "0" of `meta` and the group's zarr.json."""
+    spec = kvstore(path)
+    spec = (
+        {**spec, "path": spec["path"].rstrip("/") + "/"}
+        if isinstance(spec, dict)
+        else spec.rstrip("/") + "/"
+    )
+    kv = ts.KvStore.open(spec).result()
+    kv.delete_range(ts.KvStore.KeyRange()).result()
+    ts.open(
+        {"driver": "zarr3", "kvstore": kvstore(path.rstrip("/") + "/0"), "metadata": meta},
+        create=True,
+    ).result()
+    kv.write("zarr.json", json.dumps(group, indent=1).encode()).result()
 
 
 def write_array(

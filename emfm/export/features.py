@@ -389,7 +389,7 @@ def export_features(
     Returns a summary dict."""
     import json
 
-    from emfm.data.loader import Region
+    from emfm.data.sampling import Region
 
     if vol.ndim != 3:
         raise VolumeError(

@@ -26,7 +26,8 @@ from flax import nnx
 from emfm.config.common import ModelConfig
 from emfm.config.finetune import FinetuneConfig, HeadConfig, SegTaskConfig
 from emfm.data import bundled, device
-from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
 from emfm.errors import UserError
 from emfm.finetune import losses, regimes, targets

@@ -6,7 +6,7 @@ object. Offsets are usually negative (each voxel looks back), e.g. `DEFAULT_OFFS
 nearest neighbours, then long-range offsets of 3 sections and 9 pixels. Where `v + o_c` falls
 outside the volume the affinity is undefined (`affinity_mask` is False there; the value is 0).
 On disk (zarr) the channel axis is last (`z y x c`, see emfm.data.volume); the blockwise reader
-(emfm.instances.blockwise.volume_reader) moves it first.
+(emfm.instances.reader.volume_reader) moves it first.
 """
 
 from __future__ import annotations

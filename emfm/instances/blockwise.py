@@ -15,13 +15,12 @@ Memory is bounded by one block (with halo) plus one integer per segment of the v
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,52 +30,12 @@ from skimage.segmentation import relabel_sequential
 
 from emfm.data.volume import Volume, VolumeError, create_volume, open_volume
 from emfm.errors import UserError
-from emfm.instances.affinities import DEFAULT_OFFSETS
+from emfm.instances.blocks import Box, block_grid, box_key, grow, halo_slabs, rel
 from emfm.instances.link2d import overlap_links
+from emfm.instances.reader import from_attributes, volume_reader
 from emfm.instances.segment import SegmentParams, segment
 
 log = logging.getLogger("emfm")
-
-Box = tuple[slice, ...]
-
-
-def block_grid(shape: Sequence[int], block: Sequence[int]) -> list[Box]:
-    """Core boxes of a regular grid over `shape` (last blocks clipped), in C order."""
-    if len(block) != len(shape) or any(b <= 0 for b in block):
-        raise UserError(f"block={list(block)}: give {len(shape)} positive sizes (z, y, x)")
-    ranges = [[slice(s, min(s + b, n)) for s in range(0, n, b)] for n, b in zip(shape, block)]
-    return [tuple(r) for r in itertools.product(*ranges)]
-
-
-def grow(box: Box, halo: Sequence[int], shape: Sequence[int]) -> Box:
-    return tuple(
-        slice(max(0, s.start - h), min(n, s.stop + h)) for s, h, n in zip(box, halo, shape)
-    )
-
-
-def _rel(inner: Box, outer: Box) -> Box:
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
-
-
-def _halo_slabs(core: Box, ext: Box) -> list[tuple[int, int, Box]]:
-    """(axis, side, box) of the inner half of the parts of `ext` beyond `core` along one axis
-    (the half next to the core, where this block still had context), within the core's extent
-    along the others: each lies inside the face neighbour's core."""
-    out = []
-    for d in range(len(core)):
-        w_lo = -(-(core[d].start - ext[d].start) // 2)
-        w_hi = -(-(ext[d].stop - core[d].stop) // 2)
-        for side, (a, b) in (
-            (-1, (core[d].start - w_lo, core[d].start)),
-            (1, (core[d].stop, core[d].stop + w_hi)),
-        ):
-            if b > a:
-                out.append((d, side, core[:d] + (slice(a, b),) + core[d + 1 :]))
-    return out
-
-
-def _box_key(box: Box) -> list[list[int]]:
-    return [[s.start, s.stop] for s in box]
 
 
 class BlockwiseJob:
@@ -151,12 +110,12 @@ class BlockwiseJob:
         lab, _, _ = relabel_sequential(lab)
         n = int(lab.max())
         if n >= 2**32:
-            raise VolumeError(f"block {_box_key(core)} holds {n} segments; use smaller blocks")
-        core_lab = lab[_rel(core, ext)].astype(np.uint32)
+            raise VolumeError(f"block {box_key(core)} holds {n} segments; use smaller blocks")
+        core_lab = lab[rel(core, ext)].astype(np.uint32)
         prov.array[core].write(core_lab).result()
         slabs = {
-            f"slab_{k}": lab[_rel(box, ext)].astype(np.uint32)
-            for k, (_, _, box) in enumerate(_halo_slabs(core, ext))
+            f"slab_{k}": lab[rel(box, ext)].astype(np.uint32)
+            for k, (_, _, box) in enumerate(halo_slabs(core, ext))
         }
         tmp = self.work / f".tmp_block_{i:06d}.npz"
         with open(tmp, "wb") as f:
@@ -190,7 +149,7 @@ class BlockwiseJob:
         for i, core in enumerate(self.blocks):
             ext = grow(core, self.halo, self.shape)
             with np.load(self._block_file(i)) as z:
-                for k, (_, _, box) in enumerate(_halo_slabs(core, ext)):
+                for k, (_, _, box) in enumerate(halo_slabs(core, ext)):
                     mine = z[f"slab_{k}"].astype(np.uint64)
                     # the face neighbour whose core holds the slab
                     j = self._index([s.start for s in box])
@@ -283,102 +242,6 @@ class BlockwiseJob:
         return summary
 
 
-def volume_reader(
-    vol: Volume,
-    *,
-    kind: str = "auto",
-    channel: int | None = None,
-    invert: bool = False,
-    n_offsets: int | None = None,
-) -> tuple[Callable[[Box], np.ndarray], str]:
-    """`read(box)` giving float32 boundary maps `[z,y,x]` or affinities `[c,z,y,x]` from a
-    probability volume (`z y x` or `z y x c`; integer dtypes are scaled to [0, 1]), and the kind.
-
-    kind: "boundary", "affinities", or "auto" (4D with no `channel` = affinities). `channel`
-    picks the boundary class of a multi-channel probability volume; `invert` turns a foreground
-    (interior) probability into a boundary probability."""
-    if kind not in ("auto", "boundary", "affinities"):
-        raise UserError(f"kind={kind!r}: use auto, boundary or affinities")
-    if vol.ndim not in (3, 4):
-        raise VolumeError(
-            f"instance input {vol.path} has shape {vol.shape}; expected z, y, x or z, y, x, c"
-        )
-    if kind == "auto":
-        kind = "affinities" if vol.ndim == 4 and channel is None else "boundary"
-    if kind == "affinities" and (vol.ndim != 4 or channel is not None):
-        raise VolumeError(
-            f"instance input {vol.path}: affinities need a z, y, x, c volume and no channel="
-        )
-    if kind == "affinities" and n_offsets is not None and vol.shape[3] != n_offsets:
-        raise VolumeError(
-            f"instance input {vol.path} has {vol.shape[3]} channels but {n_offsets} offsets are "
-            "configured"
-        )
-    if (
-        kind == "boundary"
-        and vol.ndim == 4
-        and (channel is None or not 0 <= channel < vol.shape[3])
-    ):
-        raise VolumeError(
-            f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K "
-            f"(0..{vol.shape[3] - 1}) "
-            "for the boundary class, or kind=affinities"
-        )
-    scale = 1.0 / np.iinfo(vol.dtype).max if np.issubdtype(vol.dtype, np.integer) else 1.0
-
-    def read(box: Box) -> np.ndarray:
-        x = vol.read(
-            tuple(box)
-            + ((slice(channel, channel + 1),) if vol.ndim == 4 and kind == "boundary" else ())
-        )
-        x = x.astype(np.float32) * scale
-        if kind == "boundary":
-            x = x[..., 0] if x.ndim == 4 else x
-            return 1.0 - x if invert else x
-        x = np.moveaxis(x, -1, 0)
-        return 1.0 - x if invert else x
-
-    return read, kind
-
-
-def _from_attributes(
-    vol: Volume, kind: str, channel: int | None, invert: bool, params: SegmentParams
-):
-    """What `emfm predict` records in its output's attributes decides how it is read when the user
-    gave no `channel`: a "boundary" channel by name; else, for a semantic model, 1 - the probability
-    of the class whose connected regions are the instances (`instance_class`: cell interiors between
-    membranes, or the organelles); else 1 - "foreground" (center task). Recorded affinity offsets
-    ("offsets") replace the default ones; a configured set that differs from the recorded one is an
-    error naming both. Returns (channel, invert, params)."""
-    names = list(vol.attributes.get("channels") or [])
-    if vol.ndim == 4 and channel is None and kind in ("auto", "boundary"):
-        ic = vol.attributes.get("instance_class")
-        if "boundary" in names:
-            channel = names.index("boundary")
-            log.info("instances: boundary probabilities from channel %d of %s", channel, vol.path)
-        elif ic is not None and 0 <= int(ic) < vol.shape[3]:
-            channel, invert = int(ic), True
-            log.info(
-                "instances: boundaries = 1 - p(%s), the instance class of %s",
-                names[channel] if names else channel,
-                vol.path,
-            )
-        elif "foreground" in names:
-            channel, invert = names.index("foreground"), True
-            log.info("instances: boundaries = 1 - p(foreground) of %s", vol.path)
-    recorded = [tuple(int(v) for v in o) for o in vol.attributes.get("offsets") or []]
-    if recorded and channel is None:
-        configured = [tuple(o) for o in params.offsets]
-        if configured != recorded and configured != [tuple(o) for o in DEFAULT_OFFSETS]:
-            raise VolumeError(
-                f"instance input {vol.path} holds affinities for offsets "
-                f"{[list(o) for o in recorded]}, "
-                f"but offsets={[list(o) for o in configured]} were given"
-            )
-        params = replace(params, offsets=tuple(recorded))
-    return channel, invert, params
-
-
 def instances(
     input_path: str,
     out: str,
@@ -397,7 +260,7 @@ def instances(
     """`emfm instances`: segment the probability / affinity volume at `input_path` into `out` (zarr
     v3)."""
     vol = open_volume(input_path)
-    channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
+    channel, invert, params = from_attributes(vol, kind, channel, invert, params)
     read, kind = volume_reader(
         vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets)
     )

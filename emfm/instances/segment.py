@@ -73,22 +73,8 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     """Instance labels (uint64, 0 = none) of a boundary map or an affinity volume."""
     params.check()
     data = np.asarray(data)
+    boundary = _boundary(data, params)
     affinities = data.ndim == 4
-    if data.ndim not in (3, 4):
-        raise UserError(
-            f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
-            "or affinities (c, z, y, x)"
-        )
-    if affinities:
-        offsets = check_offsets(params.offsets, 3)
-        if len(offsets) != data.shape[0]:
-            raise UserError(
-                f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are "
-                "configured"
-            )
-        boundary = boundaries_from_affinities(data, offsets)
-    else:
-        boundary = data.astype(np.float32)
     m = params.method
     if m == "mws":
         if not affinities:
@@ -115,6 +101,28 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
             mutual_best=params.link_mutual_best,
             min_overlap=params.link_min_overlap,
         )
+    return _graph_segmentation(data, boundary, params)
+
+
+def _boundary(data: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """The boundary map of a boundary map (z, y, x) or of affinities (c, z, y, x)."""
+    if data.ndim not in (3, 4):
+        raise UserError(
+            f"instance input has shape {data.shape}: give a boundary map (z, y, x) "
+            "or affinities (c, z, y, x)"
+        )
+    if data.ndim == 3:
+        return data.astype(np.float32)
+    offsets = check_offsets(params.offsets, 3)
+    if len(offsets) != data.shape[0]:
+        raise UserError(
+            f"affinity input has {data.shape[0]} channels but {len(offsets)} offsets are configured"
+        )
+    return boundaries_from_affinities(data, offsets)
+
+
+def _graph_segmentation(data: np.ndarray, boundary: np.ndarray, params: SegmentParams):
+    """Fragments merged on their region adjacency graph: by agglomeration or by multicut."""
     frag = fragments(
         boundary,
         threshold=params.threshold,
@@ -124,10 +132,10 @@ def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     )
     rag = (
         graph.rag_from_affinities(frag, data, params.offsets)
-        if affinities
+        if data.ndim == 4
         else graph.rag_from_boundaries(frag, boundary)
     )
-    if m == "agglomeration":
+    if params.method == "agglomeration":
         nodes = graph.agglomerate(rag, params.agglomeration_threshold)
     else:
         costs = graph.multicut_costs(

@@ -219,10 +219,10 @@ def tune_from_volumes(
     against the labels at `labels_path` in the same region of the source volume (shifted by the
     `roi` origin that `emfm predict` records in the probabilities' attributes)."""
     from emfm.data.volume import VolumeError, open_volume
-    from emfm.instances.blockwise import _from_attributes, volume_reader
+    from emfm.instances.reader import from_attributes, volume_reader
 
     vol = open_volume(input_path)
-    channel, invert, params = _from_attributes(vol, kind, channel, invert, params)
+    channel, invert, params = from_attributes(vol, kind, channel, invert, params)
     read, _ = volume_reader(
         vol, kind=kind, channel=channel, invert=invert, n_offsets=len(params.offsets)
     )

@@ -161,24 +161,15 @@ def _is_default(v: Sequence[int] | None) -> bool:
     return v is None or all(int(s) == 1 for s in v)
 
 
-def _foldable(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-) -> bool:
-    if lhs.ndim != 5 or feature_group_count != 1 or batch_group_count != 1:
+def _foldable(*conv) -> bool:
+    """Whether the positional arguments `conv` of `lax.conv_general_dilated` describe a stride-1,
+    undilated, ungrouped 'SAME' NDHWC / DHWIO 3D convolution."""
+    lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dims, groups, batch_groups = conv
+    if lhs.ndim != 5 or groups != 1 or batch_groups != 1:
         return False
-    if not (
-        _is_default(window_strides) and _is_default(lhs_dilation) and _is_default(rhs_dilation)
-    ):
+    if not (_is_default(strides) and _is_default(lhs_dilation) and _is_default(rhs_dilation)):
         return False
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dims)
     if tuple(dn.lhs_spec) != (0, 4, 1, 2, 3) or tuple(dn.rhs_spec) != (4, 3, 0, 1, 2):
         return False  # not NDHWC / DHWIO
     if tuple(dn.out_spec) != (0, 4, 1, 2, 3):
@@ -206,36 +197,14 @@ def conv_general_dilated(
     """Drop-in for `jax.lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`): a
     stride-1 'SAME' NDHWC 3D convolution runs in the formulation `current_impl(cin)`; anything
     else goes to lax unchanged."""
+    # lax.conv_general_dilated's positional arguments
+    conv = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    conv += (feature_group_count, batch_group_count)
     impl = current_impl(lhs.shape[-1] if lhs.ndim == 5 else None)
-    if (
-        impl != "native"
-        and not kwargs.get("out_sharding")
-        and _foldable(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-        )
-    ):
+    if impl != "native" and not kwargs.get("out_sharding") and _foldable(*conv):
         return conv3d(
             lhs, rhs, impl=impl, precision=precision, preferred_element_type=preferred_element_type
         )
     return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-        **kwargs,
+        *conv, precision=precision, preferred_element_type=preferred_element_type, **kwargs
     )

@@ -33,41 +33,30 @@ def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
     return tuple(s // p for s, p in zip(spatial, patch))
 
 
+def _layouts(nd: int) -> tuple[str, str]:
+    """The einops patterns of an image (`b (gz pz) (gy py) (gx px) c`, 2D without z) and of its
+    tokens (`b (gz gy gx) (pz py px c)`): grid axes g*, pixels within a patch p*."""
+    axes = "zyx"[-nd:]
+    image = " ".join(f"(g{a} p{a})" for a in axes)
+    grid, pixels = " ".join(f"g{a}" for a in axes), " ".join(f"p{a}" for a in axes)
+    return f"b {image} c", f"b ({grid}) ({pixels} c)"
+
+
+def _sizes(prefix: str, sizes: Sequence[int]) -> dict[str, int]:
+    return dict(zip((f"{prefix}{a}" for a in "zyx"[-len(sizes) :]), sizes))
+
+
 def patchify(x: Float[Array, "b *sp c"], patch: Sequence[int]) -> Float[Array, "b n pd"]:
     grid_shape(x.shape[1:-1], patch)
-    if len(patch) == 2:
-        return rearrange(x, "b (gy py) (gx px) c -> b (gy gx) (py px c)", py=patch[0], px=patch[1])
-    return rearrange(
-        x,
-        "b (gz pz) (gy py) (gx px) c -> b (gz gy gx) (pz py px c)",
-        pz=patch[0],
-        py=patch[1],
-        px=patch[2],
-    )
+    image, tokens = _layouts(len(patch))
+    return rearrange(x, f"{image} -> {tokens}", **_sizes("p", patch))
 
 
 def unpatchify(
     t: Float[Array, "b n pd"], patch: Sequence[int], grid: Sequence[int]
 ) -> Float[Array, "b *sp c"]:
-    if len(patch) == 2:
-        return rearrange(
-            t,
-            "b (gy gx) (py px c) -> b (gy py) (gx px) c",
-            gy=grid[0],
-            gx=grid[1],
-            py=patch[0],
-            px=patch[1],
-        )
-    return rearrange(
-        t,
-        "b (gz gy gx) (pz py px c) -> b (gz pz) (gy py) (gx px) c",
-        gz=grid[0],
-        gy=grid[1],
-        gx=grid[2],
-        pz=patch[0],
-        py=patch[1],
-        px=patch[2],
-    )
+    image, tokens = _layouts(len(patch))
+    return rearrange(t, f"{tokens} -> {image}", **_sizes("g", grid), **_sizes("p", patch))
 
 
 class PatchEmbed(nnx.Module):

@@ -188,20 +188,10 @@ def build_head(
         )
     if name == "unet":
         return PixelHead(nd=spec.ndim, enc_width=spec.width, out=out, rngs=rngs)
+    vit = dict(patch=spec.patch_size, enc_width=spec.width, width=width, out=out, rngs=rngs)
     if name == "progressive":
-        return ProgressiveHead(
-            patch=spec.patch_size, enc_width=spec.width, width=width, out=out, rngs=rngs
-        )
-    return UNETRHead(
-        patch=spec.patch_size,
-        enc_width=spec.width,
-        enc_depth=spec.depth,
-        in_channels=spec.in_channels,
-        width=width,
-        out=out,
-        blocks=blocks,
-        rngs=rngs,
-    )
+        return ProgressiveHead(**vit)
+    return UNETRHead(enc_depth=spec.depth, in_channels=spec.in_channels, blocks=blocks, **vit)
 
 
 class SegModel(nnx.Module):

@@ -59,15 +59,8 @@ class ViTSpec:
         for k in ("width", "depth", "heads"):
             if getattr(cfg, k) is not None:
                 base[k] = int(getattr(cfg, k))
-        return cls(
-            patch_size=tuple(cfg.patch_size),
-            in_channels=cfg.in_channels,
-            mlp_ratio=cfg.mlp_ratio,
-            num_registers=cfg.num_registers,
-            dtype=cfg.dtype,
-            remat=cfg.remat,
-            **base,
-        )
+        same = ("in_channels", "mlp_ratio", "num_registers", "dtype", "remat")
+        return cls(patch_size=tuple(cfg.patch_size), **{k: getattr(cfg, k) for k in same}, **base)
 
     @property
     def ndim(self) -> int:

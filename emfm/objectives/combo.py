@@ -47,7 +47,7 @@ def make(name: str) -> ObjectiveDef:
             dtype=spec.dtype,
             rngs=rngs,
         )
-        return ComboModel(encoder, decoder, part.build_heads(encoder, cfg, rngs))
+        return ComboModel(encoder, decoder, part.Heads(spec.width, cfg, rngs))
 
     def loss(model: ComboModel, batch: dict, rng, cfg, teacher=None):
         k_mae, k_c = jax.random.split(rng)

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from emfm.errors import UserError
+from emfm.objectives.base import ObjectiveDef
+
 # ----------------------------------------------------------------------------------------------
 # losses
 
@@ -64,6 +67,29 @@ def two_view_loss(pair_loss: Callable) -> Callable:
     return loss
 
 
+def momentum_teacher(teacher, method: str) -> tuple:
+    """The momentum (EMA) teacher's `(encoder, heads)` a pair loss was given, or an error naming
+    the `method` that needs it when the objective runs without one."""
+    if teacher is None:
+        raise UserError(f"{method} needs the momentum teacher (ObjectiveDef.teacher=True)")
+    return teacher
+
+
+def two_view_definition(
+    name: str, heads: Callable, pair_loss: Callable, *, teacher: bool = False
+) -> ObjectiveDef:
+    """The registry entry of a two-view objective: its model is the encoder with
+    `heads(encoder width, cfg, rngs)`, its loss `two_view_loss(pair_loss)`; `teacher` keeps the
+    momentum (EMA) teacher in the training state."""
+
+    def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
+        return ContrastiveModel(encoder, heads(encoder.spec.width, cfg, rngs))
+
+    return ObjectiveDef(
+        name=name, build=build, loss=two_view_loss(pair_loss), views=2, teacher=teacher
+    )
+
+
 # ---------------------------------------------------------------------------------- on-device views
 
 
@@ -76,7 +102,7 @@ def photometric(
     gamma: float = 0.2,
     noise: float = 0.03,
 ) -> Float[Array, "b *sp c"]:
-    """Grey-value jitter per example (as emfm.data.augment.intensity, for images in about [0,
+    """Grey-value jitter per example (as emfm.data.augment_ops.intensity, for images in about [0,
     1])."""
     kc, kb, kg, kn, ks = jax.random.split(rng, 5)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emfm.errors import UserError
 from emfm.models.heads import DINOHead, global_feature
-from emfm.objectives.base import ObjectiveDef
-from emfm.objectives.contrastive import ContrastiveModel, random_resized_crops, two_view_loss
+from emfm.objectives.contrastive import (
+    momentum_teacher,
+    random_resized_crops,
+    two_view_definition,
+)
 
 
 class Center(nnx.Variable):
@@ -65,13 +67,11 @@ def _logits(encoder, heads: Heads, x):
 
 
 def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher):
-    if teacher is None:
-        raise UserError("DINO needs the momentum teacher (ObjectiveDef.teacher=True)")
+    t_enc, t_heads = momentum_teacher(teacher, "DINO")
     spec = encoder.spec
     multiple = spec.total_pool()[-1] if hasattr(spec, "total_pool") else spec.patch_size[-1]
     crops = [x1, x2] + local_views(rng, x1, x2, cfg, multiple)
     student = [_logits(encoder, heads, c) for c in crops]
-    t_enc, t_heads = teacher
     t_out = [jax.lax.stop_gradient(_logits(t_enc, t_heads, c)) for c in (x1, x2)]
     center = heads.center[...]
     value = dino_cross_entropy(student, t_out, center, cfg.student_temp, cfg.teacher_temp)
@@ -84,14 +84,4 @@ def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher):
     return value, {"loss": value, "teacher_entropy": entropy}
 
 
-def build_heads(encoder, cfg, rngs: nnx.Rngs) -> Heads:
-    return Heads(encoder.spec.width, cfg, rngs)
-
-
-def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
-    return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
-
-
-DEFINITION = ObjectiveDef(
-    name="dino", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True
-)
+DEFINITION = two_view_definition("dino", Heads, pair_loss, teacher=True)

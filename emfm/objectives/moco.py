@@ -12,10 +12,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from emfm.errors import UserError
 from emfm.models.heads import MLP, global_feature
-from emfm.objectives.base import ObjectiveDef
-from emfm.objectives.contrastive import ContrastiveModel, info_nce, two_view_loss
+from emfm.objectives.contrastive import info_nce, momentum_teacher, two_view_definition
 
 
 class Heads(nnx.Module):
@@ -35,25 +33,13 @@ def symmetric_loss(q1, q2, k1, k2, temperature: float):
 
 
 def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher):
-    if teacher is None:
-        raise UserError("MoCo v3 needs the momentum teacher (ObjectiveDef.teacher=True)")
+    t_enc, t_heads = momentum_teacher(teacher, "MoCo v3")
     q1 = heads.predictor(_project(encoder, heads, x1))
     q2 = heads.predictor(_project(encoder, heads, x2))
-    t_enc, t_heads = teacher
     k1 = jax.lax.stop_gradient(_project(t_enc, t_heads, x1))
     k2 = jax.lax.stop_gradient(_project(t_enc, t_heads, x2))
     value = symmetric_loss(q1, q2, k1, k2, cfg.temperature)
     return value, {"loss": value}
 
 
-def build_heads(encoder, cfg, rngs: nnx.Rngs) -> Heads:
-    return Heads(encoder.spec.width, cfg, rngs)
-
-
-def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
-    return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
-
-
-DEFINITION = ObjectiveDef(
-    name="moco", build=build, loss=two_view_loss(pair_loss), views=2, teacher=True
-)
+DEFINITION = two_view_definition("moco", Heads, pair_loss, teacher=True)

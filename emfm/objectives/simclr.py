@@ -11,8 +11,7 @@ from __future__ import annotations
 from flax import nnx
 
 from emfm.models.heads import MLP, global_feature
-from emfm.objectives.base import ObjectiveDef
-from emfm.objectives.contrastive import ContrastiveModel, nt_xent, two_view_loss
+from emfm.objectives.contrastive import nt_xent, two_view_definition
 
 
 class Heads(nnx.Module):
@@ -32,12 +31,4 @@ def pair_loss(encoder, heads: Heads, x1, x2, rng, cfg, teacher=None):
     return value, {"loss": value}
 
 
-def build_heads(encoder, cfg, rngs: nnx.Rngs) -> Heads:
-    return Heads(encoder.spec.width, cfg, rngs)
-
-
-def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
-    return ContrastiveModel(encoder, build_heads(encoder, cfg, rngs))
-
-
-DEFINITION = ObjectiveDef(name="simclr", build=build, loss=two_view_loss(pair_loss), views=2)
+DEFINITION = two_view_definition("simclr", Heads, pair_loss)

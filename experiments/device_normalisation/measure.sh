@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Data-wait fraction of the main job's pretraining recipe (configs/main.yaml: model, objective,
-# optim, data) before (BASE: a checkout of the commit before the change) and after (AFTER, default
-# this tree). The machine is shared and its load swings by 10x within minutes, so each repeat runs
-# the two side by side, at the same moment (STEPS steps each, REPEATS pairs, one after the other).
-# Usage: BASE=CHECKOUT_BEFORE [AFTER=CHECKOUT_AFTER] [STEPS=150] [REPEATS=2] bash experiments/device_normalisation/measure.sh OUT_DIR
+# Data-wait fraction of the main job's pretraining recipe of commits d53d6eb / f2016f2 (their
+# configs/main.yaml: model, objective, optim, data) before (BASE: a checkout of the commit before
+# the change) and after (AFTER, default this tree). Both run with the emfm environment of this tree
+# (VENV, default .venv beside this tree's emfm/), importing emfm from their own checkout. The
+# machine is shared and its load swings by 10x within minutes, so each repeat runs the two side by
+# side, at the same moment (STEPS steps each, REPEATS pairs, one after the other).
+# Usage: BASE=CHECKOUT_BEFORE [AFTER=CHECKOUT_AFTER] [VENV=DIR] [STEPS=150] [REPEATS=2] \
+#          bash experiments/device_normalisation/measure.sh OUT_DIR
 set -euo pipefail
 out=${1:?out dir}; base=${BASE:?checkout of the commit before}; repeats=${REPEATS:-2}; steps=${STEPS:-150}
-here=${AFTER:-$(cd "$(dirname "$0")/../.." && pwd)}
+mkdir -p "$out"; out=$(cd "$out" && pwd)  # the runs start in their checkouts
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+here=$(cd "${AFTER:-$repo}" && pwd); base=$(cd "$base" && pwd); venv=${VENV:-$repo/.venv}
 recipe=(model=vit_ti_p8 objective=mae data=bundled optim=adamw model.width=128 model.depth=4 model.heads=4
         objective.decoder_width=64 objective.decoder_depth=1 objective.decoder_heads=2 objective.target_norm=image
         optim.lr=1.5e-3 optim.scale_lr_by_batch=false optim.warmup_steps=50 trainer.steps=$steps trainer.log_every=25
@@ -18,7 +23,7 @@ for i in $(seq 1 "$repeats"); do
   for which in before after; do
     src=$here; [ "$which" = before ] && src=$base
     dir="$out/${which}_$i"; rm -rf "$dir"
-    (cd "$src" && PYTHONPATH=$src nice -n 10 "$here/.venv/bin/emfm" pretrain "${recipe[@]}" "hydra.run.dir=$dir" \
+    (cd "$src" && PYTHONPATH=$src nice -n 10 "$venv/bin/emfm" pretrain "${recipe[@]}" "hydra.run.dir=$dir" \
        > "$dir.log" 2>&1) &
     pids+=($!)
   done

@@ -2,17 +2,18 @@
 features.
 
 The probe is trained on the gala *train* volume (boundary = label 0) and predicts the separate test
-volume; encoders: random init and the MAE checkpoint of the main job. Used by run_gala.py when no
-fine-tuned predictions exist in runs/seg_outputs (experiments/segmentation/run.py).
+volume; encoders: random init and a pretrained ViT checkpoint (CHECKPOINT, an `emfm main` or
+`emfm pretrain` run directory). Writes OUT_DIR/{pretrained,random_init}.npy and probe.json, read by
+run_gala.py.
 
-    PYTHONPATH=$PWD nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR
-    [CHECKPOINT]
+    PYTHONPATH=. nice -n 10 python experiments/instances/predict_gala_probe.py OUT_DIR CHECKPOINT \
+        [--gala ../shared/data/em/gala_fibsem]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,16 +25,15 @@ from emfm.eval import probe
 from emfm.export.features import encode_sections
 from emfm.train.state import build_encoder, load_encoder
 
-GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
 
-
-def main(out_dir: str, checkpoint: str = "runs/main/2026-11-25_14-45-37") -> None:
+def main(out_dir: str, checkpoint: str, gala: str = "../shared/data/em/gala_fibsem") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x_tr = tifffile.imread(GALA / "train_image.tif")
-    y_tr = tifffile.imread(GALA / "train_labels.tif") == 0
-    x_te = tifffile.imread(GALA / "test_image.tif")
-    y_te = tifffile.imread(GALA / "test_labels.tif") == 0
+    src = Path(gala)
+    x_tr = tifffile.imread(src / "train_image.tif")
+    y_tr = tifffile.imread(src / "train_labels.tif") == 0
+    x_te = tifffile.imread(src / "test_image.tif")
+    y_te = tifffile.imread(src / "test_labels.tif") == 0
     # gala's own range, for both encoders
     grey = tuple(float(v) for v in np.percentile(x_tr, [0.5, 99.5]))
     enc_pre, meta = load_encoder(checkpoint)
@@ -60,4 +60,9 @@ def main(out_dir: str, checkpoint: str = "runs/main/2026-11-25_14-45-37") -> Non
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", help="where the probability maps and probe.json go")
+    ap.add_argument("checkpoint", help="the pretrained run directory (ViT)")
+    ap.add_argument("--gala", default="../shared/data/em/gala_fibsem", help="gala FIB-SEM data")
+    a = ap.parse_args()
+    main(a.out_dir, a.checkpoint, a.gala)

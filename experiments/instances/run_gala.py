@@ -1,20 +1,22 @@
 """Instance segmentation of the gala FIB-SEM neuron test volume from boundary probabilities:
 VOI split/merge and adapted Rand error (emfm.eval.metrics) for each route of emfm.instances.
 
-Sources: predicted test probabilities from $EMFM_SEG_OUTPUTS/gala_* (default runs/seg_outputs)
-when they exist (fine-tuned models), else the linear-probe predictions of predict_gala_probe.py
-(random-init and MAE encoders), and the upper bound with boundaries derived from the ground truth
-(label 0 and in-plane faces).
+Sources: predicted test probabilities SEG_OUTPUTS/gala_*/probabilities.zarr (`--seg-outputs`,
+default runs/seg_outputs) when they exist (fine-tuned models), the linear-probe predictions of
+predict_gala_probe.py in PROBS_DIR (random-init and MAE encoders), and the upper bound with
+boundaries derived from the ground truth (label 0 and in-plane faces). ONLY keeps the sources whose
+name contains it (e.g. `fine-tuned`).
 
-    PYTHONPATH=$PWD nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON
+    PYTHONPATH=. nice -n 10 python experiments/instances/run_gala.py PROBS_DIR OUT_JSON [ONLY] \
+        [--seg-outputs runs/seg_outputs] [--gala ../shared/data/em/gala_fibsem]
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +25,6 @@ import tifffile
 
 from emfm.eval.metrics import region_scores
 from emfm.instances import SegmentParams, affinities_from_labels, boundaries_from_labels, segment
-
-GALA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "gala_fibsem"
 
 ROUTES = {  # name: SegmentParams; all at the library defaults except what the name says
     "link2d (2D watershed, overlap/min >= 0.5)": SegmentParams(method="link2d"),
@@ -42,11 +42,10 @@ ROUTES = {  # name: SegmentParams; all at the library defaults except what the n
 }
 
 
-def sources(probs_dir: str, gt: np.ndarray) -> dict:
+def sources(probs_dir: str, gt: np.ndarray, outputs: str) -> dict:
     out = {"gt-derived boundaries (upper bound)": boundaries_from_labels(gt, axes=(1, 2))}
     from emfm.data.volume import open_volume
 
-    outputs = os.environ.get("EMFM_SEG_OUTPUTS", "runs/seg_outputs")
     for f in sorted(glob.glob(os.path.join(outputs, "gala_*", "probabilities.zarr"))):
         vol = open_volume(f)  # z y x c, channel names in the attributes (emfm predict)
         n_chunks = sum(1 for c in Path(f, "c").rglob("*") if c.is_file())
@@ -62,10 +61,16 @@ def sources(probs_dir: str, gt: np.ndarray) -> dict:
     return out
 
 
-def main(probs_dir: str, out_json: str, only: str = "") -> None:
-    gt = tifffile.imread(GALA / "test_labels.tif")
+def main(
+    probs_dir: str,
+    out_json: str,
+    only: str = "",
+    seg_outputs: str = "runs/seg_outputs",
+    gala: str = "../shared/data/em/gala_fibsem",
+) -> None:
+    gt = tifffile.imread(Path(gala) / "test_labels.tif")
     rows = []
-    for src, b in sources(probs_dir, gt).items():
+    for src, b in sources(probs_dir, gt, seg_outputs).items():
         if only and only not in src:
             continue
         assert b.shape == gt.shape, (src, b.shape)
@@ -108,4 +113,11 @@ def main(probs_dir: str, out_json: str, only: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("probs_dir", help="the output directory of predict_gala_probe.py")
+    ap.add_argument("out_json", help="where the rows go")
+    ap.add_argument("only", nargs="?", default="", help="keep sources whose name contains this")
+    ap.add_argument("--seg-outputs", default="runs/seg_outputs", help="fine-tuned predictions")
+    ap.add_argument("--gala", default="../shared/data/em/gala_fibsem", help="gala FIB-SEM data")
+    a = ap.parse_args()
+    main(a.probs_dir, a.out_json, a.only, a.seg_outputs, a.gala)

@@ -7,7 +7,7 @@ import numpy as np
 
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
-from emfm.data.loader import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.eval import metrics, probe
 from emfm.export.features import encode_sections

@@ -1,10 +1,10 @@
-"""Study helper: the bundled sample's 30 sections and membrane labels, and the probe
+"""Shared by the study scripts: the bundled sample's 30 sections and membrane labels, and the probe
 features (64-px windows, patch embedding + final tokens, as the main job) of a checkpoint's encoder
 ("pre") or of the same architecture at random init ("rnd0" = seed 1000, ...)."""
 
 from emfm.config.schema import ModelConfig
 from emfm.data import bundled
-from emfm.data.loader import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.eval import probe
 from emfm.export.features import encode_sections

@@ -1,17 +1,18 @@
 """Segmentation quality on real EM: random-init vs MAE-pretrained ViT at 10 % and 100 % of the
 labels.
 
-Command (2-core CPU, about an hour for all 12 runs on a shared machine; results appended to
-results.jsonl):
-  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py [--steps 60 --batch 4] [--only
-  isbi,gala,cdeep3m] PYTHONPATH=. python experiments/segmentation/run.py --table      (the README
-  tables from results.jsonl)
-Per dataset and setting: `emfm finetune` (library call, full fine-tuning, progressive head), then
-blockwise `predict_volume` of the held-out data to
-$EMFM_SEG_OUT/<dataset>_<init>_<fraction>/probabilities.zarr, then scores read back from that
-zarr. Paths come from the environment: EMFM_SEG_CHECKPOINT (the MAE run, default
-runs/main/final_s2), EMFM_SEG_OUT (default runs/seg_outputs/v2), EMFM_SEG_SCRATCH (converted data
-and run directories, default the system temp directory).
+Command (from the repository root; 2-core CPU, about an hour for all 12 runs on a shared machine;
+records appended to experiments/segmentation/runs.jsonl and results.jsonl):
+  PYTHONPATH=. nice -n 10 python experiments/segmentation/run.py --checkpoint MAE_RUN \
+      [--steps 300 --batch 4] [--only isbi,gala,cdeep3m] [--out runs/seg_outputs/v2]
+  PYTHONPATH=. python experiments/segmentation/run.py --stage score   (scores -> results.jsonl)
+  PYTHONPATH=. python experiments/segmentation/run.py --table         (the README tables)
+Per dataset and setting (`--stage train`): `emfm finetune` (library call, full fine-tuning,
+progressive head), then blockwise `predict_volume` of the validation and test regions to
+OUT/<dataset>_<init>_<fraction>/{val,test}.zarr; `--stage score` reads them back. Paths are
+arguments: --checkpoint (the pretrained run for `--inits mae`), --out (probability maps), --data
+(the EM data sets, default ../shared/data/em), --scratch (converted data and run directories,
+default the system temp directory).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -40,11 +40,11 @@ from emfm.eval import metrics  # noqa: E402
 from emfm.finetune import targets, train  # noqa: E402
 from emfm.finetune.predict import model_fn, predict_volume  # noqa: E402
 
-EM = REPO.parent / "shared" / "data" / "em"
-# the main job MAE run: 1500 steps on ISBI sections 0-19
-MAE = os.environ.get("EMFM_SEG_CHECKPOINT", "runs/main/final_s2")
-OUT = Path(os.environ.get("EMFM_SEG_OUT", "runs/seg_outputs/v2"))
-SCRATCH = Path(os.environ.get("EMFM_SEG_SCRATCH", tempfile.gettempdir()))
+# paths, set from the command line in main()
+EM = Path("../shared/data/em")  # --data
+MAE = ""  # --checkpoint: the pretrained run (the main job's 1500-step MAE in the records)
+OUT = Path("runs/seg_outputs/v2")  # --out
+SCRATCH = Path(tempfile.gettempdir())  # --scratch
 DATA = SCRATCH / "emfm_seg_data"
 HERE = Path(__file__).resolve().parent
 T0 = time.time()  # one fresh run directory per launch: never resume an older run
@@ -139,6 +139,8 @@ def config(
         *ds["over"],
     ]
     if init == "mae":
+        if not MAE:
+            raise SystemExit("run.py: --inits mae needs --checkpoint (a pretraining run directory)")
         over += ["regime.init=pretrained", f"checkpoint={MAE}"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         c = compose("finetune", overrides=over)
@@ -334,7 +336,7 @@ def rescore_link2d(all_ds: dict) -> None:
         res = {
             **rec,
             **score_run("gala", all_ds["gala"], rec, routes=("link2d",)),
-            "link2d_session": 4,
+            "link2d_rescored": time.strftime("%Y-%m-%d"),
             "link2d_score_s": time.time() - t0,
         }
         print(json.dumps({k: v for k, v in res.items() if k.startswith("link2d")}), flush=True)
@@ -344,7 +346,7 @@ def rescore_link2d(all_ds: dict) -> None:
 
 def rescore(all_ds: dict, only: list[str]) -> None:
     """Every run's stored probabilities (its last record in results.jsonl) scored again
-    with score_run, no training; the new scores go to rescore_s4.jsonl with the entries that differ
+    with score_run, no training; the new scores go to rescore.jsonl with the entries that differ
     from the recorded ones by more than 5e-4 (or whose chosen parameters differ)."""
     last = {}
     for ln in (HERE / "results.jsonl").read_text().splitlines():
@@ -367,7 +369,7 @@ def rescore(all_ds: dict, only: list[str]) -> None:
         res = {
             "run": tag,
             "dataset": rec["dataset"],
-            "session": 4,
+            "rescored": time.strftime("%Y-%m-%d"),
             "rescore_s": time.time() - t0,
             "probabilities": [rec["val_probabilities"], rec["test_probabilities"]],
             **new,
@@ -376,7 +378,7 @@ def rescore(all_ds: dict, only: list[str]) -> None:
         print(
             json.dumps({"run": tag, "rescore_s": res["rescore_s"], "differs": differs}), flush=True
         )
-        with open(HERE / "rescore_s4.jsonl", "a") as f:
+        with open(HERE / "rescore.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")
 
 
@@ -467,6 +469,7 @@ def train_one(
 
 
 def main() -> None:
+    global EM, MAE, OUT, SCRATCH, DATA
     if sys.argv[1:] == ["--table"]:
         print(table())
         return
@@ -486,7 +489,13 @@ def main() -> None:
         default=0,
         help="trainer.seed: initialisation of the head (and random encoder) and patch sampling",
     )
+    ap.add_argument("--checkpoint", default="", help="pretraining run for --inits mae")
+    ap.add_argument("--out", default=str(OUT), help="probability maps, one directory per run")
+    ap.add_argument("--data", default=str(EM), help="the EM data sets (isbi2012, ...)")
+    ap.add_argument("--scratch", default=str(SCRATCH), help="converted data, run directories")
     a = ap.parse_args()
+    EM, MAE, OUT, SCRATCH = Path(a.data), a.checkpoint, Path(a.out), Path(a.scratch)
+    DATA = SCRATCH / "emfm_seg_data"
     logging.basicConfig(level=logging.WARNING)
     schema.register()
     all_ds = datasets()

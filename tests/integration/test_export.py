@@ -51,6 +51,23 @@ def sample(z=2, y=96, x=160) -> np.ndarray:
     )
 
 
+@pytest.fixture(scope="module")
+def sample_vol():
+    return open_volume(bundled.sample_raw())
+
+
+@pytest.fixture
+def small_vit():
+    """A 2-block ViT of width 32 with 8 x 8 patches, at random init (seed 0)."""
+    return build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
+
+
+def vit_export_args(sections: int, tile: int, margin: int, **kw) -> dict:
+    """Keyword arguments of an export of the first sections of the sample (y, x 0-383)."""
+    roi = [[0, sections], [0, 384], [0, 384]]
+    return dict(grey_range=(0.0, 255.0), roi=roi, tile=tile, margin=margin, **kw)
+
+
 def test_unet_blocks_equal_whole_image_forward_no_seams():
     """With a per-pixel norm and a margin beyond the receptive field, tile-by-tile features (decoder
     output, and encoder levels upsampled to a common grid) equal one forward pass over the mirrored
@@ -87,17 +104,9 @@ def test_unet_blocks_equal_whole_image_forward_no_seams():
         F.encode_sections(enc, img, tile=32, margin=m, batch_size=4, blocks=(depth + 1,))
 
 
-def test_layers_pca_and_dtype(tmp_path):
-    vol = open_volume(bundled.sample_raw())
-    enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
-    kw = dict(
-        grey_range=(0.0, 255.0),
-        roi=[[0, 1], [0, 384], [0, 384]],
-        tile=128,
-        margin=16,
-        show_progress=False,
-        blend="none",
-    )
+def test_layers_pca_and_dtype(tmp_path, sample_vol, small_vit):
+    vol, enc = sample_vol, small_vit
+    kw = vit_export_args(1, 128, 16, show_progress=False, blend="none")
     a = F.export_features(enc, vol, tmp_path / "a.zarr", **kw)
     b = F.export_features(enc, vol, tmp_path / "b.zarr", layers=(-2, -1), dtype="float32", **kw)
     c = F.export_features(
@@ -160,23 +169,15 @@ def test_layers_pca_and_dtype(tmp_path):
     np.testing.assert_allclose(comp @ comp.T, np.eye(5), atol=1e-5)
 
 
-def test_blended_windows_remove_vit_seams(tmp_path):
+def test_blended_windows_remove_vit_seams(tmp_path, sample_vol, small_vit):
     """blend=cosine (the ViT default): features where one window covers a cell are that window's
     features, where two overlap a convex mix of both, and the block seams of margin-dropped tiles
     are gone."""
     sys.path.insert(0, str(REPO / "experiments" / "feature_export"))
     from seams import phase_profile, ratios
 
-    vol = open_volume(bundled.sample_raw())
-    enc = build_encoder(ModelConfig(width=32, depth=2, heads=2, patch_size=[8, 8]), seed=0)
-    kw = dict(
-        grey_range=(0.0, 255.0),
-        roi=[[0, 2], [0, 384], [0, 384]],
-        tile=64,
-        margin=32,
-        dtype="float32",
-        show_progress=False,
-    )
+    vol, enc = sample_vol, small_vit
+    kw = vit_export_args(2, 64, 32, dtype="float32", show_progress=False)
     res = F.export_features(enc, vol, tmp_path / "b.zarr", **kw)  # blend=auto
     assert res["blend"] == "cosine" and res["shape"] == [2, 48, 48, 32]
     F.export_features(enc, vol, tmp_path / "n.zarr", blend="none", **kw)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from emfm.export import model as export_model
+from emfm.export import bioimageio_package, onnx_export
+from emfm.export.exportable import load_exportable, normalise, sample_tiles
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +31,14 @@ def _core_test(source) -> None:
 
 def test_zoo_encoder_to_onnx_and_bioimageio(tmp_path):
     onnx_path = tmp_path / "em_unet16.onnx"
-    rep = export_model.export_onnx("zoo:em_unet16", onnx_path, shape=TILE)
+    rep = onnx_export.export_onnx("zoo:em_unet16", onnx_path, shape=TILE)
     assert rep["kind"] == "encoder" and rep["architecture"] == "unet"
     assert rep["check_vs_jax"]["max_abs_diff"] <= 1e-4, rep["check_vs_jax"]
     assert rep["check_vs_jax"]["batch"] == 2 and rep["output"]["shape"] == ["batch", 16, 64, 64]
     # dynamic batch: 3 tiles of real EM through ONNX Runtime and JAX
-    ex = export_model.load_exportable("zoo:em_unet16", shape=TILE)
-    x = np.concatenate(
-        [export_model.normalise(export_model.sample_tiles(ex.tile, 2), ex.grey_range)] * 2
-    )[:3]
-    chk = export_model.compare_with_jax(ex, onnx_path, x)
+    ex = load_exportable("zoo:em_unet16", shape=TILE)
+    x = np.concatenate([normalise(sample_tiles(ex.tile, 2), ex.grey_range)] * 2)[:3]
+    chk = onnx_export.compare_with_jax(ex, onnx_path, x)
     assert chk["output_shape"] == [3, 16, 64, 64] and chk["max_abs_diff"] <= 1e-4, chk
 
     out = tmp_path / "pkg" / "em_unet16.bioimageio"
@@ -99,17 +98,17 @@ def test_finetuned_segmentation_model_to_onnx_and_bioimageio(tmp_path):
         f"hydra.run.dir={run}",
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    rep = export_model.export_onnx(str(run), tmp_path / "seg.onnx", shape=TILE)
+    rep = onnx_export.export_onnx(str(run), tmp_path / "seg.onnx", shape=TILE)
     assert rep["kind"] == "segmentation" and rep["output"]["name"] == "probabilities"
     assert rep["check_vs_jax"]["max_abs_diff"] <= 1e-4, rep["check_vs_jax"]
-    ex = export_model.load_exportable(str(run), shape=TILE)
-    x = export_model.normalise(export_model.sample_tiles(ex.tile, 1), ex.grey_range)
-    p = export_model.onnx_session(tmp_path / "seg.onnx").run(None, {"raw": x})[0]
+    ex = load_exportable(str(run), shape=TILE)
+    x = normalise(sample_tiles(ex.tile, 1), ex.grey_range)
+    p = onnx_export.onnx_session(tmp_path / "seg.onnx").run(None, {"raw": x})[0]
     assert p.shape == (1, 2, 64, 64) and np.allclose(
         p.sum(1), 1, atol=1e-5
     )  # softmax over the classes
 
-    rep = export_model.export_bioimageio(
+    rep = bioimageio_package.export_bioimageio(
         str(run), tmp_path / "seg.bioimageio", shape=TILE, authors=["Test Author"]
     )
     assert (
@@ -153,8 +152,10 @@ def test_licence_of_a_run_on_other_data_must_be_named():
         is_zoo=False, checkpoint="runs/x", meta={"data_path": "/elsewhere/vol.zarr"}
     )
     with pytest.raises(UserError, match="records no licence.*license=SPDX-ID"):
-        export_model.default_license(ex)
+        bioimageio_package.default_license(ex)
     assert (
-        export_model.default_license(SimpleNamespace(is_zoo=True, checkpoint="zoo:x", meta={}))
+        bioimageio_package.default_license(
+            SimpleNamespace(is_zoo=True, checkpoint="zoo:x", meta={})
+        )
         == "CC-BY-NC-4.0"
     )

@@ -76,27 +76,19 @@ def _shared_crop(
     return str(write_array(d / "raw", img).path), str(write_array(d / "labels", lab).path)
 
 
+# dataset, image and label files, crop, label dtype (None: as stored)
+GALA = ("gala_fibsem", "train_image.tif", "train_labels.tif", np.s_[:8, :64, :128], np.uint32)
+MITO = ("cdeep3m_sbem_mito", "train_images.tif", "train_labels.tif", np.s_[:4, :256, :256], None)
+
+
 @pytest.fixture(scope="module")
 def gala(tmp_path_factory):
-    return _shared_crop(
-        tmp_path_factory,
-        "gala_fibsem",
-        "train_image.tif",
-        "train_labels.tif",
-        np.s_[:8, :64, :128],
-        np.uint32,
-    )
+    return _shared_crop(tmp_path_factory, *GALA)
 
 
 @pytest.fixture(scope="module")
 def mito(tmp_path_factory):
-    return _shared_crop(
-        tmp_path_factory,
-        "cdeep3m_sbem_mito",
-        "train_images.tif",
-        "train_labels.tif",
-        np.s_[:4, :256, :256],
-    )
+    return _shared_crop(tmp_path_factory, *MITO)
 
 
 def test_cli_finetune_then_blockwise_predict(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from emfm import view
+from emfm import view, view_browser, view_plan
 from emfm.data.volume import write_array
 from emfm.errors import UserError
 
@@ -152,7 +152,7 @@ def test_served_over_http_matches_the_files(served):
 
 
 def test_run_directory_shows_products_and_their_raw_input(vols):
-    p = view.plan([str(vols["run"])])
+    p = view_plan.plan([str(vols["run"])])
     kinds = {e.name: e.kind for e in p.entries}
     assert kinds == {"raw": "raw", "predictions": "probabilities", "pred_instances": "labels"}, (
         kinds
@@ -209,10 +209,10 @@ def test_feature_grid_is_placed_on_the_raw_volume(vols, tmp_path):
 def test_not_a_volume_is_a_one_line_error(vols, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="notes.txt"):
-        view.plan([str(tmp_path / "notes.txt")])
+        view_plan.plan([str(tmp_path / "notes.txt")])
     with pytest.raises(UserError, match="empty_run"):
         (tmp_path / "empty_run").mkdir()
-        view.plan([str(tmp_path / "empty_run")])
+        view_plan.plan([str(tmp_path / "empty_run")])
     r = run_cli("view", str(tmp_path / "missing.zarr"))
     assert (
         r.returncode == 2
@@ -221,11 +221,13 @@ def test_not_a_volume_is_a_one_line_error(vols, tmp_path):
 
 
 def test_screenshot_shows_raw_and_labels(vols, tmp_path):
-    exe = view.find_browser()
+    exe = view_browser.find_browser()
     if exe is None:
         pytest.skip("no browser installed")
     viewer, _ = view.serve([str(vols["raw"]), str(vols["cells"])])
-    png = view.screenshot(viewer, tmp_path / "view.png", browser=exe, size=(640, 480), timeout_s=45)
+    png = view_browser.screenshot(
+        viewer, tmp_path / "view.png", browser=exe, size=(640, 480), timeout_s=45
+    )
     from PIL import Image
 
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)

@@ -60,17 +60,15 @@ def _task_on(tmp_path, img, lab, **kw) -> TaskConfig:
     return TaskConfig(**(base | kw))
 
 
+def _membrane_task(tmp_path, em, **slices) -> TaskConfig:
+    """The membranes of a synthetic image as a task (label 1 = membrane)."""
+    labels = em.membranes.astype(np.uint8)
+    return _task_on(tmp_path, em.image, labels, target="membranes", positive_label=1, **slices)
+
+
 def test_exact_predictions_score_perfectly(tmp_path):
     em = synthetic_em((6, 64, 64), seed=3, cell_size=24.0)
-    tc = _task_on(
-        tmp_path,
-        em.image,
-        em.membranes.astype(np.uint8),
-        target="membranes",
-        positive_label=1,
-        train_slices=[0, 3],
-        test_slices=[3, 6],
-    )
+    tc = _membrane_task(tmp_path, em, train_slices=[0, 3], test_slices=[3, 6])
     t = tasks.load(tc)
     s = tasks.scores(t, t.test.fg.astype(float), t.test)
     assert s["f1"] == 1.0 and s["iou"] == 1.0 and s["adapted_rand_error"] < 0.02
@@ -152,16 +150,7 @@ def test_benchmark_and_checkpoint_errors(tmp_path):
 
 def test_3d_encoder_benchmark_on_a_synthetic_volume(tmp_path):
     em = synthetic_em((16, 64, 64), seed=1, cell_size=20.0, spacing=(2.0, 1.0, 1.0))
-    tc = _task_on(
-        tmp_path,
-        em.image,
-        em.membranes.astype(np.uint8),
-        target="membranes",
-        positive_label=1,
-        train_slices=[0, 8],
-        val_slices=[8, 10],
-        test_slices=[10, 16],
-    )
+    tc = _membrane_task(tmp_path, em, train_slices=[0, 8], val_slices=[8, 10], test_slices=[10, 16])
     model = ModelConfig(patch_size=[2, 8, 8], width=32, depth=1, heads=2)
     (ck,) = benchmark.expand_checkpoints(["random"], model)
     feats = benchmark.encode(

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from emfm.data import augment, device
-from emfm.data.loader import PatchLoader, PatchSampler, Region, normalise_into
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region, normalise_into
 from emfm.data.volume import write_array
 
 

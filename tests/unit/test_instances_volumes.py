@@ -114,34 +114,26 @@ def test_link2d_straddling_fragment_does_not_chain():
     assert (out[:, :, 4:] == b).all() and (out[[0, 2], :, 3] == b).all()
 
 
+def _job(b, out, params, *, read=None, halo=(4, 12, 12), **kw) -> BlockwiseJob:
+    """A blockwise job over the array `b` (or `read`) in blocks of 12 x 32 x 32."""
+    read = read or (lambda box: b[box])
+    return BlockwiseJob(read, b.shape, out, params, block=[12, 32, 32], halo=list(halo), **kw)
+
+
 @pytest.mark.parametrize("method", ["watershed", "multicut"])
 def test_blockwise_equals_whole_volume(syn, tmp_path, method):
     cells, b, _ = syn
     params = SegmentParams(method=method)
     whole = segment(b, params)
     # halo = block: each block sees the whole volume, so only the stitching can differ
-    job = BlockwiseJob(
-        lambda box: b[box],
-        b.shape,
-        tmp_path / "full.zarr",
-        params,
-        block=[12, 32, 32],
-        halo=[12, 32, 32],
-    )
+    job = _job(b, tmp_path / "full.zarr", params, halo=[12, 32, 32])
     assert job.run()["blocks"] == 8
     out = open_volume(tmp_path / "full.zarr").read()
     s = region_scores(out, whole, ignore_gt=())
     assert s["voi_split"] < 1e-9 and s["voi_merge"] < 1e-9
     assert out.max() == len(np.unique(out)) - (0 in out)  # consecutive ids
     # a realistic halo: the same objects up to a few voxels
-    job = BlockwiseJob(
-        lambda box: b[box],
-        b.shape,
-        tmp_path / "halo.zarr",
-        params,
-        block=[12, 32, 32],
-        halo=[4, 12, 12],
-    )
+    job = _job(b, tmp_path / "halo.zarr", params)
     job.run()
     s = region_scores(open_volume(tmp_path / "halo.zarr").read(), whole, ignore_gt=())
     assert s["adapted_rand_error"] < 0.02, s
@@ -158,36 +150,27 @@ def test_blockwise_resumes_after_interruption(syn, tmp_path):
             raise KeyboardInterrupt  # killed while segmenting the 4th block
         return b[box]
 
-    kw = dict(block=[12, 32, 32], halo=[4, 12, 12], work_dir=tmp_path / "work")
+    work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        BlockwiseJob(flaky, b.shape, tmp_path / "out.zarr", params, **kw).run()
-    assert len(list((tmp_path / "work").glob("block_*.npz"))) == 3  # finished blocks are kept
-    res = BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "out.zarr", params, **kw).run()
+        _job(b, tmp_path / "out.zarr", params, read=flaky, work_dir=work).run()
+    assert len(list(work.glob("block_*.npz"))) == 3  # finished blocks are kept
+    res = _job(b, tmp_path / "out.zarr", params, work_dir=work).run()
     assert res["segmented_now"] == 5
-    ref = BlockwiseJob(
-        lambda box: b[box],
-        b.shape,
-        tmp_path / "ref.zarr",
-        params,
-        block=[12, 32, 32],
-        halo=[4, 12, 12],
-    ).run()
+    ref = _job(b, tmp_path / "ref.zarr", params).run()
     assert ref["segments"] == res["segments"]
     np.testing.assert_array_equal(
         open_volume(tmp_path / "out.zarr").read(), open_volume(tmp_path / "ref.zarr").read()
     )
     # a different job must not reuse another job's blocks
-    (tmp_path / "work").mkdir()
-    BlockwiseJob(lambda box: b[box], b.shape, tmp_path / "x.zarr", params, **kw)._prepare()
+    work.mkdir()
+    _job(b, tmp_path / "x.zarr", params, work_dir=work)._prepare()
     with pytest.raises(ValueError, match="another job"):
-        BlockwiseJob(
-            lambda box: b[box], b.shape, tmp_path / "x.zarr", SegmentParams(method="multicut"), **kw
-        )._prepare()
+        _job(b, tmp_path / "x.zarr", SegmentParams(method="multicut"), work_dir=work)._prepare()
 
 
 def test_volume_reader_kinds_and_errors(tmp_path):
     from emfm.data.volume import VolumeError, write_array
-    from emfm.instances.blockwise import volume_reader
+    from emfm.instances.reader import volume_reader
 
     probs = np.zeros((2, 4, 6, 2), np.float32)  # z y x c: [interior, boundary]
     probs[..., 1] = 0.25
@@ -214,17 +197,17 @@ def test_instances_reads_what_predict_records(syn, tmp_path):
     from emfm.instances import instances
 
     cells, b, a = syn
+
+    def run(name, method, out=None, **kw):  # one block: the whole volume
+        out = str(tmp_path / (out or name.replace(".zarr", "_out.zarr")))
+        params = SegmentParams(method=method, **kw)
+        return instances(str(tmp_path / name), out, params, block=[24, 64, 64], halo=[0, 0, 0])
+
     two = np.stack([1 - b, b], axis=-1)
     write_array(
         tmp_path / "b.zarr", two, attributes={"channels": ["interior", "boundary"], "offsets": []}
     )
-    res = instances(
-        str(tmp_path / "b.zarr"),
-        str(tmp_path / "b_out.zarr"),
-        SegmentParams(method="watershed"),
-        block=[24, 64, 64],
-        halo=[0, 0, 0],
-    )
+    res = run("b.zarr", "watershed")
     assert res["kind"] == "boundary"
     np.testing.assert_array_equal(
         open_volume(tmp_path / "b_out.zarr").read(), segment(b, SegmentParams(method="watershed"))
@@ -234,13 +217,7 @@ def test_instances_reads_what_predict_records(syn, tmp_path):
     write_array(
         tmp_path / "a.zarr", np.moveaxis(affs, 0, -1).copy(), attributes={"offsets": offsets}
     )
-    res = instances(
-        str(tmp_path / "a.zarr"),
-        str(tmp_path / "a_out.zarr"),
-        SegmentParams(method="mws"),
-        block=[24, 64, 64],
-        halo=[0, 0, 0],
-    )  # the recorded offsets replace the default ones
+    res = run("a.zarr", "mws")  # the recorded offsets replace the default ones
     assert res["kind"] == "affinities"
     # as in test_methods_recover_synthetic_cells: thin cell pieces at the faces may lack a mutex
     assert (
@@ -248,10 +225,4 @@ def test_instances_reads_what_predict_records(syn, tmp_path):
         < 0.02
     )
     with pytest.raises(VolumeError, match="offsets"):
-        instances(
-            str(tmp_path / "a.zarr"),
-            str(tmp_path / "x.zarr"),
-            SegmentParams(method="mws", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1))),
-            block=[24, 64, 64],
-            halo=[0, 0, 0],
-        )
+        run("a.zarr", "mws", "x.zarr", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1)))

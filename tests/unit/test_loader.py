@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from emfm.data import volume as volmod
-from emfm.data.loader import PatchLoader, PatchSampler, Region, estimate_range
+from emfm.data.loader import PatchLoader
+from emfm.data.sampling import PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume, write_array
 
 

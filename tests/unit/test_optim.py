@@ -62,25 +62,22 @@ def test_frozen_parameters_do_not_move(params):
     assert any(not np.array_equal(new[k], old[k]) for k in old if k.startswith("decoder/"))
 
 
+def unit_lr(**kw) -> OptimConfig:
+    """Learning rate 1 from the first step, no batch scaling, no weight decay: updates that are
+    easy to predict by hand."""
+    return OptimConfig(lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, **kw)
+
+
 def test_gradient_accumulation_averages_micro_batches():
     p = {"w": jnp.zeros(3)}
-    cfg = OptimConfig(
-        lr=1.0,
-        scale_lr_by_batch=False,
-        warmup_steps=0,
-        weight_decay=0.0,
-        clip_norm=None,
-        accumulate_steps=2,
-    )
+    cfg = unit_lr(clip_norm=None, accumulate_steps=2)
     tx, _ = optim.build(cfg, steps=4, batch_size=1)
     st = tx.init(p)
     u1, st = tx.update({"w": jnp.array([1.0, 0, 0])}, st, p)
     assert np.all(np.asarray(u1["w"]) == 0)  # no update after the first micro-batch
     u2, st = tx.update({"w": jnp.array([3.0, 0, 0])}, st, p)
     ref_tx, _ = optim.build(
-        OptimConfig(
-            lr=1.0, scale_lr_by_batch=False, warmup_steps=0, weight_decay=0.0, clip_norm=None
-        ),
+        unit_lr(clip_norm=None),
         steps=2,
         batch_size=1,
     )
@@ -106,15 +103,7 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
 
 def test_clipping_bounds_the_update_direction():
     p = {"w": jnp.zeros(2)}
-    cfg = OptimConfig(
-        lr=1.0,
-        scale_lr_by_batch=False,
-        warmup_steps=0,
-        weight_decay=0.0,
-        clip_norm=1.0,
-        b1=0.0,
-        b2=0.0,
-    )
+    cfg = unit_lr(clip_norm=1.0, b1=0.0, b2=0.0)
     tx, _ = optim.build(cfg, steps=2, batch_size=1)
     clip = tx[0] if isinstance(tx, tuple) else None
     clipped, _ = optax.clip_by_global_norm(1.0).update(
