@@ -40,14 +40,14 @@ def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from emfm.config.schema import ModelConfig, ObjectiveConfig
+    from emfm.config.objective import MAEConfig
+    from emfm.config.schema import ModelConfig
     from emfm.models.vit import count_params
     from emfm.objectives import mae
     from emfm.train.state import build_pretraining_model, init_state, make_train_step
 
     mcfg = ModelConfig(name="vit", size=SIZES[model], patch_size=[16, 16])
-    ocfg = ObjectiveConfig(
-        name="mae",
+    ocfg = MAEConfig(
         mask_ratio=0.75,
         decoder_width=512,
         decoder_depth=8,

@@ -12,19 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from emfm.cli import report
 from emfm.config import schema
-from emfm.errors import UserError
 
 log = logging.getLogger("emfm")
-
-# Errors of the user's input, reported in one line (EMFM_DEBUG=1 shows their traceback too);
-# anything else is a bug and is shown with its traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, UserError, FloatingPointError)
-
-
-def to_config(cfg: DictConfig) -> schema.EmfmConfig:
-    obj = OmegaConf.to_object(cfg)
-    return schema.validate(obj)
 
 
 def _quiet_libraries() -> None:
@@ -41,29 +32,21 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _git(*args: str) -> str:
+    """The output of a git command in emfm's source tree."""
+    cwd = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, cwd=cwd, timeout=5
+    ).stdout.strip()
+
+
 def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     import jax
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
-            timeout=5,
-        ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "status", "--porcelain"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).resolve().parents[2],
-                timeout=5,
-            ).stdout.strip()
-            != ""
-        )
+        rev, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain") != ""
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "", False
     from importlib.metadata import PackageNotFoundError, version
@@ -95,11 +78,13 @@ def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "provenance.json").write_text(json.dumps(info, indent=1))
 
 
-def _evaluate(cfg: DictConfig) -> None:
+# ----------------------------------------------------------------------------- commands
+# Each takes its typed, checked config.
+
+
+def _evaluate(c: schema.EvaluateConfig) -> None:
     from emfm.eval.evaluate import evaluate_paths
 
-    c = schema.validate_evaluate(OmegaConf.to_object(cfg))
-    _save_provenance(Path(c.run_dir), cfg)
     res = evaluate_paths(
         c.pred,
         c.gt,
@@ -116,86 +101,117 @@ def _evaluate(cfg: DictConfig) -> None:
     print(md.read_text() if md.exists() else json.dumps(res, indent=1, default=float))
 
 
-def _instances(cfg: DictConfig) -> None:
-    from emfm.instances.blockwise import instances
-    from emfm.train import distributed
+def _instances(c: schema.InstancesConfig) -> None:
+    from emfm.config.instances import run_instances
     from emfm.train.logging import progress
 
-    c = schema.validate_instances(OmegaConf.to_object(cfg))
-    distributed.initialize(c.distributed)  # several processes split the blocks; process 0 stitches
-    _save_provenance(Path(c.run_dir), cfg)
     bars = []
 
-    def tick(
-        i: int, n: int
-    ) -> None:  # blocks segmented in this run (a resumed run counts the rest)
+    def tick(i: int, n: int) -> None:
+        """One more block segmented in this run (`n`: all this run does; a resumed run does the
+        rest)."""
         if not bars:
             bars.append(progress(total=n, desc="instances: blocks"))
         bars[0].update(1)
 
-    params, tuned = schema.segment_params(c), None
-    if c.tune:
-        from emfm.instances.tune import tune_from_volumes_cfg
-
-        params, tuned = tune_from_volumes_cfg(c, c.input, params)
-    res = instances(
-        c.input,
-        c.out,
-        params,
-        block=c.block,
-        halo=c.halo,
-        kind=c.kind,
-        channel=c.channel,
-        invert=c.invert,
-        stitch_threshold=c.stitch_threshold,
-        work_dir=c.work_dir or None,
-        keep_work=c.keep_work,
-        progress=tick,
-    )
-    if tuned is not None:
-        res["tuned"] = tuned
+    res = run_instances(c, c.input, c.out, progress=tick)
     for b in bars:
         b.close()
     (Path(c.run_dir) / "instances.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 
-def _discover(cfg: DictConfig) -> None:
+# the fields of DiscoverConfig that are arguments of emfm.export.discover.discover by their name
+DISCOVER_ARGS = "image k batch_size epochs sample_fraction examples crop seed out resume".split()
+
+
+def _discover(c: schema.DiscoverConfig) -> None:
     from emfm.export.discover import discover
 
-    c = schema.validate_discover(OmegaConf.to_object(cfg))
-    _save_provenance(Path(c.run_dir), cfg)
-    res = discover(
-        c.features,
-        c.run_dir,
-        image=c.image,
-        k=c.k,
-        batch_size=c.batch_size,
-        epochs=c.epochs,
-        sample_fraction=c.sample_fraction,
-        examples=c.examples,
-        crop=c.crop,
-        seed=c.seed,
-        out=c.out,
-        resume=c.resume,
-        show_progress=c.progress,
-    )
+    kw = {k: getattr(c, k) for k in DISCOVER_ARGS}
+    res = discover(c.features, c.run_dir, show_progress=c.progress, **kw)
     print(
         f"[emfm] {c.k} clusters over {res['vectors']} feature vectors: labels {res['labels']}, "
         f"galleries in {Path(c.run_dir) / 'galleries'}, overview {res['overview']}"
     )
 
 
-def _finetune(cmd: str, cfg: DictConfig) -> None:
+def _finetune(c: schema.FinetuneConfig) -> None:
     from emfm.finetune import train
-    from emfm.train import distributed
 
-    c = schema.validate_finetune(OmegaConf.to_object(cfg), command=cmd)
-    # finetune: data parallel; predict: processes split the chunks
-    distributed.initialize(c.distributed)
-    _save_provenance(Path(c.run_dir), cfg)
-    res = train.finetune(c) if cmd == "finetune" else train.run_predict(c)
+    res = train.finetune(c)
     print(json.dumps(res.get("test", res), indent=1, default=float))
+
+
+def _predict(c: schema.FinetuneConfig) -> None:
+    from emfm.finetune import train
+
+    print(json.dumps(train.run_predict(c), indent=1, default=float))
+
+
+def _main(c: schema.EmfmConfig) -> None:
+    from emfm import pipeline
+
+    pipeline.main_job(c)
+
+
+def _pretrain(c: schema.EmfmConfig) -> None:
+    from emfm.train.pretrain import pretrain
+
+    pretrain(c)
+
+
+def _probe(c: schema.EmfmConfig) -> None:
+    if c.checkpoints:  # the benchmark: tasks x probes x fractions x checkpoints
+        from emfm.cli import probe as probe_cli
+        from emfm.config.paths import config_dir
+
+        probe_cli.run_benchmark(c, config_dir())
+        return
+    from emfm import pipeline
+
+    pipeline.run_probe(c, checkpoint=c.checkpoint or None)
+
+
+def _export(c: schema.EmfmConfig) -> None:
+    from emfm import pipeline
+
+    pipeline.run_export(c, checkpoint=c.checkpoint or None)
+
+
+COMMANDS = {
+    "main": _main,
+    "pretrain": _pretrain,
+    "probe": _probe,
+    "export": _export,
+    "discover": _discover,
+    "evaluate": _evaluate,
+    "instances": _instances,
+    "finetune": _finetune,
+    "predict": _predict,
+}
+CHECKS = {  # the validate of each command's config; the others: schema.validate
+    "discover": schema.validate_discover,
+    "evaluate": schema.validate_evaluate,
+    "instances": schema.validate_instances,
+    "finetune": lambda c: schema.validate_finetune(c, command="finetune"),
+    "predict": lambda c: schema.validate_finetune(c, command="predict"),
+}
+
+
+def to_config(cfg: DictConfig, cmd: str = "main"):
+    """The typed dataclasses of command `cmd`'s composed config, checked by its validate."""
+    return CHECKS.get(cmd, schema.validate)(OmegaConf.to_object(cfg))
+
+
+def _run(cmd: str, cfg: DictConfig) -> None:
+    c = to_config(cfg, cmd)
+    if hasattr(c, "distributed"):  # processes split the batch (training), blocks or chunks
+        from emfm.train import distributed
+
+        distributed.initialize(c.distributed)
+    _save_provenance(Path(c.run_dir), cfg)
+    COMMANDS[cmd](c)
 
 
 def _preempted():
@@ -204,71 +220,37 @@ def _preempted():
     return Preempted
 
 
+def _reported(cmd: str, cfg: DictConfig) -> None:
+    """Run `cmd`, reporting a failure as the CLI does: the user's input in one line (exit 2), a
+    preemption with 128 + the signal number, a bug with its traceback (exit 1)."""
+    _quiet_libraries()
+    try:
+        with report.user_errors(log):
+            _run(cmd, cfg)
+    except _preempted() as e:
+        log.warning("%s", e)
+        print(f"emfm: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # not the user's input: a bug, shown whole
+        import traceback
+
+        log.error("internal error %s: %s", type(e).__name__, e, exc_info=True)
+        traceback.print_exc(file=sys.stderr)
+        print(
+            f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your "
+            "input; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+
+
 def _task(cmd: str):
+    """The Hydra task function of command `cmd`."""
+
     def task(cfg: DictConfig) -> None:
-        _quiet_libraries()
-        try:
-            if cmd == "evaluate":
-                _evaluate(cfg)
-                return
-            if cmd == "instances":
-                _instances(cfg)
-                return
-            if cmd == "discover":
-                _discover(cfg)
-                return
-            if cmd in ("finetune", "predict"):
-                _finetune(cmd, cfg)
-                return
-            c = to_config(cfg)
-            from emfm.train import distributed
-
-            distributed.initialize(c.distributed)
-            run_dir = Path(c.run_dir)
-            _save_provenance(run_dir, cfg)
-            from emfm import pipeline
-
-            if cmd == "main":
-                pipeline.main_job(c)
-            elif cmd == "pretrain":
-                from emfm.train.pretrain import pretrain
-
-                pretrain(c)
-            elif (
-                cmd == "probe" and c.checkpoints
-            ):  # the benchmark: tasks x probes x fractions x checkpoints
-                from emfm.cli import probe as probe_cli
-                from emfm.config.paths import config_dir
-
-                probe_cli.run_benchmark(c, config_dir())
-            elif cmd == "probe":
-                pipeline.run_probe(c, checkpoint=c.checkpoint or None)
-            elif cmd == "export":
-                pipeline.run_export(c, checkpoint=c.checkpoint or None)
-        except _preempted() as e:
-            log.warning("%s", e)
-            print(f"emfm: {e}", file=sys.stderr)
-            raise SystemExit(e.exit_code) from None
-        except USER_ERRORS as e:
-            if os.environ.get("EMFM_DEBUG"):
-                raise
-            log.error("%s: %s", type(e).__name__, e)
-            print(f"emfm: error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # not the user's input: a bug, shown whole
-            import traceback
-
-            log.error("internal error %s: %s", type(e).__name__, e, exc_info=True)
-            traceback.print_exc(file=sys.stderr)
-            print(
-                f"emfm: internal error ({type(e).__name__}): this is a bug in emfm, not in your "
-                "input; "
-                "please report it with the traceback above",
-                file=sys.stderr,
-            )
-            raise SystemExit(1) from None
+        _reported(cmd, cfg)
 
     return task
 

@@ -7,10 +7,8 @@ status 2, as the Hydra commands do.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from emfm.errors import UserError
+from emfm.cli.report import user_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
+    with user_errors():
         if args.cmd == "import":
             from emfm.data.importer import import_volume
 
@@ -76,11 +74,3 @@ def main(argv: list[str] | None = None) -> None:
 
             d = info.volume_info(args.path, level=args.level)
             print(info.to_json(d) if args.json else info.format_table(d))
-    except (
-        FileNotFoundError,
-        UserError,
-    ) as e:  # VolumeError is a UserError; anything else: traceback
-        if os.environ.get("EMFM_DEBUG"):
-            raise
-        print(f"emfm: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

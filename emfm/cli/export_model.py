@@ -7,9 +7,9 @@ input ends with one line `emfm: error: ...`, exit status 2."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
+from emfm.cli.report import user_errors
 from emfm.errors import UserError
 
 USAGE = """usage: emfm export-model checkpoint=RUN_DIR|zoo:NAME format=onnx|bioimageio \
@@ -106,21 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="emfm export-model: %(message)s")
     logging.getLogger("emfm").setLevel(logging.INFO)
-    try:
+    with user_errors():
         kw = parse(argv)
         from emfm.export.model import export_model
 
         report = export_model(
             kw.pop("checkpoint"), kw.pop("fmt"), kw.pop("out"), shape=kw.pop("shape"), **kw
         )
-    except (
-        FileNotFoundError,
-        UserError,
-    ) as e:  # CheckpointError, ZooError are UserErrors; else: traceback
-        if os.environ.get("EMFM_DEBUG"):
-            raise
-        print(f"emfm: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     chk = report["check_vs_jax"]
     print(f"wrote {report['path']}" + (f" and {report['zip']}" if "zip" in report else ""))
     print(

@@ -38,7 +38,8 @@ def load_task(name: str, config_dir: str) -> TaskConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), raw)
         tc = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"task file {p}: {str(e).splitlines()[0]}") from None
+        key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"task file {p}: {key}{str(e).splitlines()[0]}") from None
     if not tc.name:
         tc.name = p.stem
     return tc

@@ -4,7 +4,8 @@ runs."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from emfm.cli.report import user_errors
 
 
 def main(argv: list[str]) -> None:
@@ -28,10 +29,7 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     from emfm.train.summarize import summarize
 
-    try:
+    with user_errors():
         res = summarize(args.dir, args.out, args.stale_after)
-    except FileNotFoundError as e:
-        print(f"emfm: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(res["table"])
     print(f"\nplot: {res['plot']}")

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 
-from emfm.errors import UserError
+from emfm.cli.report import user_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,18 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="emfm view: %(message)s")
     from emfm import view
 
-    try:
+    with user_errors():
         viewer, url = view.serve(
             args.paths, bind=args.bind, port=args.port, open_browser=args.open_browser
         )
-    except (
-        FileNotFoundError,
-        UserError,
-    ) as e:  # VolumeError is a UserError; anything else: traceback
-        if os.environ.get("EMFM_DEBUG"):
-            raise
-        print(f"emfm: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     for layer in view.layer_summary(viewer):
         print(
             f"  {layer['type']:<12} {layer['name']}  shape {tuple(layer['shape'])}  "

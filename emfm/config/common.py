@@ -5,6 +5,7 @@ run-directory helpers the commands' `validate*` functions share.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from emfm.errors import UserError
@@ -16,12 +17,39 @@ class ConfigError(UserError):
     """A config value that is well-typed but unusable; the message names the key."""
 
 
+class Choice(enum.StrEnum):
+    """The fixed set of values of a string option. A config field typed with a Choice is checked by
+    OmegaConf as the config is composed: a value outside the set stops the run before any compute,
+    naming the key, the value and the allowed values. Members are strings whose name is their value,
+    so code compares them with plain strings (`cfg.trainer.nonfinite == "stop"`) and they print and
+    serialise (JSON, checkpoint records) as that value."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def choice(name: str, *values: str) -> type[Choice]:
+    """The Choice `name` of `values` (each member named by its value), made in the caller's module
+    (where pickle finds it)."""
+    import sys
+
+    return Choice(name, [(v, v) for v in values], module=sys._getframe(1).f_globals["__name__"])
+
+
+# the names of emfm.models.ENCODERS
+Encoder = choice("Encoder", "vit", "unet")
+ComputeDType = choice("ComputeDType", "float32", "bfloat16", "float16")
+Norm = choice("Norm", "group", "layer")
+Optimizer = choice("Optimizer", "adamw")
+NonFinite = choice("NonFinite", "stop", "skip")
+
+
 @dataclass
 class ModelConfig:
     """Vision Transformer encoder. `size` picks width/depth/heads from the ViT table
     (emfm.models.vit.SIZES); `width`, `depth`, `heads` override it for custom small models."""
 
-    name: str = "vit"
+    name: Encoder = Encoder.vit
     size: str = "Ti"
     patch_size: list[int] = field(default_factory=lambda: [8, 8])
     in_channels: int = 1
@@ -30,7 +58,7 @@ class ModelConfig:
     heads: int | None = None
     mlp_ratio: float = 4.0
     num_registers: int = 0
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: ComputeDType = ComputeDType.float32  # compute dtype; parameters stay float32
     remat: bool = False
     # U-Net (name=unet; emfm.models.unet): patch_size [1, 1] (2D) or [1, 1, 1] (3D); `widths` per
     # level, else `depth` levels of `width * 2**level` channels; z is pooled into level l only when
@@ -38,13 +66,13 @@ class ModelConfig:
     widths: list[int] | None = None
     blocks_per_level: int = 1
     pool_z_from_level: int = 1
-    norm: str = "group"  # group | layer
+    norm: Norm = Norm.group
     norm_groups: int = 8
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Optimizer = Optimizer.adamw
     lr: float = 1.5e-4  # base rate for batch 256, scaled by batch/256 (MAE's rule)
     scale_lr_by_batch: bool = True
     weight_decay: float = 0.05
@@ -69,9 +97,9 @@ class TrainerConfig:
     # also keep the checkpoint with the lowest value of this logged metric (e.g. "loss")
     best_metric: str = ""
     progress: bool = True
-    # a non-finite loss/gradient: "stop" (name the step, keep the last good checkpoint) or "skip"
-    # the batch
-    nonfinite: str = "stop"
+    # a non-finite loss or gradient: stop (name the step, keep the last good checkpoint) or skip the
+    # batch
+    nonfinite: NonFinite = NonFinite.stop
     tensorboard: bool = True
     # signals that mean "checkpoint now and stop": Slurm via the submitit launcher sends USR2 before
     # the time limit (hydra.launcher.signal_delay_s), some schedulers USR1, and SIGTERM ends any job
@@ -99,27 +127,51 @@ class DistributedConfig:
     timeout_s: int = 300  # start-up: seconds to wait for every process before a clear error
 
 
-def validate_model(m: ModelConfig) -> None:
-    """Checks of the encoder config alone: a known encoder, its patch size and compute dtype."""
-    from emfm import models
+@dataclass
+class RunConfig:
+    """What the configs of the training and inference commands share (EmfmConfig, FinetuneConfig):
+    the encoder, optimiser, trainer, device mesh and processes, and the run directory."""
 
-    check_choice(m.name, sorted(models.ENCODERS), "model.name")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run_dir: str = "runs/default"
+    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
+    name: str = ""
+    # false: a named run whose directory holds a run already starts in a fresh one
+    resume: bool = True
+    # a run directory or checkpoint directory (or zoo:NAME) the command starts from
+    checkpoint: str = ""
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Checks of the shared part: the optimiser's accumulation and layer decay, the trainer's steps
+    and signals, and resume=false in a directory that already holds checkpoints."""
+    from pathlib import Path
+
+    if cfg.optim.accumulate_steps < 1:
+        raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
+    if cfg.trainer.steps <= 0:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    validate_signals(cfg.trainer.preempt_signals)
+    ck = Path(cfg.run_dir) / "checkpoints"
+    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+        raise ConfigError(
+            f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
+            "hydra.run.dir (or name=), or drop resume=false to continue that run"
+        )
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks of the encoder config alone: its patch size."""
     if len(m.patch_size) not in (2, 3):
         raise ConfigError(f"model.patch_size={m.patch_size}: give 2 (y, x) or 3 (z, y, x) sizes")
     if any(p <= 0 for p in m.patch_size):
         raise ConfigError(f"model.patch_size={m.patch_size}: sizes must be positive")
-    check_choice(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
-
-
-def check_choice(value: str, allowed, key: str, *, element: bool = False) -> None:
-    """A string option outside its fixed set of values is a ConfigError naming the key and the
-    allowed values (`element`: `value` is one entry of the list option `key`)."""
-    if value in allowed:
-        return
-    allowed = [str(a) for a in allowed]
-    listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
-    given = f"{key} has {value!r}" if element else f"{key}={value!r}"
-    raise ConfigError(f"{given}: use {listed}")
 
 
 def resolve_zoo(spec: str, key: str) -> str:
@@ -140,16 +192,23 @@ def unet_pool(m: ModelConfig) -> int:
     return 2 ** ((len(m.widths) if m.widths else (m.depth or 4)) - 1)
 
 
-def _check_fresh(cfg) -> None:
-    """resume=false with an explicit run directory that already holds checkpoints: say so rather
-    than resume (or overwrite) it."""
-    from pathlib import Path
-
-    ck = Path(cfg.run_dir) / "checkpoints"
-    if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+def validate_patch_shape(shape: list[int], m: ModelConfig, key: str = "data.patch_shape") -> None:
+    """Patches of `shape` (z, y, x) fit the encoder `m`: depth 1 for a 2D model, divisible by its
+    patch size, and in plane by a U-Net's pooling."""
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise ConfigError(f"{key}={shape}: give 3 positive sizes (z, y, x)")
+    if len(m.patch_size) == 2 and shape[0] != 1:
         raise ConfigError(
-            f"resume=false but {cfg.run_dir} already holds checkpoints: give another "
-            "hydra.run.dir (or name=), or drop resume=false to continue that run"
+            f"{key}={shape}: a 2D model (model.patch_size={m.patch_size}) needs patches of depth 1"
+        )
+    spatial = shape[1:] if len(m.patch_size) == 2 else shape
+    if any(s % p for s, p in zip(spatial, m.patch_size)):
+        raise ConfigError(f"{key}={shape} is not divisible by model.patch_size={m.patch_size}")
+    pool = unet_pool(m)
+    if pool > 1 and any(s % pool for s in shape[1:]):
+        raise ConfigError(
+            f"{key}={shape}: the U-Net's {len(m.widths or []) or m.depth or 4} levels pool "
+            f"in-plane by {pool}; y and x must be multiples of it"
         )
 
 

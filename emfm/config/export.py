@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, check_choice, unet_pool
+from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, choice, unet_pool
+
+# the names of emfm.export.features.OUT_DTYPES
+FeatureDType = choice("FeatureDType", "float16", "bfloat16", "float32")
+# emfm.export.features.BLENDS
+ExportBlend = choice("ExportBlend", "auto", "cosine", "gaussian", "constant", "none")
 
 
 @dataclass
@@ -17,7 +22,7 @@ class ExportConfig:
     out: str = ""  # zarr output; empty = <run_dir>/features.zarr
     tile: int = 128  # in-plane tile size (pixels), a multiple of the patch size
     margin: int = 32  # context around each tile, dropped on write (pixels)
-    dtype: str = "float16"
+    dtype: FeatureDType = FeatureDType.float16
     batch_size: int = 8
     # 3D encoders: blocks of block_z sections, read with margin_z sections of context above and
     # below
@@ -35,7 +40,7 @@ class ExportConfig:
     resume: bool = True
     # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT
     # position seams) or none (margin dropped); auto = cosine for a ViT, none for a U-Net
-    blend: str = "auto"
+    blend: ExportBlend = ExportBlend.auto
 
 
 def validate_export(e: ExportConfig, m: ModelConfig) -> None:
@@ -47,7 +52,6 @@ def validate_export(e: ExportConfig, m: ModelConfig) -> None:
             f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size "
             f"or U-Net pooling {p}"
         )
-    check_choice(e.dtype, ("float16", "bfloat16", "float32"), "export.dtype")
     if e.block_z <= 0 or e.margin_z < 0 or e.batch_size <= 0 or e.prefetch < 0:
         raise ConfigError(
             f"export.block_z={e.block_z}, margin_z={e.margin_z}, batch_size={e.batch_size}, "

@@ -9,17 +9,26 @@ from dataclasses import dataclass, field
 from emfm.config.common import (
     MISSING_PATH,
     ConfigError,
-    DistributedConfig,
-    MeshConfig,
     ModelConfig,
-    OptimConfig,
-    TrainerConfig,
-    _check_fresh,
-    check_choice,
+    RunConfig,
+    choice,
     resolve_zoo,
-    validate_signals,
+    validate_model,
+    validate_patch_shape,
+    validate_run,
 )
 from emfm.config.instances import InstancesConfig, validate_instances
+
+TaskKind = choice("TaskKind", "semantic", "boundary", "affinity", "center")
+LabelType = choice("LabelType", "classes", "instances")
+HeadName = choice("HeadName", "unetr", "progressive", "unet")
+LossTerm = choice("LossTerm", "ce", "dice", "focal")
+Init = choice("Init", "scratch", "pretrained")
+EncoderRegime = choice("EncoderRegime", "finetune", "frozen", "partial")
+Semi = choice("Semi", "none", "mean_teacher", "fixmatch")
+Cluster = choice("Cluster", "none", "kmeans", "gmm")
+Blend = choice("Blend", "cosine", "gaussian", "constant")
+ProbDType = choice("ProbDType", "float16", "float32")
 
 
 @dataclass
@@ -51,9 +60,9 @@ class SegTaskConfig:
     or instances (0 = background / boundary). Instances of class labels are the connected components
     of class `instance_class`. `ignore_label` (raw value) marks unlabelled voxels."""
 
-    kind: str = "semantic"
+    kind: TaskKind = TaskKind.semantic
     num_classes: int = 2
-    label_type: str = "classes"
+    label_type: LabelType = LabelType.classes
     class_values: list[int] = field(default_factory=list)
     instance_class: int = 1
     ignore_label: int = -1
@@ -67,14 +76,14 @@ class SegTaskConfig:
 
 @dataclass
 class HeadConfig:
-    name: str = "unetr"  # unetr | progressive (ViT), unet (U-Net's own decoder)
+    name: HeadName = HeadName.unetr  # unetr | progressive (ViT), unet (U-Net's own decoder)
     width: int = 32
     blocks: list[int] = field(default_factory=list)  # ViT blocks fused by UNETR; [] = evenly spaced
 
 
 @dataclass
 class LossConfig:
-    terms: list[str] = field(default_factory=lambda: ["ce", "dice"])  # ce | dice | focal
+    terms: list[LossTerm] = field(default_factory=lambda: [LossTerm.ce, LossTerm.dice])
     weights: list[float] = field(default_factory=list)  # per term; [] = all 1
     class_weights: list[float] = field(default_factory=list)  # per class; [] = none
     balance: bool = False  # weight classes by inverse frequency in each batch
@@ -91,8 +100,8 @@ class RegimeConfig:
     gmm (unsupervised: no training)."""
 
     name: str = "supervised"
-    init: str = "scratch"
-    encoder: str = "finetune"
+    init: Init = Init.scratch
+    encoder: EncoderRegime = EncoderRegime.finetune
     frozen_blocks: int = 2
     layer_decay: float = 1.0
     # U-Net from a checkpoint: keep the pretrained encoder levels, fresh decoder
@@ -102,12 +111,12 @@ class RegimeConfig:
     # With init=scratch a second random network stands in for the pretrained one (the control).
     shrink: float = 1.0
     perturb: float = 0.0
-    semi: str = "none"
+    semi: Semi = Semi.none
     unlabelled_ratio: int = 1
     consistency_weight: float = 1.0
     ema_momentum: float = 0.99
     threshold: float = 0.9
-    cluster: str = "none"
+    cluster: Cluster = Cluster.none
     clusters: int = 2
     cluster_samples: int = 20000
 
@@ -123,9 +132,9 @@ class PredictConfig:
     window: list[int] = field(default_factory=lambda: [1, 128, 128])
     overlap: list[int] = field(default_factory=lambda: [0, 32, 32])
     chunk: list[int] = field(default_factory=lambda: [1, 256, 256])
-    blend: str = "cosine"
+    blend: Blend = Blend.cosine
     batch_size: int = 4
-    dtype: str = "float16"
+    dtype: ProbDType = ProbDType.float16
     resume: bool = True
     # instance labels from the written probabilities, block by block with stitching
     # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
@@ -135,32 +144,19 @@ class PredictConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Top-level config of `emfm finetune` and `emfm predict`."""
+class FinetuneConfig(RunConfig):
+    """Top-level config of `emfm finetune` and `emfm predict`; `checkpoint` is, for finetune, the
+    pretrained encoder's run (regime.init=pretrained), for predict the finetune run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    run_dir: str = "runs/finetune"
     data: SegDataConfig = field(default_factory=SegDataConfig)
     task: SegTaskConfig = field(default_factory=SegTaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     # predict.instances' parameters
     instances: InstancesConfig = field(default_factory=InstancesConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    run_dir: str = "runs/finetune"
-    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    name: str = ""
-    # false: a named run whose directory holds a run already starts in a fresh one
-    resume: bool = True
-    # finetune: pretrained encoder run (regime.init=pretrained); predict: the finetune run
-    checkpoint: str = ""
-
-
-TASK_KINDS = ("semantic", "boundary", "affinity", "center")
 
 
 def r_init_pretrained(cfg) -> bool:
@@ -169,20 +165,11 @@ def r_init_pretrained(cfg) -> bool:
 
 def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
     """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
-    t, r, h, d, lo = cfg.task, cfg.regime, cfg.head, cfg.data, cfg.loss
     cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
-    if command == "finetune" and r_init_pretrained(cfg) and cfg.checkpoint:
-        # a pretrained encoder brings its architecture: model=... need not repeat it
-        from emfm.train import checkpoint as ckpt
-
-        try:
-            cfg.model = ModelConfig(
-                **ckpt.read_meta(ckpt.find_checkpoint_dir(cfg.checkpoint))["model"]
-            )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(
-                f"checkpoint={cfg.checkpoint}: no usable model record ({e})"
-            ) from None
+    if command == "finetune" and r_init_pretrained(cfg):
+        if not cfg.checkpoint:
+            raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
+        cfg.model = _checkpoint_model(cfg.checkpoint)
     if command == "predict" and cfg.predict.instances:
         from dataclasses import replace
 
@@ -195,45 +182,21 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
             raise ConfigError(
                 f"predict.instances={cfg.predict.instances!r} / instances.*: {e}"
             ) from None
-    check_choice(t.kind, TASK_KINDS, "task.kind")
-    check_choice(t.label_type, ("classes", "instances"), "task.label_type")
-    if t.num_classes < 2:
-        raise ConfigError(f"task.num_classes={t.num_classes}: at least 2")
-    if t.class_values and len(t.class_values) != t.num_classes:
-        raise ConfigError(
-            f"task.class_values={t.class_values}: give one raw value per class ({t.num_classes})"
-        )
-    if t.kind == "semantic" and t.label_type != "classes":
-        raise ConfigError("task.kind=semantic needs task.label_type=classes")
-    nd = len(cfg.model.patch_size)
-    if any(len(o) != 3 for o in t.offsets) or any(o[0] != 0 for o in t.offsets if nd == 2):
-        raise ConfigError(
-            f"task.offsets={t.offsets}: give [dz, dy, dx] per offset (dz = 0 for 2D models)"
-        )
-    if t.kind == "affinity" and not t.offsets:
-        raise ConfigError("task.kind=affinity needs task.offsets")
-    check_choice(h.name, ("unetr", "progressive", "unet"), "head.name")
+    _validate_task(cfg.task, len(cfg.model.patch_size))
+    h, lo, r = cfg.head, cfg.loss, cfg.regime
     if (cfg.model.name == "unet") != (h.name == "unet"):
         raise ConfigError(
             f"head.name={h.name!r} does not fit model.name={cfg.model.name!r}: "
             "head=unet for the U-Net, head=unetr or progressive for a ViT"
         )
-    for term in lo.terms:
-        check_choice(term, ("ce", "dice", "focal"), "loss.terms", element=True)
     if lo.weights and len(lo.weights) != len(lo.terms):
         raise ConfigError(
             f"loss.weights={lo.weights}: one weight per term of loss.terms={lo.terms}"
         )
-    if lo.class_weights and len(lo.class_weights) != t.num_classes:
+    if lo.class_weights and len(lo.class_weights) != cfg.task.num_classes:
         raise ConfigError(
-            f"loss.class_weights={lo.class_weights}: one weight per class ({t.num_classes})"
+            f"loss.class_weights={lo.class_weights}: one weight per class ({cfg.task.num_classes})"
         )
-    check_choice(r.init, ("scratch", "pretrained"), "regime.init")
-    if r.init == "pretrained" and not cfg.checkpoint and command == "finetune":
-        raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
-    check_choice(r.encoder, ("finetune", "frozen", "partial"), "regime.encoder")
-    check_choice(r.semi, ("none", "mean_teacher", "fixmatch"), "regime.semi")
-    check_choice(r.cluster, ("none", "kmeans", "gmm"), "regime.cluster")
     if r.unlabelled_ratio < 1:
         raise ConfigError(f"regime.unlabelled_ratio={r.unlabelled_ratio}: at least 1")
     if not 0.0 < r.layer_decay <= 1.0:
@@ -242,19 +205,44 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"regime.shrink={r.shrink} must be in (0, 1] and regime.perturb={r.perturb} in [0, 1]"
         )
-    if not 0.0 < d.label_fraction <= 1.0:
-        raise ConfigError(f"data.label_fraction={d.label_fraction}: must be in (0, 1]")
-    if len(d.patch_shape) != 3 or (nd == 2 and d.patch_shape[0] != 1):
-        raise ConfigError(f"data.patch_shape={d.patch_shape}: give z, y, x (z = 1 for a 2D model)")
-    spatial = d.patch_shape[1:] if nd == 2 else d.patch_shape
-    for s, p in zip(spatial, cfg.model.patch_size):
-        if s % p:
-            raise ConfigError(
-                f"data.patch_shape={d.patch_shape} is not divisible by "
-                f"model.patch_size={cfg.model.patch_size}"
-            )
-    pr = cfg.predict
-    check_choice(pr.blend, ("cosine", "gaussian", "constant"), "predict.blend")
+    if not 0.0 < cfg.data.label_fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction={cfg.data.label_fraction}: must be in (0, 1]")
+    validate_model(cfg.model)
+    validate_patch_shape(cfg.data.patch_shape, cfg.model)
+    _validate_windows(cfg.predict)
+    validate_run(cfg)
+    return cfg
+
+
+def _checkpoint_model(checkpoint: str) -> ModelConfig:
+    """The encoder a pretraining checkpoint records: a pretrained encoder brings its architecture,
+    so model=... need not repeat it."""
+    from emfm.train import checkpoint as ckpt
+
+    try:
+        return ModelConfig(**ckpt.read_meta(ckpt.find_checkpoint_dir(checkpoint))["model"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint={checkpoint}: no usable model record ({e})") from None
+
+
+def _validate_task(t: SegTaskConfig, ndim: int) -> None:
+    if t.num_classes < 2:
+        raise ConfigError(f"task.num_classes={t.num_classes}: at least 2")
+    if t.class_values and len(t.class_values) != t.num_classes:
+        raise ConfigError(
+            f"task.class_values={t.class_values}: give one raw value per class ({t.num_classes})"
+        )
+    if t.kind == "semantic" and t.label_type != "classes":
+        raise ConfigError("task.kind=semantic needs task.label_type=classes")
+    if any(len(o) != 3 for o in t.offsets) or any(o[0] != 0 for o in t.offsets if ndim == 2):
+        raise ConfigError(
+            f"task.offsets={t.offsets}: give [dz, dy, dx] per offset (dz = 0 for 2D models)"
+        )
+    if t.kind == "affinity" and not t.offsets:
+        raise ConfigError("task.kind=affinity needs task.offsets")
+
+
+def _validate_windows(pr: PredictConfig) -> None:
     if len(pr.window) != 3 or len(pr.overlap) != 3 or len(pr.chunk) != 3:
         raise ConfigError(
             "predict.window, predict.overlap and predict.chunk take 3 sizes (z, y, x)"
@@ -265,9 +253,3 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(
             f"predict.overlap={pr.overlap}: each in [0, window/2) (window {pr.window})"
         )
-    check_choice(pr.dtype, ("float16", "float32"), "predict.dtype")
-    if cfg.trainer.steps <= 0:
-        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
-    validate_signals(cfg.trainer.preempt_signals)
-    _check_fresh(cfg)
-    return cfg

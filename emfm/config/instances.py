@@ -7,7 +7,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from emfm.config.common import ConfigError, DistributedConfig, check_choice
+from emfm.config.common import ConfigError, DistributedConfig, choice
+
+# metric families of emfm.eval.evaluate
+EvaluateKind = choice("EvaluateKind", "semantic", "binary", "region", "instance", "warping")
+InputKind = choice("InputKind", "auto", "boundary", "affinities")
+# the names of emfm.instances.tune.METRICS
+TuneMetric = choice(
+    "TuneMetric",
+    "adapted_rand_error",
+    "voi",
+    "voi_split",
+    "voi_merge",
+    "cremi_score",
+    "instance_f1",
+)
 
 
 @dataclass
@@ -16,7 +30,9 @@ class EvaluateConfig:
 
     pred: str = ""
     gt: str = ""
-    kinds: list[str] = field(default_factory=lambda: ["region", "instance"])
+    kinds: list[EvaluateKind] = field(
+        default_factory=lambda: [EvaluateKind.region, EvaluateKind.instance]
+    )
     ignore_gt: list[int] = field(default_factory=lambda: [0])
     ignore_pred: list[int] = field(default_factory=list)
     background: int = 0
@@ -30,17 +46,11 @@ class EvaluateConfig:
     resume: bool = True
 
 
-EVALUATE_KINDS = ("semantic", "binary", "region", "instance", "warping")
-
-
 def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
     if not cfg.pred or not cfg.gt:
         raise ConfigError(
             "evaluate needs pred=PATH and gt=PATH (TIFF stack, zarr or N5 label volumes)"
         )
-    bad = [k for k in cfg.kinds if k not in EVALUATE_KINDS]
-    if bad:
-        raise ConfigError(f"kinds={bad}: known metric kinds are {', '.join(EVALUATE_KINDS)}")
     if "semantic" in cfg.kinds and not cfg.num_classes:
         raise ConfigError("kinds includes 'semantic': give num_classes=N")
     return cfg
@@ -55,7 +65,7 @@ class InstancesConfig:
     input: str = ""
     out: str = ""
     method: str = "watershed"  # watershed | link2d | agglomeration | multicut | mws
-    kind: str = "auto"  # auto | boundary | affinities
+    kind: InputKind = InputKind.auto
     channel: int | None = None  # boundary class of a multi-channel probability volume
     invert: bool = False  # the input is a foreground / same-object probability: use 1 - p
     offsets: list[list[int]] = field(
@@ -100,12 +110,11 @@ class InstancesConfig:
     # combination of `tune_grid` (parameter -> values, e.g.
     # `+tune_grid.threshold=[0.3,0.5] +tune_grid.min_seed=[16]`; empty = the method's default grid)
     # is applied to `tune_roi` of the input and scored against `tune_labels` (aligned with the
-    # source volume) by `tune_metric` (adapted_rand_error | voi | cremi_score | instance_f1); the
-    # best is used for the whole volume
+    # source volume) by `tune_metric`; the best is used for the whole volume
     tune: bool = False
     tune_labels: str = ""
     tune_roi: list[list[int]] | None = None
-    tune_metric: str = "voi"
+    tune_metric: TuneMetric = TuneMetric.voi
     # numbers, or e.g. link_criterion=[fraction,iou]
     tune_grid: dict[str, list[Any]] = field(default_factory=dict)
     tune_per_section: bool = False  # score sections separately and average (2D ground truth)
@@ -118,7 +127,6 @@ def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
         raise ConfigError(
             "instances needs input=PATH (probability or affinity zarr) and out=PATH (label zarr)"
         )
-    check_choice(cfg.kind, ("auto", "boundary", "affinities"), "kind")
     for key in ("block", "halo"):
         v = getattr(cfg, key)
         if len(v) != 3 or any(x < 0 for x in v) or (key == "block" and any(x == 0 for x in v)):
@@ -136,11 +144,8 @@ def validate_instances(cfg: InstancesConfig) -> InstancesConfig:
 
 
 def validate_tune(cfg: InstancesConfig) -> None:
-    """instances.tune needs validation labels, a region and a known metric; grid names are
-    checked."""
+    """instances.tune needs validation labels and a region; grid names are checked."""
     from dataclasses import fields
-
-    from emfm.instances.tune import METRICS
 
     if not cfg.tune:
         return
@@ -149,7 +154,6 @@ def validate_tune(cfg: InstancesConfig) -> None:
             "instances.tune=true needs tune_labels=LABELS (zarr) and "
             "tune_roi=[[z0,z1],[y0,y1],[x0,x1]]"
         )
-    check_choice(cfg.tune_metric, METRICS, "tune_metric")
     known = {f.name for f in fields(segment_params(cfg))}
     grid = cfg.tune_grid or {}
     bad = sorted(set(grid) - known)
@@ -183,3 +187,26 @@ def segment_params(cfg: InstancesConfig):
         link_mutual_best=cfg.link_mutual_best,
         link_min_overlap=cfg.link_min_overlap,
     )
+
+
+def run_instances(cfg: InstancesConfig, input_path: str, out: str, progress=None) -> dict:
+    """Segment `input_path` into `out` block by block (emfm.instances.blockwise.instances) with the
+    method, parameters and blocks of a validated InstancesConfig, after choosing the parameters on
+    validation labels first when `cfg.tune` (the search's record is the result's "tuned")."""
+    from emfm.instances.blockwise import instances
+
+    params, tuned = segment_params(cfg), None
+    if cfg.tune:
+        from emfm.instances.tune import tune_from_volumes_cfg
+
+        params, tuned = tune_from_volumes_cfg(cfg, input_path, params)
+    blocks = ("block", "halo", "kind", "channel", "invert", "stitch_threshold", "keep_work")
+    res = instances(
+        input_path,
+        out,
+        params,
+        work_dir=cfg.work_dir or None,
+        progress=progress,
+        **{k: getattr(cfg, k) for k in blocks},
+    )
+    return {**res, "tuned": tuned} if tuned is not None else res

@@ -1,6 +1,7 @@
-"""Configs of pretraining (`emfm main|pretrain`): the self-supervised objective, the unlabelled
-data (volumes, mixtures of sources, augmentation), and `EmfmConfig`, the top-level config that
-`emfm main|pretrain|probe|export` share, with `validate()`, its cross-field checks.
+"""Configs of pretraining (`emfm main|pretrain`): the unlabelled data (volumes, mixtures of
+sources, augmentation), and `EmfmConfig`, the top-level config that `emfm
+main|pretrain|probe|export` share, with `validate()`, its cross-field checks. The objectives'
+configs are in emfm.config.objective.
 """
 
 from __future__ import annotations
@@ -10,114 +11,15 @@ from dataclasses import dataclass, field
 from emfm.config.common import (
     MISSING_PATH,
     ConfigError,
-    DistributedConfig,
-    MeshConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainerConfig,
-    _check_fresh,
-    check_choice,
+    RunConfig,
     resolve_zoo,
-    unet_pool,
     validate_model,
-    validate_signals,
+    validate_patch_shape,
+    validate_run,
 )
 from emfm.config.export import ExportConfig, validate_export
+from emfm.config.objective import ObjectiveConfig, validate_objective
 from emfm.config.probe import BenchmarkConfig, ProbeConfig, validate_probe
-
-
-@dataclass
-class ObjectiveConfig:
-    """Self-supervised objective (emfm.objectives.OBJECTIVES). One schema for all objectives; each
-    reads the fields it needs. MAE (He et al. 2022): mask ratio, light decoder, norm-pixel loss.
-    Teacher-based objectives: `ema_momentum` is the EMA teacher's base momentum."""
-
-    name: str = "mae"
-    mask_ratio: float = 0.75
-    tube_masking: bool = False
-    decoder_width: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-    # "" = from norm_pix_loss ("patch" if true, else "none"); or "patch", "image", "none"
-    target_norm: str = ""
-    # MAE: Gaussian sigma (pixels) smoothing the reconstruction target in plane; 0 = raw pixels
-    target_blur: float = 0.0
-    ema_momentum: float = 0.996
-    # Contrastive objectives (simclr, moco, dino, dense; emfm/objectives/): temperature of the
-    # InfoNCE / NT-Xent logits; projector MLP hidden and output widths; MoCo v3 predictor hidden
-    # width.
-    temperature: float = 0.2
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    pred_hidden: int = 512
-    # DINO (Caron et al. 2021): prototypes, teacher / student temperatures, centre momentum, and the
-    # local crops made on-device from the two global views (side = local_crop_size * global side,
-    # cut from a random square of side local_crop_scale * global side).
-    prototypes: int = 1024
-    teacher_temp: float = 0.04
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    local_crops: int = 2
-    local_crop_size: float = 0.5
-    local_crop_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
-    # dense: locations sampled per example for pixel / patch-level InfoNCE
-    dense_samples: int = 64
-    # mim_unet: side of the square in-plane mask patches (pixels)
-    mim_patch: int = 8
-    # dino_dense: weight of a masked-image-modelling loss added to the distillation (0 = none), and
-    # the fraction of `mim_patch` squares it masks
-    mim_weight: float = 0.0
-    mim_mask_ratio: float = 0.75
-    # combinations (mae_simclr, mae_dino): weights of [MAE loss, contrastive loss]
-    combo_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
-
-
-def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
-    """Checks of the objective and of its fit to the encoder; raises ConfigError."""
-    from emfm import objectives
-
-    try:
-        objectives.get(o.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if (o.name == "mae" or o.name.startswith("mae_")) and m.name != "vit":
-        raise ConfigError(
-            f"objective.name={o.name!r} masks ViT tokens: use a ViT model (model.name={m.name!r}); "
-            "for the U-Net use objective=mim_unet"
-        )
-    if o.name == "mim_unet" and m.name != "unet":
-        raise ConfigError(f"objective.name=mim_unet needs model.name=unet (got {m.name!r})")
-    if m.name == "unet" and any(p != 1 for p in m.patch_size):
-        raise ConfigError(
-            f"model.patch_size={m.patch_size}: the U-Net works per pixel, use [1, 1] or [1, 1, 1]"
-        )
-    if len(o.combo_weights) != 2:
-        raise ConfigError(
-            f"objective.combo_weights={o.combo_weights}: give [mae_weight, contrastive_weight]"
-        )
-    if o.temperature <= 0 or o.teacher_temp <= 0 or o.student_temp <= 0:
-        raise ConfigError("objective.temperature, teacher_temp and student_temp must be positive")
-    if o.target_norm:  # "" = from norm_pix_loss
-        check_choice(o.target_norm, ("patch", "image", "none"), "objective.target_norm")
-    if o.target_blur < 0:
-        raise ConfigError(
-            f"objective.target_blur={o.target_blur}: a Gaussian sigma in pixels, >= 0"
-        )
-    if o.mim_weight < 0 or not 0.0 < o.mim_mask_ratio < 1.0:
-        raise ConfigError(
-            f"objective.mim_weight={o.mim_weight}, mim_mask_ratio={o.mim_mask_ratio}: "
-            "mim_weight >= 0, mim_mask_ratio in (0, 1)"
-        )
-    if o.mim_weight > 0 and (o.name != "dino_dense" or m.name != "unet"):
-        raise ConfigError(
-            f"objective.mim_weight={o.mim_weight}: the added masked image modelling exists for "
-            f"objective=dino_dense with a U-Net (got objective {o.name!r}, model {m.name!r})"
-        )
-    lo_ok = o.mask_ratio >= 0.0 if o.name == "dino_dense" else o.mask_ratio > 0.0
-    if not (lo_ok and o.mask_ratio < 1.0):
-        interval = "[0, 1)" if o.name == "dino_dense" else "(0, 1)"
-        raise ConfigError(f"objective.mask_ratio={o.mask_ratio}: must be in {interval}")
 
 
 @dataclass
@@ -199,10 +101,6 @@ class DataConfig:
 
 def validate_data(d: DataConfig) -> DataConfig:
     """Checks of the data section alone (sources, rejection, augmentation); raises ConfigError."""
-    from pathlib import Path
-
-    from emfm.data import augment
-
     if d.sources and (d.path or d.roi is not None):
         raise ConfigError(
             "data.sources is set: leave data.path and data.roi unset (give each source its own "
@@ -214,36 +112,7 @@ def validate_data(d: DataConfig) -> DataConfig:
         # the bundled sample's pretraining sections; a user's path: all
         d.roi = [list(r) for r in PRETRAIN_ROI]
     for i, s in enumerate(d.sources):
-        key = f"data.sources[{i}]"
-        if s.weight < 0 or s.weight != s.weight:
-            raise ConfigError(f"{key}.weight={s.weight}: weights must be non-negative")
-        if s.source:
-            if not Path(s.source).exists():
-                raise ConfigError(
-                    f"{key}.source={s.source!r}: no such file (the corpus is built from the EM "
-                    "volumes in ../shared/data; set EMFM_SHARED_DATA_ROOT to where they are)"
-                )
-            if not s.path:
-                raise ConfigError(f"{key}: a source to import needs a path to build it at")
-            ss = s.source_sections
-            if ss is not None and (len(ss) != 2 or not 0 <= ss[0] < ss[1]):
-                raise ConfigError(
-                    f"{key}.source_sections={ss}: give [start, stop) with 0 <= start < stop"
-                )
-            if s.source_levels < 1:
-                raise ConfigError(f"{key}.source_levels={s.source_levels}: must be >= 1")
-        for name in ("path", "mask", "labels"):
-            p = getattr(s, name)
-            if name == "path" and s.source:
-                continue  # built from the source on first use
-            if p and "://" not in p and not Path(p).exists():
-                raise ConfigError(f"{key}.{name}={p!r}: no such file or directory")
-        if s.level is not None and s.voxel_size is not None:
-            raise ConfigError(f"{key}: give level or voxel_size, not both")
-        if s.voxel_size is not None and (len(s.voxel_size) != 3 or min(s.voxel_size) <= 0):
-            raise ConfigError(
-                f"{key}.voxel_size={s.voxel_size}: give 3 positive sizes (z, y, x) in nm"
-            )
+        _validate_source(s, f"data.sources[{i}]")
     if d.sources and sum(s.weight for s in d.sources) <= 0:
         raise ConfigError(
             f"data.sources: weights {[s.weight for s in d.sources]} have zero total weight"
@@ -259,7 +128,45 @@ def validate_data(d: DataConfig) -> DataConfig:
         )
     if d.max_redraws < 0:
         raise ConfigError(f"data.max_redraws={d.max_redraws}: must be >= 0")
-    a = d.aug
+    _validate_augment(d.aug)
+    return d
+
+
+def _validate_source(s: SourceConfig, key: str) -> None:
+    """One source of a mixture: its weight, the volume to import it from, its paths and scale."""
+    from pathlib import Path
+
+    if s.weight < 0 or s.weight != s.weight:
+        raise ConfigError(f"{key}.weight={s.weight}: weights must be non-negative")
+    if s.source:
+        if not Path(s.source).exists():
+            raise ConfigError(
+                f"{key}.source={s.source!r}: no such file (the corpus is built from the EM "
+                "volumes in ../shared/data; set EMFM_SHARED_DATA_ROOT to where they are)"
+            )
+        if not s.path:
+            raise ConfigError(f"{key}: a source to import needs a path to build it at")
+        ss = s.source_sections
+        if ss is not None and (len(ss) != 2 or not 0 <= ss[0] < ss[1]):
+            raise ConfigError(
+                f"{key}.source_sections={ss}: give [start, stop) with 0 <= start < stop"
+            )
+        if s.source_levels < 1:
+            raise ConfigError(f"{key}.source_levels={s.source_levels}: must be >= 1")
+    # the path of a source to import is built from it on first use
+    for name in ("mask", "labels") if s.source else ("path", "mask", "labels"):
+        p = getattr(s, name)
+        if p and "://" not in p and not Path(p).exists():
+            raise ConfigError(f"{key}.{name}={p!r}: no such file or directory")
+    if s.level is not None and s.voxel_size is not None:
+        raise ConfigError(f"{key}: give level or voxel_size, not both")
+    if s.voxel_size is not None and (len(s.voxel_size) != 3 or min(s.voxel_size) <= 0):
+        raise ConfigError(f"{key}.voxel_size={s.voxel_size}: give 3 positive sizes (z, y, x) in nm")
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    from emfm.data import augment
+
     for key in ("ops", "view_ops"):
         try:
             augment.check_ops(getattr(a, key), f"data.aug.{key}")
@@ -268,15 +175,8 @@ def validate_data(d: DataConfig) -> DataConfig:
     for key in ("p_blur", "p_elastic", "p_missing", "p_duplicate", "p_shift", "p_section_contrast"):
         if not 0.0 <= getattr(a, key) <= 1.0:
             raise ConfigError(f"data.aug.{key}={getattr(a, key)}: a probability must be in [0, 1]")
-    for key in (
-        "brightness",
-        "contrast",
-        "gamma",
-        "noise",
-        "elastic_strength",
-        "section_contrast",
-        "max_shift",
-    ):
+    scales = ("brightness", "contrast", "gamma", "noise", "elastic_strength", "section_contrast")
+    for key in (*scales, "max_shift"):
         if getattr(a, key) < 0:
             raise ConfigError(f"data.aug.{key}={getattr(a, key)}: must be >= 0")
     if len(a.blur_sigma) != 2 or not 0 <= a.blur_sigma[0] <= a.blur_sigma[1]:
@@ -285,28 +185,18 @@ def validate_data(d: DataConfig) -> DataConfig:
         )
     if a.elastic_grid < 2:
         raise ConfigError(f"data.aug.elastic_grid={a.elastic_grid}: must be >= 2")
-    return d
 
 
 @dataclass
-class EmfmConfig:
-    """Top-level config shared by `emfm main|pretrain|probe|export`."""
+class EmfmConfig(RunConfig):
+    """Top-level config shared by `emfm main|pretrain|probe|export`; `checkpoint` is the run or
+    checkpoint directory to load the encoder from (probe, export)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the chosen objective's dataclass (objective=NAME; emfm.config.objective.OBJECTIVE_CONFIGS)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    run_dir: str = "runs/default"
-    # a named run lives in runs/<command>/NAME and resumes when the same command runs again
-    name: str = ""
-    # false: a named run whose directory holds a run already starts in a fresh one
-    resume: bool = True
-    checkpoint: str = ""  # a run dir or checkpoint dir to load the encoder from (probe/export)
     # probe benchmark: run dirs, sweep dirs, "random"
     checkpoints: list[str] = field(default_factory=list)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -319,39 +209,12 @@ def validate(cfg: EmfmConfig) -> EmfmConfig:
     for c in cfg.checkpoints:  # checked here, resolved (keeping the zoo name) by the benchmark
         resolve_zoo(c, "checkpoints")
     validate_model(m)
-    if len(d.patch_shape) != 3 or any(s <= 0 for s in d.patch_shape):
-        raise ConfigError(f"data.patch_shape={d.patch_shape}: give 3 positive sizes (z, y, x)")
-    spatial = d.patch_shape[1:] if len(m.patch_size) == 2 else d.patch_shape
-    if len(m.patch_size) == 2 and d.patch_shape[0] != 1:
-        raise ConfigError(
-            f"data.patch_shape={d.patch_shape}: a 2D model (model.patch_size={m.patch_size}) "
-            "needs patches of depth 1"
-        )
-    for s, p in zip(spatial, m.patch_size):
-        if s % p:
-            raise ConfigError(
-                f"data.patch_shape={d.patch_shape} is not divisible by "
-                f"model.patch_size={m.patch_size}"
-            )
-    pool = unet_pool(m)
-    if pool > 1 and any(s % pool for s in d.patch_shape[1:]):
-        raise ConfigError(
-            f"data.patch_shape={d.patch_shape}: the U-Net's {len(m.widths or []) or m.depth or 4} "
-            f"levels pool in-plane by {pool}; y and x must be multiples of it"
-        )
+    validate_patch_shape(d.patch_shape, m)
     if d.batch_size <= 0:
         raise ConfigError(f"data.batch_size={d.batch_size}: must be positive")
     validate_data(d)
     validate_objective(cfg.objective, m)
-    check_choice(cfg.trainer.nonfinite, ("stop", "skip"), "trainer.nonfinite")
-    if cfg.optim.accumulate_steps < 1:
-        raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
-    if not 0.0 < cfg.optim.layer_decay <= 1.0:
-        raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
-    if cfg.trainer.steps <= 0:
-        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
-    validate_signals(cfg.trainer.preempt_signals)
-    _check_fresh(cfg)
+    validate_run(cfg)
     validate_probe(cfg.probe, m)
     validate_export(cfg.export, m)
     return cfg

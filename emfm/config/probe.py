@@ -10,10 +10,18 @@ from emfm.config.common import (
     MISSING_PATH,
     ConfigError,
     ModelConfig,
-    check_choice,
+    choice,
     resolve_zoo,
     unet_pool,
 )
+
+Upsample = choice("Upsample", "bilinear", "subpixel")
+# the names of emfm.eval.tasks.TARGETS
+ProbeTarget = choice("ProbeTarget", "membranes", "neuron_boundaries", "mitochondria")
+# emfm.eval.probes.PROBES
+Probe = choice("Probe", "linear", "mlp", "knn")
+# emfm.eval.tasks.SPLITS
+Split = choice("Split", "test", "val")
 
 
 @dataclass
@@ -35,8 +43,8 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     compare_random: bool = True
     seed: int = 0
-    # token logits to pixels: "bilinear", or "subpixel" (a logit per pixel of each token)
-    upsample: str = "bilinear"
+    # token logits to pixels: bilinear, or subpixel (a logit per pixel of each token)
+    upsample: Upsample = Upsample.bilinear
     # encoder blocks whose features are concatenated; [] = final output
     blocks: list[int] = field(default_factory=list)
     # ViT: also the patch embedding (tokens before the first block), concatenated first
@@ -59,7 +67,6 @@ class ProbeConfig:
 
 def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
     """Checks of the main job's probe (`probe.*`) for the encoder `m`; raises ConfigError."""
-    check_choice(pc.upsample, ("bilinear", "subpixel"), "probe.upsample")
     if pc.zoo:  # checked here; the probe resolves it and labels its row with the name given
         resolve_zoo(pc.zoo, "probe.zoo")
     for key in ("train_slices", "test_slices") + (("val_slices",) if pc.val_slices else ()):
@@ -103,8 +110,7 @@ class TaskConfig:
     reported."""
 
     name: str = ""  # defaults to the YAML file's name
-    # membranes | neuron_boundaries | mitochondria (emfm.eval.tasks.TARGETS)
-    target: str = "membranes"
+    target: ProbeTarget = ProbeTarget.membranes
     image: str = MISSING_PATH  # TIFF stack (z, y, x), zarr v2/v3 or N5; empty = bundled sample
     labels: str = MISSING_PATH  # same shape as image; empty = bundled sample membranes
     positive_label: int = 1  # label value of the probed class (membrane, boundary, mitochondrion)
@@ -127,7 +133,7 @@ class BenchmarkConfig:
 
     # names in configs/probe_task/ or paths of task YAML files
     tasks: list[str] = field(default_factory=list)
-    probes: list[str] = field(default_factory=lambda: ["linear", "mlp", "knn"])
+    probes: list[Probe] = field(default_factory=lambda: [Probe.linear, Probe.mlp, Probe.knn])
     # of the training pixels
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -159,7 +165,7 @@ class BenchmarkConfig:
     # "test": probes are scored on each task's test sections (a reported row); "val": on its
     # validation sections, for choosing settings and checkpoints (the test sections are then never
     # read)
-    split: str = "test"
+    split: Split = Split.test
     # Feature choices selected per checkpoint on the validation sections: each entry a `blocks` list
     # ([] = the encoder's final output; U-Net levels / ViT blocks otherwise, `depth` = the final
     # output). With two or more,

@@ -2,38 +2,42 @@
 
 These dataclasses are the single source of truth for what a config may contain. They are
 registered in Hydra's ConfigStore (`register()`), so a YAML file or a command-line override with an
-unknown key or a value of the wrong type is rejected by Hydra before any compute, naming the key.
-`validate()` adds the checks that span several fields. Only `emfm/cli/` imports Hydra; library code
+unknown key, a value of the wrong type or a string option outside its set of values (a `Choice`) is
+rejected by Hydra before any compute, naming the key. `validate()` adds the checks a type cannot
+express, mostly rules that span several fields. Only `emfm/cli/` imports Hydra; library code
 receives these dataclasses (or plain arguments), never a DictConfig.
 
 The configs live in one module per concern, each with its checks next to its dataclasses:
-`emfm.config.common` (ConfigError and the blocks several commands share: model, optim, trainer,
-mesh, distributed), `.pretrain` (objective, pretraining data, the top-level `EmfmConfig`), `.probe`
-(probe, probing benchmark and its tasks), `.export` (export, discover), `.finetune` (finetune,
-predict) and `.instances` (instances, evaluate, tuning). This module re-exports all of them, so
-`from emfm.config.schema import X` keeps working, and registers them with Hydra.
+`emfm.config.common` (ConfigError, `Choice` and the blocks several commands share: model, optim,
+trainer, mesh, distributed), `.objective` (one dataclass per objective), `.pretrain` (pretraining
+data, the top-level `EmfmConfig`), `.probe` (probe, probing benchmark and its tasks), `.export`
+(export, discover), `.finetune` (finetune, predict) and `.instances` (instances, evaluate,
+tuning). This module re-exports all of them, so `from emfm.config.schema import X` keeps working,
+and registers them with Hydra.
 """
 
 from __future__ import annotations
 
 from emfm.config.common import (
     MISSING_PATH,
+    Choice,
     ConfigError,
     DistributedConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
+    RunConfig,
     TrainerConfig,
-    check_choice,
     resolve_zoo,
     run_dir_for,
     unet_pool,
     validate_model,
+    validate_patch_shape,
+    validate_run,
     validate_signals,
 )
 from emfm.config.export import DiscoverConfig, ExportConfig, validate_discover, validate_export
 from emfm.config.finetune import (
-    TASK_KINDS,
     FinetuneConfig,
     HeadConfig,
     LossConfig,
@@ -45,7 +49,6 @@ from emfm.config.finetune import (
     validate_finetune,
 )
 from emfm.config.instances import (
-    EVALUATE_KINDS,
     EvaluateConfig,
     InstancesConfig,
     segment_params,
@@ -53,23 +56,29 @@ from emfm.config.instances import (
     validate_instances,
     validate_tune,
 )
+from emfm.config.objective import (
+    OBJECTIVE_CONFIGS,
+    ObjectiveConfig,
+    objective_from_record,
+    validate_objective,
+)
 from emfm.config.pretrain import (
     AugmentConfig,
     DataConfig,
     EmfmConfig,
-    ObjectiveConfig,
     SourceConfig,
     validate,
     validate_data,
-    validate_objective,
 )
 from emfm.config.probe import BenchmarkConfig, ProbeConfig, TaskConfig, validate_probe
 
 __all__ = [
     "MISSING_PATH",
     "ConfigError",
+    "Choice",
     "ModelConfig",
     "ObjectiveConfig",
+    "OBJECTIVE_CONFIGS",
     "SourceConfig",
     "AugmentConfig",
     "DataConfig",
@@ -77,6 +86,7 @@ __all__ = [
     "TrainerConfig",
     "MeshConfig",
     "DistributedConfig",
+    "RunConfig",
     "ProbeConfig",
     "ExportConfig",
     "DiscoverConfig",
@@ -92,8 +102,6 @@ __all__ = [
     "RegimeConfig",
     "PredictConfig",
     "FinetuneConfig",
-    "EVALUATE_KINDS",
-    "TASK_KINDS",
     "validate",
     "validate_model",
     "validate_data",
@@ -106,7 +114,9 @@ __all__ = [
     "validate_tune",
     "validate_finetune",
     "validate_signals",
-    "check_choice",
+    "validate_run",
+    "validate_patch_shape",
+    "objective_from_record",
     "segment_params",
     "resolve_zoo",
     "unet_pool",
@@ -114,6 +124,7 @@ __all__ = [
     "run_dir_for",
     "register",
     "compose",
+    "load_saved",
 ]
 
 
@@ -131,6 +142,8 @@ def register() -> None:
     cs.store(name="instances_schema", node=InstancesConfig)
     cs.store(name="discover_schema", node=DiscoverConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
+    for name, cls in OBJECTIVE_CONFIGS.items():  # configs/objective/NAME.yaml start from these
+        cs.store(group="objective", name=f"{name}_schema", node=cls)
 
 
 def compose(
@@ -158,3 +171,34 @@ def compose(
     if isinstance(obj, FinetuneConfig):  # finetune / predict
         return validate_finetune(obj, command=config_name)
     return validate(obj)
+
+
+def load_saved(
+    path,
+) -> EmfmConfig | FinetuneConfig | InstancesConfig | EvaluateConfig | DiscoverConfig:
+    """The typed config a command saved in its run directory (`config.yaml`; `path` is the file or
+    the directory), checked against the schema as a composed config is, but not by `validate` (its
+    paths may be gone). The schema is the one whose fields hold every saved key. The `objective`
+    of configs saved before each objective had its own dataclass, which holds the fields of every
+    objective, is read by `objective_from_record`."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    p = Path(path)
+    p = p / "config.yaml" if p.is_dir() else p
+    saved = OmegaConf.to_container(OmegaConf.load(p))
+    kinds = (EmfmConfig, FinetuneConfig, InstancesConfig, EvaluateConfig, DiscoverConfig)
+    kind = next((k for k in kinds if set(saved) <= {f.name for f in fields(k)}), None)
+    if kind is None:
+        raise ConfigError(f"{p}: not a config saved by an emfm command (keys {sorted(saved)})")
+    objective = saved.pop("objective", None)
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), saved))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{p}: {e.full_key}: {str(e).splitlines()[0]}") from None
+    if objective is not None:
+        cfg.objective = objective_from_record(objective)
+    return cfg

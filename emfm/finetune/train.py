@@ -68,64 +68,46 @@ def build_model(
 def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None]:
     """The model to train: a pretrained encoder (`checkpoint`, whose architecture wins over
     `model`) or a fresh one, plus a new head; and the checkpoint's grey range, if any."""
-    if cfg.regime.init == "pretrained":
-        enc, meta = load_encoder(cfg.checkpoint)
-        mcfg = ModelConfig(**meta["model"])
-        log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
-        # the pretraining normalisation where the data are the same, else the new data's own range
-        same = (
-            meta.get("grey_range")
-            and meta.get("data_path")
-            == open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw())).path
-        )
-        grey = tuple(meta["grey_range"]) if same else None
-        if cfg.regime.reinit_decoder:
-            if type(enc).__name__ != "UNet":
-                raise UserError(
-                    f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds "
-                    "a "
-                    f"{mcfg.name} encoder"
-                )
-            # the same U-Net, freshly initialised
-            fresh = build_encoder(mcfg, seed=cfg.trainer.seed)
-            enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
-            log.info(
-                "encoder: pretrained U-Net levels, decoder initialised afresh "
-                "(regime.reinit_decoder)"
-            )
-        if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
-            enc = shrink_perturb(
-                enc,
-                build_encoder(mcfg, seed=cfg.trainer.seed),
-                cfg.regime.shrink,
-                cfg.regime.perturb,
-            )
-            log.info(
-                "encoder: shrink %.2f x pretrained + perturb %.2f x fresh init",
-                cfg.regime.shrink,
-                cfg.regime.perturb,
-            )
-        return build_model(mcfg, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc), mcfg, grey
-    enc = None
-    if cfg.regime.shrink != 1.0 or cfg.regime.perturb != 0.0:
+    r, seed = cfg.regime, cfg.trainer.seed
+    mixed = r.shrink != 1.0 or r.perturb != 0.0  # shrink and perturb the start
+    if r.init == "pretrained":
+        enc, mcfg, grey = _pretrained_encoder(cfg)
+    else:
         # the control of a shrink-and-perturb start: the same mix with a second random network
         # standing in for the pretrained one (same parameter scales, no pretraining)
-        enc = shrink_perturb(
-            build_encoder(cfg.model, seed=cfg.trainer.seed + 10007),
-            build_encoder(cfg.model, seed=cfg.trainer.seed),
-            cfg.regime.shrink,
-            cfg.regime.perturb,
-        )
+        mcfg, grey = cfg.model, None
+        enc = build_encoder(mcfg, seed=seed + 10007) if mixed else None
+    if mixed:
+        enc = shrink_perturb(enc, build_encoder(mcfg, seed=seed), r.shrink, r.perturb)
         log.info(
-            "encoder: shrink %.2f x random + perturb %.2f x random (control of a pretrained start)",
-            cfg.regime.shrink,
-            cfg.regime.perturb,
+            "encoder: shrink %.2f x %s + perturb %.2f x fresh init", r.shrink, r.init, r.perturb
         )
-    return (
-        build_model(cfg.model, cfg.head, cfg.task, seed=cfg.trainer.seed, encoder=enc),
-        cfg.model,
-        None,
+    return build_model(mcfg, cfg.head, cfg.task, seed=seed, encoder=enc), mcfg, grey
+
+
+def _pretrained_encoder(cfg: FinetuneConfig) -> tuple[nnx.Module, ModelConfig, tuple | None]:
+    """The checkpoint's encoder (with its U-Net decoder afresh under `regime.reinit_decoder`), its
+    model config, and its grey range where the data are those it was pretrained on."""
+    enc, meta = load_encoder(cfg.checkpoint)
+    mcfg = ModelConfig(**meta["model"])
+    log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
+    # the pretraining normalisation where the data are the same, else the new data's own range
+    same = (
+        meta.get("grey_range")
+        and meta.get("data_path")
+        == open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw())).path
     )
+    grey = tuple(meta["grey_range"]) if same else None
+    if cfg.regime.reinit_decoder:
+        if type(enc).__name__ != "UNet":
+            raise UserError(
+                f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds a "
+                f"{mcfg.name} encoder"
+            )
+        fresh = build_encoder(mcfg, seed=cfg.trainer.seed)  # the same U-Net, freshly initialised
+        enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
+        log.info("encoder: pretrained U-Net levels, decoder initialised afresh")
+    return enc, mcfg, grey
 
 
 def shrink_perturb(
@@ -373,40 +355,77 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Train a segmentation model under `cfg.regime`; resumes from `cfg.run_dir`'s checkpoint."""
     if cfg.regime.cluster != "none":
         return cluster_run(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    pid, pcount = jax.process_index(), jax.process_count()
-    main_proc = pid == 0
-    gbatch = cfg.data.batch_size
-    if gbatch % pcount:
-        raise UserError(
-            f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes"
-        )
-    mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    if gbatch % mesh.size:
-        raise UserError(
-            f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh"
-        )
+    job = loop.start_job(cfg.run_dir, cfg.data.batch_size, cfg.mesh)
     img, lab = _volumes(cfg)
-    model, mcfg, ckpt_grey = init_model(cfg)
+    model, mcfg, ckpt_grey = init_model(cfg)  # data.patch_shape fits it (validate_finetune)
     ndim = model.encoder.spec.ndim
-    spatial = cfg.data.patch_shape[1:] if ndim == 2 else cfg.data.patch_shape
-    if (
-        ndim == 2
-        and cfg.data.patch_shape[0] != 1
-        or any(s % p for s, p in zip(spatial, model.encoder.spec.patch_size))
-    ):
-        raise UserError(
-            f"data.patch_shape={cfg.data.patch_shape} does not fit the encoder's patch size "
-            f"{model.encoder.spec.patch_size}"
-        )
     grey = ckpt_grey or estimate_range(
         Region.of(img, cfg.data.train_roi),
         samples=cfg.data.intensity_samples,
         seed=cfg.trainer.seed,
     )
-    lay = targets.layout(cfg.task, ndim)
+    tx, sched = _optimizer(cfg, model, mcfg, job.batch_size)
+    teacher = cfg.regime.semi == "mean_teacher"
+    graphdef, state0 = init_state(model, tx, cfg.trainer.seed, teacher=teacher)
+    engine = loop.Engine(
+        job,
+        _train_step(cfg, graphdef, tx, targets.layout(cfg.task, ndim)),
+        jax.eval_shape(lambda: state0),
+        trainer=cfg.trainer,
+        min_shard_size=cfg.mesh.min_shard_size,
+    )
+    state, start = engine.restore_or_init(lambda sh: meshlib.put_global(state0, sh))
+    state0 = model = None  # the host copies are no longer needed
+    procs = dict(process_index=job.process_index, process_count=job.process_count)
+    batches = Batches(cfg, img, lab, grey, ndim, start, **procs)
+    meta = {
+        "model": dataclasses.asdict(mcfg),
+        "head": dataclasses.asdict(cfg.head),
+        "task": dataclasses.asdict(cfg.task),
+        "regime": dataclasses.asdict(cfg.regime),
+        "grey_range": list(grey),
+        "data_path": img.path,
+        "channels": targets.channel_names(cfg.task, ndim),
+    }
+    result = engine.run(
+        state,
+        start,
+        batches,
+        meta=meta,
+        sched=sched,
+        accumulate_steps=cfg.optim.accumulate_steps,
+        desc="finetune",
+        log_first=True,
+        throughput=False,
+    )
+    scores = _test_scores(cfg, job, graphdef, result.state, img, lab, grey, ndim)
+    return _summary(cfg, job, result, batches.labelled, scores)
+
+
+def _summary(cfg: FinetuneConfig, job: loop.Job, result: loop.LoopResult, labelled, scores):
+    """The run's summary, written to finetune_summary.json (process 0) and logged."""
+    summary = {
+        "regime": dataclasses.asdict(cfg.regime),
+        "steps": cfg.trainer.steps,
+        "resumed_from": result.start,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "compile_s": result.compile_s,
+        "train_s": result.loop_s,
+        "labelled_roi": [list(b) for b in labelled.box],
+        "checkpoint": str(job.dir / "checkpoints"),
+    }
+    if scores is not None:
+        summary["test"] = scores
+    summary["total_s"] = time.perf_counter() - job.started
+    if job.main_proc:
+        (job.dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    log.info("finetune: %s", summary)
+    return summary
+
+
+def _optimizer(cfg: FinetuneConfig, model: SegModel, mcfg: ModelConfig, batch_size: int):
+    """The optimiser and its schedule, with the regime's frozen parameters and layer decay."""
     r = cfg.regime
     unet = type(model.encoder).__name__ == "UNet"
     ocfg = dataclasses.replace(
@@ -414,7 +433,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         freeze=list(cfg.optim.freeze) + regimes.freeze_patterns(r, unet=unet),
         layer_decay=r.layer_decay if r.layer_decay != 1.0 else cfg.optim.layer_decay,
     )
-    frozen = r.encoder == "frozen"
     log.info(
         "model: %s encoder + %s head, %.2f M parameters (encoder %.2f M, %s); regime %s",
         mcfg.name,
@@ -424,14 +442,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
         r.encoder,
         r.name,
     )
-    tx, sched = optim.build(
-        ocfg, steps=cfg.trainer.steps, batch_size=gbatch, params=nnx.state(model, nnx.Param)
+    return optim.build(
+        ocfg, steps=cfg.trainer.steps, batch_size=batch_size, params=nnx.state(model, nnx.Param)
     )
-    teacher = r.semi == "mean_teacher"
-    graphdef, state0 = init_state(model, tx, cfg.trainer.seed, teacher=teacher)
-    state_sh = meshlib.state_shardings(
-        jax.eval_shape(lambda: state0), mesh, cfg.mesh.min_shard_size
-    )
+
+
+def _train_step(cfg: FinetuneConfig, graphdef, tx, lay: targets.Layout):
+    """The pure step: the task's loss on the labelled batch, plus the regime's consistency loss on
+    the unlabelled one (semi-supervised regimes), with an EMA teacher for the mean teacher."""
+    r = cfg.regime
+    frozen = r.encoder == "frozen"
 
     def loss_fn(m, batch, rng, teach):
         batch = device.finish(batch)
@@ -446,96 +466,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
         metrics["loss"] = loss
         return loss, metrics
 
-    step_fn = make_train_step(
+    return make_train_step(
         graphdef, loss_fn, tx, ema_base=r.ema_momentum, total_steps=cfg.trainer.steps
     )
-    batch_sh = meshlib.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
-    )
 
-    mngr = checkpoint.manager(
-        run_dir,
-        keep=cfg.trainer.keep_checkpoints,
-        interval=cfg.trainer.checkpoint_every or cfg.trainer.steps,
-    )
-    meta = {
-        "model": dataclasses.asdict(mcfg),
-        "head": dataclasses.asdict(cfg.head),
-        "task": dataclasses.asdict(cfg.task),
-        "regime": dataclasses.asdict(r),
-        "grey_range": list(grey),
-        "data_path": img.path,
-        "channels": targets.channel_names(cfg.task, ndim),
-    }
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(lambda: state0),
-        state_sh,
-    )
-    state, start = loop.restore_or_init(
-        mngr, abstract, lambda: meshlib.put_global(state0, state_sh), run_dir
-    )
-    state0 = model = None  # the host copies are no longer needed
 
-    batches = Batches(cfg, img, lab, grey, ndim, start, process_index=pid, process_count=pcount)
-    ex = batches.example()  # this process's share; the step sees the global batch of all processes
-    example = {
-        k: jax.ShapeDtypeStruct((v.shape[0] * pcount,) + v.shape[1:], v.dtype, sharding=batch_sh)
-        for k, v in ex.items()
-    }
-    t0 = time.perf_counter()
-    compiled = train_step.lower(abstract, example).compile()
-    compile_s = time.perf_counter() - t0
-    log.info("compiled the %s step in %.1f s", r.name, compile_s)
-
-    result = loop.run(
-        compiled,
-        state,
-        batches,
-        start=start,
-        steps=cfg.trainer.steps,
-        mesh=mesh,
-        mngr=mngr,
-        meta=meta,
-        run_dir=run_dir,
-        trainer=cfg.trainer,
-        sched=sched,
-        accumulate_steps=cfg.optim.accumulate_steps,
-        batch_size=gbatch,
-        desc="finetune",
-        main_proc=main_proc,
-        log_first=True,
-        throughput=False,
-    )
-    state, losses_seen, loop_s = result.state, result.losses, result.loop_s
-
-    summary = {
-        "regime": dataclasses.asdict(r),
-        "steps": cfg.trainer.steps,
-        "resumed_from": start,
-        "first_loss": losses_seen[0] if losses_seen else None,
-        "final_loss": losses_seen[-1] if losses_seen else None,
-        "compile_s": compile_s,
-        "train_s": loop_s,
-        "labelled_roi": [list(b) for b in batches.labelled.box],
-        "checkpoint": str(run_dir / "checkpoints"),
-    }
-    if pcount > 1:  # every process gathers the (possibly sharded) state; process 0 scores it
+def _test_scores(cfg: FinetuneConfig, job: loop.Job, graphdef, state, img, lab, grey, ndim):
+    """Scores of the trained model on `data.test_roi`, on process 0 (None elsewhere or without a
+    test region); with several processes every one gathers the (possibly sharded) state."""
+    if job.process_count > 1:
         from jax.experimental import multihost_utils
 
         host = multihost_utils.process_allgather(state, tiled=True)
-    else:
-        host = jax.device_get(state) if cfg.data.test_roi else None
-    if cfg.data.test_roi and main_proc:
-        model = nnx.merge(graphdef, host.params, host.rest)
-        scores, _ = evaluate(model, cfg, img, lab, grey, cfg.data.test_roi, ndim)
-        summary["test"] = scores
-    summary["total_s"] = time.perf_counter() - t_start
-    if main_proc:
-        (run_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    log.info("finetune: %s", summary)
-    return summary
+    elif cfg.data.test_roi:
+        host = jax.device_get(state)
+    if not (cfg.data.test_roi and job.main_proc):
+        return None
+    model = nnx.merge(graphdef, host.params, host.rest)
+    return evaluate(model, cfg, img, lab, grey, cfg.data.test_roi, ndim)[0]
 
 
 def run_predict(cfg: FinetuneConfig) -> dict:
@@ -598,8 +546,7 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     from its work directory."""
     from dataclasses import replace
 
-    from emfm.config.instances import segment_params
-    from emfm.instances.blockwise import instances
+    from emfm.config.instances import run_instances
 
     ic = replace(cfg.instances, method=cfg.predict.instances)
     base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
@@ -608,22 +555,4 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     if cfg.predict.resume and Path(out).exists() and not work.exists():
         log.info("predict: instance labels %s already written (predict.resume=true)", out)
         return {"out": out, "method": ic.method, "reused": True}
-    params, tuned = segment_params(ic), None
-    if ic.tune:
-        from emfm.instances.tune import tune_from_volumes_cfg
-
-        params, tuned = tune_from_volumes_cfg(ic, prob_path, params)
-    res = instances(
-        prob_path,
-        out,
-        params,
-        block=ic.block,
-        halo=ic.halo,
-        kind=ic.kind,
-        channel=ic.channel,
-        invert=ic.invert,
-        stitch_threshold=ic.stitch_threshold,
-        work_dir=ic.work_dir or None,
-        keep_work=ic.keep_work,
-    )
-    return {"out": out, "method": ic.method, **res, **({"tuned": tuned} if tuned else {})}
+    return {"out": out, "method": ic.method, **run_instances(ic, prob_path, out)}

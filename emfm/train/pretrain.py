@@ -23,11 +23,9 @@ from emfm.config.pretrain import EmfmConfig
 from emfm.data import device
 from emfm.data.loader import PatchLoader
 from emfm.data.sources import make_loader, open_sources
-from emfm.errors import UserError
 from emfm.models.vit import count_params
 from emfm.objectives import mae
-from emfm.train import checkpoint, loop, optim
-from emfm.train import mesh as meshlib
+from emfm.train import loop, optim
 
 # re-exported: the CLI catches them here
 from emfm.train.loop import NonFiniteLoss as NonFiniteLoss
@@ -63,6 +61,10 @@ class _ModelBatches:
     def state(self) -> dict:
         return self.loader.state()
 
+    def example(self) -> dict:
+        """A batch like the ones to come (the first of the run), for compiling the step."""
+        return _model_batch(self.loader.load(0), self.ndim)
+
     def close(self) -> None:
         self.loader.close()
 
@@ -77,161 +79,119 @@ def pretrain(cfg: EmfmConfig) -> dict:
 
     Returns a summary (steps, losses, throughput, data-wait fraction, checkpoint path).
     """
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    pid, pcount = jax.process_index(), jax.process_count()
-    main_proc = pid == 0
-    gbatch = cfg.data.batch_size
-    if gbatch % pcount:
-        raise UserError(
-            f"data.batch_size={gbatch} (the global batch) is not divisible by {pcount} processes"
-        )
-    mesh = meshlib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    if gbatch % mesh.size:
-        raise UserError(
-            f"data.batch_size={gbatch} is not divisible by the {mesh.size} devices of the mesh"
-        )
-
+    job = loop.start_job(cfg.run_dir, cfg.data.batch_size, cfg.mesh)
     sources = open_sources(cfg.data, seed=cfg.trainer.seed)
-    vol, (lo, hi) = sources[0].region.volume, sources[0].grey_range
-
     definition = objectives.get(cfg.objective.name)
-    abstract_model = nnx.eval_shape(
-        lambda: build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed)
-    )
+
+    def create_model():
+        return build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed)
+
+    abstract_model = nnx.eval_shape(create_model)
     ndim = abstract_model.encoder.spec.ndim
-    n_enc, n_all = count_params(abstract_model.encoder), count_params(abstract_model)
+    n_enc = _log_size(cfg, abstract_model)
+    tx, sched = optim.build(
+        cfg.optim,
+        steps=cfg.trainer.steps,
+        batch_size=job.batch_size,
+        params=nnx.state(abstract_model, nnx.Param),
+    )
+
+    def create():
+        return init_state(create_model(), tx, cfg.trainer.seed, teacher=definition.teacher)[1]
+
+    graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    engine = loop.Engine(
+        job,
+        _train_step(cfg, definition, graphdef, tx),
+        jax.eval_shape(create),
+        trainer=cfg.trainer,
+        min_shard_size=cfg.mesh.min_shard_size,
+    )
+    state, start = engine.restore_or_init(lambda sh: jax.jit(create, out_shardings=sh)())
+    loader = make_loader(
+        cfg.data,
+        sources,
+        batch_size=job.batch_size // job.process_count,
+        seed=cfg.trainer.seed,
+        process_index=job.process_index,
+        process_count=job.process_count,
+        start_step=start,
+        views=definition.views,
+    )
+    result = engine.run(
+        state,
+        start,
+        _ModelBatches(loader, ndim),
+        meta=_checkpoint_record(cfg, sources),
+        sched=sched,
+        accumulate_steps=cfg.optim.accumulate_steps,
+        desc="pretrain",
+    )
+    fig = None
+    if cfg.objective.name.startswith("mae") and job.main_proc:  # MAE and its combinations
+        fig = job.dir / "figures" / "mae_reconstruction.png"
+        host = jax.device_get(result.state)
+        _reconstruction_figure(nnx.merge(graphdef, host.params, host.rest), loader, ndim, cfg, fig)
+    return _summary(cfg, job, result, n_enc, fig)
+
+
+def _log_size(cfg: EmfmConfig, model) -> int:
+    """Log the parameter count of the encoder and of the whole model; returns the encoder's."""
+    n_enc, n_all = count_params(model.encoder), count_params(model)
     log.info(
         "model: %s encoder, %.2f M parameters (%.2f M with the objective's heads)",
         cfg.model.name,
         n_enc / 1e6,
         n_all / 1e6,
     )
-    tx, sched = optim.build(
-        cfg.optim,
-        steps=cfg.trainer.steps,
-        batch_size=gbatch,
-        params=nnx.state(abstract_model, nnx.Param),
-    )
+    return n_enc
 
-    def create():
-        model = build_pretraining_model(cfg.model, cfg.objective, seed=cfg.trainer.seed)
-        return init_state(model, tx, cfg.trainer.seed, teacher=definition.teacher)[1]
 
-    graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-    abstract_state = jax.eval_shape(create)
-    state_sh = meshlib.state_shardings(abstract_state, mesh, cfg.mesh.min_shard_size)
-    batch_sh = meshlib.batch_sharding(mesh)
+def _train_step(cfg: EmfmConfig, definition: objectives.ObjectiveDef, graphdef, tx):
+    """The pure step of the objective's loss on finished (normalised, augmented) batches."""
 
     def loss_fn(model, batch, rng, teacher):
         return definition.loss(model, device.finish(batch), rng, cfg.objective, teacher)
 
-    step_fn = make_train_step(
-        graphdef, loss_fn, tx, ema_base=cfg.objective.ema_momentum, total_steps=cfg.trainer.steps
-    )
-    train_step = jax.jit(
-        step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
-    )
+    # the EMA teacher's base momentum, for the objectives that have one
+    ema = {"ema_base": cfg.objective.ema_momentum} if definition.teacher else {}
+    return make_train_step(graphdef, loss_fn, tx, total_steps=cfg.trainer.steps, **ema)
 
-    mngr = checkpoint.manager(
-        run_dir,
-        keep=cfg.trainer.keep_checkpoints,
-        interval=cfg.trainer.checkpoint_every or cfg.trainer.steps,
-    )
-    best = (
-        checkpoint.best_manager(run_dir, cfg.trainer.best_metric)
-        if cfg.trainer.best_metric
-        else None
-    )
-    meta = {
+
+def _checkpoint_record(cfg: EmfmConfig, sources) -> dict:
+    """What each checkpoint records besides the state: model and objective configs, the grey
+    range and the data."""
+    vol, (lo, hi) = sources[0].region.volume, sources[0].grey_range
+    return {
         **model_meta(cfg.model, cfg.objective),
         "grey_range": [lo, hi],
         "data_path": vol.path,
         "data_sources": [s.describe() for s in sources],
     }
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
-    )
-    state, start = loop.restore_or_init(
-        mngr, abstract_sharded, jax.jit(create, out_shardings=state_sh), run_dir
-    )
 
-    loader = make_loader(
-        cfg.data,
-        sources,
-        batch_size=gbatch // pcount,
-        seed=cfg.trainer.seed,
-        process_index=pid,
-        process_count=pcount,
-        start_step=start,
-        views=definition.views,
-    )
-    example = {
-        k: jax.ShapeDtypeStruct((gbatch,) + v.shape[1:], v.dtype, sharding=batch_sh)
-        for k, v in _model_batch(loader.load(0), ndim).items()
-    }
-    t0 = time.perf_counter()
-    compiled = train_step.lower(abstract_sharded, example).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        log.info(
-            "compiled in %.1f s; per device: temp %.1f MB, arguments %.1f MB, outputs %.1f MB",
-            compile_s,
-            getattr(mem, "temp_size_in_bytes", 0) / 2**20,
-            getattr(mem, "argument_size_in_bytes", 0) / 2**20,
-            getattr(mem, "output_size_in_bytes", 0) / 2**20,
-        )
 
-    result = loop.run(
-        compiled,
-        state,
-        _ModelBatches(loader, ndim),
-        start=start,
-        steps=cfg.trainer.steps,
-        mesh=mesh,
-        mngr=mngr,
-        meta=meta,
-        run_dir=run_dir,
-        trainer=cfg.trainer,
-        sched=sched,
-        accumulate_steps=cfg.optim.accumulate_steps,
-        batch_size=gbatch,
-        desc="pretrain",
-        best=best,
-        main_proc=main_proc,
-        catch_signals=main_proc or pcount > 1,
-    )
-    state, losses, loop_s, images = result.state, result.losses, result.loop_s, result.images
-
-    fig = None
-    if cfg.objective.name.startswith("mae") and main_proc:  # MAE and its combinations
-        fig = run_dir / "figures" / "mae_reconstruction.png"
-        host_state = jax.device_get(state)
-        _reconstruction_figure(
-            nnx.merge(graphdef, host_state.params, host_state.rest), loader, ndim, cfg, fig
-        )
-    steps_run = cfg.trainer.steps - start
+def _summary(cfg: EmfmConfig, job: loop.Job, result: loop.LoopResult, n_enc: int, fig) -> dict:
+    """The run's summary, written to pretrain_summary.json (process 0) and logged."""
+    steps_run, loop_s = cfg.trainer.steps - result.start, result.loop_s
     summary = {
         "steps": cfg.trainer.steps,
-        "resumed_from": start,
+        "resumed_from": result.start,
         "encoder_params": n_enc,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "images_per_s": images / loop_s if steps_run else None,
-        "compile_s": compile_s,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "images_per_s": result.images / loop_s if steps_run else None,
+        "compile_s": result.compile_s,
         "data_wait_fraction": result.wait_s / loop_s if steps_run else None,
-        "skipped_batches": int(state.nonfinite),
-        "devices": mesh.size,
-        "processes": pcount,
+        "skipped_batches": int(result.state.nonfinite),
+        "devices": job.mesh.size,
+        "processes": job.process_count,
         "train_s": loop_s,
-        "total_s": time.perf_counter() - t_start,
-        "checkpoint": str(run_dir / "checkpoints"),
+        "total_s": time.perf_counter() - job.started,
+        "checkpoint": str(job.dir / "checkpoints"),
         "figure": str(fig) if fig else None,
     }
-    if main_proc:
-        (run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    if job.main_proc:
+        (job.dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("pretrain: %s", summary)
     return summary
 

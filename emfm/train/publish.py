@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from emfm.config.common import ModelConfig
-from emfm.config.pretrain import ObjectiveConfig
+from emfm.config.objective import objective_from_record
 from emfm.train import checkpoint as ckpt
 from emfm.train.state import build_pretraining_model, load_encoder
 from emfm.zoo import ROOT, ZooError
@@ -45,7 +45,7 @@ def publish(
     meta = ckpt.read_meta(run)
     encoder, _ = load_encoder(str(run))
     model = build_pretraining_model(
-        ModelConfig(**meta["model"]), ObjectiveConfig(**meta["objective"])
+        ModelConfig(**meta["model"]), objective_from_record(meta["objective"])
     )
     model.encoder = encoder  # heads are not needed by any consumer; the encoder's weights are
     params = nnx.state(model, nnx.Param)

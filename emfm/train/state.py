@@ -11,8 +11,8 @@ import optax
 from flax import nnx, struct
 
 from emfm import objectives
-from emfm.config.common import ModelConfig
-from emfm.config.pretrain import ObjectiveConfig
+from emfm.config.common import ConfigError, ModelConfig
+from emfm.config.objective import ObjectiveConfig, objective_from_record
 from emfm.objectives.base import ema_momentum
 from emfm.train import checkpoint
 
@@ -130,8 +130,8 @@ def load_encoder(run_dir: str) -> tuple[nnx.Module, dict]:
     meta = checkpoint.read_meta(run_dir)
     try:
         model_cfg = ModelConfig(**meta["model"])
-        obj_cfg = ObjectiveConfig(**meta["objective"])
-    except (KeyError, TypeError) as e:
+        obj_cfg = objective_from_record(meta["objective"])
+    except (KeyError, TypeError, ConfigError) as e:
         raise checkpoint.CheckpointError(
             f"checkpoint in {run_dir} has no usable model record: {e}"
         ) from e

@@ -1,5 +1,8 @@
 """Every config composes against the typed schema; bad keys and values fail before any compute."""
 
+import dataclasses
+import json
+
 import pytest
 from conftest import CONFIGS, compose, run_cli
 from hydra.errors import ConfigCompositionException
@@ -110,21 +113,21 @@ def test_wrong_type_is_rejected_naming_it():
 
 
 @pytest.mark.parametrize(
-    "override,key",
+    "config,override,key",
     [
-        ("objective.mask_ratio=1.5", "objective.mask_ratio"),
-        ("data.patch_shape=[1,60,64]", "data.patch_shape"),
-        ("data.patch_shape=[4,64,64]", "data.patch_shape"),
-        ("probe.test_slices=[5,2]", "probe.test_slices"),
-        ("export.tile=100", "export.tile"),
-        ("probe.margin=12", "probe.margin"),
-        ("objective.target_blur=-1", "objective.target_blur"),
-        ("model.dtype=int8", "model.dtype"),
+        ("main", "objective.mask_ratio=1.5", "objective.mask_ratio"),
+        ("main", "data.patch_shape=[1,60,64]", "data.patch_shape"),
+        ("main", "data.patch_shape=[4,64,64]", "data.patch_shape"),
+        ("main", "probe.test_slices=[5,2]", "probe.test_slices"),
+        ("main", "export.tile=100", "export.tile"),
+        ("main", "probe.margin=12", "probe.margin"),
+        ("pretrain", "objective.target_blur=-1", "objective.target_blur"),
+        ("pretrain", "objective=dino objective.teacher_temp=0", "objective.teacher_temp"),
     ],
 )
-def test_bad_values_name_the_key(override, key):
+def test_bad_values_name_the_key(config, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        compose("main", [override])
+        compose(config, override.split())
 
 
 def test_cli_reports_config_errors_without_compute():
@@ -144,18 +147,148 @@ def test_cli_help_and_unknown_command():
     assert res.returncode == 2 and "unknown command" in res.stderr
 
 
-@pytest.mark.parametrize(
-    "config,override,message",
-    [
-        ("main", "trainer.nonfinite=maybe", "trainer.nonfinite='maybe': use stop or skip"),
-        ("main", "model.dtype=int8", "model.dtype='int8': use float32, bfloat16 or float16"),
-        ("main", "probe.upsample=nearest", "probe.upsample='nearest': use bilinear or subpixel"),
-        ("finetune", "regime.semi=foo", "regime.semi='foo': use none, mean_teacher or fixmatch"),
-        ("finetune", "loss.terms=[ce,lovasz]", "loss.terms has 'lovasz': use ce, dice or focal"),
-    ],
-)
-def test_option_outside_its_set_names_the_key_and_the_allowed_values(config, override, message):
-    import re
+CHOICES = [  # (config, override, the key as OmegaConf names it, the allowed values)
+    ("main", "trainer.nonfinite=maybe", "trainer.nonfinite", "[stop, skip]"),
+    ("main", "model.dtype=int8", "model.dtype", "[float32, bfloat16, float16]"),
+    ("main", "probe.upsample=nearest", "probe.upsample", "[bilinear, subpixel]"),
+    ("pretrain", "objective.target_norm=pixel", "objective.target_norm", "[patch, image, none]"),
+    ("export", "export.blend=linear", "export.blend", "[auto, cosine, gaussian, constant, none]"),
+    ("finetune", "regime.semi=foo", "regime.semi", "[none, mean_teacher, fixmatch]"),
+    ("finetune", "task.kind=mask", "task.kind", "[semantic, boundary, affinity, center]"),
+    ("finetune", "loss.terms=[ce,lovasz]", "loss.terms[1]", "[ce, dice, focal]"),
+    ("predict", "predict.blend=max", "predict.blend", "[cosine, gaussian, constant]"),
+]
 
-    with pytest.raises(ConfigError, match=re.escape(message)):
+
+@pytest.mark.parametrize("config,override,key,allowed", CHOICES)
+def test_option_outside_its_set_fails_as_the_config_is_composed(config, override, key, allowed):
+    """A string option is a Choice: OmegaConf rejects a value outside its set while composing,
+    naming the key, the value and the allowed values."""
+    value = override.split("=")[1].strip("[]").split(",")[-1]
+    with pytest.raises(ConfigCompositionException) as e:
         compose(config, [override])
+    message = f"{e.value}\n{e.value.__cause__}"
+    assert f"Invalid value '{value}', expected one of {allowed}" in message
+    assert f"full_key: {key}" in message
+
+
+def test_cli_reports_an_option_outside_its_set():
+    res = run_cli("pretrain", "model.dtype=int8", timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    out = res.stderr + res.stdout
+    assert "Invalid value 'int8', expected one of [float32, bfloat16, float16]" in out
+    assert "full_key: model.dtype" in out
+    res = run_cli("finetune", "regime.semi=foo", timeout=120)
+    assert res.returncode != 0
+    assert "expected one of [none, mean_teacher, fixmatch]" in res.stderr + res.stdout
+
+
+def test_choices_compare_and_print_as_strings():
+    cfg = compose("finetune", ["regime=mean_teacher", "predict.dtype=float32"])
+    assert cfg.regime.semi == "mean_teacher" and cfg.predict.dtype in ("float32",)
+    assert f"{cfg.regime.semi}" == "mean_teacher" and repr(cfg.regime.semi) == "'mean_teacher'"
+    assert {"mean_teacher": 1}[cfg.regime.semi] == 1
+    assert json.dumps(dataclasses.asdict(cfg.regime))  # checkpoint records are JSON
+
+
+def test_choices_match_the_library_registries():
+    """Choices that mirror a registry or a list of the library hold exactly its names."""
+    from emfm import models
+    from emfm.config import common, export, instances, probe
+    from emfm.eval import probes, tasks
+    from emfm.export import features
+    from emfm.instances import tune
+    from emfm.models import unet
+
+    pairs = [
+        (common.Encoder, models.ENCODERS),
+        (common.Norm, unet.NORMS),
+        (export.FeatureDType, features.OUT_DTYPES),
+        (export.ExportBlend, features.BLENDS),
+        (probe.Probe, probes.PROBES),
+        (probe.ProbeTarget, tasks.TARGETS),
+        (probe.Split, tasks.SPLITS),
+        (instances.TuneMetric, tune.METRICS),
+    ]
+    for choice, names in pairs:
+        assert sorted(choice) == sorted(names), choice.__name__
+        assert all(m.name == m.value for m in choice)
+
+
+def test_every_objective_composes_to_its_own_config():
+    from emfm import objectives
+    from emfm.config.objective import OBJECTIVE_CONFIGS, TeacherFields
+
+    assert sorted(OBJECTIVE_CONFIGS) == sorted(objectives.OBJECTIVES)
+    for name, cls in OBJECTIVE_CONFIGS.items():
+        model = ["model=unet2d"] if name == "mim_unet" else []
+        o = compose("pretrain", [f"objective={name}", *model]).objective
+        assert type(o) is cls and o.name == name
+        # the EMA teacher's momentum is a field of exactly the objectives with a teacher
+        assert isinstance(o, TeacherFields) == objectives.get(name).teacher, name
+
+
+@pytest.mark.parametrize(
+    "objective,key,dataclass",
+    [("mae", "prototypes", "MAEConfig"), ("dino", "decoder_width", "DINOConfig")],
+)
+def test_a_key_of_another_objective_is_rejected(objective, key, dataclass):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("pretrain", [f"objective={objective}", f"objective.{key}=3"])
+    assert f"Key '{key}' not in '{dataclass}'" in str(e.value.__cause__)
+    assert f"full_key: objective.{key}" in str(e.value.__cause__)
+
+
+def test_cli_rejects_a_key_of_another_objective():
+    res = run_cli("pretrain", "objective=mae", "objective.prototypes=3", timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "Key 'prototypes' not in 'MAEConfig'" in res.stderr + res.stdout
+
+
+def test_the_objective_is_chosen_by_its_config_not_by_its_name():
+    with pytest.raises(ConfigError, match=r"objective.name='mae_dino' .*objective=mae_dino"):
+        compose("pretrain", ["objective.name=mae_dino"])
+
+
+def test_debug_tiny_shrinks_the_objectives_decoder_where_it_has_one():
+    assert compose("pretrain", ["objective=mae_simclr", "debug=tiny"]).objective.decoder_width == 32
+    assert compose("pretrain", ["recipe=vit4_mae", "debug=tiny"]).objective.decoder_width == 32
+    dino = compose("pretrain", ["objective=dino", "debug=tiny"]).objective
+    assert not hasattr(dino, "decoder_width") and dino.prototypes == 1024
+
+
+def test_saved_configs_load(tmp_path):
+    """config.yaml of run directories and of the zoo, and checkpoint records, load into the typed
+    configs, also those written with the flat objective of every objective's fields."""
+    from omegaconf import OmegaConf
+
+    from emfm import zoo
+    from emfm.config.objective import DINODenseConfig
+    from emfm.config.schema import FinetuneConfig, load_saved, objective_from_record
+    from emfm.train import checkpoint
+
+    entry = zoo.path_of("em_unet16")
+    saved = load_saved(entry)
+    assert type(saved.objective) is DINODenseConfig and saved.model.name == "unet"
+    o = saved.objective
+    assert o.local_crop_scale == [1.0, 1.0] and o.target_norm is None and o.mim_weight == 0.0
+    meta = checkpoint.read_meta(checkpoint.find_checkpoint_dir(entry))
+    assert "decoder_width" in meta["objective"]  # a record of the flat objective
+    assert objective_from_record(meta["objective"]) == o
+    assert load_saved(CONFIGS.parent / "experiments/foundation/long_run").trainer.steps > 0
+    for cmd in ("main", "pretrain", "finetune", "predict"):
+        cfg = compose(cmd, ["predict.instances=watershed"] if cmd == "predict" else [])
+        (tmp_path / cmd).mkdir()
+        (tmp_path / cmd / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        back = load_saved(tmp_path / cmd)
+        assert back == cfg and type(back) is type(cfg)
+        assert isinstance(back, FinetuneConfig) == (cmd in ("finetune", "predict"))
+
+
+def test_the_main_job_takes_another_objective():
+    """The main job's objective settings are its objective config (dino_dense_weak), so choosing
+    another objective leaves none of them behind."""
+    main = compose("main").objective
+    assert (main.name, main.local_crop_scale, main.mask_ratio) == ("dino_dense", [1.0, 1.0], 0.0)
+    mae = compose("main", ["debug=tiny", "model=vit_ti_p8", "objective=mae"]).objective
+    assert mae.name == "mae" and mae.decoder_width == 32

@@ -13,22 +13,13 @@ from emfm.train.pretrain import pretrain
 pytestmark = pytest.mark.slow
 
 # tiny heads and a short schedule: the whole file stays within a couple of minutes on a 2-core CPU
-FAST = [
-    "debug=tiny",
-    "trainer.progress=false",
-    "trainer.log_every=2",
-    "optim.warmup_steps=3",
-    "objective.proj_hidden=64",
-    "objective.proj_dim=32",
-    "objective.pred_hidden=64",
-    "objective.prototypes=64",
-    "objective.dense_samples=32",
-]
+FAST = ["debug=tiny", "trainer.progress=false", "trainer.log_every=2", "optim.warmup_steps=3"]
+PROJ = ["objective.proj_hidden=64", "objective.proj_dim=32"]  # the objectives with a projector
 
 CASES = {  # id: (overrides, steps)
     "mae": (["objective=mae", "objective.norm_pix_loss=false"], 24),
-    "simclr": (["objective=simclr", "data.batch_size=16"], 24),
-    "moco": (["objective=moco", "data.batch_size=16"], 24),
+    "simclr": (["objective=simclr", "data.batch_size=16", *PROJ], 24),
+    "moco": (["objective=moco", "data.batch_size=16", *PROJ, "objective.pred_hidden=64"], 24),
     # DINO at this size: with the default momentum 0.996 / teacher T 0.04 centring flattens the tiny
     # model's near-constant teacher outputs and the loss climbs towards ln(prototypes) in the first
     # 30 steps; a faster teacher (0.9) and sharper targets (0.02) make the student's fit visible
@@ -36,15 +27,20 @@ CASES = {  # id: (overrides, steps)
         [
             "objective=dino",
             "data.batch_size=8",
+            *PROJ,
+            "objective.prototypes=64",
             "objective.ema_momentum=0.9",
             "objective.teacher_temp=0.02",
         ],
         24,
     ),
-    "dense": (["objective=dense"], 24),
-    "mae_simclr": (["objective=mae_simclr", "data.batch_size=8"], 24),
+    "dense": (["objective=dense", *PROJ, "objective.dense_samples=32"], 24),
+    "mae_simclr": (["objective=mae_simclr", "data.batch_size=8", *PROJ], 24),
     "unet2d_mim": (["model=unet2d", "objective=mim_unet", "model.width=8"], 24),
-    "unet2d_dense": (["model=unet2d", "objective=dense", "model.width=8"], 24),
+    "unet2d_dense": (
+        ["model=unet2d", "objective=dense", "model.width=8", *PROJ, "objective.dense_samples=32"],
+        24,
+    ),
 }
 
 

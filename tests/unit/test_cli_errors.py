@@ -15,7 +15,7 @@ from emfm.train.loop import Preempted, Preemption
 
 
 def _fail_with(monkeypatch, exc):
-    def boom(cfg):
+    def boom(cfg, cmd):
         raise exc
 
     monkeypatch.setattr(apps, "to_config", boom)

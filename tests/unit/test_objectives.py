@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from emfm import objectives
-from emfm.config.schema import ModelConfig, ObjectiveConfig
+from emfm.config.objective import MIMUNetConfig
+from emfm.config.schema import ModelConfig, objective_from_record
 from emfm.objectives import dino, moco
 from emfm.objectives.contrastive import dihedral, info_nce, nt_xent, random_resized_crops
 from emfm.train.state import build_pretraining_model, init_state, make_train_step
@@ -153,7 +154,7 @@ def _leaf_norms(tree):
 )
 def test_student_gets_gradients_teacher_none(name, model_cfg):
     d = objectives.get(name)
-    cfg = ObjectiveConfig(name=name, **OBJ)
+    cfg = objective_from_record(dict(name=name, **OBJ))
     model = build_pretraining_model(model_cfg, cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     teacher_params = jax.tree.map(lambda a: a + 0.01, params)
@@ -174,7 +175,7 @@ def test_student_gets_gradients_teacher_none(name, model_cfg):
 
 
 def test_dino_center_is_state_updated_by_the_step():
-    cfg = ObjectiveConfig(name="dino", **OBJ)
+    cfg = objective_from_record(dict(name="dino", **OBJ))
     d = objectives.get("dino")
     tx = optax.adamw(1e-3)
     graphdef, state = init_state(build_pretraining_model(TINY_VIT, cfg), tx, 0, teacher=True)
@@ -192,9 +193,7 @@ def test_dino_center_is_state_updated_by_the_step():
 def test_mim_unet_hides_masked_pixels_from_the_network():
     from emfm.objectives import mim_unet
 
-    cfg = ObjectiveConfig(
-        name="mim_unet", mim_patch=8, mask_ratio=0.5, target_norm="none", norm_pix_loss=False
-    )
+    cfg = MIMUNetConfig(mim_patch=8, mask_ratio=0.5, target_norm="none", norm_pix_loss=False)
     model = build_pretraining_model(TINY_UNET, cfg)
     seen = {}
     orig = mim_unet.MIMUNet.__call__

@@ -8,7 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from emfm.config.schema import ModelConfig, ObjectiveConfig, OptimConfig
+from emfm.config.objective import MAEConfig
+from emfm.config.schema import ModelConfig, OptimConfig
 from emfm.train import checkpoint, optim
 from emfm.train.optim import path_str
 from emfm.train.state import build_pretraining_model
@@ -18,7 +19,7 @@ from emfm.train.state import build_pretraining_model
 def params():
     m = build_pretraining_model(
         ModelConfig(width=32, depth=3, heads=2),
-        ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2),
+        MAEConfig(decoder_width=16, decoder_depth=1, decoder_heads=2),
     )
     return nnx.state(m, nnx.Param)
 
@@ -130,9 +131,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
     from emfm.objectives import mae
 
     cfg = ModelConfig(width=32, depth=1, heads=2, dtype="bfloat16")
-    m = build_pretraining_model(
-        cfg, ObjectiveConfig(decoder_width=16, decoder_depth=1, decoder_heads=2)
-    )
+    m = build_pretraining_model(cfg, MAEConfig(decoder_width=16, decoder_depth=1, decoder_heads=2))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype("float32")}
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 1))
     tokens, _ = m.encoder(x)
