@@ -1,4 +1,4 @@
-"""Evaluation metrics for EM segmentation (issue 7): the public entry point.
+"""Evaluation metrics for EM segmentation: the public entry point.
 
 * semantic (class maps): :func:`semantic_scores`, :func:`binary_scores`, :func:`confusion_matrix`
 * region agreement (label volumes): :func:`region_scores` on a blockwise
