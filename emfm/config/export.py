@@ -10,7 +10,7 @@ from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, choice, u
 
 # the names of emfm.export.features.OUT_DTYPES
 FeatureDType = choice("FeatureDType", "float16", "bfloat16", "float32")
-# emfm.export.features.BLENDS
+# emfm.export.encode.BLENDS
 ExportBlend = choice("ExportBlend", "auto", "cosine", "gaussian", "constant", "none")
 
 

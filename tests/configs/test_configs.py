@@ -196,7 +196,7 @@ def test_choices_match_the_library_registries():
     from emfm import models
     from emfm.config import common, export, instances, probe
     from emfm.eval import probes, tasks
-    from emfm.export import features
+    from emfm.export import encode, features
     from emfm.instances import tune
     from emfm.models import unet
 
@@ -204,7 +204,7 @@ def test_choices_match_the_library_registries():
         (common.Encoder, models.ENCODERS),
         (common.Norm, unet.NORMS),
         (export.FeatureDType, features.OUT_DTYPES),
-        (export.ExportBlend, features.BLENDS),
+        (export.ExportBlend, encode.BLENDS),
         (probe.Probe, probes.PROBES),
         (probe.ProbeTarget, tasks.TARGETS),
         (probe.Split, tasks.SPLITS),
