@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from emfm.config.common import ConfigError, ModelConfig, choice
 
 TargetNorm = choice("TargetNorm", "patch", "image", "none")
+DenseFeatures = choice("DenseFeatures", "output", "hypercolumn")
 
 
 @dataclass
@@ -127,7 +128,10 @@ class DINODenseConfig(PrototypeFields, MaskingFields):
     masked (0 = none); dense_samples locations per example are distilled. With mim_weight > 0 (a
     U-Net) a masked-image-modelling loss of weight mim_weight is added: the student predicts the
     pixels of a mim_mask_ratio of the mim_patch squares of the plain patch, zeroed (targets
-    normalised as MaskingFields say)."""
+    normalised as MaskingFields say). dense_features says which feature map is distilled: the
+    encoder's final output, or (a U-Net) the hypercolumn of its levels and final output, each
+    upsampled to full resolution and normalised per pixel, the features a probe of
+    `blocks=[0, ..., depth]` reads."""
 
     name: str = "dino_dense"
     local_crop_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
@@ -135,6 +139,7 @@ class DINODenseConfig(PrototypeFields, MaskingFields):
     dense_samples: int = 64
     mim_weight: float = 0.0
     mim_mask_ratio: float = 0.75
+    dense_features: DenseFeatures = DenseFeatures.output
 
 
 @dataclass
@@ -246,4 +251,9 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
             raise ConfigError(
                 f"objective.mim_weight={o.mim_weight}: the added masked image modelling exists for "
                 f"a U-Net (got model {m.name!r})"
+            )
+        if o.dense_features == "hypercolumn" and (m.name != "unet" or len(m.patch_size) != 2):
+            raise ConfigError(
+                "objective.dense_features=hypercolumn distils the levels of a 2D U-Net (got "
+                f"model {m.name!r}, patch_size {list(m.patch_size)}); use dense_features=output"
             )

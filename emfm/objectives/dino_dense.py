@@ -35,6 +35,7 @@ from flax import nnx
 
 from emfm.errors import UserError
 from emfm.models.heads import DINOHead
+from emfm.models.unet import upsample
 from emfm.objectives.base import ObjectiveDef
 from emfm.objectives.contrastive import ContrastiveModel, dihedral, dihedral_codes, photometric
 from emfm.objectives.dino import Center
@@ -43,6 +44,8 @@ from emfm.objectives.mim_unet import masked_pixel_loss, pixel_head
 
 class Heads(nnx.Module):
     def __init__(self, width: int, cfg, rngs: nnx.Rngs, *, spec=None):
+        if cfg.dense_features == "hypercolumn":
+            width = sum(spec.widths) + spec.width  # the levels and the decoder output
         self.head = DINOHead(width, cfg.proj_hidden, cfg.proj_dim, cfg.prototypes, rngs=rngs)
         self.center = Center(jnp.zeros((1, cfg.prototypes), jnp.float32))
         # masked image modelling (mim_weight > 0): 1x1 convolution from features to pixels
@@ -108,6 +111,28 @@ def stride_of(encoder) -> int:
     return int(encoder.spec.patch_size[-1])
 
 
+def _unit(f):
+    """Per location, zero mean and unit variance over the channels (no parameters)."""
+    f = f - f.mean(axis=-1, keepdims=True)
+    return f * jax.lax.rsqrt(jnp.mean(f * f, axis=-1, keepdims=True) + 1e-6)
+
+
+def dense_map(encoder, x, which: str):
+    """The feature map `[b, G, G, d]` that is distilled: the encoder's final output, or (a 2D
+    U-Net, `which="hypercolumn"`) its levels upsampled (nearest, as the probe's hypercolumn) to
+    full resolution and its final output, each normalised per pixel, concatenated."""
+    if which == "output":
+        return encoder(x)[1]["patch_map"]
+    spec = encoder.spec
+    _, aux = encoder(x, return_blocks=tuple(range(spec.depth)))
+    maps = []
+    for lvl in range(spec.depth):
+        f = aux["blocks"][lvl]
+        maps.append(_unit(upsample(f, (x.shape[1] // f.shape[1], x.shape[2] // f.shape[2]))))
+    maps.append(_unit(aux["patch_map"]))
+    return jnp.concatenate(maps, axis=-1)
+
+
 def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     if teacher is None:
         raise UserError("dino_dense needs the momentum teacher (ObjectiveDef.teacher=True)")
@@ -121,8 +146,8 @@ def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     xs = mask_squares(km, photometric(kp, zoomed), cfg.mask_ratio, cfg.mim_patch)
     xs = dihedral(xs, code)
     t_enc, t_heads = teacher
-    ft = jax.lax.stop_gradient(t_enc(xt)[1]["patch_map"])  # [b, G, G, d]
-    fs = dihedral(encoder(xs)[1]["patch_map"], code, inverse=True)  # back onto the crop's grid
+    ft = jax.lax.stop_gradient(dense_map(t_enc, xt, cfg.dense_features))  # [b, G, G, d]
+    fs = dihedral(dense_map(encoder, xs, cfg.dense_features), code, inverse=True)  # crop's grid
     g, d = fs.shape[1], fs.shape[-1]
     p = stride_of(encoder)
     n = g * g
@@ -173,6 +198,13 @@ def loss(model, batch: dict, rng, cfg, teacher=None):
 
 
 def build(encoder, cfg, rngs: nnx.Rngs) -> ContrastiveModel:
+    if cfg.dense_features == "hypercolumn" and (
+        encoder.spec.patch_size[-1] != 1 or len(encoder.spec.patch_size) != 2
+    ):
+        raise UserError(
+            "objective.dense_features=hypercolumn distils the levels of a 2D U-Net; use "
+            "dense_features=output for a patch encoder or a 3D model"
+        )
     if cfg.mim_weight > 0 and encoder.spec.patch_size[-1] != 1:
         raise UserError(
             f"objective.mim_weight={cfg.mim_weight}: masked image modelling here predicts pixels "

@@ -102,3 +102,50 @@ def test_dino_dense_with_masked_image_modelling(tmp_path):
     assert enc.spec.width == 8
     with pytest.raises(ConfigError, match="mim_weight"):
         compose("pretrain", ["model=vit_ti_p8", *args], run_dir=str(tmp_path / "vit"))
+
+
+def test_dino_dense_distils_the_unet_hypercolumn(tmp_path):
+    """dense_features=hypercolumn distils the U-Net's levels (upsampled, normalised per pixel) and
+    its decoder output; a patch encoder is refused as the config is composed."""
+    import pytest
+    from flax import nnx
+
+    from emfm.config.schema import ConfigError, compose
+    from emfm.models.unet import UNet, UNetSpec
+    from emfm.objectives.dino_dense import dense_map
+    from emfm.train.pretrain import pretrain
+
+    spec = UNetSpec(ndim=2, in_channels=1, widths=(8, 16, 32), dtype="float32")
+    enc = UNet(spec, rngs=nnx.Rngs(0))
+    x = _smooth_image(b=2, h=32)
+    hc = dense_map(enc, x, "hypercolumn")
+    assert hc.shape == (2, 32, 32, 8 + 16 + 32 + 8)
+    _, aux = enc(x, return_blocks=(2,))
+    coarse = aux["blocks"][2]  # [2, 8, 8, 32]: pooled 4x
+    level = np.asarray(hc[..., 24:56])
+    np.testing.assert_allclose(level[:, ::4, ::4], level[:, 3::4, 3::4], atol=1e-6)  # nearest
+    c = np.asarray(coarse)
+    c = (c - c.mean(-1, keepdims=True)) / np.sqrt(c.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(level[:, ::4, ::4], c, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(dense_map(enc, x, "output")), np.asarray(enc(x)[1]["patch_map"])
+    )
+
+    args = [
+        "debug=tiny",
+        "objective=dino_dense",
+        "objective.dense_features=hypercolumn",
+        "trainer.steps=2",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "objective.prototypes=32",
+        "objective.proj_hidden=32",
+        "objective.proj_dim=16",
+        "data.batch_size=4",
+    ]
+    cfg = compose("pretrain", ["model=unet2d", "model.width=8", *args], run_dir=str(tmp_path))
+    pretrain(cfg)
+    rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(ConfigError, match="dense_features"):
+        compose("pretrain", ["model=vit_ti_p8", *args], run_dir=str(tmp_path / "vit"))
