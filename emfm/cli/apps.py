@@ -158,7 +158,7 @@ def _main(c: schema.EmfmConfig) -> None:
 def _pretrain(c: schema.EmfmConfig) -> None:
     from emfm.train.pretrain import pretrain
 
-    pretrain(c)
+    pretrain(c, init=c.checkpoint or None)  # checkpoint=RUN|zoo:NAME: continue from its encoder
 
 
 def _probe(c: schema.EmfmConfig) -> None:

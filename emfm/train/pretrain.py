@@ -73,9 +73,11 @@ class _ModelBatches:
         return self.loader.wait_s
 
 
-def pretrain(cfg: EmfmConfig) -> dict:
+def pretrain(cfg: EmfmConfig, *, init: str | None = None) -> dict:
     """Train an encoder with the configured objective; resumes from `cfg.run_dir` if it holds a
-    checkpoint.
+    checkpoint. A new run starts its encoder from random init, or from the encoder of the
+    checkpoint `init` (a run directory or a resolved zoo entry: continued pretraining, e.g. on a
+    lab's own data); the objective's heads start fresh either way.
 
     Returns a summary (steps, losses, throughput, data-wait fraction, checkpoint path).
     """
@@ -96,8 +98,11 @@ def pretrain(cfg: EmfmConfig) -> dict:
         params=nnx.state(abstract_model, nnx.Param),
     )
 
-    def create():
-        return init_state(create_model(), tx, cfg.trainer.seed, teacher=definition.teacher)[1]
+    def create(encoder_params=None):
+        model = create_model()
+        if encoder_params is not None:
+            nnx.update(model.encoder, encoder_params)
+        return init_state(model, tx, cfg.trainer.seed, teacher=definition.teacher)[1]
 
     graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
     engine = loop.Engine(
@@ -107,7 +112,10 @@ def pretrain(cfg: EmfmConfig) -> dict:
         trainer=cfg.trainer,
         min_shard_size=cfg.mesh.min_shard_size,
     )
-    state, start = engine.restore_or_init(lambda sh: jax.jit(create, out_shardings=sh)())
+    start_from = None if init is None else lambda: _encoder_params_of(init, cfg)
+    state, start = engine.restore_or_init(
+        lambda sh: jax.jit(create, out_shardings=sh)(start_from() if start_from else None)
+    )
     loader = make_loader(
         cfg.data,
         sources,
@@ -122,7 +130,7 @@ def pretrain(cfg: EmfmConfig) -> dict:
         state,
         start,
         _ModelBatches(loader, ndim),
-        meta=_checkpoint_record(cfg, sources),
+        meta={**_checkpoint_record(cfg, sources), "init": init or ""},
         sched=sched,
         accumulate_steps=cfg.optim.accumulate_steps,
         desc="pretrain",
@@ -133,6 +141,31 @@ def pretrain(cfg: EmfmConfig) -> dict:
         host = jax.device_get(result.state)
         _reconstruction_figure(nnx.merge(graphdef, host.params, host.rest), loader, ndim, cfg, fig)
     return _summary(cfg, job, result, n_enc, fig)
+
+
+def _encoder_params_of(init: str, cfg: EmfmConfig):
+    """The encoder parameters of checkpoint `init`, whose parameters must have the shapes of
+    `cfg.model`'s; a mismatch names the model keys that differ."""
+    from emfm.config.schema import ModelConfig
+    from emfm.errors import UserError
+    from emfm.train.state import build_encoder, load_encoder
+
+    enc, meta = load_encoder(init)
+    params = nnx.state(enc, nnx.Param)
+    want = nnx.state(nnx.eval_shape(lambda: build_encoder(cfg.model)), nnx.Param)
+    shapes = [jax.tree.structure(t) for t in (params, want)]
+    if shapes[0] != shapes[1] or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want))
+    ):
+        theirs, ours = ModelConfig(**meta["model"]).__dict__, cfg.model.__dict__
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        raise UserError(
+            f"checkpoint={init}: its encoder is not the configured model; set "
+            + " ".join(f"model.{k}={theirs[k]}" for k in differ)
+            + f" (configured: {', '.join(f'{k}={ours[k]}' for k in differ)})"
+        )
+    log.info("encoder starts from the checkpoint %s", init)
+    return params
 
 
 def _log_size(cfg: EmfmConfig, model) -> int:

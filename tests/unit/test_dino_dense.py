@@ -149,3 +149,44 @@ def test_dino_dense_distils_the_unet_hypercolumn(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     with pytest.raises(ConfigError, match="dense_features"):
         compose("pretrain", ["model=vit_ti_p8", *args], run_dir=str(tmp_path / "vit"))
+
+
+def test_pretraining_continues_from_a_checkpoint(tmp_path):
+    """`emfm pretrain checkpoint=RUN` starts the encoder from that run's (heads fresh); an encoder
+    of another shape is refused naming the model keys to set."""
+    import jax
+    import pytest
+    from flax import nnx
+
+    from emfm.config.schema import compose
+    from emfm.errors import UserError
+    from emfm.train.pretrain import pretrain
+    from emfm.train.state import build_encoder, load_encoder
+
+    args = [
+        "debug=tiny",
+        "model=unet2d",
+        "model.width=8",
+        "objective=dino_dense",
+        "trainer.progress=false",
+        "objective.prototypes=32",
+        "objective.proj_hidden=32",
+        "objective.proj_dim=16",
+        "data.batch_size=4",
+    ]
+    src = tmp_path / "src"
+    pretrain(compose("pretrain", [*args, "trainer.steps=2"], run_dir=str(src)))
+    cont = tmp_path / "cont"
+    cfg = compose("pretrain", [*args, "trainer.steps=1", "optim.lr=1e-12"], run_dir=str(cont))
+    pretrain(cfg, init=str(src))
+
+    def leaves(m):
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+
+    a, b = leaves(load_encoder(str(src))[0]), leaves(load_encoder(str(cont))[0])
+    fresh = leaves(build_encoder(cfg.model, seed=cfg.trainer.seed))
+    assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+    assert not all(np.allclose(x, y, atol=1e-3) for x, y in zip(a, fresh))
+    with pytest.raises(UserError, match="model.width=8"):
+        other = compose("pretrain", [*args, "model.width=16"], run_dir=str(tmp_path / "other"))
+        pretrain(other, init=str(src))
