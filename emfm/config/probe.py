@@ -15,6 +15,7 @@ from emfm.config.common import (
     unet_pool,
 )
 
+# emfm.eval.linear_probe.UPSAMPLING
 Upsample = choice("Upsample", "bilinear", "subpixel")
 # the names of emfm.eval.tasks.TARGETS
 ProbeTarget = choice("ProbeTarget", "membranes", "neuron_boundaries", "mitochondria")

@@ -195,7 +195,7 @@ def test_choices_match_the_library_registries():
     """Choices that mirror a registry or a list of the library hold exactly its names."""
     from emfm import models
     from emfm.config import common, export, instances, probe
-    from emfm.eval import probes, tasks
+    from emfm.eval import linear_probe, probes, tasks
     from emfm.export import encode, features
     from emfm.instances import tune
     from emfm.models import unet
@@ -206,6 +206,7 @@ def test_choices_match_the_library_registries():
         (export.FeatureDType, features.OUT_DTYPES),
         (export.ExportBlend, encode.BLENDS),
         (probe.Probe, probes.PROBES),
+        (probe.Upsample, linear_probe.UPSAMPLING),
         (probe.ProbeTarget, tasks.TARGETS),
         (probe.Split, tasks.SPLITS),
         (instances.TuneMetric, tune.METRICS),
