@@ -17,7 +17,7 @@ from emfm.config.common import (
     validate_patch_shape,
     validate_run,
 )
-from emfm.config.instances import InstancesConfig, validate_instances
+from emfm.config.instances import InstanceMethod, InstancesConfig, validate_instances
 
 TaskKind = choice("TaskKind", "semantic", "boundary", "affinity", "center")
 LabelType = choice("LabelType", "classes", "instances")
@@ -29,6 +29,8 @@ Semi = choice("Semi", "none", "mean_teacher", "fixmatch")
 Cluster = choice("Cluster", "none", "kmeans", "gmm")
 Blend = choice("Blend", "cosine", "gaussian", "constant")
 ProbDType = choice("ProbDType", "float16", "float32")
+# predict.instances: none (probabilities only) or an instance method of `emfm instances`
+PredictInstances = choice("PredictInstances", "none", *(m.value for m in InstanceMethod))
 
 
 @dataclass
@@ -137,10 +139,10 @@ class PredictConfig:
     dtype: ProbDType = ProbDType.float16
     resume: bool = True
     # instance labels from the written probabilities, block by block with stitching
-    # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
-    # | mws; the method's parameters, block, halo and boundary channel are `instances.*` (as in
-    # `emfm instances`)
-    instances: str = ""
+    # (emfm.instances): none = probabilities only, else the method (watershed, link2d,
+    # agglomeration, multicut or mws); its parameters, block, halo and boundary channel are
+    # `instances.*` (as in `emfm instances`)
+    instances: PredictInstances = PredictInstances.none
 
 
 @dataclass
@@ -170,12 +172,11 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         if not cfg.checkpoint:
             raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
         cfg.model = _checkpoint_model(cfg.checkpoint)
-    if command == "predict" and cfg.predict.instances:
+    if command == "predict" and cfg.predict.instances != "none":
         from dataclasses import replace
 
-        ic = replace(
-            cfg.instances, method=cfg.predict.instances, input="predictions", out="instances"
-        )
+        method = InstanceMethod(cfg.predict.instances)
+        ic = replace(cfg.instances, method=method, input="predictions", out="instances")
         try:
             validate_instances(ic)
         except ConfigError as e:

@@ -180,7 +180,8 @@ def load_saved(
     the directory), checked against the schema as a composed config is, but not by `validate` (its
     paths may be gone). The schema is the one whose fields hold every saved key. The `objective`
     of configs saved before each objective had its own dataclass, which holds the fields of every
-    objective, is read by `objective_from_record`."""
+    objective, is read by `objective_from_record`; their `predict.instances: ''` (probabilities
+    only) is `none`."""
     from dataclasses import fields
     from pathlib import Path
 
@@ -195,6 +196,8 @@ def load_saved(
     if kind is None:
         raise ConfigError(f"{p}: not a config saved by an emfm command (keys {sorted(saved)})")
     objective = saved.pop("objective", None)
+    if (saved.get("predict") or {}).get("instances") == "":  # saved before it was a choice
+        saved["predict"]["instances"] = "none"
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), saved))
     except OmegaConfBaseException as e:

@@ -157,6 +157,26 @@ CHOICES = [  # (config, override, the key as OmegaConf names it, the allowed val
     ("finetune", "task.kind=mask", "task.kind", "[semantic, boundary, affinity, center]"),
     ("finetune", "loss.terms=[ce,lovasz]", "loss.terms[1]", "[ce, dice, focal]"),
     ("predict", "predict.blend=max", "predict.blend", "[cosine, gaussian, constant]"),
+    (
+        "predict",
+        "predict.instances=magic",
+        "predict.instances",
+        "[none, watershed, link2d, agglomeration, multicut, mws]",
+    ),
+    (
+        "predict",
+        "instances.link_2d=mws",
+        "instances.link_2d",
+        "[watershed, agglomeration]",
+    ),
+    (
+        "instances",
+        "method=foo",
+        "method",
+        "[watershed, link2d, agglomeration, multicut, mws]",
+    ),
+    ("instances", "link_criterion=dice", "link_criterion", "[fraction, iou]"),
+    ("instances", "link_2d=mws", "link_2d", "[watershed, agglomeration]"),
 ]
 
 
@@ -194,10 +214,11 @@ def test_choices_compare_and_print_as_strings():
 def test_choices_match_the_library_registries():
     """Choices that mirror a registry or a list of the library hold exactly its names."""
     from emfm import models
-    from emfm.config import common, export, instances, probe
+    from emfm.config import common, export, finetune, instances, probe
     from emfm.eval import linear_probe, probes, tasks
     from emfm.export import encode, features
-    from emfm.instances import tune
+    from emfm.instances import link2d, tune
+    from emfm.instances.segment import METHODS
     from emfm.models import unet
 
     pairs = [
@@ -210,6 +231,10 @@ def test_choices_match_the_library_registries():
         (probe.ProbeTarget, tasks.TARGETS),
         (probe.Split, tasks.SPLITS),
         (instances.TuneMetric, tune.METRICS),
+        (instances.InstanceMethod, METHODS),
+        (instances.LinkCriterion, link2d.CRITERIA),
+        (instances.Link2D, link2d.METHODS_2D),
+        (finetune.PredictInstances, ("none",) + METHODS),
     ]
     for choice, names in pairs:
         assert sorted(choice) == sorted(names), choice.__name__
@@ -284,6 +309,13 @@ def test_saved_configs_load(tmp_path):
         back = load_saved(tmp_path / cmd)
         assert back == cfg and type(back) is type(cfg)
         assert isinstance(back, FinetuneConfig) == (cmd in ("finetune", "predict"))
+    # predict.instances was a string, "" for probabilities only
+    old = (tmp_path / "finetune" / "config.yaml").read_text()
+    assert "  instances: none\n" in old
+    (tmp_path / "finetune" / "config.yaml").write_text(
+        old.replace("instances: none", "instances: ''")
+    )
+    assert load_saved(tmp_path / "finetune").predict.instances == "none"
 
 
 def test_the_main_job_takes_another_objective():
