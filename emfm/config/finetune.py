@@ -16,6 +16,7 @@ from emfm.config.common import (
     validate_model,
     validate_patch_shape,
     validate_run,
+    validate_tiles,
 )
 from emfm.config.instances import InstanceMethod, InstancesConfig, validate_instances
 
@@ -99,7 +100,7 @@ class RegimeConfig:
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
     `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
     mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
-    gmm (unsupervised: no training)."""
+    gmm (unsupervised: no training; frozen features encoded in `tile` windows with `margin`)."""
 
     name: str = "supervised"
     init: Init = Init.scratch
@@ -121,6 +122,11 @@ class RegimeConfig:
     cluster: Cluster = Cluster.none
     clusters: int = 2
     cluster_samples: int = 20000
+    # clustering: sections encoded in tiles of `tile` pixels, each with `margin` pixels of context
+    # (dropped; a ViT's windows blended), as in the probe and export; multiples of the patch size
+    # or U-Net pooling. A tile larger than the sections is cut to them.
+    tile: int = 128
+    margin: int = 32
 
 
 @dataclass
@@ -210,6 +216,8 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(f"data.label_fraction={cfg.data.label_fraction}: must be in (0, 1]")
     validate_model(cfg.model)
     validate_patch_shape(cfg.data.patch_shape, cfg.model)
+    if r.cluster != "none":
+        validate_tiles(r.tile, r.margin, cfg.model, "regime")
     _validate_windows(cfg.predict)
     validate_run(cfg)
     return cfg

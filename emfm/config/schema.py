@@ -35,6 +35,7 @@ from emfm.config.common import (
     validate_patch_shape,
     validate_run,
     validate_signals,
+    validate_tiles,
 )
 from emfm.config.export import DiscoverConfig, ExportConfig, validate_discover, validate_export
 from emfm.config.finetune import (
@@ -116,6 +117,7 @@ __all__ = [
     "validate_signals",
     "validate_run",
     "validate_patch_shape",
+    "validate_tiles",
     "objective_from_record",
     "segment_params",
     "resolve_zoo",

@@ -325,6 +325,8 @@ def cluster_run(cfg: FinetuneConfig) -> dict:
         cfg.regime.clusters,
         samples=cfg.regime.cluster_samples,
         seed=cfg.trainer.seed,
+        tile=cfg.regime.tile,
+        margin=cfg.regime.margin,
     )
     clusters = predict(norm(img.read(ebox)))
     cls = targets.to_classes(lab.read(ebox), cfg.task)

@@ -112,6 +112,9 @@ def test_wrong_type_is_rejected_naming_it():
     assert "steps" in str(e.value) + str(e.value.__cause__)
 
 
+ZOO_UNET = "checkpoint=zoo:em_unet16 model=unet2d head=unet"
+
+
 @pytest.mark.parametrize(
     "config,override,key",
     [
@@ -121,6 +124,9 @@ def test_wrong_type_is_rejected_naming_it():
         ("main", "probe.test_slices=[5,2]", "probe.test_slices"),
         ("main", "export.tile=100", "export.tile"),
         ("main", "probe.margin=12", "probe.margin"),
+        # the clustering regime's tiles, for the zoo U-Net's pooling of 8
+        ("finetune", f"regime=kmeans {ZOO_UNET} regime.tile=60", "regime.tile"),
+        ("finetune", f"regime=gmm {ZOO_UNET} regime.margin=12", "regime.margin"),
         ("pretrain", "objective.target_blur=-1", "objective.target_blur"),
         ("pretrain", "objective=dino objective.teacher_temp=0", "objective.teacher_temp"),
     ],

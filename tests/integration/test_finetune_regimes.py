@@ -311,13 +311,15 @@ def test_3d_unet_affinities_end_to_end_on_gala(tmp_path, gala):
     assert_falls(tmp_path)
 
 
-@pytest.mark.parametrize("method", ["kmeans", "gmm"])
-def test_unsupervised_clustering_with_hungarian_matching(tmp_path, tiny_main_run, method):
+# sections of 128 pixels encoded in one tile (the default) or in four tiles with their margin
+@pytest.mark.parametrize("method,tile", [("kmeans", 128), ("gmm", 64)])
+def test_unsupervised_clustering_with_hungarian_matching(tmp_path, tiny_main_run, method, tile):
     cfg = finetune_cfg(
         tmp_path,
         f"regime={method}",
         f"checkpoint={tiny_main_run}",
         "regime.cluster_samples=4000",
+        f"regime.tile={tile}",
         "data.train_roi=[[0,4],[0,128],[0,128]]",
         "data.test_roi=[[20,22],[0,128],[0,128]]",
     )
