@@ -36,8 +36,8 @@ from emfm.errors import UserError
 from emfm.export.encode import (
     BlockEncoder,
     WindowReader,
-    block_cells,
     block_encoders,
+    block_part,
     encode_blocks,
 )
 from emfm.export.pca import fit_pca
@@ -315,8 +315,7 @@ def _write_blocks(job: _Job, out: Volume, show_progress: bool) -> dict:
         out_dtype=job.dtype,
     )
     for n_done, (o, f) in enumerate(blocks, start=1):
-        cells = block_cells(o, enc.block, job.size, enc.stride)
-        part = f[tuple(slice(0, c.stop - c.start) for c in cells)]
+        cells, part = block_part(enc, o, f, job.size)
         pending.append((o, out.array[cells + (slice(None),)].write(part)))
         voxels += math.prod(min(b, n - x) for b, n, x in zip(enc.block, job.size, o))
         while len(pending) > 4 * enc.batch_size:
