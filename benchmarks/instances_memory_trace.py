@@ -68,7 +68,7 @@ def main() -> None:
                 "predict.chunk=[1,512,512]",
                 "predict.dtype=float32",
                 "predict.resume=false",
-                "predict.instances=",
+                "predict.instances=none",
                 "trainer.progress=false",
                 f"run_dir={work / 'run'}",
                 f"hydra.run.dir={work / 'run'}",

@@ -3,7 +3,7 @@ command split into its phases, each a separate process with its peak RSS (wait4 
 shallow and a deeper volume of real EM (benchmarks/predict_memory.py's tiled ISBI sections).
 
 Per volume:
-  1. `emfm predict ... predict.instances=""`: probabilities only;
+  1. `emfm predict ... predict.instances=none`: probabilities only;
   2. `emfm instances input=PROB out=LABELS method=watershed channel=1 block=B halo=H`: instances of
      those probabilities, block by block with stitching (the instance phase of 1+2 below);
   3. `emfm predict ... predict.instances=watershed`: both in one process (what
@@ -136,7 +136,8 @@ def main() -> None:
         for p in (prob, lab, work / "run"):
             shutil.rmtree(p, ignore_errors=True)
         rec["predict_only"] = run(
-            [*predict, f"predict.out={prob}", "predict.instances=", f"run_dir={work / 'run'}"], env
+            [*predict, f"predict.out={prob}", "predict.instances=none", f"run_dir={work / 'run'}"],
+            env,
         )
         rec["instances_only"] = run(
             [

@@ -21,7 +21,7 @@ from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import Volume, VolumeError, open_volume
 from emfm.eval import figures
 from emfm.eval.cells import membrane_scores, tune_cells
-from emfm.eval.probes import train_linear_probe
+from emfm.eval.linear_probe import train_linear_probe
 from emfm.eval.tasks import choose_threshold
 from emfm.export.encode import encode, normalise
 from emfm.export.features import check_volume, export_features

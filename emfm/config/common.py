@@ -192,6 +192,18 @@ def unet_pool(m: ModelConfig) -> int:
     return 2 ** ((len(m.widths) if m.widths else (m.depth or 4)) - 1)
 
 
+def validate_tiles(tile: int, margin: int, m: ModelConfig, key: str) -> None:
+    """In-plane windows of `tile` pixels with `margin` pixels of context (`KEY.tile`,
+    `KEY.margin`) align with the encoder `m`: multiples of its patch size (ViT) or pooling
+    (U-Net)."""
+    p = max(m.patch_size[-1], unet_pool(m))
+    if tile <= 0 or tile % p or margin < 0 or margin % p:
+        raise ConfigError(
+            f"{key}.tile={tile}, {key}.margin={margin}: must be multiples of the patch size or "
+            f"U-Net pooling {p}"
+        )
+
+
 def validate_patch_shape(shape: list[int], m: ModelConfig, key: str = "data.patch_shape") -> None:
     """Patches of `shape` (z, y, x) fit the encoder `m`: depth 1 for a 2D model, divisible by its
     patch size, and in plane by a U-Net's pooling."""

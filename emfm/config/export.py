@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, choice, unet_pool
+from emfm.config.common import MISSING_PATH, ConfigError, ModelConfig, choice, validate_tiles
 
 # the names of emfm.export.features.OUT_DTYPES
 FeatureDType = choice("FeatureDType", "float16", "bfloat16", "float32")
@@ -45,13 +45,7 @@ class ExportConfig:
 
 def validate_export(e: ExportConfig, m: ModelConfig) -> None:
     """Checks of `export.*` for the encoder `m`; raises ConfigError naming the key."""
-    # windows align with patches (ViT) or the pooling (U-Net)
-    p = max(m.patch_size[-1], unet_pool(m))
-    if e.tile <= 0 or e.tile % p or e.margin < 0 or e.margin % p:
-        raise ConfigError(
-            f"export.tile={e.tile}, export.margin={e.margin}: must be multiples of the patch size "
-            f"or U-Net pooling {p}"
-        )
+    validate_tiles(e.tile, e.margin, m, "export")
     if e.block_z <= 0 or e.margin_z < 0 or e.batch_size <= 0 or e.prefetch < 0:
         raise ConfigError(
             f"export.block_z={e.block_z}, margin_z={e.margin_z}, batch_size={e.batch_size}, "

@@ -16,8 +16,9 @@ from emfm.config.common import (
     validate_model,
     validate_patch_shape,
     validate_run,
+    validate_tiles,
 )
-from emfm.config.instances import InstancesConfig, validate_instances
+from emfm.config.instances import InstanceMethod, InstancesConfig, validate_instances
 
 TaskKind = choice("TaskKind", "semantic", "boundary", "affinity", "center")
 LabelType = choice("LabelType", "classes", "instances")
@@ -29,6 +30,8 @@ Semi = choice("Semi", "none", "mean_teacher", "fixmatch")
 Cluster = choice("Cluster", "none", "kmeans", "gmm")
 Blend = choice("Blend", "cosine", "gaussian", "constant")
 ProbDType = choice("ProbDType", "float16", "float32")
+# predict.instances: none (probabilities only) or an instance method of `emfm instances`
+PredictInstances = choice("PredictInstances", "none", *(m.value for m in InstanceMethod))
 
 
 @dataclass
@@ -97,7 +100,7 @@ class RegimeConfig:
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
     `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
     mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
-    gmm (unsupervised: no training)."""
+    gmm (unsupervised: no training; frozen features encoded in `tile` windows with `margin`)."""
 
     name: str = "supervised"
     init: Init = Init.scratch
@@ -119,6 +122,11 @@ class RegimeConfig:
     cluster: Cluster = Cluster.none
     clusters: int = 2
     cluster_samples: int = 20000
+    # clustering: sections encoded in tiles of `tile` pixels, each with `margin` pixels of context
+    # (dropped; a ViT's windows blended), as in the probe and export; multiples of the patch size
+    # or U-Net pooling. A tile larger than the sections is cut to them.
+    tile: int = 128
+    margin: int = 32
 
 
 @dataclass
@@ -137,10 +145,10 @@ class PredictConfig:
     dtype: ProbDType = ProbDType.float16
     resume: bool = True
     # instance labels from the written probabilities, block by block with stitching
-    # (emfm.instances): "" = probabilities only, else watershed | link2d | agglomeration | multicut
-    # | mws; the method's parameters, block, halo and boundary channel are `instances.*` (as in
-    # `emfm instances`)
-    instances: str = ""
+    # (emfm.instances): none = probabilities only, else the method (watershed, link2d,
+    # agglomeration, multicut or mws); its parameters, block, halo and boundary channel are
+    # `instances.*` (as in `emfm instances`)
+    instances: PredictInstances = PredictInstances.none
 
 
 @dataclass
@@ -170,12 +178,11 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         if not cfg.checkpoint:
             raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
         cfg.model = _checkpoint_model(cfg.checkpoint)
-    if command == "predict" and cfg.predict.instances:
+    if command == "predict" and cfg.predict.instances != "none":
         from dataclasses import replace
 
-        ic = replace(
-            cfg.instances, method=cfg.predict.instances, input="predictions", out="instances"
-        )
+        method = InstanceMethod(cfg.predict.instances)
+        ic = replace(cfg.instances, method=method, input="predictions", out="instances")
         try:
             validate_instances(ic)
         except ConfigError as e:
@@ -209,6 +216,8 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         raise ConfigError(f"data.label_fraction={cfg.data.label_fraction}: must be in (0, 1]")
     validate_model(cfg.model)
     validate_patch_shape(cfg.data.patch_shape, cfg.model)
+    if r.cluster != "none":
+        validate_tiles(r.tile, r.margin, cfg.model, "regime")
     _validate_windows(cfg.predict)
     validate_run(cfg)
     return cfg

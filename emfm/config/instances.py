@@ -12,6 +12,12 @@ from emfm.config.common import ConfigError, DistributedConfig, choice
 # metric families of emfm.eval.evaluate
 EvaluateKind = choice("EvaluateKind", "semantic", "binary", "region", "instance", "warping")
 InputKind = choice("InputKind", "auto", "boundary", "affinities")
+# the names of emfm.instances.segment.METHODS
+InstanceMethod = choice("InstanceMethod", "watershed", "link2d", "agglomeration", "multicut", "mws")
+# emfm.instances.link2d.CRITERIA: overlap / smaller segment, or intersection over union
+LinkCriterion = choice("LinkCriterion", "fraction", "iou")
+# emfm.instances.link2d.METHODS_2D
+Link2D = choice("Link2D", "watershed", "agglomeration")
 # the names of emfm.instances.tune.METRICS
 TuneMetric = choice(
     "TuneMetric",
@@ -64,7 +70,7 @@ class InstancesConfig:
 
     input: str = ""
     out: str = ""
-    method: str = "watershed"  # watershed | link2d | agglomeration | multicut | mws
+    method: InstanceMethod = InstanceMethod.watershed
     kind: InputKind = InputKind.auto
     channel: int | None = None  # boundary class of a multi-channel probability volume
     invert: bool = False  # the input is a foreground / same-object probability: use 1 - p
@@ -87,8 +93,8 @@ class InstancesConfig:
     beta: float = 0.5
     size_weighted: bool = True
     link_threshold: float = 0.5
-    link_criterion: str = "fraction"
-    link_2d: str = "watershed"  # link2d's per-section step: watershed | agglomeration
+    link_criterion: LinkCriterion = LinkCriterion.fraction
+    link_2d: Link2D = Link2D.watershed  # link2d's per-section step
     link_on_interior: bool = True
     # link2d: one-to-one links only (False chains objects through 2D merges)
     link_mutual_best: bool = True

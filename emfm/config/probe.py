@@ -12,9 +12,10 @@ from emfm.config.common import (
     ModelConfig,
     choice,
     resolve_zoo,
-    unet_pool,
+    validate_tiles,
 )
 
+# emfm.eval.linear_probe.UPSAMPLING
 Upsample = choice("Upsample", "bilinear", "subpixel")
 # the names of emfm.eval.tasks.TARGETS
 ProbeTarget = choice("ProbeTarget", "membranes", "neuron_boundaries", "mitochondria")
@@ -73,13 +74,7 @@ def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
         s = getattr(pc, key)
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
-    # windows align with patches (ViT) or the pooling (U-Net)
-    p = max(m.patch_size[-1], unet_pool(m))
-    if pc.tile <= 0 or pc.tile % p or pc.margin < 0 or pc.margin % p:
-        raise ConfigError(
-            f"probe.tile={pc.tile}, probe.margin={pc.margin}: must be multiples of "
-            f"the patch size or U-Net pooling {p}"
-        )
+    validate_tiles(pc.tile, pc.margin, m, "probe")
     if pc.random_seeds < 1:
         raise ConfigError(
             f"probe.random_seeds={pc.random_seeds}: need at least 1 random-init encoder"

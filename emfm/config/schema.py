@@ -35,6 +35,7 @@ from emfm.config.common import (
     validate_patch_shape,
     validate_run,
     validate_signals,
+    validate_tiles,
 )
 from emfm.config.export import DiscoverConfig, ExportConfig, validate_discover, validate_export
 from emfm.config.finetune import (
@@ -116,6 +117,7 @@ __all__ = [
     "validate_signals",
     "validate_run",
     "validate_patch_shape",
+    "validate_tiles",
     "objective_from_record",
     "segment_params",
     "resolve_zoo",
@@ -180,7 +182,8 @@ def load_saved(
     the directory), checked against the schema as a composed config is, but not by `validate` (its
     paths may be gone). The schema is the one whose fields hold every saved key. The `objective`
     of configs saved before each objective had its own dataclass, which holds the fields of every
-    objective, is read by `objective_from_record`."""
+    objective, is read by `objective_from_record`; their `predict.instances: ''` (probabilities
+    only) is `none`."""
     from dataclasses import fields
     from pathlib import Path
 
@@ -195,6 +198,8 @@ def load_saved(
     if kind is None:
         raise ConfigError(f"{p}: not a config saved by an emfm command (keys {sorted(saved)})")
     objective = saved.pop("objective", None)
+    if (saved.get("predict") or {}).get("instances") == "":  # saved before it was a choice
+        saved["predict"]["instances"] = "none"
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), saved))
     except OmegaConfBaseException as e:

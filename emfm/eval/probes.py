@@ -1,29 +1,24 @@
-"""Probes of frozen dense features: per-pixel linear, one-hidden-layer MLP and k-nearest
-neighbours, for the main job's membrane probe and the probing benchmark.
+"""Probes of frozen dense features for the probing benchmark: per-pixel linear, one-hidden-layer MLP
+and k-nearest neighbours (the main job's whole-section linear probe: emfm.eval.linear_probe).
 
 Input: feature maps `[n, gy, gx, d]` of sections `[n, y, x]` (one token covers `sy x sx` pixels),
-standardised with the training sections' mean/std, and labels of the training sections. Output:
-per-pixel class probabilities of other sections.
+standardised with the training sections' mean/std, the foreground of the training sections and a
+mask of the training pixels whose labels may be used (a label fraction). Output: per-pixel
+foreground probabilities of other sections. `fit_predict`:
 
-- `train_linear_probe` (the main job): one linear map per token, `d -> k` with its logits upsampled
-  bilinearly to pixels (a linear map commutes with bilinear upsampling, so this equals upsampling
-  the features to pixels first, at a fraction of the memory), or `d -> sy*sx*k` ("subpixel": the
-  logits of every pixel the token covers); trained with AdamW on random mini-batches of whole
-  sections, class-balanced.
-- `fit_predict` (the benchmark), given a mask of the training pixels whose labels may be used (a
-  label fraction):
-  - `linear`: the subpixel linear probe trained with AdamW on mini-batches of labelled tokens;
-  - `mlp`: the same with one hidden ReLU layer (`d -> hidden -> sy*sx*2`);
-  - `knn`: class-balanced k-nearest-neighbour vote (cosine similarity) between bilinearly
-    interpolated pixel features of sampled labelled pixels and queries on a grid of stride
-    `knn_stride`, upsampled bilinearly to pixels.
-  Losses and votes weight each class by the inverse of its frequency among the labelled pixels.
-  Compiled steps are cached per shape, so the many fits of a benchmark compile once.
+- `linear`: a linear map per token, `d -> sy*sx*2` (the logits of every pixel the token covers),
+  trained with AdamW on mini-batches of labelled tokens;
+- `mlp`: the same with one hidden ReLU layer (`d -> hidden -> sy*sx*2`);
+- `knn`: class-balanced k-nearest-neighbour vote (cosine similarity) between bilinearly
+  interpolated pixel features of sampled labelled pixels and queries on a grid of stride
+  `knn_stride`, upsampled bilinearly to pixels.
+
+Losses and votes weight each class by the inverse of its frequency among the labelled pixels.
+Compiled steps are cached per shape, so the many fits of a benchmark compile once.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,10 +29,6 @@ import optax
 from einops import rearrange
 
 from emfm.config.common import ConfigError
-from emfm.data.volume import VolumeError
-from emfm.errors import UserError
-
-log = logging.getLogger("emfm")
 
 PROBES = ("linear", "mlp", "knn")
 
@@ -105,130 +96,6 @@ def _cell(feats: np.ndarray, out_yx: tuple[int, int]) -> tuple[int, int]:
 def _standardise(train: np.ndarray):
     f = train.reshape(-1, train.shape[-1])
     return f.mean(0), f.std(0) + 1e-6
-
-
-# ---- the main job's linear probe: whole sections ---------------------------------------------
-
-
-UPSAMPLING = ("bilinear", "subpixel")
-
-
-@dataclass
-class LinearProbe:
-    """Per-pixel class logits, linear in the standardised token features.
-
-    "bilinear": one logit vector per token, upsampled bilinearly to pixels (equal to upsampling
-    the features, since both maps are linear). "subpixel": each token's linear map gives the logits
-    of every pixel it covers (`d -> s*s*k`, s = pixels per token), so a membrane can be placed
-    inside a patch; still one linear classifier on the frozen features.
-    """
-
-    w: np.ndarray  # [d, k] or [d, s*s*k]
-    b: np.ndarray
-    mean: np.ndarray  # feature standardisation [d]
-    std: np.ndarray
-    upsample: str = "bilinear"
-    num_classes: int = 2
-
-    def logits(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
-        f = (feats - self.mean) / self.std
-        return np.asarray(
-            _pixel_logits(
-                {"w": self.w, "b": self.b},
-                jnp.asarray(f),
-                out_shape,
-                self.upsample,
-                self.num_classes,
-            )
-        )
-
-    def predict(self, feats: np.ndarray, out_shape: tuple[int, int], batch: int = 8) -> np.ndarray:
-        """Per-pixel class probabilities `[n, y, x, k]`."""
-        return np.concatenate(
-            [
-                np.asarray(jax.nn.softmax(self.logits(feats[i : i + batch], out_shape), axis=-1))
-                for i in range(0, len(feats), batch)
-            ]
-        )
-
-
-def _pixel_logits(p, f, out_shape, upsample: str, k: int):
-    g = jnp.einsum("nhwd,dk->nhwk", f, p["w"]) + p["b"]
-    if upsample == "bilinear":
-        return jax.image.resize(g, (g.shape[0], *out_shape, k), method="bilinear")
-    sy, sx = -(-out_shape[0] // f.shape[1]), -(-out_shape[1] // f.shape[2])
-    full = rearrange(g, "n gy gx (sy sx k) -> n (gy sy) (gx sx) k", sy=sy, sx=sx, k=k)
-    return full[:, : out_shape[0], : out_shape[1]]
-
-
-def train_linear_probe(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    *,
-    num_classes: int = 2,
-    steps: int = 300,
-    lr: float = 0.05,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    ignore: np.ndarray | None = None,
-    class_balance: bool = True,
-    upsample: str = "bilinear",
-    sections_per_step: int = 4,
-) -> LinearProbe:
-    """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
-    AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
-    if upsample not in UPSAMPLING:
-        raise UserError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
-    if labels.size == 0 or len(np.unique(labels)) < 2:
-        raise VolumeError(
-            f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
-            "a probe needs at least two"
-        )
-    mean = feats.mean(axis=(0, 1, 2))
-    std = feats.std(axis=(0, 1, 2)) + 1e-6
-    f = jnp.asarray((feats - mean) / std)
-    y = jnp.asarray(labels.astype(np.int32))
-    valid = jnp.asarray(_pixel_weights(labels, ignore, num_classes, class_balance))
-    out_shape = labels.shape[1:]
-    kout = num_classes
-    if upsample == "subpixel":
-        kout *= -(-out_shape[0] // feats.shape[1]) * -(-out_shape[1] // feats.shape[2])
-    key, sub = jax.random.split(jax.random.PRNGKey(seed))
-    p = {"w": jax.random.normal(sub, (feats.shape[-1], kout)) * 0.01, "b": jnp.zeros(kout)}
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-    opt = tx.init(p)
-    nb = min(sections_per_step, len(feats))
-
-    @jax.jit
-    def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays fold slowly
-        idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
-
-        def loss_fn(p):
-            lg = _pixel_logits(p, f[idx], out_shape, upsample, num_classes)
-            ce = optax.softmax_cross_entropy_with_integer_labels(lg, y[idx])
-            return (ce * valid[idx]).sum() / valid[idx].sum()
-
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        upd, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, upd), opt, loss
-
-    for i in range(steps):
-        p, opt, loss = step(p, opt, f, y, valid, jax.random.fold_in(key, i))
-    log.debug("probe final training loss %.4f", float(loss))
-    w, b = np.asarray(p["w"]), np.asarray(p["b"])
-    return LinearProbe(w, b, mean, std, upsample=upsample, num_classes=num_classes)
-
-
-def _pixel_weights(labels, ignore, num_classes: int, class_balance: bool) -> np.ndarray:
-    """Loss weight of each pixel: 0 where ignored; with `class_balance` each class weighted by 1 /
-    its frequency, so thin membranes count as much as interiors."""
-    valid = np.ones(labels.shape, np.float32) if ignore is None else (~ignore).astype(np.float32)
-    if class_balance:
-        freq = (
-            np.bincount(labels.ravel(), weights=valid.ravel(), minlength=num_classes) / valid.sum()
-        )
-        valid = valid * (1.0 / (num_classes * np.maximum(freq, 1e-6)))[labels]
-    return valid
 
 
 # ---- linear and MLP heads on tokens -------------------------------------------------------------

@@ -95,16 +95,36 @@ def discover(
     km = st["km"]
     # ---- labelling pass: cluster map, counts, inertia, a random sample of cells per cluster
     lv, label_skipped = _label_pass(src, state, out, km, regions, k, seed, examples, show_progress)
-    counts, inertia, cells = _merge(state.labelled(), len(regions), k, examples)
+    res = _results(
+        src, lv, st, state.labelled(), len(regions), run_dir, out, epochs, examples, crop
+    )
+    log.info(
+        "discover: %d clusters over %d vectors; cluster sizes %s (resumed: %d fit regions and %d "
+        "labelled regions skipped)",
+        k,
+        res["vectors"],
+        res["counts"],
+        fit_skipped,
+        label_skipped,
+    )
+    return res | {"fit_regions_skipped": fit_skipped, "label_regions_skipped": label_skipped}
+
+
+def _results(src, lv, st, recs, n_regions, run_dir: Path, out, epochs, examples, crop) -> dict:
+    """The run's record (written as discover.json beside the centroids, galleries and overview it
+    names), from the fit state `st` and the labelling records `recs` of the `n_regions` regions."""
+    km = st["km"]
+    k = km.n_clusters
+    counts, inertia, cells = _merge(recs, n_regions, k, examples)
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / "centroids.npy", km.cluster_centers_.astype(np.float32))
     img, stride, origin = src.img, src.stride, src.origin
     gallery_files = galleries(img, cells, stride, origin, crop, run_dir / "galleries")
     overview_file = overview(
-        img, fv, lv, stride, origin, k, run_dir / "figures" / "discover_overview.png"
+        img, src.fv, lv, stride, origin, k, run_dir / "figures" / "discover_overview.png"
     )
     res = {
-        "features": str(features),
+        "features": str(src.features),
         "image": src.path,
         "labels": out,
         "k": k,
@@ -119,20 +139,7 @@ def discover(
         "examples": [c.tolist() for c in cells],
     }  # feature cells (z, y, x) shown in each cluster's gallery
     (run_dir / "discover.json").write_text(json.dumps(res, indent=1))
-    log.info(
-        "discover: %d clusters over %d vectors; cluster sizes %s (resumed: %d fit regions and %d "
-        "labelled regions skipped)",
-        k,
-        res["vectors"],
-        res["counts"],
-        fit_skipped,
-        label_skipped,
-    )
-    return {
-        **res,
-        "fit_regions_skipped": fit_skipped,
-        "label_regions_skipped": label_skipped,
-    }
+    return res
 
 
 @dataclass

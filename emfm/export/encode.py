@@ -224,12 +224,14 @@ def block_encoders(
     return enc, whole, blend
 
 
-def block_cells(origin, block, size, stride) -> tuple[slice, ...]:
-    """The feature cells of the block at `origin` (voxels) inside a region of `size` voxels."""
-    return tuple(
+def block_part(enc: BlockEncoder, origin, features: np.ndarray, size) -> tuple[tuple, np.ndarray]:
+    """(the feature cells of the block at `origin` (voxels) inside a region of `size` voxels, the
+    block's features `[*enc.cells, c]` cut to them: a block at the region's far end overhangs)."""
+    cells = tuple(
         slice(o // st, o // st + -(-min(b, n - o) // st))
-        for o, b, n, st in zip(origin, block, size, stride)
+        for o, b, n, st in zip(origin, enc.block, size, enc.stride)
     )
+    return cells, features[tuple(slice(0, c.stop - c.start) for c in cells)]
 
 
 # `read(encoder, origins)` yields (origins, windows [b, *encoder.window]) batches of
@@ -371,6 +373,6 @@ def encode(
         blend=blend,
     )
     for o, f in blocks:
-        cells = block_cells(o, enc.block, size, enc.stride)
-        out[cells] = f[tuple(slice(0, c.stop - c.start) for c in cells)]
+        cells, part = block_part(enc, o, f, size)
+        out[cells] = part
     return out

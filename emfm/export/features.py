@@ -36,8 +36,8 @@ from emfm.errors import UserError
 from emfm.export.encode import (
     BlockEncoder,
     WindowReader,
-    block_cells,
     block_encoders,
+    block_part,
     encode_blocks,
 )
 from emfm.export.pca import fit_pca
@@ -71,6 +71,23 @@ class ExportPlan:
     seed: int
     blend: str
 
+    @classmethod
+    def of(cls, encoder, vol: Volume, box, enc: BlockEncoder, *, checkpoint: str, **settings):
+        """The plan of encoding `box` of `vol` with `enc` (`encoder`'s block encoder); `settings`:
+        grey_range, dtype, pca_k, pca_sample_blocks, seed and the resolved blend."""
+        return cls(
+            source=vol.path,
+            roi=[list(b) for b in box],
+            encoder=asdict(encoder.spec),
+            checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
+            **{k: list(getattr(enc, k)) for k in ("layers", "block", "margin", "stride")},
+            **settings | {"grey_range": [float(v) for v in settings["grey_range"]]},
+        )
+
+    def record(self) -> dict:
+        """The plan as stored in the output's attributes (plain JSON types)."""
+        return json.loads(json.dumps(asdict(self)))
+
 
 def export_features(
     encoder,
@@ -97,59 +114,53 @@ def export_features(
 ) -> dict:
     """Features of `vol` (or its `roi` [[z0, z1], [y0, y1], [x0, x1]]) to an OME-Zarr at `out_path`.
 
-    `blend`: "none" encodes each block in a window of `margin` context and drops the margin;
-    "cosine", "gaussian" or "constant" encode the same windows (block + 2 margin) but keep all of
-    them, blending neighbouring windows over their 2 x margin overlap with emfm.export.windows'
-    weights (so a ViT's position-dependent features show no block seams, at the same number of
-    windows); "auto" = cosine for a ViT, none for a U-Net (whose margin-dropped blocks already equal
-    a whole-volume forward). Without blending this process writes blocks i with i mod process_count
-    == process_index, with blending a contiguous run of blocks (neighbouring blocks share windows).
-    Returns a summary dict."""
+    `blend`: "none" drops each window's margin; "cosine", "gaussian" or "constant" keep the same
+    windows (block + 2 margin) whole and blend neighbours over their 2 x margin overlap (no ViT
+    block seams, at the same number of windows); "auto" = cosine for a ViT, none for a U-Net (whose
+    margin-dropped blocks already equal a whole-volume forward). Returns a summary dict."""
     from emfm.data.sampling import Region
 
     check_volume(vol)
-    if dtype not in OUT_DTYPES:
-        raise UserError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
     box = Region.of(vol, roi).box
-    size = tuple(b - a for a, b in box)
-    enc, benc, blend = block_encoders(
+    enc, benc, blend = _encoders(
         encoder,
+        dtype,
+        pca_k,
         block=(block_z, tile, tile),
         margin=(margin_z, margin, margin),
         blend=blend,
         batch_size=batch_size,
         layers=layers,
-        out_dtype=OUT_DTYPES[dtype],
     )
-    if pca_k < 0 or pca_k > enc.width:
-        raise UserError(
-            f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)"
-        )
-    plan = ExportPlan(
-        source=vol.path,
-        roi=[list(b) for b in box],
-        encoder=asdict(encoder.spec),
-        checkpoint=str(Path(checkpoint).resolve()) if checkpoint else "",
-        **{k: list(getattr(enc, k)) for k in ("layers", "block", "margin", "stride")},
-        grey_range=[float(v) for v in grey_range],
+    plan = ExportPlan.of(
+        encoder,
+        vol,
+        box,
+        enc,
+        checkpoint=checkpoint,
+        grey_range=grey_range,
         dtype=dtype,
         pca_k=pca_k,
         pca_sample_blocks=pca_sample_blocks,
         seed=seed,
         blend=blend,
     )
-    rec = json.loads(json.dumps(asdict(plan)))
-    job = _Job(
-        enc, benc, vol, box, size, rec, str(out_path), volume_reader(vol, box, grey_range, prefetch)
-    )
+    read = volume_reader(vol, box, grey_range, prefetch)
+    job = _Job(enc, benc, vol, box, plan.record(), str(out_path), read)
     out = _output(job, resume)
-    res = _write_blocks(job, out, show_progress)
-    res["voxels_per_s"] = (
-        res["voxels"] / res["seconds"] if res["seconds"] > 0 and res["voxels"] else None
-    )
-    if pca_k:
-        res["pca_explained_variance"] = out.attributes["pca"]["explained_variance_ratio"]
-    return res
+    return _write_blocks(job, out, show_progress)
+
+
+def _encoders(encoder, dtype: str, pca_k: int, **geometry) -> tuple:
+    """block_encoders(encoder, **geometry) writing `dtype`, with `dtype` and `pca_k` checked."""
+    if dtype not in OUT_DTYPES:
+        raise UserError(f"export.dtype={dtype!r}: use {', '.join(OUT_DTYPES)}")
+    enc, benc, blend = block_encoders(encoder, out_dtype=OUT_DTYPES[dtype], **geometry)
+    if pca_k < 0 or pca_k > enc.width:
+        raise UserError(
+            f"export.pca_k={pca_k}: must be 0 (no reduction) .. {enc.width} (the feature channels)"
+        )
+    return enc, benc, blend
 
 
 @dataclass
@@ -160,7 +171,6 @@ class _Job:
     benc: BlockEncoder | None  # whole windows, when blending
     vol: Volume
     box: tuple
-    size: tuple
     plan: dict  # ExportPlan as stored
     out_path: str
     read: WindowReader  # over `vol`, normalised
@@ -168,6 +178,10 @@ class _Job:
     @property
     def fwd(self) -> BlockEncoder:
         return self.benc or self.enc
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.box)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -301,8 +315,7 @@ def _write_blocks(job: _Job, out: Volume, show_progress: bool) -> dict:
         out_dtype=job.dtype,
     )
     for n_done, (o, f) in enumerate(blocks, start=1):
-        cells = block_cells(o, enc.block, job.size, enc.stride)
-        part = f[tuple(slice(0, c.stop - c.start) for c in cells)]
+        cells, part = block_part(enc, o, f, job.size)
         pending.append((o, out.array[cells + (slice(None),)].write(part)))
         voxels += math.prod(min(b, n - x) for b, n, x in zip(enc.block, job.size, o))
         while len(pending) > 4 * enc.batch_size:
@@ -316,6 +329,9 @@ def _write_blocks(job: _Job, out: Volume, show_progress: bool) -> dict:
     secs = time.perf_counter() - t0
     _barrier("emfm_export_done", nproc)
     done = {"tiles_written": len(todo), "tiles_skipped": skipped, "voxels": voxels, "seconds": secs}
+    done["voxels_per_s"] = voxels / secs if secs > 0 and voxels else None
+    if job.plan["pca_k"]:
+        done["pca_explained_variance"] = out.attributes["pca"]["explained_variance_ratio"]
     return _summary(job, nb) | done
 
 

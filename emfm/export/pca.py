@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emfm.export.encode import BlockEncoder, WindowReader, block_cells
+from emfm.export.encode import BlockEncoder, WindowReader, block_part
 
 
 def fit_pca(
@@ -29,8 +29,7 @@ def fit_pca(
     vecs = []
     for batch, windows in read(enc, [origins[j] for j in pick]):
         for o, f in zip(batch, enc(windows, raw=True)):
-            cells = block_cells(o, enc.block, size, enc.stride)
-            f = f[tuple(slice(0, c.stop - c.start) for c in cells)]
+            f = block_part(enc, o, f, size)[1]
             vecs.append(f.reshape(-1, f.shape[-1]))
     x = np.concatenate(vecs)
     if len(x) > max_vectors:

@@ -109,30 +109,11 @@ def predict_volume(
     bl = Blender(
         fn, channels, shape, window=window, overlap=overlap, blend=blend, batch_size=batch_size
     )
-
-    def read(b):
-        region = tuple(slice(s.start + a, s.stop + a) for s, (a, _) in zip(b, box))
-        return normalise(vol.read(region), grey_range)
-
-    done = written_chunks(out) if resume else set()
-    todo = [
-        b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done
-    ]
-    distributed.barrier("predict: chunks to do listed")  # before any process writes one
-    pid, nproc = distributed.process()
-    n_all = len(todo)
-    todo = todo[pid::nproc]  # several processes: each writes its own chunks (disjoint zarr chunks)
-    bar = progress(
-        len(todo), desc="predict" if nproc == 1 else f"predict {pid}/{nproc}", enabled=show_progress
-    )
+    todo, n_all, skipped = _my_chunks(bl, chunk, out, resume)
+    nproc = distributed.process()[1]
     t0 = time.perf_counter()
-    voxels = 0
-    for b in todo[:stop_after]:
-        pred = bl.chunk(read, b)
-        out.array[tuple(b) + (slice(None),)].write(pred.astype(dtype)).result()
-        voxels += math.prod(s.stop - s.start for s in b)
-        bar.update(1)
-    bar.close()
+    read = _region_reader(vol, box, grey_range)
+    voxels = _write_chunks(bl, read, out, todo, dtype, show_progress, stop_after)
     secs = time.perf_counter() - t0
     distributed.barrier("predict: all chunks written")
     return {
@@ -141,10 +122,49 @@ def predict_volume(
         "processes": nproc,
         "chunks_all": n_all,
         "chunks_written": min(len(todo), stop_after or len(todo)),
-        "chunks_skipped": len(done),
+        "chunks_skipped": skipped,
         "seconds": secs,
         "voxels_per_s": voxels / secs if secs > 0 else None,
     }
+
+
+def _region_reader(vol: Volume, box, grey_range) -> Callable:
+    """`read(region)`: the normalised voxels of a region (slices, relative to `box`) of `vol`."""
+
+    def read(b):
+        region = tuple(slice(s.start + a, s.stop + a) for s, (a, _) in zip(b, box))
+        return normalise(vol.read(region), grey_range)
+
+    return read
+
+
+def _my_chunks(bl: Blender, chunk, out: Volume, resume: bool) -> tuple[list, int, int]:
+    """(the chunks this process writes, how many chunks are left to write by all processes, how
+    many were written before): several processes each write their own (disjoint zarr chunks)."""
+    done = written_chunks(out) if resume else set()
+    todo = [
+        b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done
+    ]
+    distributed.barrier("predict: chunks to do listed")  # before any process writes one
+    pid, nproc = distributed.process()
+    return todo[pid::nproc], len(todo), len(done)
+
+
+def _write_chunks(bl: Blender, read, out: Volume, todo, dtype, show_progress, stop_after) -> int:
+    """Predict and write the chunks `todo` (slices; the first `stop_after` of them) with a progress
+    bar; the voxels written."""
+    pid, nproc = distributed.process()
+    bar = progress(
+        len(todo), desc="predict" if nproc == 1 else f"predict {pid}/{nproc}", enabled=show_progress
+    )
+    voxels = 0
+    for b in todo[:stop_after]:
+        pred = bl.chunk(read, b)
+        out.array[tuple(b) + (slice(None),)].write(pred.astype(dtype)).result()
+        voxels += math.prod(s.stop - s.start for s in b)
+        bar.update(1)
+    bar.close()
+    return voxels
 
 
 def _roi_box(vol: Volume, roi) -> list[tuple[int, int]]:

@@ -104,13 +104,20 @@ def unlabelled_loss(model, teacher, xu, rng, lay, regime, *, frozen_encoder: boo
 # Unsupervised: clustering of frozen dense features
 
 
-def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
+def dense_features(
+    encoder, images: np.ndarray, *, tile: int = 128, margin: int = 32, batch: int = 4
+):
     """Frozen features at pixel resolution, `[b, y, x, d]` per batch of 2D sections `[n, y, x]` in
-    [0, 1] (a generator): each section encoded whole in one window by emfm.export.encode (a ViT's
-    token map then upsampled bilinearly; a U-Net's decoder output as it is)."""
-    from emfm.export.encode import encode
+    [0, 1] (a generator), encoded by emfm.export.encode in tiles of `tile` pixels, each with
+    `margin` pixels of context (a U-Net's margins dropped, a ViT's windows blended; a tile larger
+    than the sections is cut to them, rounded up to the encoder's alignment); a ViT's token map
+    upsampled bilinearly, a U-Net's decoder output as it is."""
+    from emfm.export.encode import alignment, encode
 
-    f = encode(encoder, images, tile=None, margin=0, batch_size=batch)
+    whole = max(-(-n // a) * a for n, a in zip(images.shape[1:], alignment(encoder)[1:]))
+    f = encode(
+        encoder, images, tile=min(tile, whole), margin=margin, blend="auto", batch_size=batch
+    )
     size = images.shape[1:]
     up = jax.jit(lambda f: jax.image.resize(f, (f.shape[0], *size, f.shape[-1]), "bilinear"))
     for i in range(0, len(images), batch):
@@ -118,17 +125,26 @@ def dense_features(encoder, images: np.ndarray, *, batch: int = 4):
 
 
 def fit_clusters(
-    encoder, images: np.ndarray, method: str, k: int, *, samples: int = 20000, seed: int = 0
+    encoder,
+    images: np.ndarray,
+    method: str,
+    k: int,
+    *,
+    samples: int = 20000,
+    seed: int = 0,
+    tile: int = 128,
+    margin: int = 32,
 ):
     """k-means (scikit-learn KMeans) or a diagonal Gaussian mixture on `samples` feature vectors
-    drawn evenly from the sections `images`; returns `predict(images) -> cluster ids [n, y, x]`."""
+    drawn evenly from the sections `images` (features of `dense_features` in `tile` windows with
+    `margin`); returns `predict(images) -> cluster ids [n, y, x]`."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(seed)
     per = max(1, samples // len(images))
     picked = []
-    for f in dense_features(encoder, images):
+    for f in dense_features(encoder, images, tile=tile, margin=margin):
         f = f.reshape(len(f), -1, f.shape[-1])
         picked += [fi[rng.choice(len(fi), size=min(per, len(fi)), replace=False)] for fi in f]
     s = np.concatenate(picked)
@@ -146,7 +162,7 @@ def fit_clusters(
     def predict(x: np.ndarray) -> np.ndarray:
         out = [
             model.predict((f.reshape(-1, f.shape[-1]) - mean) / std).reshape(f.shape[:-1])
-            for f in dense_features(encoder, x)
+            for f in dense_features(encoder, x, tile=tile, margin=margin)
         ]
         return np.concatenate(out)
 

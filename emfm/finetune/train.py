@@ -325,6 +325,8 @@ def cluster_run(cfg: FinetuneConfig) -> dict:
         cfg.regime.clusters,
         samples=cfg.regime.cluster_samples,
         seed=cfg.trainer.seed,
+        tile=cfg.regime.tile,
+        margin=cfg.regime.margin,
     )
     clusters = predict(norm(img.read(ebox)))
     cls = targets.to_classes(lab.read(ebox), cfg.task)
@@ -531,7 +533,7 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         attributes=attrs,
         show_progress=cfg.trainer.progress,
     )
-    if p.instances:
+    if p.instances != "none":
         res["instances"] = predict_instances(cfg, out)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "predict.json").write_text(json.dumps(res, indent=1))
@@ -546,9 +548,9 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     from its work directory."""
     from dataclasses import replace
 
-    from emfm.config.instances import run_instances
+    from emfm.config.instances import InstanceMethod, run_instances
 
-    ic = replace(cfg.instances, method=cfg.predict.instances)
+    ic = replace(cfg.instances, method=InstanceMethod(cfg.predict.instances))
     base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
     out = ic.out or f"{base}_instances.zarr"
     work = Path(ic.work_dir) if ic.work_dir else Path(out).with_name(Path(out).name + ".work")

@@ -23,6 +23,7 @@ from emfm.errors import UserError
 from emfm.instances.watershed import watershed_segmentation
 
 CRITERIA = ("fraction", "iou")
+METHODS_2D = ("watershed", "agglomeration")  # the per-section step of segment_2d_then_3d
 
 
 def pair_counts(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,7 +164,7 @@ def segment_2d_then_3d(
             # made unique over sections by link_sections
             lab2d[z] = graph.apply_to_fragments(frag, nodes)
     else:
-        raise UserError(f"method_2d={method_2d!r}: use watershed or agglomeration")
+        raise UserError(f"method_2d={method_2d!r}: use one of {', '.join(METHODS_2D)}")
     return link_sections(
         lab2d,
         threshold=link_threshold,

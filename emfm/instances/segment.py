@@ -21,11 +21,14 @@ import numpy as np
 from emfm.errors import UserError
 from emfm.instances import graph
 from emfm.instances.affinities import DEFAULT_OFFSETS, boundaries_from_affinities, check_offsets
-from emfm.instances.link2d import CRITERIA, segment_2d_then_3d
+from emfm.instances.link2d import CRITERIA, METHODS_2D, segment_2d_then_3d
 from emfm.instances.mws import mutex_watershed
 from emfm.instances.watershed import fragments, watershed_segmentation
 
 METHODS = ("watershed", "link2d", "agglomeration", "multicut", "mws")
+# the values of SegmentParams' string parameters (typed choices in emfm.config.instances, which a
+# config is checked against as it is composed; here for the library's callers and tuning grids)
+CHOICES = {"method": METHODS, "link_criterion": CRITERIA, "link_2d": METHODS_2D}
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,14 @@ class SegmentParams:
     repulsive_stride: int = 1
 
     def check(self) -> SegmentParams:
-        if self.method not in METHODS:
-            raise UserError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.link_criterion not in CRITERIA:
-            raise UserError(
-                f"link_criterion={self.link_criterion!r}: choose one of {', '.join(CRITERIA)}"
-            )
+        for k, allowed in CHOICES.items():
+            if getattr(self, k) not in allowed:
+                raise UserError(f"{k}={getattr(self, k)!r}: choose one of {', '.join(allowed)}")
         for k in ("threshold", "agglomeration_threshold", "link_threshold"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise UserError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
         if not 0.0 < self.beta < 1.0:
             raise UserError(f"beta={self.beta}: must lie in (0, 1)")
-        if self.link_2d not in ("watershed", "agglomeration"):
-            raise UserError(f"link_2d={self.link_2d!r}: choose watershed or agglomeration")
         if self.link_min_overlap < 1:
             raise UserError(f"link_min_overlap={self.link_min_overlap}: must be >= 1")
         if self.repulsive_stride < 1:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from emfm.errors import UserError
+from emfm.instances.link2d import METHODS_2D
 from emfm.instances.segment import SegmentParams, segment
 
 log = logging.getLogger("emfm")
@@ -41,7 +42,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     # (experiments/segmentation/README.md)
     "link2d": {
         "threshold": [0.1, 0.2, 0.3, 0.5],
-        "link_2d": ["watershed", "agglomeration"],
+        "link_2d": list(METHODS_2D),
         "agglomeration_threshold": [0.3, 0.5],
     },
     "agglomeration": {"threshold": [0.3, 0.5, 0.7], "agglomeration_threshold": [0.3, 0.5, 0.7]},

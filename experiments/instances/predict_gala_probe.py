@@ -22,7 +22,7 @@ import tifffile
 
 from emfm.config.schema import ModelConfig
 from emfm.eval.cells import membrane_scores
-from emfm.eval.probes import train_linear_probe
+from emfm.eval.linear_probe import train_linear_probe
 from emfm.export.encode import encode, normalise
 from emfm.train.state import build_encoder, load_encoder
 

@@ -10,7 +10,7 @@ from emfm.data import bundled
 from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import open_volume
 from emfm.eval import metrics
-from emfm.eval.probes import train_linear_probe
+from emfm.eval.linear_probe import train_linear_probe
 from emfm.export.encode import encode, normalise
 from emfm.pipeline import read_sections
 from emfm.train.state import build_encoder, load_encoder

@@ -8,7 +8,7 @@ import numpy as np
 from study_features import load
 
 from emfm.eval import metrics
-from emfm.eval.probes import train_linear_probe
+from emfm.eval.linear_probe import train_linear_probe
 
 ckpt, which, out = sys.argv[1], sys.argv[2], sys.argv[3]
 x, y, features = load(ckpt)

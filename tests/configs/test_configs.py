@@ -112,6 +112,9 @@ def test_wrong_type_is_rejected_naming_it():
     assert "steps" in str(e.value) + str(e.value.__cause__)
 
 
+ZOO_UNET = "checkpoint=zoo:em_unet16 model=unet2d head=unet"
+
+
 @pytest.mark.parametrize(
     "config,override,key",
     [
@@ -121,6 +124,9 @@ def test_wrong_type_is_rejected_naming_it():
         ("main", "probe.test_slices=[5,2]", "probe.test_slices"),
         ("main", "export.tile=100", "export.tile"),
         ("main", "probe.margin=12", "probe.margin"),
+        # the clustering regime's tiles, for the zoo U-Net's pooling of 8
+        ("finetune", f"regime=kmeans {ZOO_UNET} regime.tile=60", "regime.tile"),
+        ("finetune", f"regime=gmm {ZOO_UNET} regime.margin=12", "regime.margin"),
         ("pretrain", "objective.target_blur=-1", "objective.target_blur"),
         ("pretrain", "objective=dino objective.teacher_temp=0", "objective.teacher_temp"),
     ],
@@ -157,6 +163,26 @@ CHOICES = [  # (config, override, the key as OmegaConf names it, the allowed val
     ("finetune", "task.kind=mask", "task.kind", "[semantic, boundary, affinity, center]"),
     ("finetune", "loss.terms=[ce,lovasz]", "loss.terms[1]", "[ce, dice, focal]"),
     ("predict", "predict.blend=max", "predict.blend", "[cosine, gaussian, constant]"),
+    (
+        "predict",
+        "predict.instances=magic",
+        "predict.instances",
+        "[none, watershed, link2d, agglomeration, multicut, mws]",
+    ),
+    (
+        "predict",
+        "instances.link_2d=mws",
+        "instances.link_2d",
+        "[watershed, agglomeration]",
+    ),
+    (
+        "instances",
+        "method=foo",
+        "method",
+        "[watershed, link2d, agglomeration, multicut, mws]",
+    ),
+    ("instances", "link_criterion=dice", "link_criterion", "[fraction, iou]"),
+    ("instances", "link_2d=mws", "link_2d", "[watershed, agglomeration]"),
 ]
 
 
@@ -194,10 +220,11 @@ def test_choices_compare_and_print_as_strings():
 def test_choices_match_the_library_registries():
     """Choices that mirror a registry or a list of the library hold exactly its names."""
     from emfm import models
-    from emfm.config import common, export, instances, probe
-    from emfm.eval import probes, tasks
+    from emfm.config import common, export, finetune, instances, probe
+    from emfm.eval import linear_probe, probes, tasks
     from emfm.export import encode, features
-    from emfm.instances import tune
+    from emfm.instances import link2d, tune
+    from emfm.instances.segment import METHODS
     from emfm.models import unet
 
     pairs = [
@@ -206,9 +233,14 @@ def test_choices_match_the_library_registries():
         (export.FeatureDType, features.OUT_DTYPES),
         (export.ExportBlend, encode.BLENDS),
         (probe.Probe, probes.PROBES),
+        (probe.Upsample, linear_probe.UPSAMPLING),
         (probe.ProbeTarget, tasks.TARGETS),
         (probe.Split, tasks.SPLITS),
         (instances.TuneMetric, tune.METRICS),
+        (instances.InstanceMethod, METHODS),
+        (instances.LinkCriterion, link2d.CRITERIA),
+        (instances.Link2D, link2d.METHODS_2D),
+        (finetune.PredictInstances, ("none",) + METHODS),
     ]
     for choice, names in pairs:
         assert sorted(choice) == sorted(names), choice.__name__
@@ -283,6 +315,13 @@ def test_saved_configs_load(tmp_path):
         back = load_saved(tmp_path / cmd)
         assert back == cfg and type(back) is type(cfg)
         assert isinstance(back, FinetuneConfig) == (cmd in ("finetune", "predict"))
+    # predict.instances was a string, "" for probabilities only
+    old = (tmp_path / "finetune" / "config.yaml").read_text()
+    assert "  instances: none\n" in old
+    (tmp_path / "finetune" / "config.yaml").write_text(
+        old.replace("instances: none", "instances: ''")
+    )
+    assert load_saved(tmp_path / "finetune").predict.instances == "none"
 
 
 def test_the_main_job_takes_another_objective():

@@ -86,3 +86,30 @@ def test_in_memory_encoding_equals_the_export(tmp_path):
         show_progress=False,
     )
     np.testing.assert_array_equal(open_volume(tmp_path / "f.zarr").read(), encode(enc, x, **kw))
+
+
+def test_clustering_regime_encodes_sections_in_tiles():
+    """The clustering regime's features (regimes.dense_features) come from tiles with a margin: for
+    a U-Net whose receptive field fits in the margin they equal one window over each whole section
+    away from the section's edges (mirrored context there, the convolutions' zero padding in the
+    whole window), also with a tile larger than the sections; a tile that is not a multiple of the
+    pooling is named."""
+    from emfm.errors import UserError
+    from emfm.finetune.regimes import dense_features, fit_clusters
+
+    enc = build_encoder(
+        ModelConfig(name="unet", patch_size=[1, 1], width=8, depth=2, norm="layer"), seed=3
+    )
+    x = np.random.default_rng(4).random((3, 48, 80)).astype(np.float32)
+    whole = encode(enc, x, tile=None, margin=0, batch_size=4)
+    tiled = np.concatenate(list(dense_features(enc, x, tile=16, margin=16, batch=2)))
+    assert tiled.shape == x.shape + (8,)
+    inner = np.s_[:, 16:-16, 16:-16]
+    np.testing.assert_allclose(tiled[inner], whole[inner], rtol=0, atol=2e-5)
+    larger = np.concatenate(list(dense_features(enc, x, tile=256, margin=16)))
+    assert larger.shape == tiled.shape
+    np.testing.assert_allclose(larger[inner], whole[inner], rtol=0, atol=2e-5)
+    predict = fit_clusters(enc, x, "kmeans", 2, samples=600, tile=16, margin=16)
+    assert predict(x[:2]).shape == (2, 48, 80)
+    with pytest.raises(UserError, match=r"must be a multiple of \(1, 2, 2\)"):
+        next(dense_features(enc, x, tile=15, margin=16))
