@@ -75,12 +75,9 @@ class _ModelBatches:
 
 def pretrain(cfg: EmfmConfig, *, init: str | None = None) -> dict:
     """Train an encoder with the configured objective; resumes from `cfg.run_dir` if it holds a
-    checkpoint. A new run starts its encoder from random init, or from the encoder of the
-    checkpoint `init` (a run directory or a resolved zoo entry: continued pretraining, e.g. on a
-    lab's own data); the objective's heads start fresh either way.
-
-    Returns a summary (steps, losses, throughput, data-wait fraction, checkpoint path).
-    """
+    checkpoint. A new run's encoder starts from random init or from the encoder of checkpoint
+    `init` (continued pretraining), its heads fresh. Returns a summary (steps, losses,
+    throughput, data-wait fraction, checkpoint path)."""
     job = loop.start_job(cfg.run_dir, cfg.data.batch_size, cfg.mesh)
     sources = open_sources(cfg.data, seed=cfg.trainer.seed)
     definition = objectives.get(cfg.objective.name)
@@ -112,9 +109,10 @@ def pretrain(cfg: EmfmConfig, *, init: str | None = None) -> dict:
         trainer=cfg.trainer,
         min_shard_size=cfg.mesh.min_shard_size,
     )
-    start_from = None if init is None else lambda: _encoder_params_of(init, cfg)
-    state, start = engine.restore_or_init(
-        lambda sh: jax.jit(create, out_shardings=sh)(start_from() if start_from else None)
+    state, start = engine.restore_or_init(  # the init checkpoint is read only for a new run
+        lambda sh: jax.jit(create, out_shardings=sh)(
+            _encoder_params_of(init, cfg) if init else None
+        )
     )
     loader = make_loader(
         cfg.data,
@@ -130,17 +128,24 @@ def pretrain(cfg: EmfmConfig, *, init: str | None = None) -> dict:
         state,
         start,
         _ModelBatches(loader, ndim),
-        meta={**_checkpoint_record(cfg, sources), "init": init or ""},
+        meta=_checkpoint_record(cfg, sources),
         sched=sched,
         accumulate_steps=cfg.optim.accumulate_steps,
         desc="pretrain",
     )
-    fig = None
-    if cfg.objective.name.startswith("mae") and job.main_proc:  # MAE and its combinations
-        fig = job.dir / "figures" / "mae_reconstruction.png"
-        host = jax.device_get(result.state)
-        _reconstruction_figure(nnx.merge(graphdef, host.params, host.rest), loader, ndim, cfg, fig)
+    fig = _mae_figure(cfg, job, result, graphdef, loader, ndim)
     return _summary(cfg, job, result, n_enc, fig)
+
+
+def _mae_figure(cfg: EmfmConfig, job: loop.Job, result, graphdef, loader, ndim: int):
+    """MAE and its combinations: the reconstruction figure of the trained model (process 0);
+    its path, or None."""
+    if not (cfg.objective.name.startswith("mae") and job.main_proc):
+        return None
+    fig = job.dir / "figures" / "mae_reconstruction.png"
+    host = jax.device_get(result.state)
+    _reconstruction_figure(nnx.merge(graphdef, host.params, host.rest), loader, ndim, cfg, fig)
+    return fig
 
 
 def _encoder_params_of(init: str, cfg: EmfmConfig):
