@@ -144,9 +144,9 @@ def _finetune(c: schema.FinetuneConfig) -> None:
 
 
 def _predict(c: schema.FinetuneConfig) -> None:
-    from emfm.finetune import train
+    from emfm.finetune import predict
 
-    print(json.dumps(train.run_predict(c), indent=1, default=float))
+    print(json.dumps(predict.run_predict(c), indent=1, default=float))
 
 
 def _main(c: schema.EmfmConfig) -> None:

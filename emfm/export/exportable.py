@@ -134,7 +134,7 @@ def _load_segmentation(run: Path):
     """A fine-tuned model: (model, its encoder, its record, (channel names, output layout))."""
     from emfm.config.finetune import SegTaskConfig
     from emfm.finetune import targets
-    from emfm.finetune.train import load_seg_model
+    from emfm.finetune.model import load_seg_model
 
     model, meta = load_seg_model(str(run))
     enc = model.encoder

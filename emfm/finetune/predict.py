@@ -12,19 +12,24 @@ affinities / distance / heatmap; offsets in voxels), channel names and offsets i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emfm.data.volume import Volume, VolumeError, create_volume, written_chunks
+from emfm.data.volume import Volume, VolumeError, create_volume, open_volume, written_chunks
 from emfm.export.encode import normalise
 from emfm.export.windows import Blender, pad_batch
 from emfm.train import distributed
 from emfm.train.logging import progress
+
+if TYPE_CHECKING:
+    from emfm.config.finetune import FinetuneConfig
 
 log = logging.getLogger("emfm")
 
@@ -198,3 +203,81 @@ def _output(path, shape, dtype, chunk, voxel_size, attrs: dict, resume: bool) ->
     out = make(resume) if distributed.process()[0] == 0 else None
     distributed.barrier("predict: output created")
     return out if out is not None else make(True)
+
+
+def run_predict(cfg: FinetuneConfig) -> dict:
+    """`emfm predict checkpoint=FINETUNE_RUN predict.path=VOLUME`: probabilities to zarr."""
+    from emfm.config.finetune import SegTaskConfig
+    from emfm.data import bundled
+    from emfm.errors import UserError
+    from emfm.finetune import targets
+    from emfm.finetune.model import load_seg_model
+
+    if not cfg.checkpoint:
+        raise UserError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
+    model, meta = load_seg_model(cfg.checkpoint)
+    task = SegTaskConfig(**meta["task"])
+    ndim = model.encoder.spec.ndim
+    lay = targets.layout(task, ndim)
+    p = cfg.predict
+    if ndim == 2 and p.window[0] != 1:
+        raise UserError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
+    spatial = p.window[1:] if ndim == 2 else p.window
+    if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
+        raise UserError(
+            f"predict.window={p.window} is not divisible by the model's patch size "
+            f"{model.encoder.spec.patch_size}"
+        )
+    vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
+    out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
+    fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
+    attrs = {
+        "content": "probabilities",
+        "task": task.kind,
+        "channels": targets.channel_names(task, ndim),
+        "offsets": task.offsets if task.kind == "affinity" else [],
+        "checkpoint": str(cfg.checkpoint),
+        **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {}),
+    }
+    res = predict_volume(
+        fn,
+        lay.channels,
+        vol,
+        out,
+        grey_range=meta["grey_range"],
+        window=p.window,
+        overlap=p.overlap,
+        chunk=p.chunk,
+        roi=p.roi,
+        blend=p.blend,
+        batch_size=p.batch_size,
+        dtype=p.dtype,
+        resume=p.resume,
+        attributes=attrs,
+        show_progress=cfg.trainer.progress,
+    )
+    if p.instances != "none":
+        res["instances"] = predict_instances(cfg, out)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / "predict.json").write_text(json.dumps(res, indent=1))
+    log.info("predict: %s", res)
+    return res
+
+
+def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
+    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block
+    by block with stitching, to `instances.out` (default: beside the probabilities,
+    `*_instances.zarr`). A rerun after a finished segmentation keeps it; an interrupted one resumes
+    from its work directory."""
+    from dataclasses import replace
+
+    from emfm.config.instances import InstanceMethod, run_instances
+
+    ic = replace(cfg.instances, method=InstanceMethod(cfg.predict.instances))
+    base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
+    out = ic.out or f"{base}_instances.zarr"
+    work = Path(ic.work_dir) if ic.work_dir else Path(out).with_name(Path(out).name + ".work")
+    if cfg.predict.resume and Path(out).exists() and not work.exists():
+        log.info("predict: instance labels %s already written (predict.resume=true)", out)
+        return {"out": out, "method": ic.method, "reused": True}
+    return {"out": out, "method": ic.method, **run_instances(ic, prob_path, out)}

@@ -24,127 +24,21 @@ import numpy as np
 from flax import nnx
 
 from emfm.config.common import ModelConfig
-from emfm.config.finetune import FinetuneConfig, HeadConfig, SegTaskConfig
+from emfm.config.finetune import FinetuneConfig
 from emfm.data import bundled, device
 from emfm.data.loader import PatchLoader
 from emfm.data.sampling import PatchSampler, Region, estimate_range
 from emfm.data.volume import VolumeError, open_volume
-from emfm.errors import UserError
 from emfm.finetune import losses, regimes, targets
-from emfm.finetune.predict import model_fn, predict_array, predict_volume
-from emfm.models.seg_heads import SegModel, build_head
+from emfm.finetune.model import init_model
+from emfm.finetune.predict import model_fn, predict_array
+from emfm.models.seg_heads import SegModel
 from emfm.models.vit import count_params
-from emfm.train import checkpoint, loop, optim
+from emfm.train import loop, optim
 from emfm.train import mesh as meshlib
-from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step, rest_state
+from emfm.train.state import build_encoder, init_state, load_encoder, make_train_step
 
 log = logging.getLogger("emfm")
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def build_model(
-    model_cfg: ModelConfig,
-    head_cfg: HeadConfig,
-    task: SegTaskConfig,
-    *,
-    seed: int = 0,
-    encoder=None,
-):
-    enc = encoder if encoder is not None else build_encoder(model_cfg, seed=seed)
-    lay = targets.layout(task, enc.spec.ndim)
-    head = build_head(
-        head_cfg.name,
-        enc,
-        out=lay.channels,
-        width=head_cfg.width,
-        blocks=head_cfg.blocks,
-        seed=seed,
-    )
-    return SegModel(enc, head)
-
-
-def init_model(cfg: FinetuneConfig) -> tuple[SegModel, ModelConfig, tuple | None]:
-    """The model to train: a pretrained encoder (`checkpoint`, whose architecture wins over
-    `model`) or a fresh one, plus a new head; and the checkpoint's grey range, if any."""
-    r, seed = cfg.regime, cfg.trainer.seed
-    mixed = r.shrink != 1.0 or r.perturb != 0.0  # shrink and perturb the start
-    if r.init == "pretrained":
-        enc, mcfg, grey = _pretrained_encoder(cfg)
-    else:
-        # the control of a shrink-and-perturb start: the same mix with a second random network
-        # standing in for the pretrained one (same parameter scales, no pretraining)
-        mcfg, grey = cfg.model, None
-        enc = build_encoder(mcfg, seed=seed + 10007) if mixed else None
-    if mixed:
-        enc = shrink_perturb(enc, build_encoder(mcfg, seed=seed), r.shrink, r.perturb)
-        log.info(
-            "encoder: shrink %.2f x %s + perturb %.2f x fresh init", r.shrink, r.init, r.perturb
-        )
-    return build_model(mcfg, cfg.head, cfg.task, seed=seed, encoder=enc), mcfg, grey
-
-
-def _pretrained_encoder(cfg: FinetuneConfig) -> tuple[nnx.Module, ModelConfig, tuple | None]:
-    """The checkpoint's encoder (with its U-Net decoder afresh under `regime.reinit_decoder`), its
-    model config, and its grey range where the data are those it was pretrained on."""
-    enc, meta = load_encoder(cfg.checkpoint)
-    mcfg = ModelConfig(**meta["model"])
-    log.info("encoder: pretrained %s from %s", mcfg.name, cfg.checkpoint)
-    # the pretraining normalisation where the data are the same, else the new data's own range
-    same = (
-        meta.get("grey_range")
-        and meta.get("data_path")
-        == open_volume(bundled.resolve(cfg.data.path, bundled.sample_raw())).path
-    )
-    grey = tuple(meta["grey_range"]) if same else None
-    if cfg.regime.reinit_decoder:
-        if type(enc).__name__ != "UNet":
-            raise UserError(
-                f"regime.reinit_decoder=true needs a U-Net checkpoint; {cfg.checkpoint} holds a "
-                f"{mcfg.name} encoder"
-            )
-        fresh = build_encoder(mcfg, seed=cfg.trainer.seed)  # the same U-Net, freshly initialised
-        enc.up_proj, enc.up, enc.norm = fresh.up_proj, fresh.up, fresh.norm
-        log.info("encoder: pretrained U-Net levels, decoder initialised afresh")
-    return enc, mcfg, grey
-
-
-def shrink_perturb(
-    pretrained: nnx.Module, fresh: nnx.Module, shrink: float, perturb: float
-) -> nnx.Module:
-    """`shrink * pretrained + perturb * fresh` for every parameter (Ash & Adams 2020, "On
-    warm-starting neural network training"); other state is the pretrained one's."""
-    graphdef, p_pre, rest = nnx.split(pretrained, nnx.Param, ...)
-    p_new = nnx.state(fresh, nnx.Param)
-    mixed = jax.tree.map(lambda a, b: shrink * a + perturb * b, p_pre, p_new)
-    return nnx.merge(graphdef, mixed, rest)
-
-
-def load_seg_model(run_dir: str) -> tuple[SegModel, dict]:
-    """A finetuned model (latest checkpoint of an `emfm finetune` run) and its meta record."""
-    import orbax.checkpoint as ocp
-
-    run_dir = str(checkpoint.find_checkpoint_dir(run_dir))
-    meta = checkpoint.read_meta(run_dir)
-    if "task" not in meta or "head" not in meta:
-        raise checkpoint.CheckpointError(
-            f"checkpoint in {run_dir} is not a segmentation model (emfm finetune run)"
-        )
-    mcfg, hcfg, tcfg = (
-        ModelConfig(**meta["model"]),
-        HeadConfig(**meta["head"]),
-        SegTaskConfig(**meta["task"]),
-    )
-    abstract = nnx.eval_shape(lambda: build_model(mcfg, hcfg, tcfg))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    mngr = checkpoint.manager(run_dir, create=False)
-    restored = mngr.restore(
-        mngr.latest_step(),
-        args=ocp.args.Composite(state=checkpoint.params_restore_args(abstract_params)),
-    )
-    mngr.close()
-    return nnx.merge(graphdef, restored.state["params"], rest_state(abstract)), meta
 
 
 # ----------------------------------------------------------------------------- data
@@ -486,75 +380,3 @@ def _test_scores(cfg: FinetuneConfig, job: loop.Job, graphdef, state, img, lab, 
         return None
     model = nnx.merge(graphdef, host.params, host.rest)
     return evaluate(model, cfg, img, lab, grey, cfg.data.test_roi, ndim)[0]
-
-
-def run_predict(cfg: FinetuneConfig) -> dict:
-    """`emfm predict checkpoint=FINETUNE_RUN predict.path=VOLUME`: probabilities to zarr."""
-    if not cfg.checkpoint:
-        raise UserError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
-    model, meta = load_seg_model(cfg.checkpoint)
-    task = SegTaskConfig(**meta["task"])
-    ndim = model.encoder.spec.ndim
-    lay = targets.layout(task, ndim)
-    p = cfg.predict
-    if ndim == 2 and p.window[0] != 1:
-        raise UserError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
-    spatial = p.window[1:] if ndim == 2 else p.window
-    if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
-        raise UserError(
-            f"predict.window={p.window} is not divisible by the model's patch size "
-            f"{model.encoder.spec.patch_size}"
-        )
-    vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
-    out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
-    fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
-    attrs = {
-        "content": "probabilities",
-        "task": task.kind,
-        "channels": targets.channel_names(task, ndim),
-        "offsets": task.offsets if task.kind == "affinity" else [],
-        "checkpoint": str(cfg.checkpoint),
-        **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {}),
-    }
-    res = predict_volume(
-        fn,
-        lay.channels,
-        vol,
-        out,
-        grey_range=meta["grey_range"],
-        window=p.window,
-        overlap=p.overlap,
-        chunk=p.chunk,
-        roi=p.roi,
-        blend=p.blend,
-        batch_size=p.batch_size,
-        dtype=p.dtype,
-        resume=p.resume,
-        attributes=attrs,
-        show_progress=cfg.trainer.progress,
-    )
-    if p.instances != "none":
-        res["instances"] = predict_instances(cfg, out)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.run_dir) / "predict.json").write_text(json.dumps(res, indent=1))
-    log.info("predict: %s", res)
-    return res
-
-
-def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
-    """Instance labels of the probabilities at `prob_path` (`predict.instances` = the method), block
-    by block with stitching, to `instances.out` (default: beside the probabilities,
-    `*_instances.zarr`). A rerun after a finished segmentation keeps it; an interrupted one resumes
-    from its work directory."""
-    from dataclasses import replace
-
-    from emfm.config.instances import InstanceMethod, run_instances
-
-    ic = replace(cfg.instances, method=InstanceMethod(cfg.predict.instances))
-    base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
-    out = ic.out or f"{base}_instances.zarr"
-    work = Path(ic.work_dir) if ic.work_dir else Path(out).with_name(Path(out).name + ".work")
-    if cfg.predict.resume and Path(out).exists() and not work.exists():
-        log.info("predict: instance labels %s already written (predict.resume=true)", out)
-        return {"out": out, "method": ic.method, "reused": True}
-    return {"out": out, "method": ic.method, **run_instances(ic, prob_path, out)}

@@ -217,13 +217,14 @@ def predict(model, meta, task_cfg, ds: dict, z: tuple[int, int], tmp: Path, tag:
 
 def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch, width) -> dict:
     from emfm.finetune import train
+    from emfm.finetune.model import load_seg_model
 
     tag = f"{name}_{init}_{int(round(100 * frac))}_seed{seed}{TAG}"
     run_dir = out / "runs" / tag
     cfg = finetune_config(ds, init, checkpoint, frac, steps, seed, run_dir, batch, width)
     t0 = time.time()
     summary = train.finetune(cfg)
-    model, meta = train.load_seg_model(str(run_dir))
+    model, meta = load_seg_model(str(run_dir))
     p_val = predict(model, meta, cfg.task, ds, ds["val"], out, tag)
     p_test = predict(model, meta, cfg.task, ds, ds["test"], out, tag)
     return {

@@ -38,6 +38,7 @@ from emfm.config import schema  # noqa: E402
 from emfm.data.volume import open_volume, write_array  # noqa: E402
 from emfm.eval import metrics  # noqa: E402
 from emfm.finetune import targets, train  # noqa: E402
+from emfm.finetune.model import load_seg_model  # noqa: E402
 from emfm.finetune.predict import model_fn, predict_volume  # noqa: E402
 
 # paths, set from the command line in main()
@@ -422,7 +423,7 @@ def train_one(
     t0 = time.time()
     cfg = config(ds, init, frac, steps, run_dir, batch, regime, seed)
     summary = train.finetune(cfg)
-    model, meta = train.load_seg_model(str(run_dir))
+    model, meta = load_seg_model(str(run_dir))
     lay = targets.layout(cfg.task, 2)
     p = ds["patch"]
     rec = {

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from emfm.config import schema
 from emfm.data.volume import open_volume, write_array
-from emfm.finetune import train
+from emfm.finetune import model as seg_model
+from emfm.finetune import predict, train
 from emfm.train.state import load_encoder
 
 pytestmark = pytest.mark.slow
@@ -156,7 +157,7 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
             overrides=[*pred, f"checkpoint={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'pr2'}"],
         )
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        train.run_predict(schema.validate_finetune(OmegaConf.to_object(c), command="predict"))
+        predict.run_predict(schema.validate_finetune(OmegaConf.to_object(c), command="predict"))
 
 
 def test_frozen_pretrained_encoder_boundary_progressive_on_gala(tmp_path, gala, tiny_main_run):
@@ -173,7 +174,7 @@ def test_frozen_pretrained_encoder_boundary_progressive_on_gala(tmp_path, gala, 
     )
     train.finetune(cfg)
     assert_falls(tmp_path)
-    model, meta = train.load_seg_model(str(tmp_path))
+    model, meta = seg_model.load_seg_model(str(tmp_path))
     enc, _ = load_encoder(str(tiny_main_run))
     same = jax.tree.map(
         lambda a, b: bool(np.array_equal(a, b)),
@@ -194,7 +195,7 @@ def test_partial_freeze_affinities_on_isbi(tmp_path, tiny_main_run):
     )
     train.finetune(cfg)
     assert_falls(tmp_path)
-    model, _ = train.load_seg_model(str(tmp_path))
+    model, _ = seg_model.load_seg_model(str(tmp_path))
     enc, _ = load_encoder(str(tiny_main_run))
     k = lambda m, i: np.asarray(m.blocks[i].attn.qkv.kernel[...])  # noqa: E731
     assert np.array_equal(k(model.encoder, 0), k(enc, 0)) and not np.array_equal(
@@ -213,7 +214,7 @@ def test_shrink_perturb_start_mixes_the_checkpoint_with_a_fresh_network(tmp_path
         "regime.perturb=0.5",
         "trainer.seed=3",
     )
-    model, mcfg, _ = train.init_model(cfg)
+    model, mcfg, _ = seg_model.init_model(cfg)
     pre, _ = load_encoder(str(tiny_main_run))
     fresh = build_encoder(mcfg, seed=3)
     want = jax.tree.map(
@@ -227,7 +228,7 @@ def test_shrink_perturb_start_mixes_the_checkpoint_with_a_fresh_network(tmp_path
     ccfg = finetune_cfg(
         tmp_path / "c", "regime.shrink=0.25", "regime.perturb=0.5", "trainer.seed=3"
     )
-    ctl, _, _ = train.init_model(ccfg)
+    ctl, _, _ = seg_model.init_model(ccfg)
     want = jax.tree.map(
         lambda a, b: 0.25 * a + 0.5 * b,
         nnx.state(build_encoder(ccfg.model, seed=3 + 10007), nnx.Param),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from emfm.config.schema import HeadConfig, ModelConfig, SegTaskConfig
-from emfm.finetune.train import build_model
+from emfm.finetune.model import build_model
 from emfm.models.seg_heads import default_blocks, up_factors
 
 
