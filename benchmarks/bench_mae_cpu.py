@@ -8,8 +8,14 @@ batch 32, fp32. Reports images/s of each and their ratio, and achieved FLOP/s (a
 (../shared/bench/cpu_ceiling.py). The peer runs in its own environment (`.venv-peer`, torch==2.13.0;
 see ../shared/bench/README.md).
 
+With `--rounds N` the whole comparison (every model: PyTorch, then emfm) is repeated N times,
+alternating the two, and `summary` gives per model the median ratio over the rounds with each
+round's figure.
+
 Command: .venv/bin/python benchmarks/bench_mae_cpu.py [--models vit_small,vit_base] [--steps 3]
-Hardware: the 2-core CPU box. Runtime: about 15 minutes. Output: experiments/benchmarks/mae_cpu.json
+    [--rounds 3]
+Hardware: the 2-core CPU box. Runtime: about 7 minutes a round. Output:
+experiments/benchmarks/mae_cpu.json
 """
 
 from __future__ import annotations
@@ -92,6 +98,40 @@ def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
     }
 
 
+def compare(model: str, args, peak: float, configs, flops_of) -> dict:
+    """One round for `model`: the PyTorch reference, then emfm's step; ratio and FLOP rates."""
+    torch_res = run_json(
+        [
+            str(PEER_PY),
+            str(BENCH / "mae_torch.py"),
+            "--model",
+            model,
+            "--batch",
+            str(args.batch),
+            "--threads",
+            str(args.threads),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
+    )
+    emfm_res = bench_emfm(model, args.batch, args.steps, args.warmup)
+    flop_img = flops_of(configs[model])["train_step_approx"]
+    emfm_res["achieved_GFLOPs"] = flop_img * args.batch / emfm_res["median_s"] / 1e9
+    return {
+        "model": model,
+        "analytic_train_GFLOP_per_img": flop_img / 1e9,
+        "emfm_images_per_s": emfm_res["images_per_s"],
+        "torch_images_per_s": torch_res["images_per_s"],
+        "speed_ratio_emfm_over_torch": emfm_res["images_per_s"] / torch_res["images_per_s"],
+        "emfm_fraction_of_ceiling": emfm_res["achieved_GFLOPs"] / peak if peak else None,
+        "torch_fraction_of_ceiling": torch_res["achieved_GFLOPs"] / peak if peak else None,
+        "emfm": emfm_res,
+        "torch": torch_res,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="vit_small,vit_base")
@@ -99,6 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "experiments" / "benchmarks" / "mae_cpu.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -139,42 +180,25 @@ def main() -> None:
         "ceiling": ceiling,
         "runs": [],
     }
-    for model in args.models.split(","):
-        torch_res = run_json(
-            [
-                str(PEER_PY),
-                str(BENCH / "mae_torch.py"),
-                "--model",
-                model,
-                "--batch",
-                str(args.batch),
-                "--threads",
-                str(args.threads),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ]
-        )
-        emfm_res = bench_emfm(model, args.batch, args.steps, args.warmup)
-        flop_img = mae_forward_flops(CONFIGS[model])["train_step_approx"]
-        emfm_res["achieved_GFLOPs"] = flop_img * args.batch / emfm_res["median_s"] / 1e9
-        run = {
-            "model": model,
-            "analytic_train_GFLOP_per_img": flop_img / 1e9,
-            "emfm_images_per_s": emfm_res["images_per_s"],
-            "torch_images_per_s": torch_res["images_per_s"],
-            "speed_ratio_emfm_over_torch": emfm_res["images_per_s"] / torch_res["images_per_s"],
-            "emfm_fraction_of_ceiling": emfm_res["achieved_GFLOPs"] / peak if peak else None,
-            "torch_fraction_of_ceiling": torch_res["achieved_GFLOPs"] / peak if peak else None,
-            "emfm": emfm_res,
-            "torch": torch_res,
+    for rnd in range(args.rounds):
+        for model in args.models.split(","):
+            run = compare(model, args, peak, CONFIGS, mae_forward_flops)
+            run["round"] = rnd
+            record["runs"].append(run)
+            print(
+                json.dumps({k: v for k, v in run.items() if k not in ("emfm", "torch")}, indent=1),
+                flush=True,
+            )
+    record["summary"] = {
+        model: {
+            "median_ratio_emfm_over_torch": statistics.median(rs),
+            "ratios": [round(r, 4) for r in rs],
+            "rounds": len(rs),
         }
-        record["runs"].append(run)
-        print(
-            json.dumps({k: v for k, v in run.items() if k not in ("emfm", "torch")}, indent=1),
-            flush=True,
-        )
+        for model in args.models.split(",")
+        if (rs := [r["speed_ratio_emfm_over_torch"] for r in record["runs"] if r["model"] == model])
+    }
+    print(json.dumps(record["summary"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1, default=float))
     print(f"wrote {args.out}")
