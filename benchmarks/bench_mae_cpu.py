@@ -145,32 +145,12 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from mae_flops import CONFIGS, mae_forward_flops
 
-    ceiling = run_json(
-        [
-            sys.executable,
-            str(BENCH / "cpu_ceiling.py"),
-            "--n",
-            "2048",
-            "--repeats",
-            "5",
-            "--skip",
-            "torch,torch_bf16,membw",
-        ]
-    )  # numpy and jax, in this environment
-    ceiling.update(
-        run_json(
-            [
-                str(PEER_PY),
-                str(BENCH / "cpu_ceiling.py"),
-                "--n",
-                "2048",
-                "--repeats",
-                "5",
-                "--skip",
-                "numpy,jax,torch_bf16,membw",
-            ]
-        )
-    )  # torch, in the peer's
+    def ceiling_of(python: str, skip: str) -> dict:
+        cmd = [python, str(BENCH / "cpu_ceiling.py"), "--n", "2048", "--repeats", "5"]
+        return run_json([*cmd, "--skip", skip])
+
+    ceiling = ceiling_of(sys.executable, "torch,torch_bf16,membw")  # numpy and jax, here
+    ceiling.update(ceiling_of(str(PEER_PY), "numpy,jax,torch_bf16,membw"))  # torch, the peer's
     # the ceiling is the best fp32 matmul rate any of the three libraries reached on this machine
     peak = max(ceiling[k]["gflops"] for k in ("numpy_f32", "jax_f32", "torch_f32") if k in ceiling)
     record = {
