@@ -21,6 +21,10 @@ normalised by `target_norm`); the loss is the distillation loss plus `mim_weight
 distillation makes features invariant to grey values, orientation and scale; the reconstruction
 keeps in them the pixel detail a per-pixel probe of thin structures (membranes) needs.
 
+With `dense_features="hypercolumn"` (a 2D U-Net) the distilled feature map is not the decoder output
+alone but the hypercolumn a probe of `blocks=[0, ..., depth]` reads: every level upsampled to full
+resolution and the decoder output, each normalised per pixel (`dense_map`).
+
 So the student must give, for a location it sees magnified, turned, re-contrasted and partly masked,
 the same assignment to the prototypes as the teacher gives from the plain view: the assignment
 must depend on what is at that location in its context (membrane, organelle, cytoplasm), not on
