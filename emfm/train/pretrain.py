@@ -164,9 +164,13 @@ def _encoder_params_of(init: str, cfg: EmfmConfig):
     ):
         theirs, ours = ModelConfig(**meta["model"]).__dict__, cfg.model.__dict__
         differ = [k for k in ours if theirs.get(k) != ours[k]]
+
+        def hydra(v):  # a value as written on the command line
+            return "null" if v is None else json.dumps(v, separators=(",", ":")).strip('"')
+
         raise UserError(
             f"checkpoint={init}: its encoder is not the configured model; set "
-            + " ".join(f"model.{k}={theirs[k]}" for k in differ)
+            + " ".join(f"model.{k}={hydra(theirs[k])}" for k in differ)
             + f" (configured: {', '.join(f'{k}={ours[k]}' for k in differ)})"
         )
     log.info("encoder starts from the checkpoint %s", init)
