@@ -5,6 +5,7 @@ optional parameter tuning) and `emfm evaluate` (segmentation metrics).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from emfm.config.common import ConfigError, DistributedConfig, choice
@@ -118,6 +119,10 @@ class InstancesConfig:
     # is applied to `tune_roi` of the input and scored against `tune_labels` (aligned with the
     # source volume) by `tune_metric`; the best is used for the whole volume
     tune: bool = False
+    # the probabilities the validation region is read from; empty = `input`. For a labelled
+    # validation volume apart from the one segmented (e.g. `emfm predict` of the training volume's
+    # validation sections, while `input` is the test volume)
+    tune_input: str = ""
     tune_labels: str = ""
     tune_roi: list[list[int]] | None = None
     tune_metric: TuneMetric = TuneMetric.voi
@@ -160,6 +165,8 @@ def validate_tune(cfg: InstancesConfig) -> None:
             "instances.tune=true needs tune_labels=LABELS (zarr) and "
             "tune_roi=[[z0,z1],[y0,y1],[x0,x1]]"
         )
+    if cfg.tune_input and "://" not in cfg.tune_input and not Path(cfg.tune_input).exists():
+        raise ConfigError(f"instances.tune_input={cfg.tune_input}: no such volume")
     known = {f.name for f in fields(segment_params(cfg))}
     grid = cfg.tune_grid or {}
     bad = sorted(set(grid) - known)
@@ -205,7 +212,7 @@ def run_instances(cfg: InstancesConfig, input_path: str, out: str, progress=None
     if cfg.tune:
         from emfm.instances.tune import tune_from_volumes_cfg
 
-        params, tuned = tune_from_volumes_cfg(cfg, input_path, params)
+        params, tuned = tune_from_volumes_cfg(cfg, cfg.tune_input or input_path, params)
     blocks = ("block", "halo", "kind", "channel", "invert", "stitch_threshold", "keep_work")
     res = instances(
         input_path,

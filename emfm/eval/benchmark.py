@@ -80,13 +80,28 @@ def encode(encoder, images: np.ndarray, bench: BenchmarkConfig) -> np.ndarray:
     return f[np.arange(n) // stride[0], : -(-ny // stride[1]), : -(-nx // stride[2])]
 
 
+def encode_half(encoder, images: np.ndarray, bench: BenchmarkConfig, sections: int = 4):
+    """`encode` as float16; a 2D encoder's sections are encoded `sections` at a time, so the
+    float32 features of a whole split are never held at once."""
+    if encoder.spec.ndim != 2:
+        return encode(encoder, images, bench).astype(np.float16)
+    out = None
+    for i in range(0, len(images), sections):
+        part = encode(encoder, images[i : i + sections], bench)
+        if out is None:
+            out = np.empty((len(images),) + part.shape[1:], np.float16)
+        out[i : i + len(part)] = part
+    return out
+
+
 def grey_range(task: tasks_mod.TaskData) -> tuple[float, float]:
     lo, hi = np.percentile(task.train.images, [0.5, 99.5])
     return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
 
 
 class FeatureStore:
-    """Features per (checkpoint, task), computed on first use and kept on disk (float16)."""
+    """Features per (checkpoint, task), computed on first use and kept in memory and on disk as
+    float16."""
 
     def __init__(self, root: Path | None, bench: BenchmarkConfig):
         self.root, self.bench, self.mem = root, bench, {}
@@ -101,7 +116,7 @@ class FeatureStore:
         path = self.root / f"{key}.npz" if self.root else None
         if path is not None and path.exists():
             with np.load(path) as z:
-                feats = {k: z[k].astype(np.float32) for k in z.files}
+                feats = {k: z[k] for k in z.files}
             os.utime(path)  # most recently used: kept longest by `prune_cache`
         else:
             rng = grey_range(task)
@@ -109,13 +124,11 @@ class FeatureStore:
                 {"val": task.val} if task.val else {}
             )
             t0 = time.perf_counter()
-            # rounded to float16 as stored, so a result does not depend on whether features were
-            # cached
+            # float16 as stored, so a result does not depend on whether features were cached, and
+            # half the memory (the probes standardise them to float32 a batch at a time)
             bench = dataclasses.replace(self.bench, blocks=blocks)
             feats = {
-                k: encode(c.encoder(), normalise(s.images, rng), bench)
-                .astype(np.float16)
-                .astype(np.float32)
+                k: encode_half(c.encoder(), normalise(s.images, rng), bench)
                 for k, s in splits.items()
             }
             log.info(
@@ -128,7 +141,7 @@ class FeatureStore:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **{k: v.astype(np.float16) for k, v in feats.items()})
+                np.savez(tmp, **feats)
                 tmp.replace(path)
                 prune_cache(self.root, self.bench.cache_max_gb, keep=path)
         self.mem = {key: feats}  # one (checkpoint, task) at a time in memory

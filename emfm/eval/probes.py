@@ -93,9 +93,18 @@ def _cell(feats: np.ndarray, out_yx: tuple[int, int]) -> tuple[int, int]:
     return -(-out_yx[0] // feats.shape[1]), -(-out_yx[1] // feats.shape[2])
 
 
-def _standardise(train: np.ndarray):
+def _standardise(train: np.ndarray, chunk: int = 1 << 18):
+    """Per-channel mean and std (+1e-6) of token maps `[..., d]`, accumulated in float64 over
+    chunks of tokens, so that a float16 map is never copied whole in float32."""
     f = train.reshape(-1, train.shape[-1])
-    return f.mean(0), f.std(0) + 1e-6
+    n = max(len(f), 1)
+    s = sum(f[i : i + chunk].sum(0, dtype=np.float64) for i in range(0, len(f), chunk))
+    mean = s / n
+    ss = sum(
+        np.square(f[i : i + chunk].astype(np.float64) - mean).sum(0)
+        for i in range(0, len(f), chunk)
+    )
+    return mean.astype(np.float32), (np.sqrt(ss / n) + 1e-6).astype(np.float32)
 
 
 # ---- linear and MLP heads on tokens -------------------------------------------------------------
@@ -150,7 +159,9 @@ def _prob(p, f, *, kind):
 
 
 def _tokens(feats, fg, mask, cell):
-    """Per-token features, pixel labels `[t, sy*sx]` and label weights, labelled tokens only."""
+    """Indices of the labelled tokens in `feats.reshape(-1, d)`, their pixel labels `[t, sy*sx]`
+    and label weights. The features themselves are not copied (a hypercolumn of a wide encoder at
+    full resolution is several GB)."""
     n, gy, gx, _ = feats.shape
     sy, sx = cell
     pad = ((0, 0), (0, gy * sy - fg.shape[1]), (0, gx * sx - fg.shape[2]))
@@ -162,14 +173,14 @@ def _tokens(feats, fg, mask, cell):
     freq = np.array([(m & (y == c)).sum() for c in (0, 1)], float)
     cw = freq.sum() / (2.0 * np.maximum(freq, 1.0))
     w = (m * cw[y]).astype(np.float32)
-    return feats.reshape(-1, feats.shape[-1])[keep], y[keep], w[keep]
+    return np.flatnonzero(keep), y[keep], w[keep]
 
 
 @dataclass
 class _Fit:
     """The training data of one benchmark probe and the standardisation of its features."""
 
-    train: np.ndarray  # token maps [n, gy, gx, d]
+    train: np.ndarray  # token maps [n, gy, gx, d], float16 or float32
     fg: np.ndarray  # foreground [n, y, x]
     mask: np.ndarray  # labelled pixels [n, y, x]
     mean: np.ndarray
@@ -184,13 +195,15 @@ class _Fit:
         return self.fg.shape[1:]
 
     def standard(self, f: np.ndarray) -> np.ndarray:
-        return (f - self.mean) / self.std
+        """Standardised float32 features (the input may be float16, as the benchmark keeps them)."""
+        return (f.astype(np.float32) - self.mean) / self.std
 
 
 def _fit_predict_head(kind: str, s: ProbeSettings, t: _Fit, evals, seed: int) -> list:
     """Train a linear / MLP token head and return foreground probabilities of each `evals` map."""
     cell, out_yx = t.cell, t.out_yx
-    f, y, w = _tokens(t.standard(t.train), t.fg, t.mask, cell)
+    tokens, y, w = _tokens(t.train, t.fg, t.mask, cell)
+    f = t.train.reshape(-1, t.train.shape[-1])  # a view: standardised a batch at a time below
     d, out = f.shape[1], cell[0] * cell[1] * 2
     p = _init(kind, d, out, s.hidden, seed)
     tx = _optimiser(s.steps, s.lr, s.weight_decay)
@@ -198,10 +211,9 @@ def _fit_predict_head(kind: str, s: ProbeSettings, t: _Fit, evals, seed: int) ->
     rng = np.random.default_rng(seed)
     b = s.batch_tokens
     for _ in range(s.steps):
-        idx = rng.integers(0, len(f), b)
-        p, opt, _ = _step(
-            p, opt, jnp.asarray(f[idx]), jnp.asarray(y[idx]), jnp.asarray(w[idx]), kind=kind, tx=tx
-        )
+        idx = rng.integers(0, len(tokens), b)
+        fb = jnp.asarray(t.standard(f[tokens[idx]]))
+        p, opt, _ = _step(p, opt, fb, jnp.asarray(y[idx]), jnp.asarray(w[idx]), kind=kind, tx=tx)
     res = []
     for fe in evals:
         probs = np.concatenate(

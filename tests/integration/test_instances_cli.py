@@ -85,6 +85,10 @@ def test_instances_config_fails_fast():
             ),
             "thresh",
         ),
+        (
+            dict(tune=True, tune_labels="gt.zarr", tune_roi=[[0, 1]] * 3, tune_input="no.zarr"),
+            "tune_input=no.zarr: no such volume",
+        ),
     ]:
         with pytest.raises(schema.ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             schema.validate_instances(schema.InstancesConfig(**{**ok, **bad}))
@@ -116,15 +120,17 @@ def test_instances_yaml_composes_against_the_schema():
 
 def test_instances_cli_tunes_on_validation_labels(tmp_path):
     """instances.tune=true: a boundary map whose membranes a model scores only 0.4 merges everything
-    at the default level 0.5; the level chosen on a labelled region separates the cells
-    everywhere."""
+    at the default level 0.5; the level chosen on a labelled region (here of a separate
+    validation volume, `tune_input`) separates the cells of the segmented volume."""
     s = synthetic_em((8, 48, 48), seed=2, cell_size=20.0)
     b = np.clip(0.05 + 0.35 * boundaries_from_labels(s.cells), 0, 1).astype(np.float32)
-    write_array(tmp_path / "b.zarr", b)
-    write_array(tmp_path / "gt.zarr", s.cells.astype(np.uint32))
+    write_array(tmp_path / "val.zarr", b[:4])
+    write_array(tmp_path / "b.zarr", b[4:])
+    write_array(tmp_path / "gt.zarr", s.cells[:4].astype(np.uint32))
     res = run_cli(
         "instances",
         f"input={tmp_path / 'b.zarr'}",
+        f"tune_input={tmp_path / 'val.zarr'}",
         f"out={tmp_path / 'ws.zarr'}",
         "method=watershed",
         "block=[8,48,48]",
@@ -141,4 +147,5 @@ def test_instances_cli_tunes_on_validation_labels(tmp_path):
     tuned = json.loads((tmp_path / "run" / "instances.json").read_text())["tuned"]
     assert tuned["chosen"] == {"threshold": 0.2, "min_seed": 8} and len(tuned["trials"]) == 2
     lab = open_volume(tmp_path / "ws.zarr").read()
-    assert region_scores(lab[4:], s.cells[4:])["adapted_rand_error"] < 0.1  # held-out half
+    assert lab.shape == (4, 48, 48)
+    assert region_scores(lab, s.cells[4:])["adapted_rand_error"] < 0.1  # held-out half

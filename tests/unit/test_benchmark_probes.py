@@ -41,6 +41,27 @@ def test_probes_learn_a_separable_task_from_few_labels(kind):
     assert f1 > (0.75 if kind == "knn" else 0.85), (kind, f1)
 
 
+@pytest.mark.parametrize("kind", ["linear", "knn"])
+def test_probes_read_float16_features_as_the_float32_they_round_to(kind):
+    """The benchmark keeps features as float16 (half the memory of a wide hypercolumn): the probes
+    standardise them a batch at a time and must give what the same values in float32 give."""
+    f, fg = _separable(seed=1)
+    h = f.astype(np.float16)
+    mean, std = probes._standardise(h)
+    flat = h.astype(np.float64).reshape(-1, h.shape[-1])
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, flat.std(0) + 1e-6, rtol=1e-6)
+    np.testing.assert_allclose(probes._standardise(h, chunk=7)[1], std, rtol=1e-6)
+    s = probes.ProbeSettings(steps=30, batch_tokens=64, lr=0.05, knn_k=5, knn_references=300)
+    mask = probes.label_mask(fg.shape, 0.25, seed=0, fg=fg)
+    args = (fg[:5], mask[:5])
+    (p16,) = probes.fit_predict(kind, s, h[:5], *args, [h[5:]], seed=0)
+    (p32,) = probes.fit_predict(
+        kind, s, h[:5].astype(np.float32), *args, [h[5:].astype(np.float32)], seed=0
+    )
+    np.testing.assert_allclose(p16, p32, atol=1e-6)
+
+
 def test_label_mask_is_seeded_sized_and_checked():
     fg = np.zeros((2, 50, 50), bool)
     fg[0, 0, 0] = True

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The fine-tuned 3D neuron route on the gala FIB-SEM volumes, from the CLI only: a 2D U-Net trained
+# on the boundaries of the train volume's sections 0-39, its probabilities on the train volume's
+# validation sections 40-49 and on the separate test volume, 3D instances with their parameters
+# chosen on the validation sections (`instances.tune_input`), scored once on the test volume.
+# From the repository root:
+#   bash experiments/instances/gala_route.sh [WORK_DIR] [GALA_DIR] [METHOD] [OVERRIDE...]
+# METHOD: multicut | agglomeration | watershed | link2d; further arguments are `emfm finetune`
+# overrides (e.g. trainer.steps=600 model.width=32). Rerunning resumes every stage; a finished
+# stage is kept (delete WORK_DIR/<stage> to redo it).
+set -euo pipefail
+W=${1:-runs/gala3d}
+G=${2:-../shared/data/em/gala_fibsem}
+METHOD=${3:-multicut}
+shift $(( $# < 3 ? $# : 3 ))
+EMFM=".venv/bin/emfm"
+RUN="nice -n 10 /usr/bin/env time -f %e_s_%M_kB"
+VAL="[[40,50],[0,100],[0,200]]"
+mkdir -p "$W"
+
+for k in train test; do  # 1. the TIFF volumes as OME-Zarr (10 nm voxels)
+  [ -e "$W/$k.zarr" ] || $EMFM data import "$G/${k}_image.tif" "$W/$k.zarr" --voxel-size 10 10 10 --no-progress
+  [ -e "$W/${k}_labels.zarr" ] || $EMFM data import "$G/${k}_labels.tif" "$W/${k}_labels.zarr" \
+    --labels --voxel-size 10 10 10 --no-progress
+done
+
+# 2. fine-tune: boundaries (label 0, or a different neuron in the 3x3 in-plane neighbourhood) of
+#    sections 0-39, CE + Dice; the end-of-run scores are of the validation sections
+[ -e "$W/finetune/finetune_summary.json" ] || $RUN $EMFM finetune model=unet2d head=unet \
+  model.width=16 task=boundary task.label_type=instances task.distance=false \
+  data.path="$W/train.zarr" data.labels="$W/train_labels.zarr" \
+  "data.train_roi=[[0,40],[0,100],[0,200]]" "data.test_roi=$VAL" "data.patch_shape=[1,96,96]" \
+  data.batch_size=8 trainer.steps=1200 trainer.log_every=100 trainer.progress=false \
+  optim.lr=3e-3 run_dir="$W/finetune" "$@"
+
+# 3. boundary probabilities of the validation sections, and 4. of the test volume with instances
+#    whose parameters are chosen on the validation sections (tune_roi: the validation
+#    probabilities' own coordinates)
+$RUN $EMFM predict checkpoint="$W/finetune" predict.path="$W/train.zarr" "predict.roi=$VAL" \
+  predict.out="$W/val_probs.zarr" "predict.window=[1,96,96]" "predict.overlap=[0,32,32]" \
+  hydra.run.dir="$W/predict_val"
+$RUN $EMFM predict checkpoint="$W/finetune" predict.path="$W/test.zarr" \
+  predict.out="$W/test_probs.zarr" "predict.window=[1,96,96]" "predict.overlap=[0,32,32]" \
+  predict.instances="$METHOD" instances.out="$W/test_$METHOD.zarr" \
+  "instances.block=[50,100,200]" "instances.halo=[0,0,0]" instances.tune=true \
+  instances.tune_input="$W/val_probs.zarr" instances.tune_labels="$W/train_labels.zarr" \
+  "instances.tune_roi=[[0,10],[0,100],[0,200]]" instances.tune_metric=voi \
+  hydra.run.dir="$W/predict_test_$METHOD"
+
+# 5. the test volume's neurons against its labels (label 0 = boundary, ignored)
+$RUN $EMFM evaluate pred="$W/test_$METHOD.zarr" gt="$W/test_labels.zarr" \
+  hydra.run.dir="$W/evaluate_$METHOD"
