@@ -6,8 +6,10 @@
 # From the repository root:
 #   bash experiments/instances/gala_route.sh [WORK_DIR] [GALA_DIR] [METHOD] [OVERRIDE...]
 # METHOD: multicut | agglomeration | watershed | link2d; further arguments are `emfm finetune`
-# overrides (e.g. trainer.steps=600 model.width=32). Rerunning resumes every stage; a finished
-# stage is kept (delete WORK_DIR/<stage> to redo it).
+# overrides (e.g. trainer.steps=600 model.width=32; a 3D network: model=unet3d
+# data.patch_shape=[16,64,64] with WINDOW=[16,64,64] OVERLAP=[4,16,16] CHUNK=[50,128,256] in the
+# environment for prediction). Rerunning resumes every stage; a finished stage is kept (delete WORK_DIR/<stage> to
+# redo it).
 set -euo pipefail
 W=${1:-runs/gala3d}
 G=${2:-../shared/data/em/gala_fibsem}
@@ -16,6 +18,9 @@ shift $(( $# < 3 ? $# : 3 ))
 EMFM=".venv/bin/emfm"
 RUN="nice -n 10 /usr/bin/env time -f %e_s_%M_kB"
 VAL="[[40,50],[0,100],[0,200]]"
+WINDOW=${WINDOW:-[1,96,96]}
+OVERLAP=${OVERLAP:-[0,32,32]}
+CHUNK=${CHUNK:-[1,256,256]}
 mkdir -p "$W"
 
 for k in train test; do  # 1. the TIFF volumes as OME-Zarr (10 nm voxels)
@@ -33,18 +38,19 @@ done
   data.batch_size=8 trainer.steps=1200 trainer.log_every=100 trainer.progress=false \
   optim.lr=3e-3 run_dir="$W/finetune" "$@"
 
-# 3. boundary probabilities of the validation sections, and 4. of the test volume with instances
-#    whose parameters are chosen on the validation sections (tune_roi: the validation
-#    probabilities' own coordinates)
-$RUN $EMFM predict checkpoint="$W/finetune" predict.path="$W/train.zarr" "predict.roi=$VAL" \
-  predict.out="$W/val_probs.zarr" "predict.window=[1,96,96]" "predict.overlap=[0,32,32]" \
+# 3. boundary probabilities of the train volume (its validation sections are read), and 4. of the
+#    test volume with instances whose parameters are chosen on the validation sections
+$RUN $EMFM predict checkpoint="$W/finetune" predict.path="$W/train.zarr" \
+  predict.out="$W/train_probs.zarr" "predict.window=$WINDOW" "predict.overlap=$OVERLAP" \
+  "predict.chunk=$CHUNK" \
   hydra.run.dir="$W/predict_val"
 $RUN $EMFM predict checkpoint="$W/finetune" predict.path="$W/test.zarr" \
-  predict.out="$W/test_probs.zarr" "predict.window=[1,96,96]" "predict.overlap=[0,32,32]" \
+  predict.out="$W/test_probs.zarr" "predict.window=$WINDOW" "predict.overlap=$OVERLAP" \
+  "predict.chunk=$CHUNK" \
   predict.instances="$METHOD" instances.out="$W/test_$METHOD.zarr" \
   "instances.block=[50,100,200]" "instances.halo=[0,0,0]" instances.tune=true \
-  instances.tune_input="$W/val_probs.zarr" instances.tune_labels="$W/train_labels.zarr" \
-  "instances.tune_roi=[[0,10],[0,100],[0,200]]" instances.tune_metric=voi \
+  instances.tune_input="$W/train_probs.zarr" instances.tune_labels="$W/train_labels.zarr" \
+  "instances.tune_roi=$VAL" instances.tune_metric=voi \
   hydra.run.dir="$W/predict_test_$METHOD"
 
 # 5. the test volume's neurons against its labels (label 0 = boundary, ignored)
