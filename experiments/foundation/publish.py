@@ -32,7 +32,7 @@ job's held-out sections are not in it):
  licence: research / non-profit use (Haberl et al. 2018) |
 | gala example training volume | FIB-SEM, fly neuropil | about 10 nm | all 50 (the test volume is\
  left out) | HHMI BSD-style (Nunez-Iglesias et al. 2013) |
-| HeLa SBF-SEM (EMPIAR-10094 sections) | SBF-SEM, human HeLa cell | 10 x 10 x 50 nm | all 24 |\
+| HeLa SBF-SEM (EMPIAR-10094 sections) | SBF-SEM, human HeLa cell | 10 x 10 x 50 nm | {hela} |\
  research use with citation (Karabag et al. 2019) |
 | rat spinal-cord SEM (AxonDeepSeg) | SEM, rat white matter | 70-180 nm | all 10 images | MIT\
  (Zaimi et al. 2018) |
@@ -57,8 +57,33 @@ def _git_rev() -> str:
         return "unknown"
 
 
+def _hela_sections(sources: list[dict]) -> str:
+    """Which HeLa sections the run read ("all 24", or e.g. "0-1 of 24" where a run was given a
+    subset, as on a lent GPU machine whose transfer limit left out the rest)."""
+    for s in sources or []:
+        if "hela" in str(s.get("path", "")) and s.get("source_sections"):
+            a, b = s["source_sections"]
+            return f"{a}-{b - 1} of 24 (a subset; see the compute section)"
+    return "all 24"
+
+
+def _portable(text: str) -> str:
+    """The resolved config without absolute paths of the machine a run ran on: a source file
+    under any folder `.../em/...` or `.../em_unlabelled/...` is written under ../shared/data."""
+    import re
+
+    return re.sub(r"(source: )/\S*?/(em(?:_unlabelled)?/)", r"\1../shared/data/\2", text)
+
+
 def card(
-    run: Path, name: str, bench: Path | None, finetune: Path | None = None
+    run: Path,
+    name: str,
+    bench: Path | None,
+    finetune: Path | None = None,
+    *,
+    hardware: str = "",
+    command: str = "",
+    bench_command: str = "",
 ) -> tuple[str, dict]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -78,7 +103,15 @@ def card(
         span += (s - prev) * d["batch_size"] / max(by_step[s]["images_per_s"], 1e-9)
         prev = s
     argv = prov.get("argv") or []
-    command = " ".join(["emfm " + argv[0].split()[-1]] + argv[1:]) if argv else "(not recorded)"
+    custom_command = bool(command)
+    command = command or (
+        " ".join(["emfm " + argv[0].split()[-1]] + argv[1:]) if argv else "(not recorded)"
+    )
+    hardware = hardware or (
+        "a 2-core CPU shared with other jobs (no accelerator)"
+        if not any("cuda" in str(x) or "tpu" in str(x) for x in prov.get("devices", []))
+        else f"accelerator {', '.join(prov['devices'])}"
+    )
     arch = (
         f"2D U-Net, {len(m.get('widths') or []) or m['depth']} levels of "
         f"{m['width']}-{m['width'] * 2 ** ((m['depth'] or 4) - 1)} channels"
@@ -111,16 +144,14 @@ def card(
         command,
         "```",
         "",
-        "(from the repository root; `bash experiments/foundation/long_run.sh` runs it; the "
-        "resolved "
-        "config is `config.yaml` beside this card)",
+        "(from the repository root; "
+        + ("" if custom_command else "`bash experiments/foundation/long_run.sh` runs it; ")
+        + "the resolved config is `config.yaml` beside this card)",
         "",
         "## Compute",
         "",
         f"{steps} steps, {images} crops, {span / 3600:.2f} h of training time (logged throughput; "
-        "pauses "
-        "of the resumed run excluded) on a 2-core CPU shared with other jobs (no accelerator); "
-        f"final loss {recs[-1]['loss']:.4f}."
+        f"pauses of a resumed run excluded) on {hardware}; final loss {recs[-1]['loss']:.4f}."
         if recs
         else "",
         "",
@@ -129,7 +160,7 @@ def card(
         "",
         "## Data",
         "",
-        DATA,
+        DATA.format(hela=_hela_sections(d.get("sources"))),
     ]
     if bench is not None and (bench / "benchmark.md").exists():
         from targets import table  # experiments/foundation/targets.py
@@ -137,10 +168,13 @@ def card(
         lines += [
             "## Benchmark (test sections)",
             "",
-            "Command: `bash experiments/foundation/benchmark_test.sh "
-            f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
-            "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in "
-            "experiments/foundation/README.md)",
+            bench_command
+            or (
+                "Command: `bash experiments/foundation/benchmark_test.sh "
+                f"{name}` (= `emfm probe checkpoints=[random,zoo:{name}] benchmark=em "
+                "benchmark.blocks_choices=[[],[0,1,2,3]]`; settings in "
+                "experiments/foundation/README.md)"
+            ),
             "",
             "### Primary metric against random init",
             "",
@@ -186,6 +220,9 @@ def main() -> None:
         "--finetune", help="fine-tuning records (experiments/foundation/finetune_results.jsonl)"
     )
     ap.add_argument("--description", default="")
+    ap.add_argument("--hardware", default="", help="what it was trained on (default: from the run)")
+    ap.add_argument("--command", default="", help="the command that trained it (default: argv)")
+    ap.add_argument("--bench-command", default="", help="the benchmark's command line, as text")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument(
         "--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only"
@@ -200,6 +237,9 @@ def main() -> None:
         a.name,
         Path(a.benchmark) if a.benchmark else None,
         Path(a.finetune) if a.finetune else None,
+        hardware=a.hardware,
+        command=a.command,
+        bench_command=a.bench_command,
     )
     if a.card_only:
         d = Path(zoo.path_of(a.name))
@@ -210,7 +250,7 @@ def main() -> None:
     d = publish(run, a.name, description=desc, card=text, extra=extra, overwrite=a.overwrite)
     # the resolved config, with the run directory as given (no absolute path of the machine it ran
     # on)
-    cfg_text = (
+    cfg_text = _portable(
         "\n".join(
             f"run_dir: {a.run_dir}" if ln.startswith("run_dir:") else ln
             for ln in (run / "config.yaml").read_text().splitlines()
