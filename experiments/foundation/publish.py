@@ -84,6 +84,7 @@ def card(
     hardware: str = "",
     command: str = "",
     bench_command: str = "",
+    bench_name: str = "",
 ) -> tuple[str, dict]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -178,7 +179,7 @@ def card(
             "",
             "### Primary metric against random init",
             "",
-            table(bench, f"zoo:{name}")[0],
+            table(bench, bench_name or f"zoo:{name}")[0],
             "",
             "### Every metric",
             "",
@@ -223,6 +224,12 @@ def main() -> None:
     ap.add_argument("--hardware", default="", help="what it was trained on (default: from the run)")
     ap.add_argument("--command", default="", help="the command that trained it (default: argv)")
     ap.add_argument("--bench-command", default="", help="the benchmark's command line, as text")
+    ap.add_argument(
+        "--bench-name",
+        default="",
+        help="the checkpoint's name in the benchmark when it was run on the run directory "
+        "(default zoo:NAME)",
+    )
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument(
         "--card-only", action="store_true", help="rewrite MODEL_CARD.md of an existing entry only"
@@ -240,6 +247,7 @@ def main() -> None:
         hardware=a.hardware,
         command=a.command,
         bench_command=a.bench_command,
+        bench_name=a.bench_name,
     )
     if a.card_only:
         d = Path(zoo.path_of(a.name))

@@ -55,10 +55,16 @@ def table(bench: Path, zoo: str) -> tuple[str, dict]:
     seeds = sorted({r["seeds"] for r in d["rows"]})
     sel = d.get("feature_selection") or {}
     chosen = "; ".join(f"{k}: blocks {max(v, key=v.get)}" for k, v in sel.items())
+    fixed = "; ".join(f"{k}: blocks {v}" for k, v in (d.get("features") or {}).items())
+    features = (
+        f"features chosen on the validation sections in this run ({chosen})"
+        if chosen
+        else f"features as given ({fixed}; chosen on the validation sections beforehand)"
+        if fixed
+        else "features: each encoder's final output"
+    )
     head = (
-        f"Test sections; {', '.join(map(str, seeds))} seeds per row (ddof 1); features chosen on "
-        "the "
-        f"validation sections ({chosen or 'final output'}).\n\n"
+        f"Test sections; {', '.join(map(str, seeds))} seeds per row (ddof 1); {features}.\n\n"
         "Target (linear and MLP probes, 1 % and 10 % of the labels, margin > +0.03 and > 2 std): "
         "met in "
         f"{met} of {total} cells.\n\n"
