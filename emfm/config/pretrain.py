@@ -139,10 +139,15 @@ def _validate_source(s: SourceConfig, key: str) -> None:
     if s.weight < 0 or s.weight != s.weight:
         raise ConfigError(f"{key}.weight={s.weight}: weights must be non-negative")
     if s.source:
-        if not Path(s.source).exists():
+        # a volume already built at `path` needs no source file (a corpus copied to a machine
+        # without ../shared); emfm.data.sources.ensure_built checks it was built from a file of
+        # that name and from the same sections
+        built = bool(s.path) and (Path(s.path) / "zarr.json").exists()
+        if not built and not Path(s.source).exists():
             raise ConfigError(
-                f"{key}.source={s.source!r}: no such file (the corpus is built from the EM "
-                "volumes in ../shared/data; set EMFM_SHARED_DATA_ROOT to where they are)"
+                f"{key}.source={s.source!r}: no such file, and no volume built from it at "
+                f"{s.path!r} (the corpus is built from the EM volumes in ../shared/data; set "
+                "EMFM_SHARED_DATA_ROOT to where they are, or EMFM_CORPUS_DIR to a built corpus)"
             )
         if not s.path:
             raise ConfigError(f"{key}: a source to import needs a path to build it at")

@@ -5,7 +5,7 @@
 # index: WHEEL_DIR holds the missing ones as wheels (flax, orbax-checkpoint, optax, chex, hydra-core,
 # omegaconf, antlr4 at the versions the run is recorded with), installed into a private folder ahead
 # of the image's packages. `data=corpus` reads $EMFM_CORPUS_DIR, built beforehand where ../shared is
-# (the GPU machine does not have it).
+# (the GPU machine does not have it; a built corpus needs no source files).
 #
 # The step budget is measured, not guessed: a 200-step run of the same configuration gives the
 # throughput (loader and device together), and the real run gets the steps that fit in what is left

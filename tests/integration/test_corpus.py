@@ -115,3 +115,13 @@ def test_built_corpus_holds_only_the_kept_sections_and_the_sampler_stays_inside(
     wrong = replace(isbi[0], source_sections=[0, 22])
     with pytest.raises(VolumeError, match="remove it to rebuild"):
         ensure_built(wrong)
+    # a built corpus is usable where its source files are not (copied to another machine)
+    from emfm.config.common import ConfigError
+    from emfm.config.pretrain import _validate_source
+
+    elsewhere = replace(isbi[0], source=str(tmp_path / "absent/em/isbi2012/train_volume.tif"))
+    _validate_source(elsewhere, "data.sources[0]")
+    ensure_built(elsewhere)
+    unbuilt = replace(elsewhere, path=str(tmp_path / "corpus/never_built.zarr"))
+    with pytest.raises(ConfigError, match="no such file, and no volume built from it"):
+        _validate_source(unbuilt, "data.sources[0]")
