@@ -13,17 +13,25 @@
 # before SECONDS in any case, and its last checkpoint is kept. The run directory (config, metrics,
 # the last checkpoint) is packed into OUT_DIR as run.tar.part-* (15 MB pieces; `cat` them together).
 set -euo pipefail
+if [ $# -lt 4 ]; then
+  echo "usage: bash $0 RUN_DIR SECONDS WHEEL_DIR OUT_DIR [OVERRIDE...]" >&2
+  exit 2
+fi
 RUN=$1
 SECS=$2
 WHL=$3
 OUT=$4
 shift 4
+[[ "$SECS" =~ ^[0-9]+$ ]] || { echo "SECONDS=$SECS: give a whole number of seconds" >&2; exit 2; }
+ls "$WHL"/*.whl >/dev/null 2>&1 || { echo "WHEEL_DIR=$WHL: no wheels there" >&2; exit 2; }
+mkdir -p "$OUT"
 T0=$(date +%s)
 left() { echo $((SECS - ($(date +%s) - T0))); }
 
+SITE=$(mktemp -d)  # the wheels' private install folder, ahead of the image's packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/emfm_site "$WHL"/*.whl
-export PYTHONPATH=/tmp/emfm_site:$PWD
+  --target "$SITE" "$WHL"/*.whl
+export PYTHONPATH=$SITE:$PWD
 EMFM_PY='import sys; from emfm.cli.main import main; sys.argv[0] = "emfm"; main()'
 emfm() { python3 -c "$EMFM_PY" "$@"; }
 python3 -c 'import jax, flax, orbax.checkpoint, tensorstore; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__)'

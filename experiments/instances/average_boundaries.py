@@ -14,7 +14,8 @@ import argparse
 
 import numpy as np
 
-from emfm.data.volume import open_volume, write_array
+from emfm.data.volume import VolumeError, open_volume, write_array
+from emfm.errors import UserError
 from emfm.instances import SegmentParams, boundaries_from_affinities
 from emfm.instances.reader import from_attributes, volume_reader
 
@@ -35,7 +36,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("inputs", nargs="+")
     a = ap.parse_args()
-    maps, attrs = zip(*(boundary_map(p) for p in a.inputs), strict=True)
+    if len(a.inputs) < 2:
+        raise SystemExit("give at least two predictions to average")
+    try:
+        maps, attrs = zip(*(boundary_map(p) for p in a.inputs), strict=True)
+    except (FileNotFoundError, VolumeError, UserError) as e:
+        raise SystemExit(f"average_boundaries: {e}") from None
     shapes = {m.shape for m in maps}
     if len(shapes) != 1:
         raise SystemExit(f"inputs cover different voxels: {dict(zip(a.inputs, shapes))}")
