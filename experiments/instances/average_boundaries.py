@@ -3,7 +3,8 @@
 Each input is an `emfm predict` output: boundary probabilities (a `boundary` channel, read as
 `emfm instances` reads it) or affinities (turned into a boundary map as `emfm instances` does:
 the largest cut probability 1 - a of the nearest-neighbour edges at each voxel,
-emfm.instances.boundaries_from_affinities). Inputs must cover the same voxels.
+emfm.instances.boundaries_from_affinities). Inputs must cover the same voxels; each is read whole
+into memory (float32), so this is for volumes that fit, such as the gala test volumes.
 
     python experiments/instances/average_boundaries.py OUT.zarr PRED.zarr PRED.zarr [...]
 """
@@ -42,9 +43,9 @@ def main() -> None:
         maps, attrs = zip(*(boundary_map(p) for p in a.inputs), strict=True)
     except (FileNotFoundError, VolumeError, UserError) as e:
         raise SystemExit(f"average_boundaries: {e}") from None
-    shapes = {m.shape for m in maps}
-    if len(shapes) != 1:
-        raise SystemExit(f"inputs cover different voxels: {dict(zip(a.inputs, shapes))}")
+    if len({m.shape for m in maps}) != 1:
+        shapes = {p: m.shape for p, m in zip(a.inputs, maps, strict=True)}
+        raise SystemExit(f"average_boundaries: inputs cover different voxels: {shapes}")
     mean = np.mean(maps, axis=0).astype(np.float32)
     keep = {k: attrs[0][k] for k in ("voxel_size", "unit", "roi", "grey_range") if k in attrs[0]}
     write_array(
