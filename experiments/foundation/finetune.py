@@ -412,6 +412,8 @@ def main() -> None:
                     if a.probe:
                         recs.append(run_probe(name, ds, init, a.checkpoint, frac, seed, a.width))
                     for rec in recs:
+                        if init != "random":  # which checkpoint a pretrained start came from
+                            rec = {**rec, "checkpoint": a.checkpoint}
                         print(json.dumps(rec), flush=True)
                         with open(out / "results.jsonl", "a") as f:
                             f.write(json.dumps(rec) + "\n")

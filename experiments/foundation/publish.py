@@ -191,12 +191,12 @@ def card(
         lines += [
             "## Fine-tuning (test sections)",
             "",
-            "Fine-tune from this checkpoint with `regime=finetune_sp` (each parameter 0.2 x the "
-            "checkpoint + 0.8 x a fresh initialisation, shrink and perturb; chosen on the "
-            "validation sections of ISBI and CDeep3M): started from the checkpoint as is "
-            "(`regime=finetune`), 400 steps end below random init. The same mix of two random "
-            "networks (`random (lr3e-3_sp28)`) is the control: it shows how much of the gain is "
-            "the smaller initial weights rather than pretraining. Command and protocol: "
+            "Fine-tuned with `regime=finetune_sp` (each parameter 0.2 x the checkpoint + 0.8 x "
+            "a fresh initialisation, shrink and perturb; chosen on the validation sections of "
+            "ISBI and CDeep3M, where a checkpoint started as is, `regime=finetune`, ended below "
+            "random init after 400 steps). The same mix of two random networks "
+            "(`random (lr3e-3_sp28)`) is the control: it shows how much of the gain is the "
+            "smaller initial weights rather than pretraining. Command and protocol: "
             "experiments/foundation/README.md.",
             "",
             finetune_table(finetune, recipes={"lr3e-3", "lr3e-3_sp28"}),
