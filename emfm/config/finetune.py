@@ -98,7 +98,8 @@ class LossConfig:
 class RegimeConfig:
     """Learning regime (configs/regime/). init: scratch | pretrained (`checkpoint=RUN_DIR`);
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
-    `layer_decay` (ViT blocks); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
+    `layer_decay` (ViT blocks), held for the first `frozen_steps` updates (LP-FT); `reinit_decoder`
+    (U-Net) starts the decoder afresh. semi: none |
     mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
     gmm (unsupervised: no training; frozen features encoded in `tile` windows with `margin`)."""
 
@@ -114,6 +115,9 @@ class RegimeConfig:
     # With init=scratch a second random network stands in for the pretrained one (the control).
     shrink: float = 1.0
     perturb: float = 0.0
+    # linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): the encoder is held for the
+    # first `frozen_steps` optimizer updates while the decoder and head fit to it, then all train
+    frozen_steps: int = 0
     semi: Semi = Semi.none
     unlabelled_ratio: int = 1
     consistency_weight: float = 1.0
@@ -211,6 +215,16 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
     if not (0.0 < r.shrink <= 1.0 and 0.0 <= r.perturb <= 1.0):
         raise ConfigError(
             f"regime.shrink={r.shrink} must be in (0, 1] and regime.perturb={r.perturb} in [0, 1]"
+        )
+    if not 0 <= r.frozen_steps < cfg.trainer.steps:
+        raise ConfigError(
+            f"regime.frozen_steps={r.frozen_steps}: must be in [0, trainer.steps="
+            f"{cfg.trainer.steps})"
+        )
+    if r.frozen_steps and r.encoder != "finetune":
+        raise ConfigError(
+            f"regime.frozen_steps={r.frozen_steps} holds the encoder at the start of fine-tuning: "
+            f"it needs regime.encoder=finetune (got {r.encoder})"
         )
     if not 0.0 < cfg.data.label_fraction <= 1.0:
         raise ConfigError(f"data.label_fraction={cfg.data.label_fraction}: must be in (0, 1]")

@@ -338,8 +338,14 @@ def _optimizer(cfg: FinetuneConfig, model: SegModel, mcfg: ModelConfig, batch_si
         r.encoder,
         r.name,
     )
+    if r.frozen_steps:
+        log.info("encoder held for the first %d of %d updates", r.frozen_steps, cfg.trainer.steps)
     return optim.build(
-        ocfg, steps=cfg.trainer.steps, batch_size=batch_size, params=nnx.state(model, nnx.Param)
+        ocfg,
+        steps=cfg.trainer.steps,
+        batch_size=batch_size,
+        params=nnx.state(model, nnx.Param),
+        hold=(["^encoder/"], r.frozen_steps),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from emfm.errors import UserError
@@ -88,11 +89,30 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def hold_until(scales, steps: int) -> optax.GradientTransformation:
+    """Multiply the updates by `scales` (a tree of 0 / 1 like update_scales gives) during the
+    first `steps` updates, pass them unchanged afterwards: parameters held at the start of
+    training (e.g. a pretrained encoder while a fresh head fits to it) that train from then on."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        hold = state.count < steps
+        out = jax.tree.map(lambda u, c: jnp.where(hold, u * c, u), updates, scales)
+        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def build(
-    cfg, *, steps: int, batch_size: int, params=None
+    cfg, *, steps: int, batch_size: int, params=None, hold: tuple[list[str], int] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """From an OptimConfig. With `scale_lr_by_batch`, lr = base lr * batch / 256 (MAE, Goyal et
-    al.). `params` (or an abstract tree of them) is needed for layer decay and freezing."""
+    al.). `params` (or an abstract tree of them) is needed for layer decay and freezing, and for
+    `hold = (regexes, n)`: the parameters whose paths match are held for the first n updates."""
     if cfg.name != "adamw":
         raise UserError(f"optim.name={cfg.name!r}: known optimizers are 'adamw'")
     lr = cfg.lr * batch_size / 256.0 if cfg.scale_lr_by_batch else cfg.lr
@@ -110,6 +130,10 @@ def build(
         parts.append(
             scale_by_tree(update_scales(params, layer_decay=cfg.layer_decay, freeze=cfg.freeze))
         )
+    if hold is not None and hold[1] > 0:
+        if params is None:
+            raise UserError("holding parameters at the start needs the parameter tree")
+        parts.append(hold_until(update_scales(params, freeze=hold[0]), hold[1]))
     tx = optax.chain(*parts)
     if cfg.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps)

@@ -127,6 +127,8 @@ ZOO_UNET = "checkpoint=zoo:em_unet16 model=unet2d head=unet"
         # the clustering regime's tiles, for the zoo U-Net's pooling of 8
         ("finetune", f"regime=kmeans {ZOO_UNET} regime.tile=60", "regime.tile"),
         ("finetune", f"regime=gmm {ZOO_UNET} regime.margin=12", "regime.margin"),
+        ("finetune", f"regime=finetune_lpft {ZOO_UNET} trainer.steps=100", "regime.frozen_steps"),
+        ("finetune", f"regime=frozen {ZOO_UNET} regime.frozen_steps=5", "regime.frozen_steps"),
         ("pretrain", "objective.target_blur=-1", "objective.target_blur"),
         ("pretrain", "objective=dino objective.teacher_temp=0", "objective.teacher_temp"),
     ],

@@ -62,6 +62,28 @@ def test_frozen_parameters_do_not_move(params):
     assert any(not np.array_equal(new[k], old[k]) for k in old if k.startswith("decoder/"))
 
 
+def test_held_parameters_move_only_after_the_hold(params):
+    """`hold=(regexes, n)` (LP-FT): the matching parameters stay put for n updates, then train like
+    the others; the rest train from the first update."""
+    cfg = OptimConfig(lr=0.1, scale_lr_by_batch=False, warmup_steps=0)
+    tx, _ = optim.build(cfg, steps=10, batch_size=1, params=params, hold=([r"^encoder/"], 2))
+    grads = jax.tree.map(jnp.ones_like, params)
+    state, p = tx.init(params), params
+    moved = []
+    for _ in range(3):
+        upd, state = jax.jit(tx.update)(grads, state, p)
+        new = optax.apply_updates(p, upd)
+        a, b = by_path(p), by_path(new)
+        moved.append(
+            (
+                any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("encoder/")),
+                any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("decoder/")),
+            )
+        )
+        p = new
+    assert moved == [(False, True), (False, True), (True, True)]
+
+
 def unit_lr(**kw) -> OptimConfig:
     """Learning rate 1 from the first step, no batch scaling, no weight decay: updates that are
     easy to predict by hand."""
