@@ -9,7 +9,8 @@
 # single-threaded loaders, not by the GPU, so N of them on a machine with N or more cores train N
 # recipes in the time of one. Each process gets an equal share of the GPU's memory. Run
 # directories go under $EMFM_SWEEP_RUNS (default runs/foundation); every run's output (logs, the
-# packed run directory) under OUT_DIR/NAME. The exit status is that of the first run that failed.
+# packed run directory) under NAME/ inside OUT_DIR/sweep.tar.part-* (15 MB pieces; `cat` them into
+# `tar -xf -`). The exit status is that of the first run that failed.
 set -euo pipefail
 if [ $# -ne 4 ]; then
   echo "usage: bash $0 SECONDS WHEEL_DIR OUT_DIR SPEC_FILE" >&2
@@ -60,4 +61,8 @@ for i in "${!pids[@]}"; do
   fi
   grep -h "throughput\|last checkpoint\|pretrain exit" "$OUT/${names[$i]}/device.log" || true
 done
+# one stream of 15 MB pieces for everything (the device tool brings back a limited number of files):
+#   cat OUT_DIR/sweep.tar.part-* | tar -xf -   gives NAME/device.log, NAME/run.tar.part-*, ...
+(cd "$OUT" && tar -cf - "${names[@]}" | split -b 15M - sweep.tar.part- && rm -rf "${names[@]}")
+ls -la "$OUT"
 exit "$status"
