@@ -40,7 +40,11 @@ def test_an_installed_wheel_runs_the_main_job_from_another_directory(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "emfm/configs/main.yaml" in names and "emfm/configs/model/unet3d.yaml" in names
     assert any(n.startswith("emfm/data/sample/") for n in names)
-    assert any(n.startswith("emfm/zoo_models/em_unet16/checkpoints/") for n in names)
+    from emfm import zoo
+
+    for entry in zoo.names():  # every shipped checkpoint, with its model card
+        assert any(n.startswith(f"emfm/zoo_models/{entry}/checkpoints/") for n in names), entry
+        assert f"emfm/zoo_models/{entry}/MODEL_CARD.md" in names, entry
     res = subprocess.run(
         [
             sys.executable,
