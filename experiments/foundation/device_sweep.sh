@@ -5,9 +5,11 @@
 #   w16_hc recipe=unet_dino_dense_weak_hc data.batch_size=64
 # ('#' starts a comment; overrides are split at spaces and not unquoted: write
 # data.sources.7.source_sections=[0,2], without quotes). Each line runs experiments/foundation/device_pretrain.sh RUNS/NAME SECONDS
-# WHEEL_DIR OUT_DIR/NAME OVERRIDE... at the same time as the others: the runs are limited by their
-# single-threaded loaders, not by the GPU, so N of them on a machine with N or more cores train N
-# recipes in the time of one. Each process gets an equal share of the GPU's memory. Run
+# WHEEL_DIR OUT_DIR/NAME OVERRIDE... at the same time as the others. A small U-Net's run is held
+# back by its host-side work (loader, step dispatch), not by the GPU: four width-16 runs side by
+# side on an H200 trained 7954 crops/s together, one alone 3238 (experiments/foundation/README.md),
+# so N recipes on a machine with N or more cores take little more than the time of one. Each
+# process gets an equal share of the GPU's memory. Run
 # directories go under $EMFM_SWEEP_RUNS (default runs/foundation); every run's output (logs, the
 # packed run directory) under NAME/ inside OUT_DIR/sweep.tar.part-* (15 MB pieces; `cat` them into
 # `tar -xf -`). The exit status is that of the first run that failed.
