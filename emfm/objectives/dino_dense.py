@@ -97,17 +97,23 @@ def mask_squares(rng, x, ratio: float, side: int):
 def bilinear(fmap, gy, gx):
     """Features of `fmap` `[b, G, G, d]` at continuous grid positions `gy`, `gx` `[b, s]` -> `[b, s,
     d]`."""
-    gmax_y, gmax_x = fmap.shape[1] - 1, fmap.shape[2] - 1
+    take = jax.vmap(lambda f, yy, xx: f[yy, xx])
+    return bilinear_at(lambda yy, xx: take(fmap, yy, xx), fmap.shape[1], fmap.shape[2], gy, gx)
+
+
+def bilinear_at(fetch, gy_size: int, gx_size: int, gy, gx):
+    """`bilinear` on a `gy_size x gx_size` grid whose features at integer positions `[b, s]` come
+    from `fetch(yy, xx)` -> `[b, s, d]`, so that the grid itself need not be built."""
+    gmax_y, gmax_x = gy_size - 1, gx_size - 1
     gy, gx = jnp.clip(gy, 0, gmax_y), jnp.clip(gx, 0, gmax_x)
     y0, x0 = jnp.floor(gy).astype(jnp.int32), jnp.floor(gx).astype(jnp.int32)
     y1, x1 = jnp.minimum(y0 + 1, gmax_y), jnp.minimum(x0 + 1, gmax_x)
     wy, wx = (gy - y0)[..., None], (gx - x0)[..., None]
-    take = jax.vmap(lambda f, yy, xx: f[yy, xx])
     return (
-        (1 - wy) * (1 - wx) * take(fmap, y0, x0)
-        + (1 - wy) * wx * take(fmap, y0, x1)
-        + wy * (1 - wx) * take(fmap, y1, x0)
-        + wy * wx * take(fmap, y1, x1)
+        (1 - wy) * (1 - wx) * fetch(y0, x0)
+        + (1 - wy) * wx * fetch(y0, x1)
+        + wy * (1 - wx) * fetch(y1, x0)
+        + wy * wx * fetch(y1, x1)
     )
 
 
@@ -137,6 +143,27 @@ def dense_map(encoder, x, which: str):
     return jnp.concatenate(maps, axis=-1)
 
 
+def hypercolumn_levels(encoder, x) -> list:
+    """The maps a U-Net's hypercolumn is made of: its levels `[b, H / 2^l, W / 2^l, c_l]` and its
+    decoder output `[b, H, W, c]`."""
+    _, aux = encoder(x, return_blocks=tuple(range(encoder.spec.depth)))
+    return [*(aux["blocks"][lvl] for lvl in range(encoder.spec.depth)), aux["patch_map"]]
+
+
+def hypercolumn_at(levels: list, size: tuple[int, int], yy, xx):
+    """`dense_map(encoder, x, "hypercolumn")[b, yy, xx]` -> `[b, s, d]` for pixel positions `yy`,
+    `xx` `[b, s]` of the `size` input, from `hypercolumn_levels(encoder, x)`: each map read at the
+    position its nearest upsampling would copy there, normalised per pixel. Equal to building the
+    full-resolution hypercolumn and reading it, without the `[b, H, W, d]` map and its gradient
+    (d = 256 channels for a width-16 U-Net: most of a training step's time on a CPU)."""
+    take = jax.vmap(lambda f, i, j: f[i, j])
+    out = []
+    for f in levels:
+        ry, rx = size[0] // f.shape[1], size[1] // f.shape[2]
+        out.append(_unit(take(f, yy // ry, xx // rx)))
+    return jnp.concatenate(out, axis=-1)
+
+
 def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     if teacher is None:
         raise UserError("dino_dense needs the momentum teacher (ObjectiveDef.teacher=True)")
@@ -150,20 +177,35 @@ def dense_dino_loss(encoder, heads: Heads, x, rng, cfg, teacher):
     xs = mask_squares(km, photometric(kp, zoomed), cfg.mask_ratio, cfg.mim_patch)
     xs = dihedral(xs, code)
     t_enc, t_heads = teacher
-    ft = jax.lax.stop_gradient(dense_map(t_enc, xt, cfg.dense_features))  # [b, G, G, d]
-    fs = dihedral(dense_map(encoder, xs, cfg.dense_features), code, inverse=True)  # crop's grid
-    g, d = fs.shape[1], fs.shape[-1]
     p = stride_of(encoder)
+    g = h // p
     n = g * g
     s = min(cfg.dense_samples, n)
     idx = jnp.argsort(jax.random.uniform(ks, (b, n)), axis=1)[:, :s]  # student cells
     iy, ix = idx // g, idx % g
-    q = jnp.take_along_axis(fs.reshape(b, n, d), idx[..., None], axis=1)  # [b, s, d]
     # the student cell's centre, in crop pixels -> teacher pixels -> teacher grid coordinates
     f = (side / h)[:, None]
     ty = y0[:, None] + ((iy + 0.5) * p) * f - 0.5
     tx = x0[:, None] + ((ix + 0.5) * p) * f - 0.5
-    k = bilinear(ft, (ty + 0.5) / p - 0.5, (tx + 0.5) / p - 0.5)
+    gy, gx = (ty + 0.5) / p - 0.5, (tx + 0.5) / p - 0.5
+    if cfg.dense_features == "hypercolumn":
+        # read at the sampled cells only (hypercolumn_at); equal to the full maps below
+        size = (x.shape[1], x.shape[2])
+        t_lv = jax.lax.stop_gradient(hypercolumn_levels(t_enc, xt))
+        s_lv = hypercolumn_levels(encoder, xs)
+        # where each cell of the crop's grid lies in the turned view: the turn undone on a grid
+        # of coordinates, as it is undone on the feature map
+        yx = jnp.stack(jnp.meshgrid(jnp.arange(g), jnp.arange(g), indexing="ij"), axis=-1)
+        src = dihedral(jnp.broadcast_to(yx, (b, g, g, 2)), code, inverse=True).reshape(b, n, 2)
+        src = jnp.take_along_axis(src, idx[..., None], axis=1)  # [b, s, 2]
+        q = hypercolumn_at(s_lv, size, src[..., 0], src[..., 1])  # [b, s, d]
+        k = bilinear_at(lambda yy, xx: hypercolumn_at(t_lv, size, yy, xx), g, g, gy, gx)
+    else:
+        ft = jax.lax.stop_gradient(dense_map(t_enc, xt, cfg.dense_features))  # [b, G, G, d]
+        fs = dihedral(dense_map(encoder, xs, cfg.dense_features), code, inverse=True)
+        q = jnp.take_along_axis(fs.reshape(b, n, -1), idx[..., None], axis=1)  # [b, s, d]
+        k = bilinear(ft, gy, gx)
+    d = q.shape[-1]
     s_logits = heads.head(q.reshape(b * s, d))
     t_logits = jax.lax.stop_gradient(t_heads.head(k.reshape(b * s, d)))
     center = heads.center[...]

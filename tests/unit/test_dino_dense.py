@@ -151,6 +151,67 @@ def test_dino_dense_distils_the_unet_hypercolumn(tmp_path):
         compose("pretrain", ["model=vit_ti_p8", *args], run_dir=str(tmp_path / "vit"))
 
 
+def test_hypercolumn_read_at_samples_equals_the_full_map():
+    """The loss reads the hypercolumn at its sampled cells only (hypercolumn_at, and bilinear_at for
+    the teacher, the turn undone on a grid of coordinates): the same features and gradients as
+    building the full-resolution map, turning it back and reading it."""
+    from flax import nnx
+
+    from emfm.models.unet import UNet, UNetSpec
+    from emfm.objectives.dino_dense import (
+        bilinear_at,
+        dense_map,
+        hypercolumn_at,
+        hypercolumn_levels,
+    )
+
+    spec = UNetSpec(ndim=2, in_channels=1, widths=(8, 16, 32), dtype="float32")
+    enc = UNet(spec, rngs=nnx.Rngs(0))
+    x = _smooth_image(b=3, h=32)
+    b, h, s = 3, 32, 40
+    rng = np.random.default_rng(0)
+    idx = jnp.asarray(np.stack([rng.choice(h * h, s, replace=False) for _ in range(b)]))
+    code = jnp.asarray([1, 6, 3])
+    gy = jnp.asarray(rng.uniform(-1, h, (b, s)), jnp.float32)
+    gx = jnp.asarray(rng.uniform(-1, h, (b, s)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=8 + 16 + 32 + 8), jnp.float32)
+    graphdef, params = nnx.split(enc)
+
+    def full(params):
+        e = nnx.merge(graphdef, params)
+        fs = dihedral(dense_map(e, x, "hypercolumn"), code, inverse=True).reshape(b, h * h, -1)
+        q = jnp.take_along_axis(fs, idx[..., None], axis=1)
+        k = bilinear(dense_map(e, x, "hypercolumn"), gy, gx)
+        return q, k
+
+    def sampled(params):
+        e = nnx.merge(graphdef, params)
+        lv = hypercolumn_levels(e, x)
+        yx = jnp.stack(jnp.meshgrid(jnp.arange(h), jnp.arange(h), indexing="ij"), axis=-1)
+        src = dihedral(jnp.broadcast_to(yx, (b, h, h, 2)), code, inverse=True).reshape(b, -1, 2)
+        src = jnp.take_along_axis(src, idx[..., None], axis=1)
+        q = hypercolumn_at(lv, (h, h), src[..., 0], src[..., 1])
+        k = bilinear_at(lambda yy, xx: hypercolumn_at(lv, (h, h), yy, xx), h, h, gy, gx)
+        return q, k
+
+    (q0, k0), (q1, k1) = full(params), sampled(params)
+    assert q1.shape == (b, s, 64) and k1.shape == (b, s, 64)
+    np.testing.assert_allclose(np.asarray(q1), np.asarray(q0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(k1), np.asarray(k0), atol=1e-5)
+
+    def scalar(fn):
+        return lambda p: sum(jnp.sum(jnp.tanh(t @ w)) for t in fn(p))
+
+    g0 = jax.grad(scalar(full))(params)
+    g1 = jax.grad(scalar(sampled))(params)
+    top = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0))
+    assert top > 1e-3  # not all zero
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        # float32 summation order differs: relative to the largest gradient (a few parameters, e.g.
+        # the last normalisation's, have gradients that are zero up to rounding)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=1e-5 * top)
+
+
 def test_pretraining_continues_from_a_checkpoint(tmp_path):
     """`emfm pretrain checkpoint=RUN` starts the encoder from that run's (heads fresh); an encoder
     of another shape is refused naming the model keys to set."""
