@@ -133,13 +133,10 @@ def dense_map(encoder, x, which: str):
     full resolution and its final output, each normalised per pixel, concatenated."""
     if which == "output":
         return encoder(x)[1]["patch_map"]
-    spec = encoder.spec
-    _, aux = encoder(x, return_blocks=tuple(range(spec.depth)))
-    maps = []
-    for lvl in range(spec.depth):
-        f = aux["blocks"][lvl]
-        maps.append(_unit(upsample(f, (x.shape[1] // f.shape[1], x.shape[2] // f.shape[2]))))
-    maps.append(_unit(aux["patch_map"]))
+    maps = [
+        _unit(upsample(f, (x.shape[1] // f.shape[1], x.shape[2] // f.shape[2])))
+        for f in hypercolumn_levels(encoder, x)  # the decoder output: factor 1, as it is
+    ]
     return jnp.concatenate(maps, axis=-1)
 
 
