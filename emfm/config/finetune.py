@@ -30,6 +30,7 @@ Semi = choice("Semi", "none", "mean_teacher", "fixmatch")
 Cluster = choice("Cluster", "none", "kmeans", "gmm")
 Blend = choice("Blend", "cosine", "gaussian", "constant")
 ProbDType = choice("ProbDType", "float16", "float32")
+TTA = choice("TTA", "none", "flips", "dihedral")
 # predict.instances: none (probabilities only) or an instance method of `emfm instances`
 PredictInstances = choice("PredictInstances", "none", *(m.value for m in InstanceMethod))
 
@@ -148,6 +149,9 @@ class PredictConfig:
     batch_size: int = 4
     dtype: ProbDType = ProbDType.float16
     resume: bool = True
+    # test-time augmentation (emfm.finetune.tta): none | flips (4 windows for a 2D model, 8 for a
+    # 3D one) | dihedral (flips and y <-> x: 8 / 16; square windows in-plane); the mean is written
+    tta: TTA = TTA.none
     # instance labels from the written probabilities, block by block with stitching
     # (emfm.instances): none = probabilities only, else the method (watershed, link2d,
     # agglomeration, multicut or mws); its parameters, block, halo and boundary channel are

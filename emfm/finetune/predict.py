@@ -34,23 +34,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("emfm")
 
 
-def model_fn(model, lay, *, ndim: int, batch_size: int) -> Callable:
+def model_fn(model, lay, *, ndim: int, batch_size: int, tta: str = "none", task=None) -> Callable:
     """Jitted `windows [b, z, y, x] in [0, 1] -> probabilities [b, z, y, x, c]` (padded to one batch
-    shape)."""
+    shape); with `tta` (emfm.finetune.tta; needs the `task`) the mean over flipped / turned
+    windows."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from emfm.finetune import tta as tta_mod
     from emfm.finetune.losses import probabilities
 
     graphdef, state = nnx.split(model)
+    tfs = tta_mod.transforms(tta, ndim)
+    maps = tta_mod.channel_maps(tfs, task, lay, ndim) if len(tfs) > 1 else []
 
     @jax.jit
     def fwd(st, x):
         m = nnx.merge(graphdef, st)
-        inp = x[:, 0, ..., None] if ndim == 2 else x[..., None]
-        p = probabilities(m(inp), lay)
-        return p[:, None] if ndim == 2 else p
+
+        def forward(v):
+            inp = v[:, 0, ..., None] if ndim == 2 else v[..., None]
+            p = probabilities(m(inp), lay)
+            return p[:, None] if ndim == 2 else p
+
+        return tta_mod.apply(forward, x, tfs, maps)
 
     def fn(x: np.ndarray) -> np.ndarray:
         return np.asarray(fwd(state, jnp.asarray(pad_batch(x, batch_size), jnp.float32)))[: len(x)]
@@ -210,7 +218,7 @@ def run_predict(cfg: FinetuneConfig) -> dict:
     from emfm.config.finetune import SegTaskConfig
     from emfm.data import bundled
     from emfm.errors import UserError
-    from emfm.finetune import targets
+    from emfm.finetune import targets, tta
     from emfm.finetune.model import load_seg_model
 
     if not cfg.checkpoint:
@@ -230,13 +238,15 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         )
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
-    fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size)
+    tta.check_window(p.tta, p.window)
+    fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size, tta=p.tta, task=task)
     attrs = {
         "content": "probabilities",
         "task": task.kind,
         "channels": targets.channel_names(task, ndim),
         "offsets": task.offsets if task.kind == "affinity" else [],
         "checkpoint": str(cfg.checkpoint),
+        "tta": str(p.tta),
         **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {}),
     }
     res = predict_volume(

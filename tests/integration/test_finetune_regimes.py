@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from emfm.config import schema
 from emfm.data.volume import open_volume, write_array
+from emfm.errors import UserError
 from emfm.finetune import model as seg_model
 from emfm.finetune import predict, train
 from emfm.train.state import load_encoder
@@ -158,6 +159,22 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="nowhere"):
         predict.run_predict(schema.validate_finetune(OmegaConf.to_object(c), command="predict"))
+    # test-time augmentation: the mean of the 8 flipped and turned windows, recorded in the output
+    tta = [*pred[:-2], f"predict.out={tmp_path / 'p_tta.zarr'}", *pred[-1:], "predict.tta=dihedral"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        c = compose("predict", overrides=[*tta, f"run_dir={tmp_path / 'pr4'}"])
+        bad = compose(
+            "predict",
+            overrides=[*tta, "predict.window=[1,32,24]", f"run_dir={tmp_path / 'pr5'}"],
+        )
+    predict.run_predict(schema.validate_finetune(OmegaConf.to_object(c), command="predict"))
+    out = open_volume(tmp_path / "p_tta.zarr")
+    q = out.read().astype(np.float32)
+    assert q.shape == p.shape and out.attributes["tta"] == "dihedral"
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=2e-3)
+    assert 0 < np.abs(q - p).max() < 0.5  # the same model: close to, not equal to, the plain map
+    with pytest.raises(UserError, match="predict.tta=dihedral swaps y and x"):
+        predict.run_predict(schema.validate_finetune(OmegaConf.to_object(bad), command="predict"))
 
 
 def test_frozen_pretrained_encoder_boundary_progressive_on_gala(tmp_path, gala, tiny_main_run):
