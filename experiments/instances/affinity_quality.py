@@ -56,7 +56,8 @@ def main() -> None:
             "mean_cut_f1": float(np.mean([x["cut_f1"] for x in q.values()])),
             "per_offset": q,
         }
-        print(f"{name}: mean BCE {res[name]['mean_bce']:.4f}, cut F1 {res[name]['mean_cut_f1']:.4f}")
+        r = res[name]
+        print(f"{name}: mean BCE {r['mean_bce']:.4f}, cut F1 {r['mean_cut_f1']:.4f}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

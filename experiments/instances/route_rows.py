@@ -2,7 +2,8 @@
 instance method, the parameters chosen on validation, the best validation VOI and the test scores
 (`evaluate_<method><suffix>/metrics.json`).
 
-    python experiments/instances/route_rows.py WORK_DIR [--suffixes "" _tta_dihedral] [--out rows.json]
+    python experiments/instances/route_rows.py WORK_DIR [--suffixes "" _tta_dihedral] \
+        [--out rows.json]
 """
 
 from __future__ import annotations
