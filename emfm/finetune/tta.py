@@ -158,12 +158,8 @@ def _shifted(v, s):
             continue
         ax, n = 1 + a, v.shape[1 + a]
         d = max(-n, min(n, d))
+        keep = [slice(None)] * v.ndim
         pad = [(0, 0)] * v.ndim
-        if d > 0:
-            v = jnp.take(v, jnp.arange(d, n), axis=ax)
-            pad[ax] = (0, d)
-        else:
-            v = jnp.take(v, jnp.arange(0, n + d), axis=ax)
-            pad[ax] = (-d, 0)
-        v = jnp.pad(v, pad)
+        keep[ax], pad[ax] = (slice(d, n), (0, d)) if d > 0 else (slice(0, n + d), (-d, 0))
+        v = jnp.pad(v[tuple(keep)], pad)
     return v
