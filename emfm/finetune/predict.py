@@ -223,6 +223,7 @@ def run_predict(cfg: FinetuneConfig) -> dict:
 
     if not cfg.checkpoint:
         raise UserError("predict needs checkpoint=RUN_DIR (an emfm finetune run)")
+    tta.check_window(cfg.predict.tta, cfg.predict.window)  # before the model is loaded
     model, meta = load_seg_model(cfg.checkpoint)
     task = SegTaskConfig(**meta["task"])
     ndim = model.encoder.spec.ndim
@@ -238,7 +239,6 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         )
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
-    tta.check_window(p.tta, p.window)
     fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size, tta=p.tta, task=task)
     attrs = {
         "content": "probabilities",
