@@ -69,8 +69,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
-    d, h, w = (int(v) for v in a.shape.split("x"))
+    try:
+        d, h, w = (int(v) for v in a.shape.split("x"))
+    except ValueError:
+        ap.error(f"SHAPE {a.shape!r}: give depth x height x width, e.g. 16x64x64")
     c = a.channels
+    if min(d, h, w, c) < 1 or a.rounds < 1 or a.steps < 1:
+        ap.error("SHAPE, C, --rounds and --steps must be positive")
     rng = np.random.default_rng(0)
     x5 = jnp.asarray(rng.standard_normal((2, d, h, w, c)), jnp.float32)
     k5 = jnp.asarray(rng.standard_normal((3, 3, 3, c, c)) / (27 * c) ** 0.5, jnp.float32)
