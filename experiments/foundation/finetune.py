@@ -163,13 +163,15 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     }
     if name == "isbi":
         vgt, tgt = np.stack([gt_cells(m) for m in yv]), np.stack([gt_cells(m) for m in yt])
-        best, _ = tune_instances(
+        best, trials = tune_instances(
             p_val,
             vgt,
             SegmentParams(method="watershed", two_d=True),
             metric="adapted_rand_error",
             per_section=True,
         )
+        # the tuned parameters' own validation score (in-sample: for ranking recipes only)
+        out["val_adapted_rand_error"] = min(t["adapted_rand_error"] for t in trials)
         lab = segment(p_test, best)
         rs = [metrics.region_scores(a, b, ignore_gt=(0,)) for a, b in zip(lab, tgt)]
         out.update(
@@ -182,7 +184,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
     else:
         vgt = np.stack([ndimage.label(m)[0] for m in yv])
         tgt = np.stack([ndimage.label(m)[0] for m in yt])
-        best, _ = tune_foreground(p_val, vgt, metric="instance_f1")
+        best, trials = tune_foreground(p_val, vgt, metric="instance_f1")
+        out["val_instance_f1"] = max(t["instance_f1"] for t in trials)
         out["instance_f1"] = score_instances(
             foreground_instances(p_test, **best), tgt, "instance_f1", per_section=True
         )
@@ -287,6 +290,38 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
     }
 
 
+def rescore(out: Path, shared: Path) -> None:
+    """Scores of the finished fine-tuning runs in `out/results.jsonl` again from their saved
+    probabilities (`out/pred`), e.g. after a validation score was added to `score`; writes
+    `out/results_rescored.jsonl`. Test scores must come out as recorded (checked)."""
+    from emfm.data.volume import open_volume
+
+    recs = [json.loads(line) for line in open(out / "results.jsonl")]
+    data: dict[str, dict] = {}
+    with open(out / "results_rescored.jsonl", "w") as f:
+        for rec in recs:
+            name = rec["dataset"]
+            if name not in data:
+                data[name] = load(name, shared, out)
+            ds = data[name]
+            pv, pt = (
+                out / "pred" / f"{rec['run']}_{a}_{b}.zarr" for a, b in (ds["val"], ds["test"])
+            )
+            if rec["kind"] == "finetune" and pv.exists() and pt.exists():
+                new = score(
+                    name,
+                    ds,
+                    open_volume(pv).read()[..., 1].astype(np.float32),
+                    open_volume(pt).read()[..., 1].astype(np.float32),
+                )
+                for k in ("f1", "iou", "adapted_rand_error", "instance_f1"):
+                    if k in rec and abs(rec[k] - new[k]) > 1e-9:
+                        raise SystemExit(f"{rec['run']}: rescored test {k} {new[k]} != {rec[k]}")
+                rec = {**rec, **new}
+            f.write(json.dumps(rec) + "\n")
+            print(rec["run"], {k: round(v, 4) for k, v in rec.items() if k.startswith("val_")})
+
+
 METRICS = {"isbi": ["f1", "adapted_rand_error", "voi"], "cdeep3m": ["iou", "instance_f1", "f1"]}
 
 
@@ -333,6 +368,54 @@ def table(out: Path, recipes: set[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+# the validation scores a fine-tuning recipe is chosen by (one recipe for both tasks): every target
+# metric of the fine-tuning targets plus the pixel scores, each as "larger is better"
+CHOICE = {
+    "isbi": {"val_f1": 1.0, "val_adapted_rand_error": -1.0},
+    "cdeep3m": {"val_iou": 1.0, "val_instance_f1": 1.0},
+}
+
+
+def choose(path: Path, recipes: list[str], init: str = "zoo") -> str:
+    """The recipe among `recipes` with the best mean validation score (CHOICE: ISBI F1 and
+    1 - adapted Rand error, CDeep3M IoU and instance F1; each the mean over the seeds that every
+    recipe has). Prints the table; the first recipe listed wins ties. Test scores are not read."""
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    recs = [r for r in recs if r["kind"] == "finetune" and r["init"] == init]
+    seeds = None
+    for name in CHOICE:
+        for rc in recipes:
+            s = {r["seed"] for r in recs if r["dataset"] == name and r.get("recipe") == rc}
+            seeds = s if seeds is None else seeds & s
+    if not seeds:
+        raise SystemExit(f"no seed has runs of every recipe {recipes} on {', '.join(CHOICE)}")
+    cols = [(n, k) for n, ks in CHOICE.items() for k in ks]
+    print(f"validation means over seeds {sorted(seeds)}; the choice score is their mean")
+    print("| recipe | " + " | ".join(f"{n} {k}" for n, k in cols) + " | choice score |")
+    print("|---" * (len(cols) + 2) + "|")
+    best, best_s = None, -np.inf
+    for rc in recipes:
+        vals, terms = [], []
+        for n, k in cols:
+            v = [
+                r.get(k)
+                for r in recs
+                if r["dataset"] == n and r.get("recipe") == rc and r["seed"] in seeds
+            ]
+            if any(x is None for x in v) or len(v) != len(seeds):
+                raise SystemExit(f"recipe {rc}: {n} {k} missing on some seed (run --rescore)")
+            m = float(np.mean(v))
+            vals.append(m)
+            sign = CHOICE[n][k]
+            terms.append(m if sign > 0 else 1.0 - m)
+        score_ = float(np.mean(terms))
+        print(f"| {rc} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {score_:.4f} |")
+        if score_ > best_s:
+            best, best_s = rc, score_
+    print(f"chosen: {best}")
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default="../shared/data/em")
@@ -355,6 +438,17 @@ def main() -> None:
     )
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument(
+        "--choose",
+        default="",
+        metavar="RECIPES",
+        help="comma-separated recipes: print their validation table and the chosen one",
+    )
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the finished runs in --out again from their saved probabilities",
+    )
     ap.add_argument(
         "--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)"
     )
@@ -383,7 +477,14 @@ def main() -> None:
     if a.table:
         print(table(out))
         return
+    if a.choose:
+        path = out if out.suffix == ".jsonl" else out / "results.jsonl"
+        choose(path, a.choose.split(","))
+        return
     logging.basicConfig(level=logging.WARNING)
+    if a.rescore:
+        rescore(out, Path(a.shared))
+        return
     from emfm.config import schema
 
     schema.register()

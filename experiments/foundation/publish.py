@@ -80,6 +80,8 @@ def card(
     name: str,
     bench: Path | None,
     finetune: Path | None = None,
+    finetune_recipes: tuple[str, ...] = ("lr3e-3", "lr3e-3_sp28"),
+    finetune_note: str = "",
     *,
     hardware: str = "",
     command: str = "",
@@ -191,15 +193,9 @@ def card(
         lines += [
             "## Fine-tuning (test sections)",
             "",
-            "Fine-tuned with `regime=finetune_sp` (each parameter 0.2 x the checkpoint + 0.8 x "
-            "a fresh initialisation, shrink and perturb; chosen on the validation sections of "
-            "ISBI and CDeep3M, where a checkpoint started as is, `regime=finetune`, ended below "
-            "random init after 400 steps). The same mix of two random networks "
-            "(`random (lr3e-3_sp28)`) is the control: it shows how much of the gain is the "
-            "smaller initial weights rather than pretraining. Command and protocol: "
-            "experiments/foundation/README.md.",
+            finetune_note or FINETUNE_NOTE,
             "",
-            finetune_table(finetune, recipes={"lr3e-3", "lr3e-3_sp28"}),
+            finetune_table(finetune, recipes=set(finetune_recipes)),
         ]
     recipe = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("recipe=")), None)
     extra = {
@@ -212,6 +208,18 @@ def card(
     return "\n".join(lines) + "\n", extra
 
 
+# the fine-tuning section's text when --finetune-note is not given (the recipe of the first cards)
+FINETUNE_NOTE = (
+    "Fine-tuned with `regime=finetune_sp` (each parameter 0.2 x the checkpoint + 0.8 x "
+    "a fresh initialisation, shrink and perturb; chosen on the validation sections of "
+    "ISBI and CDeep3M, where a checkpoint started as is, `regime=finetune`, ended below "
+    "random init after 400 steps). The same mix of two random networks "
+    "(`random (lr3e-3_sp28)`) is the control: it shows how much of the gain is the "
+    "smaller initial weights rather than pretraining. Command and protocol: "
+    "experiments/foundation/README.md."
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -219,6 +227,14 @@ def main() -> None:
     ap.add_argument("--benchmark")
     ap.add_argument(
         "--finetune", help="fine-tuning records (experiments/foundation/finetune_results.jsonl)"
+    )
+    ap.add_argument(
+        "--finetune-recipes",
+        default="lr3e-3,lr3e-3_sp28",
+        help="comma-separated fine-tuning recipes (finetune.py --tag) shown in the card's table",
+    )
+    ap.add_argument(
+        "--finetune-note", default="", help="the text above the card's fine-tuning table"
     )
     ap.add_argument("--description", default="")
     ap.add_argument("--hardware", default="", help="what it was trained on (default: from the run)")
@@ -244,6 +260,8 @@ def main() -> None:
         a.name,
         Path(a.benchmark) if a.benchmark else None,
         Path(a.finetune) if a.finetune else None,
+        tuple(a.finetune_recipes.split(",")),
+        a.finetune_note,
         hardware=a.hardware,
         command=a.command,
         bench_command=a.bench_command,
