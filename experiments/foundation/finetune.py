@@ -445,6 +445,9 @@ def main() -> None:
         help="comma-separated recipes: print their validation table and the chosen one",
     )
     ap.add_argument(
+        "--choose-init", default="zoo", help="the start whose recipe --choose picks (zoo, random)"
+    )
+    ap.add_argument(
         "--rescore",
         action="store_true",
         help="score the finished runs in --out again from their saved probabilities",
@@ -479,7 +482,7 @@ def main() -> None:
         return
     if a.choose:
         path = out if out.suffix == ".jsonl" else out / "results.jsonl"
-        choose(path, a.choose.split(","))
+        choose(path, a.choose.split(","), init=a.choose_init)
         return
     logging.basicConfig(level=logging.WARNING)
     if a.rescore:
