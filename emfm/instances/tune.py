@@ -113,7 +113,39 @@ def grid_search(
         trials.append({**combo, metric: s})
         if sign * s > best_score:
             best, best_score = combo, sign * s
+    for k in names:
+        edge = _edge_neighbour(best[k], grid[k])
+        if edge is None:
+            continue
+        # warn only when the edge is strictly better than its neighbour (not a tie on k)
+        nb = next(
+            t[metric]
+            for t in trials
+            if t[k] == edge[1] and all(t[j] == best[j] for j in names if j != k)
+        )
+        if best_score > sign * nb:
+            log.warning(
+                "tuning chose %s=%s, the %s value of its grid %s: the best may lie beyond it; "
+                "extend the grid",
+                k,
+                best[k],
+                edge[0],
+                list(grid[k]),
+            )
     return best, trials
+
+
+def _edge_neighbour(value, values: Sequence) -> tuple[str, float] | None:
+    """('lowest' | 'highest', the next value inward) when numeric `value` is the extreme of
+    `values` (3 or more distinct numbers), else None."""
+    nums = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if len(nums) < 3 or isinstance(value, bool) or value not in nums:
+        return None
+    if value == nums[0]:
+        return "lowest", nums[1]
+    if value == nums[-1]:
+        return "highest", nums[-2]
+    return None
 
 
 def _typed(params: SegmentParams, combo: dict) -> dict:

@@ -104,3 +104,27 @@ def test_tune_link2d_grid_of_switches_and_names():
         tune_instances(bnd, gt, p, grid={"link_mutual_best": ["maybe"]})
     with pytest.raises(ValueError, match="min_seed=.abc.: expected a int"):
         tune_instances(bnd, gt, p, grid={"min_seed": ["abc"]})
+
+
+def test_grid_search_warns_when_the_best_value_is_at_the_grid_edge(caplog):
+    """A best value at the end of a numeric grid is reported: the optimum may lie beyond it."""
+    gt = np.ones((1, 8, 8), np.int64)
+    gt[0, :, 4:] = 2
+
+    def labels(c):  # the lower `level`, the fewer rows of object 1 merged into 2; `size` is inert
+        lab = gt.copy()
+        lab[0, : int(8 * c["level"]), :4] = 2
+        return lab
+
+    with caplog.at_level("WARNING", logger="emfm"):
+        best, _ = grid_search(
+            labels,
+            gt,
+            {"level": [0.1, 0.3, 0.5], "size": [1, 2, 3]},
+            "adapted_rand_error",
+            ignore_gt=(),
+        )
+    assert best["level"] == 0.1
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("level=0.1, the lowest value" in m for m in msgs), msgs
+    assert not any("size=" in m for m in msgs)  # a tie on size: its edge value is no signal
