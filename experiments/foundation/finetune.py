@@ -292,9 +292,8 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
 def rescore(out: Path, shared: Path) -> None:
     """Scores of the finished fine-tuning runs in `out/results.jsonl` again from their saved
     probabilities (`out/pred`), e.g. after a validation score was added to `score`; writes
-    `out/results_rescored.jsonl`. Pixel and instance test scores must come out as recorded
-    (checked); ISBI region scores of the earlier cell derivation (2D watershed at absolute levels)
-    are kept under `watershed_*`."""
+    `out/results_rescored.jsonl`. Pixel test scores must come out as recorded (checked); scores
+    of an earlier post-processing (instances, cells) that differ are kept as `previous_*`."""
     from emfm.data.volume import open_volume
 
     recs = [json.loads(line) for line in open(out / "results.jsonl")]
@@ -315,14 +314,16 @@ def rescore(out: Path, shared: Path) -> None:
                     open_volume(pv).read()[..., 1].astype(np.float32),
                     open_volume(pt).read()[..., 1].astype(np.float32),
                 )
-                for k in ("f1", "iou", "instance_f1"):
+                for k in ("f1", "iou"):
                     if k in rec and abs(rec[k] - new[k]) > 1e-9:
                         raise SystemExit(f"{rec['run']}: rescored test {k} {new[k]} != {rec[k]}")
-                if name == "isbi" and "watershed_adapted_rand_error" not in rec:
-                    # scores of the earlier cell derivation (2D watershed at absolute levels)
-                    keep = ("adapted_rand_error", "voi", "voi_split", "voi_merge", "tuned")
-                    keep += ("val_adapted_rand_error",)
-                    rec = {**rec, **{f"watershed_{k}": rec[k] for k in keep if k in rec}}
+                # scores of an earlier post-processing that came out differently: kept
+                changed = {
+                    f"previous_{k}": rec[k]
+                    for k in new
+                    if k in rec and rec[k] != new[k] and not k.startswith("previous_")
+                }
+                rec = {**rec, **changed}
                 rec = {**rec, **new}
             f.write(json.dumps(rec) + "\n")
             print(rec["run"], {k: round(v, 4) for k, v in rec.items() if k.startswith("val_")})
