@@ -383,12 +383,17 @@ CHOICE = {
 }
 
 
-def choose(path: Path, recipes: list[str], init: str = "zoo") -> str:
+def choose(path: Path, recipes: list[str], init: str = "zoo", fraction: float = 0.1) -> str:
     """The recipe among `recipes` with the best mean validation score (CHOICE: ISBI F1 and
     1 - adapted Rand error, CDeep3M IoU and instance F1; each the mean over the seeds that every
-    recipe has). Prints the table; the first recipe listed wins ties. Test scores are not read."""
+    recipe has), runs of `init` at label `fraction` only. Prints the table; the first recipe
+    listed wins ties. Test scores are not read."""
     recs = [json.loads(ln) for ln in path.read_text().splitlines()]
-    recs = [r for r in recs if r["kind"] == "finetune" and r["init"] == init]
+    recs = [
+        r
+        for r in recs
+        if r["kind"] == "finetune" and r["init"] == init and r["fraction"] == fraction
+    ]
     seeds = None
     for name in CHOICE:
         for rc in recipes:

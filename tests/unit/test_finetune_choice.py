@@ -21,11 +21,12 @@ def _finetune_script():
     return mod
 
 
-def _rec(dataset, recipe, seed, **val):
+def _rec(dataset, recipe, seed, fraction=0.1, **val):
     # no test-section scores at all: the choice must not need them
     return {
         "kind": "finetune",
         "init": "zoo",
+        "fraction": fraction,
         "dataset": dataset,
         "recipe": recipe,
         "seed": seed,
@@ -50,8 +51,9 @@ def test_choose_mean_of_validation_scores(tmp_path, capsys):
             _rec("cdeep3m", "a", seed, val_iou=0.60, val_instance_f1=0.60),
             _rec("cdeep3m", "b", seed, val_iou=0.60, val_instance_f1=0.62),
         ]
-    # a seed that only one recipe has is left out of the means
+    # a seed that only one recipe has is left out of the means, and so are other label fractions
     recs.append(_rec("isbi", "a", 2, val_f1=0.99, val_adapted_rand_error=0.0))
+    recs.append(_rec("isbi", "a", 0, fraction=1.0, val_f1=0.99, val_adapted_rand_error=0.0))
     assert ft.choose(_write(tmp_path, recs), ["a", "b"]) == "b"
     out = capsys.readouterr().out
     assert "seeds [0, 1]" in out and "chosen: b" in out
