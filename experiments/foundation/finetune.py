@@ -492,8 +492,11 @@ def main() -> None:
     if a.table:
         print(table(out))
         return
+    if a.choose or a.rescore:
+        path = out if (a.choose and out.suffix == ".jsonl") else out / "results.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"--out {a.out}: no fine-tuning records at {path}")
     if a.choose:
-        path = out if out.suffix == ".jsonl" else out / "results.jsonl"
         choose(path, a.choose.split(","), init=a.choose_init)
         return
     logging.basicConfig(level=logging.WARNING)
