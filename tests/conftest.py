@@ -58,6 +58,10 @@ def tiny_main_run(tmp_path_factory) -> Path:
         "objective=mae",
         "objective.mask_ratio=0.75",
         "probe.zoo=",
+        # the ViT's own output, as `emfm export` writes it (main.yaml's export levels and principal
+        # components are the zoo U-Net's)
+        "export.layers=[]",
+        "export.pca_k=0",
         f"hydra.run.dir={run_dir}",
         "trainer.progress=false",
     )

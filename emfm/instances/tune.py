@@ -198,13 +198,32 @@ def tune_instances(
 
 
 def foreground_instances(
-    prob: np.ndarray, *, threshold: float = 0.5, min_size: int = 0, two_d: bool = True
+    prob: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_size: int = 0,
+    seed_threshold: float = 0.0,
+    two_d: bool = True,
 ) -> np.ndarray:
-    """Connected components of `prob >= threshold` (per section with `two_d`), objects under
-    `min_size` voxels removed."""
+    """Objects of the foreground `prob >= threshold` (per section with `two_d`), objects under
+    `min_size` voxels removed.
+
+    `seed_threshold <= threshold`: its connected components. `seed_threshold > threshold`: touching
+    objects are parted where the map dips between them: the components of `prob >= seed_threshold`
+    (confident cores) are grown over the falling map (watershed of -prob) through the foreground, so
+    each object keeps the extent of the lower level; a foreground component without any core stays
+    one object."""
+    from skimage.segmentation import watershed
 
     def one(p):
-        lab, _ = ndimage.label(p >= threshold)
+        mask = p >= threshold
+        if seed_threshold > threshold:
+            cores, n = ndimage.label(p >= seed_threshold)
+            lab = watershed(-p, cores, mask=mask).astype(np.int64)
+            rest, _ = ndimage.label(mask & (lab == 0))
+            lab[rest > 0] = rest[rest > 0] + n
+        else:
+            lab, _ = ndimage.label(mask)
         if min_size > 1:
             small = np.bincount(lab.ravel()) < min_size
             small[0] = False
@@ -224,9 +243,12 @@ def tune_foreground(
 ) -> tuple[dict, list[dict]]:
     """Best `threshold` / `min_size` of `foreground_instances` against instance labels `gt`."""
     grid = dict(grid) if grid else DEFAULT_GRIDS["foreground"]
-    bad = sorted(set(grid) - {"threshold", "min_size"})
+    bad = sorted(set(grid) - {"threshold", "min_size", "seed_threshold"})
     if bad:
-        raise UserError(f"tune grid names {bad}; foreground instances take threshold and min_size")
+        raise UserError(
+            f"tune grid names {bad}; foreground instances take threshold, min_size and "
+            "seed_threshold"
+        )
     return grid_search(
         lambda c: foreground_instances(prob, two_d=two_d, **c),
         gt,

@@ -10,9 +10,10 @@ encoder given the same labels, on ISBI 2012 membranes and CDeep3M mitochondria.
 Per run: `emfm finetune` (library call; U-Net with its own decoder as the head, full fine-tuning, CE
 + Dice; `regime.init=pretrained checkpoint=...` or scratch), then blended probabilities of the
 validation and test sections; every choice that turns probabilities into instances (for ISBI
-cells the main job's derivation: smoothing, rank seed level and seed size, configs/main.yaml
-probe.cell_*; threshold and minimum size for mitochondria) is made on the validation sections
-with the task's own metric, then the test sections are scored once. With
+cells the main job's derivation: smoothing, rank seed level and seed size over CELL_GRID, the main
+job's probe grid when the protocol was frozen; threshold and minimum size for mitochondria) is
+made on the validation sections with the task's own metric, then the test sections are scored
+once. With
 `--probe`, a per-pixel linear probe (emfm.eval.probes, subpixel, the same labelled sections) on the
 frozen encoder of the same initialisation is scored the same way. Label fraction f: the first
 ceil(f x n) training sections are labelled (emfm finetune's data.label_fraction).
@@ -135,17 +136,15 @@ def finetune_config(
     return schema.validate_finetune(OmegaConf.to_object(c))
 
 
-def _cell_grid() -> dict:
-    """The cell-derivation grid of the main job's probe (configs/main.yaml probe.cell_*)."""
-    import yaml
+# The ISBI cell-derivation grid of every recorded fine-tuning run: the main job's probe grid
+# (configs/main.yaml probe.cell_*) when this protocol was frozen, kept here so that the records
+# stay reproducible (--rescore) when the main job's grid changes.
+CELL_GRID = dict(thresholds=[0.5, 0.6, 0.7], min_seeds=[16, 64, 256], sigmas=[0.0, 1.0], rank=True)
 
-    pc = yaml.safe_load((Path(__file__).parents[2] / "configs" / "main.yaml").read_text())["probe"]
-    return dict(
-        thresholds=pc["cell_thresholds"],
-        min_seeds=pc["cell_min_seeds"],
-        sigmas=pc["cell_sigmas"],
-        rank=pc["cell_rank"],
-    )
+
+def _cell_grid() -> dict:
+    """The cell-derivation grid of the fine-tuning protocol (CELL_GRID)."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in CELL_GRID.items()}
 
 
 def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:

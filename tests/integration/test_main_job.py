@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 from conftest import REPO, run_cli
 
 from emfm.data.volume import open_volume
@@ -80,9 +81,13 @@ def test_default_main_job_probes_zoo_pretrained_and_random(tmp_path):
     ]
     md = (d / "probe.md").read_text()
     assert f"{name} - random" in md and "pretrained - random" in md
-    feats = open_volume(d / "features.zarr")  # the zoo U-Net's full-resolution features
+    # the zoo U-Net's full-resolution features: the levels and principal components of main.yaml
+    main_export = yaml.safe_load((REPO / "configs" / "main.yaml").read_text())["export"]
+    feats = open_volume(d / "features.zarr")
     enc = zoo.entry(name.removeprefix("zoo:"))
-    assert feats.shape[:3] == (30, 384, 384) and enc["architecture"] == "unet"
+    assert feats.shape == (30, 384, 384, main_export["pca_k"]) and enc["architecture"] == "unet"
+    rec = json.loads((d / "export.json").read_text())
+    assert rec["layers"] == main_export["layers"] and rec["stride"] == [1, 1, 1]
 
 
 def test_checkpoint_restores_trained_weights(tiny_main_run: Path):

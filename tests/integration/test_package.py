@@ -87,6 +87,7 @@ def test_an_installed_wheel_runs_the_main_job_from_another_directory(tmp_path):
             "main",
             "debug=tiny",
             "probe.zoo=",
+            "export.layers=[0,1,2]",  # the tiny 2-level U-Net's levels and decoder output
             "trainer.progress=false",
             "name=from_wheel",
         ],

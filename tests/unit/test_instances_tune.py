@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from emfm.data.synthetic import synthetic_em
+from emfm.errors import UserError
 from emfm.instances import SegmentParams, boundaries_from_labels, segment
 from emfm.instances.tune import (
     foreground_instances,
@@ -71,6 +72,44 @@ def test_tune_foreground_instance_f1():
     assert scores[(0.7, 16)] == 1.0 and scores[(0.5, 16)] == 0.0 and scores[(0.7, 0)] < 0.5
     lab = foreground_instances(prob, threshold=0.7, min_size=16)
     assert lab.shape == gt.shape and ndimage.label(prob[0] >= 0.7)[1] > 4
+
+
+def test_foreground_instances_part_touching_objects_at_their_cores():
+    """Two discs that touch through a neck of p 0.7 (one component at any level up to 0.7), each
+    with a core of p 0.95, and a faint blob of p 0.6 with no core: seeded growth from the cores
+    parts the two discs at the neck and keeps their full extent; the faint blob stays one object;
+    a high level alone parts them only by shrinking them to their cores."""
+    yy, xx = np.mgrid[:48, :80]
+    gt = np.zeros((48, 80), np.int32)
+    prob = np.full((48, 80), 0.05)
+    for k, cx in enumerate((20, 44)):
+        d2 = (yy - 24) ** 2 + (xx - cx) ** 2
+        gt[d2 < 144] = k + 1
+        prob[d2 < 144] = 0.8
+        prob[d2 < 36] = 0.95
+    prob[20:29, 30:35] = np.maximum(prob[20:29, 30:35], 0.7)  # the neck (inside both discs' reach)
+    blob = (yy - 24) ** 2 + (xx - 70) ** 2 < 25
+    gt[blob], prob[blob] = 3, 0.6
+    prob, gt = prob[None], gt[None]
+
+    plain = foreground_instances(prob, threshold=0.5)
+    assert len(np.unique(plain[0])) - 1 == 2  # the discs merged, the blob apart
+    seeded = foreground_instances(prob, threshold=0.5, seed_threshold=0.9)
+    assert len(np.unique(seeded[0])) - 1 == 3
+    assert (seeded > 0).sum() == (plain > 0).sum()  # the extent of the lower level
+    assert score_instances(seeded, gt, "instance_f1", per_section=True) == 1.0
+    cores = foreground_instances(prob, threshold=0.9)  # parted, but shrunk and the blob lost
+    assert score_instances(cores, gt, "instance_f1", per_section=True) < 1.0
+    # seed_threshold at or below the level: plain components
+    np.testing.assert_array_equal(
+        foreground_instances(prob, threshold=0.5, seed_threshold=0.5), plain
+    )
+    best, _ = tune_foreground(
+        prob, gt, grid={"threshold": [0.5, 0.9], "seed_threshold": [0.0, 0.9], "min_size": [0]}
+    )
+    assert best == {"threshold": 0.5, "seed_threshold": 0.9, "min_size": 0}
+    with pytest.raises(UserError, match="seed_threshold"):
+        tune_foreground(prob, gt, grid={"threshold": [0.5], "sigma": [1.0]})
 
 
 def test_tune_link2d_grid_of_switches_and_names():
