@@ -189,6 +189,7 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         seed=pc.seed,
         upsample=pc.upsample,
         class_balance=pc.class_balance,
+        crop=pc.crop,
     )
     p_va = lp.predict(f["va"], d.y["va"].shape[1:])[..., 1]
     threshold = choose_threshold(p_va, d.y["va"])  # chosen on the validation sections

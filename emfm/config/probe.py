@@ -48,6 +48,9 @@ class ProbeConfig:
     upsample: Upsample = Upsample.bilinear
     # encoder blocks whose features are concatenated; [] = final output
     blocks: list[int] = field(default_factory=list)
+    # >0: each training step sees a random window of this many pixels per side of its sections
+    # (a multiple of the pixels per token), not whole sections; 0 = whole sections
+    crop: int = 0
     # ViT: also the patch embedding (tokens before the first block), concatenated first
     embed: bool = False
     tile: int = 128  # sections are encoded in tiles of this many pixels ...
@@ -79,6 +82,8 @@ def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
         raise ConfigError(
             f"probe.random_seeds={pc.random_seeds}: need at least 1 random-init encoder"
         )
+    if pc.crop < 0:
+        raise ConfigError(f"probe.crop={pc.crop}: must be >= 0 (0 = whole sections)")
     if (
         not pc.cell_thresholds
         or not pc.cell_min_seeds

@@ -90,11 +90,19 @@ def train_linear_probe(
     class_balance: bool = True,
     upsample: str = "bilinear",
     sections_per_step: int = 4,
+    crop: int = 0,
 ) -> LinearProbe:
     """Fit per-pixel logits (see LinearProbe) to `labels` `[n, y, x]` (ints < num_classes) with
-    AdamW on random mini-batches of `sections_per_step` sections (seeded)."""
+    AdamW on random mini-batches of `sections_per_step` sections (seeded).
+
+    `crop` > 0: each step takes a random `crop x crop`-pixel window of each of its sections (a
+    multiple of the pixels per token), not the whole sections: the same number of steps at a
+    fraction of the memory traffic, which is what a probe on wide features (a U-Net's hypercolumn,
+    hundreds of channels per pixel) costs on a CPU. 0 = whole sections."""
     if upsample not in UPSAMPLING:
         raise UserError(f"probe upsampling {upsample!r}: use one of {UPSAMPLING}")
+    if crop < 0:
+        raise UserError(f"probe crop={crop}: must be >= 0 (0 = whole sections)")
     if labels.size == 0 or len(np.unique(labels)) < 2:
         raise VolumeError(
             f"probe labels hold {len(np.unique(labels))} class(es) ({np.unique(labels)}); "
@@ -114,15 +122,34 @@ def train_linear_probe(
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
     opt = tx.init(p)
     nb = min(sections_per_step, len(feats))
+    window = _crop_window(crop, feats.shape[1:3], out_shape) if crop else None
+
+    def batch(f, y, valid, key):
+        idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
+        if window is None:
+            return f[idx], y[idx], valid[idx], out_shape
+        (cy, cx), (sy, sx) = window
+        ky, kx = jax.random.split(jax.random.fold_in(key, 1))
+        oy = jax.random.randint(ky, (nb,), 0, f.shape[1] - cy + 1)
+        ox = jax.random.randint(kx, (nb,), 0, f.shape[2] - cx + 1)
+
+        def cut(i, a, b):
+            fb = jax.lax.dynamic_slice(f, (i, a, b, 0), (1, cy, cx, f.shape[3]))[0]
+            lab = (i, a * sy, b * sx)
+            yb = jax.lax.dynamic_slice(y, lab, (1, cy * sy, cx * sx))[0]
+            return fb, yb, jax.lax.dynamic_slice(valid, lab, (1, cy * sy, cx * sx))[0]
+
+        fb, yb, vb = jax.vmap(cut)(idx, oy, ox)
+        return fb, yb, vb, (cy * sy, cx * sx)
 
     @jax.jit
     def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays fold slowly
-        idx = jax.random.choice(key, f.shape[0], (nb,), replace=False)
+        fb, yb, vb, shape = batch(f, y, valid, key)
 
         def loss_fn(p):
-            lg = _pixel_logits(p, f[idx], out_shape, upsample, num_classes)
-            ce = optax.softmax_cross_entropy_with_integer_labels(lg, y[idx])
-            return (ce * valid[idx]).sum() / valid[idx].sum()
+            lg = _pixel_logits(p, fb, shape, upsample, num_classes)
+            ce = optax.softmax_cross_entropy_with_integer_labels(lg, yb)
+            return (ce * vb).sum() / vb.sum()
 
         loss, g = jax.value_and_grad(loss_fn)(p)
         upd, opt = tx.update(g, opt, p)
@@ -133,6 +160,24 @@ def train_linear_probe(
     log.debug("probe final training loss %.4f", float(loss))
     w, b = np.asarray(p["w"]), np.asarray(p["b"])
     return LinearProbe(w, b, mean, std, upsample=upsample, num_classes=num_classes)
+
+
+def _crop_window(crop: int, grid: tuple[int, int], out_shape) -> tuple[tuple, tuple]:
+    """((tokens y, x), (pixels per token y, x)) of a `crop`-pixel training window; the window is
+    the whole section along an axis shorter than `crop`."""
+    strides = []
+    for g, o in zip(grid, out_shape):
+        if o % g:
+            raise UserError(
+                f"probe crop={crop}: sections of {tuple(out_shape)} pixels are not a whole number "
+                f"of tokens per side ({tuple(grid)} tokens); use crop=0"
+            )
+        strides.append(o // g)
+    if any(crop % s for s in strides):
+        raise UserError(
+            f"probe crop={crop}: must be a multiple of the pixels per token {tuple(strides)}"
+        )
+    return tuple(min(crop // s, g) for s, g in zip(strides, grid)), tuple(strides)
 
 
 def _pixel_weights(labels, ignore, num_classes: int, class_balance: bool) -> np.ndarray:

@@ -1,0 +1,49 @@
+"""The main job's linear probe trained on random windows (`crop`) of its sections: the windows'
+labels must line up with their features, at one pixel per token and at several."""
+
+import numpy as np
+import pytest
+
+from emfm.errors import UserError
+from emfm.eval.linear_probe import train_linear_probe
+
+
+def _tokens(labels: np.ndarray, s: int) -> np.ndarray:
+    """Features that carry each token's own `s x s` labels exactly (one channel per pixel of the
+    token, +-1): a subpixel probe reads them back only where features and labels are aligned."""
+    n, y, x = labels.shape
+    t = (
+        labels.reshape(n, y // s, s, x // s, s)
+        .transpose(0, 1, 3, 2, 4)
+        .reshape(n, y // s, x // s, -1)
+    )
+    return (2.0 * t - 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_crop_windows_keep_features_and_labels_aligned(stride):
+    rng = np.random.default_rng(0)
+    # blobs of 8 x 8 pixels, so a shift of one token would scramble most labels
+    labels = np.kron(rng.random((6, 8, 12)) > 0.6, np.ones((8, 8), bool)).astype(np.int32)
+    feats = _tokens(labels, stride)
+    for crop in (0, 32):
+        lp = train_linear_probe(
+            feats, labels, steps=150, lr=0.1, seed=0, upsample="subpixel", crop=crop
+        )
+        prob = lp.predict(feats, labels.shape[1:])
+        assert (prob.argmax(-1) == labels).mean() > 0.99, (stride, crop)
+        # confident too: labels shifted against their features would still give the right sign
+        # (neighbouring pixels agree more often than not) but no confidence
+        p_true = np.take_along_axis(prob, labels[..., None], -1)
+        assert p_true.mean() > 0.9, (stride, crop, p_true.mean())
+
+
+def test_crop_longer_than_a_section_takes_it_whole_and_bad_crops_are_named():
+    labels = (np.arange(2 * 16 * 16).reshape(2, 16, 16) % 3 == 0).astype(np.int32)
+    feats = _tokens(labels, 4)
+    lp = train_linear_probe(feats, labels, steps=50, lr=0.1, upsample="subpixel", crop=64)
+    assert (lp.predict(feats, (16, 16)).argmax(-1) == labels).mean() > 0.99
+    with pytest.raises(UserError, match="crop=6: must be a multiple of the pixels per token"):
+        train_linear_probe(feats, labels, steps=2, upsample="subpixel", crop=6)
+    with pytest.raises(UserError, match="crop=-1"):
+        train_linear_probe(feats, labels, steps=2, upsample="subpixel", crop=-1)
