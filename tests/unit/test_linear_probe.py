@@ -47,3 +47,17 @@ def test_crop_longer_than_a_section_takes_it_whole_and_bad_crops_are_named():
         train_linear_probe(feats, labels, steps=2, upsample="subpixel", crop=6)
     with pytest.raises(UserError, match="crop=-1"):
         train_linear_probe(feats, labels, steps=2, upsample="subpixel", crop=-1)
+
+
+def test_crop_with_bilinear_logits_matches_whole_sections():
+    """Bilinear logits on a window are the window of the whole section's logits up to its border
+    pixels: both trainings learn the same blob map."""
+    rng = np.random.default_rng(1)
+    labels = np.kron(rng.random((6, 8, 12)) > 0.6, np.ones((8, 8), bool)).astype(np.int32)
+    n, y, x = labels.shape
+    feats = labels.reshape(n, y // 4, 4, x // 4, 4).mean((2, 4))[..., None].astype(np.float32)
+    acc = []
+    for crop in (0, 32):
+        lp = train_linear_probe(feats, labels, steps=150, lr=0.1, upsample="bilinear", crop=crop)
+        acc.append((lp.predict(feats, (y, x)).argmax(-1) == labels).mean())
+    assert min(acc) > 0.9 and abs(acc[0] - acc[1]) < 0.02, acc
