@@ -179,9 +179,12 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         layers=tuple(pc.blocks),
         embed=pc.embed,
     )
-    f = {k: encode(enc, normalise(x, grey), **kw) for k, x in d.x.items()}
+
+    def feats(k: str) -> np.ndarray:  # one split at a time: wide features take gigabytes
+        return encode(enc, normalise(d.x[k], grey), **kw)
+
     lp = train_linear_probe(
-        f["tr"],
+        feats("tr"),
         d.y["tr"].astype(np.int32),
         steps=pc.steps,
         lr=pc.lr,
@@ -191,7 +194,7 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         class_balance=pc.class_balance,
         crop=pc.crop,
     )
-    p_va = lp.predict(f["va"], d.y["va"].shape[1:])[..., 1]
+    p_va = lp.predict(feats("va"), d.y["va"].shape[1:])[..., 1]
     threshold = choose_threshold(p_va, d.y["va"])  # chosen on the validation sections
     cells = {
         "threshold": pc.cell_thresholds[0],
@@ -203,7 +206,7 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         # post-processing chosen on the validation sections, by this encoder's own predictions
         grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds)
         cells = tune_cells(p_va, d.y["va"], sigmas=pc.cell_sigmas, rank=pc.cell_rank, **grid)
-    p_te = lp.predict(f["te"], d.y["te"].shape[1:])[..., 1]
+    p_te = lp.predict(feats("te"), d.y["te"].shape[1:])[..., 1]
     scores = membrane_scores(p_te, d.y["te"], pixel_threshold=threshold, **cells)
     scores["cells"], scores["threshold"] = cells, threshold
     scores["seconds"] = time.perf_counter() - t0

@@ -47,11 +47,12 @@ class LinearProbe:
     num_classes: int = 2
 
     def logits(self, feats: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
-        f = (feats - self.mean) / self.std
+        f = feats - self.mean
+        f /= self.std
         return np.asarray(
             _pixel_logits(
                 {"w": self.w, "b": self.b},
-                jnp.asarray(f),
+                jax.device_put(f),
                 out_shape,
                 self.upsample,
                 self.num_classes,
@@ -110,7 +111,11 @@ def train_linear_probe(
         )
     mean = feats.mean(axis=(0, 1, 2))
     std = feats.std(axis=(0, 1, 2)) + 1e-6
-    f = jnp.asarray((feats - mean) / std)
+    # one standardised host copy, moved to the device (jnp.asarray would hold a second transient
+    # copy: a U-Net hypercolumn of 16 sections is gigabytes)
+    f = feats - mean
+    f /= std
+    f = jax.device_put(f)
     y = jnp.asarray(labels.astype(np.int32))
     valid = jnp.asarray(_pixel_weights(labels, ignore, num_classes, class_balance))
     out_shape = labels.shape[1:]
