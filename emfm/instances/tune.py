@@ -140,11 +140,12 @@ def grid_search(
 
 def _edge_neighbour(value, values: Sequence) -> tuple[str, float] | None:
     """('lowest' | 'highest', the next value inward) when numeric `value` is the extreme of
-    `values` (3 or more distinct numbers), else None."""
+    `values` (3 or more distinct numbers), else None. A lowest value of 0 is no edge: it is the
+    parameter's off position (no smoothing, no size filter, no core level), nothing lies below."""
     nums = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if len(nums) < 3 or isinstance(value, bool) or value not in nums:
         return None
-    if value == nums[0]:
+    if value == nums[0] and value != 0:
         return "lowest", nums[1]
     if value == nums[-1]:
         return "highest", nums[-2]

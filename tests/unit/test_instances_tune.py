@@ -167,3 +167,9 @@ def test_grid_search_warns_when_the_best_value_is_at_the_grid_edge(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert any("level=0.1, the lowest value" in m for m in msgs), msgs
     assert not any("size=" in m for m in msgs)  # a tie on size: its edge value is no signal
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emfm"):  # 0 is the off position, not a grid edge
+        best, _ = grid_search(
+            labels, gt, {"level": [0.0, 0.3, 0.5]}, "adapted_rand_error", ignore_gt=()
+        )
+    assert best["level"] == 0.0 and not caplog.records
