@@ -169,8 +169,8 @@ def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
         "val_iou": pv["iou"],
     }
     if name == "isbi":
-        # cells as the main job's probe derives them (emfm.eval.cells, its grid from
-        # configs/main.yaml probe.cell_*): smoothing and per-section rank levels, so that the seeds
+        # cells as the main job's probe derives them (emfm.eval.cells, over CELL_GRID):
+        # smoothing and per-section rank levels, so that the seeds
         # do not depend on how confident a fine-tuned map is. (The 2D watershed at absolute levels
         # 0.1-0.7 chose its lowest level on the validation sections of all 18 fine-tuned runs
         # of zoo:em_unet16_hc15k's study: the maps were more confident than its grid.)

@@ -76,6 +76,12 @@ def main() -> None:
     a = ap.parse_args()
     from emfm.data.volume import open_volume
 
+    labels = a.shared / ft.DATASETS["cdeep3m"]["labels"]
+    if not labels.is_file():
+        raise SystemExit(f"--shared {a.shared}: the CDeep3M labels {labels} are not there")
+    for d in a.runs:
+        if not (d / "results.jsonl").is_file():
+            raise SystemExit(f"--runs {d}: no fine-tuning records (results.jsonl) there")
     gt = val_labels(a.shared)
     va, vb = ft.DATASETS["cdeep3m"]["val"]
     rows = []
@@ -101,6 +107,11 @@ def main() -> None:
                 )
             )
             print(f"{r['run']}: plain {plain:.4f} seeded {seeded:.4f} {picks}", flush=True)
+    if len(rows) < 2:
+        raise SystemExit(
+            f"{len(rows)} CDeep3M run(s) of recipe {a.recipe} with saved validation probabilities "
+            f"in {[str(d) for d in a.runs]}: need at least 2"
+        )
     better = sum(r["seeded"] > r["plain"] for r in rows)
     worse = sum(r["seeded"] < r["plain"] for r in rows)
     diff = [r["seeded"] - r["plain"] for r in rows]

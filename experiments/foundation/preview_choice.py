@@ -46,9 +46,8 @@ def _encoder(checkpoint: str, seed: int):
     from emfm.train.state import build_encoder, load_encoder
 
     path = resolve_zoo(checkpoint, "--checkpoint") if checkpoint.startswith("zoo:") else checkpoint
-    enc, meta = load_encoder(path)
     if seed < 0:
-        return enc
+        return load_encoder(path)[0]
     return build_encoder(ModelConfig(**ckpt.read_meta(path)["model"]), seed=seed)
 
 
@@ -149,4 +148,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from emfm.errors import UserError
+
+    try:
+        main()
+    except UserError as e:  # a bad checkpoint, task or layer list: one line naming it
+        raise SystemExit(f"preview_choice: {e}") from None
