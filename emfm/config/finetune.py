@@ -99,8 +99,8 @@ class LossConfig:
 class RegimeConfig:
     """Learning regime (configs/regime/). init: scratch | pretrained (`checkpoint=RUN_DIR`);
     encoder: finetune | frozen | partial (`frozen_blocks` first blocks / levels frozen), with
-    `layer_decay` (ViT blocks), held for the first `frozen_steps` updates (LP-FT); `reinit_decoder`
-    (U-Net) starts the decoder afresh. semi: none |
+    `layer_decay` (ViT blocks; U-Net stages from input to output), held for the first
+    `frozen_steps` updates (LP-FT); `reinit_decoder` (U-Net) starts the decoder afresh. semi: none |
     mean_teacher | fixmatch, unlabelled patches per labelled = `unlabelled_ratio`. cluster: kmeans |
     gmm (unsupervised: no training; frozen features encoded in `tile` windows with `margin`)."""
 

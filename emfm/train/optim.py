@@ -41,14 +41,26 @@ def schedule(lr: float, steps: int, warmup: int, min_ratio: float = 0.0) -> opta
 
 def update_scales(params, *, layer_decay: float = 1.0, freeze: list[str] | tuple[str, ...] = ()):
     """Per-parameter multipliers of the update: 0 for paths matching a `freeze` regex; with
-    `layer_decay` d < 1, encoder block i of L gets d^(L - i), the patch embedding and tokens
-    d^(L + 1), everything after the encoder (norm, heads, decoders) 1 (BEiT / MAE fine-tuning)."""
+    `layer_decay` d < 1, layer i of the encoder's L gets d^(L - i), everything after them 1
+    (BEiT / MAE fine-tuning). A ViT's layers are its blocks (the patch embedding and tokens get
+    d^(L + 1); the final norm, heads and decoders 1). A U-Net's are its stages in the order the
+    input passes them: the stem, the encoder levels, then the decoder levels from the coarsest
+    (`up_proj` with its level); its final norm and the heads get 1."""
     pats = [re.compile(p) for p in freeze]
     paths = {}
+    unet_depth = 0  # encoder levels of a U-Net (encoder/down/i); 0 for any other encoder
 
     def depth_of(names):
         if "blocks" in names and "encoder" in names[: names.index("blocks") + 1]:
             return int(names[names.index("blocks") + 1])
+        if unet_depth and len(names) > 1 and names[0] == "encoder":
+            part = names[1]
+            if part == "stem":
+                return 0
+            if part == "down":
+                return 1 + int(names[2])
+            if part in ("up", "up_proj"):  # decoder level i runs after level i + 1
+                return unet_depth + (unet_depth - 1 - int(names[2]))
         return None
 
     def collect(path, x):
@@ -56,6 +68,9 @@ def update_scales(params, *, layer_decay: float = 1.0, freeze: list[str] | tuple
         return x
 
     jax.tree_util.tree_map_with_path(collect, params)
+    downs = [int(n[2]) for n in paths.values() if len(n) > 2 and n[:2] == ["encoder", "down"]]
+    if downs and not any(n[:2] == ["encoder", "blocks"] for n in paths.values()):
+        unet_depth = 1 + max(downs)
     n_blocks = 1 + max([d for n in paths.values() if (d := depth_of(n)) is not None], default=-1)
 
     def scale(path, x):

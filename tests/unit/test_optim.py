@@ -51,6 +51,28 @@ def test_layer_decay_and_freeze_scales(params):
     assert s["decoder/pred/kernel"] == 1.0
 
 
+def test_layer_decay_follows_a_unet_from_input_to_output():
+    """A U-Net's layers for layer decay are its stages in the order the input passes them: stem,
+    encoder levels 0..D-1, decoder levels D-2..0 (each with its up-projection); the final norm and
+    the head train at the full rate."""
+    from emfm.models.unet import UNet, UNetSpec
+
+    class Seg(nnx.Module):
+        def __init__(self):
+            self.encoder = UNet(UNetSpec(widths=(8, 16, 32)), rngs=nnx.Rngs(0))
+            self.head = nnx.Conv(8, 2, (1, 1), rngs=nnx.Rngs(1))
+
+    s = by_path(optim.update_scales(nnx.state(Seg(), nnx.Param), layer_decay=0.5))
+    order = ["stem", "down/0", "down/1", "down/2", "up/1", "up/0"]  # 2 x 3 levels in all
+    for k, part in enumerate(order):
+        got = {v for p, v in s.items() if p.startswith(f"encoder/{part}/")}
+        assert got == {0.5 ** (6 - k)}, (part, got)
+    assert s["encoder/up_proj/1/kernel"] == s["encoder/up/1/0/conv1/kernel"] == 0.5**2
+    assert s["encoder/up_proj/0/kernel"] == 0.5
+    assert s["encoder/norm/scale"] == s["head/kernel"] == 1.0
+    assert set(by_path(optim.update_scales(nnx.state(Seg(), nnx.Param))).values()) == {1.0}
+
+
 def test_frozen_parameters_do_not_move(params):
     cfg = OptimConfig(lr=0.1, scale_lr_by_batch=False, warmup_steps=0, freeze=[r"^encoder/"])
     tx, _ = optim.build(cfg, steps=10, batch_size=1, params=params)
