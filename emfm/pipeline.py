@@ -23,7 +23,7 @@ from emfm.eval import figures
 from emfm.eval.cells import membrane_scores, tune_cells
 from emfm.eval.linear_probe import train_linear_probe
 from emfm.eval.tasks import choose_threshold
-from emfm.export.encode import encode, normalise
+from emfm.export.encode import encode, feature_groups, normalise
 from emfm.export.features import check_volume, export_features
 from emfm.export.pca import pca_rgb
 from emfm.train.state import build_encoder, load_encoder
@@ -193,6 +193,7 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         upsample=pc.upsample,
         class_balance=pc.class_balance,
         crop=pc.crop,
+        groups=feature_groups(enc, tuple(pc.blocks), pc.embed),
     )
     p_va = lp.predict(feats("va"), d.y["va"].shape[1:])[..., 1]
     threshold = choose_threshold(p_va, d.y["va"])  # chosen on the validation sections

@@ -83,7 +83,7 @@ class BlockEncoder:
         strides, widths = self._layer_grids(spec)
         if embed:  # the patch embedding (tokens before the first block) first, then the layers
             strides, widths = [_pad3(spec.patch_size)] + strides, [spec.width] + widths
-        self.strides = strides
+        self.strides, self.widths = strides, widths
         self.stride = tuple(min(s[a] for s in strides) for a in range(3))
         self.align = alignment(encoder)
         if self.ndim == 2:
@@ -196,6 +196,21 @@ class BlockEncoder:
         fn, pca = self.compiled(raw=raw)
         x = jnp.asarray(pad_batch(windows, self.batch_size), jnp.float32)
         return np.asarray(fn(self.params, x, *pca))[:n]
+
+
+def feature_groups(
+    encoder, layers: tuple[int, ...] = (), embed: bool = False
+) -> list[tuple[int, tuple[int, int]]]:
+    """`[(channels, (ry, rx)), ...]`: the channel groups of `encode`'s 2D features in order, each
+    nearest-upsampled from a grid `ry x rx` times coarser than the features' own (a U-Net level's
+    pooling), for a probe that reads each group on its own grid
+    (emfm.eval.linear_probe.train_linear_probe)."""
+    a = alignment(encoder)
+    enc = BlockEncoder(encoder, block=a, margin=(0, 0, 0), layers=layers, embed=embed)
+    return [
+        (int(w), (s[1] // enc.stride[1], s[2] // enc.stride[2]))
+        for w, s in zip(enc.widths, enc.strides)
+    ]
 
 
 def block_encoders(

@@ -59,6 +59,7 @@ DATASETS = {
 
 TAG = ""  # run-name suffix of a recipe variant (--tag)
 REGIME = "finetune"  # the regime of a pretrained start (--regime)
+RANDOM_REGIME = "scratch"  # the regime of random init (--random-regime)
 LR = None  # optim.lr override (--lr); None = configs/finetune.yaml's
 EXTRA: list[str] = []  # further overrides of a pretrained start's fine-tuning (--set KEY=VALUE ...)
 CONTROL = False  # --set applies to random init too (--control)
@@ -126,7 +127,9 @@ def finetune_config(
         *ds["over"],
     ]
     over += (
-        [f"regime={REGIME}", f"checkpoint={checkpoint}"] if init != "random" else ["regime=scratch"]
+        [f"regime={REGIME}", f"checkpoint={checkpoint}"]
+        if init != "random"
+        else [f"regime={RANDOM_REGIME}"]
     )
     over += [f"optim.lr={LR}"] if LR else []
     over += EXTRA if init != "random" or CONTROL else []
@@ -232,6 +235,7 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
         "kind": "finetune",
         "run": tag,
         "recipe": TAG.lstrip("_") or "default",
+        "regime": cfg.regime.name,
         "dataset": name,
         "init": init,
         "fraction": frac,
@@ -467,6 +471,11 @@ def main() -> None:
         "--regime", default="finetune", help="regime of a pretrained start (finetune, finetune_lld)"
     )
     ap.add_argument(
+        "--random-regime",
+        default="scratch",
+        help="regime of random init (scratch; a semi-supervised one: mean_teacher, fixmatch)",
+    )
+    ap.add_argument(
         "--lr", type=float, default=None, help="optim.lr of the fine-tuning (default: the config's)"
     )
     ap.add_argument(
@@ -485,8 +494,9 @@ def main() -> None:
         help="apply --set to random init too (e.g. the shrink-and-perturb control)",
     )
     a = ap.parse_args()
-    global REGIME, LR, TAG, EXTRA, CONTROL
-    REGIME, LR, TAG, EXTRA, CONTROL = a.regime, a.lr, a.tag, list(a.set), a.control
+    global REGIME, RANDOM_REGIME, LR, TAG, EXTRA, CONTROL
+    REGIME, RANDOM_REGIME, LR = a.regime, a.random_regime, a.lr
+    TAG, EXTRA, CONTROL = a.tag, list(a.set), a.control
     out = Path(a.out)
     if a.table:
         print(table(out))

@@ -61,3 +61,34 @@ def test_crop_with_bilinear_logits_matches_whole_sections():
         lp = train_linear_probe(feats, labels, steps=150, lr=0.1, upsample="bilinear", crop=crop)
         acc.append((lp.predict(feats, (y, x)).argmax(-1) == labels).mean())
     assert min(acc) > 0.9 and abs(acc[0] - acc[1]) < 0.02, acc
+
+
+def _hypercolumn(rng, n, y, x, groups):
+    """Features of `groups` [(channels, (ry, rx))]: each group random on its own coarse grid,
+    nearest-upsampled to pixels (as a U-Net's level hypercolumn)."""
+    parts = []
+    for c, (ry, rx) in groups:
+        g = rng.standard_normal((n, -(-y // ry), -(-x // rx), c)).astype(np.float32)
+        parts.append(np.repeat(np.repeat(g, ry, 1), rx, 2)[:, :y, :x])
+    return np.concatenate(parts, -1)
+
+
+@pytest.mark.parametrize("crop", [0, 24])
+def test_groups_read_on_their_own_grids_train_the_same_probe(crop):
+    """The probe that reads each nearest-upsampled group on its own grid is the dense probe: same
+    windows, same weights, same predictions (up to rounding), also where a window starts inside a
+    coarse cell and where the sections are not a whole number of coarse cells (36 x 44, 8 x 8)."""
+    rng = np.random.default_rng(2)
+    groups = [(3, (1, 1)), (4, (2, 2)), (5, (8, 8)), (2, (1, 1))]
+    feats = _hypercolumn(rng, 5, 36, 44, groups)
+    w = rng.standard_normal(feats.shape[-1])
+    labels = (feats @ w > 0.3).astype(np.int32)
+    kw = dict(steps=40, lr=0.05, seed=3, upsample="subpixel", crop=crop)
+    dense = train_linear_probe(feats, labels, **kw)
+    pyr = train_linear_probe(feats, labels, groups=groups, **kw)
+    assert np.abs(dense.w - pyr.w).max() < 2e-3 * np.abs(dense.w).max()
+    p_d, p_p = (lp.predict(feats, labels.shape[1:])[..., 1] for lp in (dense, pyr))
+    assert np.abs(p_d - p_p).max() < 2e-3
+    assert ((p_p > 0.5) == labels).mean() > 0.9  # and it learnt the map
+    with pytest.raises(UserError, match="groups .* hold 13 channels; the features have 14"):
+        train_linear_probe(feats, labels, groups=groups[:-1] + [(1, (1, 1))], **kw)
