@@ -153,8 +153,6 @@ def train_linear_probe(
         kout *= -(-out_shape[0] // feats.shape[1]) * -(-out_shape[1] // feats.shape[2])
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
     p = {"w": jax.random.normal(sub, (feats.shape[-1], kout)) * 0.01, "b": jnp.zeros(kout)}
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-    opt = tx.init(p)
     nb = min(sections_per_step, len(feats))
     window = _crop_window(crop, feats.shape[1:3], out_shape) if crop else None
 
@@ -176,24 +174,33 @@ def train_linear_probe(
         fb, yb, vb = jax.vmap(cut)(idx, oy, ox)
         return fb, yb, vb, (cy * sy, cx * sx)
 
+    def loss_fn(p, data, key):
+        fb, yb, vb, shape = batch(*data, key)
+        lg = _pixel_logits(p, fb, shape, upsample, num_classes)
+        ce = optax.softmax_cross_entropy_with_integer_labels(lg, yb)
+        return (ce * vb).sum() / vb.sum()
+
+    w, b = _fit(loss_fn, p, (f, y, valid), key, steps=steps, lr=lr, weight_decay=weight_decay)
+    return LinearProbe(w, b, mean, std, upsample=upsample, num_classes=num_classes)
+
+
+def _fit(loss_fn, p, data, key, *, steps: int, lr: float, weight_decay: float):
+    """(w, b) after `steps` AdamW steps (cosine-decayed lr) on `loss_fn(p, data, key)`, the key of
+    step i `fold_in(key, i)`; the data are arguments of the jitted step (closed-over arrays of
+    gigabytes fold slowly)."""
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+
     @jax.jit
-    def step(p, opt, f, y, valid, key):  # data as arguments: closed-over arrays fold slowly
-        fb, yb, vb, shape = batch(f, y, valid, key)
-
-        def loss_fn(p):
-            lg = _pixel_logits(p, fb, shape, upsample, num_classes)
-            ce = optax.softmax_cross_entropy_with_integer_labels(lg, yb)
-            return (ce * vb).sum() / vb.sum()
-
-        loss, g = jax.value_and_grad(loss_fn)(p)
+    def step(p, opt, data, key):
+        loss, g = jax.value_and_grad(loss_fn)(p, data, key)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
 
+    opt = tx.init(p)
     for i in range(steps):
-        p, opt, loss = step(p, opt, f, y, valid, jax.random.fold_in(key, i))
+        p, opt, loss = step(p, opt, data, jax.random.fold_in(key, i))
     log.debug("probe final training loss %.4f", float(loss))
-    w, b = np.asarray(p["w"]), np.asarray(p["b"])
-    return LinearProbe(w, b, mean, std, upsample=upsample, num_classes=num_classes)
+    return np.asarray(p["w"]), np.asarray(p["b"])
 
 
 def _coarse(groups, fshape, lshape) -> bool:
@@ -267,14 +274,12 @@ def _train_pyramid(
         "w": jax.random.normal(sub, (d, num_classes)) * 0.01,
         "b": jnp.zeros(num_classes),
     }
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-    opt = tx.init(p)
     nb = min(sections_per_step, n)
     (cy, cx), _ = _crop_window(crop, (gy, gx), out_shape) if crop else ((gy, gx), (1, 1))
     ixs = [jnp.asarray(ix) for _, ix in levels]
 
-    @jax.jit
-    def step(p, opt, data, y, valid, key):
+    def loss_fn(p, arrays, key):
+        data, y, valid = arrays
         idx = jax.random.choice(key, n, (nb,), replace=False)
         if crop:
             ky, kx = jax.random.split(jax.random.fold_in(key, 1))
@@ -299,27 +304,19 @@ def _train_pyramid(
 
             cuts.append(jax.vmap(cut)(idx, oy, ox))
 
-        def loss_fn(p):
-            lg = p["b"]
-            for ((ry, rx), _), ix, fb in zip(levels, ixs, cuts):
-                g = jnp.einsum("nhwd,dk->nhwk", fb, p["w"][ix])
-                g = jnp.repeat(jnp.repeat(g, ry, axis=1), rx, axis=2)
+        lg = p["b"]
+        for ((ry, rx), _), ix, fb in zip(levels, ixs, cuts):
+            g = jnp.einsum("nhwd,dk->nhwk", fb, p["w"][ix])
+            g = jnp.repeat(jnp.repeat(g, ry, axis=1), rx, axis=2)
 
-                def shift(g, a, b, ry=ry, rx=rx):
-                    return jax.lax.dynamic_slice(g, (a % ry, b % rx, 0), (cy, cx, num_classes))
+            def shift(g, a, b, ry=ry, rx=rx):
+                return jax.lax.dynamic_slice(g, (a % ry, b % rx, 0), (cy, cx, num_classes))
 
-                lg = lg + jax.vmap(shift)(g, oy, ox)
-            ce = optax.softmax_cross_entropy_with_integer_labels(lg, yb)
-            return (ce * vb).sum() / vb.sum()
+            lg = lg + jax.vmap(shift)(g, oy, ox)
+        ce = optax.softmax_cross_entropy_with_integer_labels(lg, yb)
+        return (ce * vb).sum() / vb.sum()
 
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        upd, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, upd), opt, loss
-
-    for i in range(steps):
-        p, opt, loss = step(p, opt, data, y, valid, jax.random.fold_in(key, i))
-    log.debug("probe final training loss %.4f", float(loss))
-    w, b = np.asarray(p["w"]), np.asarray(p["b"])
+    w, b = _fit(loss_fn, p, (data, y, valid), key, steps=steps, lr=lr, weight_decay=weight_decay)
     return LinearProbe(w, b, means, stds, upsample=upsample, num_classes=num_classes)
 
 
