@@ -298,9 +298,8 @@ def _train_pyramid(
             ny, nx = -(-cy // ry) + 1, -(-cx // rx) + 1
 
             def cut(i, a, b, f=f, ry=ry, rx=rx, ny=ny, nx=nx):
-                return jax.lax.dynamic_slice(f, (i, a // ry, b // rx, 0), (1, ny, nx, f.shape[3]))[
-                    0
-                ]
+                box = (1, ny, nx, f.shape[3])
+                return jax.lax.dynamic_slice(f, (i, a // ry, b // rx, 0), box)[0]
 
             cuts.append(jax.vmap(cut)(idx, oy, ox))
 
