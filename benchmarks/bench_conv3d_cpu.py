@@ -380,7 +380,7 @@ def main() -> None:
     out.write_text(json.dumps(whole, indent=1, default=float) + "\n")
     if args.md:
         write_md(record, Path(args.md), out, args.variant)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {out}" + (f" and {args.md}" if args.md else ""))
 
 
 if __name__ == "__main__":
