@@ -71,38 +71,72 @@ def _usage() -> str:
 
 
 BLOCKWISE = ("predict", "instances")  # commands whose memory must not grow with the volume
+TRAINING = ("main", "pretrain", "finetune")  # commands that run jitted training steps
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+GLIBC_ENV = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+)
 
 
-def limit_malloc_arenas(cmd: str) -> int | None:
-    """Cap glibc's malloc arenas for the blockwise commands, before any thread starts; returns the
-    cap set (None: left alone). glibc gives threads that allocate under contention arenas of their
-    own and keeps freed memory in them, so tensorstore's I/O threads raised the peak RSS of `emfm
-    instances` with the number of blocks (4 -> 16 x 1024^2 at identical blocks: 289 -> 358 MB;
-    capped at 1 arena: 259 -> 259 MB, same speed; experiments/segmentation/README.md).
-    EMFM_MALLOC_ARENA_MAX (default 1; 0 = glibc's default) sets the cap; MALLOC_ARENA_MAX in the
-    environment is glibc's own setting and is left to it."""
-    if (
-        cmd not in BLOCKWISE
-        or "MALLOC_ARENA_MAX" in os.environ
-        or not sys.platform.startswith("linux")
-    ):
-        return None
-    raw = os.environ.get("EMFM_MALLOC_ARENA_MAX", "1")
+def _env_int(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
     try:
-        n = int(raw)
+        return int(raw)
     except ValueError:
         raise SystemExit(
-            f"emfm: error: EMFM_MALLOC_ARENA_MAX={raw!r}: give a whole number (0 = glibc's default)"
+            f"emfm: error: {name}={raw!r}: give a whole number (0 = glibc's default)"
         ) from None
-    if n <= 0:
+
+
+def tune_malloc(cmd: str) -> dict[str, int] | None:
+    """Set glibc's malloc up for `cmd` before any thread starts; returns what was set (None: left
+    alone). Nothing is set off Linux/glibc or where the environment holds glibc's own MALLOC_*
+    settings (they are left to glibc).
+
+    Blockwise commands (predict, instances): one arena. glibc gives threads that allocate under
+    contention arenas of their own and keeps freed memory in them, so tensorstore's I/O threads
+    raised the peak RSS of `emfm instances` with the number of blocks (4 -> 16 x 1024^2 at
+    identical blocks: 289 -> 358 MB; capped at 1 arena: 259 -> 259 MB, same speed;
+    experiments/segmentation/README.md). EMFM_MALLOC_ARENA_MAX (default 1; 0 = glibc's default)
+    sets the cap.
+
+    Training commands (main, pretrain, finetune): freed memory stays in the process. XLA's CPU
+    runtime allocates a step's buffers afresh at every execution; with glibc's defaults the large
+    ones are new mappings (or trimmed heap) that the kernel faults in page by page at every step:
+    1.58 million page faults and 5-7 s of system time per MAE ViT-S/16 step of batch 32 on a 2-core
+    CPU. Keeping the memory (one arena, no mmap, no trimming: mallopt's int -1 becomes glibc's
+    largest size_t, a cap of 2 GiB would still trim a step's freed buffers) removes the faults with
+    identical losses (benchmarks/mae_step_malloc.py, experiments/benchmarks/README.md); the
+    resident memory then stays at its peak until the process ends. EMFM_MALLOC_KEEP=0 leaves
+    glibc's defaults."""
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in GLIBC_ENV):
+        return None
+    if cmd in BLOCKWISE:
+        n = _env_int("EMFM_MALLOC_ARENA_MAX", "1")
+        want = {"arena_max": n} if n > 0 else {}
+    elif cmd in TRAINING:
+        want = (
+            {"arena_max": 1, "mmap_max": 0, "trim_threshold": -1}
+            if _env_int("EMFM_MALLOC_KEEP", "1") > 0
+            else {}
+        )
+    else:
+        return None
+    if not want:
         return None
     import ctypes
 
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no arenas to cap)
+    except (OSError, AttributeError):  # not glibc (musl has no arenas and no mallopt)
         return None
-    return n if mallopt(-8, n) == 1 else None  # -8 = M_ARENA_MAX; mallopt returns 1 on success
+    params = {"arena_max": M_ARENA_MAX, "mmap_max": M_MMAP_MAX, "trim_threshold": M_TRIM_THRESHOLD}
+    done = {k: v for k, v in want.items() if mallopt(params[k], v) == 1}  # 1 on success
+    return done or None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if cmd not in COMMANDS:
         print(f"emfm: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
-    limit_malloc_arenas(cmd)
+    tune_malloc(cmd)
     from emfm.cli import apps
 
     sys.argv = [f"emfm {cmd}"] + rest
