@@ -12,10 +12,14 @@ With `--rounds N` the whole comparison (every model: PyTorch, then emfm) is repe
 alternating the two, and `summary` gives per model the median ratio over the rounds with each
 round's figure.
 
-Command: .venv/bin/python benchmarks/bench_mae_cpu.py [--models vit_small,vit_base] [--steps 3]
-    [--rounds 3]
-Hardware: the 2-core CPU box. Runtime: about 7 minutes a round. Output:
-experiments/benchmarks/mae_cpu.json
+The emfm side sets glibc's malloc up as `emfm pretrain` does (emfm.cli.main.tune_malloc: freed
+memory stays in the process) unless `--glibc-default`; the records before that setting existed ran
+with glibc's defaults.
+
+Command: .venv/bin/python benchmarks/bench_mae_cpu.py --variant NAME [--models vit_small,vit_base]
+    [--steps 3] [--rounds 3] [--glibc-default]
+Hardware: the 2-core CPU box. Runtime: about 7 minutes a round. Output: the record under key NAME
+of experiments/benchmarks/mae_cpu.json (e.g. the machine), the other keys kept.
 """
 
 from __future__ import annotations
@@ -141,7 +145,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "experiments" / "benchmarks" / "mae_cpu.json"))
+    ap.add_argument("--variant", required=True, help="the key of --out this run's record goes to")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc as it is")
     args = ap.parse_args()
+    tuned = None
+    if not args.glibc_default:  # before jax starts any thread, as `emfm pretrain` does
+        from emfm.cli.main import tune_malloc
+
+        tuned = tune_malloc("pretrain")
     sys.path.insert(0, str(BENCH))
     from mae_flops import CONFIGS, mae_forward_flops
 
@@ -156,6 +167,7 @@ def main() -> None:
     record = {
         "bench": "mae_cpu",
         "command": " ".join(sys.argv),
+        "tune_malloc": tuned,
         "ceiling_gflops": peak,
         "ceiling": ceiling,
         "runs": [],
@@ -179,9 +191,12 @@ def main() -> None:
         if (rs := [r["speed_ratio_emfm_over_torch"] for r in record["runs"] if r["model"] == model])
     }
     print(json.dumps(record["summary"], indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1, default=float))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(out.read_text()) if out.exists() else {}
+    records[args.variant] = record
+    out.write_text(json.dumps(records, indent=1, default=float))
+    print(f"wrote key {args.variant!r} of {out}")
 
 
 if __name__ == "__main__":
