@@ -26,7 +26,7 @@ from pathlib import Path
 
 # glibc: no mmap for large blocks, never give the top of the heap back, one arena (the
 # threads' own arenas are mmapped heaps that are trimmed and faulted in again); "emfm": what
-# `emfm pretrain|finetune|main` set at start (emfm.cli.main.tune_malloc, through mallopt)
+# `emfm pretrain|finetune` set at start (emfm.cli.main.tune_malloc, through mallopt)
 SETTINGS = {
     "default": {},
     "emfm": {"EMFM_BENCH_TUNE_MALLOC": "1"},

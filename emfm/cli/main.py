@@ -71,7 +71,9 @@ def _usage() -> str:
 
 
 BLOCKWISE = ("predict", "instances")  # commands whose memory must not grow with the volume
-TRAINING = ("main", "pretrain", "finetune")  # commands that run jitted training steps
+# commands that run jitted training steps (not `main`: its probe and export stages hold large
+# arrays of many sizes, and kept memory raised its peak RSS from 5.4 to 6.5 GB, no faster)
+TRAINING = ("pretrain", "finetune")
 # glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 GLIBC_ENV = (
@@ -104,7 +106,7 @@ def tune_malloc(cmd: str) -> dict[str, int] | None:
     experiments/segmentation/README.md). EMFM_MALLOC_ARENA_MAX (default 1; 0 = glibc's default)
     sets the cap.
 
-    Training commands (main, pretrain, finetune): freed memory stays in the process. XLA's CPU
+    Training commands (pretrain, finetune): freed memory stays in the process. XLA's CPU
     runtime allocates a step's buffers afresh at every execution; with glibc's defaults the large
     ones are new mappings (or trimmed heap) that the kernel faults in page by page at every step:
     1.58 million page faults and 5-7 s of system time per MAE ViT-S/16 step of batch 32 on a 2-core
