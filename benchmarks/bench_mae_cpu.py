@@ -45,7 +45,9 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(out[out.index("{") :])
 
 
-def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
+def mae_step(model: str, batch: int):
+    """emfm's jitted MAE training step for `model` (a key of SIZES), its initial state, a batch of
+    `batch` random images and the parameter count."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -73,9 +75,14 @@ def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
         make_train_step(graphdef, lambda m, b, r, t: mae.loss(m, b, r, mask_ratio=0.75), tx),
         donate_argnums=0,
     )
-    batch_arr = {
-        "image": jax.random.normal(jax.random.PRNGKey(0), (batch, 224, 224, 1), jnp.float32)
-    }
+    images = jax.random.normal(jax.random.PRNGKey(0), (batch, 224, 224, 1), jnp.float32)
+    return step, state, {"image": images}, nparams
+
+
+def bench_emfm(model: str, batch: int, steps: int, warmup: int) -> dict:
+    import jax
+
+    step, state, batch_arr, nparams = mae_step(model, batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arr).compile()
     compile_s = time.perf_counter() - t0

@@ -47,31 +47,10 @@ def child(model: str, steps: int, warmup: int) -> dict:
     import resource
     import time
 
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_mae_cpu import SIZES
+    from bench_mae_cpu import mae_step
 
-    from emfm.config.objective import MAEConfig
-    from emfm.config.schema import ModelConfig
-    from emfm.objectives import mae
-    from emfm.train.state import build_pretraining_model, init_state, make_train_step
-
-    mcfg = ModelConfig(name="vit", size=SIZES[model], patch_size=[16, 16])
-    ocfg = MAEConfig(
-        mask_ratio=0.75, decoder_width=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True
-    )
-    net = build_pretraining_model(mcfg, ocfg)
-    tx = optax.adamw(1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05)
-    graphdef, state = init_state(net, tx, 0)
-    del net
-    step = jax.jit(
-        make_train_step(graphdef, lambda m, b, r, t: mae.loss(m, b, r, mask_ratio=0.75), tx),
-        donate_argnums=0,
-    )
-    batch = {"image": jax.random.normal(jax.random.PRNGKey(0), (32, 224, 224, 1), jnp.float32)}
+    step, state, batch, _ = mae_step(model, 32)
     rows = []
     for i in range(warmup + steps):
         r0 = resource.getrusage(resource.RUSAGE_SELF)
