@@ -85,3 +85,10 @@ def test_training_commands_keep_freed_memory():
     assert tuned is None and faults >= 4 * 16384 // 2
     assert run(FAULTS, "pretrain", MALLOC_MMAP_MAX_="65536")[0] is None  # glibc's own setting wins
     assert run(FAULTS, "main")[0] is None  # the main job's probe and export keep glibc's default
+    r = subprocess.run(
+        [sys.executable, "-c", "from emfm.cli.main import tune_malloc as f; f('pretrain')"],
+        env={**os.environ, "EMFM_MALLOC_KEEP": "yes"},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "EMFM_MALLOC_KEEP='yes'" in r.stderr
