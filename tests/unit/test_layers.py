@@ -75,3 +75,15 @@ def test_gelu_is_exact_gelu():
     g = jax.vmap(jax.grad(layers.gelu))(x)
     g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
     np.testing.assert_allclose(g, g_ref, atol=2e-6)
+
+
+def test_attention_module_splits_heads_as_before():
+    """The CPU path reads q, k, v and the heads from the same channels of the qkv projection as
+    the `jax.nn.dot_product_attention` path, so saved ViT weights mean the same."""
+    from einops import rearrange
+
+    att = layers.Attention(24, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 9, 24), jnp.float32)
+    q, k, v = rearrange(att.qkv(x), "b t (three h d) -> three b t h d", three=3, h=3)
+    want = att.proj(rearrange(jax.nn.dot_product_attention(q, k, v), "b t h d -> b t (h d)"))
+    np.testing.assert_allclose(att(x), want, atol=1e-5)
