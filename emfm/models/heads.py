@@ -31,7 +31,10 @@ class MLP(nnx.Module):
     def __init__(self, din: int, hidden: int, dout: int, *, layers: int = 2, rngs: nnx.Rngs):
         dims = [din] + [hidden] * (layers - 1) + [dout]
         self.linears = nnx.List(
-            [dense(a, b, dtype=jnp.float32, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])]
+            [
+                dense(a, b, dtype=jnp.float32, rngs=rngs, cpu_form=False)
+                for a, b in zip(dims[:-1], dims[1:])
+            ]
         )
         self.norms = nnx.List([layer_norm(d, dtype=jnp.float32, rngs=rngs) for d in dims[1:-1]])
 
