@@ -67,13 +67,18 @@ def test_blockwise_commands_cap_malloc_arenas():
     assert run(ARENAS, "predict", EMFM_MALLOC_ARENA_MAX="2")[0] == {"arena_max": 2}
     assert run(ARENAS, "predict", MALLOC_ARENA_MAX="3")[0] is None  # glibc's own setting wins
     assert run(ARENAS, "view")[0] is None  # other commands keep glibc's default
-    r = subprocess.run(
-        [sys.executable, "-c", "from emfm.cli.main import tune_malloc as f; f('predict')"],
-        env={**os.environ, "EMFM_MALLOC_ARENA_MAX": "many"},
+    r = tune_in_child("predict", EMFM_MALLOC_ARENA_MAX="many")
+    assert r.returncode != 0 and "EMFM_MALLOC_ARENA_MAX='many'" in r.stderr
+
+
+def tune_in_child(cmd: str, **env) -> subprocess.CompletedProcess:
+    """`tune_malloc(cmd)` in a fresh interpreter with `env` added."""
+    return subprocess.run(
+        [sys.executable, "-c", f"from emfm.cli.main import tune_malloc as f; f({cmd!r})"],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
     )
-    assert r.returncode != 0 and "EMFM_MALLOC_ARENA_MAX='many'" in r.stderr
 
 
 def test_training_commands_keep_freed_memory():
@@ -85,10 +90,5 @@ def test_training_commands_keep_freed_memory():
     assert tuned is None and faults >= 4 * 16384 // 2
     assert run(FAULTS, "pretrain", MALLOC_MMAP_MAX_="65536")[0] is None  # glibc's own setting wins
     assert run(FAULTS, "main")[0] is None  # the main job's probe and export keep glibc's default
-    r = subprocess.run(
-        [sys.executable, "-c", "from emfm.cli.main import tune_malloc as f; f('pretrain')"],
-        env={**os.environ, "EMFM_MALLOC_KEEP": "yes"},
-        capture_output=True,
-        text=True,
-    )
+    r = tune_in_child("pretrain", EMFM_MALLOC_KEEP="yes")
     assert r.returncode != 0 and "EMFM_MALLOC_KEEP='yes'" in r.stderr
