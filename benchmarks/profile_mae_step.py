@@ -58,7 +58,7 @@ def product_key(body: str) -> tuple[str, float] | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace_dir")
-    ap.add_argument("--model", default="vit_small")
+    ap.add_argument("--model", default="vit_small", choices=["vit_small", "vit_base"])
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
 
