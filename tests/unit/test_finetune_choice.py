@@ -67,3 +67,44 @@ def test_choose_needs_every_validation_score(tmp_path):
     ]
     with pytest.raises(SystemExit, match="val_adapted_rand_error missing"):
         ft.choose(_write(tmp_path, recs), ["a"])
+
+
+def _agreement_script():
+    spec = importlib.util.spec_from_file_location(
+        "foundation_val_test", REPO / "experiments" / "foundation" / "val_test_agreement.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_val_test_agreement_counts_each_run_once_and_filters(tmp_path, capsys):
+    mod = _agreement_script()
+
+    def rec(run, v, t, **kw):
+        d = {"kind": "finetune", "dataset": "isbi", "fraction": 0.1, "run": run}
+        d.update(val_adapted_rand_error=v, adapted_rand_error=t, **kw)
+        return json.dumps(d)
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(
+        "\n".join(
+            [
+                rec("r0", 0.1, 0.3),
+                rec("r1", 0.2, 0.2),
+                rec("r2", 0.3, 0.1),
+                rec("other", 0.9, 0.9, dataset="cdeep3m"),
+                rec("probe", 0.9, 0.9, kind="probe"),
+                rec("full", 0.9, 0.9, fraction=1.0),
+            ]
+        )
+        + "\n"
+    )
+    b.write_text(rec("r0", 0.5, 0.5) + "\n")  # a later record of r0: the first one counts
+    rows = mod.pairs([a, b], "isbi", "adapted_rand_error", 0.1)
+    assert sorted(rows) == [("r0", 0.1, 0.3), ("r1", 0.2, 0.2), ("r2", 0.3, 0.1)]
+    assert mod.main([str(a), str(b)]) == 0
+    assert "3 runs: Spearman -1.000" in capsys.readouterr().out
+    assert mod.main([str(b)]) == 1  # one run: too few for a correlation
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "missing.jsonl")])
