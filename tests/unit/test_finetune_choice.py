@@ -12,13 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _finetune_script():
+def _script(file: str):
+    """A script of experiments/foundation, imported as a module."""
     spec = importlib.util.spec_from_file_location(
-        "foundation_finetune", REPO / "experiments" / "foundation" / "finetune.py"
+        f"foundation_{Path(file).stem}", REPO / "experiments" / "foundation" / file
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _finetune_script():
+    return _script("finetune.py")
 
 
 def _rec(dataset, recipe, seed, fraction=0.1, **val):
@@ -69,17 +74,8 @@ def test_choose_needs_every_validation_score(tmp_path):
         ft.choose(_write(tmp_path, recs), ["a"])
 
 
-def _agreement_script():
-    spec = importlib.util.spec_from_file_location(
-        "foundation_val_test", REPO / "experiments" / "foundation" / "val_test_agreement.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_val_test_agreement_counts_each_run_once_and_filters(tmp_path, capsys):
-    mod = _agreement_script()
+    mod = _script("val_test_agreement.py")
 
     def rec(run, v, t, **kw):
         d = {"kind": "finetune", "dataset": "isbi", "fraction": 0.1, "run": run}
