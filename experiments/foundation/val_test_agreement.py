@@ -26,10 +26,15 @@ def pairs(files: list[Path], dataset: str, score: str, fraction: float) -> list[
     """(run, validation score, test score) of each fine-tuned run, first record of a run only."""
     seen, out = set(), []
     for f in files:
-        for line in f.read_text().splitlines():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            d = json.loads(line)
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{f}:{n}: not a JSON record ({e.msg})") from None
+            if not isinstance(d, dict) or (d.get("kind") == "finetune" and "run" not in d):
+                raise SystemExit(f"{f}:{n}: not a finetune.py record (no 'run' key)")
             if (
                 d.get("kind") != "finetune"
                 or d.get("dataset") != dataset

@@ -104,3 +104,7 @@ def test_val_test_agreement_counts_each_run_once_and_filters(tmp_path, capsys):
     assert mod.main([str(b)]) == 1  # one run: too few for a correlation
     with pytest.raises(SystemExit):
         mod.main([str(tmp_path / "missing.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(rec("r0", 0.1, 0.3) + "\n{not json\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:2: not a JSON record"):
+        mod.pairs([bad], "isbi", "adapted_rand_error", 0.1)
