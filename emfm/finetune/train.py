@@ -310,6 +310,7 @@ def _summary(cfg: FinetuneConfig, job: loop.Job, result: loop.LoopResult, labell
         "train_s": result.loop_s,
         "labelled_roi": [list(b) for b in labelled.box],
         "checkpoint": str(job.dir / "checkpoints"),
+        "host": loop.host_record(),
     }
     if scores is not None:
         summary["test"] = scores

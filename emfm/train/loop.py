@@ -99,6 +99,35 @@ class Preemption:
         self.previous = {}
 
 
+def host_record() -> dict:
+    """Where a run ran: CPU model and logical cores, backend and device kind, jax and jaxlib
+    versions. XLA compiles for the host's instruction set, so the same command and seed can end
+    elsewhere on another CPU; run summaries keep this record so that results can be told apart."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    import jaxlib
+
+    dev = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+    }
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
     if jax.process_index() == 0:
         (run_dir / "status.json").write_text(

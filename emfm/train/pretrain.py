@@ -227,6 +227,7 @@ def _summary(cfg: EmfmConfig, job: loop.Job, result: loop.LoopResult, n_enc: int
         "skipped_batches": int(result.state.nonfinite),
         "devices": job.mesh.size,
         "processes": job.process_count,
+        "host": loop.host_record(),
         "train_s": loop_s,
         "total_s": time.perf_counter() - job.started,
         "checkpoint": str(job.dir / "checkpoints"),

@@ -245,6 +245,7 @@ def run_finetune(name, ds, init, checkpoint, frac, steps, seed, out: Path, batch
         "final_loss": summary["final_loss"],
         "train_s": summary["train_s"],
         "seconds": time.time() - t0,
+        "host": summary.get("host"),
         **score(name, ds, p_val, p_test),
     }
 

@@ -313,7 +313,9 @@ def test_fsdp_on_8_cpu_devices_equals_data_parallel(tmp_path):
     r1 = run_cli("pretrain", *args, f"hydra.run.dir={dp}")
     r2 = run_cli("pretrain", *args, "mesh.fsdp=4", f"hydra.run.dir={fs}")
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-1500:] + r2.stderr[-1500:]
-    assert json.loads((fs / "pretrain_summary.json").read_text())["devices"] == 8
+    summary = json.loads((fs / "pretrain_summary.json").read_text())
+    assert summary["devices"] == 8
+    assert summary["host"]["backend"] == "cpu" and summary["host"]["cpu_count"] == os.cpu_count()
     l1, l2 = losses(dp), losses(fs)
     np.testing.assert_allclose(
         [l2[s] for s in (1, 2, 3)], [l1[s] for s in (1, 2, 3)], rtol=0, atol=1e-5

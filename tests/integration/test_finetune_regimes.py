@@ -287,6 +287,9 @@ def test_mean_teacher_on_sparse_isbi_labels(tmp_path):
     assert s["labelled_roi"][0] == [0, 2]
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["loss_consistency"] > 0 and "ema_momentum" in rec
+    # the summary names the host: the same seed can end elsewhere on another CPU
+    host = json.loads((tmp_path / "finetune_summary.json").read_text())["host"]
+    assert host == s["host"] and host["jax"] == jax.__version__ and host["cpu"]
 
 
 def test_fixmatch_unet_decoder_affinities_on_gala(tmp_path, gala):
