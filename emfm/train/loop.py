@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jaxlib
 
 from emfm.errors import UserError
 from emfm.train import checkpoint
@@ -103,9 +106,6 @@ def host_record() -> dict:
     """Where a run ran: CPU model and logical cores, backend and device kind, jax and jaxlib
     versions. XLA compiles for the host's instruction set, so the same command and seed can end
     elsewhere on another CPU; run summaries keep this record so that results can be told apart."""
-    import os
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -114,8 +114,6 @@ def host_record() -> dict:
             )
     except OSError:
         pass
-    import jaxlib
-
     dev = jax.devices()[0]
     return {
         "cpu": cpu,

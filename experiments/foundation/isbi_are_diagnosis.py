@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--section", type=int, default=0, help="index into the test sections")
     a = ap.parse_args()
 
+    for f in (DATASETS["isbi"]["image"], DATASETS["isbi"]["labels"]):
+        if not (a.shared / f).is_file():
+            ap.error(f"--shared {a.shared}: {f} not found (the labelled EM of ../shared/data/em)")
     ds = load("isbi", a.shared, Path(tempfile.mkdtemp(prefix="isbi_are_")))
     spec = DATASETS["isbi"]
     yv = fg("isbi", ds["y"][slice(*spec["val"])])
@@ -123,12 +126,16 @@ def main() -> None:
     ]
     runs: list[dict] = []
     for item in a.run:
-        start, rest = item.split("=", 1)
-        out_dir, tag = rest.rsplit(":", 1)
-        pv, pt = (
-            open_volume(Path(out_dir) / "pred" / f"{tag}_{lo}_{hi}.zarr").read()[..., 1]
-            for lo, hi in (spec["val"], spec["test"])
-        )
+        start, _, rest = item.partition("=")
+        out_dir, _, tag = rest.rpartition(":")
+        if not (start and out_dir and tag):
+            ap.error(f"--run {item!r}: expected START=OUT_DIR:RUN_TAG")
+        pred = Path(out_dir) / "pred"
+        paths = [pred / f"{tag}_{lo}_{hi}.zarr" for lo, hi in (spec["val"], spec["test"])]
+        missing = [str(q) for q in paths if not q.exists()]
+        if missing:
+            ap.error(f"--run {item!r}: no saved probabilities at {', '.join(missing)}")
+        pv, pt = (open_volume(q).read()[..., 1] for q in paths)
         chosen = tune_cells(pv, yv, **g)
         sections = per_section(pt, yt, chosen)
         val_cells = [per_section(pv, yv, c) for c in grid]
