@@ -20,7 +20,7 @@ from emfm.data import bundled
 from emfm.data.sampling import Region, estimate_range
 from emfm.data.volume import Volume, VolumeError, open_volume
 from emfm.eval import figures
-from emfm.eval.cells import membrane_scores, tune_cells
+from emfm.eval.cells import cell_scores, membrane_scores, tune_cells
 from emfm.eval.linear_probe import train_linear_probe
 from emfm.eval.tasks import choose_threshold
 from emfm.export.encode import encode, feature_groups, normalise
@@ -203,13 +203,21 @@ def probe_encoder(cfg: EmfmConfig, enc, grey, d: ProbeData) -> tuple[dict, np.nd
         "sigma": pc.cell_sigmas[0],
         "rank": pc.cell_rank,
     }
-    if len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas) > 1:
+    if pc.cell_merges[0] > 0:
+        cells["merge"] = pc.cell_merges[0]
+    n_cells = len(pc.cell_thresholds) * len(pc.cell_min_seeds) * len(pc.cell_sigmas)
+    if n_cells * len(pc.cell_merges) > 1:
         # post-processing chosen on the validation sections, by this encoder's own predictions
         grid = dict(thresholds=pc.cell_thresholds, min_seeds=pc.cell_min_seeds)
-        cells = tune_cells(p_va, d.y["va"], sigmas=pc.cell_sigmas, rank=pc.cell_rank, **grid)
+        cells = tune_cells(
+            p_va, d.y["va"], sigmas=pc.cell_sigmas, rank=pc.cell_rank, merges=pc.cell_merges, **grid
+        )
+    # the chosen cells' score on the validation sections (for choosing probe.cell_* grids)
+    val_are = cell_scores(p_va, d.y["va"], **cells)["adapted_rand_error"]
     p_te = lp.predict(feats("te"), d.y["te"].shape[1:])[..., 1]
     scores = membrane_scores(p_te, d.y["te"], pixel_threshold=threshold, **cells)
     scores["cells"], scores["threshold"] = cells, threshold
+    scores["val_adapted_rand_error"] = val_are
     scores["seconds"] = time.perf_counter() - t0
     return scores, p_te
 

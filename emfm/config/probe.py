@@ -67,6 +67,8 @@ class ProbeConfig:
     cell_sigmas: list[float] = field(default_factory=lambda: [0.0])
     # cell_thresholds are quantiles of each section's own map (calibration-free seeds)
     cell_rank: bool = False
+    # then join adjacent cells whose border's mean membrane probability is below this (0: never)
+    cell_merges: list[float] = field(default_factory=lambda: [0.0])
 
 
 def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
@@ -88,13 +90,16 @@ def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
         not pc.cell_thresholds
         or not pc.cell_min_seeds
         or not pc.cell_sigmas
+        or not pc.cell_merges
         or any(not 0.0 < t < 1.0 for t in pc.cell_thresholds)
+        or any(not 0.0 <= m < 1.0 for m in pc.cell_merges)
         or min(pc.cell_min_seeds) < 1
         or min(pc.cell_sigmas) < 0
     ):
         raise ConfigError(
             f"probe.cell_thresholds={pc.cell_thresholds} (each in (0, 1)), probe.cell_min_seeds="
-            f"{pc.cell_min_seeds} (each >= 1), probe.cell_sigmas={pc.cell_sigmas} (each >= 0): "
+            f"{pc.cell_min_seeds} (each >= 1), probe.cell_sigmas={pc.cell_sigmas} (each >= 0), "
+            f"probe.cell_merges={pc.cell_merges} (each in [0, 1), 0 = no merging): "
             "give at least one value each"
         )
     if pc.embed and m.name != "vit":

@@ -1,11 +1,12 @@
 """Cells from a predicted membrane map, and their scores: the region metrics of the membrane
 probes (the main job's probe, the probing benchmark's membrane tasks, fine-tuning evaluation).
 
-Cells are grown by seeded watershed per section from the predicted membranes; ground-truth cells are
-the connected cell-interior regions (membrane pixels ignored). The watershed's seed threshold,
-minimum seed size and smoothing can be chosen per encoder on held-out sections (`tune_cells`), so
-that each encoder's region scores come from its own best post-processing, not from one fixed
-threshold.
+Cells are grown by seeded watershed per section from the predicted membranes, and adjacent cells
+whose shared border is faint can then be joined (agglomeration by mean membrane probability along
+the border, emfm.instances.graph); ground-truth cells are the connected cell-interior regions
+(membrane pixels ignored). The watershed's seed threshold, minimum seed size, smoothing and the
+merge level can be chosen per encoder on held-out sections (`tune_cells`), so that each encoder's
+region scores come from its own best post-processing, not from one fixed threshold.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ def cells_from_membranes(
     min_seed: int = 16,
     sigma: float = 0.0,
     rank: bool = False,
+    merge: float = 0.0,
 ) -> np.ndarray:
     """Cell instances of one section from a membrane probability map: the map is optionally smoothed
     (Gaussian, `sigma` pixels), seeds are connected regions of confident interior (p < threshold, at
     least `min_seed` pixels), grown by watershed over the (smoothed) map.
+
+    With `merge` > 0, adjacent cells are then joined while the lowest mean membrane probability
+    along a shared border (of the map as given, not smoothed) is below `merge`, lowest first
+    (emfm.instances.graph.agglomerate): a seed level low enough to separate cells behind weak
+    membranes also splits cells along faint ridges inside them (organelle outlines, texture), and
+    a border made of such ridges has a low mean. `merge` is an absolute probability; 0 joins
+    nothing.
 
     With `rank`, `threshold` is a quantile of this section's own (smoothed) map: the seeds are then
     the `threshold` fraction of least membrane-like pixels. The watershed flooding depends only on
@@ -38,7 +47,13 @@ def cells_from_membranes(
 
     p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
     t = float(np.quantile(p, threshold)) if rank else threshold
-    return seeded_watershed(p, threshold_seeds(p, t, min_seed)).astype(np.uint32)
+    cells = seeded_watershed(p, threshold_seeds(p, t, min_seed)).astype(np.uint32)
+    if merge > 0:
+        from emfm.instances.graph import agglomerate, apply_to_fragments, rag_from_boundaries
+
+        rag = rag_from_boundaries(cells, p_membrane)
+        cells = apply_to_fragments(cells, agglomerate(rag, merge)).astype(np.uint32)
+    return cells
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
@@ -76,10 +91,13 @@ def tune_cells(
     min_seeds=(16,),
     sigmas=(0.0,),
     rank: bool = False,
+    merges=(0.0,),
 ) -> dict:
     """The cells_from_membranes parameters with the lowest adapted Rand error (averaged per section)
-    on these (training) sections, searched over thresholds x min_seeds x sigmas by
-    emfm.instances.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first."""
+    on these (held-out) sections, searched over thresholds x min_seeds x sigmas x merges by
+    emfm.instances.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first.
+    The result names `merge` only when `merges` offers more than "no merging" (0), so that the
+    parameters of a grid without it read as before."""
     from emfm.instances.tune import grid_search
 
     gt = np.stack([gt_cells(m) for m in membrane_gt])
@@ -89,6 +107,10 @@ def tune_cells(
         "sigma": [float(s) for s in sigmas],
         "rank": [bool(rank)],
     }
+    if any(m < 0 or m >= 1 for m in merges) or not merges:
+        raise UserError(f"cell merge levels {list(merges)}: give at least one, each in [0, 1)")
+    if list(merges) != [0.0]:
+        grid["merge"] = [float(m) for m in merges]
     try:
         best, _ = grid_search(
             lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]),
@@ -100,7 +122,8 @@ def tune_cells(
         )
     except ValueError as e:  # an empty grid
         raise UserError(
-            f"probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas): {e}"
+            "probe cell tuning (probe.cell_thresholds / cell_min_seeds / cell_sigmas / "
+            f"cell_merges): {e}"
         ) from None
     return best
 

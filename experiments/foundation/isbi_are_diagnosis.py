@@ -3,7 +3,8 @@ merge, and how much of a gap between two starts is the cell derivation chosen on
 validation sections rather than the maps themselves.
 
     python experiments/foundation/isbi_are_diagnosis.py --shared ../shared/data/em \
-        --run START=OUT_DIR:RUN_TAG [--run START=OUT_DIR:RUN_TAG ...] [--out FILE.json]
+        --run START=OUT_DIR:RUN_TAG [--run START=OUT_DIR:RUN_TAG ...] [--out FILE.json] \
+        [--merges 0,0.3,0.4,...]
 
 OUT_DIR is a finetune.py `--out` folder holding `pred/RUN_TAG_16_20.zarr` (validation sections)
 and `pred/RUN_TAG_20_30.zarr` (test sections); give one `--run` per seed, the same START for the
@@ -13,6 +14,9 @@ merge errors (1 - Rand recall, 1 - Rand precision) and per section. Then, for ev
 the grid, each start's validation and test ARE (mean over its runs), so that the starts can be
 compared under one derivation; and one derivation for all runs, chosen on the validation sections
 of all runs together. Test sections choose nothing here: this is a diagnosis, not a result row.
+With `--merges`, every derivation of the grid is tried with each merge level (adjacent cells joined
+while their border's mean membrane probability is below it; 0 = no merging; emfm.eval.cells), and
+the merge level is chosen on the validation sections with the rest.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def figure(path: Path, image: np.ndarray, membrane: np.ndarray, first: dict, k: 
             linewidths=0.5,
         )
         ax[1, j].set_title(
-            f"{start}: cells ({c['threshold']}, {c['min_seed']}, {c['sigma']}), "
+            f"{start}: cells ({c['threshold']}, {c['min_seed']}, {c['sigma']}, "
+            f"{c.get('merge', 0.0)}), "
             f"ARE {r['test_sections'][k]['are']:.3f}"
         )
     for a in ax.flat:
@@ -110,7 +115,18 @@ def main() -> None:
         help="PNG: one test section (--section), its cells, and the first run of each start",
     )
     ap.add_argument("--section", type=int, default=0, help="index into the test sections")
+    ap.add_argument(
+        "--merges",
+        default="0",
+        help="comma-separated merge levels in [0, 1) added to the cell grid (0 = no merging)",
+    )
     a = ap.parse_args()
+    try:
+        merges = [float(m) for m in a.merges.split(",")]
+    except ValueError:
+        ap.error(f"--merges {a.merges!r}: expected comma-separated numbers, e.g. 0,0.5,0.6")
+    if any(not 0 <= m < 1 for m in merges):
+        ap.error(f"--merges {a.merges!r}: each level must be in [0, 1)")
 
     for f in (DATASETS["isbi"]["image"], DATASETS["isbi"]["labels"]):
         if not (a.shared / f).is_file():
@@ -120,9 +136,12 @@ def main() -> None:
     yv = fg("isbi", ds["y"][slice(*spec["val"])])
     yt = fg("isbi", ds["y"][slice(*spec["test"])])
     g = _cell_grid()
+    if merges != [0.0]:
+        g["merges"] = merges
     grid = [
         dict(threshold=t, min_seed=m, sigma=s, rank=g["rank"])
-        for t, m, s in itertools.product(g["thresholds"], g["min_seeds"], g["sigmas"])
+        | ({"merge": j} if "merges" in g else {})
+        for t, m, s, j in itertools.product(g["thresholds"], g["min_seeds"], g["sigmas"], merges)
     ]
     runs: list[dict] = []
     for item in a.run:
@@ -158,14 +177,17 @@ def main() -> None:
         c = chosen
         print(
             f"{start} {tag}: chosen (threshold {c['threshold']}, min_seed {c['min_seed']}, "
-            f"sigma {c['sigma']}): test ARE {r['test_are']:.4f} (split {r['test_split']:.4f}, "
-            f"merge {r['test_merge']:.4f}); per section "
+            f"sigma {c['sigma']}, merge {c.get('merge', 0.0)}): test ARE {r['test_are']:.4f} "
+            f"(split {r['test_split']:.4f}, merge {r['test_merge']:.4f}); per section "
             + " ".join(f"{s['are']:.3f}" for s in sections)
         )
     starts = list(dict.fromkeys(r["start"] for r in runs))
     by = {s: [r for r in runs if r["start"] == s] for s in starts}
 
-    print("\nper derivation (threshold, min_seed, sigma): validation / test ARE, mean over runs")
+    print(
+        "\nper derivation (threshold, min_seed, sigma, merge): validation / test ARE, "
+        "mean over runs"
+    )
     print("  " + " | ".join(f"{s} ({len(by[s])} runs)" for s in starts))
     for i, c in enumerate(grid):
         cols = [
@@ -173,7 +195,10 @@ def main() -> None:
             f"{np.mean([r['test_are_per_cell'][i] for r in by[s]]):.4f}"
             for s in starts
         ]
-        print(f"  ({c['threshold']}, {c['min_seed']:>3}, {c['sigma']}): " + " | ".join(cols))
+        print(
+            f"  ({c['threshold']}, {c['min_seed']:>3}, {c['sigma']}, {c.get('merge', 0.0)}): "
+            + " | ".join(cols)
+        )
 
     # one derivation for every run: the lowest validation ARE averaged over all runs
     pooled = [float(np.mean([r["val_are_per_cell"][i] for r in runs])) for i in range(len(grid))]
@@ -207,6 +232,7 @@ def main() -> None:
                     "test_sections": list(spec["test"]),
                     "val_sections": list(spec["val"]),
                     "grid": grid,
+                    "merges": merges,
                     "common": grid[i_common],
                     "summary": summary,
                     "runs": runs,

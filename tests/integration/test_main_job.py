@@ -50,6 +50,9 @@ def test_main_job_writes_everything(tiny_main_run: Path):
         0.4,
         0.5,
     )  # chosen on validation
+    pre = probe_rec["results"]["pretrained"]
+    assert pre["cells"].get("merge", 0.0) in (0.0, 0.5)  # debug/tiny: cell_merges [0.0, 0.5]
+    assert 0.0 <= pre["val_adapted_rand_error"] <= 1.0
     assert "mean ± std of 2 seeds, ddof 1" in (d / "probe.md").read_text()
     feats = open_volume(d / "features.zarr")
     assert feats.shape == (30, 48, 48, 32) and feats.dtype == np.float16

@@ -67,3 +67,53 @@ def test_rank_seeds_ignore_the_maps_calibration():
     assert len(np.unique(ranked[0])) == 2
     best = tune_cells(shifted, gt, thresholds=(0.3, 0.9), min_seeds=(16,), sigmas=(0.0,), rank=True)
     assert best["rank"] is True and cell_scores(shifted, gt, **best)["adapted_rand_error"] < 0.05
+
+
+def _cell_with_faint_ridge():
+    """One section: two cells split by a membrane (p = 0.8); the left cell is crossed by a faint
+    horizontal ridge (p = 0.3, an organelle outline) on an interior of p = 0.1."""
+    p = np.full((48, 48), 0.1, np.float32)
+    gt = np.zeros((48, 48), bool)
+    gt[:, 23:25] = True
+    p[:, 23:25] = 0.8
+    p[23:25, :23] = 0.3
+    return p[None], gt[None]
+
+
+def test_merge_joins_cells_split_by_a_faint_ridge_only():
+    p, gt = _cell_with_faint_ridge()
+    split = cells_from_membranes(p[0], threshold=0.2)
+    assert len(np.unique(split)) == 3  # the ridge splits the left cell
+    merged = cells_from_membranes(p[0], threshold=0.2, merge=0.5)
+    assert len(np.unique(merged)) == 2  # the ridge's border joined, the membrane kept
+    assert merged[10, 10] == merged[40, 10] != merged[10, 40]
+    assert cell_scores(p, gt, threshold=0.2, merge=0.5)["adapted_rand_error"] < 1e-9
+    # a merge level above the membrane's own probability joins everything
+    assert len(np.unique(cells_from_membranes(p[0], threshold=0.2, merge=0.9))) == 1
+    best = tune_cells(p, gt, thresholds=(0.2,), min_seeds=(16,), sigmas=(0.0,), merges=(0, 0.5))
+    assert best["merge"] == 0.5
+    # without merge levels to choose from, the chosen parameters read as before
+    assert "merge" not in tune_cells(p, gt, thresholds=(0.2,), min_seeds=(16,), sigmas=(0.0,))
+
+
+def test_merge_levels_are_checked():
+    import pytest
+
+    from emfm.errors import UserError
+
+    p, gt = _cell_with_faint_ridge()
+    for bad in ((), (1.0,), (-0.1,)):
+        with pytest.raises(UserError, match="merge"):
+            tune_cells(p, gt, merges=bad)
+
+
+def test_probe_config_rejects_bad_merge_levels():
+    import pytest
+
+    from emfm.config.schema import ConfigError, ModelConfig, ProbeConfig, validate_probe
+
+    m = ModelConfig(name="unet", width=16)
+    validate_probe(ProbeConfig(cell_merges=[0.0, 0.6]), m)
+    for bad in ([], [1.2]):
+        with pytest.raises(ConfigError, match=r"probe.cell_merges=\[.*\] \(each in \[0, 1\)"):
+            validate_probe(ProbeConfig(cell_merges=bad), m)
