@@ -145,9 +145,18 @@ def finetune_config(
 CELL_GRID = dict(thresholds=[0.5, 0.6, 0.7], min_seeds=[16, 64, 256], sigmas=[0.0, 1.0], rank=True)
 
 
+# Merge levels added to CELL_GRID by --cell-merges (emfm.eval.cells: adjacent cells joined while
+# their border's mean membrane probability is below the level); [0.0] = no merging, the protocol of
+# every record made before the option existed.
+CELL_MERGES = [0.0]
+
+
 def _cell_grid() -> dict:
-    """The cell-derivation grid of the fine-tuning protocol (CELL_GRID)."""
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in CELL_GRID.items()}
+    """The cell-derivation grid of the fine-tuning protocol (CELL_GRID, with --cell-merges)."""
+    g = {k: (list(v) if isinstance(v, list) else v) for k, v in CELL_GRID.items()}
+    if CELL_MERGES != [0.0]:
+        g["merges"] = list(CELL_MERGES)
+    return g
 
 
 def score(name: str, ds: dict, p_val: np.ndarray, p_test: np.ndarray) -> dict:
@@ -296,13 +305,15 @@ def run_probe(name, ds, init, checkpoint, frac, seed, width) -> dict:
 def rescore(out: Path, shared: Path) -> None:
     """Scores of the finished fine-tuning runs in `out/results.jsonl` again from their saved
     probabilities (`out/pred`), e.g. after a validation score was added to `score`; writes
-    `out/results_rescored.jsonl`. Pixel test scores must come out as recorded (checked); scores
-    of an earlier post-processing (instances, cells) that differ are kept as `previous_*`."""
+    `out/results_rescored.jsonl` (`results_rescored_merge.jsonl` with --cell-merges). Pixel test
+    scores must come out as recorded (checked); scores of an earlier post-processing (instances,
+    cells) that differ are kept as `previous_*`."""
     from emfm.data.volume import open_volume
 
     recs = [json.loads(line) for line in open(out / "results.jsonl")]
     data: dict[str, dict] = {}
-    with open(out / "results_rescored.jsonl", "w") as f:
+    name_out = "results_rescored.jsonl" if CELL_MERGES == [0.0] else "results_rescored_merge.jsonl"
+    with open(out / name_out, "w") as f:
         for rec in recs:
             name = rec["dataset"]
             if name not in data:
@@ -494,8 +505,21 @@ def main() -> None:
         action="store_true",
         help="apply --set to random init too (e.g. the shrink-and-perturb control)",
     )
+    ap.add_argument(
+        "--cell-merges",
+        default="0",
+        help="ISBI cells: comma-separated merge levels in [0, 1) chosen on validation with the "
+        "rest of CELL_GRID (0 = no merging, the default protocol); with --rescore, the records "
+        "are scored again with them (the earlier scores kept as previous_*)",
+    )
     a = ap.parse_args()
-    global REGIME, RANDOM_REGIME, LR, TAG, EXTRA, CONTROL
+    global REGIME, RANDOM_REGIME, LR, TAG, EXTRA, CONTROL, CELL_MERGES
+    try:
+        CELL_MERGES = [float(m) for m in a.cell_merges.split(",")]
+    except ValueError:
+        ap.error(f"--cell-merges {a.cell_merges!r}: expected comma-separated numbers")
+    if any(not 0 <= m < 1 for m in CELL_MERGES):
+        ap.error(f"--cell-merges {a.cell_merges!r}: each level must be in [0, 1)")
     REGIME, RANDOM_REGIME, LR = a.regime, a.random_regime, a.lr
     TAG, EXTRA, CONTROL = a.tag, list(a.set), a.control
     out = Path(a.out)
