@@ -41,19 +41,28 @@ def cells_from_membranes(
     the order of the values, so rank seeds make the whole derivation invariant to a monotone change
     of the map's calibration, e.g. a probe less confident on held-out sections than on the sections
     it was fitted to (experiments/main_job_mae/README.md)."""
+    cells = _seeded_cells(p_membrane, threshold, min_seed, sigma, rank)
+    if merge > 0:
+        from emfm.instances.graph import rag_from_boundaries
+
+        cells = _merged(cells, rag_from_boundaries(cells, p_membrane), merge)
+    return cells
+
+
+def _seeded_cells(p_membrane, threshold, min_seed, sigma, rank) -> np.ndarray:
     from scipy import ndimage
 
     from emfm.instances.watershed import seeded_watershed, threshold_seeds
 
     p = ndimage.gaussian_filter(p_membrane.astype(np.float32), sigma) if sigma > 0 else p_membrane
     t = float(np.quantile(p, threshold)) if rank else threshold
-    cells = seeded_watershed(p, threshold_seeds(p, t, min_seed)).astype(np.uint32)
-    if merge > 0:
-        from emfm.instances.graph import agglomerate, apply_to_fragments, rag_from_boundaries
+    return seeded_watershed(p, threshold_seeds(p, t, min_seed)).astype(np.uint32)
 
-        rag = rag_from_boundaries(cells, p_membrane)
-        cells = apply_to_fragments(cells, agglomerate(rag, merge)).astype(np.uint32)
-    return cells
+
+def _merged(cells: np.ndarray, rag, merge: float) -> np.ndarray:
+    from emfm.instances.graph import agglomerate, apply_to_fragments
+
+    return apply_to_fragments(cells, agglomerate(rag, merge)).astype(np.uint32)
 
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
@@ -98,6 +107,7 @@ def tune_cells(
     emfm.instances.tune.grid_search (thresholds are quantiles with `rank`); ties keep the first.
     The result names `merge` only when `merges` offers more than "no merging" (0), so that the
     parameters of a grid without it read as before."""
+    from emfm.instances.graph import rag_from_boundaries
     from emfm.instances.tune import grid_search
 
     gt = np.stack([gt_cells(m) for m in membrane_gt])
@@ -111,9 +121,29 @@ def tune_cells(
         raise UserError(f"cell merge levels {list(merges)}: give at least one, each in [0, 1)")
     if list(merges) != [0.0]:
         grid["merge"] = [float(m) for m in merges]
+
+    seeded: dict = {}  # the watershed of one seed setting, reused by every merge level
+
+    def make_labels(c: dict) -> np.ndarray:
+        key = (c["threshold"], c["min_seed"], c["sigma"], c["rank"])
+        if key not in seeded:
+            seeded.clear()  # the grid varies the merge level fastest
+            cells = [_seeded_cells(p, *key) for p in p_membrane]
+            rags = (
+                [rag_from_boundaries(x, p) for x, p in zip(cells, p_membrane)]
+                if "merge" in grid
+                else None
+            )
+            seeded[key] = (cells, rags)
+        cells, rags = seeded[key]
+        m = c.get("merge", 0.0)
+        if m <= 0:
+            return np.stack(cells)
+        return np.stack([_merged(x, r, m) for x, r in zip(cells, rags)])
+
     try:
         best, _ = grid_search(
-            lambda c: np.stack([cells_from_membranes(p, **c) for p in p_membrane]),
+            make_labels,
             gt,
             grid,
             "adapted_rand_error",

@@ -117,3 +117,23 @@ def test_probe_config_rejects_bad_merge_levels():
     for bad in ([], [1.2]):
         with pytest.raises(ConfigError, match=r"probe.cell_merges=\[.*\] \(each in \[0, 1\)"):
             validate_probe(ProbeConfig(cell_merges=bad), m)
+
+
+def test_tuning_with_merges_matches_each_derivation_on_its_own():
+    """tune_cells reuses one watershed for all merge levels: its choice is the one that scoring
+    every combination with cells_from_membranes picks."""
+    import itertools
+
+    rng = np.random.default_rng(2)
+    p, gt = _cell_with_faint_ridge()
+    p = np.clip(p + rng.normal(0, 0.08, p.shape).astype(np.float32), 0, 1)
+    grid = dict(thresholds=(0.3, 0.5), min_seeds=(4, 64), sigmas=(0.0, 1.0), merges=(0.0, 0.4, 0.7))
+    best = tune_cells(p, gt, **grid)
+    scores = {
+        (t, m, s, j): cell_scores(p, gt, threshold=t, min_seed=m, sigma=s, merge=j)[
+            "adapted_rand_error"
+        ]
+        for t, m, s, j in itertools.product(*grid.values())
+    }
+    first_best = min(scores, key=scores.get)  # min keeps the first of equal scores
+    assert (best["threshold"], best["min_seed"], best["sigma"], best["merge"]) == first_best
