@@ -151,6 +151,17 @@ CELL_GRID = dict(thresholds=[0.5, 0.6, 0.7], min_seeds=[16, 64, 256], sigmas=[0.
 CELL_MERGES = [0.0]
 
 
+def merge_levels(ap: argparse.ArgumentParser, flag: str, text: str) -> list[float]:
+    """Comma-separated merge levels of a command-line flag, each in [0, 1); `ap.error` otherwise."""
+    try:
+        levels = [float(m) for m in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0,0.5,0.6")
+    if any(not 0 <= m < 1 for m in levels):
+        ap.error(f"{flag} {text!r}: each level must be in [0, 1)")
+    return levels
+
+
 def _cell_grid() -> dict:
     """The cell-derivation grid of the fine-tuning protocol (CELL_GRID, with --cell-merges)."""
     g = {k: (list(v) if isinstance(v, list) else v) for k, v in CELL_GRID.items()}
@@ -514,12 +525,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     global REGIME, RANDOM_REGIME, LR, TAG, EXTRA, CONTROL, CELL_MERGES
-    try:
-        CELL_MERGES = [float(m) for m in a.cell_merges.split(",")]
-    except ValueError:
-        ap.error(f"--cell-merges {a.cell_merges!r}: expected comma-separated numbers")
-    if any(not 0 <= m < 1 for m in CELL_MERGES):
-        ap.error(f"--cell-merges {a.cell_merges!r}: each level must be in [0, 1)")
+    CELL_MERGES = merge_levels(ap, "--cell-merges", a.cell_merges)
     REGIME, RANDOM_REGIME, LR = a.regime, a.random_regime, a.lr
     TAG, EXTRA, CONTROL = a.tag, list(a.set), a.control
     out = Path(a.out)

@@ -99,7 +99,7 @@ def figure(path: Path, image: np.ndarray, membrane: np.ndarray, first: dict, k: 
 
 
 def main() -> None:
-    from finetune import DATASETS, _cell_grid, fg, load
+    from finetune import DATASETS, _cell_grid, fg, load, merge_levels
 
     from emfm.data.volume import open_volume
     from emfm.eval.cells import tune_cells
@@ -121,12 +121,7 @@ def main() -> None:
         help="comma-separated merge levels in [0, 1) added to the cell grid (0 = no merging)",
     )
     a = ap.parse_args()
-    try:
-        merges = [float(m) for m in a.merges.split(",")]
-    except ValueError:
-        ap.error(f"--merges {a.merges!r}: expected comma-separated numbers, e.g. 0,0.5,0.6")
-    if any(not 0 <= m < 1 for m in merges):
-        ap.error(f"--merges {a.merges!r}: each level must be in [0, 1)")
+    merges = merge_levels(ap, "--merges", a.merges)
 
     for f in (DATASETS["isbi"]["image"], DATASETS["isbi"]["labels"]):
         if not (a.shared / f).is_file():
