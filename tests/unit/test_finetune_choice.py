@@ -108,3 +108,21 @@ def test_val_test_agreement_counts_each_run_once_and_filters(tmp_path, capsys):
     bad.write_text(rec("r0", 0.1, 0.3) + "\n{not json\n")
     with pytest.raises(SystemExit, match="bad.jsonl:2: not a JSON record"):
         mod.pairs([bad], "isbi", "adapted_rand_error", 0.1)
+
+
+def test_cell_merges_extend_the_frozen_cell_grid_only_when_asked():
+    import argparse
+
+    ft = _finetune_script()
+    assert "merges" not in ft._cell_grid()  # the protocol of the records: no merging
+    ft.CELL_MERGES = [0.0, 0.5]
+    try:
+        assert ft._cell_grid()["merges"] == [0.0, 0.5]
+        assert ft._cell_grid()["thresholds"] == ft.CELL_GRID["thresholds"]
+    finally:
+        ft.CELL_MERGES = [0.0]
+    ap = argparse.ArgumentParser()
+    assert ft.merge_levels(ap, "--cell-merges", "0,0.3,0.9") == [0.0, 0.3, 0.9]
+    for bad in ("0,1", "x"):
+        with pytest.raises(SystemExit):
+            ft.merge_levels(ap, "--cell-merges", bad)
