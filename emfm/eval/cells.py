@@ -41,6 +41,8 @@ def cells_from_membranes(
     the order of the values, so rank seeds make the whole derivation invariant to a monotone change
     of the map's calibration, e.g. a probe less confident on held-out sections than on the sections
     it was fitted to (experiments/main_job_mae/README.md)."""
+    if not 0 <= merge < 1:
+        raise UserError(f"cell merge level {merge}: must be in [0, 1) (0 = no merging)")
     cells = _seeded_cells(p_membrane, threshold, min_seed, sigma, rank)
     if merge > 0:
         from emfm.instances.graph import rag_from_boundaries

@@ -105,6 +105,9 @@ def test_merge_levels_are_checked():
     for bad in ((), (1.0,), (-0.1,)):
         with pytest.raises(UserError, match="merge"):
             tune_cells(p, gt, merges=bad)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match=f"cell merge level {bad}"):
+            cells_from_membranes(p[0], merge=bad)
 
 
 def test_probe_config_rejects_bad_merge_levels():
