@@ -69,10 +69,10 @@ def _merged(cells: np.ndarray, rag, merge: float) -> np.ndarray:
 
 def gt_cells(membrane: np.ndarray) -> np.ndarray:
     """Ground-truth cells of one section: connected cell-interior regions; membranes = 0
-    (ignored)."""
+    (ignored). `membrane`: non-zero (or True) = membrane, of any dtype."""
     from scipy import ndimage
 
-    lab, _ = ndimage.label(~membrane)
+    lab, _ = ndimage.label(np.asarray(membrane) == 0)
     return lab.astype(np.uint32)
 
 

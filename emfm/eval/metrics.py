@@ -53,10 +53,10 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = None
     Voxels with ``gt == ignore_index`` are skipped; any other class id outside
     [0, num_classes) is a ValueError.
     """
-    pred = check_label_array(pred, "pred").ravel()
-    gt = check_label_array(gt, "gt").ravel()
+    pred, gt = check_label_array(pred, "pred"), check_label_array(gt, "gt")
     if pred.shape != gt.shape:
-        raise UserError(f"pred size {pred.size} != gt size {gt.size}")
+        raise UserError(f"pred shape {pred.shape} != gt shape {gt.shape}")
+    pred, gt = pred.ravel(), gt.ravel()
     if ignore_index is not None:
         keep = gt != ignore_index
         pred, gt = pred[keep], gt[keep]
@@ -65,7 +65,8 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = None
             raise UserError(
                 f"{name} holds class ids outside [0, {num_classes}): min {a.min()}, max {a.max()}"
             )
-    idx = gt.astype(np.int64) * num_classes + pred
+    # both as int64 (in range by the check above): int64 with uint64 would promote to float64
+    idx = gt.astype(np.int64) * num_classes + pred.astype(np.int64)
     return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -112,14 +113,16 @@ def semantic_scores(pred, gt, num_classes: int, ignore_index: int | None = None)
     return scores_from_confusion(confusion_matrix(pred, gt, num_classes, ignore_index))
 
 
-def binary_scores(pred, gt) -> dict:
-    """Foreground scores of two boolean masks (non-zero = foreground).
+def binary_scores(pred, gt, threshold: float = 0.5) -> dict:
+    """Foreground scores of two masks: non-zero = foreground, except that a floating-point
+    `pred` (a probability map) is foreground where it is > `threshold` (as in `warping_error`).
 
     TP, FP, FN, TN voxel counts; f1 = 2TP/(2TP+FP+FN), iou = TP/(TP+FP+FN),
     precision = TP/(TP+FP), recall = TP/(TP+FN), pixel_error = (FP+FN)/N. A ratio whose
     denominator is 0 (no foreground anywhere) is 1.0: nothing was missed or invented.
     """
-    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
+    p, g = np.asarray(pred), np.asarray(gt) != 0
+    p = p > threshold if np.issubdtype(p.dtype, np.floating) else p != 0
     if p.shape != g.shape:
         raise UserError(f"pred shape {p.shape} != gt shape {g.shape}")
     tp = int(np.count_nonzero(p & g))
@@ -172,7 +175,7 @@ def evaluate_volumes(
     iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
     num_classes: int | None = None,
     ignore_index: int | None = None,
-    warping_threshold: float = 0.5,
+    threshold: float = 0.5,
     warping_per_slice: bool = True,
     block_z: int | None = None,
 ) -> dict:
@@ -186,9 +189,10 @@ def evaluate_volumes(
     protocol) when ``warping_per_slice``, else on the whole (in-memory) 3D volume.
 
     Kinds: "semantic" (needs ``num_classes``; :func:`semantic_scores`), "binary"
-    (:func:`binary_scores` of pred != 0 vs gt != 0), "region" (:func:`region_scores` with
+    (:func:`binary_scores` of pred != 0, or a float pred > ``threshold``, vs gt != 0), "region"
+    (:func:`region_scores` with
     ``ignore_gt``/``ignore_pred``), "instance" (:func:`instance_scores`), "warping"
-    (:func:`warping_error`). Returns {kind: scores}.
+    (:func:`warping_error`, a float pred thresholded at ``threshold``). Returns {kind: scores}.
     """
     check_kinds(kinds)
     if tuple(pred.shape) != tuple(gt.shape):
@@ -200,7 +204,7 @@ def evaluate_volumes(
         p_blk, g_blk = np.asarray(pred[sl]), np.asarray(gt[sl])
         if "warping" in kinds and p_blk.ndim == 3 and not warping_per_slice and block_z is not None:
             raise UserError("3D warping error needs the whole volume: set block_z=None")
-        acc.add(p_blk, g_blk, ignore_index, warping_threshold, warping_per_slice)
+        acc.add(p_blk, g_blk, ignore_index, threshold, warping_per_slice)
     out: dict = {}
     if "semantic" in kinds:
         out["semantic"] = scores_from_confusion(acc.cm)
@@ -228,15 +232,15 @@ class _Accumulators:
         self.bin_counts = np.zeros(4, np.int64)  # tp, fp, fn, n
         self.warp_err, self.warp_n = 0.0, 0
 
-    def add(self, p_blk, g_blk, ignore_index, warping_threshold, warping_per_slice) -> None:
+    def add(self, p_blk, g_blk, ignore_index, threshold, warping_per_slice) -> None:
         if self.table is not None:
             self.table.add(check_label_array(p_blk, "pred"), check_label_array(g_blk, "gt"))
         if self.cm is not None:
             self.cm += confusion_matrix(p_blk, g_blk, self.num_classes, ignore_index)
         if "binary" in self.kinds:
-            s = binary_scores(p_blk, g_blk)
+            s = binary_scores(p_blk, g_blk, threshold)
             self.bin_counts += (s["tp"], s["fp"], s["fn"], p_blk.size)
         if "warping" in self.kinds:
-            err = warping_error(p_blk, g_blk, warping_threshold, per_slice=warping_per_slice)
+            err = warping_error(p_blk, g_blk, threshold, per_slice=warping_per_slice)
             self.warp_err += err * p_blk.size
             self.warp_n += p_blk.size

@@ -129,7 +129,9 @@ def _counts_scores(tp: int, n_pred: int, n_gt: int, iou_sum: float) -> dict:
     fp, fn = n_pred - tp, n_gt - tp
 
     def div(a, b):
-        return a / b if b else 1.0  # nothing to find and nothing predicted: perfect
+        # 0/0 = 1: with nothing predicted nothing was invented (precision 1; stardist's
+        # matching reports 0 there), with nothing to find nothing was missed (recall 1)
+        return a / b if b else 1.0
 
     return {
         "tp": int(tp),

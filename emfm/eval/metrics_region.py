@@ -233,10 +233,9 @@ class ContingencyTable:
         g, p, w = self.gt_ids, self.pred_ids, self.counts
         keep = np.ones(w.size, dtype=bool)
         ignore_gt, ignore_pred = list(ignore_gt or ()), list(ignore_pred or ())
-        if ignore_gt:
-            keep &= ~np.isin(g, np.asarray(ignore_gt, dtype=g.dtype))
-        if ignore_pred:
-            keep &= ~np.isin(p, np.asarray(ignore_pred, dtype=p.dtype))
+        for ids, ignore in ((g, ignore_gt), (p, ignore_pred)):
+            if ignore:
+                keep &= ~np.isin(ids, _representable(ignore, ids.dtype))
         return g[keep], p[keep], w[keep]
 
     def scores(self, ignore_gt: Iterable[int] = (0,), ignore_pred: Iterable[int] = ()) -> dict:
@@ -245,10 +244,20 @@ class ContingencyTable:
         return _scores_from_counts(g, p, n)
 
 
+def _representable(ids: list, dtype) -> np.ndarray:
+    """The ignored ids that `dtype` can hold (an id it cannot hold, e.g. -1 for uint64 labels,
+    occurs nowhere and is dropped)."""
+    info = np.iinfo(dtype)
+    return np.asarray([int(i) for i in ids if info.min <= int(i) <= info.max], dtype=dtype)
+
+
 def _xlogx_sum(x: np.ndarray) -> float:
     """sum x log2 x with 0 log 0 = 0."""
     x = x[x > 0].astype(np.float64)
     return float(np.dot(x, np.log2(x)))
+
+
+_EPS_BITS = 1e-12  # entropies (bits) this close to 0 are 0: float rounding of log2 N - ...
 
 
 def _ratio(num: float, den: float) -> float:
@@ -256,6 +265,12 @@ def _ratio(num: float, den: float) -> float:
     if den == 0:
         return 1.0 if num == 0 else float("nan")
     return num / den
+
+
+def _bits(h: float) -> float:
+    """An entropy in bits with the rounding of its difference form removed: >= 0, and exactly 0
+    within `_EPS_BITS` (so a one-segment side gives 0/0 = 1 in Vinfo rather than 0/1e-16)."""
+    return 0.0 if h < _EPS_BITS else h
 
 
 def _scores_from_counts(g: np.ndarray, p: np.ndarray, n: np.ndarray) -> dict:
@@ -276,10 +291,11 @@ def _scores_from_counts(g: np.ndarray, p: np.ndarray, n: np.ndarray) -> dict:
     # Entropies in bits from counts: H = log2 N - sum c log2 c / N.
     xl_n, xl_a, xl_b = _xlogx_sum(n), _xlogx_sum(a), _xlogx_sum(b)
     log_n = math.log2(N)
-    h_gt, h_pred, h_joint = log_n - xl_a / N, log_n - xl_b / N, log_n - xl_n / N
-    voi_split = max(0.0, (xl_a - xl_n) / N)  # H(pred | gt)
-    voi_merge = max(0.0, (xl_b - xl_n) / N)  # H(gt | pred)
-    mutual = max(0.0, h_gt + h_pred - h_joint)
+    h_gt, h_pred = _bits(log_n - xl_a / N), _bits(log_n - xl_b / N)
+    h_joint = _bits(log_n - xl_n / N)
+    voi_split = _bits((xl_a - xl_n) / N)  # H(pred | gt)
+    voi_merge = _bits((xl_b - xl_n) / N)  # H(gt | pred)
+    mutual = _bits(h_gt + h_pred - h_joint)
 
     return {
         "num_voxels": int(N),

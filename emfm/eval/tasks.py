@@ -209,7 +209,7 @@ def gt_instances(task: TaskData, split: Split) -> np.ndarray:
     if TARGETS[task.target]["kind"] == "boundary":
         if mode == "labels":
             return np.where(split.fg, 0, split.labels).astype(np.uint32)
-        return np.stack([ndimage.label(~m)[0] for m in split.fg]).astype(np.uint32)
+        return np.stack([ndimage.label(np.asarray(m) == 0)[0] for m in split.fg]).astype(np.uint32)
     return ndimage.label(split.fg)[0].astype(np.uint32)
 
 

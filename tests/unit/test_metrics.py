@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from emfm.errors import UserError
 from emfm.eval.evaluate import evaluate_paths
 from emfm.eval.metrics import (
     ContingencyTable,
@@ -424,3 +425,34 @@ def test_evaluate_paths_tiff_zarr_and_errors(tmp_path):
     tifffile.imwrite(tmp_path / "prob.tif", gt.astype(np.float32))
     with pytest.raises(ValueError, match="pred .*prob.tif has dtype float32"):
         evaluate_paths(tmp_path / "prob.tif", tmp_path / "gt.tif", tmp_path / "o")
+
+
+def test_edge_cases_of_dtype_and_rounding():
+    # a float probability map is thresholded (> 0.5) for "binary" as for "warping", not read
+    # as non-zero: this map is perfect at 0.5 (inside 0.9, outside 0.3)
+    gt = np.zeros((16, 16), np.uint8)
+    gt[2:14, 2:14] = 1
+    prob = np.where(gt > 0, 0.9, 0.3).astype(np.float32)
+    out = evaluate_volumes(prob, gt, ("binary", "warping"))
+    assert out["binary"]["f1"] == 1.0 and out["binary"]["pixel_error"] == 0.0
+    assert out["warping"]["warping_error"] == 0.0
+    # uint64 class maps: 2 of 8 pixels differ
+    g = np.array([[0, 0, 1, 1], [0, 2, 2, 1]])
+    p = np.array([[0, 1, 1, 1], [0, 2, 2, 2]])
+    assert semantic_scores(p.astype(np.uint64), g.astype(np.uint64), 3)["pixel_error"] == 0.25
+    # same size, different shape: misaligned pixels must not be scored
+    with pytest.raises(UserError, match="shape"):
+        semantic_scores(np.zeros((4, 4), int), np.zeros((16,), int), 2)
+    # an ignored id the dtype cannot hold occurs nowhere: ignoring it changes nothing
+    u, v = p.astype(np.uint64), g.astype(np.uint64)
+    assert region_scores(u, v, ignore_gt=(-1,)) == region_scores(u, v, ignore_gt=())
+    # one segment on both sides: every entropy is 0, so Vinfo and its parts are 0/0 = 1; the
+    # difference form log2 N - sum c log2 c / N leaves about 1e-16 for some N (10, 48, 89, ...)
+    for n in range(2, 100):
+        one = np.ones((n,), int)
+        s = region_scores(one, one, ignore_gt=())
+        assert s["vinfo"] == s["vinfo_split"] == s["vinfo_merge"] == 1.0, n
+    a = np.ones((2, 5), int)
+    two = a.copy()
+    two[0] = 2
+    assert region_scores(a, two, ignore_gt=())["vinfo_split"] == 1.0  # one pred segment: no split

@@ -3,7 +3,13 @@ sections."""
 
 import numpy as np
 
-from emfm.eval.cells import cell_scores, cells_from_membranes, membrane_scores, tune_cells
+from emfm.eval.cells import (
+    cell_scores,
+    cells_from_membranes,
+    gt_cells,
+    membrane_scores,
+    tune_cells,
+)
 
 
 def _two_cells_with_weak_wall():
@@ -140,3 +146,15 @@ def test_tuning_with_merges_matches_each_derivation_on_its_own():
     }
     first_best = min(scores, key=scores.get)  # min keeps the first of equal scores
     assert (best["threshold"], best["min_seed"], best["sigma"], best["merge"]) == first_best
+
+
+def test_gt_cells_any_membrane_dtype():
+    # membranes as 0/1 integers give the same cells as booleans (a bitwise NOT of integers would
+    # make every pixel interior: one cell)
+    m = np.zeros((32, 32), bool)
+    m[:, 15:17] = True
+    m[15:17, :] = True
+    ref = gt_cells(m)
+    assert ref.max() == 4
+    for dtype in (np.uint8, np.int64, np.float32):
+        np.testing.assert_array_equal(gt_cells(m.astype(dtype)), ref)
