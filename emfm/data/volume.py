@@ -249,6 +249,55 @@ def _placement(arr, attrs: dict, ome: dict | None, voxel_size) -> tuple[tuple, t
     return vs, shift
 
 
+def _local(path: str) -> Path | None:
+    """A local path as an absolute Path; None for a remote URL (gs://, s3://, http(s)://)."""
+    path = str(path)
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return Path(os.path.abspath(path.removeprefix("file://")))
+
+
+def _stored_attributes(path: Path) -> dict | None:
+    """The attributes in `path`/zarr.json (a zarr v3 array or group; a group's under "emfm"
+    merged in), None when there is no readable zarr.json."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    attrs = dict(meta.get("attributes") or {})
+    return {**attrs, **(attrs.get("emfm") or {})} if isinstance(attrs.get("emfm"), dict) else attrs
+
+
+def guard_output(out: str, job: str, inputs: Sequence[str] = (), marker: str = "") -> None:
+    """Refuse an output path that would destroy data emfm did not write for this kind of job.
+
+    `out` may not be (or lie inside, or contain) any of `inputs`. If something exists at `out`, it
+    must be an earlier output of `emfm {job}`: a zarr.json whose attributes (or, for a group, its
+    "emfm" attributes) hold `"job": job`, or `marker` (a key such outputs have always had). An
+    empty folder is fine. Remote outputs are not checked (listing a bucket prefix can be costly).
+    """
+    o = _local(out)
+    if o is None:
+        return
+    for src in inputs:
+        i = _local(src)
+        if i is not None and (o == i or i in o.parents or o in i.parents):
+            raise VolumeError(
+                f"{job} output {out} is the input volume {src} or lies inside it (or it inside "
+                "the output): writing there would destroy the input. Choose another output path."
+            )
+    if not o.exists() or (o.is_dir() and not any(o.iterdir())):
+        return
+    attrs = _stored_attributes(o)
+    if attrs is not None and (attrs.get("job") == job or (marker and marker in attrs)):
+        return
+    what = "a file" if o.is_file() else "a folder that is not an output of an earlier emfm " + job
+    raise VolumeError(
+        f"{job} output {out} exists and is {what}; emfm does not overwrite data it did not write. "
+        "Remove it or choose another output path."
+    )
+
+
 def create_volume(
     path: str | os.PathLike,
     shape: Sequence[int],

@@ -31,7 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from emfm.data.volume import Volume, VolumeError, create_ome_zarr, open_volume, written_chunks
+from emfm.data.volume import (
+    Volume,
+    VolumeError,
+    create_ome_zarr,
+    guard_output,
+    open_volume,
+    written_chunks,
+)
 from emfm.errors import UserError
 from emfm.export.encode import (
     BlockEncoder,
@@ -208,6 +215,7 @@ def check_volume(vol: Volume) -> None:
 def _output(job: _Job, resume: bool) -> Volume:
     """The output store, checked (resume) or created by process 0 (the PCA fitted there once), then
     opened for writing by every process."""
+    guard_output(job.out_path, "export", inputs=[job.vol.path], marker="export")
     exists = (Path(job.out_path) / "zarr.json").exists()
     if exists and resume:  # every process checks before any compute, so all stop on a mismatch
         _check_existing(job.out_path, job.shape, job.dtype, job.plan)
@@ -234,6 +242,7 @@ def _output(job: _Job, resume: bool) -> Volume:
 def _create(job: _Job) -> None:
     enc, plan = job.enc, job.plan
     attrs = {
+        "job": "export",
         "export": plan,
         "source": job.vol.path,
         "stride": list(enc.stride),

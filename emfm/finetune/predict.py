@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emfm.data.volume import Volume, VolumeError, create_volume, open_volume, written_chunks
+from emfm.data.volume import (
+    Volume,
+    VolumeError,
+    create_volume,
+    guard_output,
+    open_volume,
+    written_chunks,
+)
 from emfm.export.encode import normalise
 from emfm.export.windows import Blender, pad_batch
 from emfm.train import distributed
@@ -109,6 +116,7 @@ def predict_volume(
     shape = tuple(b - a for a, b in box)
     chunk = tuple(min(c, n) for c, n in zip(chunk, shape))
     attrs = {
+        "job": "predict",
         "source": vol.path,
         "roi": [list(b) for b in box],
         "axes": "zyxc",
@@ -118,6 +126,7 @@ def predict_volume(
         "grey_range": list(grey_range),
         **(attributes or {}),
     }
+    guard_output(str(out_path), "predict", inputs=[vol.path], marker="blend")
     out = _output(out_path, shape + (channels,), dtype, chunk, vol.voxel_size, attrs, resume)
     bl = Blender(
         fn, channels, shape, window=window, overlap=overlap, blend=blend, batch_size=batch_size
@@ -210,7 +219,24 @@ def _output(path, shape, dtype, chunk, voxel_size, attrs: dict, resume: bool) ->
 
     out = make(resume) if distributed.process()[0] == 0 else None
     distributed.barrier("predict: output created")
-    return out if out is not None else make(True)
+    out = out if out is not None else make(True)
+    if resume:
+        _check_same_job(path, out.attributes, attrs)
+    return out
+
+
+def _check_same_job(path, stored: dict, attrs: dict) -> None:
+    """Resuming into `path` finishes the job that started it only: every setting recorded in
+    `attrs` (source, roi, window, overlap, blend, grey range, checkpoint, test-time augmentation,
+    task) must be the stored one."""
+    want = json.loads(json.dumps(attrs))
+    keys = sorted(k for k in want if k != "job" and stored.get(k) != want[k])
+    if keys:
+        raise VolumeError(
+            f"predict output {path} holds another prediction (differs in: {', '.join(keys)}); "
+            "finishing it with these settings would mix two jobs. Remove it, choose another "
+            "predict.out, or set predict.resume=false to replace it."
+        )
 
 
 def run_predict(cfg: FinetuneConfig) -> dict:

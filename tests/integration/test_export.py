@@ -220,10 +220,30 @@ def test_bad_inputs_stop_before_any_compute(tiny_main_run, tmp_path, monkeypatch
         pipeline.run_export(cfg, checkpoint=str(tiny_main_run))
     # an output of another shape, and one of the same shape from another export (other layers)
     out = tmp_path / "f.zarr"
-    create_volume(out, (30, 48, 48, 7), np.float16, chunks=(1, 16, 16, 7))
+    attrs = {"job": "export"}
+    create_volume(out, (30, 48, 48, 7), np.float16, chunks=(1, 16, 16, 7), attributes=attrs)
     before = store_files(out)
     cfg = compose("export", ["debug=tiny", f"export.out={out}"])
     cfg.run_dir = str(tmp_path / "r")
+    # the input volume as the output, a folder of the user's files, a zarr emfm did not write:
+    # refused whether resuming or not, nothing deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    theirs = tmp_path / "theirs.zarr"
+    write_array(theirs, np.ones((2, 8, 8), np.uint8))
+    inp = tmp_path / "in.zarr"
+    img = (np.random.default_rng(0).random((2, 64, 64)) * 255).astype(np.uint8)
+    write_array(inp, img, chunks=(1, 64, 64))
+    for resume in (True, False):
+        for path, pattern in ((inp, "input volume"), (mine, "not an output"), (theirs, "not an")):
+            c = compose("export", ["debug=tiny", f"export.path={inp}", f"export.out={path}"])
+            c.run_dir, c.export.resume = str(tmp_path / "r"), resume
+            with pytest.raises(VolumeError, match=pattern):
+                pipeline.run_export(c)
+    assert (mine / "notes.txt").read_text() == "keep"
+    np.testing.assert_array_equal(open_volume(theirs).read(), 1)
+    np.testing.assert_array_equal(open_volume(inp).read(), img)
     with pytest.raises(
         VolumeError, match=r"exists with shape \(30, 48, 48, 7\).*writes shape \(30, 48, 48, 32\)"
     ):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from emfm.data.synthetic import synthetic_em
-from emfm.data.volume import open_volume, write_array
+from emfm.data.volume import VolumeError, open_volume, write_array
 from emfm.export.windows import Blender, blend_weights, ramp
 from emfm.finetune import losses, regimes, targets
 from emfm.finetune.predict import predict_volume
@@ -273,3 +273,34 @@ def test_predict_volume_chunking_invariant_and_resumes(tmp_path):
     b = open_volume(tmp_path / "b.zarr").read()
     np.testing.assert_allclose(a, b, atol=1e-6)  # no seams at chunk borders
     np.testing.assert_allclose(a[..., 0], np.tanh(img / 255.0), atol=1e-5)  # pointwise model: exact
+
+
+def test_predict_output_never_destroys_data_it_did_not_write(tmp_path):
+    img = (np.random.default_rng(2).random((2, 32, 32)) * 255).astype(np.uint8)
+    vol = write_array(tmp_path / "img.zarr", img, chunks=(1, 32, 32))
+    other = write_array(tmp_path / "other.zarr", img[::-1].copy(), chunks=(1, 32, 32))
+    kw = dict(grey_range=(0.0, 255.0), window=[1, 32, 32], overlap=[0, 0, 0], chunk=[1, 32, 32])
+    kw.update(dtype="float32", show_progress=False)
+
+    def fn(x):
+        return x[..., None]
+
+    for resume in (True, False):
+        # the input itself, or a folder of the user's files, as the output: refused, all kept
+        with pytest.raises(VolumeError, match="input volume"):
+            predict_volume(fn, 1, vol, vol.path, resume=resume, **kw)
+        np.testing.assert_array_equal(open_volume(vol.path).read(), img)
+        mine = tmp_path / "mine"
+        mine.mkdir(exist_ok=True)
+        (mine / "notes.txt").write_text("keep")
+        with pytest.raises(VolumeError, match="does not overwrite"):
+            predict_volume(fn, 1, vol, mine, resume=resume, **kw)
+        assert (mine / "notes.txt").read_text() == "keep"
+    # resuming an output of another source stops; replacing it on purpose works
+    out = tmp_path / "p.zarr"
+    predict_volume(fn, 1, vol, out, **kw)
+    with pytest.raises(VolumeError, match="differs in: source"):
+        predict_volume(fn, 1, other, out, **kw)
+    res = predict_volume(fn, 1, other, out, resume=False, **kw)
+    assert res["chunks_written"] == 2
+    np.testing.assert_allclose(open_volume(out).read()[..., 0], img[::-1] / 255.0, atol=1e-6)
