@@ -40,9 +40,34 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
+def _check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """A run directory with checkpoints is resumed by the same command: its recorded model (and
+    head) must be the configured one, checked before anything in it is written."""
+    from emfm.errors import UserError
+
+    old = run_dir / "config.yaml"
+    if not (old.exists() and (run_dir / "checkpoints").exists()):
+        return
+    prev = OmegaConf.load(old)
+    for key in ("model", "head"):
+        if key not in cfg or key not in prev:
+            continue
+        a = OmegaConf.to_container(prev[key], resolve=True)
+        b = OmegaConf.to_container(cfg[key], resolve=True)
+        if a != b:
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise UserError(
+                f"run directory {run_dir} was trained with another {key} (differs in: "
+                + ", ".join(f"{key}.{k}={a.get(k)} there, {b.get(k)} here" for k in differ)
+                + "); resuming it with this config would mix two runs. Use the run's own "
+                "settings, or another run directory (name=NAME or hydra.run.dir=DIR)."
+            )
+
+
 def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:
     import jax
 
+    _check_resumable(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:

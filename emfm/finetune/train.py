@@ -300,6 +300,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _summary(cfg: FinetuneConfig, job: loop.Job, result: loop.LoopResult, labelled, scores):
     """The run's summary, written to finetune_summary.json (process 0) and logged."""
+    kept = loop.kept_summary(job.dir / "finetune_summary.json", cfg.trainer.steps - result.start)
+    if kept is not None:
+        return kept
     summary = {
         "regime": dataclasses.asdict(cfg.regime),
         "steps": cfg.trainer.steps,

@@ -141,12 +141,31 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def kept_summary(path: Path, steps_run: int) -> dict | None:
+    """The summary recorded at `path` when a run trained nothing this time (`steps_run` <= 0: a
+    finished run run again), so that its record of the training is not overwritten; else None."""
+    if steps_run > 0 or not path.exists():
+        return None
+    logging.getLogger("emfm").info("kept the run's summary %s", path)
+    return json.loads(path.read_text())
+
+
 def restore_or_init(mngr, abstract, init: Callable[[], Any], run_dir: Path) -> tuple[Any, int]:
     """(state, first step): the run's latest checkpoint restored into `abstract` (sharded shapes),
     dropping metric records written after it, or `init()` at step 0 when there is none."""
     if mngr.latest_step() is None:
         return init(), 0
-    state, _ = checkpoint.restore(mngr, abstract)
+    try:
+        state, _ = checkpoint.restore(mngr, abstract)
+    except ValueError as e:  # orbax: the stored tree or shapes are not those of this model
+        from emfm.errors import UserError
+
+        raise UserError(
+            f"run directory {run_dir} holds checkpoints of another model or training state than "
+            "the one configured, so it cannot be resumed with this config; run it with its own "
+            f"config ({run_dir / 'config.yaml'}) or choose another run directory (name=NAME or "
+            f"hydra.run.dir=DIR). ({str(e).splitlines()[0][:200]})"
+        ) from e
     start = int(state.step)
     logging.getLogger("emfm").info("resumed from %s at step %d", mngr.directory, start)
     if jax.process_index() == 0:
@@ -277,8 +296,18 @@ class Engine:
         skipped batches and the data-wait fraction to the logged metrics. Closes `data` and the
         checkpoint managers on the way out."""
         out = LoopResult(state, start=start)
-        compiled, out.compile_s = self.compile(data.example())
         t, job = self.trainer, self.job
+        if start >= t.steps:  # a finished run run again: nothing to train, nothing to save
+            logging.getLogger("emfm").info(
+                "%s: the run's checkpoint is at step %d, trainer.steps=%d: nothing to train "
+                "(raise trainer.steps to train longer)",
+                desc,
+                start,
+                t.steps,
+            )
+            compiled = None
+        else:
+            compiled, out.compile_s = self.compile(data.example())
         preemption = Preemption(list(t.preempt_signals), every=t.log_every)
         write_status(job.dir, "running", step=start)
         log = _StepLog(self, data, out, sched=sched, accumulate_steps=accumulate_steps)
@@ -306,7 +335,8 @@ class Engine:
             if start < t.steps:
                 jax.block_until_ready(out.state)
             log.finish()
-            save(self.mngr, t.steps, force=True)
+            if start < t.steps:
+                save(self.mngr, t.steps, force=True)
             self.mngr.wait_until_finished()
             ended["status"] = "finished"
         finally:

@@ -215,6 +215,9 @@ def _checkpoint_record(cfg: EmfmConfig, sources) -> dict:
 def _summary(cfg: EmfmConfig, job: loop.Job, result: loop.LoopResult, n_enc: int, fig) -> dict:
     """The run's summary, written to pretrain_summary.json (process 0) and logged."""
     steps_run, loop_s = cfg.trainer.steps - result.start, result.loop_s
+    kept = loop.kept_summary(job.dir / "pretrain_summary.json", steps_run)
+    if kept is not None:
+        return kept
     summary = {
         "steps": cfg.trainer.steps,
         "resumed_from": result.start,

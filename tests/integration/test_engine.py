@@ -172,6 +172,18 @@ def test_a_named_run_resumes_and_resume_false_starts_afresh(tmp_path):
     res = run_cli("pretrain", *TINY, "trainer.steps=4", "name=n1", cwd=tmp_path)
     assert res.returncode == 0 and "resumed from" in res.stderr + res.stdout, res.stderr[-2000:]
     assert sorted(losses(run)) == [1, 2, 3, 4]
+    # the finished run run again: nothing to train, its status and summary kept
+    summary = (run / "pretrain_summary.json").read_text()
+    res = run_cli("pretrain", *TINY, "trainer.steps=4", "name=n1", cwd=tmp_path)
+    assert res.returncode == 0 and "nothing to train" in res.stderr + res.stdout, res.stderr[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 4
+    assert (run / "pretrain_summary.json").read_text() == summary
+    # another model in the same run directory: refused before its config.yaml is touched
+    config = (run / "config.yaml").read_text()
+    res = run_cli("pretrain", *TINY, "trainer.steps=6", "name=n1", "model.width=64", cwd=tmp_path)
+    assert res.returncode == 2 and "model.width=32 there, 64 here" in res.stderr, res.stderr[-2000:]
+    assert (run / "config.yaml").read_text() == config
     res = run_cli("pretrain", *TINY, "trainer.steps=2", "name=n1", "resume=false", cwd=tmp_path)
     assert res.returncode == 0 and "resumed from" not in res.stderr + res.stdout, res.stderr[-2000:]
     fresh = [d for d in (tmp_path / "runs" / "pretrain").iterdir() if d.name.startswith("n1_")]
