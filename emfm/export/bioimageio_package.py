@@ -225,7 +225,7 @@ def export_bioimageio(
 
 def _outputs(ex: Exportable, out, overwrite: bool) -> tuple[Path, Path]:
     """The package folder and zip, with whatever was there removed (only with `overwrite`)."""
-    folder = Path(out) if out else Path(f"{ex.name}.bioimageio")
+    folder = (Path(out) if out else Path(f"{ex.name}.bioimageio")).absolute()
     if folder.suffix == ".zip":
         folder = folder.with_suffix("")
     zip_path = folder.with_name(folder.name + ".zip")

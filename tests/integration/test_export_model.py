@@ -41,13 +41,15 @@ def test_zoo_encoder_to_onnx_and_bioimageio(tmp_path):
     chk = onnx_export.compare_with_jax(ex, onnx_path, x)
     assert chk["output_shape"] == [3, 16, 64, 64] and chk["max_abs_diff"] <= 1e-4, chk
 
+    # the README's command, default out: ./em_unet16.bioimageio (+ .zip) in the working directory
+    (tmp_path / "pkg").mkdir()
     out = tmp_path / "pkg" / "em_unet16.bioimageio"
     r = run_cli(
         "export-model",
         "checkpoint=zoo:em_unet16",
         "format=bioimageio",
-        f"out={out}",
         f"shape={TILE}",
+        cwd=tmp_path / "pkg",
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "bioimageio.core test: passed" in r.stdout and "max abs difference" in r.stdout
