@@ -224,8 +224,36 @@ CHECKS = {  # the validate of each command's config; the others: schema.validate
 }
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that no field of its typed config declares (added with `+KEY=VALUE`, which
+    Hydra lets through and the typed config would silently drop), as dotted paths."""
+    import dataclasses
+
+    out = []
+    typ = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else None
+    for k in cfg.keys():
+        if fields is not None and k not in fields:
+            out.append(f"{prefix}{k}")
+            continue
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            out += unknown_keys(node, f"{prefix}{k}.")
+    return out
+
+
 def to_config(cfg: DictConfig, cmd: str = "main"):
-    """The typed dataclasses of command `cmd`'s composed config, checked by its validate."""
+    """The typed dataclasses of command `cmd`'s composed config, checked by its validate; a key
+    no typed config declares is an error naming it."""
+    from emfm.config.common import ConfigError
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(added with +KEY=...?): emfm {cmd} has no such setting; see `emfm {cmd} --help` "
+            "or the configs for the keys there are"
+        )
     return CHECKS.get(cmd, schema.validate)(OmegaConf.to_object(cfg))
 
 
@@ -271,17 +299,53 @@ def _reported(cmd: str, cfg: DictConfig) -> None:
         raise SystemExit(1) from None
 
 
-def _task(cmd: str):
-    """The Hydra task function of command `cmd`."""
+def _task(cmd: str, started: list):
+    """The Hydra task function of command `cmd` (it appends to `started` when it runs)."""
 
     def task(cfg: DictConfig) -> None:
+        started.append(True)
         _reported(cmd, cfg)
 
     return task
 
 
+def _check_name(argv: list[str]) -> None:
+    """`name=NAME` on the command line, checked before Hydra resolves it into the run directory
+    (where an error surfaces as a traceback of Hydra's own)."""
+    from emfm.config.common import ConfigError
+
+    for arg in argv:
+        if arg.startswith("name="):
+            name = arg.split("=", 1)[1]
+            for one in name.split(",") if "-m" in argv or "--multirun" in argv else [name]:
+                if "/" in one or one.strip() in (".", ".."):
+                    raise ConfigError(f"name={one!r}: a run name is one directory name (no '/')")
+
+
 def run(cmd: str, config_dir: str) -> None:
+    """Run command `cmd` through Hydra. Errors of the command line or the configs that Hydra
+    meets while composing (an unknown group option or key, a value of the wrong type) exit with
+    status 2 like every other error of the user's input; Hydra prints its own message naming
+    the key and the choices."""
     schema.register()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    app = hydra.main(version_base=None, config_path=config_dir, config_name=cmd)(_task(cmd))
-    app()
+    try:
+        _check_name(sys.argv[1:])
+    except ValueError as e:
+        print(f"emfm: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    started: list = []
+    app = hydra.main(version_base=None, config_path=config_dir, config_name=cmd)(
+        _task(cmd, started)
+    )
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 1 and not started:  # Hydra's report of a composition error
+            print(
+                f"emfm: error: emfm {cmd}: the command line or config could not be composed "
+                "(Hydra's message above names the key)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+        raise

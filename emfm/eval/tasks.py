@@ -116,7 +116,14 @@ def identity(tc: TaskConfig) -> str:
 def _open(path: str, what: str):
     from emfm.eval.evaluate import open_label_volume
 
-    return open_label_volume(path, what)
+    try:
+        return open_label_volume(path, what)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e}. The tasks of configs/probe_task/ read ../shared/data/em relative to the working "
+            "directory unless EMFM_SHARED_DATA names that folder (e.g. "
+            "EMFM_SHARED_DATA=/data/em emfm probe ...); a task YAML of your own gives its paths."
+        ) from None
 
 
 def _pair(tc: TaskConfig, image: str, labels: str):

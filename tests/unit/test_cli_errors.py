@@ -20,7 +20,7 @@ def _fail_with(monkeypatch, exc):
 
     monkeypatch.setattr(apps, "to_config", boom)
     monkeypatch.delenv("EMFM_DEBUG", raising=False)
-    return apps._task("pretrain")
+    return apps._task("pretrain", [])
 
 
 def test_user_error_is_one_line(monkeypatch, capsys):
@@ -130,3 +130,23 @@ def test_a_coordinator_that_never_answers_is_a_clear_error(tmp_path):
         f"the coordinator 127.0.0.1:{port} did not answer within distributed.timeout_s=2"
         in res.stderr
     )
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path):
+    from conftest import run_cli
+
+    run = f"hydra.run.dir={tmp_path / 'r'}"
+    cases = {
+        "+trainer.stepz=2": "unknown config key trainer.stepz",  # Hydra lets `+` through
+        "+bogus=1": "unknown config key bogus",
+        "model=unet3": "Could not find 'model/unet3'",  # Hydra's composition error
+        "trainer.steps=abc": "trainer.steps",
+        "name=a/b": "a run name is one directory name",
+    }
+    for arg, msg in cases.items():
+        res = run_cli("pretrain", "debug=tiny", arg, run, cwd=tmp_path)
+        assert res.returncode == 2 and msg in res.stderr + res.stdout, (arg, res.stderr[-1500:])
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    # a dict-valued setting takes new keys by design
+    cfg = OmegaConf.create({"tune_grid": {"threshold": [0.2]}})
+    assert apps.unknown_keys(cfg) == []
