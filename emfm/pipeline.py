@@ -17,7 +17,7 @@ import numpy as np
 
 from emfm.config.pretrain import EmfmConfig
 from emfm.data import bundled
-from emfm.data.sampling import Region, estimate_range
+from emfm.data.sampling import Region, estimate_range, grey_range_for
 from emfm.data.volume import Volume, VolumeError, open_volume
 from emfm.eval import figures
 from emfm.eval.cells import cell_scores, membrane_scores, tune_cells
@@ -298,7 +298,7 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         enc,
         vol,
         out,
-        grey_range=tuple(meta.get("grey_range") or estimate_range(region)),
+        grey_range=grey_range_for(region, meta.get("grey_range")),
         tile=ec.tile,
         margin=ec.margin,
         block_z=ec.block_z,

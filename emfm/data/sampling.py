@@ -66,6 +66,34 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
     return float(lo), float(hi)
 
 
+def grey_range_for(region: Region, trained: Sequence[float] | None) -> tuple[float, float]:
+    """The grey range that maps `region`'s volume to [0, 1] for a model trained with `trained`
+    (the checkpoint's range): that range, as the model saw its data, unless less than half of the
+    volume's own range (estimate_range) lies inside it, as for 16-bit or float EM under a
+    checkpoint of 8-bit data; then the volume's own range, logged, since the checkpoint's would
+    clip most voxels to black or white. None: the volume's own range."""
+    import logging
+
+    if trained is None:
+        return estimate_range(region)
+    lo, hi = (float(v) for v in trained)
+    vlo, vhi = estimate_range(region)
+    inside = max(0.0, min(hi, vhi) - max(lo, vlo)) / (vhi - vlo)
+    if inside >= 0.5:
+        return lo, hi
+    logging.getLogger("emfm").warning(
+        "volume %s: grey values %.4g-%.4g (0.5-99.5 percentiles), of which %.0f %% lie inside the "
+        "checkpoint's range %.4g-%.4g: normalised by its own range instead",
+        region.volume.path,
+        vlo,
+        vhi,
+        100 * inside,
+        lo,
+        hi,
+    )
+    return vlo, vhi
+
+
 def normalise_into(arr: np.ndarray, lo: float, hi: float, out: np.ndarray) -> np.ndarray:
     """`clip((arr - lo) / (hi - lo), 0, 1)` written into the float32 array `out` in place: one
     cast-and-subtract pass and two in-place passes, no temporaries (about 8x faster than the

@@ -49,11 +49,18 @@ class Source:
 
 def _open(path: str, what: str, **kw) -> Volume:
     if what == "data.path":  # a single volume: open_volume's own "volume not found: PATH"
-        return open_volume(path, **kw)
-    try:
-        return open_volume(path, **kw)
-    except FileNotFoundError:
-        raise VolumeError(f"{what}: volume not found: {path}") from None
+        vol = open_volume(path, **kw)
+    else:
+        try:
+            vol = open_volume(path, **kw)
+        except FileNotFoundError:
+            raise VolumeError(f"{what}: volume not found: {path}") from None
+    if vol.ndim not in (2, 3):
+        raise VolumeError(
+            f"{what}: volume {path} has shape {vol.shape} (axes {''.join(vol.axes)}); patches are "
+            "read from single-channel z, y, x (or y, x) volumes: store one channel per volume"
+        )
+    return vol
 
 
 def ensure_built(s, what: str = "data.sources[i]") -> None:

@@ -209,10 +209,45 @@ def open_volume(
     axes = (
         ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
     )
+    if not write and 0 in tuple(arr.shape):
+        raise VolumeError(
+            f"volume {path} has shape {tuple(arr.shape)} (axes {''.join(axes)}): it holds no "
+            "voxels, so there is nothing to read"
+        )
     vs, shift = _placement(arr, attrs, ome, voxel_size)
     return Volume(
         path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift
     )
+
+
+def _is_array(p: Path) -> bool:
+    """Whether the local folder `p` holds a zarr v2 / v3 or N5 array (not a group)."""
+    if (p / ".zarray").exists():
+        return True
+    for name, key in (("zarr.json", "node_type"), ("attributes.json", "dimensions")):
+        try:
+            meta = json.loads((p / name).read_text())
+        except (OSError, ValueError):
+            continue
+        return meta.get(key) == "array" if key == "node_type" else key in meta
+    return False
+
+
+def _arrays_in_group(path: str) -> list[str] | None:
+    """The arrays (folder names, sorted, up to two levels down) of the local group at `path`, or
+    None when `path` is not a local group."""
+    p = _local(path)
+    if p is None or not p.is_dir() or _is_array(p):
+        return None
+    if not any((p / f).exists() for f in (".zgroup", "zarr.json", "attributes.json")):
+        return None
+    found = []
+    for sub in sorted(q for q in p.iterdir() if q.is_dir()):
+        if _is_array(sub):
+            found.append(sub.name)
+        else:
+            found += [f"{sub.name}/{q.name}" for q in sorted(sub.iterdir()) if _is_array(q)]
+    return found
 
 
 def _open_array(path: str, driver: str, kv, write: bool, cache_mb: int | None):
@@ -221,6 +256,13 @@ def _open_array(path: str, driver: str, kv, write: bool, cache_mb: int | None):
     try:
         arr = ts.open(spec, read=True, write=write, context=chunk_cache(cache_mb)).result()
     except Exception as e:  # noqa: BLE001
+        inside = _arrays_in_group(path)
+        if inside is not None:
+            hint = f"give {path.rstrip('/')}/{inside[0]}" if inside else "it holds no arrays"
+            raise VolumeError(
+                f"volume {path} is a group, not an array; arrays in it: "
+                f"{', '.join(inside) or 'none'} ({hint})"
+            ) from None
         raise VolumeError(f"cannot open volume {path} as {driver}: {e}") from e
     if arr.dtype.name not in SUPPORTED_DTYPES:
         raise VolumeError(

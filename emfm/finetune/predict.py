@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from emfm.data.sampling import Region, grey_range_for
 from emfm.data.volume import (
     Volume,
     VolumeError,
@@ -194,6 +195,10 @@ def _roi_box(vol: Volume, roi) -> list[tuple[int, int]]:
     if vol.ndim != 3:
         raise VolumeError(f"volume {vol.path} has {vol.ndim} dimensions; predict expects z, y, x")
     box = [(0, s) for s in vol.shape] if roi is None else [tuple(int(v) for v in r) for r in roi]
+    if len(box) != 3 or any(len(r) != 2 for r in box):
+        raise VolumeError(
+            f"predict.roi={roi}: give [[z0, z1], [y0, y1], [x0, x1]] (three [start, stop] pairs)"
+        )
     for (a, b), s, ax in zip(box, vol.shape, "zyx"):
         if not 0 <= a < b <= s:
             raise VolumeError(
@@ -280,7 +285,7 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         lay.channels,
         vol,
         out,
-        grey_range=meta["grey_range"],
+        grey_range=grey_range_for(Region.of(vol, _roi_box(vol, p.roi)), meta["grey_range"]),
         window=p.window,
         overlap=p.overlap,
         chunk=p.chunk,

@@ -171,6 +171,12 @@ def test_config_errors_name_the_key(vols, tmp_path):
         _data(vols, aug=AugmentConfig(p_blur=1.5))
     with pytest.raises(ConfigError, match="need label volumes"):
         _data(vols, balance_classes=[0, 1])
+    # a volume with channels: a clear error, not a broadcast failure in the loader
+    write_array(tmp_path / "c.zarr", np.zeros((2, 64, 64, 2), np.uint8))
+    with pytest.raises(VolumeError, match=r"data.sources\[1\].*axes zyxc.*single-channel"):
+        open_sources(
+            _data(vols, sources=[SourceConfig(path=a), SourceConfig(path=str(tmp_path / "c.zarr"))])
+        )
     # through Hydra, as the CLI composes: an unknown key inside a source is rejected by name
     with pytest.raises(Exception, match="nonsense"):
         compose("pretrain", ["data.roi=null", f"data.sources=[{{path: {a}, nonsense: 1}}]"])
@@ -220,3 +226,19 @@ def test_bundled_roi_does_not_follow_a_users_path(vols):
         "pretrain", [f"data.path={vols / 'a'}", "data.roi=[[0,2],[0,64],[0,64]]"]
     ).data.roi == [[0, 2], [0, 64], [0, 64]]
     assert compose("pretrain", [f"data.sources=[{{path: {vols / 'a'}}}]"]).data.roi is None
+
+
+def test_grey_range_of_a_volume_unlike_the_checkpoints_data(tmp_path):
+    from emfm.data.sampling import Region, grey_range_for
+
+    rng = np.random.default_rng(0)
+    u8 = write_array(tmp_path / "u8.zarr", rng.integers(20, 220, (2, 128, 128)).astype(np.uint8))
+    u16 = write_array(
+        tmp_path / "u16.zarr", rng.integers(4000, 48000, (2, 128, 128)).astype(np.uint16)
+    )
+    # 8-bit EM like the checkpoint's: the checkpoint's range, as the model saw its data
+    assert grey_range_for(Region.of(u8), (22.0, 211.0)) == (22.0, 211.0)
+    # 16-bit EM: the checkpoint's range would clip every voxel to white; the volume's own range
+    lo, hi = grey_range_for(Region.of(u16), (22.0, 211.0))
+    assert 4000 <= lo < 5000 and 47000 < hi <= 48000
+    assert grey_range_for(Region.of(u8), None) == grey_range_for(Region.of(u8), (0.0, 1.0))

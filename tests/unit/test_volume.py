@@ -230,3 +230,23 @@ def test_bundled_sample_opens():
 
     v = open_volume(bundled.sample_raw())
     assert v.shape == (30, 384, 384) and v.voxel_size == (50.0, 4.0, 4.0) and os.fspath(v.path)
+
+
+def test_an_empty_volume_is_a_clear_error(tmp_path):
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "e.zarr")}}
+    spec["metadata"] = {"shape": [0, 64, 64], "data_type": "uint8"}
+    ts.open(spec, create=True).result()
+    with pytest.raises(VolumeError, match=r"shape \(0, 64, 64\).*no voxels"):
+        open_volume(tmp_path / "e.zarr")
+
+
+def test_a_group_given_as_a_volume_names_its_arrays(tmp_path):
+    g = tmp_path / "g.zarr"
+    g.mkdir()
+    (g / ".zgroup").write_text('{"zarr_format": 2}')
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(g / "raw")}}
+    spec["metadata"] = {"shape": [2, 8, 8], "dtype": "|u1", "chunks": [1, 8, 8]}
+    ts.open(spec, create=True).result()
+    with pytest.raises(VolumeError, match=r"is a group, not an array; arrays in it: raw \(give"):
+        open_volume(g)
+    assert open_volume(g / "raw").shape == (2, 8, 8)
