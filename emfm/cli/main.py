@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
 def zoo_main(argv: list[str]) -> None:
     from emfm import zoo
 
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: emfm zoo list\n\nOne line per checkpoint of the zoo, starting with its name")
+        print("(use it as checkpoint=zoo:NAME wherever a checkpoint is accepted).")
+        return
     if argv[:1] != ["list"] or len(argv) > 1:
         print("usage: emfm zoo list", file=sys.stderr)
         raise SystemExit(2)

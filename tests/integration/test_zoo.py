@@ -23,6 +23,9 @@ def test_shipped_zoo_lists_and_loads():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == names
+    r = run_cli("zoo", "--help")
+    assert r.returncode == 0 and "usage: emfm zoo list" in r.stdout
+    assert run_cli("zoo", "lst").returncode == 2
     from emfm.train.state import load_encoder
 
     for n in names:
