@@ -52,11 +52,30 @@ def ome_level(
     }
 
 
+# NGFF space units (UDUNITS-2 names, as NGFF 0.4/0.5 list them) in nanometres
+NM_PER_UNIT = {
+    "angstrom": 0.1,
+    "nanometer": 1.0,
+    "micrometer": 1e3,
+    "millimeter": 1e6,
+    "centimeter": 1e7,
+    "meter": 1e9,
+    "picometer": 1e-3,
+}
+
+
 def _level_transforms(datasets: list, axes: list) -> tuple[list, list]:
-    """Per level, the scale and translation of the spatial axes (all 1 and 0 where not given)."""
+    """Per level, the scale and translation of the spatial axes in nanometres (all 1 and 0 where
+    not given; an axis without a unit is taken as nanometres)."""
     space = [
         i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"
     ] or None
+    to_nm = [
+        NM_PER_UNIT.get(str(axes[i].get("unit") or "nanometer").lower(), None) for i in space or []
+    ]
+    if None in to_nm:
+        units = [axes[i].get("unit") for i in space]
+        raise VolumeError(f"OME-Zarr space units {units}: use one of {sorted(NM_PER_UNIT)}")
     scales, shifts = [], []
     for d in datasets:
         scale, shift = None, None
@@ -72,6 +91,9 @@ def _level_transforms(datasets: list, axes: list) -> tuple[list, list]:
         )
         scales.append(pick(scale) if scale else [1.0] * 3)
         shifts.append(pick(shift) if shift else [0.0] * len(scales[-1]))
+        if to_nm and len(to_nm) == len(scales[-1]):
+            scales[-1] = [v * f for v, f in zip(scales[-1], to_nm)]
+            shifts[-1] = [v * f for v, f in zip(shifts[-1], to_nm)]
     return scales, shifts
 
 
@@ -81,14 +103,22 @@ def ome_level_path(path: str, driver: str, level: int | None, voxel_size: Sequen
     return None if lv is None else (lv["path"], lv["scale"])
 
 
-def emfm_order(arr, names: Sequence[str]):
+def emfm_order(arr, names: Sequence[str], drop_single_channel: bool = True):
     """A view of an OME-Zarr level in emfm's axis order: the spatial axes (z, y, x) first, then a
-    channel axis (NGFF stores channels before space)."""
+    channel axis (NGFF stores channels before space). A time axis of length 1 is dropped (the
+    TCZYX layout of bioformats2raw), and so is a channel axis of length 1 when
+    `drop_single_channel` (a one-channel image is a z, y, x volume)."""
     if len(names) != arr.rank:
         return arr
     space = [i for i, n in enumerate(names) if n in ("z", "y", "x")]
     order = space + [i for i in range(arr.rank) if i not in space]
-    return arr if order == list(range(arr.rank)) else arr[ts.d[tuple(order)].transpose[:]]
+    if order != list(range(arr.rank)):
+        arr = arr[ts.d[tuple(order)].transpose[:]]
+    for k in reversed(range(len(space), arr.rank)):
+        name = str(names[order[k]]).lower()
+        if arr.shape[k] == 1 and (name == "t" or (name == "c" and drop_single_channel)):
+            arr = arr[ts.d[k][0]]
+    return arr
 
 
 def multiscale_group(

@@ -202,10 +202,16 @@ def open_volume(
             local = path = ome["path"]
     arr = _open_array(path, driver, kvstore(local if not remote else path), write, cache_mb)
     attrs = read_attributes(local, driver) if not remote else {}
+    shift = None
     if ome is not None:  # the group's metadata (emfm's own under "emfm") with the level's
-        arr = emfm_order(arr, ome["axes"])
         group = ome["group_attributes"]
+        arr = emfm_order(arr, ome["axes"], drop_single_channel="emfm" not in group)
         attrs = {**group, **(group.get("emfm") or {}), **attrs}
+    elif driver == "neuroglancer_precomputed":
+        arr, shift = _precomputed_zyx(arr)
+    elif driver == "n5":
+        arr, attrs = _n5_zyx(arr, attrs)
+    _check_rank(arr, path)
     axes = (
         ("y", "x") if arr.rank == 2 else ("z", "y", "x") if arr.rank == 3 else ("z", "y", "x", "c")
     )
@@ -214,10 +220,45 @@ def open_volume(
             f"volume {path} has shape {tuple(arr.shape)} (axes {''.join(axes)}): it holds no "
             "voxels, so there is nothing to read"
         )
-    vs, shift = _placement(arr, attrs, ome, voxel_size)
+    vs, placed = _placement(arr, attrs, ome, voxel_size)
+    if shift is not None:  # a precomputed volume's voxel offset, in nm
+        placed = tuple(float(o) * v for o, v in zip(shift, vs))
     return Volume(
-        path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=shift
+        path=path, array=arr, voxel_size=vs, axes=axes, attributes=attrs, translation=placed
     )
+
+
+def _precomputed_zyx(arr):
+    """A neuroglancer precomputed volume (x, y, z, channel, starting at its voxel offset) as
+    z, y, x (and c when it has several channels) from 0, and the voxel offset (z, y, x)."""
+    arr = arr[ts.d["z", "y", "x", "channel"].transpose[:]]
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    origin = tuple(int(v) for v in arr.domain.inclusive_min[:3])
+    return arr.translate_to[0], origin
+
+
+_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micrometer": 1e3, "mm": 1e6}
+
+
+def _n5_zyx(arr, attrs: dict):
+    """An N5 array as z, y, x. N5 lists dimensions fastest first (x, y, z: n5-java, z5py,
+    BigDataViewer, and tensorstore keeps that order), so the axes are reversed unless an "axes"
+    attribute puts z first; the voxel size ("resolution" or n5-viewer's "pixelResolution", in
+    the same order, in "units") goes with them, in nm."""
+    names = [str(a).lower() for a in attrs.get("axes") or []]
+    reverse = not (names and names[0] in ("z", "c"))
+    pr = attrs.get("pixelResolution")
+    res = pr.get("dimensions") if isinstance(pr, dict) else attrs.get("resolution")
+    unit = pr.get("unit") if isinstance(pr, dict) else (attrs.get("units") or [None])[0]
+    attrs = dict(attrs)
+    if res is not None and len(res) == arr.rank:
+        factor = _NM.get(str(unit or "nm").lower())
+        if factor is None:
+            raise VolumeError(f"N5 unit {unit!r}: use one of {sorted(_NM)}")
+        res = [float(v) * factor for v in (res[::-1] if reverse else res)]
+        attrs["voxel_size"] = res
+    return (arr.T if reverse else arr), attrs
 
 
 def _is_array(p: Path) -> bool:
@@ -269,11 +310,15 @@ def _open_array(path: str, driver: str, kv, write: bool, cache_mb: int | None):
             f"volume {path}: dtype {arr.dtype.name} is not supported "
             f"({', '.join(SUPPORTED_DTYPES)})"
         )
+    return arr
+
+
+def _check_rank(arr, path: str) -> None:
     if arr.rank not in (2, 3, 4):
         raise VolumeError(
-            f"volume {path}: {arr.rank} dimensions; expected 2 (y x), 3 (z y x) or 4 (z y x c)"
+            f"volume {path}: {arr.rank} dimensions (shape {tuple(arr.shape)}); expected 2 (y x), "
+            "3 (z y x) or 4 (z y x c)"
         )
-    return arr
 
 
 def _placement(arr, attrs: dict, ome: dict | None, voxel_size) -> tuple[tuple, tuple]:

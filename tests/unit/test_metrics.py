@@ -394,9 +394,9 @@ def test_evaluate_paths_tiff_zarr_and_errors(tmp_path):
         ),
         ("zarr", {"shape": list(pred.shape), "dtype": "<u2", "chunks": [2, 8, 8]}),
         (
-            "n5",
+            "n5",  # as N5 tools store it: dimensions x, y, z (emfm reads it as z, y, x)
             {
-                "dimensions": list(pred.shape),
+                "dimensions": list(pred.shape[::-1]),
                 "dataType": "uint16",
                 "blockSize": [8, 8, 2],
                 "compression": {"type": "raw"},
@@ -410,7 +410,7 @@ def test_evaluate_paths_tiff_zarr_and_errors(tmp_path):
             "metadata": meta,
             "create": True,
         }
-        ts.open(spec).result().write(pred).result()
+        ts.open(spec).result().write(pred.T if driver == "n5" else pred).result()
         res = evaluate_paths(path, tmp_path / "gt.tif", tmp_path / driver, block_z=2)
         want = region_scores(pred, gt)
         assert res["metrics"]["region"] == pytest.approx(want)

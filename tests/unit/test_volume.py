@@ -63,11 +63,47 @@ def test_zarr2_voxel_size_from_zattrs(tmp_path, data):
     np.testing.assert_array_equal(v.read(), data)
 
 
-def test_n5_voxel_size_from_attributes(tmp_path, data):
-    _ts_create(tmp_path / "n5", "n5", data, (2, 4, 4), resolution=[50, 4, 3], units=["nm"] * 3)
+def test_n5_axes_and_voxel_size_as_n5_tools_write_them(tmp_path, data):
+    # N5 lists dimensions x, y, z (n5-java, z5py, BigDataViewer): the stored array is data.T
+    xyz = np.ascontiguousarray(data.T)
+    _ts_create(tmp_path / "n5", "n5", xyz, (4, 4, 2), resolution=[3, 4, 50], units=["nm"] * 3)
     v = open_volume(tmp_path / "n5")
     assert v.shape == data.shape and v.voxel_size == (50.0, 4.0, 3.0)
     np.testing.assert_array_equal(v.read(), data)
+    # n5-viewer's pixelResolution, in micrometres
+    _ts_create(tmp_path / "n5b", "n5", xyz, (4, 4, 2))
+    attrs = json.loads((tmp_path / "n5b" / "attributes.json").read_text())
+    attrs["pixelResolution"] = {"dimensions": [0.003, 0.004, 0.05], "unit": "um"}
+    (tmp_path / "n5b" / "attributes.json").write_text(json.dumps(attrs))
+    v = open_volume(tmp_path / "n5b")
+    assert v.shape == data.shape and np.allclose(v.voxel_size, (50.0, 4.0, 3.0))
+    # an "axes" attribute that puts z first keeps the stored order
+    _ts_create(tmp_path / "n5c", "n5", data, (2, 4, 4), axes=["z", "y", "x"])
+    np.testing.assert_array_equal(open_volume(tmp_path / "n5c").read(), data)
+
+
+def test_neuroglancer_precomputed_as_zyx_from_its_voxel_offset(tmp_path, data):
+    spec = {
+        "driver": "neuroglancer_precomputed",
+        "kvstore": {"driver": "file", "path": str(tmp_path / "p")},
+        "multiscale_metadata": {"type": "image", "data_type": "uint16", "num_channels": 1},
+        "scale_metadata": {
+            "size": [10, 12, 5],  # x, y, z
+            "resolution": [5, 4, 40],
+            "encoding": "raw",
+            "chunk_size": [8, 8, 2],
+            "voxel_offset": [100, 200, 3],
+        },
+    }
+    arr = ts.open(spec, create=True).result()
+    arr[ts.d["z", "y", "x", "channel"].transpose[:]][..., 0].write(data).result()
+    v = open_volume(tmp_path / "p")
+    assert v.shape == (5, 12, 10) and v.axes == ("z", "y", "x")
+    assert v.voxel_size == (40.0, 4.0, 5.0) and v.translation == (120.0, 800.0, 500.0)
+    np.testing.assert_array_equal(v.read(), data)
+    np.testing.assert_array_equal(
+        v.read((slice(1, 3), slice(0, 4), slice(2, 9))), data[1:3, :4, 2:9]
+    )
 
 
 def test_4d_has_channel_axis(tmp_path):
@@ -250,3 +286,27 @@ def test_a_group_given_as_a_volume_names_its_arrays(tmp_path):
     with pytest.raises(VolumeError, match=r"is a group, not an array; arrays in it: raw \(give"):
         open_volume(g)
     assert open_volume(g / "raw").shape == (2, 8, 8)
+
+
+def test_ome_zarr_units_and_singleton_time_and_channel_axes(tmp_path):
+    # NGFF 0.4 layout of bioformats2raw: TCZYX with t = c = 1, scale in micrometres
+    g = tmp_path / "ome.zarr"
+    g.mkdir()
+    img = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(1, 1, 2, 8, 8)
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(g / "0")}}
+    spec["metadata"] = {"shape": list(img.shape), "dtype": "|u1", "chunks": [1, 1, 1, 8, 8]}
+    ts.open(spec, create=True).result().write(img).result()
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}]
+    axes += [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    scale = {"type": "scale", "scale": [1, 1, 0.04, 0.0059, 0.0059]}
+    ms = {
+        "version": "0.4",
+        "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [scale]}],
+    }
+    (g / ".zgroup").write_text('{"zarr_format": 2}')
+    (g / ".zattrs").write_text(json.dumps({"multiscales": [ms]}))
+    v = open_volume(g)
+    assert v.shape == (2, 8, 8) and v.axes == ("z", "y", "x")
+    assert np.allclose(v.voxel_size, (40.0, 5.9, 5.9))
+    np.testing.assert_array_equal(v.read(), img[0, 0])
