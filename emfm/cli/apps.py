@@ -299,12 +299,53 @@ def _reported(cmd: str, cfg: DictConfig) -> None:
         raise SystemExit(1) from None
 
 
-def _task(cmd: str, started: list):
-    """The Hydra task function of command `cmd` (it appends to `started` when it runs)."""
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra context (a direct call)
+        return False
+
+
+def _record_failed_job(cfg: DictConfig, code) -> None:
+    """A sweep job that stopped: its config and status.json ("failed", exit status) in its run
+    directory, so that `emfm runs summarize` lists it beside the others."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    status = run_dir / "status.json"
+    old = json.loads(status.read_text()) if status.exists() else {}
+    if old.get("status") in (None, "running"):
+        status.write_text(json.dumps({"status": "failed", "exit_status": code}))
+
+
+def _task(cmd: str, started: list, failed: list):
+    """The Hydra task function of command `cmd` (it appends to `started` when it runs). In a
+    sweep (`-m`) a job that stops with an error is recorded (`failed`, its run directory marked)
+    and the sweep goes on with the next job; the sweep's exit status is that of the first
+    failure."""
 
     def task(cfg: DictConfig) -> None:
         started.append(True)
-        _reported(cmd, cfg)
+        if not _multirun():
+            _reported(cmd, cfg)
+            return
+        try:
+            _reported(cmd, cfg)
+        except SystemExit as e:
+            if e.code in (0, None):
+                raise
+            try:
+                _record_failed_job(cfg, e.code)
+            except Exception:  # noqa: BLE001 (the record is a courtesy; the sweep goes on)
+                log.warning("could not record the failed job's status", exc_info=True)
+            log.error("sweep job stopped (exit status %s); going on with the next job", e.code)
+            failed.append(e.code)
 
     return task
 
@@ -335,11 +376,19 @@ def run(cmd: str, config_dir: str) -> None:
         print(f"emfm: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     started: list = []
+    failed: list = []
     app = hydra.main(version_base=None, config_path=config_dir, config_name=cmd)(
-        _task(cmd, started)
+        _task(cmd, started, failed)
     )
     try:
         app()
+        if failed:
+            print(
+                f"emfm: error: {len(failed)} job(s) of the sweep stopped with an error (see "
+                "above; `emfm runs summarize` lists them as failed)",
+                file=sys.stderr,
+            )
+            raise SystemExit(failed[0])
     except SystemExit as e:
         if e.code == 1 and not started:  # Hydra's report of a composition error
             print(

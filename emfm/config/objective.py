@@ -211,8 +211,8 @@ def validate_objective(o: ObjectiveConfig, m: ModelConfig) -> None:
         )
     if isinstance(o, DecoderFields) and m.name != "vit":
         raise ConfigError(
-            f"objective.name={o.name!r} masks ViT tokens: use a ViT model (model.name={m.name!r}); "
-            "for the U-Net use objective=mim_unet"
+            f"objective.name={o.name!r} masks ViT tokens: it needs a ViT model, not "
+            f"model.name={m.name!r}; for the U-Net use objective=mim_unet"
         )
     if isinstance(o, MIMUNetConfig) and m.name != "unet":
         raise ConfigError(f"objective.name=mim_unet needs model.name=unet (got {m.name!r})")

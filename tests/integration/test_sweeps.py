@@ -15,13 +15,16 @@ def test_multirun_sweep_then_summarize(tmp_path):
         "debug=tiny",
         "trainer.progress=false",
         "trainer.tensorboard=false",
-        "objective.mask_ratio=0.5,0.75",
+        "objective.mask_ratio=0.5,1.5,0.75",  # the middle job's setting is invalid
         f"hydra.sweep.dir={sweep}",
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    # the invalid job stops with its error, the sweep goes on, and its exit status says so
+    assert res.returncode == 2 and "mask_ratio=1.5: must be in (0, 1)" in res.stderr, res.stderr
+    assert "1 job(s) of the sweep stopped" in res.stderr
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "config.yaml").exists())
-    assert len(runs) == 2
-    assert {json.loads((r / "status.json").read_text())["status"] for r in runs} == {"finished"}
+    assert len(runs) == 3
+    status = [json.loads((r / "status.json").read_text())["status"] for r in runs]
+    assert status == ["finished", "failed", "finished"]
     # a third run that "died": status running, files old
     dead = sweep / "dead"
     dead.mkdir()
@@ -32,11 +35,12 @@ def test_multirun_sweep_then_summarize(tmp_path):
     res = run_cli("runs", "summarize", str(sweep), "--stale-after", "0")
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "objective.mask_ratio" in rows[0]  # the swept key is a column; constant keys are not
     assert "model.width" not in rows[0]
     by_ratio = {r["objective.mask_ratio"]: r for r in rows}
     assert by_ratio["0.5"]["status"] == "finished" and by_ratio["0.9"]["status"] == "stalled"
+    assert by_ratio["1.5"]["status"] == "failed"
     assert int(by_ratio["0.75"]["steps"]) == 4 and float(by_ratio["0.75"]["final_loss"]) > 0
     assert (sweep / "loss_curves.png").stat().st_size > 1000
     res = run_cli("runs", "summarize", str(tmp_path / "nothing"))

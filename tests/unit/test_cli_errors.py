@@ -20,7 +20,7 @@ def _fail_with(monkeypatch, exc):
 
     monkeypatch.setattr(apps, "to_config", boom)
     monkeypatch.delenv("EMFM_DEBUG", raising=False)
-    return apps._task("pretrain", [])
+    return apps._task("pretrain", [], [])
 
 
 def test_user_error_is_one_line(monkeypatch, capsys):
