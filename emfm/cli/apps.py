@@ -284,7 +284,18 @@ def _reported(cmd: str, cfg: DictConfig) -> None:
         log.warning("%s", e)
         print(f"emfm: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        if os.environ.get("EMFM_DEBUG"):
+            raise
+        log.warning("interrupted (Ctrl-C)")
+        print(
+            f"emfm: {cmd} interrupted (Ctrl-C); what it finished is kept: the same command "
+            "resumes it (runs from their last checkpoint, export / predict / instances skip the "
+            "blocks already written)",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + 2) from None
+    except SystemExit:
         raise
     except Exception as e:  # not the user's input: a bug, shown whole
         import traceback

@@ -150,3 +150,11 @@ def test_config_errors_exit_2_naming_the_key(tmp_path):
     # a dict-valued setting takes new keys by design
     cfg = OmegaConf.create({"tune_grid": {"threshold": [0.2]}})
     assert apps.unknown_keys(cfg) == []
+
+
+def test_ctrl_c_is_a_short_message_not_a_traceback(monkeypatch, capsys):
+    task = _fail_with(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as e:
+        task(OmegaConf.create({}))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted (Ctrl-C)" in err and "Traceback" not in err
