@@ -32,6 +32,14 @@ def kvstore(path: str) -> dict | str:
 def detect_driver(path: str) -> str:
     """Guess the tensorstore driver of a local path from its metadata files."""
     p = Path(path)
+    if p.is_file():
+        kind = {".tif": "TIFF", ".tiff": "TIFF", ".h5": "HDF5", ".hdf5": "HDF5", ".hdf": "HDF5"}
+        what = kind.get(p.suffix.lower())
+        raise VolumeError(
+            f"volume {path} is a {what + ' ' if what else ''}file; volumes are read from zarr "
+            "(v2/v3), OME-Zarr, N5 or neuroglancer precomputed folders"
+            + (f": import it once with `emfm data import {path} OUT.zarr`" if what else "")
+        )
     if (p / "zarr.json").exists():
         return "zarr3"
     if (p / ".zarray").exists() or (p / ".zgroup").exists():

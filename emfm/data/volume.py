@@ -148,7 +148,13 @@ class Volume:
 def _region_str(region) -> str:
     if region is None:
         return "the whole array"
-    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+    def one(s):
+        if not isinstance(s, slice):
+            return str(s)
+        return f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+
+    return "[" + ", ".join(one(s) for s in region) + "]"
 
 
 _SHARED_CONTEXT: list = []

@@ -162,15 +162,14 @@ def _region_reader(vol: Volume, box, grey_range) -> Callable:
 
 
 def _my_chunks(bl: Blender, chunk, out: Volume, resume: bool) -> tuple[list, int, int]:
-    """(the chunks this process writes, how many chunks are left to write by all processes, how
-    many were written before): several processes each write their own (disjoint zarr chunks)."""
+    """(the chunks this process writes, how many chunks the output has, how many of them were
+    written before): several processes each write their own (disjoint zarr chunks)."""
     done = written_chunks(out) if resume else set()
-    todo = [
-        b for b in bl.chunks(chunk) if tuple(s.start // c for s, c in zip(b, chunk)) not in done
-    ]
+    every = bl.chunks(chunk)
+    todo = [b for b in every if tuple(s.start // c for s, c in zip(b, chunk)) not in done]
     distributed.barrier("predict: chunks to do listed")  # before any process writes one
     pid, nproc = distributed.process()
-    return todo[pid::nproc], len(todo), len(done)
+    return todo[pid::nproc], len(every), len(every) - len(todo)
 
 
 def _write_chunks(bl: Blender, read, out: Volume, todo, dtype, show_progress, stop_after) -> int:

@@ -57,9 +57,10 @@ def volume_reader(
         and (channel is None or not 0 <= channel < vol.shape[3])
     ):
         raise VolumeError(
-            f"instance input {vol.path} has {vol.shape[3]} channels: give channel=K "
-            f"(0..{vol.shape[3] - 1}) "
-            "for the boundary class, or kind=affinities"
+            f"instance input {vol.path} has {vol.shape[3]} channels"
+            + (f", so channel={channel} does not exist" if channel is not None else "")
+            + f": give channel=K (0..{vol.shape[3] - 1}) for the boundary class, or "
+            "kind=affinities"
         )
     scale = 1.0 / np.iinfo(vol.dtype).max if np.issubdtype(vol.dtype, np.integer) else 1.0
 

@@ -109,7 +109,8 @@ def find_checkpoint_dir(path: str | Path) -> Path:
     if p.name == "checkpoints":
         return p.parent
     raise CheckpointError(
-        f"{p} holds no checkpoints/ folder: give the run directory of a pretraining run"
+        f"{p} holds no checkpoints/ folder: give the directory of an emfm run (pretrain, finetune) "
+        "or zoo:NAME"
     )
 
 

@@ -269,6 +269,9 @@ def test_predict_volume_chunking_invariant_and_resumes(tmp_path):
     assert part["chunks_written"] == 5
     rest = predict_volume(fn, 2, vol, tmp_path / "b.zarr", chunk=[1, 32, 32], **kw)
     assert rest["chunks_skipped"] == 5 and rest["chunks_written"] == 3 * 3 * 3 - 5
+    assert rest["chunks_all"] == part["chunks_all"] == 3 * 3 * 3
+    again = predict_volume(fn, 2, vol, tmp_path / "b.zarr", chunk=[1, 32, 32], **kw)
+    assert again["chunks_all"] == again["chunks_skipped"] == 27 and again["chunks_written"] == 0
     a = open_volume(tmp_path / "a.zarr").read()
     b = open_volume(tmp_path / "b.zarr").read()
     np.testing.assert_allclose(a, b, atol=1e-6)  # no seams at chunk borders

@@ -310,3 +310,9 @@ def test_ome_zarr_units_and_singleton_time_and_channel_axes(tmp_path):
     assert v.shape == (2, 8, 8) and v.axes == ("z", "y", "x")
     assert np.allclose(v.voxel_size, (40.0, 5.9, 5.9))
     np.testing.assert_array_equal(v.read(), img[0, 0])
+
+
+def test_a_tiff_file_given_as_a_volume_points_to_data_import(tmp_path):
+    (tmp_path / "stack.tif").write_bytes(b"II*\x00")
+    with pytest.raises(VolumeError, match=r"is a TIFF file.*emfm data import .*stack.tif OUT.zarr"):
+        open_volume(tmp_path / "stack.tif")
