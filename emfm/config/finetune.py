@@ -186,6 +186,14 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
         if not cfg.checkpoint:
             raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
         cfg.model = _checkpoint_model(cfg.checkpoint)
+    elif command == "finetune" and cfg.checkpoint:
+        # e.g. regime=mean_teacher (init: scratch) with checkpoint=zoo:NAME: the checkpoint would be
+        # ignored without a word and the run start from random init
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint} is given but regime.init=scratch (regime="
+            f"{cfg.regime.name} starts from random init): add regime.init=pretrained to start "
+            "from the checkpoint, or leave checkpoint= out"
+        )
     if command == "predict" and cfg.predict.instances != "none":
         from dataclasses import replace
 

@@ -355,6 +355,7 @@ def test_unsupervised_clustering_with_hungarian_matching(tmp_path, tiny_main_run
         (["task.kind=blobs"], "task.kind"),
         (["head=unet"], "head.name"),
         (["regime=frozen"], "checkpoint"),
+        (["regime=mean_teacher", "checkpoint=zoo:em_unet16"], "regime.init=pretrained"),
         (["loss.terms=[ce,lovasz]"], "loss.terms"),
         (["data.patch_shape=[1,30,32]"], "data.patch_shape"),
     ],
