@@ -79,6 +79,15 @@ def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
         s = getattr(pc, key)
         if len(s) != 2 or s[0] >= s[1] or s[0] < 0:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
+    splits = [("train_slices", pc.train_slices), ("val_slices", pc.val_slices)]
+    splits = [x for x in splits if x[1]] + [("test_slices", pc.test_slices)]
+    for i, (ka, a) in enumerate(splits):
+        for kb, b in splits[i + 1 :]:
+            if a[0] < b[1] and b[0] < a[1]:
+                raise ConfigError(
+                    f"probe.{kb}={list(b)} overlaps probe.{ka}={list(a)}: the sections the probe "
+                    "is trained on, chosen on and scored on must be apart"
+                )
     validate_tiles(pc.tile, pc.margin, m, "probe")
     if pc.random_seeds < 1:
         raise ConfigError(

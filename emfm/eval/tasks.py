@@ -84,6 +84,18 @@ def validate(tc: TaskConfig) -> TaskConfig:
         raise ConfigError(f"task {tc.name!r}: crop={tc.crop}; give [[y0, y1], [x0, x1]]")
     if bool(tc.test_image) != bool(tc.test_labels):
         raise ConfigError(f"task {tc.name!r}: give both test_image and test_labels, or neither")
+    # sections that are trained on, chosen on or scored must be apart (test sections of their own
+    # volume, `test_image`, are apart by construction)
+    splits = [("train_slices", tc.train_slices)]
+    splits += [("val_slices", tc.val_slices)] if tc.val_slices else []
+    splits += [] if tc.test_image else [("test_slices", tc.test_slices)]
+    for i, (ka, a) in enumerate(splits):
+        for kb, b in splits[i + 1 :]:
+            if a[0] < b[1] and b[0] < a[1]:
+                raise ConfigError(
+                    f"task {tc.name!r}: {kb}={list(b)} overlaps {ka}={list(a)}; the sections a "
+                    "probe is trained on, chosen on and scored on must be apart"
+                )
     return tc
 
 
@@ -192,7 +204,9 @@ def load(tc: TaskConfig, split: str = "test") -> TaskData:
 
 def _checked(task: TaskData, eval_key: str) -> TaskData:
     tc = task.config
-    for split, key in ((task.train, "train_slices"), (task.test, eval_key)):
+    splits = [(task.train, "train_slices"), (task.test, eval_key)]
+    splits += [(task.val, "val_slices")] if task.val is not None else []
+    for split, key in splits:  # validation too: a threshold chosen on one class is no choice
         if not split.fg.any() or split.fg.all():
             raise VolumeError(
                 f"task {tc.name!r}: {key} hold no pixel of both classes "

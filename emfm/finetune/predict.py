@@ -12,6 +12,7 @@ affinities / distance / heatmap; offsets in voxels), channel names and offsets i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -317,7 +318,20 @@ def predict_instances(cfg: FinetuneConfig, prob_path: str) -> dict:
     base = prob_path[:-5] if prob_path.endswith(".zarr") else prob_path
     out = ic.out or f"{base}_instances.zarr"
     work = Path(ic.work_dir) if ic.work_dir else Path(out).with_name(Path(out).name + ".work")
+    request = json.loads(json.dumps(dataclasses.asdict(ic), default=str))
+    record = Path(out) / "predict_instances.json"  # the settings that made the labels
     if cfg.predict.resume and Path(out).exists() and not work.exists():
+        old = json.loads(record.read_text()) if record.exists() else None
+        if old is not None and old != request:
+            keys = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+            raise VolumeError(
+                f"instance labels {out} were made with other settings (differs in: "
+                f"{', '.join('instances.' + k for k in keys)}); remove them or give "
+                "instances.out=PATH to keep both"
+            )
         log.info("predict: instance labels %s already written (predict.resume=true)", out)
         return {"out": out, "method": ic.method, "reused": True}
-    return {"out": out, "method": ic.method, **run_instances(ic, prob_path, out)}
+    res = run_instances(ic, prob_path, out)
+    if distributed.process()[0] == 0:
+        record.write_text(json.dumps(request, indent=1))
+    return {"out": out, "method": ic.method, **res}

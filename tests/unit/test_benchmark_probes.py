@@ -144,6 +144,21 @@ def test_task_errors_name_the_culprit(tmp_path):
         tasks.load(_task_on(tmp_path / "c", img, img, train_slices=[0, 2], test_slices=[2, 4]))
     with pytest.raises(ConfigError, match="target='cells'"):
         tasks.validate(TaskConfig(name="x", target="cells"))
+    # sections trained on, chosen on and scored on are apart (a separate test volume is)
+    for split, msg in (
+        (dict(test_slices=[2, 8]), r"test_slices=\[2, 8\] overlaps train_slices=\[0, 4\]"),
+        (dict(val_slices=[3, 5]), r"val_slices=\[3, 5\] overlaps train_slices"),
+        (dict(val_slices=[4, 6], test_slices=[5, 9]), r"test_slices=\[5, 9\] overlaps val_slices"),
+    ):
+        base = dict(name="x", target="membranes", train_slices=[0, 4], test_slices=[6, 9])
+        with pytest.raises(ConfigError, match=msg):
+            tasks.validate(TaskConfig(**{**base, **split}))
+    sep = dict(test_image="t.tif", test_labels="l.tif", train_slices=[0, 4], test_slices=[0, 4])
+    assert tasks.validate(TaskConfig(name="x", target="membranes", **sep))
+    from emfm.config.probe import ProbeConfig, validate_probe
+
+    with pytest.raises(ConfigError, match=r"probe.test_slices=\[2, 4\] overlaps probe.train"):
+        validate_probe(ProbeConfig(test_slices=[2, 4]), ModelConfig(name="unet", patch_size=[1, 1]))
     from emfm.cli.probe import load_task
 
     with pytest.raises(ConfigError, match="unknown task 'nope'; known tasks are .*isbi_membranes"):
