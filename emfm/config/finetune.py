@@ -179,9 +179,39 @@ def r_init_pretrained(cfg) -> bool:
     return cfg.regime.init == "pretrained"
 
 
+def _rois(d: SegDataConfig) -> None:
+    """configs/finetune.yaml's regions are the bundled sample's (sections 0-19 to train on, 20-29
+    held out, 384 x 384 pixels): on a volume of the user's (`data.path`) they are dropped unless
+    given anew (the whole volume, no held-out score). A held-out region that overlaps the training
+    one is an error."""
+    from emfm.data import bundled
+
+    if d.path:
+        if d.train_roi == bundled.FINETUNE_TRAIN_ROI:
+            d.train_roi = None
+        if d.test_roi == bundled.FINETUNE_TEST_ROI:
+            d.test_roi = None
+    if d.test_roi is None:
+        return
+    if d.train_roi is None:
+        raise ConfigError(
+            f"data.test_roi={d.test_roi} is held out, but data.train_roi is unset (the whole "
+            "volume): set data.train_roi to the region to train on"
+        )
+    if len(d.train_roi) == len(d.test_roi) and all(
+        a[0] < b[1] and b[0] < a[1] for a, b in zip(d.train_roi, d.test_roi)
+    ):
+        raise ConfigError(
+            f"data.test_roi={d.test_roi} overlaps data.train_roi={d.train_roi}: the held-out "
+            "score needs voxels the model was not trained on"
+        )
+
+
 def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> FinetuneConfig:
     """Cross-field checks of `emfm finetune` / `emfm predict`; raises ConfigError naming the key."""
     cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
+    if command == "finetune":
+        _rois(cfg.data)
     if command == "finetune" and r_init_pretrained(cfg):
         if not cfg.checkpoint:
             raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")

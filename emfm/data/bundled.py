@@ -15,6 +15,10 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "isbi2012_sample"
 # What pretraining reads of the sample when `data.roi` is unset: sections 0..19, the probe's
 # training (0..15) and validation (16..19) sections; 20..29 stay unseen until the probe's test.
 PRETRAIN_ROI = [[0, 20], [0, 384], [0, 384]]
+# What fine-tuning trains on and scores of the sample when `data.train_roi` / `data.test_roi` are
+# unset (a volume of the user's: the whole volume, no held-out score)
+FINETUNE_TRAIN_ROI = [[0, 20], [0, 384], [0, 384]]
+FINETUNE_TEST_ROI = [[20, 30], [0, 384], [0, 384]]
 
 
 def sample_raw() -> str:

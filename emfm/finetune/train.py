@@ -55,6 +55,41 @@ def _volumes(cfg: FinetuneConfig):
     return img, lab
 
 
+def check_label_values(region: Region, task, sections: int = 4) -> None:
+    """Class labels whose raw values are no class (not in `task.class_values`, or outside
+    [0, num_classes) without them) and not `task.ignore_label` would be ignored in the loss and
+    the scores without a word (e.g. ISBI's membranes stored as 255): an error naming the values,
+    read from up to `sections` sections spread over the training region."""
+    if task.label_type != "classes":
+        return
+    (z0, z1), *rest = region.box
+    zs = sorted({int(z) for z in np.linspace(z0, z1 - 1, min(sections, z1 - z0))})
+    vals, counts = np.unique(
+        np.concatenate(
+            [
+                np.asarray(
+                    region.volume.read((slice(z, z + 1),) + tuple(slice(*r) for r in rest))
+                ).ravel()
+                for z in zs
+            ]
+        ),
+        return_counts=True,
+    )
+    known = set(task.class_values) if task.class_values else set(range(task.num_classes))
+    bad = [(int(v), int(c)) for v, c in zip(vals, counts) if int(v) not in known]
+    bad = [(v, c) for v, c in bad if v != task.ignore_label]
+    if bad:
+        share = sum(c for _, c in bad) / counts.sum()
+        shown = ", ".join(f"{v} ({c} voxels)" for v, c in bad[:6])
+        raise VolumeError(
+            f"labels {region.volume.path}: raw values {shown} ({100 * share:.0f} % of the voxels "
+            f"read) are no class of task.num_classes={task.num_classes}"
+            + (f", task.class_values={task.class_values}" if task.class_values else "")
+            + "; map them with task.class_values=[RAW_OF_CLASS_0,RAW_OF_CLASS_1,...] or mark "
+            "them task.ignore_label=VALUE"
+        )
+
+
 def labelled_roi(region: Region, fraction: float, min_depth: int) -> list[list[int]]:
     """The first `fraction` of the region's sections (at least `min_depth`): the labelled part."""
     (z0, z1), *rest = region.box
@@ -253,6 +288,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return cluster_run(cfg)
     job = loop.start_job(cfg.run_dir, cfg.data.batch_size, cfg.mesh)
     img, lab = _volumes(cfg)
+    check_label_values(Region.of(lab, cfg.data.train_roi), cfg.task)
     model, mcfg, ckpt_grey = init_model(cfg)  # data.patch_shape fits it (validate_finetune)
     ndim = model.encoder.spec.ndim
     grey = ckpt_grey or estimate_range(

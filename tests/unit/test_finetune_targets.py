@@ -307,3 +307,31 @@ def test_predict_output_never_destroys_data_it_did_not_write(tmp_path):
     res = predict_volume(fn, 1, other, out, resume=False, **kw)
     assert res["chunks_written"] == 2
     np.testing.assert_allclose(open_volume(out).read()[..., 0], img[::-1] / 255.0, atol=1e-6)
+
+
+def test_finetune_regions_and_label_values_of_a_users_volume(tmp_path):
+    from conftest import compose
+
+    from emfm.config.schema import ConfigError
+    from emfm.data.sampling import Region
+    from emfm.finetune.train import check_label_values
+
+    # the bundled sample keeps its regions; a volume of the user's is trained on whole
+    c = compose("finetune", [])
+    assert c.data.train_roi == [[0, 20], [0, 384], [0, 384]] and c.data.test_roi[0] == [20, 30]
+    user = ["data.path=mine.zarr", "data.labels=mine_labels.zarr"]
+    c = compose("finetune", user)
+    assert c.data.train_roi is None and c.data.test_roi is None
+    with pytest.raises(ConfigError, match=r"data.train_roi is unset"):
+        compose("finetune", [*user, "data.test_roi=[[8,10],[0,64],[0,64]]"])
+    with pytest.raises(ConfigError, match=r"data.test_roi=.* overlaps data.train_roi"):
+        compose("finetune", ["data.train_roi=[[0,25],[0,384],[0,384]]"])
+    # labels stored as ISBI stores them (0 / 255): 255 is no class of 2 classes
+    lab = np.zeros((3, 16, 16), np.uint8)
+    lab[:, 4:6] = 255
+    region = Region.of(write_array(tmp_path / "lab.zarr", lab))
+    task = compose("finetune", []).task
+    with pytest.raises(VolumeError, match=r"raw values 255 .* task.class_values="):
+        check_label_values(region, task)
+    task.class_values = [255, 0]
+    check_label_values(region, task)
