@@ -88,7 +88,14 @@ class InstancesConfig:
     threshold: float = 0.5  # boundary level for seeds and fragments
     min_seed: int = 16
     sigma: float = 2.0
-    two_d: bool = False
+    # fragments per section; null = auto: per section when the input was predicted by a 2D model
+    # (`emfm predict` records it) or its voxels are >= 3x longer in z than in-plane
+    two_d: bool | None = None
+    # boundary maps of objects on a background (1 - p(object)): voxels above this level are
+    # background, label 0; 1.0 = none; null = auto: 0.5 where `emfm predict` recorded objects on a
+    # background (center task; a semantic task whose instance class is its positive class, e.g.
+    # mitochondria), else none (cells between membranes fill the volume)
+    background: float | None = None
     fragment_min_size: int = 0
     agglomeration_threshold: float = 0.5
     beta: float = 0.5
@@ -188,6 +195,7 @@ def segment_params(cfg: InstancesConfig):
         min_seed=cfg.min_seed,
         sigma=cfg.sigma,
         two_d=cfg.two_d,
+        background=cfg.background,
         fragment_min_size=cfg.fragment_min_size,
         agglomeration_threshold=cfg.agglomeration_threshold,
         beta=cfg.beta,

@@ -262,11 +262,20 @@ def run_predict(cfg: FinetuneConfig) -> dict:
     p = cfg.predict
     if ndim == 2 and p.window[0] != 1:
         raise UserError(f"predict.window={p.window}: a 2D model takes windows of depth 1")
-    spatial = p.window[1:] if ndim == 2 else p.window
-    if any(s % q for s, q in zip(spatial, model.encoder.spec.patch_size)):
+    from emfm.export.encode import alignment
+
+    align = alignment(model.encoder)  # a ViT's patch size, a U-Net's total pooling (z, y, x)
+    dims = (1, 2) if ndim == 2 else (0, 1, 2)
+    if any(p.window[d] % align[d] for d in dims):
+        what = "total pooling" if hasattr(model.encoder, "decode") else "patch size"
         raise UserError(
-            f"predict.window={p.window} is not divisible by the model's patch size "
-            f"{model.encoder.spec.patch_size}"
+            f"predict.window={p.window} is not divisible by the model's {what} "
+            f"{[align[d] for d in dims]} along ({'y, x' if ndim == 2 else 'z, y, x'})"
+        )
+    if p.instances == "mws" and task.kind != "affinity":
+        raise UserError(
+            f"predict.instances=mws needs a model of affinities; this one predicts task="
+            f"{task.kind}: use watershed, agglomeration, multicut or link2d"
         )
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
@@ -279,6 +288,10 @@ def run_predict(cfg: FinetuneConfig) -> dict:
         "checkpoint": str(cfg.checkpoint),
         "tta": str(p.tta),
         **({"instance_class": int(task.instance_class)} if task.kind == "semantic" else {}),
+        "model_ndim": ndim,
+        # the instances are objects on a background (organelles), not cells filling the volume
+        "objects_on_background": task.kind == "center"
+        or (task.kind == "semantic" and task.instance_class == task.positive_class),
     }
     res = predict_volume(
         fn,

@@ -104,6 +104,10 @@ def from_attributes(
         elif "foreground" in names:
             channel, invert = names.index("foreground"), True
             log.info("instances: boundaries = 1 - p(foreground) of %s", vol.path)
+    on_background = False
+    if vol.ndim == 4 and channel is not None and invert:
+        on_background = bool(vol.attributes.get("objects_on_background"))
+    params = _auto(vol, params, on_background)
     recorded = [tuple(int(v) for v in o) for o in vol.attributes.get("offsets") or []]
     if recorded and channel is None:
         configured = [tuple(o) for o in params.offsets]
@@ -114,4 +118,32 @@ def from_attributes(
                 f"but offsets={[list(o) for o in configured]} were given"
             )
         params = replace(params, offsets=tuple(recorded))
+    if (
+        params.method == "mws"
+        and not params.two_d
+        and vol.spatial_shape[0] > 1
+        and all(o[0] == 0 for o in params.offsets)
+    ):
+        log.warning(
+            "instances: the affinities of %s have no offset across sections (a 2D model): mutex "
+            "watershed will not join objects across them; method=multicut or agglomeration on "
+            "these affinities, or link2d on a boundary map, does",
+            vol.path,
+        )
     return channel, invert, params
+
+
+def _auto(vol: Volume, params: SegmentParams, on_background: bool) -> SegmentParams:
+    """`two_d` and `background` left as None (auto) decided from the input's attributes."""
+    two_d, background = params.two_d, params.background
+    if two_d is None:
+        vs = tuple(vol.voxel_size)
+        two_d = vol.attributes.get("model_ndim") == 2 or (
+            len(vs) == 3 and vs[0] >= 3 * max(vs[1], vs[2])
+        )
+        log.info("instances: two_d=%s (auto)", two_d)
+    if background is None:
+        background = 0.5 if on_background else 1.0
+        if on_background:
+            log.info("instances: objects on a background: p < 0.5 is background (auto)")
+    return replace(params, two_d=bool(two_d), background=float(background))

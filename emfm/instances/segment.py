@@ -38,7 +38,7 @@ class SegmentParams:
     threshold: float = 0.5  # boundary level separating interior (seeds, fragments) from boundary
     min_seed: int = 16  # voxels; smaller interior regions seed nothing (watershed, link2d)
     sigma: float = 2.0  # smoothing of the distance transform for fragment seeds
-    two_d: bool = False  # fragments per section (anisotropic data)
+    two_d: bool | None = False  # fragments per section (anisotropic data); None = as False
     fragment_min_size: int = 0
     agglomeration_threshold: float = 0.5
     beta: float = 0.5
@@ -50,13 +50,16 @@ class SegmentParams:
     link_mutual_best: bool = True  # link2d links one-to-one (False: any pair over link_threshold)
     link_min_overlap: int = 1  # voxels; link2d ignores smaller overlaps
     repulsive_stride: int = 1
+    # boundary maps of objects on a background (organelles: boundary = 1 - p(object)): voxels whose
+    # boundary value exceeds this are background, label 0; 1.0 = none (cells fill the volume)
+    background: float | None = 1.0
 
     def check(self) -> SegmentParams:
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
                 raise UserError(f"{k}={getattr(self, k)!r}: choose one of {', '.join(allowed)}")
-        for k in ("threshold", "agglomeration_threshold", "link_threshold"):
-            if not 0.0 <= getattr(self, k) <= 1.0:
+        for k in ("threshold", "agglomeration_threshold", "link_threshold", "background"):
+            if getattr(self, k) is not None and not 0.0 <= getattr(self, k) <= 1.0:
                 raise UserError(f"{k}={getattr(self, k)}: must lie in [0, 1]")
         if not 0.0 < self.beta < 1.0:
             raise UserError(f"beta={self.beta}: must lie in (0, 1)")
@@ -68,7 +71,15 @@ class SegmentParams:
 
 
 def segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
-    """Instance labels (uint64, 0 = none) of a boundary map or an affinity volume."""
+    """Instance labels (uint64, 0 = none) of a boundary map or an affinity volume; with
+    `params.background` < 1, voxels of a boundary map above it are background (0)."""
+    labels = _segment(data, params)
+    if params.background is not None and params.background < 1.0 and np.ndim(data) == 3:
+        labels[np.asarray(data) > params.background] = 0
+    return labels
+
+
+def _segment(data: np.ndarray, params: SegmentParams) -> np.ndarray:
     params.check()
     data = np.asarray(data)
     boundary = _boundary(data, params)

@@ -175,6 +175,17 @@ def test_cli_finetune_then_blockwise_predict(tmp_path):
     assert 0 < np.abs(q - p).max() < 0.5  # the same model: close to, not equal to, the plain map
     with pytest.raises(UserError, match="predict.tta=dihedral swaps y and x"):
         predict.run_predict(schema.validate_finetune(OmegaConf.to_object(bad), command="predict"))
+    # a window off the model's grid and mutex watershed on a semantic model: named before any output
+    for over, msg in (
+        (["predict.window=[1,30,30]"], r"predict.window=\[1, 30, 30\] is not divisible"),
+        (["predict.instances=mws"], "predict.instances=mws needs a model of affinities"),
+    ):
+        out = tmp_path / "p_bad.zarr"
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+            c = compose("predict", overrides=[*pred, f"predict.out={out}", *over, "run_dir=x"])
+        with pytest.raises(UserError, match=msg):
+            predict.run_predict(schema.validate_finetune(OmegaConf.to_object(c), command="predict"))
+        assert not out.exists()
 
 
 def test_frozen_pretrained_encoder_boundary_progressive_on_gala(tmp_path, gala, tiny_main_run):

@@ -226,3 +226,32 @@ def test_instances_reads_what_predict_records(syn, tmp_path):
     )
     with pytest.raises(VolumeError, match="offsets"):
         run("a.zarr", "mws", "x.zarr", offsets=((-1, 0, 0), (0, -1, 0), (0, 0, -1)))
+
+
+def test_objects_on_a_background_and_per_section_default(tmp_path):
+    from emfm.data.volume import write_array
+    from emfm.instances.reader import from_attributes
+    from emfm.instances.segment import SegmentParams, segment
+
+    # two blobs (p = 0.9) on a background (p = 0.05): boundary = 1 - p
+    p = np.full((2, 32, 32), 0.05, np.float32)
+    p[:, 4:12, 4:12] = 0.9
+    p[:, 20:28, 18:30] = 0.9
+    plain = segment(1 - p, SegmentParams(method="watershed", min_seed=4))
+    assert (plain > 0).all()  # without a background every voxel joins some basin
+    lab = segment(1 - p, SegmentParams(method="watershed", min_seed=4, background=0.5))
+    assert (lab[p < 0.5] == 0).all() and len(np.unique(lab[p > 0.5])) == 2
+    # what emfm predict records decides both when left to auto (None)
+    probs = np.stack([1 - p, p], -1)
+    attrs = {"channels": ["background", "mito"], "instance_class": 1, "model_ndim": 2}
+    auto = SegmentParams(method="watershed", two_d=None, background=None)
+    for on_bg, want in ((True, 0.5), (False, 1.0)):
+        v = write_array(tmp_path / f"p{on_bg}.zarr", probs, voxel_size=(8, 8, 8))
+        v.attributes.update(attrs, objects_on_background=on_bg)
+        channel, invert, params = from_attributes(v, "auto", None, False, auto)
+        assert (channel, invert) == (1, True) and params.background == want and params.two_d
+    # no record of the model: per section when z is >= 3x the in-plane voxel size
+    v = write_array(tmp_path / "aniso.zarr", 1 - p, voxel_size=(40, 4, 4))
+    assert from_attributes(v, "auto", None, False, auto)[2].two_d
+    v = write_array(tmp_path / "iso.zarr", 1 - p, voxel_size=(8, 8, 8))
+    assert not from_attributes(v, "auto", None, False, auto)[2].two_d
