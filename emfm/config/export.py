@@ -39,7 +39,8 @@ class ExportConfig:
     # skip blocks an earlier run of the same export finished; false = start over
     resume: bool = True
     # windows of tile + 2 margin blended over their overlap (cosine | gaussian | constant, no ViT
-    # position seams) or none (margin dropped); auto = cosine for a ViT, none for a U-Net
+    # position seams, U-Net group-norm seams) or none (margin dropped); auto = none for a U-Net with
+    # a per-pixel norm (exact), else cosine
     blend: ExportBlend = ExportBlend.auto
 
 

@@ -5,9 +5,11 @@ regime all encode through it).
 The volume (or an ROI of it) is cut into blocks; each is encoded in a window of `margin` voxels of
 context on every side (real neighbouring voxels where the volume has them, mirrored at its edge).
 With `blend="none"` only the block's own features are kept (exact for an encoder whose receptive
-field fits in the margin, e.g. a U-Net); a ViT's features also depend on where a token sits in its
-window, which leaves block seams, so its neighbouring windows can be blended over their overlap
-instead (`blend="cosine"` etc., emfm.export.windows.Blender). A 2D encoder sees one section at a
+field fits in the margin and whose norm is per pixel, e.g. a U-Net with layer norm); a ViT's
+features also depend on where a token sits in its window, and a U-Net with group norm (the zoo's)
+normalises with statistics of the whole window, both of which leave block seams, so neighbouring
+windows can be blended over their overlap instead (`blend="cosine"` etc.,
+emfm.export.windows.Blender; what `blend="auto"` does for them). A 2D encoder sees one section at a
 time (blocks of `1 x tile x tile`); a 3D encoder sees `tile_z x tile x tile` blocks.
 
 The features `[z', y', x', c]` lie on a grid of `stride` voxels per cell: the ViT patch size, or for
@@ -226,13 +228,16 @@ def block_encoders(
 ) -> tuple[BlockEncoder, BlockEncoder | None, str]:
     """`(enc, whole, blend)`: the encoder of blocks with their margins; for a blend other than
     "none" also the encoder of whole windows (float32: blended before the cast to `out_dtype`);
-    and the blend, "auto" resolved (none for a U-Net, cosine for a ViT)."""
+    and the blend, "auto" resolved: none for a U-Net with a per-pixel norm (its margin-dropped
+    blocks equal a whole-volume forward), cosine for a ViT and for a U-Net with group norm (whose
+    statistics are taken over each window, so its blocks would differ at their seams)."""
     if blend not in BLENDS:
         raise UserError(f"export.blend={blend!r}: use {', '.join(BLENDS)}")
     kw = dict(batch_size=batch_size, layers=layers, embed=embed)
     enc = BlockEncoder(encoder, block=block, margin=margin, out_dtype=out_dtype, **kw)
     if blend == "auto":
-        blend = "none" if enc.is_unet else "cosine"
+        per_pixel = enc.is_unet and getattr(encoder.spec, "norm", "group") != "group"
+        blend = "none" if per_pixel else "cosine"
     if blend == "none":
         return enc, None, blend
     whole = BlockEncoder(encoder, block=enc.window, margin=(0, 0, 0), out_dtype=np.float32, **kw)
@@ -357,8 +362,8 @@ def encode(
     alignment); `tile_z`, `margin_z`: the same along z for a 3D encoder (None: the whole depth);
     `layers`: ViT blocks or U-Net levels whose features are concatenated, () = the final output;
     `embed`: also the ViT's patch embedding (the tokens before the first block), placed first;
-    `blend`: "none" (margins dropped) or a Blender weight ("auto": none for a U-Net, cosine for a
-    ViT)."""
+    `blend`: "none" (margins dropped) or a Blender weight ("auto": none for a U-Net with a
+    per-pixel norm, else cosine)."""
     box = [(0, n) for n in volume.shape] if roi is None else [tuple(r) for r in roi]
     size = tuple(b - a for a, b in box)
     a = alignment(encoder)

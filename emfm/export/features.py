@@ -123,8 +123,9 @@ def export_features(
 
     `blend`: "none" drops each window's margin; "cosine", "gaussian" or "constant" keep the same
     windows (block + 2 margin) whole and blend neighbours over their 2 x margin overlap (no ViT
-    block seams, at the same number of windows); "auto" = cosine for a ViT, none for a U-Net (whose
-    margin-dropped blocks already equal a whole-volume forward). Returns a summary dict."""
+    block seams, at the same number of windows); "auto" = none for a U-Net with a per-pixel norm
+    (whose margin-dropped blocks equal a whole-volume forward), else cosine (a ViT; a U-Net with
+    group norm, whose window statistics leave seams). Returns a summary dict."""
     from emfm.data.sampling import Region
 
     check_volume(vol)

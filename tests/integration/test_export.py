@@ -504,3 +504,23 @@ def test_3d_unet_blocks_equal_whole_volume_forward(tmp_path):
         0, 10:-10, 12:-12, 12:-12
     ]
     np.testing.assert_allclose(open_volume(tmp_path / "f.zarr").read(), whole, rtol=0, atol=2e-5)
+
+
+def test_group_norm_unet_windows_are_blended_by_default():
+    """A U-Net with group norm normalises with each window's statistics, so margin-dropped blocks
+    differ from a whole-image forward at their seams; `auto` blends them (a per-pixel norm needs
+    no blending)."""
+    cfg = dict(name="unet", patch_size=[1, 1], width=8, depth=2)
+    group = build_encoder(ModelConfig(**cfg), seed=3)
+    layer = build_encoder(ModelConfig(**cfg, norm="layer"), seed=3)
+    assert (
+        E.block_encoders(group, block=(1, 64, 64), margin=(0, 16, 16), blend="auto")[2] == "cosine"
+    )
+    assert E.block_encoders(layer, block=(1, 64, 64), margin=(0, 16, 16), blend="auto")[2] == "none"
+    img = sample()[:1, :128, :128]
+    whole = E.encode(group, img, tile=None, margin=0)
+    err = {
+        b: np.abs(E.encode(group, img, tile=64, margin=16, blend=b) - whole).mean()
+        for b in ("none", "cosine")
+    }
+    assert err["cosine"] < err["none"], err
