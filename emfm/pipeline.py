@@ -58,7 +58,11 @@ def _encoders(cfg: EmfmConfig, checkpoint: str | None, grey_range) -> dict:
     if checkpoint:
         enc, meta = load_encoder(checkpoint)
         grey = tuple(meta.get("grey_range") or grey_range)
-        encs["pretrained"] = (enc, grey)
+        from emfm import zoo
+
+        # a zoo checkpoint's row carries its name; the run's own checkpoint is "pretrained"
+        label = f"zoo:{Path(checkpoint).name}" if zoo.is_packaged(checkpoint) else "pretrained"
+        encs[label] = (enc, grey)
         model = ModelConfig(**meta["model"])  # the checkpoint's architecture, freshly initialised
         if not pc.compare_random:
             return encs
@@ -323,7 +327,9 @@ def run_export(cfg: EmfmConfig, checkpoint: str | None = None) -> dict:
         )
         return res
     evr = _export_preview(run_dir / "figures" / "features_pca.png", vol, region, out, res["stride"])
-    res["pca_explained_variance"] = [float(v) for v in evr]
+    # the preview's own PCA (of the middle section's features); the export's, if it reduced the
+    # features, stays under "pca_explained_variance"
+    res["preview_pca_explained_variance"] = [float(v) for v in evr]
     (run_dir / "export.json").write_text(json.dumps(res, indent=1))
     log.info("export: %s", res)
     return res
@@ -336,6 +342,7 @@ def _export_encoder(cfg: EmfmConfig, checkpoint: str | None):
     from emfm.export.checkpoint import load_export_encoder
 
     model_cfg = cfg.model
+    checkpoint = zoo.resolve(checkpoint) if checkpoint else checkpoint  # zoo:NAME from Python too
     if checkpoint and zoo.is_packaged(checkpoint):
         from emfm.config.common import ModelConfig
         from emfm.train import checkpoint as ckpt

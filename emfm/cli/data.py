@@ -7,6 +7,7 @@ status 2, as the Hydra commands do.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from emfm.cli.report import user_errors
 
@@ -23,9 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         "--voxel-size",
         type=float,
         nargs=3,
-        default=[1.0, 1.0, 1.0],
+        default=None,
         metavar=("Z", "Y", "X"),
-        help="nanometres",
+        help="nanometres (default 1 1 1, with a warning: give the real one)",
     )
     imp.add_argument("--chunks", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"))
     imp.add_argument(
@@ -52,10 +53,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "import":
             from emfm.data.importer import import_volume
 
+            if args.voxel_size is None:
+                print(
+                    "emfm: warning: no --voxel-size given; the volume is recorded at 1 x 1 x 1 nm. "
+                    "Give --voxel-size Z Y X (nm) so that exports, viewers and the per-section "
+                    "default of instance segmentation use its real scale",
+                    file=sys.stderr,
+                )
             out = import_volume(
                 args.src,
                 args.dst,
-                voxel_size=args.voxel_size,
+                voxel_size=args.voxel_size or [1.0, 1.0, 1.0],
                 chunks=args.chunks,
                 levels=args.levels,
                 labels=args.labels,

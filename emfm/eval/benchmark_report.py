@@ -63,9 +63,10 @@ def write_tables(
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    n_seeds = sorted({int(r["seeds"]) for r in rows if "seeds" in r})
     lines = [
-        f"Probing benchmark: mean ± std (ddof 1) over seeds, on the {split_words(split)} of each "
-        "task.",
+        f"Probing benchmark: mean ± std (ddof 1) over {'/'.join(map(str, n_seeds)) or 'the'} "
+        f"seeds, on the {split_words(split)} of each task (a single seed has no std: n/a).",
         "",
     ]
     if picks:
@@ -87,8 +88,11 @@ def write_tables(
             "|---" * (3 + len(ms)) + "|",
         ]
         for r in (r for r in rows if r["task"] == t.name):
+            one = int(r.get("seeds", 2)) < 2
             vals = [
-                f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" if m + "_mean" in r else ""
+                f"{r[m + '_mean']:.3f} ± {'n/a' if one else format(r[m + '_std'], '.3f')}"
+                if m + "_mean" in r
+                else ""
                 for m in ms
             ]
             lines.append(

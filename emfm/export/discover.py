@@ -176,6 +176,13 @@ class _Sources:
         stride = tuple(attrs.get("stride", (1, 1, 1)))
         origin = tuple(attrs.get("roi_origin", (0, 0, 0)))
         grid = fv.shape[:3]
+        want = tuple(float(v) / st for v, st in zip(fv.voxel_size, stride))
+        if image and any(abs(a - b) > 0.01 * b for a, b in zip(img.voxel_size, want)):
+            raise VolumeError(
+                f"image {src} has voxel size {tuple(img.voxel_size)} nm, but features {features} "
+                f"were exported from a volume of {want} nm ({attrs.get('source') or 'unnamed'}): "
+                "give the volume the features were exported from"
+            )
         if any(o + g * s > n + s - 1 for o, g, s, n in zip(origin, grid, stride, img.shape)):
             raise VolumeError(
                 f"features {features} of grid {grid} (stride {stride}, origin {origin}) do not fit "

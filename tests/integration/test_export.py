@@ -470,6 +470,17 @@ def test_discover_config_and_cli_errors(tmp_path):
         and f"emfm: error: volume not found: {tmp_path / 'none.zarr'}" in res.stderr
     )
     assert "Traceback" not in res.stderr
+    # an image of another voxel size than the features' source is refused
+    from emfm.export.discover import _Sources
+
+    enc = build_encoder(ModelConfig(name="unet", patch_size=[1, 1], width=8, depth=2), seed=0)
+    img = (np.random.default_rng(0).random((2, 32, 32)) * 255).astype(np.uint8)
+    src = write_array(tmp_path / "src.zarr", img, voxel_size=(50, 4, 4))
+    F.export_features(enc, src, tmp_path / "f.zarr", grey_range=(0.0, 255.0), show_progress=False)
+    other = write_array(tmp_path / "other.zarr", img, voxel_size=(1, 1, 1))
+    assert _Sources.open(str(tmp_path / "f.zarr")).path == src.path
+    with pytest.raises(VolumeError, match=r"voxel size \(1.0, 1.0, 1.0\).*exported from"):
+        _Sources.open(str(tmp_path / "f.zarr"), str(other.path))
 
 
 def test_3d_unet_blocks_equal_whole_volume_forward(tmp_path):
