@@ -234,6 +234,8 @@ def run_benchmark(
     t_start = time.perf_counter()
     store = FeatureStore(cache / "features" if bench.cache_features else None, bench)
     picks, selection = {c.name: list(bench.blocks) for c in checkpoints}, {}
+    for tc in tasks:  # files, shapes and ranges of every split, before any encoding
+        tasks_mod.check_inputs(tc)
     if len(bench.blocks_choices) > 1:
         picks, selection = select_features(tasks, checkpoints, bench, store, cache)
     # every input checked before any compute

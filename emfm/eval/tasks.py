@@ -152,16 +152,33 @@ def _pair(tc: TaskConfig, image: str, labels: str):
     return img, lab
 
 
+def _check_range(tc: TaskConfig, shape, z: list[int], key: str) -> None:
+    if z[1] > shape[0]:
+        raise VolumeError(
+            f"task {tc.name!r}: {key}={list(z)} lies outside the volume's {shape[0]} sections"
+        )
+    if tc.crop and (tc.crop[0][1] > shape[1] or tc.crop[1][1] > shape[2]):
+        raise VolumeError(
+            f"task {tc.name!r}: crop={tc.crop} lies outside sections of {tuple(shape[1:])} pixels"
+        )
+
+
+def check_inputs(tc: TaskConfig) -> None:
+    """The task's files, shapes and section ranges, from the volumes' metadata (no pixel is read,
+    so checking the test split here reveals nothing of it): before any compute."""
+    validate(tc)
+    img, _ = _pair(tc, *_paths(tc)[:2])
+    for key in ("train_slices", "val_slices") + (() if tc.test_image else ("test_slices",)):
+        if getattr(tc, key):
+            _check_range(tc, img.shape, getattr(tc, key), key)
+    if tc.test_image:
+        timg, _ = _pair(tc, tc.test_image, tc.test_labels)
+        _check_range(tc, timg.shape, tc.test_slices, "test_slices")
+
+
 def _read(tc: TaskConfig, img, lab, z: list[int], key: str) -> Split:
-    if z[1] > img.shape[0]:
-        raise VolumeError(
-            f"task {tc.name!r}: {key}={list(z)} lies outside the volume's {img.shape[0]} sections"
-        )
+    _check_range(tc, img.shape, z, key)
     ys, xs = (slice(*tc.crop[0]), slice(*tc.crop[1])) if tc.crop else (slice(None), slice(None))
-    if tc.crop and (tc.crop[0][1] > img.shape[1] or tc.crop[1][1] > img.shape[2]):
-        raise VolumeError(
-            f"task {tc.name!r}: crop={tc.crop} lies outside sections of {img.shape[1:]} pixels"
-        )
     x = np.asarray(img[slice(*z), ys, xs])
     y = np.asarray(lab[slice(*z), ys, xs])
     if tc.downsample > 1:

@@ -140,6 +140,16 @@ def test_task_errors_name_the_culprit(tmp_path):
         )
     with pytest.raises(VolumeError, match="test_slices=\\[2, 9\\] lies outside"):
         tasks.load(_task_on(tmp_path / "b", img, img, train_slices=[0, 2], test_slices=[2, 9]))
+    # the same from the volumes' shapes alone, before any encoding (and for validation sections)
+    with pytest.raises(VolumeError, match="test_slices=\\[2, 9\\] lies outside"):
+        tasks.check_inputs(
+            _task_on(tmp_path / "b2", img, img, train_slices=[0, 2], test_slices=[2, 9])
+        )
+    with pytest.raises(VolumeError, match="val_slices=\\[2, 5\\] lies outside"):
+        tc = _task_on(
+            tmp_path / "b3", img, img, train_slices=[0, 2], val_slices=[2, 5], test_slices=[5, 6]
+        )
+        tasks.check_inputs(tc)
     with pytest.raises(VolumeError, match="no pixel of both classes"):
         tasks.load(_task_on(tmp_path / "c", img, img, train_slices=[0, 2], test_slices=[2, 4]))
     with pytest.raises(ConfigError, match="target='cells'"):
