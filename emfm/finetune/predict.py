@@ -278,6 +278,19 @@ def run_predict(cfg: FinetuneConfig) -> dict:
             f"{task.kind}: use watershed, agglomeration, multicut or link2d"
         )
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
+    trained = meta.get("voxel_size")
+    if trained and 1.0 not in (min(trained), min(vol.voxel_size)):
+        ratio = max(a / b for a, b in zip(vol.voxel_size[-2:], trained[-2:]))
+        ratio = max(ratio, max(b / a for a, b in zip(vol.voxel_size[-2:], trained[-2:])))
+        if ratio > 1.5:
+            log.warning(
+                "predict: volume %s has in-plane voxels of %s nm, the model was trained on %s nm "
+                "(%.1fx apart): resample the volume to the training scale for reliable maps",
+                vol.path,
+                tuple(vol.voxel_size[-2:]),
+                tuple(trained[-2:]),
+                ratio,
+            )
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")
     fn = model_fn(model, lay, ndim=ndim, batch_size=p.batch_size, tta=p.tta, task=task)
     attrs = {

@@ -52,6 +52,17 @@ def _volumes(cfg: FinetuneConfig):
             f"labels {lab.path} of shape {lab.spatial_shape} do not match volume {img.path} "
             f"of shape {img.spatial_shape}"
         )
+    unit = (1.0,) * len(img.voxel_size)
+    if unit not in (tuple(img.voxel_size), tuple(lab.voxel_size)) and not np.allclose(
+        img.voxel_size, lab.voxel_size, rtol=0.01
+    ):
+        log.warning(
+            "labels %s record voxel size %s nm, volume %s %s nm: are they the same volume?",
+            lab.path,
+            tuple(lab.voxel_size),
+            img.path,
+            tuple(img.voxel_size),
+        )
     return img, lab
 
 
@@ -317,6 +328,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "regime": dataclasses.asdict(cfg.regime),
         "grey_range": list(grey),
         "data_path": img.path,
+        "voxel_size": [float(v) for v in img.voxel_size],
         "channels": targets.channel_names(cfg.task, ndim),
     }
     result = engine.run(
