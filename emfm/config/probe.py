@@ -71,6 +71,19 @@ class ProbeConfig:
     cell_merges: list[float] = field(default_factory=lambda: [0.0])
 
 
+def check_apart(splits: list[tuple[str, list[int]]], where: str = "", key: str = "") -> None:
+    """Section ranges [start, stop) named by their keys (written `key` + name, the message
+    starting with `where`) must not overlap: the sections a probe is trained on, chosen on and
+    scored on are apart."""
+    for i, (ka, a) in enumerate(splits):
+        for kb, b in splits[i + 1 :]:
+            if a[0] < b[1] and b[0] < a[1]:
+                raise ConfigError(
+                    f"{where}{key}{kb}={list(b)} overlaps {key}{ka}={list(a)}: the sections a "
+                    "probe is trained on, chosen on and scored on must be apart"
+                )
+
+
 def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
     """Checks of the main job's probe (`probe.*`) for the encoder `m`; raises ConfigError."""
     if pc.zoo:  # checked here; the probe resolves it and labels its row with the name given
@@ -81,13 +94,7 @@ def validate_probe(pc: ProbeConfig, m: ModelConfig) -> None:
             raise ConfigError(f"probe.{key}={s}: give [start, stop) with 0 <= start < stop")
     splits = [("train_slices", pc.train_slices), ("val_slices", pc.val_slices)]
     splits = [x for x in splits if x[1]] + [("test_slices", pc.test_slices)]
-    for i, (ka, a) in enumerate(splits):
-        for kb, b in splits[i + 1 :]:
-            if a[0] < b[1] and b[0] < a[1]:
-                raise ConfigError(
-                    f"probe.{kb}={list(b)} overlaps probe.{ka}={list(a)}: the sections the probe "
-                    "is trained on, chosen on and scored on must be apart"
-                )
+    check_apart(splits, key="probe.")
     validate_tiles(pc.tile, pc.margin, m, "probe")
     if pc.random_seeds < 1:
         raise ConfigError(

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from emfm.config.common import ConfigError
-from emfm.config.probe import TaskConfig
+from emfm.config.probe import TaskConfig, check_apart
 from emfm.data import bundled
 from emfm.data.volume import VolumeError
 
@@ -89,13 +89,7 @@ def validate(tc: TaskConfig) -> TaskConfig:
     splits = [("train_slices", tc.train_slices)]
     splits += [("val_slices", tc.val_slices)] if tc.val_slices else []
     splits += [] if tc.test_image else [("test_slices", tc.test_slices)]
-    for i, (ka, a) in enumerate(splits):
-        for kb, b in splits[i + 1 :]:
-            if a[0] < b[1] and b[0] < a[1]:
-                raise ConfigError(
-                    f"task {tc.name!r}: {kb}={list(b)} overlaps {ka}={list(a)}; the sections a "
-                    "probe is trained on, chosen on and scored on must be apart"
-                )
+    check_apart(splits, where=f"task {tc.name!r}: ")
     return tc
 
 
