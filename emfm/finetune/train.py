@@ -216,6 +216,12 @@ def evaluate(
                     if k in ("adapted_rand_error", "voi", "voi_split", "voi_merge")
                 }
             )
+            # how those cells were made, so `emfm instances` + `emfm evaluate` can reproduce them
+            scores["cells"] = (
+                "per section: seeded watershed of the membrane probability (emfm.eval.cells."
+                "cells_from_membranes defaults: threshold 0.5, min_seed 16, sigma 0), membrane "
+                "pixels of the ground truth ignored; region scores averaged over sections"
+            )
     else:
         tg = targets.make_targets(raw[None], t, ndim)
         if lay.classes:
