@@ -35,10 +35,17 @@ REGIMES = sorted(p.stem for p in (CONFIGS / "regime").glob("*.yaml"))
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_every_regime_composes_and_validates(regime):
-    cfg = compose(
-        "finetune", [f"regime={regime}", "checkpoint=zoo:em_unet16", "model=unet2d", "head=unet"]
-    )
+    import yaml
+
+    init = yaml.safe_load((CONFIGS / "regime" / f"{regime}.yaml").read_text())["init"]
+    over = [f"regime={regime}", "model=unet2d", "head=unet"]
+    ckpt = ["checkpoint=zoo:em_unet16"]
+    cfg = compose("finetune", over + (ckpt if init == "pretrained" else []))
     assert cfg.regime.name == regime
+    if init == "scratch":  # a checkpoint would be ignored: an error, and with init=pretrained used
+        with pytest.raises(ConfigError, match="add regime.init=pretrained"):
+            compose("finetune", over + ckpt)
+        assert compose("finetune", over + ckpt + ["regime.init=pretrained"]).checkpoint
     if regime == "finetune_sp":  # shrink and perturb of a pretrained start
         assert (cfg.regime.init, cfg.regime.shrink, cfg.regime.perturb) == ("pretrained", 0.2, 0.8)
 
