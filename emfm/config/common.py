@@ -258,3 +258,14 @@ def run_dir_for(root: str, command: str, name: str = "", resume: bool | str = Tr
     if str(resume).lower() in ("false", "0", "no") and d.is_dir() and any(d.iterdir()):
         return f"{d}_{stamp}"
     return str(d)
+
+
+def checkpoint_model(checkpoint: str) -> ModelConfig:
+    """The encoder a checkpoint records: a pretrained encoder brings its architecture, so
+    model=... need not repeat it."""
+    from emfm.train import checkpoint as ckpt
+
+    try:
+        return ModelConfig(**ckpt.read_meta(ckpt.find_checkpoint_dir(checkpoint))["model"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint={checkpoint}: no usable model record ({e})") from None

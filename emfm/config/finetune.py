@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from emfm.config.common import (
     MISSING_PATH,
     ConfigError,
-    ModelConfig,
     RunConfig,
+    checkpoint_model,
     choice,
     resolve_zoo,
     validate_model,
@@ -215,7 +215,7 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
     if command == "finetune" and r_init_pretrained(cfg):
         if not cfg.checkpoint:
             raise ConfigError("regime.init=pretrained needs checkpoint=RUN_DIR (a pretraining run)")
-        cfg.model = _checkpoint_model(cfg.checkpoint)
+        cfg.model = checkpoint_model(cfg.checkpoint)
     elif command == "finetune" and cfg.checkpoint:
         # e.g. regime=mean_teacher (init: scratch) with checkpoint=zoo:NAME: the checkpoint would be
         # ignored without a word and the run start from random init
@@ -277,17 +277,6 @@ def validate_finetune(cfg: FinetuneConfig, *, command: str = "finetune") -> Fine
     _validate_windows(cfg.predict)
     validate_run(cfg)
     return cfg
-
-
-def _checkpoint_model(checkpoint: str) -> ModelConfig:
-    """The encoder a pretraining checkpoint records: a pretrained encoder brings its architecture,
-    so model=... need not repeat it."""
-    from emfm.train import checkpoint as ckpt
-
-    try:
-        return ModelConfig(**ckpt.read_meta(ckpt.find_checkpoint_dir(checkpoint))["model"])
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"checkpoint={checkpoint}: no usable model record ({e})") from None
 
 
 def _validate_task(t: SegTaskConfig, ndim: int) -> None:

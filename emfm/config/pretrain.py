@@ -12,6 +12,7 @@ from emfm.config.common import (
     MISSING_PATH,
     ConfigError,
     RunConfig,
+    checkpoint_model,
     resolve_zoo,
     validate_model,
     validate_patch_shape,
@@ -209,8 +210,12 @@ class EmfmConfig(RunConfig):
 
 def validate(cfg: EmfmConfig) -> EmfmConfig:
     """Cross-field checks; raises ConfigError naming the offending key."""
-    m, d = cfg.model, cfg.data
     cfg.checkpoint = resolve_zoo(cfg.checkpoint, "checkpoint")
+    from emfm import zoo
+
+    if cfg.checkpoint and zoo.is_packaged(cfg.checkpoint):  # a zoo entry brings its architecture
+        cfg.model = checkpoint_model(cfg.checkpoint)
+    m, d = cfg.model, cfg.data
     for c in cfg.checkpoints:  # checked here, resolved (keeping the zoo name) by the benchmark
         resolve_zoo(c, "checkpoints")
     validate_model(m)

@@ -340,3 +340,8 @@ def test_the_main_job_takes_another_objective():
     assert (main.name, main.local_crop_scale, main.mask_ratio) == ("dino_dense", [1.0, 1.0], 0.0)
     mae = compose("main", ["debug=tiny", "model=vit_ti_p8", "objective=mae"]).objective
     assert mae.name == "mae" and mae.decoder_width == 32
+
+
+def test_a_zoo_checkpoint_brings_its_architecture_to_pretraining():
+    cfg = compose("pretrain", ["checkpoint=zoo:em_unet16_hc15k", "recipe=unet_dino_dense_hc"])
+    assert (cfg.model.name, cfg.model.width, cfg.model.depth) == ("unet", 16, 4)
