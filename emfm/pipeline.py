@@ -359,10 +359,12 @@ def _export_preview(path: Path, vol, region, features: str, stride) -> np.ndarra
     cy, cx = (min(n, 512) for n in feats_vol.shape[1:3])  # a bounded preview of a huge section
     feats = feats_vol.read((slice(z, z + 1), slice(0, cy), slice(0, cx)))[0].astype(np.float32)
     rgb, evr = pca_rgb(feats)
-    (z0, _), (y0, _), (x0, _) = region.box
+    (z0, z1), (y0, y1), (x0, x1) = region.box
     st = stride
-    zi = z0 + z * st[0] + st[0] // 2
-    img = vol.read((slice(zi, zi + 1), slice(y0, y0 + cy * st[1]), slice(x0, x0 + cx * st[2])))[0]
+    # the grid's last cell may overhang the region (a ViT's patches round up): read inside it
+    zi = min(z0 + z * st[0] + st[0] // 2, z1 - 1)
+    ye, xe = min(y0 + cy * st[1], y1), min(x0 + cx * st[2], x1)
+    img = vol.read((slice(zi, zi + 1), slice(y0, ye), slice(x0, xe)))[0]
     figures.image_grid(
         path, [(f"section {zi}", img[None]), ("features: PCA 1-3 as RGB", rgb[None])]
     )

@@ -294,6 +294,12 @@ def _validate_task(t: SegTaskConfig, ndim: int) -> None:
         )
     if t.kind == "affinity" and not t.offsets:
         raise ConfigError("task.kind=affinity needs task.offsets")
+    if t.kind == "affinity" and ndim == 3 and all(o[0] == 0 for o in t.offsets):
+        raise ConfigError(
+            f"task.offsets={t.offsets} have no z component: a 3D model would learn no affinities "
+            "across sections (and mutex watershed join nothing across them); give some, e.g. "
+            "task.offsets=[[-1,0,0],[0,-1,0],[0,0,-1],[-3,0,0],[0,-9,0],[0,0,-9]]"
+        )
 
 
 def _validate_windows(pr: PredictConfig) -> None:

@@ -280,15 +280,16 @@ def run_predict(cfg: FinetuneConfig) -> dict:
     vol = open_volume(bundled.resolve(p.path, bundled.sample_raw()))
     trained = meta.get("voxel_size")
     if trained and 1.0 not in (min(trained), min(vol.voxel_size)):
-        ratio = max(a / b for a, b in zip(vol.voxel_size[-2:], trained[-2:]))
-        ratio = max(ratio, max(b / a for a, b in zip(vol.voxel_size[-2:], trained[-2:])))
+        axes = 3 if ndim == 3 else 2  # a 3D model also sees the z spacing
+        pairs = list(zip(vol.voxel_size[-axes:], trained[-axes:]))
+        ratio = max(max(a / b, b / a) for a, b in pairs)
         if ratio > 1.5:
             log.warning(
-                "predict: volume %s has in-plane voxels of %s nm, the model was trained on %s nm "
-                "(%.1fx apart): resample the volume to the training scale for reliable maps",
+                "predict: volume %s has voxels of %s nm, the model was trained on %s nm (%.1fx "
+                "apart): resample the volume to the training scale for reliable maps",
                 vol.path,
-                tuple(vol.voxel_size[-2:]),
-                tuple(trained[-2:]),
+                tuple(vol.voxel_size[-axes:]),
+                tuple(trained[-axes:]),
                 ratio,
             )
     out = p.out or str(Path(cfg.run_dir) / "predictions.zarr")

@@ -96,8 +96,9 @@ def check_label_values(region: Region, task, sections: int = 4) -> None:
             f"labels {region.volume.path}: raw values {shown} ({100 * share:.0f} % of the voxels "
             f"read) are no class of task.num_classes={task.num_classes}"
             + (f", task.class_values={task.class_values}" if task.class_values else "")
-            + "; map them with task.class_values=[RAW_OF_CLASS_0,RAW_OF_CLASS_1,...] or mark "
-            "them task.ignore_label=VALUE"
+            + "; map them with task.class_values=[RAW_OF_CLASS_0,RAW_OF_CLASS_1,...], mark "
+            "them task.ignore_label=VALUE, or, if the volume holds instance ids (neurons, "
+            "organelles), set task.label_type=instances"
         )
 
 

@@ -125,9 +125,9 @@ def from_attributes(
         and all(o[0] == 0 for o in params.offsets)
     ):
         log.warning(
-            "instances: the affinities of %s have no offset across sections (a 2D model): mutex "
-            "watershed will not join objects across them; method=multicut or agglomeration on "
-            "these affinities, or link2d on a boundary map, does",
+            "instances: the affinities of %s have no offset across sections: mutex watershed "
+            "will not join objects across them; method=multicut or agglomeration on these "
+            "affinities, or link2d on a boundary map, does",
             vol.path,
         )
     return channel, invert, params

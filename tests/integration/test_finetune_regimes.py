@@ -367,6 +367,11 @@ def test_unsupervised_clustering_with_hungarian_matching(tmp_path, tiny_main_run
         (["head=unet"], "head.name"),
         (["regime=frozen"], "checkpoint"),
         (["regime=mean_teacher", "checkpoint=zoo:em_unet16"], "regime.init=pretrained"),
+        (
+            ["model=unet3d", "model.patch_size=[1,1,1]", "head=unet", "task=affinity"]
+            + ["data.patch_shape=[4,32,32]"],
+            "z component",
+        ),
         (["loss.terms=[ce,lovasz]"], "loss.terms"),
         (["data.patch_shape=[1,30,32]"], "data.patch_shape"),
     ],
