@@ -40,28 +40,54 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
+# what a resumed run must share with the run it continues (dotted keys, where the config has them)
+RESUME_KEYS = (
+    "model",
+    "head",
+    "objective",
+    "task",
+    "data.path",
+    "data.labels",
+    "data.sources",
+    "data.roi",
+    "data.train_roi",
+    "data.batch_size",
+    "data.patch_shape",
+    "trainer.seed",
+)
+
+
 def _check_resumable(run_dir: Path, cfg: DictConfig) -> None:
-    """A run directory with checkpoints is resumed by the same command: its recorded model (and
-    head) must be the configured one, checked before anything in it is written."""
+    """A run directory with checkpoints is resumed by the same command: its recorded model, head,
+    objective, task, data and seed (RESUME_KEYS) must be the configured ones, checked before
+    anything in it is written (its config.yaml keeps the run's record)."""
     from emfm.errors import UserError
 
     old = run_dir / "config.yaml"
     if not (old.exists() and (run_dir / "checkpoints").exists()):
         return
     prev = OmegaConf.load(old)
-    for key in ("model", "head"):
-        if key not in cfg or key not in prev:
+    differ = []
+    for key in RESUME_KEYS:
+        a, b = OmegaConf.select(prev, key), OmegaConf.select(cfg, key)
+        if a is None and b is None:
             continue
-        a = OmegaConf.to_container(prev[key], resolve=True)
-        b = OmegaConf.to_container(cfg[key], resolve=True)
-        if a != b:
-            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise UserError(
-                f"run directory {run_dir} was trained with another {key} (differs in: "
-                + ", ".join(f"{key}.{k}={a.get(k)} there, {b.get(k)} here" for k in differ)
-                + "); resuming it with this config would mix two runs. Use the run's own "
-                "settings, or another run directory (name=NAME or hydra.run.dir=DIR)."
-            )
+        a = OmegaConf.to_container(a, resolve=True) if OmegaConf.is_config(a) else a
+        b = OmegaConf.to_container(b, resolve=True) if OmegaConf.is_config(b) else b
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            differ.append(key)
+    if differ:
+        shown = ", ".join(
+            f"{k}={OmegaConf.select(prev, k)} there, {OmegaConf.select(cfg, k)} here"
+            for k in differ[:6]
+        )
+        raise UserError(
+            f"run directory {run_dir} was trained with other settings ({shown}); resuming it "
+            "with this config would mix two runs. Use the run's own settings (its config.yaml), "
+            "or another run directory (name=NAME or hydra.run.dir=DIR)."
+        )
 
 
 def _save_provenance(run_dir: Path, cfg: DictConfig) -> None:

@@ -155,8 +155,20 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.accumulate_steps={cfg.optim.accumulate_steps}: must be >= 1")
     if not 0.0 < cfg.optim.layer_decay <= 1.0:
         raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay}: must be in (0, 1]")
-    if cfg.trainer.steps <= 0:
-        raise ConfigError(f"trainer.steps={cfg.trainer.steps}: must be positive")
+    t = cfg.trainer
+    if t.steps <= 0:
+        raise ConfigError(f"trainer.steps={t.steps}: must be positive")
+    if t.log_every < 1 or t.checkpoint_every < 0 or t.keep_checkpoints < 1:
+        raise ConfigError(
+            f"trainer.log_every={t.log_every}, checkpoint_every={t.checkpoint_every}, "
+            f"keep_checkpoints={t.keep_checkpoints}: log_every >= 1, checkpoint_every >= 0 "
+            "(0 = at the end only), keep_checkpoints >= 1 (the final checkpoint is kept)"
+        )
+    if getattr(getattr(cfg, "data", None), "intensity_samples", 1) < 1:
+        raise ConfigError(
+            f"data.intensity_samples={cfg.data.intensity_samples}: at least 1 patch is needed to "
+            "estimate the grey range"
+        )
     validate_signals(cfg.trainer.preempt_signals)
     ck = Path(cfg.run_dir) / "checkpoints"
     if not cfg.resume and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):

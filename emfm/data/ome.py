@@ -38,6 +38,17 @@ def ome_level(
     if voxel_size is not None:
         want = np.asarray(voxel_size, float)
         level = int(np.argmin([np.abs(np.log(np.asarray(s) / want)).sum() for s in scales]))
+        got = np.asarray(scales[level], float)
+        if np.any(np.abs(got / want - 1) > 0.1):
+            import logging
+
+            logging.getLogger("emfm").warning(
+                "volume %s: no scale level near voxel_size %s nm; the nearest, level %d, has %s nm",
+                path,
+                list(want),
+                level,
+                list(got),
+            )
     level = 0 if level is None else level
     if not 0 <= level < len(datasets):
         raise VolumeError(

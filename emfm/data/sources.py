@@ -55,6 +55,8 @@ def _open(path: str, what: str, **kw) -> Volume:
             vol = open_volume(path, **kw)
         except FileNotFoundError:
             raise VolumeError(f"{what}: volume not found: {path}") from None
+        except VolumeError as e:
+            raise VolumeError(f"{what}: {e}") from None
     if vol.ndim not in (2, 3):
         raise VolumeError(
             f"{what}: volume {path} has shape {vol.shape} (axes {''.join(vol.axes)}); patches are "

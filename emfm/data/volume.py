@@ -206,6 +206,11 @@ def open_volume(
         ome = ome_level(local, driver, level, voxel_size)
         if ome is not None:
             local = path = ome["path"]
+    if level is not None and ome is None:
+        raise VolumeError(
+            f"volume {path}: level={level} picks a scale of an OME-Zarr multiscale group, but this "
+            "is a single array (give the group's path, or leave level out)"
+        )
     arr = _open_array(path, driver, kvstore(local if not remote else path), write, cache_mb)
     attrs = read_attributes(local, driver) if not remote else {}
     shift = None

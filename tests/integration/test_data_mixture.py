@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import compose, run_cli, shared_data
+from conftest import CONFIGS, compose, run_cli, shared_data
 
 from emfm.data.importer import import_volume
 from emfm.data.sources import make_loader, open_sources
@@ -66,6 +66,11 @@ def test_mixture_config_on_real_em(tmp_path, monkeypatch):
         512,
         512,
     )
+    # no benchmark task's test sections are pretrained on: cdeep3m_mito tests on sections 14..19
+    from emfm.cli.probe import load_task
+
+    test = load_task("cdeep3m_mito", str(CONFIGS)).test_slices
+    assert srcs[1].region.box[0][1] <= test[0]
     ld = make_loader(cfg.data, srcs, batch_size=16, seed=5)
     ld.close()
     batch = ld.finished(0)["image"]

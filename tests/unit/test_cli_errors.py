@@ -142,6 +142,9 @@ def test_config_errors_exit_2_naming_the_key(tmp_path):
         "model=unet3": "Could not find 'model/unet3'",  # Hydra's composition error
         "trainer.steps=abc": "trainer.steps",
         "name=a/b": "a run name is one directory name",
+        "trainer.keep_checkpoints=0": "keep_checkpoints >= 1",
+        "trainer.log_every=0": "log_every >= 1",
+        "data.intensity_samples=0": "data.intensity_samples=0",
     }
     for arg, msg in cases.items():
         res = run_cli("pretrain", "debug=tiny", arg, run, cwd=tmp_path)

@@ -171,6 +171,9 @@ def test_config_errors_name_the_key(vols, tmp_path):
         _data(vols, aug=AugmentConfig(p_blur=1.5))
     with pytest.raises(ConfigError, match="need label volumes"):
         _data(vols, balance_classes=[0, 1])
+    # a source's volume error names its key
+    with pytest.raises(VolumeError, match=r"data.sources\[0\]: volume .*level=2 picks"):
+        open_sources(_data(vols, sources=[SourceConfig(path=a, level=2)]))
     # a volume with channels: a clear error, not a broadcast failure in the loader
     write_array(tmp_path / "c.zarr", np.zeros((2, 64, 64, 2), np.uint8))
     with pytest.raises(VolumeError, match=r"data.sources\[1\].*axes zyxc.*single-channel"):

@@ -316,3 +316,9 @@ def test_a_tiff_file_given_as_a_volume_points_to_data_import(tmp_path):
     (tmp_path / "stack.tif").write_bytes(b"II*\x00")
     with pytest.raises(VolumeError, match=r"is a TIFF file.*emfm data import .*stack.tif OUT.zarr"):
         open_volume(tmp_path / "stack.tif")
+
+
+def test_a_scale_level_of_a_single_array_is_an_error(tmp_path):
+    v = write_array(tmp_path / "a.zarr", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(VolumeError, match=r"level=1 picks a scale of an OME-Zarr"):
+        open_volume(v.path, level=1)
