@@ -12,6 +12,7 @@ host thread makes no float32 copy of a batch.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -22,27 +23,30 @@ from emfm.data import augment
 from emfm.data.sampling import PatchSampler, normalise_into
 from emfm.data.volume import Volume, VolumeError
 
+log = logging.getLogger("emfm")
+
 
 class PatchLoader:
     """Iterator of `{"image": [b, z, y, x] native dtype, "image_norm": float32 [b, 2], ...}` batches
-    (plus `"label"` when label volumes are given), prefetched in a background thread; the entries
-    are described in emfm.data.device, whose `finish` makes them float32 images on the device
-    (`finished(step)` does it here, for host consumers and tests).
+        (plus `"label"` when label volumes are given), prefetched in a background thread; the entries
+        are described in emfm.data.device, whose `finish` makes them float32 images on the device
+        (`finished(step)` does it here, for host consumers and tests).
 
-    `state()` / `start_step` make it resumable: the batch after a restore is the one that would
-    have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
-    (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
-    whose labels are less than this fraction non-zero; with `balance_classes` (label values), patch
-    `g` of the global batch must instead hold at least that fraction (or any voxel, if
-    `min_foreground` is 0) of class `balance_classes[g % n]`, so each class fills an equal share of
-    every batch however rare it is. `masks` (per region, optional; the volume's shape or coarser by
-    an integer factor per axis) keep only patches at least `min_mask` inside `mask > 0`. Rejected
-    patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
-    the step; after `max_redraws` attempts the last draw is kept rather than stalling training.
-    Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
-    emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths): flips and rotations
-    run here on the native dtype, elastic / sections / blur here on float32 (then the batch is
-    float32), grey values and noise on the device.
+        `state()` / `start_step` make it resumable: the batch after a restore is the one that would
+        have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
+        (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
+        whose labels are less than this fraction non-zero; with `balance_classes` (label values), patch
+        `g` of the global batch must instead hold at least that fraction (or any voxel, if
+        `min_foreground` is 0) of class `balance_classes[g % n]`, so each class fills an equal share of
+        every batch however rare it is. `masks` (per region, optional; the volume's shape or coarser by
+        an integer factor per axis) keep only patches at least `min_mask` inside `mask > 0`. Rejected
+        patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
+        the step; after `max_redraws` attempts the draw kept is the last one (with a mask: the one most
+    inside it) rather than stalling training, and the first such step is logged.
+        Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
+        emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths): flips and rotations
+        run here on the native dtype, elastic / sections / blur here on float32 (then the batch is
+        float32), grey values and noise on the device.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class PatchLoader:
         self.min_std = float(min_std)
         self.min_foreground = float(min_foreground)
         self.max_redraws = int(max_redraws)
+        self._warned_rejected = False
         self.augment = augment_batches
         self.step = int(start_step)
         self.wait_s = 0.0  # time the consumer spent blocked on data
@@ -234,13 +239,31 @@ class PatchLoader:
                     break
                 new = self.sampler.redraw(step, attempt, bad)
                 o2, l2, in2 = self._read(new)
-                ok[bad] = self._keep(new, o2, l2, in2, bad)
-                out[bad] = o2
-                inside[bad] = in2
+                ok2 = self._keep(new, o2, l2, in2, bad)
+                # a draw replaces the slot if it is kept, or (still rejected) lies more inside the
+                # mask: after the last attempt the best draw stays, not the last one
+                take = ok2 | (in2 > inside[bad]) if self.masks is not None else np.ones_like(ok2)
+                sel = bad[take]
+                ok[sel] = ok2[take]
+                out[sel] = o2[take]
+                inside[sel] = in2[take]
                 if lab is not None:
-                    lab[bad] = l2
-                for k, i in enumerate(bad):
-                    picks[i] = new[k]
+                    lab[sel] = l2[take]
+                for k in np.flatnonzero(take):
+                    picks[bad[k]] = new[k]
+            left = int((~ok).sum())
+            if left and not self._warned_rejected:
+                self._warned_rejected = True
+                log.warning(
+                    "patch loader: %d of %d patches of step %d still fail the rejection rules "
+                    "(min_std, min_mask, min_foreground / balance_classes) after max_redraws=%d "
+                    "draws; kept as drawn (best inside the mask). Raise data.max_redraws or relax "
+                    "the rules if this repeats",
+                    left,
+                    len(ok),
+                    step,
+                    self.max_redraws,
+                )
         return picks, out, lab
 
     def load(self, step: int) -> dict:

@@ -43,8 +43,12 @@ class Region:
         return tuple(b - a for a, b in self.box)
 
 
-def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple[float, float]:
-    """Robust grey-value range (0.5 and 99.5 percentiles) from a few random crops."""
+def estimate_range(
+    region: Region, *, samples: int = 64, seed: int = 0, mask: Volume | None = None
+) -> tuple[float, float]:
+    """Robust grey-value range (0.5 and 99.5 percentiles) from a few random crops; with a `mask`
+    (the volume's shape, or dividing it by an integer per axis) only voxels inside it count, so
+    padding or resin outside the tissue does not widen the range."""
     rng = np.random.default_rng(seed)
     crop = [min(s, c) for s, c in zip(region.shape, (1, 128, 128))]
     boxes = []
@@ -55,15 +59,35 @@ def estimate_range(region: Region, *, samples: int = 64, seed: int = 0) -> tuple
         ]
         boxes.append(tuple(slice(x, x + c) for x, c in zip(o, crop)))
     futures = [region.volume.read_async(b) for b in boxes]
-    vals = np.concatenate(
-        [region.volume.result(f, b).ravel() for f, b in zip(futures, boxes)]
-    ).astype(np.float32)
+    crops = [region.volume.result(f, b) for f, b in zip(futures, boxes)]
+    vals = np.concatenate([c.ravel() for c in crops]).astype(np.float32)
+    vs = region.volume.spatial_shape
+    if mask is not None and (
+        len(mask.spatial_shape) != len(vs)
+        or any(a < b or a % b for a, b in zip(vs, mask.spatial_shape))
+    ):
+        mask = None  # the loader names the mismatch
+    if mask is not None:
+        inside = np.concatenate([_mask_of(mask, region.volume, b).ravel() for b in boxes])
+        if inside.any():
+            vals = vals[inside]
     lo, hi = np.percentile(vals, [0.5, 99.5])
     if hi <= lo:
         raise VolumeError(
             f"volume {region.volume.path}: constant grey values ({lo}) in the sampled region"
         )
     return float(lo), float(hi)
+
+
+def _mask_of(mask: Volume, volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+    """`mask > 0` over `box` of `volume`, the mask read at its own (integer-divided) scale."""
+    f = [a // b for a, b in zip(volume.spatial_shape, mask.spatial_shape)]
+    mbox = tuple(slice(s.start // k, -(-s.stop // k)) for s, k in zip(box, f))
+    m = np.asarray(mask.read(mbox)) > 0
+    for ax, k in enumerate(f):
+        m = np.repeat(m, k, axis=ax) if k > 1 else m
+    off = [s.start - ms.start * k for s, ms, k in zip(box, mbox, f)]
+    return m[tuple(slice(o, o + s.stop - s.start) for o, s in zip(off, box))]
 
 
 def grey_range_for(region: Region, trained: Sequence[float] | None) -> tuple[float, float]:

@@ -149,7 +149,7 @@ def open_sources(data, *, seed: int = 0) -> list[Source]:
         scale = {"level": s.level, "voxel_size": s.voxel_size}
         mask = _open(s.mask, f"{what}.mask", **scale) if s.mask else None
         labels = _open(s.labels, f"{what}.labels", **scale) if s.labels else None
-        grey = estimate_range(region, samples=data.intensity_samples, seed=seed)
+        grey = estimate_range(region, samples=data.intensity_samples, seed=seed, mask=mask)
         out.append(Source(region, grey, float(s.weight), mask, labels))
         log.info(
             "data source %d: %s roi=%s weight=%g grey range [%.1f, %.1f]%s%s",

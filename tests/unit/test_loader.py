@@ -236,3 +236,24 @@ def test_loader_read_error_reaches_consumer(vol, tmp_path):
             next(ld)
     finally:
         ld.close()
+
+
+def test_a_slot_keeps_its_best_draw_inside_the_mask(vol, tmp_path):
+    m = np.zeros((8, 64, 64), np.uint8)
+    m[:, :20, :20] = 1  # a small corner: 16 x 16 patches rarely lie wholly inside
+    mask = write_array(tmp_path / "mask", m)
+    region = Region.of(vol)
+
+    def loader(redraws):
+        s = PatchSampler([region], (1, 16, 16), 32, seed=3)
+        return PatchLoader(s, [(0.0, 255.0)], masks=[mask], min_mask=1.0, max_redraws=redraws)
+
+    first = loader(0)
+    picks0, _, _ = first.sample(0)
+    inside0 = first._read(picks0)[2]
+    ld = loader(4)
+    picks, _, _ = ld.sample(0)
+    inside = ld._read(picks)[2]
+    assert (inside >= inside0).all() and inside.mean() > inside0.mean()
+    first.close()
+    ld.close()

@@ -245,3 +245,18 @@ def test_grey_range_of_a_volume_unlike_the_checkpoints_data(tmp_path):
     lo, hi = grey_range_for(Region.of(u16), (22.0, 211.0))
     assert 4000 <= lo < 5000 and 47000 < hi <= 48000
     assert grey_range_for(Region.of(u8), None) == grey_range_for(Region.of(u8), (0.0, 1.0))
+
+
+def test_grey_range_inside_the_mask(tmp_path):
+    from emfm.data.sampling import Region, estimate_range
+
+    # tissue (grey 26800-40400) in a block of a volume padded with zeros; the mask marks the block
+    rng = np.random.default_rng(1)
+    img = np.zeros((2, 128, 128), np.uint16)
+    img[:, :64, :64] = rng.integers(26800, 40400, (2, 64, 64))
+    m = np.zeros((2, 32, 32), np.uint8)  # at a quarter of the in-plane resolution
+    m[:, :16, :16] = 1
+    vol, mask = write_array(tmp_path / "i.zarr", img), write_array(tmp_path / "m.zarr", m)
+    lo, hi = estimate_range(Region.of(vol), mask=mask)
+    assert 26800 <= lo < 27200 and 40000 < hi <= 40400
+    assert estimate_range(Region.of(vol))[0] == 0.0  # without the mask the padding counts
