@@ -28,25 +28,25 @@ log = logging.getLogger("emfm")
 
 class PatchLoader:
     """Iterator of `{"image": [b, z, y, x] native dtype, "image_norm": float32 [b, 2], ...}` batches
-        (plus `"label"` when label volumes are given), prefetched in a background thread; the entries
-        are described in emfm.data.device, whose `finish` makes them float32 images on the device
-        (`finished(step)` does it here, for host consumers and tests).
+    (plus `"label"` when label volumes are given), prefetched in a background thread; the entries
+    are described in emfm.data.device, whose `finish` makes them float32 images on the device
+    (`finished(step)` does it here, for host consumers and tests).
 
-        `state()` / `start_step` make it resumable: the batch after a restore is the one that would
-        have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
-        (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
-        whose labels are less than this fraction non-zero; with `balance_classes` (label values), patch
-        `g` of the global batch must instead hold at least that fraction (or any voxel, if
-        `min_foreground` is 0) of class `balance_classes[g % n]`, so each class fills an equal share of
-        every batch however rare it is. `masks` (per region, optional; the volume's shape or coarser by
-        an integer factor per axis) keep only patches at least `min_mask` inside `mask > 0`. Rejected
-        patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
-        the step; after `max_redraws` attempts the draw kept is the last one (with a mask: the one most
+    `state()` / `start_step` make it resumable: the batch after a restore is the one that would
+    have come next. Optional patch rejection (off by default): `min_std` drops near-constant patches
+    (resin, empty background; std of the normalised grey values) and `min_foreground` drops patches
+    whose labels are less than this fraction non-zero; with `balance_classes` (label values), patch
+    `g` of the global batch must instead hold at least that fraction (or any voxel, if
+    `min_foreground` is 0) of class `balance_classes[g % n]`, so each class fills an equal share of
+    every batch however rare it is. `masks` (per region, optional; the volume's shape or coarser by
+    an integer factor per axis) keep only patches at least `min_mask` inside `mask > 0`. Rejected
+    patches are redrawn from `sampler.redraw(step, attempt)`, so the batch stays a pure function of
+    the step; after `max_redraws` attempts the draw kept is the last one (with a mask: the one most
     inside it) rather than stalling training, and the first such step is logged.
-        Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
-        emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths): flips and rotations
-        run here on the native dtype, elastic / sections / blur here on float32 (then the batch is
-        float32), grey values and noise on the device.
+    Labels only steer sampling when `return_labels` is false. `aug` holds keyword arguments of
+    emfm.data.augment.per_example / two_views (`ops`, `view_ops`, strengths): flips and rotations
+    run here on the native dtype, elastic / sections / blur here on float32 (then the batch is
+    float32), grey values and noise on the device.
     """
 
     def __init__(
