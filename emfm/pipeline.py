@@ -344,10 +344,9 @@ def _export_encoder(cfg: EmfmConfig, checkpoint: str | None):
     model_cfg = cfg.model
     checkpoint = zoo.resolve(checkpoint) if checkpoint else checkpoint  # zoo:NAME from Python too
     if checkpoint and zoo.is_packaged(checkpoint):
-        from emfm.config.common import ModelConfig
-        from emfm.train import checkpoint as ckpt
+        from emfm.config.common import checkpoint_model
 
-        model_cfg = ModelConfig(**ckpt.read_meta(checkpoint)["model"])
+        model_cfg = checkpoint_model(checkpoint)
     return load_export_encoder(model_cfg, checkpoint or "", seed=cfg.trainer.seed)
 
 

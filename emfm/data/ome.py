@@ -63,7 +63,8 @@ def ome_level(
     }
 
 
-# NGFF space units (UDUNITS-2 names, as NGFF 0.4/0.5 list them) in nanometres
+# length units in nanometres: NGFF's space units (UDUNITS-2 names, as NGFF 0.4/0.5 list them) and
+# the abbreviations N5 metadata uses
 NM_PER_UNIT = {
     "angstrom": 0.1,
     "nanometer": 1.0,
@@ -72,6 +73,10 @@ NM_PER_UNIT = {
     "centimeter": 1e7,
     "meter": 1e9,
     "picometer": 1e-3,
+    "nm": 1.0,
+    "um": 1e3,
+    "µm": 1e3,
+    "mm": 1e6,
 }
 
 

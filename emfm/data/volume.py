@@ -29,7 +29,7 @@ from emfm.data.formats import (
     units_voxel_size,
     zarr3_metadata,
 )
-from emfm.data.ome import emfm_order, multiscale_group, ome_level
+from emfm.data.ome import NM_PER_UNIT, emfm_order, multiscale_group, ome_level
 
 SUPPORTED_DTYPES = (
     "uint8",
@@ -249,9 +249,6 @@ def _precomputed_zyx(arr):
     return arr.translate_to[0], origin
 
 
-_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micrometer": 1e3, "mm": 1e6}
-
-
 def _n5_zyx(arr, attrs: dict):
     """An N5 array as z, y, x. N5 lists dimensions fastest first (x, y, z: n5-java, z5py,
     BigDataViewer, and tensorstore keeps that order), so the axes are reversed unless an "axes"
@@ -264,9 +261,9 @@ def _n5_zyx(arr, attrs: dict):
     unit = pr.get("unit") if isinstance(pr, dict) else (attrs.get("units") or [None])[0]
     attrs = dict(attrs)
     if res is not None and len(res) == arr.rank:
-        factor = _NM.get(str(unit or "nm").lower())
+        factor = NM_PER_UNIT.get(str(unit or "nm").lower())
         if factor is None:
-            raise VolumeError(f"N5 unit {unit!r}: use one of {sorted(_NM)}")
+            raise VolumeError(f"N5 unit {unit!r}: use one of {sorted(NM_PER_UNIT)}")
         res = [float(v) * factor for v in (res[::-1] if reverse else res)]
         attrs["voxel_size"] = res
     return (arr.T if reverse else arr), attrs
@@ -303,7 +300,8 @@ def _arrays_in_group(path: str) -> list[str] | None:
 
 
 def _open_array(path: str, driver: str, kv, write: bool, cache_mb: int | None):
-    """The tensorstore array, checked for a supported dtype and rank."""
+    """The tensorstore array, checked for a supported dtype (its rank is checked once it is in
+    emfm's axis order)."""
     spec = {"driver": driver, "kvstore": kv}
     try:
         arr = ts.open(spec, read=True, write=write, context=chunk_cache(cache_mb)).result()
