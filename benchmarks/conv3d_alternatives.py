@@ -154,10 +154,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="", help="also write the records here (JSON list)")
     a = p.parse_args()
-    records = []
+    combos = []
     for combo in a.combos.split(","):
-        s, c = combo.split(":")
-        rec = run(tuple(int(v) for v in s.split("x")), int(c), a.rounds, a.steps)
+        try:
+            s, c = combo.split(":")
+            combos.append((tuple(int(v) for v in s.split("x")), int(c)))
+        except ValueError:
+            p.error(f"--combos: {combo!r} is not SHAPE:C, e.g. 16x64x64:16")
+        if len(combos[-1][0]) != 3 or min(*combos[-1][0], combos[-1][1]) < 1:
+            p.error(f"--combos: {combo!r}: give a positive z x y x x shape and channel count")
+    if a.rounds < 1 or a.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
+    records = []
+    for shape, c in combos:
+        rec = run(shape, c, a.rounds, a.steps)
         print(json.dumps(rec), flush=True)
         records.append(rec)
     if a.out:
